@@ -1,0 +1,54 @@
+# popen: every stage is a target; each calls the popen binary.
+#   make demo   the main job on the embedded default (CPU)
+#   make test   the test suite (what CI runs)
+
+CARGO   ?= cargo
+PYTHON  ?= python3
+SEED    ?= 0
+DATA    ?= data/synth
+OUT     ?= out/demo
+# Release build for stages that do real work; tests use the dev profile (deps optimized).
+POPEN   := target/release/popen
+POPEN_DEV := target/debug/popen
+
+.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo bench help
+
+help:
+	@echo "make demo        generate the embedded benchmark and render overlays ($(OUT))"
+	@echo "make test        Rust tests, interop checks (pyarrow/duckdb/pycocotools), cuda check"
+	@echo "make data        generate the embedded benchmark into $(DATA) (SEED=$(SEED))"
+	@echo "make assets      fetch the pinned real weights/data of shared/ASSETS.md into data/assets"
+	@echo "make bench       mask-kernel benchmark against pycocotools"
+
+build:
+	$(CARGO) build --release --bin popen
+
+build-dev:
+	$(CARGO) build --bin popen
+
+assets:
+	$(PYTHON) tools/assets.py
+
+data: build
+	$(POPEN) synth --config pipelines/synth.toml --seed $(SEED) --out $(DATA)
+
+test: assets test-rust test-interop check-cuda
+
+test-rust:
+	$(CARGO) test --workspace
+
+test-interop: build-dev
+	$(PYTHON) tests/interop/check_shards.py --popen $(POPEN_DEV) --work target/interop
+
+# The GPU backend must keep compiling even where no GPU is (CI).
+check-cuda:
+	CUDARC_CUDA_VERSION=13000 $(CARGO) check --features cuda --bin popen
+
+demo: data
+	@mkdir -p $(OUT)
+	@for i in 0 1 2 3; do $(POPEN) show --shard $(DATA)/val.parquet --index $$i --out $(OUT)/val_$$i.png; done
+	$(POPEN) inspect $(DATA)/val.parquet --head 5
+	@echo "demo: benchmark in $(DATA), overlays in $(OUT)"
+
+bench:
+	$(CARGO) bench -p popen-core --bench mask_kernels

@@ -1,0 +1,18 @@
+//! popen core: everything the stages share.
+//!
+//! - [`shard`]: the Parquet shard schemas (samples today; predictions and preference records
+//!   arrive with their stages), atomic writes, readers that name file, row and column.
+//! - [`manifest`]: the small JSON manifest every stage writes beside its shards.
+//! - [`mask`]: binary masks, COCO RLE (bit-compatible with pycocotools), polygon
+//!   rasterization, IoU and Boundary IoU.
+//! - [`imageio`]: image bytes in and out, with errors that name the record.
+//! - [`shardspec`]: `--shard I/N` selection for cluster job arrays.
+
+pub mod error;
+pub mod imageio;
+pub mod manifest;
+pub mod mask;
+pub mod shard;
+pub mod shardspec;
+
+pub use error::{CoreError, Result};

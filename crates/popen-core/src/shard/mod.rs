@@ -1,0 +1,425 @@
+//! Parquet shards: every stage reads and writes its records through here.
+//!
+//! A record kind implements [`Record`] (its Arrow schema and the conversion both ways).
+//! Files are plain Parquet (snappy), readable by pyarrow and duckdb without any adapter;
+//! the key-value metadata `popen.kind` names the record kind. Writes go to a temporary
+//! file beside the target and are renamed into place only when complete, so a killed job
+//! leaves either the old file or none. Every read error names the file, and where it
+//! can the row and column.
+
+mod sample;
+
+pub use sample::{Sample, SEG_TOKEN};
+
+use crate::error::{CoreError, Result};
+use crate::mask::Rle;
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, Int32Array, ListArray, RecordBatch, StringArray, StructArray,
+    UInt32Array,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Fields, SchemaRef, UInt32Type, Int32Type};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use parquet::file::metadata::KeyValue;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Metadata key naming the record kind of a shard.
+pub const KIND_KEY: &str = "popen.kind";
+/// Rows per Parquet row group: small enough to stream, large enough to compress.
+pub const ROW_GROUP_ROWS: usize = 256;
+
+/// A record kind stored in shards.
+pub trait Record: Sized {
+    /// Kind and schema version, e.g. `sample/1`; stored in the file metadata.
+    const KIND: &'static str;
+    fn schema() -> SchemaRef;
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch>;
+    /// `first_row` is the file-level index of the batch's first row, for error messages.
+    fn from_batch(batch: &RecordBatch, path: &Path, first_row: usize) -> Result<Vec<Self>>;
+}
+
+/// Streams records into a shard; the file appears at `path` only after [`finish`].
+///
+/// [`finish`]: ShardWriter::finish
+pub struct ShardWriter<T: Record> {
+    path: PathBuf,
+    tmp: PathBuf,
+    writer: Option<ArrowWriter<File>>,
+    pending: Vec<T>,
+    rows: usize,
+}
+
+impl<T: Record> ShardWriter<T> {
+    pub fn create(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+        }
+        let tmp = tmp_path(&path);
+        let file = File::create(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .set_key_value_metadata(Some(vec![KeyValue::new(KIND_KEY.to_string(), T::KIND.to_string())]))
+            .build();
+        let writer = ArrowWriter::try_new(file, T::schema(), Some(props))
+            .map_err(|e| CoreError::shard(&tmp, format!("cannot start Parquet writer: {e}")))?;
+        Ok(ShardWriter { path, tmp, writer: Some(writer), pending: Vec::new(), rows: 0 })
+    }
+
+    pub fn write(&mut self, record: T) -> Result<()> {
+        self.pending.push(record);
+        if self.pending.len() >= ROW_GROUP_ROWS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = T::to_batch(&self.pending)?;
+        let w = self.writer.as_mut().expect("writer open until finish");
+        w.write(&batch).map_err(|e| CoreError::shard(&self.tmp, format!("write failed: {e}")))?;
+        self.rows += self.pending.len();
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Completes the file and renames it into place; returns the row count.
+    pub fn finish(mut self) -> Result<usize> {
+        self.flush()?;
+        let w = self.writer.take().expect("writer open until finish");
+        let file = w
+            .into_inner()
+            .map_err(|e| CoreError::shard(&self.tmp, format!("cannot finish Parquet file: {e}")))?;
+        file.sync_all().map_err(|e| CoreError::io(&self.tmp, e))?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| CoreError::io(&self.path, e))?;
+        Ok(self.rows)
+    }
+}
+
+impl<T: Record> Drop for ShardWriter<T> {
+    fn drop(&mut self) {
+        // An unfinished writer (error or panic upstream) leaves no partial file behind.
+        if self.writer.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes all records to `path` atomically; returns the row count.
+pub fn write_shard<T: Record>(path: impl AsRef<Path>, records: impl IntoIterator<Item = T>) -> Result<usize> {
+    let mut w = ShardWriter::<T>::create(path)?;
+    for r in records {
+        w.write(r)?;
+    }
+    w.finish()
+}
+
+/// Reads every record of a shard, checking the kind and validating each row.
+pub fn read_shard<T: Record>(path: impl AsRef<Path>) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for batch in ShardReader::<T>::open(path)? {
+        out.extend(batch?);
+    }
+    Ok(out)
+}
+
+/// Reads a shard batch by batch (one row group at a time).
+pub struct ShardReader<T: Record> {
+    path: PathBuf,
+    inner: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    next_row: usize,
+    rows: usize,
+    _kind: std::marker::PhantomData<T>,
+}
+
+impl<T: Record> ShardReader<T> {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
+            CoreError::shard(&path, format!("not a readable Parquet file (truncated or foreign?): {e}"))
+        })?;
+        let meta = builder.metadata().file_metadata();
+        let rows = meta.num_rows().max(0) as usize;
+        let kind = meta
+            .key_value_metadata()
+            .and_then(|kv| kv.iter().find(|k| k.key == KIND_KEY).and_then(|k| k.value.clone()));
+        match kind.as_deref() {
+            Some(k) if k == T::KIND => {}
+            Some(k) => {
+                return Err(CoreError::shard(&path, format!("holds '{k}' records, expected '{}'", T::KIND)))
+            }
+            // Files written by other tools (pyarrow, duckdb) are accepted if the columns fit.
+            None => {}
+        }
+        check_schema(&path, builder.schema(), &T::schema())?;
+        let inner = builder
+            .with_batch_size(ROW_GROUP_ROWS)
+            .build()
+            .map_err(|e| CoreError::shard(&path, format!("cannot read: {e}")))?;
+        Ok(ShardReader { path, inner, next_row: 0, rows, _kind: std::marker::PhantomData })
+    }
+
+    /// Row count from the file footer.
+    pub fn num_rows(&self) -> usize {
+        self.rows
+    }
+}
+
+impl<T: Record> Iterator for ShardReader<T> {
+    type Item = Result<Vec<T>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let batch = match self.inner.next()? {
+            Ok(b) => b,
+            Err(e) => {
+                return Some(Err(CoreError::Shard {
+                    path: self.path.clone(),
+                    row: Some(self.next_row),
+                    column: None,
+                    message: format!("corrupt data in the row group starting here: {e}"),
+                }))
+            }
+        };
+        let first = self.next_row;
+        self.next_row += batch.num_rows();
+        Some(T::from_batch(&batch, &self.path, first))
+    }
+}
+
+/// Counts the rows of a shard from its footer without reading the data.
+pub fn count_rows(path: impl AsRef<Path>) -> Result<usize> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|e| CoreError::io(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| CoreError::shard(path, format!("not a readable Parquet file: {e}")))?;
+    Ok(builder.metadata().file_metadata().num_rows().max(0) as usize)
+}
+
+fn check_schema(path: &Path, got: &SchemaRef, want: &SchemaRef) -> Result<()> {
+    for f in want.fields() {
+        match got.field_with_name(f.name()) {
+            Err(_) => {
+                return Err(CoreError::Shard {
+                    path: path.to_path_buf(),
+                    row: None,
+                    column: Some(f.name().clone()),
+                    message: "column is missing (not a popen shard of this kind?)".into(),
+                })
+            }
+            Ok(g) if !types_compatible(g.data_type(), f.data_type()) => {
+                return Err(CoreError::Shard {
+                    path: path.to_path_buf(),
+                    row: None,
+                    column: Some(f.name().clone()),
+                    message: format!("has type {} but {} is expected", g.data_type(), f.data_type()),
+                })
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Same shape, ignoring nullability and the names of list items (pyarrow calls them
+/// `element` or `item`).
+fn types_compatible(a: &DataType, b: &DataType) -> bool {
+    match (a, b) {
+        (DataType::List(x), DataType::List(y)) => types_compatible(x.data_type(), y.data_type()),
+        (DataType::Struct(x), DataType::Struct(y)) => {
+            x.len() == y.len()
+                && x.iter().zip(y.iter()).all(|(p, q)| p.name() == q.name() && types_compatible(p.data_type(), q.data_type()))
+        }
+        _ => a == b,
+    }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Writes bytes to `path` atomically (temp file, fsync, rename).
+pub fn atomic_write(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let path = path.as_ref();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+    }
+    let tmp = tmp_path(path);
+    let res = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(CoreError::io(&tmp, e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| CoreError::io(path, e))
+}
+
+// ---- column helpers shared by the record kinds ----
+
+pub(crate) fn rle_struct_field() -> DataType {
+    DataType::Struct(rle_fields())
+}
+
+fn rle_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("height", DataType::UInt32, false),
+        Field::new("width", DataType::UInt32, false),
+        Field::new("counts", DataType::Utf8, false),
+    ])
+}
+
+pub(crate) fn list_field(name: &str, item: DataType) -> Field {
+    Field::new(name, DataType::List(Arc::new(Field::new("item", item, false))), false)
+}
+
+/// Builds a `list<struct<height, width, counts>>` column of COCO RLEs (compressed strings).
+pub(crate) struct RleListBuilder {
+    offsets: Vec<i32>,
+    heights: Vec<u32>,
+    widths: Vec<u32>,
+    counts: Vec<String>,
+}
+
+impl RleListBuilder {
+    pub(crate) fn new() -> Self {
+        RleListBuilder { offsets: vec![0], heights: Vec::new(), widths: Vec::new(), counts: Vec::new() }
+    }
+    pub(crate) fn append(&mut self, masks: &[Rle]) {
+        for m in masks {
+            self.heights.push(m.height);
+            self.widths.push(m.width);
+            self.counts.push(m.to_coco_string());
+        }
+        self.offsets.push(self.heights.len() as i32);
+    }
+    pub(crate) fn finish(self) -> ArrayRef {
+        let values = StructArray::new(
+            rle_fields(),
+            vec![
+                Arc::new(UInt32Array::from(self.heights)) as ArrayRef,
+                Arc::new(UInt32Array::from(self.widths)),
+                Arc::new(StringArray::from(self.counts)),
+            ],
+            None,
+        );
+        Arc::new(ListArray::new(
+            Arc::new(Field::new("item", rle_struct_field(), false)),
+            OffsetBuffer::new(self.offsets.into()),
+            Arc::new(values),
+            None,
+        ))
+    }
+}
+
+fn column<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a ArrayRef> {
+    let col = batch.column_by_name(name).ok_or_else(|| CoreError::Shard {
+        path: path.to_path_buf(),
+        row: None,
+        column: Some(name.into()),
+        message: "column is missing".into(),
+    })?;
+    if col.null_count() > 0 {
+        let row = (0..col.len()).find(|&i| col.is_null(i)).unwrap_or(0);
+        return Err(CoreError::field(path, row, name, "value is null"));
+    }
+    Ok(col)
+}
+
+fn wrong_type(path: &Path, name: &str, col: &ArrayRef) -> CoreError {
+    CoreError::Shard {
+        path: path.to_path_buf(),
+        row: None,
+        column: Some(name.into()),
+        message: format!("unexpected type {}", col.data_type()),
+    }
+}
+
+pub(crate) fn col_str<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a StringArray> {
+    let c = column(batch, name, path)?;
+    c.as_any().downcast_ref::<StringArray>().ok_or_else(|| wrong_type(path, name, c))
+}
+
+pub(crate) fn col_binary<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a BinaryArray> {
+    let c = column(batch, name, path)?;
+    c.as_any().downcast_ref::<BinaryArray>().ok_or_else(|| wrong_type(path, name, c))
+}
+
+pub(crate) fn col_u32<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a UInt32Array> {
+    let c = column(batch, name, path)?;
+    c.as_primitive_opt::<UInt32Type>().ok_or_else(|| wrong_type(path, name, c))
+}
+
+fn col_list<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a ListArray> {
+    let c = column(batch, name, path)?;
+    let l = c.as_any().downcast_ref::<ListArray>().ok_or_else(|| wrong_type(path, name, c))?;
+    if l.values().null_count() > 0 {
+        return Err(CoreError::Shard {
+            path: path.to_path_buf(),
+            row: None,
+            column: Some(name.into()),
+            message: "list holds null items".into(),
+        });
+    }
+    Ok(l)
+}
+
+fn split_list<T: Clone>(l: &ListArray, values: &[T]) -> Vec<Vec<T>> {
+    let off = l.value_offsets();
+    (0..l.len()).map(|i| values[off[i] as usize..off[i + 1] as usize].to_vec()).collect()
+}
+
+pub(crate) fn col_list_str(batch: &RecordBatch, name: &str, path: &Path, _first_row: usize) -> Result<Vec<Vec<String>>> {
+    let l = col_list(batch, name, path)?;
+    let v = l.values();
+    let s = v.as_any().downcast_ref::<StringArray>().ok_or_else(|| wrong_type(path, name, v))?;
+    let all: Vec<String> = s.iter().map(|x| x.unwrap_or_default().to_string()).collect();
+    Ok(split_list(l, &all))
+}
+
+pub(crate) fn col_list_i32(batch: &RecordBatch, name: &str, path: &Path, _first_row: usize) -> Result<Vec<Vec<i32>>> {
+    let l = col_list(batch, name, path)?;
+    let v = l.values();
+    let s: &Int32Array = v.as_primitive_opt::<Int32Type>().ok_or_else(|| wrong_type(path, name, v))?;
+    Ok(split_list(l, s.values()))
+}
+
+/// Reads a `list<struct<height, width, counts>>` column, decoding each compressed RLE
+/// string; a malformed string is reported with its row, column and index in the list.
+pub(crate) fn col_list_rle(batch: &RecordBatch, name: &str, path: &Path, first_row: usize) -> Result<Vec<Vec<Rle>>> {
+    let l = col_list(batch, name, path)?;
+    let v = l.values();
+    let st = v.as_any().downcast_ref::<StructArray>().ok_or_else(|| wrong_type(path, name, v))?;
+    let h = st.column_by_name("height").and_then(|c| c.as_primitive_opt::<UInt32Type>());
+    let w = st.column_by_name("width").and_then(|c| c.as_primitive_opt::<UInt32Type>());
+    let c = st.column_by_name("counts").and_then(|c| c.as_any().downcast_ref::<StringArray>());
+    let (Some(h), Some(w), Some(c)) = (h, w, c) else {
+        return Err(wrong_type(path, name, v));
+    };
+    let off = l.value_offsets();
+    let mut out = Vec::with_capacity(l.len());
+    for row in 0..l.len() {
+        let mut masks = Vec::new();
+        for (k, j) in (off[row] as usize..off[row + 1] as usize).enumerate() {
+            let rle = Rle::from_coco_string(h.value(j), w.value(j), c.value(j)).map_err(|e| {
+                CoreError::field(path, first_row + row, name, format!("mask {k}: {e}"))
+            })?;
+            masks.push(rle);
+        }
+        out.push(masks);
+    }
+    Ok(out)
+}

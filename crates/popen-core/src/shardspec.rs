@@ -1,0 +1,84 @@
+//! `--shard I/N`: which records a task of a cluster job array takes.
+
+use crate::error::{CoreError, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// Task `index` of `count` (0-based). Task i takes the records whose position modulo N is i,
+/// so every task gets a similar mix; the union over all tasks is every record exactly once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardSpec {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl ShardSpec {
+    pub const ALL: ShardSpec = ShardSpec { index: 0, count: 1 };
+
+    pub fn new(index: u32, count: u32) -> Result<Self> {
+        if count == 0 || index >= count {
+            return Err(CoreError::Invalid(format!(
+                "shard {index}/{count}: need 0 <= I < N (I is 0-based, e.g. --shard 0/4 .. 3/4)"
+            )));
+        }
+        Ok(ShardSpec { index, count })
+    }
+
+    pub fn takes(&self, position: usize) -> bool {
+        position % self.count as usize == self.index as usize
+    }
+
+    pub fn is_all(&self) -> bool {
+        self.count == 1
+    }
+
+    /// File-name suffix, e.g. `-00002-of-00004`.
+    pub fn suffix(&self) -> String {
+        format!("-{:05}-of-{:05}", self.index, self.count)
+    }
+}
+
+impl Default for ShardSpec {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+impl fmt::Display for ShardSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl FromStr for ShardSpec {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| CoreError::Invalid(format!("shard '{s}': expected I/N, e.g. 0/4")))?;
+        let parse = |v: &str| {
+            v.trim().parse::<u32>().map_err(|_| CoreError::Invalid(format!("shard '{s}': '{v}' is not a number")))
+        };
+        ShardSpec::new(parse(i)?, parse(n)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_partition() {
+        let s: ShardSpec = "1/3".parse().unwrap();
+        let taken: Vec<usize> = (0..8).filter(|&p| s.takes(p)).collect();
+        assert_eq!(taken, vec![1, 4, 7]);
+        assert_eq!(s.suffix(), "-00001-of-00003");
+        assert!("3/3".parse::<ShardSpec>().is_err());
+        assert!("x/3".parse::<ShardSpec>().is_err());
+        assert!("0/0".parse::<ShardSpec>().is_err());
+        // Every record exactly once over all tasks.
+        for p in 0..20 {
+            assert_eq!((0..3).filter(|&i| ShardSpec::new(i, 3).unwrap().takes(p)).count(), 1);
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Overlay rendering (in progress).

@@ -1,0 +1,174 @@
+//! MUSE importer on a MUSE-shaped file built from the labelme COCO example (real VOC photos,
+//! 12 instance polygons; `make assets` fetches them), plus every kind of bad record.
+//!
+//! Reference: the COCO `area` of each labelme annotation was computed by pycocotools from
+//! the same polygons, so our rasterized masks must have exactly those areas.
+
+use popen_core::shard::{read_shard, Sample};
+use popen_core::shardspec::ShardSpec;
+use popen_data::muse::{import, MuseImportConfig};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+fn labelme() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/assets/labelme");
+    assert!(
+        dir.join("annotations.json").is_file(),
+        "{} is missing: run `make assets` first",
+        dir.display()
+    );
+    dir
+}
+
+fn coco() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(labelme().join("annotations.json")).unwrap()).unwrap()
+}
+
+/// One MUSE record per photo: one question per category and one for all objects.
+fn muse_records(coco: &Value) -> Vec<Value> {
+    let cats: std::collections::HashMap<i64, String> = coco["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["id"].as_i64().unwrap(), c["name"].as_str().unwrap().to_string()))
+        .collect();
+    let mut out = Vec::new();
+    for img in coco["images"].as_array().unwrap() {
+        let anns: Vec<Value> = coco["annotations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["image_id"] == img["id"])
+            .map(|a| {
+                json!({"id": a["id"], "category_id": a["category_id"],
+                       "category_name": cats[&a["category_id"].as_i64().unwrap()],
+                       "bbox": a["bbox"], "segmentation": a["segmentation"], "area": a["area"]})
+            })
+            .collect();
+        let mut cat_ids: Vec<i64> = anns.iter().map(|a| a["category_id"].as_i64().unwrap()).collect();
+        cat_ids.sort();
+        cat_ids.dedup();
+        let (mut qs, mut ans, mut texts) = (vec![], vec![], vec![]);
+        for c in cat_ids {
+            let group: Vec<Value> = anns.iter().filter(|a| a["category_id"] == c).cloned().collect();
+            qs.push(json!(format!("Where is every {} here?", cats[&c])));
+            texts.push(json!(group.iter().map(|_| format!("the {} {{seg}}", cats[&c])).collect::<Vec<_>>().join(" and ")));
+            ans.push(Value::Array(group));
+        }
+        qs.push(json!("Segment everything."));
+        texts.push(json!(anns.iter().map(|a| format!("a {} {{seg}}", a["category_name"].as_str().unwrap())).collect::<Vec<_>>().join(", ")));
+        ans.push(Value::Array(anns.clone()));
+        out.push(json!({"file_name": img["file_name"], "height": img["height"], "width": img["width"],
+                        "ann_list": anns, "questions": qs, "answers": ans, "text_answers": texts}));
+    }
+    out
+}
+
+fn run(records: &[Value], images: &Path, dir: &Path) -> (popen_core::manifest::Manifest, Vec<Sample>) {
+    let json_path = dir.join("muse_val.json");
+    std::fs::write(&json_path, serde_json::to_string(records).unwrap()).unwrap();
+    let cfg = MuseImportConfig { json: json_path, images: images.to_path_buf(), split: "val".into() };
+    let out = dir.join("out");
+    let m = import(&cfg, &out, ShardSpec::ALL).unwrap();
+    let samples = read_shard::<Sample>(out.join("val.parquet")).unwrap();
+    (m, samples)
+}
+
+#[test]
+fn imports_labelme_photos_with_pycocotools_areas() {
+    let coco = coco();
+    let records = muse_records(&coco);
+    let dir = tempfile::tempdir().unwrap();
+    let (m, samples) = run(&records, &labelme(), dir.path());
+    let questions: usize = records.iter().map(|r| r["questions"].as_array().unwrap().len()).sum();
+    assert_eq!(samples.len(), questions);
+    assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+    assert_eq!(m.counts["samples"], questions as u64);
+    let anns = coco["annotations"].as_array().unwrap();
+    assert_eq!(anns.len(), 12);
+    let mut checked = 0;
+    for (s, (r, q)) in samples.iter().zip(records.iter().flat_map(|r| (0..r["questions"].as_array().unwrap().len()).map(move |q| (r, q)))) {
+        assert_eq!(s.width, r["width"].as_u64().unwrap() as u32);
+        assert_eq!(s.seg_count(), s.target_names.len());
+        assert!(!s.answer.contains("{seg}"));
+        s.decode_image().unwrap();
+        for (k, a) in r["answers"][q].as_array().unwrap().iter().enumerate() {
+            // pycocotools' area of the same polygons (stored by labelme).
+            assert_eq!(s.target_masks[k].area() as f64, a["area"].as_f64().unwrap(), "{} target {k}", s.id);
+            let inst = s.target_instances[k];
+            assert!(inst >= 0, "answer instance matched to ann_list by id");
+            assert_eq!(s.instance_masks[inst as usize], s.target_masks[k]);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 24);
+}
+
+#[test]
+fn bad_records_are_skipped_with_reasons() {
+    let coco = coco();
+    let good = muse_records(&coco);
+    let dir = tempfile::tempdir().unwrap();
+    // An image folder with the real photos plus a corrupt one.
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(images.join("JPEGImages")).unwrap();
+    for f in std::fs::read_dir(labelme().join("JPEGImages")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), images.join("JPEGImages").join(f.file_name())).unwrap();
+    }
+    std::fs::write(images.join("broken.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+
+    let mut records = good.clone();
+    let base = good[0].clone();
+    let mut missing_height = base.clone();
+    missing_height.as_object_mut().unwrap().remove("height");
+    records.push(missing_height);
+    let mut seg_mismatch = base.clone();
+    seg_mismatch["text_answers"][0] = json!("only words, no placeholder");
+    records.push(seg_mismatch);
+    let mut no_image = base.clone();
+    no_image["file_name"] = json!("JPEGImages/does_not_exist.jpg");
+    records.push(no_image);
+    let mut corrupt = base.clone();
+    corrupt["file_name"] = json!("broken.jpg");
+    records.push(corrupt);
+    let mut wrong_size = base.clone();
+    wrong_size["height"] = json!(100);
+    records.push(wrong_size);
+    let mut bad_rle = base.clone();
+    bad_rle["answers"][0][0]["segmentation"] = json!({"size": [2, 2], "counts": [1, 1]});
+    records.push(bad_rle);
+    let mut short_counts = base.clone();
+    let (h, w) = (base["height"].as_u64().unwrap(), base["width"].as_u64().unwrap());
+    short_counts["ann_list"][0]["segmentation"] = json!({"size": [h, w], "counts": [5, 7]});
+    records.push(short_counts);
+
+    let (m, samples) = run(&records, &images, dir.path());
+    let good_q: usize = good.iter().map(|r| r["questions"].as_array().unwrap().len()).sum();
+    // seg_mismatch and bad_rle lose one question each; the others lose the whole record.
+    let base_q = base["questions"].as_array().unwrap().len();
+    assert_eq!(samples.len(), good_q + 2 * (base_q - 1));
+    let reasons: Vec<String> = m.skipped.iter().map(|s| format!("{}: {}", s.record, s.reason)).collect();
+    let has = |needle: &str| reasons.iter().any(|r| r.contains(needle));
+    assert!(has("field 'height' is missing"), "{reasons:#?}");
+    assert!(has("text_answers[0] has 0 {seg} but answers[0] has"), "{reasons:#?}");
+    assert!(has("image not found"), "{reasons:#?}");
+    assert!(has("corrupt"), "{reasons:#?}");
+    assert!(has("but the record says"), "{reasons:#?}");
+    assert!(has("answers[0][0].segmentation: RLE size 2x2 differs"), "{reasons:#?}");
+    assert!(has("ann_list[0].segmentation") && has("sum to 12"), "{reasons:#?}");
+    assert_eq!(m.skipped.len(), 7, "{reasons:#?}");
+}
+
+#[test]
+fn unreadable_json_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("muse_bad.json");
+    std::fs::write(&p, "[{\"height\": 3,,}]").unwrap();
+    let cfg = MuseImportConfig { json: p.clone(), images: dir.path().into(), split: "val".into() };
+    let e = import(&cfg, &dir.path().join("out"), ShardSpec::ALL).unwrap_err().to_string();
+    assert!(e.contains("muse_bad.json") && e.contains("line 1"), "{e}");
+    std::fs::write(&p, "{\"not\": \"a list\"}").unwrap();
+    let e = import(&cfg, &dir.path().join("out"), ShardSpec::ALL).unwrap_err().to_string();
+    assert!(e.contains("expected a JSON list"), "{e}");
+}

@@ -1,0 +1,252 @@
+//! `popen`: the command-line front end. Each subcommand parses its arguments and calls a
+//! library stage; see `popen <command> --help`.
+
+mod backend;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use popen_core::shard::{read_shard, ShardReader, Sample};
+use popen_core::shardspec::ShardSpec;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "popen",
+    version,
+    about = "POPEN: preference-based optimization and ensemble for LVLM reasoning segmentation",
+    long_about = "POPEN: preference-based optimization and ensemble for LVLM reasoning segmentation.\n\n\
+Stages exchange Parquet shards on disk; each writes its shards plus a manifest.json.\n\
+Logging goes to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate the embedded synthetic reasoning-segmentation benchmark (train/val/test shards,
+    /// lexicon.json, manifest.json). Same seed, same bytes.
+    Synth(SynthArgs),
+    /// Import a MUSE JSON file (PixelLM's format) into sample shards; bad records are
+    /// skipped and listed in the manifest.
+    ImportMuse(ImportMuseArgs),
+    /// Render one sample (image, masks as a coloured overlay, instruction and answer) to PNG.
+    Show(ShowArgs),
+    /// Print a shard's kind, row count and a few records.
+    Inspect(InspectArgs),
+    /// Check a compute backend: a matmul against a CPU reference, and its throughput.
+    Device(DeviceArgs),
+}
+
+#[derive(clap::Args)]
+struct SynthArgs {
+    /// Output folder (shards, lexicon.json, manifest.json).
+    #[arg(long, default_value = "data/synth")]
+    out: PathBuf,
+    /// Benchmark config (TOML); flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Random seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Number of training samples.
+    #[arg(long)]
+    train: Option<usize>,
+    /// Number of validation samples.
+    #[arg(long)]
+    val: Option<usize>,
+    /// Number of test samples (category-colour combinations held out from train/val).
+    #[arg(long)]
+    test: Option<usize>,
+    /// Image side in pixels (square images).
+    #[arg(long)]
+    size: Option<u32>,
+    /// This task's part of the work, I/N with 0 <= I < N (cluster job arrays).
+    #[arg(long, default_value = "0/1")]
+    shard: ShardSpec,
+}
+
+#[derive(clap::Args)]
+struct ImportMuseArgs {
+    /// MUSE JSON file (e.g. muse_val.json).
+    #[arg(long)]
+    json: PathBuf,
+    /// Folder with the images (file_name, or the basename of coco_url, optionally under
+    /// train2017/, val2017/ or train2014/).
+    #[arg(long)]
+    images: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Split name stored in each sample (default: from the file name, e.g. muse_val -> val).
+    #[arg(long)]
+    split: Option<String>,
+    /// This task's part of the records, I/N.
+    #[arg(long, default_value = "0/1")]
+    shard: ShardSpec,
+}
+
+#[derive(clap::Args)]
+struct ShowArgs {
+    /// Sample shard (.parquet).
+    #[arg(long)]
+    shard: PathBuf,
+    /// Sample id; default: the first sample (or --index).
+    #[arg(long)]
+    id: Option<String>,
+    /// Row index, when no --id is given.
+    #[arg(long, default_value_t = 0)]
+    index: usize,
+    /// Output PNG.
+    #[arg(long)]
+    out: PathBuf,
+    /// Upscaling factor of the image.
+    #[arg(long, default_value_t = 4)]
+    scale: u32,
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// Sample shard (.parquet).
+    shard: PathBuf,
+    /// How many records to print.
+    #[arg(long, default_value_t = 3)]
+    head: usize,
+}
+
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// Backend: ndarray (CPU), or cuda in builds with the `cuda` feature.
+    #[arg(long, default_value = "ndarray")]
+    backend: String,
+    /// Matrix side for the throughput measurement.
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    /// Matmuls to time.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Synth(a) => synth(a),
+        Command::ImportMuse(a) => import_muse(a),
+        Command::Show(a) => show(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Device(a) => {
+            let r = backend::check(&a.backend, a.size, a.iters)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
+        }
+    }
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    let mut cfg: popen_data::synth::SynthConfig = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("{}: invalid synth config", p.display()))?
+        }
+        None => Default::default(),
+    };
+    if let Some(v) = a.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = a.train {
+        cfg.train = v;
+    }
+    if let Some(v) = a.val {
+        cfg.val = v;
+    }
+    if let Some(v) = a.test {
+        cfg.test = v;
+    }
+    if let Some(v) = a.size {
+        cfg.width = v;
+        cfg.height = v;
+    }
+    let m = popen_data::synth::generate(&cfg, &a.out, a.shard)?;
+    println!("{}", serde_json::to_string_pretty(&m.counts)?);
+    Ok(())
+}
+
+fn import_muse(a: ImportMuseArgs) -> Result<()> {
+    let split = a.split.unwrap_or_else(|| {
+        let stem = a.json.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        stem.strip_prefix("muse_").unwrap_or(&stem).to_string()
+    });
+    let cfg = popen_data::muse::MuseImportConfig { json: a.json, images: a.images, split };
+    let m = popen_data::muse::import(&cfg, &a.out, a.shard)?;
+    println!(
+        "{} samples, {} skipped (reasons in {})",
+        m.counts.get("samples").copied().unwrap_or(0),
+        m.skipped.len(),
+        a.out.join("manifest.json").display()
+    );
+    Ok(())
+}
+
+fn show(a: ShowArgs) -> Result<()> {
+    let mut found = None;
+    let mut row = 0usize;
+    'outer: for batch in ShardReader::<Sample>::open(&a.shard)? {
+        for s in batch? {
+            let hit = match &a.id {
+                Some(id) => &s.id == id,
+                None => row == a.index,
+            };
+            if hit {
+                found = Some(s);
+                break 'outer;
+            }
+            row += 1;
+        }
+    }
+    let Some(sample) = found else {
+        match &a.id {
+            Some(id) => bail!("{}: no sample with id '{id}'", a.shard.display()),
+            None => bail!("{}: has {row} rows, no row {}", a.shard.display(), a.index),
+        }
+    };
+    let img = popen_data::render::overlay(&sample, a.scale)?;
+    let png = popen_core::imageio::encode_png(&img)?;
+    popen_core::shard::atomic_write(&a.out, &png)?;
+    println!("{} -> {}", sample.id, a.out.display());
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let reader = ShardReader::<Sample>::open(&a.shard)?;
+    println!("{}: {} rows of {}", a.shard.display(), reader.num_rows(), <Sample as popen_core::shard::Record>::KIND);
+    let samples = read_shard::<Sample>(&a.shard)?;
+    for s in samples.iter().take(a.head) {
+        println!(
+            "- {} [{}] {}x{} | {} | {} | targets {:?} | {} instances",
+            s.id,
+            s.split,
+            s.width,
+            s.height,
+            s.instruction,
+            s.answer,
+            s.target_names,
+            s.instance_names.len()
+        );
+    }
+    Ok(())
+}
