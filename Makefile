@@ -50,5 +50,9 @@ demo: data
 	$(POPEN) inspect $(DATA)/val.parquet --head 5
 	@echo "demo: benchmark in $(DATA), overlays in $(OUT)"
 
+# The Python reference (pycocotools, cv2) runs first on the same generated inputs; the Rust
+# bench reads its timings and prints both side by side (docs/bench-masks.md).
 bench:
+	$(PYTHON) -m pip install --disable-pip-version-check -q -r tools/reference/requirements.txt
+	$(PYTHON) tools/reference/bench_masks.py
 	$(CARGO) bench -p popen-core --bench mask_kernels

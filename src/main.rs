@@ -65,6 +65,9 @@ struct SynthArgs {
     /// This task's part of the work, I/N with 0 <= I < N (cluster job arrays).
     #[arg(long, default_value = "0/1")]
     shard: ShardSpec,
+    /// Print the effective config as TOML and exit (a starting point for --config).
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(clap::Args)]
@@ -180,6 +183,10 @@ fn synth(a: SynthArgs) -> Result<()> {
     if let Some(v) = a.size {
         cfg.width = v;
         cfg.height = v;
+    }
+    if a.print_config {
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
     }
     let m = popen_data::synth::generate(&cfg, &a.out, a.shard)?;
     println!("{}", serde_json::to_string_pretty(&m.counts)?);

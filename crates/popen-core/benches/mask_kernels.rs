@@ -12,6 +12,7 @@
 //! Run `python3 tools/reference/bench_masks.py` first (it writes
 //! `target/bench-masks-pycocotools.json`, or the path in `MASK_BENCH_REFERENCE`) and this
 //! bench adds the pycocotools column and the speedups to its Markdown table.
+//! `MASK_BENCH_ONLY=polygon,boundary_iou` restricts the run to some kernels (for profiling).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -24,9 +25,11 @@ use popen_core::mask::{
 const H: u32 = 480;
 const W: u32 = 640;
 const N: usize = 100;
-const SEED: u64 = 0x5EED_0F_B0BA;
+const SEED: u64 = 0x5EED0FB0BA;
 
-/// cos/sin of 2*pi*k/64, as Python's `repr` prints them (shared with bench_masks.py).
+/// cos/sin of 2*pi*k/64, as Python's `repr` prints them (shared with bench_masks.py):
+/// literals rather than `f64::cos` so that both languages start from the same bits.
+#[allow(clippy::approx_constant)]
 const DIRS: [(f64, f64); 64] = [
     (1.0, 0.0),
     (0.9951847266721969, 0.0980171403295606),
@@ -124,7 +127,7 @@ fn star(rng: &mut SplitMix, cx: f64, cy: f64, r: f64) -> Vec<f64> {
     p
 }
 
-fn object(rng: &mut SplitMix, cx: f64, cy: f64, r: f64) -> Vec<Vec<f64>> {
+fn object(rng: &mut SplitMix, cx: f64, cy: f64, r: f64) -> Object {
     let extra = (rng.below(4) == 0) as usize + (rng.below(8) == 0) as usize;
     let mut polys = vec![star(rng, cx, cy, r)];
     for _ in 0..extra {
@@ -136,8 +139,11 @@ fn object(rng: &mut SplitMix, cx: f64, cy: f64, r: f64) -> Vec<Vec<f64>> {
     polys
 }
 
+/// One object's COCO polygons.
+type Object = Vec<Vec<f64>>;
+
 /// (gt, dt) polygon lists of the N objects.
-fn inputs() -> (Vec<Vec<Vec<f64>>>, Vec<Vec<Vec<f64>>>) {
+fn inputs() -> (Vec<Object>, Vec<Object>) {
     let mut rng = SplitMix(SEED);
     let (mut gt, mut dt) = (Vec::new(), Vec::new());
     for _ in 0..N {
@@ -153,8 +159,14 @@ fn inputs() -> (Vec<Vec<Vec<f64>>>, Vec<Vec<Vec<f64>>>) {
     (gt, dt)
 }
 
-/// Median seconds per batch.
-fn time_batch(mut f: impl FnMut()) -> f64 {
+/// Median seconds per batch; `None` when `MASK_BENCH_ONLY` (comma-separated kernel keys)
+/// excludes the kernel, for profiling one at a time.
+fn time_batch(key: &str, mut f: impl FnMut()) -> Option<f64> {
+    if let Ok(only) = std::env::var("MASK_BENCH_ONLY") {
+        if !only.split(',').any(|k| k.trim() == key) {
+            return None;
+        }
+    }
     f(); // warm-up
     let mut times = Vec::new();
     let start = Instant::now();
@@ -164,7 +176,7 @@ fn time_batch(mut f: impl FnMut()) -> f64 {
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    times[times.len() / 2]
+    Some(times[times.len() / 2])
 }
 
 fn fnv1a(acc: u64, bytes: &[u8]) -> u64 {
@@ -182,7 +194,7 @@ fn reference_results() -> Option<serde_json::Value> {
 
 fn main() {
     let (gt_polys, dt_polys) = inputs();
-    let to_rle = |p: &Vec<Vec<f64>>| rle_from_coco_polygons(p, H, W).expect("polygons rasterize");
+    let to_rle = |p: &Object| rle_from_coco_polygons(p, H, W).expect("polygons rasterize");
     let gt_rle: Vec<Rle> = gt_polys.iter().map(to_rle).collect();
     let dt_rle: Vec<Rle> = dt_polys.iter().map(to_rle).collect();
     let gt_str: Vec<String> = gt_rle.iter().map(Rle::to_coco_string).collect();
@@ -191,90 +203,109 @@ fn main() {
     let dt_mask: Vec<Mask> = dt_rle.iter().map(|r| r.decode().unwrap()).collect();
 
     let area: u64 = gt_rle.iter().chain(&dt_rle).map(Rle::area).sum();
-    let hash = gt_str.iter().chain(&dt_str).fold(0xcbf2_9ce4_8422_2325, |h, s| fnv1a(h, s.as_bytes()));
-    println!("inputs: {N} gt + {N} dt objects on {H}x{W}; total area {area}; strings fnv1a {hash:016x}");
+    let hash =
+        gt_str.iter().chain(&dt_str).fold(0xcbf2_9ce4_8422_2325, |h, s| fnv1a(h, s.as_bytes()));
+    println!(
+        "inputs: {N} gt + {N} dt objects on {H}x{W}; total area {area}; strings fnv1a {hash:016x}"
+    );
 
     let n = N as f64;
-    let mut rows: Vec<(&str, &str, f64)> = Vec::new();
-    let t = time_batch(|| {
+    let mut rows: Vec<(&str, &str, Option<f64>)> = Vec::new();
+    let t = time_batch("encode", || {
         for m in &gt_mask {
             black_box(Rle::encode(black_box(m)).to_coco_string());
         }
     });
-    rows.push(("encode", "mask (row-major) → COCO RLE string", t / n));
-    let t = time_batch(|| {
+    rows.push(("encode", "mask (row-major) → COCO RLE string", t.map(|t| t / n)));
+    // Same measurement of ours, against pycocotools given a mask it needs no copy for.
+    rows.push((
+        "encode_fortran",
+        "… same, reference given a Fortran-ordered mask",
+        t.map(|t| t / n),
+    ));
+    let t = time_batch("encode_counts", || {
         for m in &gt_mask {
             black_box(Rle::encode(black_box(m)));
         }
     });
-    rows.push(("encode_counts", "mask → RLE counts (no string)", t / n));
-    let t = time_batch(|| {
+    rows.push(("encode_counts", "mask → RLE counts (no string)", t.map(|t| t / n)));
+    let t = time_batch("decode", || {
         for s in &gt_str {
             black_box(Rle::from_coco_string(H, W, black_box(s)).unwrap().decode().unwrap());
         }
     });
-    rows.push(("decode", "COCO RLE string → mask", t / n));
-    let t = time_batch(|| {
+    rows.push(("decode", "COCO RLE string → mask", t.map(|t| t / n)));
+    let t = time_batch("decode_counts", || {
         for r in &gt_rle {
             black_box(black_box(r).decode().unwrap());
         }
     });
-    rows.push(("decode_counts", "RLE counts → mask (no string)", t / n));
-    let t = time_batch(|| {
+    rows.push(("decode_counts", "RLE counts → mask (no string)", t.map(|t| t / n)));
+    let t = time_batch("to_string", || {
         for r in &gt_rle {
             black_box(black_box(r).to_coco_string());
         }
     });
-    rows.push(("to_string", "RLE counts → string", t / n));
-    let t = time_batch(|| {
+    rows.push(("to_string", "RLE counts → string", t.map(|t| t / n)));
+    let t = time_batch("from_string", || {
         for s in &gt_str {
             black_box(Rle::from_coco_string(H, W, black_box(s)).unwrap().area());
         }
     });
-    rows.push(("from_string", "string → RLE counts (+ area)", t / n));
-    let t = time_batch(|| {
+    rows.push(("from_string", "string → RLE counts (+ area)", t.map(|t| t / n)));
+    let t = time_batch("iou_matrix", || {
         let d: Vec<Rle> = dt_str.iter().map(|s| Rle::from_coco_string(H, W, s).unwrap()).collect();
         let g: Vec<Rle> = gt_str.iter().map(|s| Rle::from_coco_string(H, W, s).unwrap()).collect();
         black_box(Rle::iou_matrix(&d, &g).unwrap());
     });
-    rows.push(("iou_matrix", "RLE IoU, 100×100 matrix from strings (per matrix)", t));
-    let t = time_batch(|| {
+    rows.push((
+        "iou_matrix",
+        "RLE IoU, 100×100 matrix from strings (per matrix)",
+        t.map(|t| t / 1.0),
+    ));
+    let t = time_batch("iou_pairs", || {
         for (d, g) in dt_str.iter().zip(&gt_str) {
             let d = Rle::from_coco_string(H, W, d).unwrap();
             let g = Rle::from_coco_string(H, W, g).unwrap();
             black_box(d.iou(&g).unwrap());
         }
     });
-    rows.push(("iou_pairs", "RLE IoU, matched pair from strings", t / n));
-    let t = time_batch(|| {
+    rows.push(("iou_pairs", "RLE IoU, matched pair from strings", t.map(|t| t / n)));
+    let t = time_batch("polygon", || {
         for p in &gt_polys {
             black_box(rle_from_coco_polygons(black_box(p), H, W).unwrap().to_coco_string());
         }
     });
-    rows.push(("polygon", "polygons → RLE string (annToRLE: frPyObjects + merge)", t / n));
-    let t = time_batch(|| {
+    rows.push((
+        "polygon",
+        "polygons → RLE string (annToRLE: frPyObjects + merge)",
+        t.map(|t| t / n),
+    ));
+    let t = time_batch("boundary_iou", || {
         for (g, d) in gt_mask.iter().zip(&dt_mask) {
             black_box(boundary_iou(g, d, DEFAULT_BOUNDARY_DILATION_RATIO).unwrap());
         }
     });
-    rows.push(("boundary_iou", "Boundary IoU of a 480×640 mask pair (d = 16)", t / n));
-    let t = time_batch(|| {
+    rows.push(("boundary_iou", "Boundary IoU of a 480×640 mask pair (d = 16)", t.map(|t| t / n)));
+    let t = time_batch("mask_iou", || {
         for (g, d) in gt_mask.iter().zip(&dt_mask) {
             black_box(intersection_union(g, d).unwrap());
         }
     });
-    rows.push(("mask_iou", "IoU of decoded 480×640 masks (reference: numpy)", t / n));
+    rows.push(("mask_iou", "IoU of decoded 480×640 masks (reference: numpy)", t.map(|t| t / n)));
 
     let reference = reference_results();
     println!();
-    println!("| kernel | ours (µs) | reference (µs) | speedup |");
-    println!("|---|---:|---:|---:|");
+    println!("| kernel | ours (µs) | reference (µs) | speedup | reference call |");
+    println!("|---|---:|---:|---:|---|");
     for (key, label, secs) in rows {
+        let Some(secs) = secs else { continue };
         let ours = secs * 1e6;
         let theirs = reference.as_ref().and_then(|r| r["kernels"][key]["us"].as_f64());
+        let how = reference.as_ref().and_then(|r| r["kernels"][key]["how"].as_str()).unwrap_or("");
         match theirs {
-            Some(p) => println!("| {label} | {ours:.2} | {p:.2} | {:.1}× |", p / ours),
-            None => println!("| {label} | {ours:.2} | – | – |"),
+            Some(p) => println!("| {label} | {ours:.2} | {p:.2} | {:.1}× | {how} |", p / ours),
+            None => println!("| {label} | {ours:.2} | – | – | |"),
         }
     }
     if let Some(r) = reference {

@@ -28,7 +28,15 @@ pub use boundary::{
     DEFAULT_BOUNDARY_DILATION_RATIO,
 };
 pub use ops::{intersection_union, iou, iou_from_counts};
-pub use polygon::{rle_from_bbox, rle_from_coco_polygons, rle_from_polygon};
+pub use polygon::{rle_from_bbox, rle_from_coco_polygons, rle_from_points, rle_from_polygon};
+
+/// Prefixes a mask error with where it happened, without repeating "invalid mask:".
+pub(crate) fn context(e: CoreError, ctx: impl std::fmt::Display) -> CoreError {
+    match e {
+        CoreError::Mask(m) => CoreError::Mask(format!("{ctx}: {m}")),
+        other => other,
+    }
+}
 
 /// A binary mask, row-major, one byte per pixel holding 0 or 1.
 ///
@@ -136,6 +144,26 @@ fn word(bytes: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// Records the pixels where a 32-pixel block differs from the block above (XOR words,
+/// one byte per pixel). Kept out of line so that the scanning loop stays in registers.
+#[inline(never)]
+fn record_changes(
+    x0: usize,
+    y: usize,
+    d: [u64; 4],
+    pts: &mut Vec<(u32, u32)>,
+    per_col: &mut [u32],
+) {
+    for (j, mut dj) in d.into_iter().enumerate() {
+        while dj != 0 {
+            let x = x0 + j * 8 + (dj.trailing_zeros() / 8) as usize;
+            pts.push((x as u32, y as u32));
+            per_col[x] += 1;
+            dj &= dj - 1; // bytes are 0/1: the lowest set bit is this byte's only bit
+        }
+    }
+}
+
 impl Rle {
     /// Builds an RLE and checks that its runs cover height x width exactly.
     pub fn new(height: u32, width: u32, counts: Vec<u32>) -> Result<Rle> {
@@ -157,10 +185,13 @@ impl Rle {
     ///
     /// The column-major walk over a row-major mask is the hot loop of the naive version
     /// (one strided byte per step). Instead, the change points below the first row are
-    /// found by XOR-ing each row with the one above eight bytes at a time, which skips
+    /// found by XOR-ing each row with the one above, 32 pixels per test, which scans
     /// uniform areas at memory speed, and are then bucketed by column (a stable counting
     /// sort keeps them in row order). Only the first pixel of each column needs the
     /// comparison with the previous column's last pixel.
+    ///
+    /// Like pycocotools, runs are 32-bit: a mask of more than `u32::MAX` pixels cannot be
+    /// represented faithfully.
     pub fn encode(mask: &Mask) -> Rle {
         let (h, w) = (mask.height as usize, mask.width as usize);
         let data = &mask.data[..];
@@ -173,21 +204,22 @@ impl Rle {
         for y in 1..h {
             let prev = &data[(y - 1) * w..y * w];
             let cur = &data[y * w..(y + 1) * w];
-            let mut x = 0;
-            while x + 8 <= w {
-                let mut d = word(prev, x) ^ word(cur, x);
-                while d != 0 {
-                    let b = (d.trailing_zeros() / 8) as usize;
-                    pts.push(((x + b) as u32, y as u32));
-                    per_col[x + b] += 1;
-                    d &= d - 1; // bytes are 0/1: the lowest set bit is this byte's only bit
+            let (pw, cw) = (prev.chunks_exact(32), cur.chunks_exact(32));
+            let tail = w - pw.remainder().len();
+            for (i, (p32, c32)) in pw.zip(cw).enumerate() {
+                // 32 pixels per test: rows rarely differ, so this loop is a plain scan.
+                let d0 = word(p32, 0) ^ word(c32, 0);
+                let d1 = word(p32, 8) ^ word(c32, 8);
+                let d2 = word(p32, 16) ^ word(c32, 16);
+                let d3 = word(p32, 24) ^ word(c32, 24);
+                if d0 | d1 | d2 | d3 != 0 {
+                    record_changes(i * 32, y, [d0, d1, d2, d3], &mut pts, &mut per_col);
                 }
-                x += 8;
             }
-            for xx in x..w {
-                if prev[xx] != cur[xx] {
-                    pts.push((xx as u32, y as u32));
-                    per_col[xx] += 1;
+            for x in tail..w {
+                if prev[x] != cur[x] {
+                    pts.push((x as u32, y as u32));
+                    per_col[x] += 1;
                 }
             }
         }
@@ -205,7 +237,7 @@ impl Rle {
                 *slot += 1;
             }
         }
-        let mut counts = Vec::with_capacity(pts.len() + 2 * w / 8 + 2);
+        let mut counts = Vec::with_capacity(pts.len() + w + 1);
         let mut last = 0u64; // column-major position of the previous change
         let mut prev_val = 0u8; // pixel just before the top of column x
         let hh = h as u64;
@@ -297,11 +329,17 @@ impl Rle {
 
     /// pycocotools `rleToString`: the compressed `counts` string of COCO JSON.
     pub fn to_coco_string(&self) -> String {
-        let mut s = Vec::with_capacity(self.counts.len() * 2 + 8);
+        // At most 7 characters per value (33 bits with sign, 5 per character).
+        let mut s = Vec::with_capacity(self.counts.len() * 7);
         for (i, &c) in self.counts.iter().enumerate() {
             let mut x = c as i64;
             if i > 2 {
                 x -= self.counts[i - 2] as i64;
+            }
+            if (-16..16).contains(&x) {
+                // One character: most deltas of smooth shapes are this small.
+                s.push((x & 0x1f) as u8 + 48);
+                continue;
             }
             loop {
                 let mut c = (x & 0x1f) as u8;
@@ -324,30 +362,110 @@ impl Rle {
     /// truncated last value, negative or overflowing runs, and counts that do not sum to
     /// height x width are errors.
     pub fn from_coco_string(height: u32, width: u32, s: &str) -> Result<Rle> {
-        let bytes = s.as_bytes();
-        let mut counts: Vec<u32> = Vec::with_capacity(bytes.len());
-        let mut p = 0usize;
-        while p < bytes.len() {
-            let mut x: i64 = 0;
-            let mut k = 0u32;
+        let mut counts = vec![0u32; s.len()]; // at least one character per value
+        let (m, total) = parse_counts(s.as_bytes(), &mut counts).map_err(|e| e.into_error(s))?;
+        counts.truncate(m);
+        let expected = height as u64 * width as u64;
+        if total != expected {
+            return Err(CoreError::Mask(format!(
+                "RLE counts sum to {total}, but size {height}x{width} has {expected} pixels"
+            )));
+        }
+        Ok(Rle { height, width, counts })
+    }
+}
+
+/// Why a counts string was rejected; turned into a message only on the error path, so
+/// that the parsing loop keeps its state in registers.
+enum ParseError {
+    BadChar(usize),
+    Truncated(usize),
+    TooLong(usize),
+    OutOfRange(usize, i64),
+}
+
+impl ParseError {
+    #[cold]
+    fn into_error(self, s: &str) -> CoreError {
+        CoreError::Mask(match self {
+            ParseError::BadChar(p) => {
+                // Report the whole character, not a byte of its UTF-8 encoding.
+                let ch = s.get(p..).and_then(|r| r.chars().next()).unwrap_or('?');
+                format!("RLE string has invalid character {ch:?} at {p}")
+            }
+            ParseError::Truncated(p) => format!("RLE string ends inside a value at character {p}"),
+            ParseError::TooLong(p) => format!("RLE string value too long at {p}"),
+            ParseError::OutOfRange(m, x) => format!("RLE run {m} is out of range ({x})"),
+        })
+    }
+}
+
+/// The rleFrString loop: writes the runs to `out` (as long as the string) and returns
+/// their number and sum.
+#[inline]
+fn parse_counts(bytes: &[u8], out: &mut [u32]) -> std::result::Result<(usize, u64), ParseError> {
+    let n = bytes.len();
+    let (mut m, mut p, mut total) = (0usize, 0usize, 0u64);
+    let mut two_back = 0i64; // counts[m - 2], added from the third run on (the C's `m > 2`)
+    let mut one_back = 0i64;
+    while p < n {
+        // Fast path: eight one-character values ('0'..='O', 48..=79) in a row, which is
+        // most of a smooth shape's string. Checked for all eight bytes at once (the
+        // additions cannot carry between bytes of the low-7-bit word); any run out of range
+        // sends the block to the general loop below, which reports it.
+        if p + 8 <= n {
+            const HI: u64 = 0x8080_8080_8080_8080;
+            let w = word(bytes, p);
+            let low = w & !HI;
+            let ge48 = (low + 0x5050_5050_5050_5050) & HI;
+            let ge80 = (low + 0x3030_3030_3030_3030) & HI;
+            if w & HI == 0 && ge48 == HI && ge80 == 0 {
+                let d = w - 0x3030_3030_3030_3030; // eight values in 0..32, no borrows
+                let (m0, t0, a0, b0) = (m, total, two_back, one_back);
+                let mut bad = false;
+                for i in 0..8 {
+                    let mut x = (((d >> (8 * i)) as u8 ^ 0x10) as i64) - 0x10;
+                    if m > 2 {
+                        x += two_back;
+                    }
+                    bad |= x as u64 > u32::MAX as u64; // negative too
+                    out[m] = x as u32;
+                    m += 1;
+                    total = total.wrapping_add(x as u64);
+                    two_back = one_back;
+                    one_back = x;
+                }
+                if !bad {
+                    p += 8;
+                    continue;
+                }
+                (m, total, two_back, one_back) = (m0, t0, a0, b0);
+            }
+        }
+        let c = bytes[p].wrapping_sub(48);
+        if c >= 64 {
+            return Err(ParseError::BadChar(p));
+        }
+        p += 1;
+        let mut x;
+        if c & 0x20 == 0 {
+            // One character (the common case): five bits, sign-extended from bit 4.
+            x = ((c & 0x1f) ^ 0x10) as i64 - 0x10;
+        } else {
+            x = (c & 0x1f) as i64;
+            let mut k = 1u32;
             loop {
-                let Some(&b) = bytes.get(p) else {
-                    return Err(CoreError::Mask(format!(
-                        "RLE string ends inside a value at character {p}"
-                    )));
-                };
-                if !(48..48 + 64).contains(&b) {
-                    // Report the whole character, not a byte of its UTF-8 encoding.
-                    let ch = s.get(p..).and_then(|r| r.chars().next()).unwrap_or('?');
-                    return Err(CoreError::Mask(format!(
-                        "RLE string has invalid character {ch:?} at {p}"
-                    )));
+                if p >= n {
+                    return Err(ParseError::Truncated(p));
+                }
+                let c = bytes[p].wrapping_sub(48);
+                if c >= 64 {
+                    return Err(ParseError::BadChar(p));
                 }
                 if k >= 12 {
-                    return Err(CoreError::Mask(format!("RLE string value too long at {p}")));
+                    return Err(ParseError::TooLong(p));
                 }
-                let c = (b - 48) as i64;
-                x |= (c & 0x1f) << (5 * k);
+                x |= ((c & 0x1f) as i64) << (5 * k);
                 p += 1;
                 k += 1;
                 if c & 0x20 == 0 {
@@ -357,19 +475,20 @@ impl Rle {
                     break;
                 }
             }
-            let m = counts.len();
-            if m > 2 {
-                x += counts[m - 2] as i64;
-            }
-            if x < 0 || x > u32::MAX as i64 {
-                return Err(CoreError::Mask(format!("RLE run {m} is out of range ({x})")));
-            }
-            counts.push(x as u32);
         }
-        let rle = Rle { height, width, counts };
-        rle.validate()?;
-        Ok(rle)
+        if m > 2 {
+            x += two_back;
+        }
+        if !(0..=u32::MAX as i64).contains(&x) {
+            return Err(ParseError::OutOfRange(m, x));
+        }
+        out[m] = x as u32;
+        m += 1;
+        total += x as u64;
+        two_back = one_back;
+        one_back = x;
     }
+    Ok((m, total))
 }
 
 #[cfg(test)]
@@ -418,8 +537,9 @@ mod tests {
 
     #[test]
     fn fast_encode_decode_match_naive() {
-        for (i, &(h, w)) in
-            [(1, 1), (1, 9), (9, 1), (7, 8), (8, 7), (17, 33), (64, 64), (3, 100)].iter().enumerate()
+        for (i, &(h, w)) in [(1, 1), (1, 9), (9, 1), (7, 8), (8, 7), (17, 33), (64, 64), (3, 100)]
+            .iter()
+            .enumerate()
         {
             for density in [0, 3, 50, 97, 100] {
                 let m = lcg_mask(h, w, i as u64 * 31 + density, density);
@@ -428,6 +548,35 @@ mod tests {
                 assert_eq!(r.decode().unwrap(), m, "{h}x{w} density {density}");
             }
         }
+    }
+
+    #[test]
+    fn string_roundtrip_fuzz() {
+        // Random runs of every magnitude, so both the 8-character fast path and the general
+        // loop (and the switch between them) are exercised.
+        let mut s = 7u64;
+        for case in 0..2000 {
+            let mut counts = Vec::new();
+            let len = (case % 40) + 1;
+            for _ in 0..len {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let bits = (s >> 60) as u32 % 28;
+                counts.push(((s >> 20) as u32) & ((1u32 << bits) - 1).max(1));
+            }
+            let total: u64 = counts.iter().map(|&c| c as u64).sum();
+            let (h, w) = (1u32, total as u32);
+            let r = Rle { height: h, width: w, counts: counts.clone() };
+            let st = r.to_coco_string();
+            assert_eq!(Rle::from_coco_string(h, w, &st).unwrap().counts, counts, "{st}");
+            // Corrupting any one character never panics.
+            for pos in 0..st.len().min(12) {
+                let mut b = st.clone().into_bytes();
+                b[pos] = b'0' + ((b[pos] - b'0' + 17) % 64);
+                let _ = Rle::from_coco_string(h, w, std::str::from_utf8(&b).unwrap());
+            }
+        }
+        // A run that goes negative inside an all-one-character block is an error.
+        assert!(Rle::from_coco_string(1, 10, "000OOOOOOOO").is_err());
     }
 
     #[test]
@@ -445,8 +594,7 @@ mod tests {
         // [2, 0, 1, 3, 3] on 3x3: the zero-length run of ones merges the zero runs.
         let r = Rle::new(3, 3, vec![2, 0, 1, 3, 3]).unwrap();
         let m = r.decode().unwrap();
-        let col_major: Vec<u8> =
-            (0..9).map(|p| m.data()[(p % 3) * 3 + p / 3]).collect();
+        let col_major: Vec<u8> = (0..9).map(|p| m.data()[(p % 3) * 3 + p / 3]).collect();
         assert_eq!(col_major, vec![0, 0, 0, 1, 1, 1, 0, 0, 0]);
         // Leading zero-length zero run: full mask.
         let full = Rle::new(2, 2, vec![0, 4]).unwrap().decode().unwrap();

@@ -61,13 +61,20 @@ impl Edge {
         Edge { xs, ys, n: if flat { dx } else { dy }, flat, flip, s }
     }
 
-    /// The C's point at parameter t: `(u, v)` in 5x coordinates.
+    /// The C's point at parameter t: `(u, v)` in 5x coordinates. With coordinates bounded
+    /// by [`MAX_COORD`] and |s| <= 1 the conversions cannot overflow; only a zero-length
+    /// edge (s = 0/0) needs the C's NaN conversion.
     #[inline]
     fn point(&self, t: i64) -> (i64, i64) {
         if self.flat {
-            (t + self.xs, c_int(self.ys as f64 + self.s * t as f64 + 0.5))
+            let v = if self.n == 0 {
+                c_int(f64::NAN)
+            } else {
+                (self.ys as f64 + self.s * t as f64 + 0.5) as i64
+            };
+            (t + self.xs, v)
         } else {
-            (c_int(self.xs as f64 + self.s * t as f64 + 0.5), t + self.ys)
+            ((self.xs as f64 + self.s * t as f64 + 0.5) as i64, t + self.ys)
         }
     }
 
@@ -80,15 +87,24 @@ impl Edge {
     }
 }
 
-/// Collects the y-boundary points of rleFrPoly as column-major positions `x * h + y`.
+/// Collects the y-boundary points of rleFrPoly: `(column, row)` pairs.
 struct Boundary {
     h: u32,
     w: u32,
-    pos: Vec<u32>,
+    pts: Vec<(u32, u32)>,
 }
 
 impl Boundary {
-    /// The C's test for consecutive points `prev`, `cur` (in emission order).
+    /// The C's test for consecutive points `prev`, `cur` (in emission order), in integers.
+    ///
+    /// The C computes `xd = (u' + .5) / 5 - .5` for `u' = min(u) (= u1 < u0 ? u1 : u1 - 1
+    /// when |du| = 1)` and keeps it when it is an integer in `[0, w-1]`. For `u' = 5c + r`
+    /// the exact value is `c + (2r - 4) / 10`, and the double computation is off by far
+    /// less than 0.1 for |u'| < 2^31, so it is an integer iff `r == 2`, and then it is
+    /// exactly `c` (`5c + 2.5`, its fifth `c + .5` and `c` are all representable). Likewise
+    /// `ceil(clamp((v' + .5) / 5 - .5, 0, h))` equals `clamp(ceil((v' - 2) / 5), 0, h)`:
+    /// the value is exact when `v' = 5c + 2` and at least 0.2 from an integer otherwise.
+    /// This avoids `floor`/`ceil` (library calls without SSE4.1) in the hot loop.
     #[inline]
     fn pair(&mut self, prev: (i64, i64), cur: (i64, i64)) {
         let (u0, v0) = prev;
@@ -96,21 +112,26 @@ impl Boundary {
         if u1 == u0 {
             return;
         }
-        let xd = if u1 < u0 { u1 } else { u1 - 1 } as f64;
-        let xd = (xd + 0.5) / SCALE - 0.5;
-        if xd.floor() != xd || xd < 0.0 || xd > (self.w - 1) as f64 {
+        let xd = if u1 < u0 { u1 } else { u1 - 1 } - 2;
+        if xd.rem_euclid(5) != 0 {
             return;
         }
-        let mut yd = if v1 < v0 { v1 } else { v0 } as f64;
-        yd = (yd + 0.5) / SCALE - 0.5;
-        if yd < 0.0 {
-            yd = 0.0;
-        } else if yd > self.h as f64 {
-            yd = self.h as f64;
+        let c = xd.div_euclid(5);
+        if c < 0 || c >= self.w as i64 {
+            return;
         }
-        let yd = yd.ceil();
-        // xd <= w-1 and 0 <= yd <= h, so this is at most h*w, checked to fit u32.
-        self.pos.push(xd as u32 * self.h + yd as u32);
+        let v = if v1 < v0 { v1 } else { v0 };
+        let y = (v + 2).div_euclid(5).clamp(0, self.h as i64); // ceil((v - 2) / 5)
+        self.pts.push((c as u32, y as u32));
+    }
+
+    /// [`Boundary::pair`] for a pair already known to step from column `5c + 2` to
+    /// `5c + 3` with `0 <= c < w` (the edge walks below only visit those): just the row.
+    #[inline]
+    fn push_column(&mut self, c: i64, v0: i64, v1: i64) {
+        let v = if v1 < v0 { v1 } else { v0 };
+        let y = (v + 2).div_euclid(5).clamp(0, self.h as i64);
+        self.pts.push((c as u32, y as u32));
     }
 
     /// All consecutive pairs inside one edge. Within an edge |du| <= 1 per step, so the
@@ -126,7 +147,7 @@ impl Boundary {
             let hi = (e.xs + e.n - 3).div_euclid(5).min(w - 1); // 5c + 2 <= xs + n - 1
             for c in lo..=hi {
                 let t = 5 * c + 2 - e.xs;
-                self.pair(e.point(t), e.point(t + 1));
+                self.push_column(c, e.point(t).1, e.point(t + 1).1);
             }
         } else {
             if e.s == 0.0 {
@@ -139,27 +160,30 @@ impl Boundary {
             let lo = (umin - 2 + 4).div_euclid(5).max(0);
             let hi = (umax - 1 - 2).div_euclid(5).min(w - 1);
             let up = e.s > 0.0;
+            let inv_s = 1.0 / e.s;
+            let u_at = |t: i64| e.point(t).0;
             for c in lo..=hi {
                 let target = 5 * c + 2;
                 // First t where the walk has left U: u > U (s > 0) or u <= U (s < 0).
-                let past = |t: i64| {
-                    let u = e.point(t).0;
-                    if up { u > target } else { u <= target }
-                };
-                let q = (target as f64 + 0.5 - e.xs as f64) / e.s;
-                let mut t = if up { q.ceil() } else { q.floor() + 1.0 };
-                if !t.is_finite() {
-                    t = 0.0;
-                }
-                let mut t = (t.max(0.0).min((e.n + 1) as f64)) as i64;
-                while t > 0 && past(t - 1) {
+                let past = |u: i64| if up { u > target } else { u <= target };
+                // Estimate from the line equation (xs + s t + .5 = U + .5 + [s > 0]), then
+                // walk to the exact answer with the C's own expression, so the estimate
+                // only decides how many evaluations it takes (usually two).
+                let q = (target as f64 + 0.5 - e.xs as f64) * inv_s;
+                let mut t = if q.is_finite() { (q as i64).clamp(0, e.n + 1) } else { 0 };
+                while t > 0 && past(u_at(t - 1)) {
                     t -= 1;
                 }
-                while t <= e.n && !past(t) {
+                let mut ut = if t <= e.n { u_at(t) } else { 0 };
+                while t <= e.n && !past(ut) {
                     t += 1;
+                    if t <= e.n {
+                        ut = u_at(t);
+                    }
                 }
                 if t >= 1 && t <= e.n {
-                    self.pair(e.point(t - 1), e.point(t));
+                    // u steps between U and U + 1 here and v increases with t.
+                    self.push_column(c, e.ys + t - 1, e.ys + t);
                 }
             }
         }
@@ -200,7 +224,7 @@ pub fn rle_from_points(points: &[[f64; 2]], h: u32, w: u32) -> Result<Rle> {
     let k = points.len();
     let vx: Vec<i64> = points.iter().map(|p| (SCALE * p[0] + 0.5) as i64).collect();
     let vy: Vec<i64> = points.iter().map(|p| (SCALE * p[1] + 0.5) as i64).collect();
-    let mut b = Boundary { h, w, pos: Vec::new() };
+    let mut b = Boundary { h, w, pts: Vec::new() };
     let mut prev_last: Option<(i64, i64)> = None;
     for j in 0..k {
         let j1 = if j + 1 == k { 0 } else { j + 1 };
@@ -211,21 +235,55 @@ pub fn rle_from_points(points: &[[f64; 2]], h: u32, w: u32) -> Result<Rle> {
         b.edge(&e);
         prev_last = Some(e.last_emitted());
     }
-    Ok(Rle { height: h, width: w, counts: runs_from_boundary(b.pos, n as u32) })
+    Ok(Rle { height: h, width: w, counts: runs_from_boundary(b.pts, h, w) })
 }
 
-/// The end of rleFrPoly: sort the boundary positions, take differences, and fold
-/// coinciding boundaries (zero differences) the way the C does.
-fn runs_from_boundary(mut a: Vec<u32>, total: u32) -> Vec<u32> {
-    a.push(total);
-    a.sort_unstable();
+/// The end of rleFrPoly: sort the boundary positions `x * h + y`, take differences, and
+/// fold coinciding boundaries (zero differences) the way the C does.
+///
+/// The C sorts with qsort; a counting sort by column (few points per column, ordered by
+/// an insertion sort) gives the same order in O(points + w).
+fn runs_from_boundary(pts: Vec<(u32, u32)>, h: u32, w: u32) -> Vec<u32> {
+    // Buckets only for the columns the shape touches.
+    let x0 = pts.iter().map(|p| p.0).min().unwrap_or(0);
+    let x1 = pts.iter().map(|p| p.0).max().unwrap_or(0);
+    let cols = (x1 - x0) as usize + 1;
+    let mut start = vec![0u32; cols + 1];
+    for &(x, _) in &pts {
+        start[(x - x0) as usize + 1] += 1;
+    }
+    for x in 0..cols {
+        start[x + 1] += start[x];
+    }
+    let mut a = vec![0u32; pts.len() + 1];
+    {
+        let mut next = start.clone();
+        for &(x, y) in &pts {
+            let slot = &mut next[(x - x0) as usize];
+            a[*slot as usize] = x * h + y;
+            *slot += 1;
+        }
+    }
+    for x in 0..cols {
+        let col = &mut a[start[x] as usize..start[x + 1] as usize];
+        for i in 1..col.len() {
+            let v = col[i];
+            let mut j = i;
+            while j > 0 && col[j - 1] > v {
+                col[j] = col[j - 1];
+                j -= 1;
+            }
+            col[j] = v;
+        }
+    }
+    let k = a.len();
+    a[k - 1] = h * w; // the C's sentinel, the largest value (y <= h, x <= w - 1)
     let mut p = 0u32;
     for v in a.iter_mut() {
         let t = *v;
         *v -= p;
         p = t;
     }
-    let k = a.len();
     let mut b = Vec::with_capacity(k);
     let mut j = 0;
     b.push(a[j]);
@@ -251,7 +309,7 @@ fn runs_from_boundary(mut a: Vec<u32>, total: u32) -> Vec<u32> {
 /// An odd number of values is an error here (pycocotools silently drops the last one; use
 /// [`rle_from_coco_polygons`] to reproduce that on existing annotation files).
 pub fn rle_from_polygon(xy: &[f64], h: u32, w: u32) -> Result<Rle> {
-    if xy.len() % 2 != 0 {
+    if !xy.len().is_multiple_of(2) {
         return Err(CoreError::Mask(format!(
             "polygon has {} values; expected x, y pairs",
             xy.len()
@@ -309,7 +367,7 @@ pub fn rle_from_coco_polygons(polygons: &[Vec<f64>], h: u32, w: u32) -> Result<R
         .enumerate()
         .map(|(i, p)| {
             rle_from_points(&pairs(p), h, w)
-                .map_err(|e| CoreError::Mask(format!("polygon {i}: {e}")))
+                .map_err(|e| super::context(e, format_args!("polygon {i}")))
         })
         .collect::<Result<Vec<_>>>()?;
     Rle::merge(&rles)
@@ -339,7 +397,8 @@ mod tests {
                 std::mem::swap(&mut xs, &mut xe);
                 std::mem::swap(&mut ys, &mut ye);
             }
-            let s = if dx >= dy { (ye - ys) as f64 / dx as f64 } else { (xe - xs) as f64 / dy as f64 };
+            let s =
+                if dx >= dy { (ye - ys) as f64 / dx as f64 } else { (xe - xs) as f64 / dy as f64 };
             if dx >= dy {
                 for d in 0..=dx {
                     let t = if flip { dx - d } else { d };
@@ -354,11 +413,49 @@ mod tests {
                 }
             }
         }
-        let mut b = Boundary { h, w, pos: Vec::new() };
+        // The C's floating-point boundary test and qsort, literally.
+        let mut a: Vec<u32> = Vec::new();
         for j in 1..u.len() {
-            b.pair((u[j - 1], v[j - 1]), (u[j], v[j]));
+            if u[j] == u[j - 1] {
+                continue;
+            }
+            let xd = if u[j] < u[j - 1] { u[j] } else { u[j] - 1 } as f64;
+            let xd = (xd + 0.5) / SCALE - 0.5;
+            if xd.floor() != xd || xd < 0.0 || xd > (w - 1) as f64 {
+                continue;
+            }
+            let mut yd = if v[j] < v[j - 1] { v[j] } else { v[j - 1] } as f64;
+            yd = (yd + 0.5) / SCALE - 0.5;
+            if yd < 0.0 {
+                yd = 0.0;
+            } else if yd > h as f64 {
+                yd = h as f64;
+            }
+            a.push(xd as u32 * h + yd.ceil() as u32);
         }
-        runs_from_boundary(b.pos, h * w)
+        a.push(h * w);
+        a.sort_unstable();
+        let mut p = 0;
+        for x in a.iter_mut() {
+            let t = *x;
+            *x -= p;
+            p = t;
+        }
+        let mut b = vec![a[0]];
+        let mut j = 1;
+        while j < a.len() {
+            if a[j] > 0 {
+                b.push(a[j]);
+                j += 1;
+            } else {
+                j += 1;
+                if j < a.len() {
+                    *b.last_mut().unwrap() += a[j];
+                    j += 1;
+                }
+            }
+        }
+        b
     }
 
     #[test]
@@ -410,7 +507,8 @@ mod tests {
     fn bad_polygons_are_errors() {
         let e = rle_from_polygon(&[1.0, 2.0, 3.0], 4, 4).unwrap_err().to_string();
         assert!(e.contains("3 values"), "{e}");
-        let e = rle_from_polygon(&[1.0, f64::NAN, 3.0, 4.0, 0.0, 0.0], 4, 4).unwrap_err().to_string();
+        let e =
+            rle_from_polygon(&[1.0, f64::NAN, 3.0, 4.0, 0.0, 0.0], 4, 4).unwrap_err().to_string();
         assert!(e.contains("point 0"), "{e}");
         assert!(rle_from_polygon(&[1.0, 1.0, 1e300, 4.0, 0.0, 0.0], 4, 4).is_err());
         assert!(rle_from_polygon(&[1.0, 1.0, 2.0, 4.0, 0.0, 0.0], 70000, 70000).is_err());
@@ -420,9 +518,13 @@ mod tests {
         assert!(e.contains("rle_from_bbox"), "{e}");
         assert!(rle_from_coco_polygons(&[vec![1.0, 1.0]], 4, 4).is_err());
         assert!(rle_from_coco_polygons(&[vec![]], 4, 4).is_err());
-        let e = rle_from_coco_polygons(&[vec![0.0, 0.0, 3.0, 0.0, 3.0, 3.0], vec![f64::INFINITY; 6]], 4, 4)
-            .unwrap_err()
-            .to_string();
+        let e = rle_from_coco_polygons(
+            &[vec![0.0, 0.0, 3.0, 0.0, 3.0, 3.0], vec![f64::INFINITY; 6]],
+            4,
+            4,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("polygon 1"), "{e}");
     }
 
@@ -431,8 +533,14 @@ mod tests {
         assert_eq!(rle_from_polygon(&[], 4, 5).unwrap().counts, vec![20]);
         assert_eq!(rle_from_polygon(&[1.0, 1.0], 4, 5).unwrap().counts, vec![20]);
         assert_eq!(rle_from_polygon(&[1.0, 1.0, 3.0, 2.0], 4, 5).unwrap().counts, vec![20]);
-        assert_eq!(rle_from_polygon(&[0.0, 0.0, 3.0, 0.0, 3.0, 3.0], 0, 5).unwrap().counts, vec![0]);
-        assert_eq!(rle_from_polygon(&[0.0, 0.0, 3.0, 0.0, 3.0, 3.0], 5, 0).unwrap().counts, vec![0]);
+        assert_eq!(
+            rle_from_polygon(&[0.0, 0.0, 3.0, 0.0, 3.0, 3.0], 0, 5).unwrap().counts,
+            vec![0]
+        );
+        assert_eq!(
+            rle_from_polygon(&[0.0, 0.0, 3.0, 0.0, 3.0, 3.0], 5, 0).unwrap().counts,
+            vec![0]
+        );
         // Odd trailing value dropped by the COCO reader, like frPoly.
         let a = rle_from_coco_polygons(&[vec![0.0, 0.0, 3.0, 0.0, 3.0, 3.0, 9.0]], 4, 4).unwrap();
         let b = rle_from_polygon(&[0.0, 0.0, 3.0, 0.0, 3.0, 3.0], 4, 4).unwrap();

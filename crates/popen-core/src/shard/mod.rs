@@ -42,6 +42,10 @@ pub trait Record: Sized {
     fn to_batch(rows: &[Self]) -> Result<RecordBatch>;
     /// `first_row` is the file-level index of the batch's first row, for error messages.
     fn from_batch(batch: &RecordBatch, path: &Path, first_row: usize) -> Result<Vec<Self>>;
+    /// Consistency check run before a record is written: `Err((field, message))`.
+    fn check(&self) -> std::result::Result<(), (String, String)> {
+        Ok(())
+    }
 }
 
 /// Streams records into a shard; the file appears at `path` only after [`finish`].
@@ -73,7 +77,12 @@ impl<T: Record> ShardWriter<T> {
         Ok(ShardWriter { path, tmp, writer: Some(writer), pending: Vec::new(), rows: 0 })
     }
 
+    /// Queues a record; an inconsistent record is refused (nothing invalid reaches disk).
     pub fn write(&mut self, record: T) -> Result<()> {
+        if let Err((field, msg)) = record.check() {
+            let row = self.rows + self.pending.len();
+            return Err(CoreError::field(&self.path, row, field, format!("refusing to write: {msg}")));
+        }
         self.pending.push(record);
         if self.pending.len() >= ROW_GROUP_ROWS {
             self.flush()?;

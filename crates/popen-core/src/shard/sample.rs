@@ -212,6 +212,10 @@ impl Record for Sample {
             .map_err(|e| CoreError::Invalid(format!("building sample batch: {e}")))
     }
 
+    fn check(&self) -> std::result::Result<(), (String, String)> {
+        self.validate()
+    }
+
     fn from_batch(batch: &RecordBatch, path: &Path, first_row: usize) -> Result<Vec<Self>> {
         let id = col_str(batch, "id", path)?;
         let split = col_str(batch, "split", path)?;

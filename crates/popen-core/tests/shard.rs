@@ -1,0 +1,161 @@
+//! Sample shards: round trip, atomic writes, and bad files (truncated, foreign, wrong kind,
+//! malformed RLE, wrong mask size), each reported with file, row and column.
+
+use popen_core::imageio::encode_png;
+use popen_core::mask::{Mask, Rle};
+use popen_core::shard::{count_rows, read_shard, write_shard, Record, Sample, ShardWriter};
+use std::path::Path;
+
+fn sample(i: usize) -> Sample {
+    let (h, w) = (12u32, 16u32);
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 10) as u8, (y * 20) as u8, i as u8]));
+    let a = Mask::from_fn(h, w, |y, x| y < 6 && x < 8);
+    let b = Mask::from_fn(h, w, |y, x| y >= 4 && x >= 5 + (i as u32 % 3));
+    Sample {
+        id: format!("s{i}"),
+        split: "val".into(),
+        image: encode_png(&img).unwrap(),
+        width: w,
+        height: h,
+        instruction: "Which things are red?".into(),
+        answer: "The red ball <seg> and the red box <seg> are red.".into(),
+        target_names: vec!["ball".into(), "box".into()],
+        target_masks: vec![Rle::encode(&a), Rle::encode(&b)],
+        target_instances: vec![0, 1],
+        instance_names: vec!["ball".into(), "box".into(), "cup".into()],
+        instance_masks: vec![Rle::encode(&a), Rle::encode(&b), Rle::encode(&Mask::zeros(h, w))],
+        meta: r#"{"k":1}"#.into(),
+    }
+}
+
+/// Writes records with the plain Parquet writer, bypassing ShardWriter's checks, the way a
+/// foreign or buggy tool could.
+fn write_unchecked(path: &Path, rows: &[Sample]) {
+    let batch = Sample::to_batch(rows).unwrap();
+    let f = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+#[test]
+fn roundtrip_many_row_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("sub/val.parquet");
+    let rows: Vec<Sample> = (0..600).map(sample).collect();
+    assert_eq!(write_shard(&p, rows.clone()).unwrap(), 600);
+    assert_eq!(count_rows(&p).unwrap(), 600);
+    let back = read_shard::<Sample>(&p).unwrap();
+    assert_eq!(back, rows);
+    assert_eq!(back[5].target_masks[1].decode().unwrap(), Rle::encode(&Mask::from_fn(12, 16, |y, x| y >= 4 && x >= 7)).decode().unwrap());
+    back[0].decode_image().unwrap();
+    // Byte-identical output for identical input.
+    let q = dir.path().join("again.parquet");
+    write_shard(&q, rows).unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(&q).unwrap());
+    // No temp files left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+}
+
+#[test]
+fn unfinished_writer_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.parquet");
+    {
+        let mut w = ShardWriter::<Sample>::create(&p).unwrap();
+        w.write(sample(0)).unwrap();
+        // dropped without finish(): a killed or failed job
+    }
+    assert!(!p.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn writer_refuses_inconsistent_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.parquet");
+    let mut w = ShardWriter::<Sample>::create(&p).unwrap();
+    w.write(sample(0)).unwrap();
+    let mut bad = sample(1);
+    bad.answer = "Only one <seg> here.".into();
+    let e = w.write(bad).unwrap_err().to_string();
+    assert!(e.contains("x.parquet") && e.contains("row 1") && e.contains("'answer'") && e.contains("1 <seg> tokens but 2 target names"), "{e}");
+}
+
+#[test]
+fn truncated_file_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.parquet");
+    write_shard(&p, (0..10).map(sample)).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let e = read_shard::<Sample>(&p).unwrap_err().to_string();
+    assert!(e.contains("t.parquet") && e.contains("not a readable Parquet file"), "{e}");
+    std::fs::write(&p, b"PAR1 garbage").unwrap();
+    assert!(read_shard::<Sample>(&p).unwrap_err().to_string().contains("t.parquet"));
+    let missing = dir.path().join("missing.parquet");
+    assert!(read_shard::<Sample>(&missing).unwrap_err().to_string().contains("missing.parquet"));
+}
+
+#[test]
+fn corrupt_page_data_names_file_and_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.parquet");
+    write_shard(&p, (0..10).map(sample)).unwrap();
+    let mut bytes = std::fs::read(&p).unwrap();
+    // Scramble the middle of the data pages, keeping the footer intact.
+    let n = bytes.len();
+    for b in &mut bytes[n / 5..n / 2] {
+        *b = b.wrapping_mul(31).wrapping_add(7);
+    }
+    std::fs::write(&p, &bytes).unwrap();
+    let e = read_shard::<Sample>(&p).unwrap_err().to_string();
+    assert!(e.contains("c.parquet"), "{e}");
+}
+
+#[test]
+fn foreign_parquet_names_the_missing_column() {
+    use arrow::array::{Int64Array, RecordBatch};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("foreign.parquet");
+    let batch = RecordBatch::try_from_iter(vec![("id", Arc::new(Int64Array::from(vec![1, 2])) as _)]).unwrap();
+    let f = std::fs::File::create(&p).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let e = read_shard::<Sample>(&p).unwrap_err().to_string();
+    assert!(e.contains("foreign.parquet") && e.contains("column 'id'") && e.contains("Int64"), "{e}");
+}
+
+#[test]
+fn bad_rle_and_wrong_mask_size_name_row_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.parquet");
+    let mut rows: Vec<Sample> = (0..4).map(sample).collect();
+    // RLE counts that do not sum to h*w, in row 2.
+    rows[2].instance_masks[2] = Rle { height: 12, width: 16, counts: vec![100, 3] };
+    write_unchecked(&p, &rows);
+    let e = read_shard::<Sample>(&p).unwrap_err().to_string();
+    assert!(e.contains("bad.parquet, row 2, column 'instance_masks'") && e.contains("mask 2") && e.contains("sum to 103"), "{e}");
+
+    // A mask of another size than the image, in row 3.
+    let mut rows: Vec<Sample> = (0..4).map(sample).collect();
+    rows[3].target_masks[0] = Rle::encode(&Mask::zeros(6, 16));
+    write_unchecked(&p, &rows);
+    let e = read_shard::<Sample>(&p).unwrap_err().to_string();
+    assert!(e.contains("row 3, column 'target_masks'") && e.contains("6x16") && e.contains("s3"), "{e}");
+}
+
+#[test]
+fn corrupt_image_bytes_name_the_record() {
+    let mut s = sample(0);
+    s.image = b"\x89PNG\r\n\x1a\n truncated".to_vec();
+    let e = s.decode_image().unwrap_err().to_string();
+    assert!(e.contains("sample 's0'") && e.contains("corrupt"), "{e}");
+    let mut s = sample(1);
+    s.width = 17;
+    let e = s.decode_image().unwrap_err().to_string();
+    assert!(e.contains("record says 17x12"), "{e}");
+}

@@ -1,0 +1,99 @@
+//! End-to-end tests of the `popen` binary: the commands a user types.
+
+use std::path::Path;
+use std::process::Command;
+
+fn popen(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_popen")).args(args).output().expect("popen runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = popen(args);
+    assert!(o.status.success(), "popen {args:?} failed:\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(args: &[&str]) -> String {
+    let o = popen(args);
+    assert!(!o.status.success(), "popen {args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn synth(out: &Path, seed: &str, shard: &str) {
+    let o = out.to_str().unwrap();
+    ok(&["synth", "--out", o, "--seed", seed, "--train", "30", "--val", "8", "--test", "8", "--shard", shard]);
+}
+
+#[test]
+fn synth_is_deterministic_and_show_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    synth(&a, "7", "0/1");
+    synth(&b, "7", "0/1");
+    synth(&c, "8", "0/1");
+    for split in ["train", "val", "test"] {
+        let f = format!("{split}.parquet");
+        let (x, y, z) = (std::fs::read(a.join(&f)).unwrap(), std::fs::read(b.join(&f)).unwrap(), std::fs::read(c.join(&f)).unwrap());
+        assert_eq!(x, y, "{split}: same seed, different bytes");
+        assert_ne!(x, z, "{split}: different seeds, same bytes");
+    }
+    assert!(a.join("lexicon.json").is_file() && a.join("manifest.json").is_file());
+
+    let png = dir.path().join("x.png");
+    let val = a.join("val.parquet");
+    let out = ok(&["show", "--shard", val.to_str().unwrap(), "--index", "2", "--out", png.to_str().unwrap()]);
+    assert!(out.contains("->"));
+    let img = image::open(&png).unwrap();
+    assert!(img.width() >= 96 * 4 && img.height() > 96 * 4, "{}x{}", img.width(), img.height());
+
+    let listing = ok(&["inspect", val.to_str().unwrap(), "--head", "2"]);
+    assert!(listing.contains("8 rows of sample/1"), "{listing}");
+
+    let e = err(&["show", "--shard", val.to_str().unwrap(), "--id", "nope", "--out", png.to_str().unwrap()]);
+    assert!(e.contains("no sample with id 'nope'"), "{e}");
+    let e = err(&["show", "--shard", dir.path().join("missing.parquet").to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    assert!(e.contains("missing.parquet"), "{e}");
+}
+
+#[test]
+fn sharded_synth_covers_the_unsharded_run() {
+    use popen_core::shard::{read_shard, Sample};
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    let parts = dir.path().join("parts");
+    synth(&whole, "5", "0/1");
+    for i in 0..3 {
+        synth(&parts, "5", &format!("{i}/3"));
+    }
+    for split in ["train", "val", "test"] {
+        let mut want: Vec<Sample> = read_shard(whole.join(format!("{split}.parquet"))).unwrap();
+        let mut got: Vec<Sample> = (0..3)
+            .flat_map(|i| read_shard::<Sample>(parts.join(format!("{split}-{i:05}-of-00003.parquet"))).unwrap())
+            .collect();
+        want.sort_by(|a, b| a.id.cmp(&b.id));
+        got.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(got, want, "{split}");
+    }
+    let e = err(&["synth", "--out", parts.to_str().unwrap(), "--shard", "3/3"]);
+    assert!(e.contains("0 <= I < N"), "{e}");
+}
+
+#[test]
+fn device_check_on_cpu() {
+    let out = ok(&["device", "--backend", "ndarray", "--size", "64", "--iters", "2"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["max_abs_err"].as_f64().unwrap() < 1e-3, "{v}");
+    assert!(v["gflops"].as_f64().unwrap() > 0.0);
+    let e = err(&["device", "--backend", "tpu"]);
+    assert!(e.contains("not available"), "{e}");
+}
+
+#[test]
+fn help_explains_every_command() {
+    let h = ok(&["--help"]);
+    for cmd in ["synth", "import-muse", "show", "inspect", "device"] {
+        assert!(h.contains(cmd), "{h}");
+    }
+    let h = ok(&["synth", "--help"]);
+    assert!(h.contains("--shard") && h.contains("--seed"), "{h}");
+}
