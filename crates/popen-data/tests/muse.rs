@@ -1,8 +1,10 @@
 //! MUSE importer on a MUSE-shaped file built from the labelme COCO example (real VOC photos,
 //! 12 instance polygons; `make assets` fetches them), plus every kind of bad record.
 //!
-//! Reference: the COCO `area` of each labelme annotation was computed by pycocotools from
-//! the same polygons, so our rasterized masks must have exactly those areas.
+//! Reference: tests/fixtures/labelme_pycocotools.json, written by
+//! tools/reference/labelme_areas.py with pycocotools (frPyObjects + merge, as PixelLM's MUSE
+//! loader does): our masks must have exactly those areas and RLE strings. (labelme's own
+//! `area` field comes from PIL rasterization and differs by a few percent.)
 
 use popen_core::shard::{read_shard, Sample};
 use popen_core::shardspec::ShardSpec;
@@ -86,6 +88,7 @@ fn imports_labelme_photos_with_pycocotools_areas() {
     assert_eq!(m.counts["samples"], questions as u64);
     let anns = coco["annotations"].as_array().unwrap();
     assert_eq!(anns.len(), 12);
+    let fixture: Value = serde_json::from_str(include_str!("fixtures/labelme_pycocotools.json")).unwrap();
     let mut checked = 0;
     for (s, (r, q)) in samples.iter().zip(records.iter().flat_map(|r| (0..r["questions"].as_array().unwrap().len()).map(move |q| (r, q)))) {
         assert_eq!(s.width, r["width"].as_u64().unwrap() as u32);
@@ -93,8 +96,9 @@ fn imports_labelme_photos_with_pycocotools_areas() {
         assert!(!s.answer.contains("{seg}"));
         s.decode_image().unwrap();
         for (k, a) in r["answers"][q].as_array().unwrap().iter().enumerate() {
-            // pycocotools' area of the same polygons (stored by labelme).
-            assert_eq!(s.target_masks[k].area() as f64, a["area"].as_f64().unwrap(), "{} target {k}", s.id);
+            let want = &fixture["annotations"][a["id"].to_string()];
+            assert_eq!(s.target_masks[k].area(), want["area"].as_u64().unwrap(), "{} target {k}", s.id);
+            assert_eq!(s.target_masks[k].to_coco_string(), want["counts"].as_str().unwrap(), "{} target {k}", s.id);
             let inst = s.target_instances[k];
             assert!(inst >= 0, "answer instance matched to ann_list by id");
             assert_eq!(s.instance_masks[inst as usize], s.target_masks[k]);

@@ -79,6 +79,11 @@ fn shards_union_to_the_unsharded_run() {
         }
     }
     assert_eq!(union.len(), all.len());
+    // a task whose indices miss a split still writes a (readable, empty) shard
+    let spec = ShardSpec::new(3, 4).unwrap();
+    let m = generate(&small(1, 2, 1, 1), dir.path(), spec).unwrap();
+    assert_eq!(m.counts["train"], 0);
+    assert!(read_all(dir.path(), &spec.suffix()).is_empty());
     for s in &all {
         assert_eq!(union.get(&s.id), Some(s), "{} differs in the sharded run", s.id);
     }
@@ -213,10 +218,12 @@ fn lexicon_covers_every_name_in_answers() {
 fn overlay_has_the_expected_size_and_rejects_bad_masks() {
     let s = &corpus()[0];
     let img = overlay(s, 3).unwrap();
-    assert_eq!(img.width(), 320.max(96 * 3));
+    // plain and overlaid image side by side, 4 px apart, text below
+    assert_eq!(img.width(), 2 * 96 * 3 + 4);
     assert!(img.height() > 96 * 3 + 20);
-    let img4 = overlay(s, 4).unwrap();
-    assert_eq!(img4.width(), 384);
+    let img1 = overlay(s, 1).unwrap();
+    assert_eq!(img1.width(), 320);
+    assert_eq!(img1.get_pixel(0, 0), &image::Rgb([255, 255, 255]));
 
     let mut bad = s.clone();
     bad.target_masks[0] = Rle::encode(&Mask::zeros(10, 10));
@@ -236,19 +243,77 @@ fn overlay_has_the_expected_size_and_rejects_bad_masks() {
     assert!(overlay_masks(&rgb, &[(Mask::zeros(95, 96), [1, 2, 3])], 2).is_err());
 }
 
-/// Renders a few overlays for looking at: `POPEN_OVERLAY_DIR=/tmp cargo test -p popen-data
-/// --test synth dump_overlays -- --ignored`.
+/// Generates a set through the public API and renders overlays from its shards, for
+/// looking at: `POPEN_SYNTH_OUT=/tmp/synth POPEN_OVERLAY_DIR=/tmp cargo test -p popen-data
+/// --release --test synth dump_overlays -- --ignored --nocapture`. Writes
+/// `overlay_{0,1,2}.png` (train rows 0 and 1, test row 0) and `synth_sheet.png` (24 plain
+/// train images).
 #[test]
 #[ignore]
 fn dump_overlays() {
-    let dir = std::env::var("POPEN_OVERLAY_DIR").unwrap_or_else(|_| "/tmp".into());
-    let n: usize = std::env::var("POPEN_OVERLAY_N").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let seed: u64 = std::env::var("POPEN_OVERLAY_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let cfg = small(seed, n, 0, 0);
-    for i in 0..n {
-        let s = popen_data::synth::generate_sample(&cfg, "train", i).unwrap();
-        let img = overlay(&s, 4).unwrap();
-        img.save(format!("{dir}/overlay_{i}.png")).unwrap();
-        println!("{} | {} | {}", s.id, s.instruction, s.answer);
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let out = std::path::PathBuf::from(env("POPEN_SYNTH_OUT", "/tmp/synth"));
+    let dir = env("POPEN_OVERLAY_DIR", "/tmp");
+    let seed: u64 = env("POPEN_OVERLAY_SEED", "1").parse().unwrap();
+    let train: usize = env("POPEN_SYNTH_TRAIN", "2000").parse().unwrap();
+    let cfg = small(seed, train, train / 10, train / 10);
+    let t = std::time::Instant::now();
+    let m = generate(&cfg, &out, ShardSpec::ALL).unwrap();
+    let dt = t.elapsed().as_secs_f64();
+    let n = m.counts["train"] + m.counts["val"] + m.counts["test"];
+    println!("generated {n} samples in {dt:.2}s ({:.0} samples/s, all cores) into {}", n as f64 / dt, out.display());
+    println!("counts {:?}", m.counts);
+    let train_rows = read_shard::<Sample>(out.join("train.parquet")).unwrap();
+    let test_rows = read_shard::<Sample>(out.join("test.parquet")).unwrap();
+    for (k, s) in [&train_rows[0], &train_rows[1], &test_rows[0]].into_iter().enumerate() {
+        overlay(s, 4).unwrap().save(format!("{dir}/overlay_{k}.png")).unwrap();
+        println!("overlay_{k}: {} | {} | {}", s.id, s.instruction, s.answer);
     }
+    let (cols, rows, sc) = (6u32, 4u32, 3u32);
+    let mut sheet = image::RgbImage::new(cols * 96 * sc, rows * 96 * sc);
+    for (k, s) in train_rows.iter().skip(100).take((cols * rows) as usize).enumerate() {
+        let k = k as u32;
+        let img = s.decode_image().unwrap();
+        let big = image::imageops::resize(&img, 96 * sc, 96 * sc, image::imageops::FilterType::Nearest);
+        image::imageops::replace(&mut sheet, &big, ((k % cols) * 96 * sc) as i64, ((k / cols) * 96 * sc) as i64);
+    }
+    sheet.save(format!("{dir}/synth_sheet.png")).unwrap();
+}
+
+/// Prints examples and statistics: `POPEN_SYNTH_N=500 cargo test -p popen-data --test synth
+/// print_stats -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn print_stats() {
+    let n: usize = std::env::var("POPEN_SYNTH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let cfg = small(5, n, 0, n / 5);
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    let mut variants: BTreeMap<String, usize> = BTreeMap::new();
+    let mut ntargets: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut nobj: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut cats: BTreeMap<String, usize> = BTreeMap::new();
+    let t = std::time::Instant::now();
+    let mut all = Vec::new();
+    for (split, count) in [("train", n), ("test", n / 5)] {
+        for i in 0..count {
+            all.push(popen_data::synth::generate_sample(&cfg, split, i).unwrap());
+        }
+    }
+    let dt = t.elapsed().as_secs_f64();
+    for (k, s) in all.iter().enumerate() {
+        let m = meta(s);
+        *kinds.entry(m["template"].as_str().unwrap().into()).or_default() += 1;
+        let v = m["variant"].as_str().unwrap();
+        *variants.entry(format!("{}:{}", m["template"].as_str().unwrap(), v.split(['/', ':']).next().unwrap())).or_default() += 1;
+        *ntargets.entry(s.target_names.len()).or_default() += 1;
+        *nobj.entry(s.instance_names.len()).or_default() += 1;
+        for c in &s.instance_names {
+            *cats.entry(c.clone()).or_default() += 1;
+        }
+        if k < 40 || (s.split == "test" && k < n + 10) {
+            println!("[{}] {} | {} | {}", m["template"].as_str().unwrap(), s.id, s.instruction, s.answer);
+        }
+    }
+    println!("{} samples in {dt:.2}s ({:.0}/s, one thread)", all.len(), all.len() as f64 / dt);
+    println!("kinds {kinds:?}\nvariants {variants:?}\ntargets {ntargets:?}\nobjects {nobj:?}\ncategories {cats:?}");
 }
