@@ -71,7 +71,7 @@ def coco_mask(segmentation, h, w):
 
 def check_readers(path, expect_rows=None):
     table = pq.read_table(path)
-    n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0]
+    n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{path}')").fetchall()[0][0]
     if table.num_rows != n:
         fail(f"{path}: pyarrow reads {table.num_rows} rows, duckdb {n}")
     if expect_rows is not None and n != expect_rows:
