@@ -97,3 +97,17 @@ fn help_explains_every_command() {
     let h = ok(&["synth", "--help"]);
     assert!(h.contains("--shard") && h.contains("--seed"), "{h}");
 }
+
+#[test]
+fn pipeline_config_names_every_synth_knob_with_its_default() {
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/synth.toml");
+    let from_file = ok(&["synth", "--config", cfg.to_str().unwrap(), "--print-config"]);
+    let defaults = ok(&["synth", "--print-config"]);
+    assert_eq!(from_file, defaults);
+    // Every key of the effective config is written out in the file.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    for line in defaults.lines().filter(|l| l.contains(" = ")) {
+        let key = line.split(" = ").next().unwrap();
+        assert!(text.lines().any(|l| l.trim_start().starts_with(&format!("{key} "))), "{key} missing from {}", cfg.display());
+    }
+}
