@@ -6,12 +6,14 @@
 //! - [`mask`]: binary masks, COCO RLE (bit-compatible with pycocotools), polygon
 //!   rasterization, IoU and Boundary IoU.
 //! - [`imageio`]: image bytes in and out, with errors that name the record.
+//! - [`progress`]: the shared progress-bar style.
 //! - [`shardspec`]: `--shard I/N` selection for cluster job arrays.
 
 pub mod error;
 pub mod imageio;
 pub mod manifest;
 pub mod mask;
+pub mod progress;
 pub mod shard;
 pub mod shardspec;
 

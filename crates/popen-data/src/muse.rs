@@ -57,7 +57,7 @@ pub fn import(cfg: &MuseImportConfig, out_dir: &Path, shard: ShardSpec) -> Resul
     let out = out_dir.join(format!("{}{suffix}.parquet", cfg.split));
     let mut writer = ShardWriter::<Sample>::create(&out)?;
     let mut rows = 0u64;
-    let bar = popen_core_progress(records.len() as u64, "import-muse");
+    let bar = popen_core::progress::bar(records.len() as u64, "import-muse");
     for (i, rec) in records.iter().enumerate() {
         bar.inc(1);
         if !shard.takes(i) {
@@ -94,17 +94,6 @@ pub fn import(cfg: &MuseImportConfig, out_dir: &Path, shard: ShardSpec) -> Resul
         out.display()
     );
     Ok(manifest)
-}
-
-fn popen_core_progress(n: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(n);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta})")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
 }
 
 fn record_label(rec: &Value, i: usize) -> String {

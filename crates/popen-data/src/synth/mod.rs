@@ -337,12 +337,7 @@ pub fn generate(cfg: &SynthConfig, out_dir: &Path, shard: ShardSpec) -> Result<M
 
     let suffix = if shard.is_all() { String::new() } else { shard.suffix() };
     let total: usize = [cfg.train, cfg.val, cfg.test].iter().map(|&n| (0..n).filter(|&i| shard.takes(i)).count()).sum();
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("synth {prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let bar = popen_core::progress::bar(total as u64, "synth");
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16);
     let mut outputs = Vec::new();
     for (split, n) in [("train", cfg.train), ("val", cfg.val), ("test", cfg.test)] {
