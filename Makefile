@@ -34,6 +34,9 @@ data: build
 
 test: assets test-rust test-interop check-cuda
 
+# The tests read data/assets (labelme photos); order holds under make -j too.
+test-rust test-interop: assets
+
 test-rust:
 	$(CARGO) test --workspace
 
@@ -46,7 +49,7 @@ check-cuda:
 
 demo: data
 	@mkdir -p $(OUT)
-	@for i in 0 1 2 3; do $(POPEN) show --shard $(DATA)/val.parquet --index $$i --out $(OUT)/val_$$i.png; done
+	@for i in 0 1 2 3; do $(POPEN) show --shard $(DATA)/val.parquet --index $$i --out $(OUT)/val_$$i.png || exit 1; done
 	$(POPEN) inspect $(DATA)/val.parquet --head 5
 	@echo "demo: benchmark in $(DATA), overlays in $(OUT)"
 

@@ -37,8 +37,8 @@ pub fn check(backend: &str, size: usize, iters: usize) -> Result<DeviceReport> {
 }
 
 fn run<B: Backend>(device: &B::Device, size: usize, iters: usize) -> Result<DeviceReport> {
-    if size == 0 || iters == 0 {
-        bail!("--size and --iters must be positive");
+    if size == 0 || size > 32768 || iters == 0 || iters > 10_000 {
+        bail!("--size must be in 1..=32768 and --iters in 1..=10000");
     }
     // Correctness: a fixed 64x64 product against an f64 reference computed here.
     let n = 64;

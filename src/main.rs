@@ -5,7 +5,7 @@ mod backend;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use popen_core::shard::{read_shard, ShardReader, Sample};
+use popen_core::shard::{ShardReader, Sample};
 use popen_core::shardspec::ShardSpec;
 use std::path::PathBuf;
 
@@ -199,12 +199,13 @@ fn import_muse(a: ImportMuseArgs) -> Result<()> {
         stem.strip_prefix("muse_").unwrap_or(&stem).to_string()
     });
     let cfg = popen_data::muse::MuseImportConfig { json: a.json, images: a.images, split };
-    let m = popen_data::muse::import(&cfg, &a.out, a.shard)?;
+    let r = popen_data::muse::import(&cfg, &a.out, a.shard)?;
     println!(
-        "{} samples, {} skipped (reasons in {})",
-        m.counts.get("samples").copied().unwrap_or(0),
-        m.skipped.len(),
-        a.out.join("manifest.json").display()
+        "{} samples -> {}, {} skipped (reasons in {})",
+        r.manifest.counts.get("samples").copied().unwrap_or(0),
+        r.shard_path.display(),
+        r.manifest.skipped.len(),
+        r.manifest_path.display()
     );
     Ok(())
 }
@@ -241,19 +242,25 @@ fn show(a: ShowArgs) -> Result<()> {
 fn inspect(a: InspectArgs) -> Result<()> {
     let reader = ShardReader::<Sample>::open(&a.shard)?;
     println!("{}: {} rows of {}", a.shard.display(), reader.num_rows(), <Sample as popen_core::shard::Record>::KIND);
-    let samples = read_shard::<Sample>(&a.shard)?;
-    for s in samples.iter().take(a.head) {
-        println!(
-            "- {} [{}] {}x{} | {} | {} | targets {:?} | {} instances",
-            s.id,
-            s.split,
-            s.width,
-            s.height,
-            s.instruction,
-            s.answer,
-            s.target_names,
-            s.instance_names.len()
-        );
+    let mut shown = 0;
+    for batch in reader {
+        for s in batch? {
+            if shown == a.head {
+                return Ok(());
+            }
+            println!(
+                "- {} [{}] {}x{} | {} | {} | targets {:?} | {} instances",
+                s.id,
+                s.split,
+                s.width,
+                s.height,
+                s.instruction,
+                s.answer,
+                s.target_names,
+                s.instance_names.len()
+            );
+            shown += 1;
+        }
     }
     Ok(())
 }

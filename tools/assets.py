@@ -78,7 +78,7 @@ def download(spec, sdist):
     def find():
         for p in CACHE.iterdir() if CACHE.exists() else []:
             low = p.name.lower()
-            if any(low.startswith(f"{s}-{version}") for s in stems) and (low.endswith(".tar.gz") or low.endswith(".whl") or low.endswith(".zip")):
+            if any(low.startswith(f"{s}-{version}.") or low.startswith(f"{s}-{version}-") for s in stems) and (low.endswith(".tar.gz") or low.endswith(".whl") or low.endswith(".zip")):
                 if sdist == (not low.endswith(".whl")):
                     return p
         return None

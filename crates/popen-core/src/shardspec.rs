@@ -7,6 +7,7 @@ use std::str::FromStr;
 /// Task `index` of `count` (0-based). Task i takes the records whose position modulo N is i,
 /// so every task gets a similar mix; the union over all tasks is every record exactly once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ShardSpec {
     pub index: u32,
     pub count: u32,
@@ -50,6 +51,19 @@ impl fmt::Display for ShardSpec {
     }
 }
 
+impl TryFrom<String> for ShardSpec {
+    type Error = CoreError;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<ShardSpec> for String {
+    fn from(s: ShardSpec) -> String {
+        s.to_string()
+    }
+}
+
 impl FromStr for ShardSpec {
     type Err = CoreError;
     fn from_str(s: &str) -> Result<Self> {
@@ -76,6 +90,10 @@ mod tests {
         assert!("3/3".parse::<ShardSpec>().is_err());
         assert!("x/3".parse::<ShardSpec>().is_err());
         assert!("0/0".parse::<ShardSpec>().is_err());
+        // Configs carry it as "I/N", validated like the flag.
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"1/3\"");
+        assert_eq!(serde_json::from_str::<ShardSpec>("\"2/3\"").unwrap(), ShardSpec::new(2, 3).unwrap());
+        assert!(serde_json::from_str::<ShardSpec>("\"0/0\"").is_err());
         // Every record exactly once over all tasks.
         for p in 0..20 {
             assert_eq!((0..3).filter(|&i| ShardSpec::new(i, 3).unwrap().takes(p)).count(), 1);

@@ -159,3 +159,40 @@ fn corrupt_image_bytes_name_the_record() {
     let e = s.decode_image().unwrap_err().to_string();
     assert!(e.contains("record says 17x12"), "{e}");
 }
+
+#[test]
+fn null_in_a_later_row_group_names_the_file_row() {
+    use arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
+    use arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("nulls.parquet");
+    let rows: Vec<Sample> = (0..300).map(sample).collect();
+    let batch = Sample::to_batch(&rows).unwrap();
+    // What pyarrow writes for a missing value: a nullable column with a null at row 290.
+    let instr: ArrayRef = Arc::new(StringArray::from(
+        (0..300).map(|i| if i == 290 { None } else { Some("q") }).collect::<Vec<_>>(),
+    ));
+    let fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| if f.name() == "instruction" { f.as_ref().clone().with_nullable(true) } else { f.as_ref().clone() })
+        .collect();
+    let cols: Vec<ArrayRef> = batch
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| if f.name() == "instruction" { instr.clone() } else { batch.column(i).clone() })
+        .collect();
+    assert_eq!(instr.null_count(), 1);
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
+    let f = std::fs::File::create(&p).unwrap();
+    let props = parquet::file::properties::WriterProperties::builder().set_max_row_group_row_count(Some(256)).build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), Some(props)).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let e = read_shard::<Sample>(&p).unwrap_err().to_string();
+    assert!(e.contains("nulls.parquet, row 290, column 'instruction'") && e.contains("null"), "{e}");
+}

@@ -35,11 +35,30 @@ struct Imported {
     skipped: Vec<(String, String)>,
 }
 
-/// Imports the MUSE file into `out_dir/{split}[-I-of-N].parquet` plus `manifest.json`.
+/// What an import wrote.
+#[derive(Debug)]
+pub struct ImportReport {
+    pub manifest: Manifest,
+    pub shard_path: PathBuf,
+    pub manifest_path: PathBuf,
+}
+
+/// Imports the MUSE file into `out_dir/{split}[-I-of-N].parquet` plus
+/// `{split}[-I-of-N].manifest.json` (one per split, so several splits can share a folder).
 /// Bad records and questions are skipped and listed in the manifest with the reason; a
 /// file that is not a JSON list of records is an error.
-pub fn import(cfg: &MuseImportConfig, out_dir: &Path, shard: ShardSpec) -> Result<Manifest> {
+pub fn import(cfg: &MuseImportConfig, out_dir: &Path, shard: ShardSpec) -> Result<ImportReport> {
     let t0 = Instant::now();
+    let valid = !cfg.split.is_empty()
+        && cfg.split != "."
+        && cfg.split != ".."
+        && cfg.split.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !valid {
+        return Err(CoreError::Invalid(format!(
+            "split name {:?} must be non-empty letters, digits, '_', '.' or '-' (it names the output file)",
+            cfg.split
+        )));
+    }
     let mut manifest = Manifest::new("import-muse", cfg)?;
     if !shard.is_all() {
         manifest.shard = Some(shard.to_string());
@@ -85,7 +104,8 @@ pub fn import(cfg: &MuseImportConfig, out_dir: &Path, shard: ShardSpec) -> Resul
     manifest.count("samples", rows);
     manifest.count("skipped", manifest.skipped.len() as u64);
     manifest.time("total", t0);
-    manifest.write(out_dir.join(format!("manifest{suffix}.json")))?;
+    let manifest_path = out_dir.join(format!("{}{suffix}.manifest.json", cfg.split));
+    manifest.write(&manifest_path)?;
     tracing::info!(
         "import-muse: {} samples from {} records, {} skipped -> {}",
         rows,
@@ -93,7 +113,7 @@ pub fn import(cfg: &MuseImportConfig, out_dir: &Path, shard: ShardSpec) -> Resul
         manifest.skipped.len(),
         out.display()
     );
-    Ok(manifest)
+    Ok(ImportReport { manifest, shard_path: out, manifest_path })
 }
 
 fn record_label(rec: &Value, i: usize) -> String {
@@ -111,12 +131,13 @@ fn field<'a>(rec: &'a Value, name: &str) -> std::result::Result<&'a Value, Strin
     rec.get(name).ok_or_else(|| format!("field '{name}' is missing"))
 }
 
+/// A positive integer; JSON writers that emit `480.0` are accepted.
 fn u32_field(rec: &Value, name: &str) -> std::result::Result<u32, String> {
-    field(rec, name)?
-        .as_u64()
-        .filter(|&v| v > 0 && v <= u32::MAX as u64)
-        .map(|v| v as u32)
-        .ok_or_else(|| format!("field '{name}' is not a positive integer"))
+    let v = field(rec, name)?;
+    v.as_f64()
+        .filter(|&x| x.fract() == 0.0 && x >= 1.0 && x <= u32::MAX as f64)
+        .map(|x| x as u32)
+        .ok_or_else(|| format!("field '{name}' is not a positive integer (got {v})"))
 }
 
 fn array_field<'a>(rec: &'a Value, name: &str) -> std::result::Result<&'a Vec<Value>, String> {
@@ -271,11 +292,8 @@ pub fn segmentation_to_rle(seg: &Value, height: u32, width: u32) -> std::result:
             for (p, poly) in polys.iter().enumerate() {
                 let coords = poly.as_array().ok_or(format!("polygon {p} is not a list of numbers"))?;
                 let xy: Option<Vec<f64>> = coords.iter().map(Value::as_f64).collect();
-                let xy = xy.ok_or(format!("polygon {p} holds a non-number"))?;
-                if xy.len() < 6 || xy.len() % 2 != 0 {
-                    return Err(format!("polygon {p} has {} coordinates (need an even count >= 6)", xy.len()));
-                }
-                out.push(xy);
+                // Lengths are judged by rle_from_coco_polygons exactly as pycocotools does.
+                out.push(xy.ok_or(format!("polygon {p} holds a non-number"))?);
             }
             if out.is_empty() {
                 return Err("empty polygon list".into());

@@ -81,6 +81,9 @@ fn draw_mask(out: &mut RgbImage, m: &Mask, scale: u32, fill: Option<[u8; 3]>, ou
     }
 }
 
+/// Widest picture [`overlay`] draws (both copies side by side).
+pub const MAX_SIDE: u32 = 8192;
+
 /// Renders a sample for inspection: the image upscaled by `scale` twice side by side (plain
 /// on the left; on the right target i's mask in [`palette`]`(i)` and the other instances
 /// outlined in grey), and below them the id, the target names, the
@@ -89,6 +92,12 @@ fn draw_mask(out: &mut RgbImage, m: &Mask, scale: u32, fill: Option<[u8; 3]>, ou
 pub fn overlay(sample: &Sample, scale: u32) -> Result<RgbImage> {
     let ctx = |e: CoreError| CoreError::Invalid(format!("sample '{}': {e}", sample.id));
     let img = sample.decode_image()?;
+    // Large photos get a smaller factor so the picture stays under MAX_SIDE pixels wide.
+    let fit = (MAX_SIDE / (2 * img.width().max(img.height()).max(1))).max(1);
+    if scale > fit {
+        tracing::warn!("sample '{}': scale {scale} lowered to {fit} to keep the picture under {MAX_SIDE} px", sample.id);
+    }
+    let scale = scale.min(fit);
     let decode = |field: &str, i: usize, r: &popen_core::mask::Rle| -> Result<Mask> {
         let m = r.decode().map_err(|e| CoreError::Invalid(format!("sample '{}': {field} {i}: {e}", sample.id)))?;
         if m.width() != img.width() || m.height() != img.height() {

@@ -71,9 +71,11 @@ fn run(records: &[Value], images: &Path, dir: &Path) -> (popen_core::manifest::M
     std::fs::write(&json_path, serde_json::to_string(records).unwrap()).unwrap();
     let cfg = MuseImportConfig { json: json_path, images: images.to_path_buf(), split: "val".into() };
     let out = dir.join("out");
-    let m = import(&cfg, &out, ShardSpec::ALL).unwrap();
-    let samples = read_shard::<Sample>(out.join("val.parquet")).unwrap();
-    (m, samples)
+    let r = import(&cfg, &out, ShardSpec::ALL).unwrap();
+    assert_eq!(r.shard_path, out.join("val.parquet"));
+    assert_eq!(r.manifest_path, out.join("val.manifest.json"));
+    let samples = read_shard::<Sample>(&r.shard_path).unwrap();
+    (r.manifest, samples)
 }
 
 #[test]
@@ -124,6 +126,10 @@ fn bad_records_are_skipped_with_reasons() {
 
     let mut records = good.clone();
     let base = good[0].clone();
+    let mut float_size = base.clone();
+    float_size["height"] = json!(base["height"].as_f64().unwrap());
+    float_size["width"] = json!(base["width"].as_f64().unwrap());
+    records.push(float_size);
     let mut missing_height = base.clone();
     missing_height.as_object_mut().unwrap().remove("height");
     records.push(missing_height);
@@ -151,7 +157,7 @@ fn bad_records_are_skipped_with_reasons() {
     let good_q: usize = good.iter().map(|r| r["questions"].as_array().unwrap().len()).sum();
     // seg_mismatch and bad_rle lose one question each; the others lose the whole record.
     let base_q = base["questions"].as_array().unwrap().len();
-    assert_eq!(samples.len(), good_q + 2 * (base_q - 1));
+    assert_eq!(samples.len(), good_q + base_q + 2 * (base_q - 1));
     let reasons: Vec<String> = m.skipped.iter().map(|s| format!("{}: {}", s.record, s.reason)).collect();
     let has = |needle: &str| reasons.iter().any(|r| r.contains(needle));
     assert!(has("field 'height' is missing"), "{reasons:#?}");
@@ -175,4 +181,7 @@ fn unreadable_json_is_an_error_naming_the_file() {
     std::fs::write(&p, "{\"not\": \"a list\"}").unwrap();
     let e = import(&cfg, &dir.path().join("out"), ShardSpec::ALL).unwrap_err().to_string();
     assert!(e.contains("expected a JSON list"), "{e}");
+    let cfg = MuseImportConfig { split: "../x".into(), ..cfg };
+    let e = import(&cfg, &dir.path().join("out"), ShardSpec::ALL).unwrap_err().to_string();
+    assert!(e.contains("split name"), "{e}");
 }

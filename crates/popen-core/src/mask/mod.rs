@@ -261,8 +261,16 @@ impl Rle {
 
     /// Checks that the runs cover exactly height x width pixels.
     pub fn validate(&self) -> Result<()> {
-        let total: u64 = self.counts.iter().map(|&c| c as u64).sum();
         let expected = self.height as u64 * self.width as u64;
+        // COCO RLE runs are 32-bit (as in pycocotools); this also keeps a hostile size in a
+        // short string from asking decode() for terabytes.
+        if expected > u32::MAX as u64 {
+            return Err(CoreError::Mask(format!(
+                "size {}x{} has more pixels than COCO RLE's 32-bit runs can describe",
+                self.height, self.width
+            )));
+        }
+        let total: u64 = self.counts.iter().map(|&c| c as u64).sum();
         if total != expected {
             return Err(CoreError::Mask(format!(
                 "RLE counts sum to {total}, but size {}x{} has {expected} pixels",
@@ -366,6 +374,11 @@ impl Rle {
         let (m, total) = parse_counts(s.as_bytes(), &mut counts).map_err(|e| e.into_error(s))?;
         counts.truncate(m);
         let expected = height as u64 * width as u64;
+        if expected > u32::MAX as u64 {
+            return Err(CoreError::Mask(format!(
+                "size {height}x{width} has more pixels than COCO RLE's 32-bit runs can describe"
+            )));
+        }
         if total != expected {
             return Err(CoreError::Mask(format!(
                 "RLE counts sum to {total}, but size {height}x{width} has {expected} pixels"
@@ -599,6 +612,14 @@ mod tests {
         // Leading zero-length zero run: full mask.
         let full = Rle::new(2, 2, vec![0, 4]).unwrap().decode().unwrap();
         assert_eq!(full.data(), &[1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn sizes_beyond_32_bit_runs_are_refused() {
+        let e = Rle::from_coco_string(100_000, 100_000, "0").unwrap_err().to_string();
+        assert!(e.contains("32-bit"), "{e}");
+        let r = Rle { height: 70_000, width: 70_000, counts: vec![u32::MAX, u32::MAX] };
+        assert!(r.decode().unwrap_err().to_string().contains("32-bit"));
     }
 
     #[test]

@@ -33,6 +33,9 @@ use std::sync::Arc;
 pub const KIND_KEY: &str = "popen.kind";
 /// Rows per Parquet row group: small enough to stream, large enough to compress.
 pub const ROW_GROUP_ROWS: usize = 256;
+/// A row group is also closed once its records hold this many bytes: Arrow's binary and
+/// string columns use 32-bit offsets (2 GiB per batch), and memory stays bounded.
+pub const ROW_GROUP_BYTES: usize = 256 << 20;
 
 /// A record kind stored in shards.
 pub trait Record: Sized {
@@ -46,6 +49,10 @@ pub trait Record: Sized {
     fn check(&self) -> std::result::Result<(), (String, String)> {
         Ok(())
     }
+    /// Rough in-memory size of the record's variable-length data, for row-group sizing.
+    fn approx_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// Streams records into a shard; the file appears at `path` only after [`finish`].
@@ -56,7 +63,10 @@ pub struct ShardWriter<T: Record> {
     tmp: PathBuf,
     writer: Option<ArrowWriter<File>>,
     pending: Vec<T>,
+    pending_bytes: usize,
     rows: usize,
+    /// Set once the file is renamed into place; until then Drop removes the temp file.
+    done: bool,
 }
 
 impl<T: Record> ShardWriter<T> {
@@ -65,8 +75,7 @@ impl<T: Record> ShardWriter<T> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
         }
-        let tmp = tmp_path(&path);
-        let file = File::create(&tmp).map_err(|e| CoreError::io(&tmp, e))?;
+        let (tmp, file) = create_tmp(&path)?;
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
@@ -74,7 +83,7 @@ impl<T: Record> ShardWriter<T> {
             .build();
         let writer = ArrowWriter::try_new(file, T::schema(), Some(props))
             .map_err(|e| CoreError::shard(&tmp, format!("cannot start Parquet writer: {e}")))?;
-        Ok(ShardWriter { path, tmp, writer: Some(writer), pending: Vec::new(), rows: 0 })
+        Ok(ShardWriter { path, tmp, writer: Some(writer), pending: Vec::new(), pending_bytes: 0, rows: 0, done: false })
     }
 
     /// Queues a record; an inconsistent record is refused (nothing invalid reaches disk).
@@ -83,8 +92,9 @@ impl<T: Record> ShardWriter<T> {
             let row = self.rows + self.pending.len();
             return Err(CoreError::field(&self.path, row, field, format!("refusing to write: {msg}")));
         }
+        self.pending_bytes += record.approx_bytes();
         self.pending.push(record);
-        if self.pending.len() >= ROW_GROUP_ROWS {
+        if self.pending.len() >= ROW_GROUP_ROWS || self.pending_bytes >= ROW_GROUP_BYTES {
             self.flush()?;
         }
         Ok(())
@@ -97,8 +107,11 @@ impl<T: Record> ShardWriter<T> {
         let batch = T::to_batch(&self.pending)?;
         let w = self.writer.as_mut().expect("writer open until finish");
         w.write(&batch).map_err(|e| CoreError::shard(&self.tmp, format!("write failed: {e}")))?;
+        // One batch, one row group: readers stream the file group by group.
+        w.flush().map_err(|e| CoreError::shard(&self.tmp, format!("write failed: {e}")))?;
         self.rows += self.pending.len();
         self.pending.clear();
+        self.pending_bytes = 0;
         Ok(())
     }
 
@@ -111,15 +124,16 @@ impl<T: Record> ShardWriter<T> {
             .map_err(|e| CoreError::shard(&self.tmp, format!("cannot finish Parquet file: {e}")))?;
         file.sync_all().map_err(|e| CoreError::io(&self.tmp, e))?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| CoreError::io(&self.path, e))?;
+        rename_into_place(&self.tmp, &self.path)?;
+        self.done = true;
         Ok(self.rows)
     }
 }
 
 impl<T: Record> Drop for ShardWriter<T> {
     fn drop(&mut self) {
-        // An unfinished writer (error or panic upstream) leaves no partial file behind.
-        if self.writer.is_some() {
+        // An unfinished or failed writer leaves no partial file behind.
+        if !self.done {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
@@ -156,7 +170,7 @@ impl<T: Record> ShardReader<T> {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
+        let builder = guard(&path, None, || ParquetRecordBatchReaderBuilder::try_new(file))?.map_err(|e| {
             CoreError::shard(&path, format!("not a readable Parquet file (truncated or foreign?): {e}"))
         })?;
         let meta = builder.metadata().file_metadata();
@@ -189,9 +203,13 @@ impl<T: Record> ShardReader<T> {
 impl<T: Record> Iterator for ShardReader<T> {
     type Item = Result<Vec<T>>;
     fn next(&mut self) -> Option<Self::Item> {
-        let batch = match self.inner.next()? {
-            Ok(b) => b,
-            Err(e) => {
+        let next_row = self.next_row;
+        let inner = &mut self.inner;
+        let batch = match guard(&self.path, Some(next_row), || inner.next()) {
+            Err(e) => return Some(Err(e)),
+            Ok(None) => return None,
+            Ok(Some(Ok(b))) => b,
+            Ok(Some(Err(e))) => {
                 return Some(Err(CoreError::Shard {
                     path: self.path.clone(),
                     row: Some(self.next_row),
@@ -253,9 +271,51 @@ fn types_compatible(a: &DataType, b: &DataType) -> bool {
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
+/// arrow-rs still has decoder panics on some malformed files (e.g. apache/arrow-rs#11121):
+/// a corrupt shard must be an error naming the file, not a crash.
+fn guard<R>(path: &Path, row: Option<usize>, f: impl FnOnce() -> R) -> Result<R> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        CoreError::Shard {
+            path: path.to_path_buf(),
+            row,
+            column: None,
+            message: format!("corrupt Parquet data (the decoder failed: {why})"),
+        }
+    })
+}
+
+/// A new temp file beside `path`, unique across processes, hosts sharing the folder and
+/// writers in one process (pid + time + counter, opened with create_new).
+fn create_tmp(path: &Path) -> Result<(PathBuf, File)> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    loop {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}-{nanos:x}-{n}", std::process::id()));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(CoreError::io(&tmp, e)),
+        }
+    }
+}
+
+/// Renames a finished temp file into place and syncs the folder, so the new name survives
+/// a power loss.
+fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
+    std::fs::rename(tmp, path).map_err(|e| CoreError::io(path, e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 /// Writes bytes to `path` atomically (temp file, fsync, rename).
@@ -264,17 +324,16 @@ pub fn atomic_write(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
     }
-    let tmp = tmp_path(path);
-    let res = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
+    let (tmp, mut f) = create_tmp(path)?;
+    let res = f.write_all(bytes).and_then(|_| f.sync_all());
+    drop(f);
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
         return Err(CoreError::io(&tmp, e));
     }
-    std::fs::rename(&tmp, path).map_err(|e| CoreError::io(path, e))
+    rename_into_place(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 // ---- column helpers shared by the record kinds ----
@@ -313,7 +372,8 @@ impl RleListBuilder {
             self.widths.push(m.width);
             self.counts.push(m.to_coco_string());
         }
-        self.offsets.push(self.heights.len() as i32);
+        // More than 2^31 masks in one batch cannot happen: the writer flushes by bytes.
+        self.offsets.push(i32::try_from(self.heights.len()).expect("fewer than 2^31 masks per batch"));
     }
     pub(crate) fn finish(self) -> ArrayRef {
         let values = StructArray::new(
@@ -334,101 +394,121 @@ impl RleListBuilder {
     }
 }
 
-fn column<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a ArrayRef> {
-    let col = batch.column_by_name(name).ok_or_else(|| CoreError::Shard {
-        path: path.to_path_buf(),
-        row: None,
-        column: Some(name.into()),
-        message: "column is missing".into(),
-    })?;
-    if col.null_count() > 0 {
-        let row = (0..col.len()).find(|&i| col.is_null(i)).unwrap_or(0);
-        return Err(CoreError::field(path, row, name, "value is null"));
+/// Typed access to the columns of one batch, with errors that name the file, the file-level
+/// row and the column.
+pub(crate) struct Columns<'a> {
+    batch: &'a RecordBatch,
+    path: &'a Path,
+    first_row: usize,
+}
+
+impl<'a> Columns<'a> {
+    pub(crate) fn new(batch: &'a RecordBatch, path: &'a Path, first_row: usize) -> Self {
+        Columns { batch, path, first_row }
     }
-    Ok(col)
-}
 
-fn wrong_type(path: &Path, name: &str, col: &ArrayRef) -> CoreError {
-    CoreError::Shard {
-        path: path.to_path_buf(),
-        row: None,
-        column: Some(name.into()),
-        message: format!("unexpected type {}", col.data_type()),
-    }
-}
-
-pub(crate) fn col_str<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a StringArray> {
-    let c = column(batch, name, path)?;
-    c.as_any().downcast_ref::<StringArray>().ok_or_else(|| wrong_type(path, name, c))
-}
-
-pub(crate) fn col_binary<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a BinaryArray> {
-    let c = column(batch, name, path)?;
-    c.as_any().downcast_ref::<BinaryArray>().ok_or_else(|| wrong_type(path, name, c))
-}
-
-pub(crate) fn col_u32<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a UInt32Array> {
-    let c = column(batch, name, path)?;
-    c.as_primitive_opt::<UInt32Type>().ok_or_else(|| wrong_type(path, name, c))
-}
-
-fn col_list<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a ListArray> {
-    let c = column(batch, name, path)?;
-    let l = c.as_any().downcast_ref::<ListArray>().ok_or_else(|| wrong_type(path, name, c))?;
-    if l.values().null_count() > 0 {
-        return Err(CoreError::Shard {
-            path: path.to_path_buf(),
-            row: None,
+    fn err(&self, row: Option<usize>, name: &str, message: impl Into<String>) -> CoreError {
+        CoreError::Shard {
+            path: self.path.to_path_buf(),
+            row: row.map(|r| self.first_row + r),
             column: Some(name.into()),
-            message: "list holds null items".into(),
-        });
+            message: message.into(),
+        }
     }
-    Ok(l)
+
+    fn wrong_type(&self, name: &str, col: &dyn Array) -> CoreError {
+        self.err(None, name, format!("unexpected type {}", col.data_type()))
+    }
+
+    /// The column, refusing nulls (reported at the first null's row).
+    fn column(&self, name: &str) -> Result<&'a ArrayRef> {
+        let col = self.batch.column_by_name(name).ok_or_else(|| self.err(None, name, "column is missing"))?;
+        if let Some(row) = first_null(col.as_ref()) {
+            return Err(self.err(Some(row), name, "value is null"));
+        }
+        Ok(col)
+    }
+
+    pub(crate) fn str(&self, name: &str) -> Result<&'a StringArray> {
+        let c = self.column(name)?;
+        c.as_any().downcast_ref::<StringArray>().ok_or_else(|| self.wrong_type(name, c.as_ref()))
+    }
+
+    pub(crate) fn binary(&self, name: &str) -> Result<&'a BinaryArray> {
+        let c = self.column(name)?;
+        c.as_any().downcast_ref::<BinaryArray>().ok_or_else(|| self.wrong_type(name, c.as_ref()))
+    }
+
+    pub(crate) fn u32(&self, name: &str) -> Result<&'a UInt32Array> {
+        let c = self.column(name)?;
+        c.as_primitive_opt::<UInt32Type>().ok_or_else(|| self.wrong_type(name, c.as_ref()))
+    }
+
+    /// A list column and its items, refusing null items (reported at the row holding one).
+    fn list(&self, name: &str) -> Result<(&'a ListArray, &'a ArrayRef)> {
+        let c = self.column(name)?;
+        let l = c.as_any().downcast_ref::<ListArray>().ok_or_else(|| self.wrong_type(name, c.as_ref()))?;
+        if let Some(item) = first_null(l.values().as_ref()) {
+            return Err(self.err(Some(row_of_item(l, item)), name, "list holds a null item"));
+        }
+        Ok((l, l.values()))
+    }
+
+    pub(crate) fn list_str(&self, name: &str) -> Result<Vec<Vec<String>>> {
+        let (l, v) = self.list(name)?;
+        let s = v.as_any().downcast_ref::<StringArray>().ok_or_else(|| self.wrong_type(name, v.as_ref()))?;
+        let all: Vec<String> = s.iter().map(|x| x.unwrap_or_default().to_string()).collect();
+        Ok(split_list(l, &all))
+    }
+
+    pub(crate) fn list_i32(&self, name: &str) -> Result<Vec<Vec<i32>>> {
+        let (l, v) = self.list(name)?;
+        let s: &Int32Array = v.as_primitive_opt::<Int32Type>().ok_or_else(|| self.wrong_type(name, v.as_ref()))?;
+        Ok(split_list(l, s.values()))
+    }
+
+    /// A `list<struct<height, width, counts>>` column, each compressed RLE string decoded;
+    /// a malformed or null mask is reported with its row, column and index in the list.
+    pub(crate) fn list_rle(&self, name: &str) -> Result<Vec<Vec<Rle>>> {
+        let (l, v) = self.list(name)?;
+        let st = v.as_any().downcast_ref::<StructArray>().ok_or_else(|| self.wrong_type(name, v.as_ref()))?;
+        let h = st.column_by_name("height").and_then(|c| c.as_primitive_opt::<UInt32Type>());
+        let w = st.column_by_name("width").and_then(|c| c.as_primitive_opt::<UInt32Type>());
+        let c = st.column_by_name("counts").and_then(|c| c.as_any().downcast_ref::<StringArray>());
+        let (Some(h), Some(w), Some(c)) = (h, w, c) else {
+            return Err(self.wrong_type(name, v.as_ref()));
+        };
+        for (field, arr) in [("height", h as &dyn Array), ("width", w), ("counts", c)] {
+            if let Some(item) = first_null(arr) {
+                return Err(self.err(Some(row_of_item(l, item)), name, format!("a mask's '{field}' is null")));
+            }
+        }
+        let off = l.value_offsets();
+        let mut out = Vec::with_capacity(l.len());
+        for row in 0..l.len() {
+            let mut masks = Vec::with_capacity((off[row + 1] - off[row]) as usize);
+            for (k, j) in (off[row] as usize..off[row + 1] as usize).enumerate() {
+                let rle = Rle::from_coco_string(h.value(j), w.value(j), c.value(j))
+                    .map_err(|e| self.err(Some(row), name, format!("mask {k}: {e}")))?;
+                masks.push(rle);
+            }
+            out.push(masks);
+        }
+        Ok(out)
+    }
+}
+
+fn first_null(a: &dyn Array) -> Option<usize> {
+    (a.null_count() > 0).then(|| (0..a.len()).find(|&i| a.is_null(i))).flatten()
+}
+
+/// The row of a list column whose items include item index `item`.
+fn row_of_item(l: &ListArray, item: usize) -> usize {
+    let off = l.value_offsets();
+    (0..l.len()).find(|&r| (off[r] as usize..off[r + 1] as usize).contains(&item)).unwrap_or(0)
 }
 
 fn split_list<T: Clone>(l: &ListArray, values: &[T]) -> Vec<Vec<T>> {
     let off = l.value_offsets();
     (0..l.len()).map(|i| values[off[i] as usize..off[i + 1] as usize].to_vec()).collect()
-}
-
-pub(crate) fn col_list_str(batch: &RecordBatch, name: &str, path: &Path, _first_row: usize) -> Result<Vec<Vec<String>>> {
-    let l = col_list(batch, name, path)?;
-    let v = l.values();
-    let s = v.as_any().downcast_ref::<StringArray>().ok_or_else(|| wrong_type(path, name, v))?;
-    let all: Vec<String> = s.iter().map(|x| x.unwrap_or_default().to_string()).collect();
-    Ok(split_list(l, &all))
-}
-
-pub(crate) fn col_list_i32(batch: &RecordBatch, name: &str, path: &Path, _first_row: usize) -> Result<Vec<Vec<i32>>> {
-    let l = col_list(batch, name, path)?;
-    let v = l.values();
-    let s: &Int32Array = v.as_primitive_opt::<Int32Type>().ok_or_else(|| wrong_type(path, name, v))?;
-    Ok(split_list(l, s.values()))
-}
-
-/// Reads a `list<struct<height, width, counts>>` column, decoding each compressed RLE
-/// string; a malformed string is reported with its row, column and index in the list.
-pub(crate) fn col_list_rle(batch: &RecordBatch, name: &str, path: &Path, first_row: usize) -> Result<Vec<Vec<Rle>>> {
-    let l = col_list(batch, name, path)?;
-    let v = l.values();
-    let st = v.as_any().downcast_ref::<StructArray>().ok_or_else(|| wrong_type(path, name, v))?;
-    let h = st.column_by_name("height").and_then(|c| c.as_primitive_opt::<UInt32Type>());
-    let w = st.column_by_name("width").and_then(|c| c.as_primitive_opt::<UInt32Type>());
-    let c = st.column_by_name("counts").and_then(|c| c.as_any().downcast_ref::<StringArray>());
-    let (Some(h), Some(w), Some(c)) = (h, w, c) else {
-        return Err(wrong_type(path, name, v));
-    };
-    let off = l.value_offsets();
-    let mut out = Vec::with_capacity(l.len());
-    for row in 0..l.len() {
-        let mut masks = Vec::new();
-        for (k, j) in (off[row] as usize..off[row + 1] as usize).enumerate() {
-            let rle = Rle::from_coco_string(h.value(j), w.value(j), c.value(j)).map_err(|e| {
-                CoreError::field(path, first_row + row, name, format!("mask {k}: {e}"))
-            })?;
-            masks.push(rle);
-        }
-        out.push(masks);
-    }
-    Ok(out)
 }

@@ -1,9 +1,6 @@
 //! The sample shard: one row per (image, instruction, answer) with every mask of the image.
 
-use super::{
-    col_binary, col_list_rle, col_list_str, col_list_i32, col_str, col_u32, list_field, rle_struct_field,
-    Record, RleListBuilder,
-};
+use super::{list_field, rle_struct_field, Columns, Record, RleListBuilder};
 use crate::error::{CoreError, Result};
 use crate::mask::Rle;
 use arrow::array::{
@@ -12,6 +9,9 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
+
+/// Largest encoded image a shard accepts (Arrow binary columns hold < 2 GiB per batch).
+pub const MAX_IMAGE_BYTES: usize = 1 << 30;
 
 /// The token that follows each target object in an answer.
 pub const SEG_TOKEN: &str = "<seg>";
@@ -53,6 +53,9 @@ impl Sample {
         let bad = |field: &str, msg: String| Err((field.to_string(), msg));
         if self.width == 0 || self.height == 0 {
             return bad("width", format!("image size {}x{} is empty", self.width, self.height));
+        }
+        if self.image.len() >= MAX_IMAGE_BYTES {
+            return bad("image", format!("{} bytes of encoded image; at most {MAX_IMAGE_BYTES} are supported", self.image.len()));
         }
         let n = self.target_names.len();
         if self.seg_count() != n {
@@ -216,21 +219,32 @@ impl Record for Sample {
         self.validate()
     }
 
+    fn approx_bytes(&self) -> usize {
+        let rle = |m: &[Rle]| m.iter().map(|r| r.counts.len() * 2 + 16).sum::<usize>();
+        self.image.len()
+            + self.instruction.len()
+            + self.answer.len()
+            + self.meta.len()
+            + rle(&self.target_masks)
+            + rle(&self.instance_masks)
+    }
+
     fn from_batch(batch: &RecordBatch, path: &Path, first_row: usize) -> Result<Vec<Self>> {
-        let id = col_str(batch, "id", path)?;
-        let split = col_str(batch, "split", path)?;
-        let image = col_binary(batch, "image", path)?;
-        let width = col_u32(batch, "width", path)?;
-        let height = col_u32(batch, "height", path)?;
-        let instruction = col_str(batch, "instruction", path)?;
-        let answer = col_str(batch, "answer", path)?;
-        let target_names = col_list_str(batch, "target_names", path, first_row)?;
-        let target_instances = col_list_i32(batch, "target_instances", path, first_row)?;
-        let instance_names = col_list_str(batch, "instance_names", path, first_row)?;
-        let meta = col_str(batch, "meta", path)?;
+        let cols = Columns::new(batch, path, first_row);
+        let id = cols.str("id")?;
+        let split = cols.str("split")?;
+        let image = cols.binary("image")?;
+        let width = cols.u32("width")?;
+        let height = cols.u32("height")?;
+        let instruction = cols.str("instruction")?;
+        let answer = cols.str("answer")?;
+        let target_names = cols.list_str("target_names")?;
+        let target_instances = cols.list_i32("target_instances")?;
+        let instance_names = cols.list_str("instance_names")?;
+        let meta = cols.str("meta")?;
+        let target_masks = cols.list_rle("target_masks")?;
+        let instance_masks = cols.list_rle("instance_masks")?;
         let mut out = Vec::with_capacity(batch.num_rows());
-        let target_masks = col_list_rle(batch, "target_masks", path, first_row)?;
-        let instance_masks = col_list_rle(batch, "instance_masks", path, first_row)?;
         for (i, ((tm, im), ((tn, ti), inn))) in target_masks
             .into_iter()
             .zip(instance_masks)
