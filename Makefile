@@ -23,8 +23,9 @@ help:
 build:
 	$(CARGO) build --release --bin popen
 
+# Built the way `cargo test --workspace` builds it (same feature unification, no rebuild).
 build-dev:
-	$(CARGO) build --bin popen
+	$(CARGO) test --workspace --no-run
 
 assets:
 	$(PYTHON) tools/assets.py
