@@ -3,3 +3,5 @@
 //! (SmolLM2-135M-Instruct from `make assets`).
 
 pub mod gguf;
+pub mod llama;
+pub mod tokenizer;

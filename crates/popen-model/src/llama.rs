@@ -1,0 +1,1 @@
+//! LLaMA decoder (in progress).
