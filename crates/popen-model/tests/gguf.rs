@@ -14,19 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use popen_model::gguf::{llama_hf_name, unpermute_qk, GgmlType, GgufError, GgufFile, MetaValue};
 use serde_json::Value;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn smollm2_path() -> PathBuf {
-    let p = repo_root().join("data/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run make assets (it fetches SmolLM2-135M-Instruct.Q4_1.gguf)",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::smollm2_path;
 
 fn fixture() -> Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_gguf.json");

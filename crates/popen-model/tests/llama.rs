@@ -2,7 +2,6 @@
 //! on the real SmolLM2-135M-Instruct weights (`make assets`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::backend::NdArray;
@@ -13,12 +12,8 @@ use popen_model::llama::{load_gguf, Llama, LlamaConfig, LlamaError};
 
 type B = NdArray<f32>;
 
-fn smollm2_path() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../data/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run make assets", p.display());
-    p
-}
+mod common;
+use common::smollm2_path;
 
 fn ids_tensor(ids: &[u32], device: &burn::backend::ndarray::NdArrayDevice) -> Tensor<B, 2, Int> {
     let d: Vec<i64> = ids.iter().map(|&t| t as i64).collect();

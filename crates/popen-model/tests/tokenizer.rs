@@ -3,26 +3,15 @@
 //! (HF tokenizers built from the GGUF read with llama.cpp's gguf-py, the chat template rendered
 //! with jinja2) from the SmolLM2-135M-Instruct Q4_1 GGUF that `make assets` fetches.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use popen_model::gguf::GgufFile;
 use popen_model::tokenizer::{Tokenizer, TokenizerError};
 use serde_json::Value;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn smollm2_path() -> PathBuf {
-    let p = repo_root().join("data/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run make assets (it fetches SmolLM2-135M-Instruct.Q4_1.gguf)",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::{repo_root, smollm2_path};
 
 fn smollm2() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
