@@ -48,16 +48,7 @@ STRINGS = [
 ]
 
 
-def field_value(reader, key):
-    f = reader.fields[key]
-    t = f.types[0]
-    if t == gguf.GGUFValueType.ARRAY:
-        if f.types[1] == gguf.GGUFValueType.STRING:
-            return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
-        return [f.parts[i].tolist()[0] for i in f.data]
-    if t == gguf.GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8")
-    return f.parts[f.data[0]].tolist()[0]
+from gguf_fixture import field_value  # same folder: one reading of gguf-py's fields
 
 
 def build(reader):

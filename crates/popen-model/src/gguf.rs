@@ -344,14 +344,15 @@ impl HeaderReader<'_> {
             return Err(self.truncated(what, n));
         }
         let mut buf = vec![0u8; n as usize];
-        self.r
-            .read_exact(&mut buf)
-            .map_err(|source| GgufError::Io {
-                path: self.path.to_path_buf(),
-                source,
-            })?;
-        self.pos += n;
+        self.fill(&mut buf)?;
         Ok(buf)
+    }
+
+    /// Reads exactly `buf.len()` bytes (the caller has checked they remain).
+    fn fill(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.r.read_exact(buf).map_err(|source| GgufError::Io { path: self.path.to_path_buf(), source })?;
+        self.pos += buf.len() as u64;
+        Ok(())
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
@@ -359,13 +360,7 @@ impl HeaderReader<'_> {
             return Err(self.truncated(what, N as u64));
         }
         let mut buf = [0u8; N];
-        self.r
-            .read_exact(&mut buf)
-            .map_err(|source| GgufError::Io {
-                path: self.path.to_path_buf(),
-                source,
-            })?;
-        self.pos += N as u64;
+        self.fill(&mut buf)?;
         Ok(buf)
     }
 
