@@ -1,7 +1,22 @@
-//! popen model: PixelLM in burn (issue 3, in progress) and the checkpoint readers it loads
-//! from. Today: [`gguf`], the GGUF reader used to check the LLaMA code on real weights
-//! (SmolLM2-135M-Instruct from `make assets`).
+//! popen model: PixelLM in burn (CLIP ViT + LLaMA + segmentation codebook + multi-scale
+//! pixel decoder) with what POPEN adds, and the checkpoint readers it loads from.
+//!
+//! - [`weights`]: the one loading path (safetensors files and sharded folders, prefix
+//!   remapping, strict name/shape checks) and our own checkpoints.
+//! - [`gguf`], [`tokenizer`]: llama.cpp GGUF (real SmolLM2 weights) and tokenizers.
+//! - [`llama`], [`sampling`]: the LLaMA decoder and batched generation.
+//! - [`clip`], [`preprocess`]: the CLIP vision tower and PixelLM's image preprocessing.
+//! - [`sam`], [`pixel_decoder`]: SAM's two-way transformer and PixelLM's
+//!   `MaskDecoderMultiScale`.
+//! - [`pixellm`]: the assembled model.
 
+pub mod clip;
 pub mod gguf;
 pub mod llama;
+pub mod pixel_decoder;
+pub mod pixellm;
+pub mod preprocess;
+pub mod sam;
+pub mod sampling;
 pub mod tokenizer;
+pub mod weights;

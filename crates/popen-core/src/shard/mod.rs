@@ -320,13 +320,25 @@ fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
 
 /// Writes bytes to `path` atomically (temp file, fsync, rename).
 pub fn atomic_write(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    atomic_write_with(path, |w| w.write_all(bytes))
+}
+
+/// Streams a file to `path` atomically: `fill` writes into a buffered temp file beside it,
+/// which is fsynced and renamed into place only if `fill` succeeds (a killed job leaves the
+/// old file, never a half-written one).
+pub fn atomic_write_with(
+    path: impl AsRef<Path>,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let path = path.as_ref();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
     }
-    let (tmp, mut f) = create_tmp(path)?;
-    let res = f.write_all(bytes).and_then(|_| f.sync_all());
-    drop(f);
+    let (tmp, f) = create_tmp(path)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let res = fill(&mut w)
+        .and_then(|_| w.into_inner().map_err(|e| e.into_error()))
+        .and_then(|f| f.sync_all());
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
         return Err(CoreError::io(&tmp, e));
