@@ -447,13 +447,33 @@ pub fn apply_checkpoint<B: Backend, M: ModuleSnapshot<B>>(
     let res = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), true);
     let mut problems = Vec::new();
     for (path, _) in &res.missing {
-        problems.push(format!("missing {path}"));
+        // Name what the checkpoint should hold (PyTorch names), not burn's.
+        let torch = path
+            .strip_suffix(".gamma")
+            .map(|p| format!("{p}.weight"))
+            .or_else(|| path.strip_suffix(".beta").map(|p| format!("{p}.bias")))
+            .unwrap_or_else(|| path.clone());
+        problems.push(format!("missing {torch}"));
     }
     for e in &res.errors {
         problems.push(e.to_string());
     }
     if !allow_unused {
-        for u in &res.unused {
+        // burn-store finds a norm's `weight`/`bias` under burn's `gamma`/`beta` but still
+        // lists the PyTorch name as unused; those were applied.
+        let applied: std::collections::HashSet<&str> =
+            res.applied.iter().map(String::as_str).collect();
+        let norm_alias = |u: &str| {
+            let alt = if let Some(p) = u.strip_suffix(".weight") {
+                format!("{p}.gamma")
+            } else if let Some(p) = u.strip_suffix(".bias") {
+                format!("{p}.beta")
+            } else {
+                return false;
+            };
+            applied.contains(alt.as_str())
+        };
+        for u in res.unused.iter().filter(|u| !norm_alias(u)) {
             problems.push(format!("unexpected {u} (the model has no such tensor)"));
         }
     }
