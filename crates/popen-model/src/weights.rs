@@ -417,10 +417,24 @@ impl Remap {
 /// tensor is unused (unless `allow_unused`), or any shape differs. Loaded parameters take
 /// the float dtype `dtype` (f32 on CPU; bf16/f16 for GPUs).
 pub fn apply_checkpoint<B: Backend, M: ModuleSnapshot<B>>(
+    module: M,
+    ck: &Checkpoint,
+    dtype: DType,
+    allow_unused: bool,
+) -> Result<M> {
+    apply_checkpoint_keeping(module, ck, dtype, allow_unused, &|_| false)
+}
+
+/// [`apply_checkpoint`], except that module tensors for which `keep_init(name)` holds may
+/// be absent from the checkpoint: they keep the module's current values. For parameters a
+/// checkpoint layout cannot have (POPEN's additions on a released PixelLM); the caller
+/// reports them.
+pub fn apply_checkpoint_keeping<B: Backend, M: ModuleSnapshot<B>>(
     mut module: M,
     ck: &Checkpoint,
     dtype: DType,
     allow_unused: bool,
+    keep_init: &dyn Fn(&str) -> bool,
 ) -> Result<M> {
     let snapshots: Vec<TensorSnapshot> = ck
         .tensors
@@ -446,7 +460,7 @@ pub fn apply_checkpoint<B: Backend, M: ModuleSnapshot<B>>(
         .collect();
     let res = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), true);
     let mut problems = Vec::new();
-    for (path, _) in &res.missing {
+    for (path, _) in res.missing.iter().filter(|(p, _)| !keep_init(p)) {
         // Name what the checkpoint should hold (PyTorch names), not burn's.
         let torch = path
             .strip_suffix(".gamma")
