@@ -1,32 +1,69 @@
-//! LLaMA decoder (Hugging Face `LlamaForCausalLM` layout) in burn.
+//! LLaMA decoder (Hugging Face `LlamaForCausalLM` layout) in burn, with what POPEN needs on top
+//! of plain decoding.
 //!
-//! The module tree is named like the Hugging Face checkpoint (`model.layers.{i}.self_attn.q_proj`),
-//! so [`load_gguf`] needs no remapping table beyond [`crate::gguf::llama_hf_name`]. The KV cache
-//! is an explicit [`KvCache`] value owned by the caller, not module state.
+//! The module tree is named like the Hugging Face checkpoint (`model.layers.{i}.self_attn.q_proj`,
+//! `lm_head` unless tied), so [`Llama::load`] applies `LlamaForCausalLM` safetensors (single file
+//! or sharded folder) with no remapping table, and [`load_gguf`] needs only
+//! [`crate::gguf::llama_hf_name`]. The KV cache is an explicit [`KvCache`] value owned by the
+//! caller, not module state, so one model serves many concurrent decodes.
+//!
+//! Entry points, from the lowest level up:
+//! - [`Llama::embed`] -> [`Llama::forward_embeds`] (final-normed hidden states, HF
+//!   `last_hidden_state`) -> [`Llama::logits`]: the embedding-level path PixelLM needs (image
+//!   tokens, seg embeddings and `p_hat` are spliced in as embeddings). [`AttnExtras`] carries
+//!   explicit positions, a padding mask over keys and POPEN's additive attention bias `gamma`
+//!   (SPEC 6, Eq. 5; SPEC 10.6).
+//! - [`token_logprobs`], [`Llama::score`] / [`Llama::score_tensor`]: teacher-forced per-token
+//!   log-probabilities (SPEC 5, Eq. 3).
+//! - [`crate::sampling::generate`]: batched sampling with per-row stop and seeds;
+//!   [`Llama::greedy`] is its one-row greedy shorthand.
+
+use std::path::Path;
 
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Bool, Int, TensorData};
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::{Bool, DType, Int, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::gguf::{GgufError, GgufFile};
+use crate::sampling::{generate, SamplingConfig};
+use crate::weights::{self, Remap, WeightsError};
 
-/// Errors building or loading a [`Llama`].
+/// Errors building, loading or running a [`Llama`].
 #[derive(Debug, thiserror::Error)]
 pub enum LlamaError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
     #[error("{path}: bad LLaMA config: {msg}")]
     Config { path: String, msg: String },
     /// Every missing or mis-shaped tensor, by its Hugging Face name.
     #[error("{path}: {} tensor problem(s): {}", problems.len(), problems.join("; "))]
     Tensors { path: String, problems: Vec<String> },
+    /// Inputs that do not fit the model or each other (shapes, cache, ids, sampling settings).
+    /// Returned before any state (the cache) is modified.
+    #[error("LLaMA input: {0}")]
+    Input(String),
+}
+
+fn input_err<T>(msg: impl Into<String>) -> Result<T, LlamaError> {
+    Err(LlamaError::Input(msg.into()))
 }
 
 /// Mirrors the Hugging Face `config.json` of a `LlamaForCausalLM`.
+///
+/// Deserializing reads an HF `config.json` directly: unknown fields (`model_type`, `mm_*` of
+/// LLaVA/PixelLM, `torch_dtype`, ...) are ignored, absent fields take `LlamaConfig`'s defaults
+/// in transformers (vocab 32000, hidden 4096, intermediate 11008, 32 layers, 32 heads,
+/// `num_key_value_heads` = heads, eps 1e-6, theta 10000, 2048 positions, untied). Settings this
+/// implementation does not compute (`rope_scaling`, `attention_bias`, `mlp_bias`, an activation
+/// other than silu, a `head_dim` other than hidden/heads) are rejected rather than silently
+/// ignored. Serializing writes the fields below, which transformers reads back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "HfLlamaConfig")]
 pub struct LlamaConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -38,6 +75,124 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+}
+
+/// The raw HF `config.json` fields, with transformers' defaults.
+#[derive(Deserialize)]
+struct HfLlamaConfig {
+    #[serde(default = "hf::vocab_size")]
+    vocab_size: usize,
+    #[serde(default = "hf::hidden_size")]
+    hidden_size: usize,
+    #[serde(default = "hf::intermediate_size")]
+    intermediate_size: usize,
+    #[serde(default = "hf::num_hidden_layers")]
+    num_hidden_layers: usize,
+    #[serde(default = "hf::num_attention_heads")]
+    num_attention_heads: usize,
+    #[serde(default)]
+    num_key_value_heads: Option<usize>,
+    #[serde(default = "hf::rms_norm_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "hf::rope_theta")]
+    rope_theta: f64,
+    #[serde(default = "hf::max_position_embeddings")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+}
+
+/// transformers' `LlamaConfig` defaults.
+mod hf {
+    pub fn vocab_size() -> usize {
+        32000
+    }
+    pub fn hidden_size() -> usize {
+        4096
+    }
+    pub fn intermediate_size() -> usize {
+        11008
+    }
+    pub fn num_hidden_layers() -> usize {
+        32
+    }
+    pub fn num_attention_heads() -> usize {
+        32
+    }
+    pub fn rms_norm_eps() -> f64 {
+        1e-6
+    }
+    pub fn rope_theta() -> f64 {
+        10000.0
+    }
+    pub fn max_position_embeddings() -> usize {
+        2048
+    }
+}
+
+impl TryFrom<HfLlamaConfig> for LlamaConfig {
+    type Error = String;
+
+    fn try_from(r: HfLlamaConfig) -> Result<Self, String> {
+        if let Some(act) = r.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(format!("hidden_act {act:?} is not supported (only silu)"));
+        }
+        if r.attention_bias || r.mlp_bias {
+            return Err("attention_bias / mlp_bias are not supported".into());
+        }
+        if let Some(s) = r.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            return Err(format!("rope_scaling {s} is not supported"));
+        }
+        let cfg = LlamaConfig {
+            vocab_size: r.vocab_size,
+            hidden_size: r.hidden_size,
+            intermediate_size: r.intermediate_size,
+            num_hidden_layers: r.num_hidden_layers,
+            num_attention_heads: r.num_attention_heads,
+            num_key_value_heads: r.num_key_value_heads.unwrap_or(r.num_attention_heads),
+            rms_norm_eps: r.rms_norm_eps,
+            rope_theta: r.rope_theta,
+            max_position_embeddings: r.max_position_embeddings,
+            tie_word_embeddings: r.tie_word_embeddings,
+        };
+        cfg.check().map_err(|e| e.to_string())?;
+        if let Some(hd) = r.head_dim.filter(|&hd| hd != cfg.head_dim()) {
+            return Err(format!(
+                "head_dim {hd} differs from hidden_size / num_attention_heads = {}; not supported",
+                cfg.head_dim()
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+/// transformers' `LlamaConfig()` defaults (the LLaMA-7B shape), the same values that absent
+/// `config.json` fields take.
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: hf::vocab_size(),
+            hidden_size: hf::hidden_size(),
+            intermediate_size: hf::intermediate_size(),
+            num_hidden_layers: hf::num_hidden_layers(),
+            num_attention_heads: hf::num_attention_heads(),
+            num_key_value_heads: hf::num_attention_heads(),
+            rms_norm_eps: hf::rms_norm_eps(),
+            rope_theta: hf::rope_theta(),
+            max_position_embeddings: hf::max_position_embeddings(),
+            tie_word_embeddings: false,
+        }
+    }
 }
 
 impl LlamaConfig {
@@ -59,6 +214,17 @@ impl LlamaConfig {
 
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// Read an HF `config.json` (see the type's docs for defaults and rejected settings).
+    pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, LlamaError> {
+        let path = path.as_ref();
+        let bad = |msg: String| LlamaError::Config {
+            path: path.display().to_string(),
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
     }
 
     /// From the `llama.*` metadata of a llama.cpp GGUF. Embeddings count as tied when the file
@@ -92,16 +258,21 @@ impl LlamaConfig {
     }
 
     fn validate(&self, path: &str) -> Result<(), LlamaError> {
-        let bad = |msg: String| {
-            Err(LlamaError::Config {
-                path: path.to_string(),
-                msg,
-            })
-        };
+        self.check().map_err(|msg| LlamaError::Config {
+            path: path.to_string(),
+            msg,
+        })
+    }
+
+    /// Shape consistency of the config (every size positive, heads divide evenly, even head dim).
+    fn check(&self) -> Result<(), String> {
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
+            return Err("vocab_size, hidden_size and intermediate_size must be positive".into());
+        }
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {
-            return bad(format!(
+            return Err(format!(
                 "hidden_size {} not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
@@ -111,13 +282,19 @@ impl LlamaConfig {
                 .num_attention_heads
                 .is_multiple_of(self.num_key_value_heads)
         {
-            return bad(format!(
+            return Err(format!(
                 "num_attention_heads {} not divisible by num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
         if !self.head_dim().is_multiple_of(2) {
-            return bad(format!("head_dim {} is odd", self.head_dim()));
+            return Err(format!("head_dim {} is odd", self.head_dim()));
+        }
+        if !(self.rms_norm_eps >= 0.0 && self.rope_theta > 0.0) {
+            return Err(format!(
+                "rms_norm_eps {} / rope_theta {} out of range",
+                self.rms_norm_eps, self.rope_theta
+            ));
         }
         Ok(())
     }
@@ -179,6 +356,49 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
+/// Extra attention inputs of one forward call. All `None` (the `Default`) = a plain causal
+/// forward continuing the cache. The causal mask always applies on top.
+#[derive(Debug, Clone)]
+pub struct AttnExtras<B: Backend> {
+    /// `[b, s]` RoPE position of each new token. Default: `cache_len + 0..s` for every row.
+    /// Left-padded batches pass positions that count only real tokens (HF `generate` does
+    /// `cumsum(mask) - 1`), so a padded row computes exactly what it computes alone.
+    pub positions: Option<Tensor<B, 2, Int>>,
+    /// `[b, cache_len + s]`: `false` marks a padding key, never attended by any query. In
+    /// cached decoding pass it for the full key length (cached + new) at every step.
+    pub key_keep: Option<Tensor<B, 2, Bool>>,
+    /// `[b, cache_len + s]`: additive attention bias per key position, added to
+    /// `QK^T / sqrt(d)` before softmax in every head and layer, the same for every query row
+    /// (POPEN Eq. 5, SPEC 10.6). Used as given: differentiable iff it is a tracked tensor.
+    pub gamma: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Default for AttnExtras<B> {
+    fn default() -> Self {
+        Self {
+            positions: None,
+            key_keep: None,
+            gamma: None,
+        }
+    }
+}
+
+/// Value written into masked attention scores: `finfo(float32).min`, as transformers' additive
+/// masks use. Finite, so a query row whose keys are all masked (a padding query) gets a uniform
+/// softmax instead of NaN (`-inf - -inf`), and its garbage output never poisons real rows.
+const MASKED: f32 = f32::MIN;
+
+/// Per-forward attention inputs shared by every layer: RoPE tables, the key mask and gamma.
+struct AttnInputs<B: Backend> {
+    /// `[b, 1, s, head_dim]`.
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    /// `[b, 1, s, total]`, true = masked (future or padding key).
+    mask: Tensor<B, 4, Bool>,
+    /// `[b, 1, 1, total]`.
+    gamma: Option<Tensor<B, 4>>,
+}
+
 /// Grouped-query self-attention with rotate-half RoPE.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -200,45 +420,42 @@ fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     Tensor::cat(vec![x2.neg(), x1], 3)
 }
 
-/// RoPE cos/sin tables `[seq, head_dim]` for positions `offset..offset+seq`, laid out as
-/// `concat(freqs, freqs)` (HF convention).
+/// RoPE cos/sin `[b, 1, s, head_dim]` for integer positions `[b, s]`, laid out as
+/// `concat(freqs, freqs)` and computed in f32 like HF's `LlamaRotaryEmbedding`
+/// (`inv_freq = theta^(-2i/d)`, angle = position * inv_freq).
 fn rope_tables<B: Backend>(
-    offset: usize,
-    seq: usize,
+    positions: Tensor<B, 2, Int>,
     head_dim: usize,
     theta: f64,
-    device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let device = positions.device();
+    let [b, s] = positions.dims();
     let half = head_dim / 2;
-    let inv: Vec<f64> = (0..half)
-        .map(|i| theta.powf(-(2.0 * i as f64) / head_dim as f64))
+    let inv: Vec<f32> = (0..half)
+        .map(|i| theta.powf(-(2.0 * i as f64) / head_dim as f64) as f32)
         .collect();
-    let mut cos = Vec::with_capacity(seq * head_dim);
-    let mut sin = Vec::with_capacity(seq * head_dim);
-    for p in offset..offset + seq {
-        for _ in 0..2 {
-            for f in &inv {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-    }
-    (
-        Tensor::from_data(TensorData::new(cos, [seq, head_dim]), device),
-        Tensor::from_data(TensorData::new(sin, [seq, head_dim]), device),
-    )
+    let inv = Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), &device)
+        .reshape([1, 1, half])
+        .expand([b, s, half]);
+    let ang = positions.float().reshape([b, s, 1]).expand([b, s, half]) * inv;
+    let ang = Tensor::cat(vec![ang.clone(), ang], 2).unsqueeze_dim::<4>(1);
+    (ang.clone().cos(), ang.sin())
 }
 
 fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-    x.clone() * cos.clone() + rotate_half(x) * sin.clone()
+    let dims = x.dims();
+    x.clone() * cos.clone().expand(dims) + rotate_half(x) * sin.clone().expand(dims)
 }
 
 impl<B: Backend> Attention<B> {
     /// `x`: [batch, seq, hidden]; `cache`: this layer's (k, v), [batch, kv_heads, past, head_dim].
-    pub fn forward(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>) -> Tensor<B, 3> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        inputs: &AttnInputs<B>,
+        cache: &mut LayerCache<B>,
+    ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
-        let device = x.device();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self
             .q_proj
@@ -256,15 +473,11 @@ impl<B: Backend> Attention<B> {
             .reshape([b, s, kvh, hd])
             .swap_dims(1, 2);
 
-        let past = cache.len();
-        let (cos, sin) = rope_tables::<B>(past, s, hd, self.rope_theta, &device);
-        let cos = cos.unsqueeze::<4>();
-        let sin = sin.unsqueeze::<4>();
-        let q = apply_rope(q, &cos, &sin);
-        let k = apply_rope(k, &cos, &sin);
+        let q = apply_rope(q, &inputs.cos, &inputs.sin);
+        let k = apply_rope(k, &inputs.cos, &inputs.sin);
 
         let (k, v) = cache.append(k, v);
-        let total = past + s;
+        let total = k.dims()[2];
 
         // GQA: each KV head serves h / kvh consecutive query heads (HF repeat_kv).
         let rep = h / kvh;
@@ -280,15 +493,11 @@ impl<B: Backend> Attention<B> {
         let k = expand(k);
         let v = expand(v);
 
-        let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
-        // Query i sits at absolute position past + i and may see keys 0..=past + i.
-        let mask: Vec<bool> = (0..s)
-            .flat_map(|i| (0..total).map(move |j| j > past + i))
-            .collect();
-        let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [s, total]), &device)
-            .unsqueeze::<4>()
-            .expand([b, h, s, total]);
-        let scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+        let mut scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
+        if let Some(g) = &inputs.gamma {
+            scores = scores + g.clone().expand([b, h, s, total]);
+        }
+        let scores = scores.mask_fill(inputs.mask.clone().expand([b, h, s, total]), MASKED);
         let attn = softmax(scores, 3);
         let out = attn.matmul(v).swap_dims(1, 2).reshape([b, s, h * hd]);
         self.o_proj.forward(out)
@@ -319,11 +528,16 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>) -> Tensor<B, 3> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        inputs: &AttnInputs<B>,
+        cache: &mut LayerCache<B>,
+    ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), cache);
+                .forward(self.input_layernorm.forward(x), inputs, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -368,7 +582,7 @@ impl<B: Backend> LayerCache<B> {
     }
 }
 
-/// Per-layer KV cache, owned by the caller and passed to [`Llama::forward`].
+/// Per-layer KV cache, owned by the caller and passed to [`Llama::forward_embeds`].
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     pub layers: Vec<LayerCache<B>>,
@@ -391,70 +605,419 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// Teacher-forcing log-probabilities: `log_softmax(logits)[.., targets]`.
+///
+/// `logits`: `[b, s, vocab]`, `targets`: `[b, s]` (ids < vocab; the caller aligns them, i.e.
+/// `targets[:, i]` is the token predicted by `logits[:, i]`). Returns `[b, s]`. Stable
+/// (max-shifted log-sum-exp) and differentiable w.r.t. `logits`.
+pub fn token_logprobs<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 2> {
+    let [b, s, _] = logits.dims();
+    log_softmax(logits, 2)
+        .gather(2, targets.reshape([b, s, 1]))
+        .reshape([b, s])
+}
+
+/// `x[r, idx[r, i], :]`: `[b, s, h]` gathered at `[b, n]` row-wise indices -> `[b, n, h]`.
+pub fn gather_positions<B: Backend>(x: Tensor<B, 3>, idx: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    let [b, _, h] = x.dims();
+    let n = idx.dims()[1];
+    x.gather(1, idx.reshape([b, n, 1]).expand([b, n, h]))
+}
+
+/// Checkpoint tensors that `LlamaForCausalLM` state dicts may carry but that are buffers, not
+/// weights (RoPE tables are recomputed).
+fn is_rotary_buffer(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+}
+
 impl<B: Backend> Llama<B> {
+    /// Load HF `LlamaForCausalLM` safetensors (one file, or a folder with a sharded
+    /// `model.safetensors.index.json` or a single `model.safetensors`) through
+    /// [`crate::weights`]: `remap` renames the checkpoint's prefixes to ours (e.g. LLaVA's
+    /// layout); `*rotary_emb.inv_freq` buffers are dropped; with tied embeddings an
+    /// `lm_head.weight` in the file is dropped too (transformers re-ties it to
+    /// `embed_tokens`). Every other missing, unexpected or mis-shaped tensor fails the load,
+    /// all listed by name. Parameters are f32.
+    pub fn load(
+        cfg: &LlamaConfig,
+        path: impl AsRef<Path>,
+        remap: &Remap,
+        device: &B::Device,
+    ) -> Result<Llama<B>, LlamaError> {
+        let path = path.as_ref();
+        cfg.validate(&path.display().to_string())?;
+        let mut ck = weights::Checkpoint::open(path)?.remapped(remap);
+        ck.tensors.retain(|n, _| {
+            !(is_rotary_buffer(n) || (cfg.tie_word_embeddings && n == "lm_head.weight"))
+        });
+        Ok(weights::apply_checkpoint(
+            cfg.init(device),
+            &ck,
+            DType::F32,
+            false,
+        )?)
+    }
+
     pub fn num_layers(&self) -> usize {
         self.model.layers.len()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.model.embed_tokens.weight.dims()[0]
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.model.embed_tokens.weight.dims()[1]
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.model.embed_tokens.weight.device()
     }
 
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.num_layers())
     }
 
-    /// `tokens`: [batch, seq] continuing the positions already in `cache` (empty for a
-    /// prefill). Returns logits [batch, seq, vocab] and appends this step's K/V to `cache`.
-    pub fn forward(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        assert_eq!(
-            cache.layers.len(),
-            self.model.layers.len(),
-            "KvCache has {} layers, model has {}",
-            cache.layers.len(),
-            self.model.layers.len()
-        );
-        let mut x = self.model.embed_tokens.forward(tokens);
-        for (layer, c) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, c);
+    /// Token embeddings `[b, s, hidden]` of ids `[b, s]`. Ids must be < vocab (burn does not
+    /// bounds-check every backend); [`Llama::ids_tensor`] checks them.
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.model.embed_tokens.forward(ids)
+    }
+
+    /// `[rows, len]` id tensor of equal-length rows, every id checked against the vocabulary.
+    pub fn ids_tensor(&self, rows: &[Vec<u32>]) -> Result<Tensor<B, 2, Int>, LlamaError> {
+        let len = rows.first().map_or(0, Vec::len);
+        if rows.is_empty() || len == 0 {
+            return input_err("empty id batch");
         }
-        let x = self.model.norm.forward(x);
+        if let Some(r) = rows.iter().position(|r| r.len() != len) {
+            return input_err(format!(
+                "id row {r} has length {}, row 0 has {len}",
+                rows[r].len()
+            ));
+        }
+        self.check_ids(rows)?;
+        let data: Vec<i64> = rows.iter().flatten().map(|&t| t as i64).collect();
+        Ok(Tensor::from_data(
+            TensorData::new(data, [rows.len(), len]),
+            &self.device(),
+        ))
+    }
+
+    fn check_ids(&self, rows: &[Vec<u32>]) -> Result<(), LlamaError> {
+        let vocab = self.vocab_size();
+        for (r, row) in rows.iter().enumerate() {
+            if let Some(&t) = row.iter().find(|&&t| t as usize >= vocab) {
+                return input_err(format!("row {r}: token id {t} >= vocab size {vocab}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Logits `[b, s, vocab]` of final-normed hidden states `[b, s, hidden]` (lm_head, or the
+    /// embedding matrix when tied).
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => head.forward(hidden),
             None => {
                 let w = self.model.embed_tokens.weight.val(); // [vocab, hidden]
-                x.matmul(w.transpose().unsqueeze::<3>())
+                let [b, _, _] = hidden.dims();
+                let [v, h] = w.dims();
+                hidden.matmul(w.transpose().unsqueeze::<3>().expand([b, h, v]))
             }
         }
     }
 
-    /// Greedy decoding: prefill `prompt_ids`, then up to `max_new` one-token steps, stopping
-    /// after emitting any id in `stop` (which is included). Returns the new ids only.
-    pub fn greedy(&self, prompt_ids: &[u32], max_new: usize, stop: &[u32]) -> Vec<u32> {
-        let device = self.model.embed_tokens.weight.device();
-        let mut cache = self.new_cache();
-        let mut out = Vec::new();
-        if prompt_ids.is_empty() || max_new == 0 {
-            return out;
-        }
-        let ids = |v: &[u32]| {
-            let data: Vec<i64> = v.iter().map(|&t| t as i64).collect();
-            Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, v.len()]), &device)
-        };
-        let mut input = ids(prompt_ids);
-        for _ in 0..max_new {
-            let logits = self.forward(input, &mut cache);
-            let [_, s, vocab] = logits.dims();
-            let last = logits.narrow(1, s - 1, 1).reshape([vocab]);
-            let next = last
-                .argmax(0)
-                .into_data()
-                .convert::<i64>()
-                .to_vec::<i64>()
-                .expect("argmax data")[0] as u32;
-            out.push(next);
-            if stop.contains(&next) {
-                break;
+    /// Token-level forward: `tokens` [batch, seq] continuing the positions already in `cache`
+    /// (empty for a prefill). Returns logits [batch, seq, vocab] and appends this step's K/V.
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>, LlamaError> {
+        self.forward_with(tokens, &AttnExtras::default(), cache)
+    }
+
+    /// [`Llama::forward`] with [`AttnExtras`].
+    pub fn forward_with(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        extras: &AttnExtras<B>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>, LlamaError> {
+        let hidden = self.forward_embeds(self.embed(tokens), extras, cache)?;
+        Ok(self.logits(hidden))
+    }
+
+    /// Embedding-level forward: `embeds` `[b, s, hidden]` continuing `cache`. Returns the
+    /// final-normed last hidden state `[b, s, hidden]` (HF `last_hidden_state` =
+    /// `hidden_states[-1]`) and appends this call's K/V to `cache`. Errors (cache untouched) on
+    /// a cache of another layer count or batch, or extras of the wrong shape.
+    pub fn forward_embeds(
+        &self,
+        embeds: Tensor<B, 3>,
+        extras: &AttnExtras<B>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>, LlamaError> {
+        Ok(self.run(embeds, extras, cache, false)?.0)
+    }
+
+    /// [`Llama::forward_embeds`] returning every hidden state like HF `output_hidden_states`:
+    /// `num_layers + 1` tensors `[b, s, hidden]`: the input embeddings, the outputs of layers
+    /// `0..L-1` (un-normed), and last the final-normed output of layer `L-1`.
+    pub fn forward_embeds_all(
+        &self,
+        embeds: Tensor<B, 3>,
+        extras: &AttnExtras<B>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Vec<Tensor<B, 3>>, LlamaError> {
+        let (last, mut all) = self.run(embeds, extras, cache, true)?;
+        all.push(last);
+        Ok(all)
+    }
+
+    /// Shared forward; with `collect` also returns the embeddings and each layer's output but
+    /// the last (whose normed form is the first return value).
+    fn run(
+        &self,
+        embeds: Tensor<B, 3>,
+        extras: &AttnExtras<B>,
+        cache: &mut KvCache<B>,
+        collect: bool,
+    ) -> Result<(Tensor<B, 3>, Vec<Tensor<B, 3>>), LlamaError> {
+        let inputs = self.attn_inputs(&embeds, extras, cache)?;
+        let mut x = embeds;
+        let mut all = Vec::new();
+        for (layer, c) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            if collect {
+                all.push(x.clone());
             }
-            input = ids(&[next]);
+            x = layer.forward(x, &inputs, c);
         }
-        out
+        Ok((self.model.norm.forward(x), all))
+    }
+
+    /// Validate inputs against the model and the cache, and build the per-forward attention
+    /// inputs (RoPE tables, key mask, gamma) shared by all layers.
+    fn attn_inputs(
+        &self,
+        embeds: &Tensor<B, 3>,
+        extras: &AttnExtras<B>,
+        cache: &KvCache<B>,
+    ) -> Result<AttnInputs<B>, LlamaError> {
+        let [b, s, h] = embeds.dims();
+        if h != self.hidden_size() {
+            return input_err(format!(
+                "embeddings have width {h}, the model's hidden size is {}",
+                self.hidden_size()
+            ));
+        }
+        if b == 0 || s == 0 {
+            return input_err(format!("empty input [{b}, {s}, {h}]"));
+        }
+        if cache.layers.len() != self.num_layers() {
+            return input_err(format!(
+                "KvCache has {} layers, the model has {}",
+                cache.layers.len(),
+                self.num_layers()
+            ));
+        }
+        let past = cache.len();
+        for (i, (l, layer)) in cache.layers.iter().zip(&self.model.layers).enumerate() {
+            let a = &layer.self_attn;
+            let want = [b, a.num_kv_heads, past, a.head_dim];
+            if let Some((k, v)) = &l.kv {
+                if k.dims() != want || v.dims() != want {
+                    return input_err(format!(
+                        "KvCache layer {i} holds k {:?} / v {:?}, expected {want:?} \
+                         (batch {b}, {past} cached positions)",
+                        k.dims(),
+                        v.dims()
+                    ));
+                }
+            } else if past != 0 {
+                return input_err(format!("KvCache layer {i} is empty, layer 0 holds {past}"));
+            }
+        }
+        let total = past + s;
+        let device = embeds.device();
+        let shape_err = |name: &str, got: Vec<usize>, want: [usize; 2]| {
+            input_err(format!(
+                "AttnExtras.{name} has shape {got:?}, expected {want:?}"
+            ))
+        };
+
+        let positions = match &extras.positions {
+            Some(p) if p.dims() != [b, s] => {
+                return shape_err("positions", p.dims().to_vec(), [b, s])
+            }
+            Some(p) => p.clone(),
+            None => Tensor::<B, 1, Int>::arange(past as i64..total as i64, &device)
+                .reshape([1, s])
+                .expand([b, s]),
+        };
+        let (head_dim, theta) = self.model.layers.first().map_or((2, 10000.0), |l| {
+            (l.self_attn.head_dim, l.self_attn.rope_theta)
+        });
+        let (cos, sin) = rope_tables(positions, head_dim, theta);
+
+        // Causal: query i (absolute cache index past + i) sees keys 0..=past + i.
+        let causal: Vec<bool> = (0..s)
+            .flat_map(|i| (0..total).map(move |j| j > past + i))
+            .collect();
+        let mut mask =
+            Tensor::<B, 2, Bool>::from_data(TensorData::new(causal, [s, total]), &device)
+                .reshape([1, 1, s, total])
+                .expand([b, 1, s, total]);
+        if let Some(keep) = &extras.key_keep {
+            if keep.dims() != [b, total] {
+                return shape_err("key_keep", keep.dims().to_vec(), [b, total]);
+            }
+            let pad = keep
+                .clone()
+                .bool_not()
+                .reshape([b, 1, 1, total])
+                .expand([b, 1, s, total]);
+            mask = mask.bool_or(pad);
+        }
+        let gamma = match &extras.gamma {
+            Some(g) if g.dims() != [b, total] => {
+                return shape_err("gamma", g.dims().to_vec(), [b, total])
+            }
+            Some(g) => Some(g.clone().reshape([b, 1, 1, total])),
+            None => None,
+        };
+        Ok(AttnInputs {
+            cos,
+            sin,
+            mask,
+            gamma,
+        })
+    }
+
+    /// Teacher-forced per-token log-probabilities with gradients: row `r` is
+    /// `prompt_ids[r] ++ response_ids[r]`, right-padded into one batch (padding keys masked);
+    /// entry `[r, i]` is `log p(response_r[i] | prompt_r, response_r[..i])`. Returns the
+    /// log-probs `[b, max_resp_len]` (0 where masked) and the mask `[b, max_resp_len]` (true =
+    /// a real response token). Logits are computed only at the scored positions. Errors on
+    /// empty prompts, ids outside the vocabulary, or when every response is empty.
+    pub fn score_tensor(
+        &self,
+        prompt_ids: &[Vec<u32>],
+        response_ids: &[Vec<u32>],
+    ) -> Result<(Tensor<B, 2>, Tensor<B, 2, Bool>), LlamaError> {
+        let b = prompt_ids.len();
+        if b == 0 || response_ids.len() != b {
+            return input_err(format!(
+                "score: {b} prompts and {} responses (need the same, at least one)",
+                response_ids.len()
+            ));
+        }
+        if let Some(r) = prompt_ids.iter().position(Vec::is_empty) {
+            return input_err(format!(
+                "score: prompt {r} is empty (nothing predicts its first response token)"
+            ));
+        }
+        self.check_ids(prompt_ids)?;
+        self.check_ids(response_ids)?;
+        let rmax = response_ids.iter().map(Vec::len).max().unwrap_or(0);
+        if rmax == 0 {
+            return input_err("score: every response is empty");
+        }
+        let len = (0..b)
+            .map(|r| prompt_ids[r].len() + response_ids[r].len())
+            .max()
+            .unwrap_or(0);
+        let (mut ids, mut keep) = (Vec::with_capacity(b * len), Vec::with_capacity(b * len));
+        let (mut idx, mut tgt, mut m) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..b {
+            let (p, q) = (&prompt_ids[r], &response_ids[r]);
+            let n = p.len() + q.len();
+            ids.extend(p.iter().chain(q).map(|&t| t as i64));
+            ids.extend(std::iter::repeat_n(0i64, len - n));
+            keep.extend((0..len).map(|j| j < n));
+            for i in 0..rmax {
+                let real = i < q.len();
+                idx.push(if real { (p.len() + i - 1) as i64 } else { 0 });
+                tgt.push(if real { q[i] as i64 } else { 0 });
+                m.push(real);
+            }
+        }
+        let device = self.device();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, len]), &device);
+        let keep = Tensor::<B, 2, Bool>::from_data(TensorData::new(keep, [b, len]), &device);
+        let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [b, rmax]), &device);
+        let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(tgt, [b, rmax]), &device);
+        let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(m, [b, rmax]), &device);
+        let extras = AttnExtras {
+            key_keep: Some(keep),
+            ..Default::default()
+        };
+        let hidden = self.forward_embeds(self.embed(ids), &extras, &mut self.new_cache())?;
+        let logits = self.logits(gather_positions(hidden, idx));
+        let lp = token_logprobs(logits, tgt).mask_fill(mask.clone().bool_not(), 0.0);
+        Ok((lp, mask))
+    }
+
+    /// [`Llama::score_tensor`] as plain numbers: one `Vec` per row, of that row's response
+    /// length (empty responses give empty rows).
+    pub fn score(
+        &self,
+        prompt_ids: &[Vec<u32>],
+        response_ids: &[Vec<u32>],
+    ) -> Result<Vec<Vec<f32>>, LlamaError> {
+        if !prompt_ids.is_empty()
+            && response_ids.len() == prompt_ids.len()
+            && response_ids.iter().all(Vec::is_empty)
+        {
+            self.check_ids(prompt_ids)?;
+            return Ok(vec![Vec::new(); prompt_ids.len()]);
+        }
+        let (lp, _) = self.score_tensor(prompt_ids, response_ids)?;
+        let rmax = lp.dims()[1];
+        let v = lp
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| LlamaError::Input(format!("score: reading log-probs: {e:?}")))?;
+        Ok(response_ids
+            .iter()
+            .enumerate()
+            .map(|(r, q)| v[r * rmax..r * rmax + q.len()].to_vec())
+            .collect())
+    }
+
+    /// Greedy decoding of one prompt: up to `max_new` new tokens, stopping after emitting any
+    /// id in `stop` (which is included, unlike [`crate::sampling::Generation::ids`]). Returns
+    /// the new ids only. Runs [`crate::sampling::generate`] at temperature 0.
+    pub fn greedy(
+        &self,
+        prompt_ids: &[u32],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>, LlamaError> {
+        if prompt_ids.is_empty() || max_new == 0 {
+            return Ok(Vec::new());
+        }
+        let ids = self.ids_tensor(&[prompt_ids.to_vec()])?;
+        let keep = Tensor::<B, 2, Bool>::from_data(
+            TensorData::new(vec![true; prompt_ids.len()], [1, prompt_ids.len()]),
+            &self.device(),
+        );
+        let cfg = SamplingConfig {
+            max_new_tokens: max_new,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let g = generate(self, self.embed(ids), keep, None, &cfg, stop)?
+            .pop()
+            .ok_or_else(|| LlamaError::Input("generate returned no row".into()))?;
+        let mut out = g.ids;
+        out.extend(g.stop_id);
+        Ok(out)
     }
 }
 

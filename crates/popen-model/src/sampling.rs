@@ -1,1 +1,334 @@
-//! (in progress, issue 3)
+//! Batched generation from embedding prefixes: greedy, temperature and nucleus (top-p)
+//! sampling with a KV cache, per-row stop tokens and per-row seeded RNG streams.
+//!
+//! POPEN samples K responses per question (SPEC 6, step 1) and decodes the refined response
+//! with the gamma bias on its prefix (Eq. 5), from prefixes that PixelLM assembles as
+//! embeddings (image tokens, seg embeddings, `p_hat`). Rows are left-padded into one batch;
+//! positions count only real tokens, so a padded row generates exactly what it generates alone.
+
+use burn::prelude::*;
+use burn::tensor::{Bool, Int, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::llama::{AttnExtras, Llama, LlamaError};
+
+/// Decoding settings. Defaults: 64 new tokens, greedy (temperature 0), top_p 1, seed 0.
+/// There is no top-k: this equals transformers' sampling with `top_k=0` (its generation
+/// config defaults to 50), `temperature`, `top_p`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingConfig {
+    /// Upper bound on emitted tokens per row, a sampled stop token included (as HF counts).
+    pub max_new_tokens: usize,
+    /// 0 = greedy (argmax, lowest id on ties); > 0 divides the logits before top-p and sampling.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1], as transformers' `TopPLogitsWarper` (1 = off).
+    pub top_p: f32,
+    /// Row `r` draws from `ChaCha8Rng::seed_from_u64(seed)` on stream `r`.
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingConfig {
+    pub fn validate(&self) -> Result<(), LlamaError> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(LlamaError::Input(format!(
+                "sampling temperature {} must be finite and >= 0",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(LlamaError::Input(format!(
+                "sampling top_p {} must be in (0, 1]",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One row's generated continuation.
+#[derive(Debug, Clone)]
+pub struct Generation<B: Backend> {
+    /// Emitted ids, without the stop token.
+    pub ids: Vec<u32>,
+    /// `log p(id)` of each emitted id under the model's own distribution (temperature 1, no
+    /// top-p truncation), i.e. `log_softmax(logits)[id]` whatever the sampling settings: the
+    /// quantity POPEN's token preference score and `p(y)` are built from.
+    pub logprobs: Vec<f32>,
+    /// `[ids.len(), hidden]`: the final-normed hidden state of each emitted token once fed back
+    /// (the model's output at that token's position, as teacher forcing the row would give).
+    pub hidden: Tensor<B, 2>,
+    /// The row sampled a stop id (not included in `ids`) before `max_new_tokens`.
+    pub stopped: bool,
+    /// The stop id it sampled, if any.
+    pub stop_id: Option<u32>,
+}
+
+/// Generate continuations of a batch of embedding prefixes.
+///
+/// - `prefix`: input embeddings `[b, s, hidden]`, LEFT-padded (every row's last position real).
+/// - `prefix_keep`: `[b, s]`, false = padding (never attended).
+/// - `prefix_gamma`: optional `[b, s]` attention bias on the prefix keys (POPEN Eq. 5);
+///   generated tokens get 0.
+/// - `stop_ids`: a row stops at the first sampled id in this set. Stopped rows keep being fed
+///   a masked padding token until every row is done.
+///
+/// Positions count only real tokens (`cumsum(keep) - 1`, as HF `generate` derives them from
+/// the attention mask), so padding does not change a row's result; row `r` samples from its
+/// own RNG stream, so batch composition does not either (given the row index).
+pub fn generate<B: Backend>(
+    model: &Llama<B>,
+    prefix: Tensor<B, 3>,
+    prefix_keep: Tensor<B, 2, Bool>,
+    prefix_gamma: Option<Tensor<B, 2>>,
+    cfg: &SamplingConfig,
+    stop_ids: &[u32],
+) -> Result<Vec<Generation<B>>, LlamaError> {
+    cfg.validate()?;
+    let [b, s, h] = prefix.dims();
+    if prefix_keep.dims() != [b, s] {
+        return Err(LlamaError::Input(format!(
+            "generate: prefix_keep has shape {:?}, prefix is [{b}, {s}, {h}]",
+            prefix_keep.dims()
+        )));
+    }
+    if let Some(g) = &prefix_gamma {
+        if g.dims() != [b, s] {
+            return Err(LlamaError::Input(format!(
+                "generate: prefix_gamma has shape {:?}, prefix is [{b}, {s}, {h}]",
+                g.dims()
+            )));
+        }
+    }
+    let device = prefix.device();
+    let keep_host: Vec<bool> = prefix_keep
+        .clone()
+        .int()
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .map_err(|e| LlamaError::Input(format!("generate: reading prefix_keep: {e:?}")))?
+        .into_iter()
+        .map(|v| v != 0)
+        .collect();
+    if b > 0 && s > 0 {
+        if let Some(r) = (0..b).find(|&r| !keep_host[r * s + s - 1]) {
+            return Err(LlamaError::Input(format!(
+                "generate: prefix row {r} ends with padding; rows must be left-padded"
+            )));
+        }
+    }
+
+    // Per-row real-token counts and HF-style positions (padding positions get 1: never seen).
+    let mut n_real = vec![0usize; b];
+    let mut pos = Vec::with_capacity(b * s);
+    for r in 0..b {
+        for j in 0..s {
+            if keep_host[r * s + j] {
+                pos.push(n_real[r] as i64);
+                n_real[r] += 1;
+            } else {
+                pos.push(1);
+            }
+        }
+    }
+    let mut keep_rows: Vec<Vec<bool>> = (0..b)
+        .map(|r| keep_host[r * s..(r + 1) * s].to_vec())
+        .collect();
+    let keep_tensor = |rows: &[Vec<bool>]| {
+        let t = rows[0].len();
+        let flat: Vec<bool> = rows.iter().flatten().copied().collect();
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(flat, [b, t]), &device)
+    };
+
+    let mut cache = model.new_cache();
+    let extras = AttnExtras {
+        positions: Some(Tensor::from_data(TensorData::new(pos, [b, s]), &device)),
+        key_keep: Some(prefix_keep),
+        gamma: prefix_gamma.clone(),
+    };
+    let hidden = model.forward_embeds(prefix, &extras, &mut cache)?;
+    let mut gamma = prefix_gamma;
+    let vocab = model.vocab_size();
+
+    let mut rngs: Vec<ChaCha8Rng> = (0..b)
+        .map(|r| {
+            let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+            rng.set_stream(r as u64);
+            rng
+        })
+        .collect();
+    let mut ids: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut logprobs: Vec<Vec<f32>> = vec![Vec::new(); b];
+    let mut stop_id: Vec<Option<u32>> = vec![None; b];
+    let mut active = vec![true; b];
+    let mut step_hidden: Vec<Tensor<B, 3>> = Vec::new();
+
+    let mut logits = if cfg.max_new_tokens > 0 {
+        Some(model.logits(hidden.narrow(1, s - 1, 1)))
+    } else {
+        None
+    };
+    for step in 0..cfg.max_new_tokens {
+        let Some(lg) = logits.take() else { break };
+        let lg: Vec<f32> = lg
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| LlamaError::Input(format!("generate: reading logits: {e:?}")))?;
+        let mut next = vec![0i64; b];
+        let mut fed = vec![false; b];
+        for r in (0..b).filter(|&r| active[r]) {
+            let row = &lg[r * vocab..(r + 1) * vocab];
+            if let Some(i) = row.iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
+                return Err(LlamaError::Input(format!(
+                    "generate: row {r}, step {step}: logit of id {i} is {}",
+                    row[i]
+                )));
+            }
+            let t = choose(row, cfg, &mut rngs[r]);
+            if stop_ids.contains(&t) {
+                stop_id[r] = Some(t); // `active` becomes `fed` below, false for this row
+                continue;
+            }
+            ids[r].push(t);
+            logprobs[r].push(log_softmax_at(row, t as usize));
+            next[r] = t as i64;
+            fed[r] = true;
+        }
+        if !fed.iter().any(|&f| f) {
+            break;
+        }
+        // Feed the emitted tokens back; stopped rows get a masked padding token.
+        let positions: Vec<i64> = (0..b)
+            .map(|r| {
+                if fed[r] {
+                    (n_real[r] + ids[r].len() - 1) as i64
+                } else {
+                    1
+                }
+            })
+            .collect();
+        for (r, k) in keep_rows.iter_mut().enumerate() {
+            k.push(fed[r]);
+        }
+        gamma = gamma.map(|g| Tensor::cat(vec![g, Tensor::zeros([b, 1], &device)], 1));
+        let extras = AttnExtras {
+            positions: Some(Tensor::from_data(
+                TensorData::new(positions, [b, 1]),
+                &device,
+            )),
+            key_keep: Some(keep_tensor(&keep_rows)),
+            gamma: gamma.clone(),
+        };
+        let tok = Tensor::<B, 2, Int>::from_data(TensorData::new(next, [b, 1]), &device);
+        let hid = model.forward_embeds(model.embed(tok), &extras, &mut cache)?;
+        step_hidden.push(hid.clone());
+        active = fed;
+        if step + 1 < cfg.max_new_tokens {
+            logits = Some(model.logits(hid));
+        }
+    }
+
+    // Row r emitted at steps 0..len_r (a row emits every step until it stops).
+    let all_hidden = (!step_hidden.is_empty()).then(|| Tensor::cat(step_hidden, 1));
+    Ok((0..b)
+        .map(|r| {
+            let n = ids[r].len();
+            let hidden = match &all_hidden {
+                Some(t) if n > 0 => t.clone().narrow(0, r, 1).narrow(1, 0, n).reshape([n, h]),
+                _ => Tensor::<B, 2>::zeros([0, h], &device),
+            };
+            Generation {
+                ids: std::mem::take(&mut ids[r]),
+                logprobs: std::mem::take(&mut logprobs[r]),
+                hidden,
+                stopped: stop_id[r].is_some(),
+                stop_id: stop_id[r],
+            }
+        })
+        .collect())
+}
+
+/// `log_softmax(row)[i]`, in f64 (max-shifted log-sum-exp).
+fn log_softmax_at(row: &[f32], i: usize) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    (row[i] as f64 - lse) as f32
+}
+
+/// Argmax, lowest id on ties (torch's argmax convention).
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Pick the next id of one row: greedy at temperature 0; otherwise logits / temperature, then
+/// transformers' `TopPLogitsWarper` (sort ascending, drop tokens whose cumulative probability
+/// is <= 1 - top_p, always keep the most likely), then one draw from the renormalised softmax.
+fn choose(row: &[f32], cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> u32 {
+    if cfg.temperature == 0.0 {
+        return argmax(row) as u32;
+    }
+    let t = cfg.temperature as f64;
+    let scaled: Vec<f64> = row.iter().map(|&v| v as f64 / t).collect();
+    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = scaled.iter().map(|&v| (v - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+
+    // Ascending by logit; on ties the higher id first, so the last (always kept) entry is the
+    // greedy choice and top_p -> 0 reproduces greedy decoding exactly.
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    let mut kept: Vec<usize> = if cfg.top_p < 1.0 {
+        order.sort_by(|&a, &b| scaled[a].total_cmp(&scaled[b]).then(b.cmp(&a)));
+        let cut = 1.0 - cfg.top_p as f64;
+        let mut cum = 0.0;
+        let mut first_kept = order.len() - 1;
+        for (k, &i) in order.iter().enumerate() {
+            cum += weights[i] / total;
+            if cum > cut {
+                first_kept = k;
+                break;
+            }
+        }
+        order.split_off(first_kept)
+    } else {
+        order
+    };
+    kept.retain(|&i| weights[i] > 0.0);
+    if kept.is_empty() {
+        return argmax(row) as u32;
+    }
+    let mass: f64 = kept.iter().map(|&i| weights[i]).sum();
+    let mut u = rng.random::<f64>() * mass;
+    for &i in &kept {
+        u -= weights[i];
+        if u < 0.0 {
+            return i as u32;
+        }
+    }
+    *kept.last().expect("non-empty") as u32
+}

@@ -37,14 +37,20 @@ fn check_cache_consistency(model: &Llama<B>, ids: &[u32], split: usize, tol: f32
     let device = Default::default();
     let vocab = model.model.embed_tokens.weight.val().dims()[0];
     let mut full_cache = model.new_cache();
-    let full = model.forward(ids_tensor(ids, &device), &mut full_cache);
+    let full = model
+        .forward(ids_tensor(ids, &device), &mut full_cache)
+        .unwrap();
     let n = ids.len();
     let full_last = to_vec(full.narrow(1, n - 1, 1));
 
     let mut cache = model.new_cache();
-    let mut last = model.forward(ids_tensor(&ids[..split], &device), &mut cache);
+    let mut last = model
+        .forward(ids_tensor(&ids[..split], &device), &mut cache)
+        .unwrap();
     for i in split..n {
-        last = model.forward(ids_tensor(&ids[i..i + 1], &device), &mut cache);
+        last = model
+            .forward(ids_tensor(&ids[i..i + 1], &device), &mut cache)
+            .unwrap();
     }
     assert_eq!(cache.len(), n);
     assert_eq!(last.dims(), [1, 1, vocab]);
@@ -63,13 +69,15 @@ fn tiny_shapes_and_cache() {
         &device,
     );
     let mut cache = model.new_cache();
-    let logits = model.forward(tokens, &mut cache);
+    let logits = model.forward(tokens, &mut cache).unwrap();
     assert_eq!(logits.dims(), [2, 4, cfg.vocab_size]);
     assert_eq!(cache.len(), 4);
-    let step = model.forward(
-        Tensor::from_data(TensorData::new(vec![9i64, 10], [2, 1]), &device),
-        &mut cache,
-    );
+    let step = model
+        .forward(
+            Tensor::from_data(TensorData::new(vec![9i64, 10], [2, 1]), &device),
+            &mut cache,
+        )
+        .unwrap();
     assert_eq!(step.dims(), [2, 1, cfg.vocab_size]);
     assert_eq!(cache.len(), 5);
     check_cache_consistency(&model, &[3, 1, 4, 1, 5, 9, 2, 6], 3, 1e-5);
@@ -83,7 +91,9 @@ fn tiny_shapes_and_cache() {
     assert!(m2.lm_head.is_some());
     let mut c2 = m2.new_cache();
     assert_eq!(
-        m2.forward(ids_tensor(&[1, 2, 3], &device), &mut c2).dims(),
+        m2.forward(ids_tensor(&[1, 2, 3], &device), &mut c2)
+            .unwrap()
+            .dims(),
         [1, 3, 64]
     );
 
@@ -201,7 +211,7 @@ fn smollm2_greedy_paris_and_cache() {
     eprintln!("prompt ids {prompt:?}");
 
     let t = Instant::now();
-    let out = model.greedy(&prompt, 12, &[im_end]);
+    let out = model.greedy(&prompt, 12, &[im_end]).unwrap();
     let text = decode(&tokens, &out);
     eprintln!(
         "greedy {} tokens in {:.2?}: {text:?} {out:?}",
