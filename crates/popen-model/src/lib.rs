@@ -12,6 +12,7 @@
 
 pub mod clip;
 pub mod gguf;
+pub mod infer;
 pub mod llama;
 pub mod pixel_decoder;
 pub mod pixellm;

@@ -1,1 +1,1062 @@
-//! (in progress, issue 3)
+//! PixelLM assembled (LLaVA + segmentation codebook + multi-scale pixel decoder), with what
+//! POPEN adds (SPEC sections 1 and 6).
+//!
+//! The data path follows the public PixelLM code (MaverickRen/PixelLM, `model/PixelLM.py`,
+//! `model/llava/model/llava_arch.py`):
+//! - the CLIP tower runs at `image_size` (448) with the patches of the zero padding masked
+//!   out of its attention (`encode_images`' `vit_attention_mask`);
+//! - scale 0 = `hidden_states[-2]` patches, bilinearly resized (align_corners=False) to a
+//!   `llm_image_grid`^2 grid (16x16 = 256 tokens), through `mm_projector` -> the image tokens
+//!   that replace `<image>`; the image tokens of padding are masked in the LLM's attention
+//!   (`vit_attention_mask_for_llm`, nearest-downsampled);
+//! - every scale (`hidden_states[-2]`, `hidden_states[-11]`) -> `out_mm_projector` ->
+//!   `image_feature_neck` -> the pixel decoder's image embeddings;
+//! - the segmentation embedding of codebook token j is `text_hidden_fcs` of the final hidden
+//!   state one position BEFORE it (PixelLM masks `input_ids[:, 1:] == seg`, i.e. the state
+//!   that predicts the token), grouped `(objects, scales, seg_token_num)` and averaged over the
+//!   seg tokens of each scale with PixelLM's fixed weights `1/seg_token_num`.
+//!
+//! POPEN's additions: [`Segment::Prompt`] inserts the learnable `p_hat`
+//! (`prompt_embeddings`), [`Segment::SegFeedback`] feeds segmentation embeddings back in as
+//! input tokens through `seg_feedback` (a Linear from `scales * out_dim` to the LLM width:
+//! the embedding of an object is the concatenation of its per-scale embeddings, as SPEC 10.14
+//! compares them, and a learned linear map is the least-assuming way into the token space),
+//! and every segment may carry a per-position attention bias `gamma` (Eqs. 5-6).
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Gelu, Linear, LinearConfig, PaddingConfig2d, Relu};
+use burn::prelude::*;
+use burn::tensor::{Bool, DType, Int, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::clip::{ClipVisionConfig, ClipVisionModel};
+use crate::llama::{AttnExtras, Llama, LlamaConfig, LlamaError};
+use crate::pixel_decoder::{MaskDecoderMultiScaleConfig, PixelDecoder};
+use crate::preprocess::Preprocessed;
+use crate::sam::{resize_bilinear, LayerNorm2d};
+use crate::sampling::{generate, Generation, SamplingConfig};
+use crate::weights::{self, Checkpoint, Remap, WeightsError};
+
+/// Errors of building, loading or running a [`PixelLm`].
+#[derive(Debug, thiserror::Error)]
+pub enum PixelLmError {
+    #[error("PixelLM config: {0}")]
+    Config(String),
+    #[error("{path}: {source}")]
+    ConfigFile {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Llama(#[from] LlamaError),
+    #[error("vision tower: {0}")]
+    Vision(String),
+    #[error("pixel decoder: {0}")]
+    Decoder(String),
+    /// Inputs that do not fit the model or each other.
+    #[error("PixelLM input: {0}")]
+    Input(String),
+}
+
+type Result<T> = std::result::Result<T, PixelLmError>;
+
+fn input<T>(msg: impl Into<String>) -> Result<T> {
+    Err(PixelLmError::Input(msg.into()))
+}
+
+/// Everything that fixes a PixelLM's shapes. Presets: [`PixelLmConfig::tiny`],
+/// [`PixelLmConfig::pixellm_7b`], [`PixelLmConfig::pixellm_13b`]; TOML under `pipelines/`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PixelLmConfig {
+    /// A name for reports.
+    pub name: String,
+    /// The LLaMA decoder (HF `LlamaConfig` field names). Its vocabulary must include the
+    /// added tokens (`<im_start>`, `<im_end>`, the codebook `[SEG0]`..).
+    pub llm: LlamaConfig,
+    /// The CLIP vision tower (HF `CLIPVisionConfig`, at the checkpoint's own image size).
+    pub vision: ClipVisionConfig,
+    /// Input side the tower runs at; position embeddings are interpolated from
+    /// `vision.image_size` when different (PixelLM: 336 -> 448).
+    pub image_size: usize,
+    /// `hidden_states` indices read from the tower, one per feature scale; the first also
+    /// gives the LLM's image tokens. PixelLM: `[-2, -11]`.
+    pub vision_select_layers: Vec<isize>,
+    /// Side of the image-token grid fed to the LLM (PixelLM: 16, i.e. 256 tokens).
+    pub llm_image_grid: usize,
+    /// Hidden width of `mm_projector` and `out_mm_projector` (Linear -> GELU -> Linear).
+    /// PixelLM: 2H (`mm_projector_hidden_dim = 2`); LLaVA-1.5: H.
+    pub mm_projector_hidden: usize,
+    /// Codebook tokens per scale (PixelLM recipe: 3). The answer carries
+    /// `seg_token_num * scales` tokens per object.
+    pub seg_token_num: usize,
+    /// Width of the segmentation embedding per scale (PixelLM `out_dim`: 256). Must equal the
+    /// decoder's `transformer_dim`.
+    pub out_dim: usize,
+    /// `<im_start><image><im_end>` (PixelLM: true).
+    pub mm_use_im_start_end: bool,
+    /// The pixel decoder.
+    pub decoder: MaskDecoderMultiScaleConfig,
+    /// POPEN's learnable prompt embeddings `p_hat` (SPEC 6; paper: 10). 0 = none.
+    pub prompt_embeddings: usize,
+    /// POPEN's projection of fed-back segmentation embeddings into the LLM width (Eq. 6).
+    pub seg_feedback: bool,
+    /// Longest sequence the model is asked to handle (PixelLM trains at 512 text tokens).
+    pub max_length: usize,
+}
+
+impl PixelLmConfig {
+    pub fn num_scales(&self) -> usize {
+        self.vision_select_layers.len()
+    }
+
+    /// Codebook tokens per object (`seg_token_num * scales`).
+    pub fn seg_group_len(&self) -> usize {
+        self.seg_token_num * self.num_scales()
+    }
+
+    /// Patches per side at `image_size`.
+    pub fn patch_grid(&self) -> usize {
+        self.image_size / self.vision.patch_size
+    }
+
+    /// Number of LLM tokens one image becomes.
+    pub fn image_tokens(&self) -> usize {
+        self.llm_image_grid * self.llm_image_grid
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(PixelLmError::Config(format!("{}: {m}", self.name)));
+        if self.vision_select_layers.is_empty() {
+            return bad("vision_select_layers is empty".into());
+        }
+        let n = self.vision.num_hidden_layers as isize;
+        for &l in &self.vision_select_layers {
+            if l < -(n + 1) || l > n {
+                return bad(format!(
+                    "vision_select_layers has {l}, outside the tower's {} hidden states",
+                    n + 1
+                ));
+            }
+        }
+        if self.vision.patch_size == 0 || self.image_size % self.vision.patch_size != 0 {
+            return bad(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.vision.patch_size
+            ));
+        }
+        if self.llm_image_grid == 0 || self.llm_image_grid > self.patch_grid() {
+            return bad(format!(
+                "llm_image_grid {} must be in 1..={} (the patch grid)",
+                self.llm_image_grid,
+                self.patch_grid()
+            ));
+        }
+        if self.seg_token_num == 0 {
+            return bad("seg_token_num must be at least 1".into());
+        }
+        if self.out_dim != self.decoder.transformer_dim {
+            return bad(format!(
+                "out_dim {} != decoder.transformer_dim {}",
+                self.out_dim, self.decoder.transformer_dim
+            ));
+        }
+        if self.decoder.num_scales != self.num_scales() {
+            return bad(format!(
+                "decoder.num_scales {} != number of vision_select_layers {}",
+                self.decoder.num_scales,
+                self.num_scales()
+            ));
+        }
+        if self.decoder.image_embedding_size != self.patch_grid() {
+            return bad(format!(
+                "decoder.image_embedding_size {} != patch grid {} (image_size / patch_size)",
+                self.decoder.image_embedding_size,
+                self.patch_grid()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Read a config from TOML (`pipelines/model-*.toml`).
+    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<PixelLmConfig> {
+        let path = path.as_ref();
+        let err = |e: Box<dyn std::error::Error + Send + Sync>| PixelLmError::ConfigFile {
+            path: path.display().to_string(),
+            source: e,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(Box::new(e)))?;
+        let cfg: PixelLmConfig = toml::from_str(&text).map_err(|e| err(Box::new(e)))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The model `popen` trains on the embedded benchmark: minutes on 2 CPU cores.
+    pub fn tiny(vocab_size: usize) -> PixelLmConfig {
+        let mut llm = LlamaConfig::tiny();
+        llm.vocab_size = vocab_size;
+        llm.hidden_size = 128;
+        llm.intermediate_size = 344;
+        llm.num_hidden_layers = 4;
+        llm.num_attention_heads = 4;
+        llm.num_key_value_heads = 2;
+        llm.tie_word_embeddings = false;
+        llm.max_position_embeddings = 512;
+        let vision = ClipVisionConfig {
+            hidden_size: 96,
+            intermediate_size: 256,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_channels: 3,
+            image_size: 128,
+            patch_size: 8,
+            layer_norm_eps: 1e-5,
+            hidden_act: crate::clip::ClipActivation::QuickGelu,
+        };
+        let decoder = MaskDecoderMultiScaleConfig {
+            transformer_dim: 64,
+            num_scales: 2,
+            depth: 2,
+            mlp_dim: 256,
+            num_heads: 4,
+            iou_head_hidden_dim: 64,
+            image_embedding_size: 16,
+            input_image_size: 128,
+            low_res_size: 64,
+            ..MaskDecoderMultiScaleConfig::default()
+        };
+        PixelLmConfig {
+            name: "tiny".into(),
+            llm,
+            vision,
+            image_size: 128,
+            vision_select_layers: vec![-2, -4],
+            llm_image_grid: 8,
+            mm_projector_hidden: 256,
+            seg_token_num: 3,
+            out_dim: 64,
+            mm_use_im_start_end: true,
+            decoder,
+            prompt_embeddings: 10,
+            seg_feedback: true,
+            max_length: 512,
+        }
+    }
+
+    /// PixelLM-7B: LLaVA-7B (LLaMA, H 4096) + CLIP ViT-L/14-336 run at 448.
+    pub fn pixellm_7b() -> PixelLmConfig {
+        let llm = LlamaConfig {
+            vocab_size: 32000 + 3 + 6,
+            ..LlamaConfig::default()
+        };
+        Self::pixellm(llm, "pixellm-7b")
+    }
+
+    /// PixelLM-13B: LLaVA-llama2-13B (H 5120, 40 layers, 40 heads).
+    pub fn pixellm_13b() -> PixelLmConfig {
+        let llm = LlamaConfig {
+            vocab_size: 32000 + 3 + 6,
+            hidden_size: 5120,
+            intermediate_size: 13824,
+            num_hidden_layers: 40,
+            num_attention_heads: 40,
+            num_key_value_heads: 40,
+            max_position_embeddings: 4096,
+            ..LlamaConfig::default()
+        };
+        Self::pixellm(llm, "pixellm-13b")
+    }
+
+    fn pixellm(llm: LlamaConfig, name: &str) -> PixelLmConfig {
+        let mm_projector_hidden = 2 * llm.hidden_size;
+        PixelLmConfig {
+            mm_projector_hidden,
+            name: name.into(),
+            llm,
+            vision: ClipVisionConfig::vit_l_14_336(),
+            image_size: 448,
+            vision_select_layers: vec![-2, -11],
+            llm_image_grid: 16,
+            seg_token_num: 3,
+            out_dim: 256,
+            mm_use_im_start_end: true,
+            decoder: MaskDecoderMultiScaleConfig::default(),
+            prompt_embeddings: 10,
+            seg_feedback: true,
+            max_length: 512,
+        }
+    }
+
+    /// Fresh random weights (burn's initializers). Position embeddings are created at
+    /// `image_size` directly.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<PixelLm<B>> {
+        self.validate()?;
+        let h = self.llm.hidden_size;
+        let v = self.vision.hidden_size;
+        let mut vision_cfg = self.vision.clone();
+        vision_cfg.image_size = self.image_size;
+        let neck_dim = self.decoder.transformer_dim;
+        Ok(PixelLm {
+            llm: self.llm.init(device),
+            vision_tower: vision_cfg.init(device),
+            mm_projector: Projector::new(v, self.mm_projector_hidden, h, device),
+            out_mm_projector: Projector::new(v, self.mm_projector_hidden, h, device),
+            image_feature_neck: FeatureNeck {
+                conv_1: Conv2dConfig::new([h, neck_dim], [1, 1])
+                    .with_bias(false)
+                    .init(device),
+                norm_1: LayerNorm2d::new(neck_dim, device),
+                conv_2: Conv2dConfig::new([neck_dim, neck_dim], [3, 3])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .with_bias(false)
+                    .init(device),
+                norm_2: LayerNorm2d::new(neck_dim, device),
+            },
+            text_hidden_fcs: TextHiddenFcs {
+                fc_1: LinearConfig::new(h, h).init(device),
+                relu: Relu::new(),
+                fc_2: LinearConfig::new(h, self.out_dim).init(device),
+            },
+            decoder: self
+                .decoder
+                .init(device)
+                .map_err(|e| PixelLmError::Config(format!("{}: decoder: {e}", self.name)))?,
+            prompt_embeddings: (self.prompt_embeddings > 0).then(|| {
+                // Small like token embeddings, so an untrained p_hat barely moves the model.
+                Param::from_tensor(Tensor::random(
+                    [self.prompt_embeddings, h],
+                    burn::tensor::Distribution::Normal(0.0, 0.02),
+                    device,
+                ))
+            }),
+            seg_feedback: self
+                .seg_feedback
+                .then(|| LinearConfig::new(self.num_scales() * self.out_dim, h).init(device)),
+            cfg: self.clone(),
+        })
+    }
+}
+
+/// LLaVA's `mlp2x_gelu` projector (and PixelLM's `out_mm_projector`, which is the same
+/// shape with a 2H hidden layer). PyTorch: `Sequential(Linear, GELU, Linear)` = `0`, `2`.
+#[derive(Module, Debug)]
+pub struct Projector<B: Backend> {
+    pub linear_1: Linear<B>,
+    pub act: Gelu,
+    pub linear_2: Linear<B>,
+}
+
+impl<B: Backend> Projector<B> {
+    fn new(inp: usize, hidden: usize, out: usize, device: &B::Device) -> Self {
+        Projector {
+            linear_1: LinearConfig::new(inp, hidden).init(device),
+            act: Gelu::new(),
+            linear_2: LinearConfig::new(hidden, out).init(device),
+        }
+    }
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.linear_2.forward(self.act.forward(self.linear_1.forward(x)))
+    }
+}
+
+/// PixelLM's `image_feature_neck`: Conv1x1 (no bias) -> LayerNorm2d -> Conv3x3 (no bias)
+/// -> LayerNorm2d (PyTorch indices 0..3).
+#[derive(Module, Debug)]
+pub struct FeatureNeck<B: Backend> {
+    pub conv_1: Conv2d<B>,
+    pub norm_1: LayerNorm2d<B>,
+    pub conv_2: Conv2d<B>,
+    pub norm_2: LayerNorm2d<B>,
+}
+
+impl<B: Backend> FeatureNeck<B> {
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let x = self.norm_1.forward(self.conv_1.forward(x));
+        self.norm_2.forward(self.conv_2.forward(x))
+    }
+}
+
+/// PixelLM's `text_hidden_fcs[0]`: Linear(H, H) -> ReLU -> Linear(H, out_dim) -> Dropout(0).
+#[derive(Module, Debug)]
+pub struct TextHiddenFcs<B: Backend> {
+    pub fc_1: Linear<B>,
+    pub relu: Relu,
+    pub fc_2: Linear<B>,
+}
+
+impl<B: Backend> TextHiddenFcs<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.fc_2.forward(self.relu.forward(self.fc_1.forward(x)))
+    }
+}
+
+/// PixelLM with POPEN's additions. Field names are our checkpoint names; [`Layout`] maps
+/// PixelLM's and LLaVA's.
+#[derive(Module, Debug)]
+pub struct PixelLm<B: Backend> {
+    pub llm: Llama<B>,
+    pub vision_tower: ClipVisionModel<B>,
+    pub mm_projector: Projector<B>,
+    pub out_mm_projector: Projector<B>,
+    pub image_feature_neck: FeatureNeck<B>,
+    pub text_hidden_fcs: TextHiddenFcs<B>,
+    pub decoder: PixelDecoder<B>,
+    /// `p_hat` [prompt_embeddings, H].
+    pub prompt_embeddings: Option<Param<Tensor<B, 2>>>,
+    /// Seg-embedding feedback projection [scales * out_dim -> H].
+    pub seg_feedback: Option<Linear<B>>,
+    #[module(skip)]
+    pub cfg: PixelLmConfig,
+}
+
+/// Image features of a batch of images, computed once and shared by every sequence that
+/// shows the image (K sampled answers, perturbed copies...).
+#[derive(Debug, Clone)]
+pub struct ImageFeatures<B: Backend> {
+    /// LLM image tokens [n_images, llm_image_grid^2, H].
+    pub llm_tokens: Tensor<B, 3>,
+    /// Attention keep-mask of those tokens [n_images, llm_image_grid^2] (false = padding).
+    pub llm_keep: Tensor<B, 2, Bool>,
+    /// Decoder image embeddings per scale, each [n_images, out_dim, g, g].
+    pub scales: Vec<Tensor<B, 4>>,
+    /// (resized_hw, original_hw) per image, for mask postprocessing.
+    pub sizes: Vec<((usize, usize), (usize, usize))>,
+}
+
+/// One piece of an input sequence.
+#[derive(Debug, Clone)]
+pub enum Segment<B: Backend> {
+    /// Text tokens.
+    Tokens(Vec<u32>),
+    /// The image tokens of image `i` of the [`ImageFeatures`] batch.
+    Image(usize),
+    /// POPEN's `p_hat` (all `prompt_embeddings` vectors).
+    Prompt,
+    /// Segmentation embeddings fed back as tokens: [n, scales * out_dim] (Eq. 6).
+    SegFeedback(Tensor<B, 2>),
+}
+
+/// A segment and, optionally, its per-position attention bias `gamma` (Eqs. 5-6); positions
+/// without one get 0.
+#[derive(Debug, Clone)]
+pub struct Part<B: Backend> {
+    pub segment: Segment<B>,
+    pub gamma: Option<Vec<f32>>,
+}
+
+impl<B: Backend> Part<B> {
+    pub fn new(segment: Segment<B>) -> Self {
+        Part {
+            segment,
+            gamma: None,
+        }
+    }
+    pub fn with_gamma(segment: Segment<B>, gamma: Vec<f32>) -> Self {
+        Part {
+            segment,
+            gamma: Some(gamma),
+        }
+    }
+}
+
+/// Which side sequences of a batch are padded on: left for generation (every row ends at
+/// the same position), right for teacher forcing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    Left,
+    Right,
+}
+
+/// A batch of assembled input sequences.
+#[derive(Debug, Clone)]
+pub struct Assembled<B: Backend> {
+    /// [b, L, H]
+    pub embeds: Tensor<B, 3>,
+    /// [b, L]: false = padding (or masked image padding), never attended.
+    pub keep: Tensor<B, 2, Bool>,
+    /// [b, L] additive attention bias, when any piece carried one.
+    pub gamma: Option<Tensor<B, 2>>,
+    /// [b, L] RoPE positions: 0.. over the row's own content (padding excluded).
+    pub positions: Tensor<B, 2, Int>,
+    /// Content length of each row.
+    pub lens: Vec<usize>,
+    /// Start of each piece in padded coordinates, per row.
+    pub piece_starts: Vec<Vec<usize>>,
+    /// Padded length L.
+    pub width: usize,
+}
+
+impl<B: Backend> PixelLm<B> {
+    pub fn config(&self) -> &PixelLmConfig {
+        &self.cfg
+    }
+
+    /// Encode preprocessed images (all at `image_size`).
+    pub fn encode_images(&self, images: &[Preprocessed]) -> Result<ImageFeatures<B>> {
+        let cfg = &self.cfg;
+        let n = images.len();
+        if n == 0 {
+            return input("encode_images: no images");
+        }
+        let s = cfg.image_size;
+        for (i, im) in images.iter().enumerate() {
+            if im.pixels.len() != 3 * s * s {
+                return input(format!(
+                    "image {i}: {} values, expected 3x{s}x{s} (preprocessed at image_size {s})",
+                    im.pixels.len()
+                ));
+            }
+        }
+        let device = self.device();
+        let pixels = crate::preprocess::to_tensor::<B>(images, &device)
+            .map_err(|e| PixelLmError::Input(e.to_string()))?;
+        let g = cfg.patch_grid();
+        let lg = cfg.llm_image_grid;
+        // PixelLM's masks (llava_arch.py encode_images): the ViT key mask over CLS + patches
+        // (nearest from the unpadded pixel region), and the LLM's image-token mask, the
+        // patch mask nearest-resized to the llm grid (F.interpolate nearest:
+        // src = floor(dst * in / out)).
+        let resized: Vec<(usize, usize)> = images.iter().map(|im| im.resized_hw).collect();
+        let vit_keep = crate::clip::patch_key_mask_values(&resized, s, cfg.vision.patch_size);
+        let mut llm_keep = Vec::with_capacity(n * lg * lg);
+        for i in 0..n {
+            let row = &vit_keep[i * (g * g + 1) + 1..(i + 1) * (g * g + 1)];
+            for ly in 0..lg {
+                for lx in 0..lg {
+                    let (py, px) = (ly * g / lg, lx * g / lg);
+                    llm_keep.push(row[py * g + px]);
+                }
+            }
+        }
+        let vit_keep = Tensor::<B, 2, Bool>::from_data(
+            TensorData::new(vit_keep, [n, g * g + 1]),
+            &device,
+        );
+        let hs = self
+            .vision_tower
+            .forward_hidden_states_masked(pixels, &cfg.vision_select_layers, Some(vit_keep))
+            .map_err(|e| PixelLmError::Vision(e.to_string()))?;
+        // Drop CLS ("patch" select feature).
+        let patches: Vec<Tensor<B, 3>> = hs
+            .into_iter()
+            .map(|h| {
+                let [b, t, c] = h.dims();
+                h.slice([0..b, 1..t, 0..c])
+            })
+            .collect();
+        let vdim = cfg.vision.hidden_size;
+        // LLM tokens: scale-0 patches on a g x g grid -> bilinear to lg x lg -> mm_projector.
+        let grid = patches[0].clone().swap_dims(1, 2).reshape([n, vdim, g, g]);
+        // Bilinear, align_corners=False, as PixelLM; burn 0.21's interpolate has no backward.
+        let small = if lg == g { grid } else { resize_bilinear(grid, lg, lg) };
+        let small = small.reshape([n, vdim, lg * lg]).swap_dims(1, 2);
+        let llm_tokens = self.mm_projector.forward(small);
+        let h = cfg.llm.hidden_size;
+        let scales = patches
+            .into_iter()
+            .map(|p| {
+                let x = self.out_mm_projector.forward(p); // [n, g*g, H]
+                let x = x.swap_dims(1, 2).reshape([n, h, g, g]);
+                self.image_feature_neck.forward(x)
+            })
+            .collect();
+        Ok(ImageFeatures {
+            llm_tokens,
+            llm_keep: Tensor::from_data(TensorData::new(llm_keep, [n, lg * lg]), &device),
+            scales,
+            sizes: images
+                .iter()
+                .map(|im| (im.resized_hw, im.original_hw))
+                .collect(),
+        })
+    }
+
+    fn device(&self) -> B::Device {
+        self.text_hidden_fcs.fc_1.weight.val().device()
+    }
+
+    fn piece_len(&self, p: &Segment<B>) -> Result<usize> {
+        Ok(match p {
+            Segment::Tokens(ids) => ids.len(),
+            Segment::Image(_) => self.cfg.image_tokens(),
+            Segment::Prompt => {
+                if self.prompt_embeddings.is_none() {
+                    return input("sequence asks for p_hat but the model has prompt_embeddings = 0");
+                }
+                self.cfg.prompt_embeddings
+            }
+            Segment::SegFeedback(t) => {
+                if self.seg_feedback.is_none() {
+                    return input("sequence feeds seg embeddings back but seg_feedback is off");
+                }
+                let [_, d] = t.dims();
+                let want = self.cfg.num_scales() * self.cfg.out_dim;
+                if d != want {
+                    return input(format!("seg feedback of width {d}, expected {want}"));
+                }
+                t.dims()[0]
+            }
+        })
+    }
+
+    /// Embed a batch of sequences (each a list of pieces) into one padded batch.
+    pub fn assemble(
+        &self,
+        rows: &[Vec<Part<B>>],
+        images: Option<&ImageFeatures<B>>,
+        padding: Padding,
+    ) -> Result<Assembled<B>> {
+        if rows.is_empty() {
+            return input("assemble: empty batch");
+        }
+        let device = self.device();
+        let h = self.cfg.llm.hidden_size;
+        let vocab = self.cfg.llm.vocab_size as u32;
+        let mut lens = Vec::with_capacity(rows.len());
+        for (r, row) in rows.iter().enumerate() {
+            let mut len = 0;
+            for (j, p) in row.iter().enumerate() {
+                let l = self.piece_len(&p.segment)?;
+                if let Some(g) = &p.gamma {
+                    if g.len() != l {
+                        return input(format!(
+                            "row {r} piece {j}: gamma has {} values for {l} positions",
+                            g.len()
+                        ));
+                    }
+                }
+                match &p.segment {
+                    Segment::Tokens(ids) => {
+                        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+                            return input(format!(
+                                "row {r} piece {j}: token id {bad} >= vocab size {vocab}"
+                            ));
+                        }
+                    }
+                    Segment::Image(i) => {
+                        let n = images.map(|f| f.sizes.len()).unwrap_or(0);
+                        if *i >= n {
+                            return input(format!(
+                                "row {r} piece {j}: image {i} but {n} images were encoded"
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+                len += l;
+            }
+            if len == 0 {
+                return input(format!("row {r} is empty"));
+            }
+            lens.push(len);
+        }
+        let width = *lens.iter().max().expect("non-empty");
+        let any_gamma = rows.iter().flatten().any(|p| p.gamma.is_some());
+        let mut row_embeds = Vec::with_capacity(rows.len());
+        let mut keep = vec![false; rows.len() * width];
+        let mut gamma = vec![0f32; rows.len() * width];
+        let mut positions = vec![0i64; rows.len() * width];
+        let mut piece_starts = Vec::with_capacity(rows.len());
+        for (r, row) in rows.iter().enumerate() {
+            let pad = width - lens[r];
+            let start = if padding == Padding::Left { pad } else { 0 };
+            let mut parts: Vec<Tensor<B, 2>> = Vec::new();
+            let mut pos = start;
+            let mut starts = Vec::with_capacity(row.len());
+            for p in row {
+                starts.push(pos);
+                let l = self.piece_len(&p.segment)?;
+                let (emb, piece_keep): (Tensor<B, 2>, Option<Vec<bool>>) = match &p.segment {
+                    Segment::Tokens(ids) => {
+                        let t = Tensor::<B, 2, Int>::from_data(
+                            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, l]),
+                            &device,
+                        );
+                        (self.llm.embed(t).reshape([l, h]), None)
+                    }
+                    Segment::Image(i) => {
+                        let f = images.expect("checked above");
+                        let [_, t, _] = f.llm_tokens.dims();
+                        let e = f.llm_tokens.clone().slice([*i..*i + 1, 0..t, 0..h]).reshape([t, h]);
+                        let k = f
+                            .llm_keep
+                            .clone()
+                            .slice([*i..*i + 1, 0..t])
+                            .into_data()
+                            .convert::<bool>()
+                            .into_vec::<bool>()
+                            .map_err(|e| PixelLmError::Input(format!("{e:?}")))?;
+                        (e, Some(k))
+                    }
+                    Segment::Prompt => (
+                        self.prompt_embeddings.as_ref().expect("checked").val(),
+                        None,
+                    ),
+                    Segment::SegFeedback(t) => (
+                        self.seg_feedback.as_ref().expect("checked").forward(t.clone()),
+                        None,
+                    ),
+                };
+                for k in 0..l {
+                    keep[r * width + pos + k] = piece_keep.as_ref().map(|v| v[k]).unwrap_or(true);
+                    if let Some(g) = &p.gamma {
+                        gamma[r * width + pos + k] = g[k];
+                    }
+                }
+                parts.push(emb);
+                pos += l;
+            }
+            // RoPE positions count only attended positions (cumsum(keep) - 1), as HF's
+            // generate derives them from the attention mask, so teacher forcing and
+            // sampling place every token identically.
+            let mut seen = 0i64;
+            for k in 0..lens[r] {
+                positions[r * width + start + k] = (seen - 1).max(0);
+                if keep[r * width + start + k] {
+                    seen += 1;
+                }
+                positions[r * width + start + k] = (seen - 1).max(0);
+            }
+            let body = Tensor::cat(parts, 0);
+            let row_t = if pad == 0 {
+                body
+            } else {
+                let z = Tensor::<B, 2>::zeros([pad, h], &device);
+                match padding {
+                    Padding::Left => Tensor::cat(vec![z, body], 0),
+                    Padding::Right => Tensor::cat(vec![body, z], 0),
+                }
+            };
+            row_embeds.push(row_t.unsqueeze_dim::<3>(0));
+            piece_starts.push(starts);
+        }
+        let b = rows.len();
+        Ok(Assembled {
+            embeds: Tensor::cat(row_embeds, 0),
+            keep: Tensor::from_data(TensorData::new(keep, [b, width]), &device),
+            gamma: any_gamma
+                .then(|| Tensor::from_data(TensorData::new(gamma, [b, width]), &device)),
+            positions: Tensor::from_data(TensorData::new(positions, [b, width]), &device),
+            lens,
+            piece_starts,
+            width,
+        })
+    }
+
+    /// Full (teacher-forced) forward: final-normed hidden states [b, L, H].
+    pub fn forward_hidden(&self, asm: &Assembled<B>) -> Result<Tensor<B, 3>> {
+        let mut cache = self.llm.new_cache();
+        let extras = AttnExtras {
+            positions: Some(asm.positions.clone()),
+            key_keep: Some(asm.keep.clone()),
+            gamma: asm.gamma.clone(),
+        };
+        Ok(self.llm.forward_embeds(asm.embeds.clone(), &extras, &mut cache)?)
+    }
+
+    /// Segmentation embeddings `f` from final hidden states: for each object (a list of the
+    /// `seg_group_len` positions of its codebook tokens in row `row`), the PixelLM
+    /// embedding [n_objects, scales, out_dim] (see the module docs for the one-position
+    /// shift and the per-scale averaging).
+    pub fn seg_embeddings(
+        &self,
+        hidden: Tensor<B, 3>,
+        objects: &[(usize, Vec<usize>)],
+    ) -> Result<Tensor<B, 3>> {
+        let [b, l, h] = hidden.dims();
+        let group = self.cfg.seg_group_len();
+        let (scales, seg_num, out) = (self.cfg.num_scales(), self.cfg.seg_token_num, self.cfg.out_dim);
+        if objects.is_empty() {
+            return Ok(Tensor::zeros([0, scales, out], &hidden.device()));
+        }
+        let mut idx = Vec::with_capacity(objects.len() * group);
+        for (o, (row, pos)) in objects.iter().enumerate() {
+            if *row >= b {
+                return input(format!("object {o}: row {row} of a batch of {b}"));
+            }
+            if pos.len() != group {
+                return input(format!(
+                    "object {o}: {} codebook positions, expected {group}",
+                    pos.len()
+                ));
+            }
+            for &p in pos {
+                if p == 0 || p >= l {
+                    return input(format!("object {o}: codebook position {p} outside 1..{l}"));
+                }
+                idx.push((row * l + p - 1) as i64);
+            }
+        }
+        let n = idx.len();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [n]), &hidden.device());
+        let picked = hidden.reshape([b * l, h]).select(0, idx);
+        let proj = self.text_hidden_fcs.forward(picked); // [n, out]
+        let proj = proj.reshape([objects.len(), scales, seg_num, out]);
+        // PixelLM's multiseg_scalar: plain Python floats 1/seg_token_num, never trained.
+        Ok(proj.mean_dim(2).reshape([objects.len(), scales, out]))
+    }
+
+    /// Masks from segmentation embeddings: low-res fused logits through the decoder, then
+    /// postprocessed to each object's original image size. Returns one [H_i, W_i] logit map
+    /// per object and the decoder's IoU predictions.
+    pub fn decode_masks(
+        &self,
+        feats: &ImageFeatures<B>,
+        f: Tensor<B, 3>,
+        image_index: &[usize],
+    ) -> Result<(Vec<Tensor<B, 2>>, Tensor<B, 3>)> {
+        let [n, _, _] = f.dims();
+        if n != image_index.len() {
+            return input(format!("{n} embeddings but {} image indices", image_index.len()));
+        }
+        let out = self
+            .decoder
+            .forward(&feats.scales, f, image_index)
+            .map_err(|e| PixelLmError::Decoder(e.to_string()))?;
+        let low = out.low_res_masks;
+        let [_, lh, lw] = low.dims();
+        let mut masks = Vec::with_capacity(n);
+        for (o, &img) in image_index.iter().enumerate() {
+            let (resized, original) = feats.sizes[img];
+            let one = low.clone().slice([o..o + 1, 0..lh, 0..lw]);
+            let m = crate::pixel_decoder::postprocess_masks(one, self.cfg.image_size, resized, original)
+                .map_err(|e| PixelLmError::Decoder(e.to_string()))?;
+            let [_, hh, ww] = m.dims();
+            masks.push(m.reshape([hh, ww]));
+        }
+        Ok((masks, low))
+    }
+
+    /// Sample answers for left-padded rows (see [`crate::sampling::generate`]).
+    pub fn generate(
+        &self,
+        asm: &Assembled<B>,
+        cfg: &SamplingConfig,
+        stop_ids: &[u32],
+    ) -> Result<Vec<Generation<B>>> {
+        Ok(generate(
+            &self.llm,
+            asm.embeds.clone(),
+            asm.keep.clone(),
+            asm.gamma.clone(),
+            cfg,
+            stop_ids,
+        )?)
+    }
+
+    /// Token log-probs [b, L-1 -> aligned to L]: `logp[r, t]` = log p(token at t | < t) for
+    /// text-token positions given as `targets[r] = (start, ids)`; returns one Vec per row.
+    pub fn response_logprobs(
+        &self,
+        hidden: Tensor<B, 3>,
+        targets: &[(usize, Vec<u32>)],
+    ) -> Result<Tensor<B, 2>> {
+        let [b, l, _h] = hidden.dims();
+        if targets.len() != b {
+            return input(format!("{} targets for a batch of {b}", targets.len()));
+        }
+        let max = targets.iter().map(|t| t.1.len()).max().unwrap_or(0);
+        if max == 0 {
+            return Ok(Tensor::zeros([b, 0], &hidden.device()));
+        }
+        // Gather the predicting positions (start-1 .. start+len-1) per row, padded with the
+        // row's first predicting position (masked out by the caller through the lengths).
+        let mut pos = Vec::with_capacity(b * max);
+        let mut tgt = Vec::with_capacity(b * max);
+        for (r, (start, ids)) in targets.iter().enumerate() {
+            if *start == 0 || start + ids.len() > l {
+                return input(format!(
+                    "row {r}: response at {start}..{} does not fit 1..{l}",
+                    start + ids.len()
+                ));
+            }
+            for k in 0..max {
+                let kk = k.min(ids.len().saturating_sub(1));
+                pos.push((r * l + start + kk - 1) as i64);
+                tgt.push(ids.get(kk).copied().unwrap_or(0) as i64);
+            }
+        }
+        let device = hidden.device();
+        let [_, _, h] = hidden.dims();
+        let sel = hidden
+            .reshape([b * l, h])
+            .select(0, Tensor::from_data(TensorData::new(pos, [b * max]), &device))
+            .reshape([b, max, h]);
+        let logits = self.llm.logits(sel);
+        let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(tgt, [b, max]), &device);
+        Ok(crate::llama::token_logprobs(logits, tgt))
+    }
+}
+
+/// Key layouts of checkpoints we load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// Our own checkpoints ([`save`] of a [`PixelLm`]).
+    Native,
+    /// A released PixelLM checkpoint (`PixelLMForCausalLM.state_dict()`, original LLaVA
+    /// names: `model.layers.*`, `model.mm_projector.{0,2}`, `model.out_mm_projector.{0,2}`,
+    /// `model.text_hidden_fcs.0.{0,2}`, `model.image_feature_neck.{0..3}`,
+    /// `model.mask_decoder.*`, `model.prompt_encoder.*`; see docs/checkpoint-keys.md).
+    Pixellm,
+    /// An original LLaVA checkpoint (`LlavaLlamaForCausalLM`: `model.layers.*`,
+    /// `model.mm_projector.{0,2}`): PixelLM training starts from one. PixelLM's own parts
+    /// (`out_mm_projector`, `image_feature_neck`, `text_hidden_fcs`, the decoder) keep their
+    /// initialization.
+    Llava,
+    /// A Hugging Face `LlavaForConditionalGeneration`, in either key layout: transformers >=
+    /// 4.52 in memory (`model.vision_tower.*`, `model.multi_modal_projector.linear_{1,2}`,
+    /// `model.language_model.*`, `lm_head`) or as `save_pretrained` writes it
+    /// (`vision_tower.*`, `multi_modal_projector.*`, `language_model.model.*`,
+    /// `language_model.lm_head`); PixelLM's parts are fresh as with `Llava`.
+    LlavaHf,
+}
+
+impl Layout {
+    /// Prefix rules from this layout to our module tree.
+    pub fn remap(self) -> Remap {
+        let llava_common = |r: Remap| {
+            r.drop("*rotary_emb.inv_freq")
+                .prefix("model.vision_tower.vision_tower.", "vision_tower.")
+                .prefix("model.mm_projector.0.", "mm_projector.linear_1.")
+                .prefix("model.mm_projector.2.", "mm_projector.linear_2.")
+        };
+        match self {
+            Layout::Native => Remap::none(),
+            Layout::Pixellm => llava_common(Remap::none())
+                .prefix("model.out_mm_projector.0.", "out_mm_projector.linear_1.")
+                .prefix("model.out_mm_projector.2.", "out_mm_projector.linear_2.")
+                .prefix("model.image_feature_neck.0.", "image_feature_neck.conv_1.")
+                .prefix("model.image_feature_neck.1.", "image_feature_neck.norm_1.")
+                .prefix("model.image_feature_neck.2.", "image_feature_neck.conv_2.")
+                .prefix("model.image_feature_neck.3.", "image_feature_neck.norm_2.")
+                .prefix("model.text_hidden_fcs.0.0.", "text_hidden_fcs.fc_1.")
+                .prefix("model.text_hidden_fcs.0.2.", "text_hidden_fcs.fc_2.")
+                .prefix("model.mask_decoder.", "decoder.mask_decoder.")
+                .prefix("model.prompt_encoder.", "decoder.prompt_encoder.")
+                .prefix("model.", "llm.model.")
+                .prefix("lm_head.", "llm.lm_head."),
+            Layout::Llava => llava_common(Remap::none())
+                .prefix("model.", "llm.model.")
+                .prefix("lm_head.", "llm.lm_head."),
+            Layout::LlavaHf => Remap::none()
+                .drop("*rotary_emb.inv_freq")
+                .prefix("model.vision_tower.", "vision_tower.")
+                .prefix("model.multi_modal_projector.", "mm_projector.")
+                .prefix("model.language_model.", "llm.model.")
+                .prefix("lm_head.", "llm.lm_head.")
+                // What transformers 4.57's save_pretrained still writes (the legacy layout).
+                .prefix("multi_modal_projector.", "mm_projector.")
+                .prefix("language_model.model.", "llm.model.")
+                .prefix("language_model.lm_head.", "llm.lm_head."),
+        }
+    }
+
+    /// Module tensors this layout cannot hold (they keep their initialization).
+    fn lacks(self, name: &str) -> bool {
+        let popen = name.starts_with("prompt_embeddings") || name.starts_with("seg_feedback.");
+        let pixellm = ["out_mm_projector.", "image_feature_neck.", "text_hidden_fcs.", "decoder."]
+            .iter()
+            .any(|p| name.starts_with(p));
+        match self {
+            Layout::Native => false,
+            Layout::Pixellm => popen,
+            Layout::Llava | Layout::LlavaHf => popen || pixellm,
+        }
+    }
+}
+
+/// Load a checkpoint into a fresh model of `cfg`.
+///
+/// Every tensor must match, with two deliberate exceptions:
+/// - a non-native checkpoint cannot hold POPEN's `prompt_embeddings` / `seg_feedback`, and
+///   a LLaVA one not PixelLM's parts either ([`Layout`]): they keep their fresh
+///   initialization and are returned by name;
+/// - released PixelLM checkpoints do not hold the CLIP tower (its merge script filters
+///   `vision_tower` out; see docs/checkpoint-keys.md): pass the CLIP checkpoint as
+///   `vision_tower`. A tower found in the checkpoint is used otherwise.
+///
+/// The tower is loaded at its own image size and its position embeddings resized to
+/// `image_size` as PixelLM does ([`ClipVisionModel::with_image_size`]).
+pub fn load<B: Backend>(
+    cfg: &PixelLmConfig,
+    path: impl AsRef<Path>,
+    layout: Layout,
+    vision_tower: Option<&Path>,
+    device: &B::Device,
+) -> Result<(PixelLm<B>, Vec<String>)> {
+    cfg.validate()?;
+    let mut ck = Checkpoint::open(path.as_ref())?.remapped(&layout.remap());
+    let tower_ck = ck.sub("vision_tower");
+    ck.tensors.retain(|n, _| !n.starts_with("vision_tower."));
+    let tower = if !tower_ck.tensors.is_empty() {
+        let pos = tower_ck
+            .tensors
+            .get("vision_model.embeddings.position_embedding.weight")
+            .map(|t| t.shape[0]);
+        let mut tcfg = cfg.vision.clone();
+        if pos == Some((cfg.image_size / cfg.vision.patch_size).pow(2) + 1) {
+            tcfg.image_size = cfg.image_size;
+        }
+        weights::apply_checkpoint(tcfg.init(device), &tower_ck, DType::F32, false)?
+    } else if let Some(tp) = vision_tower {
+        crate::clip::load(&cfg.vision, tp, device)
+            .map_err(|e| PixelLmError::Vision(format!("{}: {e}", tp.display())))?
+    } else {
+        return Err(PixelLmError::Config(format!(
+            "{}: the checkpoint holds no vision tower (released PixelLM checkpoints leave it out): pass the CLIP checkpoint (--vision-tower)",
+            path.as_ref().display()
+        )));
+    };
+    let tower = if tower.config.image_size != cfg.image_size {
+        tower
+            .with_image_size(cfg.image_size)
+            .map_err(|e| PixelLmError::Vision(e.to_string()))?
+    } else {
+        tower
+    };
+    let model = cfg.init(device)?;
+    let fresh: Vec<String> = weights::named_tensors(&model)
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .filter(|n| layout.lacks(n))
+        .collect();
+    let mut model = weights::apply_checkpoint_keeping(model, &ck, DType::F32, false, &|n| {
+        n.starts_with("vision_tower.") || layout.lacks(n)
+    })?;
+    model.vision_tower = tower;
+    Ok((model, fresh))
+}
+
+/// Save a model as one safetensors file in our native layout, with its config as JSON in
+/// the metadata (`popen.config`), atomically.
+pub fn save<B: Backend>(model: &PixelLm<B>, path: impl AsRef<Path>) -> Result<()> {
+    let mut meta = std::collections::BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert(
+        "popen.config".to_string(),
+        serde_json::to_string(&model.cfg).expect("config serializes"),
+    );
+    weights::save(model, path, &meta)?;
+    Ok(())
+}
+
+/// The config stored in one of our checkpoints.
+pub fn saved_config(path: impl AsRef<Path>) -> Result<PixelLmConfig> {
+    let path = path.as_ref();
+    let ck = Checkpoint::open(path)?;
+    let text = ck.metadata.get("popen.config").ok_or_else(|| {
+        PixelLmError::Config(format!("{}: no popen.config metadata (not a popen checkpoint)", path.display()))
+    })?;
+    serde_json::from_str(text).map_err(|e| PixelLmError::ConfigFile {
+        path: path.display().to_string(),
+        source: Box::new(e),
+    })
+}
+

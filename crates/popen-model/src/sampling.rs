@@ -71,6 +71,10 @@ pub struct Generation<B: Backend> {
     /// `[ids.len(), hidden]`: the final-normed hidden state of each emitted token once fed back
     /// (the model's output at that token's position, as teacher forcing the row would give).
     pub hidden: Tensor<B, 2>,
+    /// `[hidden]`: the final-normed hidden state at the prefix's last position, the one
+    /// that predicted `ids[0]` (PixelLM reads a seg embedding from the state that predicts
+    /// the seg token, so a group starting at `ids[0]` needs it).
+    pub prefix_last: Tensor<B, 1>,
     /// The row sampled a stop id (not included in `ids`) before `max_new_tokens`.
     pub stopped: bool,
     /// The stop id it sampled, if any.
@@ -161,6 +165,7 @@ pub fn generate<B: Backend>(
         gamma: prefix_gamma.clone(),
     };
     let hidden = model.forward_embeds(prefix, &extras, &mut cache)?;
+    let hidden_prefix = hidden.clone().narrow(1, s - 1, 1);
     let mut gamma = prefix_gamma;
     let vocab = model.vocab_size();
 
@@ -253,6 +258,7 @@ pub fn generate<B: Backend>(
                 _ => Tensor::<B, 2>::zeros([0, h], &device),
             };
             Generation {
+                prefix_last: hidden_prefix.clone().narrow(0, r, 1).reshape([h]),
                 ids: std::mem::take(&mut ids[r]),
                 logprobs: std::mem::take(&mut logprobs[r]),
                 hidden,

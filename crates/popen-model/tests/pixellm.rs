@@ -1,0 +1,375 @@
+//! The assembled PixelLM: LLaVA glue against transformers, and POPEN's additions by their
+//! defining properties (gamma = 0 is no bias, no `p_hat` is the plain model, cached
+//! sampling equals teacher forcing, a batch equals its rows, save/load is exact).
+
+use std::path::PathBuf;
+
+use burn::backend::NdArray;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use popen_model::clip::ClipVisionConfig;
+use popen_model::llama::LlamaConfig;
+use popen_model::pixel_decoder::MaskDecoderMultiScaleConfig;
+use popen_model::pixellm::{self, Layout, Padding, Part, PixelLm, PixelLmConfig, Segment};
+use popen_model::preprocess::{Preprocessed, Preprocessor};
+use popen_model::sampling::SamplingConfig;
+
+type B = NdArray<f32>;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn vec2(t: Tensor<B, 2>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+}
+fn vec3(t: Tensor<B, 3>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        .fold(0.0, f32::max)
+}
+
+/// A small model for the property tests (fast in debug builds).
+fn small_cfg() -> PixelLmConfig {
+    let mut cfg = PixelLmConfig::tiny(64);
+    cfg.llm.hidden_size = 32;
+    cfg.llm.intermediate_size = 48;
+    cfg.llm.num_hidden_layers = 2;
+    cfg.mm_projector_hidden = 64;
+    cfg.vision.hidden_size = 32;
+    cfg.vision.intermediate_size = 48;
+    cfg.vision.num_hidden_layers = 3;
+    cfg.vision.image_size = 32;
+    cfg.vision.patch_size = 4;
+    cfg.image_size = 32;
+    cfg.vision_select_layers = vec![-2, -3];
+    cfg.llm_image_grid = 4;
+    cfg.out_dim = 16;
+    cfg.decoder.transformer_dim = 16;
+    cfg.decoder.mlp_dim = 32;
+    cfg.decoder.num_heads = 2;
+    cfg.decoder.iou_head_hidden_dim = 16;
+    cfg.decoder.image_embedding_size = 8;
+    cfg.decoder.input_image_size = 32;
+    cfg.decoder.low_res_size = 32;
+    cfg.prompt_embeddings = 3;
+    cfg
+}
+
+fn image(w: u32, h: u32, seed: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let v = (x * 37 + y * 91 + seed * 13) % 251;
+        image::Rgb([v as u8, (v * 3 % 256) as u8, (255 - v) as u8])
+    })
+}
+
+fn preprocess(cfg: &PixelLmConfig, imgs: &[image::RgbImage]) -> Vec<Preprocessed> {
+    let p = Preprocessor::pixellm(cfg.image_size);
+    imgs.iter().map(|i| p.apply(i).unwrap()).collect()
+}
+
+fn prompt(image_index: usize) -> Vec<Part<B>> {
+    vec![
+        Part::new(Segment::Tokens(vec![1, 5, 9])),
+        Part::new(Segment::Image(image_index)),
+        Part::new(Segment::Tokens(vec![12, 7, 30, 2])),
+    ]
+}
+
+/// transformers' LlavaForConditionalGeneration on a square image (no padding, image grid =
+/// patch grid), fixture from tools/reference/llava_fixture.py: popen's CLIP -> projector ->
+/// `<image>` splice -> LLaMA reproduces its logits.
+#[test]
+fn llava_hf_fixture() {
+    let dir = fixture("llava");
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let llm: LlamaConfig = serde_json::from_value(exp["text_config"].clone()).unwrap();
+    let vision: ClipVisionConfig = serde_json::from_value(exp["vision_config"].clone()).unwrap();
+    let cfg = PixelLmConfig {
+        name: "llava-fixture".into(),
+        mm_projector_hidden: llm.hidden_size,
+        llm,
+        image_size: vision.image_size,
+        vision_select_layers: vec![-2, -3],
+        llm_image_grid: vision.image_size / vision.patch_size,
+        seg_token_num: 1,
+        out_dim: 16,
+        mm_use_im_start_end: false,
+        decoder: MaskDecoderMultiScaleConfig {
+            transformer_dim: 16,
+            mlp_dim: 32,
+            num_heads: 2,
+            iou_head_hidden_dim: 16,
+            image_embedding_size: vision.image_size / vision.patch_size,
+            input_image_size: vision.image_size,
+            low_res_size: 16,
+            ..MaskDecoderMultiScaleConfig::default()
+        },
+        vision,
+        prompt_embeddings: 0,
+        seg_feedback: false,
+        max_length: 128,
+    };
+    let dev = Default::default();
+    let (model, fresh) = pixellm::load::<B>(&cfg, &dir, Layout::LlavaHf, None, &dev).unwrap();
+    assert!(fresh.iter().any(|n| n.starts_with("text_hidden_fcs.")), "{fresh:?}");
+    assert!(!fresh.iter().any(|n| n.starts_with("llm.") || n.starts_with("mm_projector.")));
+
+    let s = cfg.image_size;
+    let pixels: Vec<f32> = exp["pixels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let pre = Preprocessed {
+        pixels,
+        resized_hw: (s, s),
+        original_hw: (s, s),
+    };
+    let ids = |k: &str| -> Vec<u32> {
+        exp[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    };
+    let feats = model.encode_images(&[pre]).unwrap();
+    let row = vec![
+        Part::new(Segment::Tokens(ids("before"))),
+        Part::new(Segment::Image(0)),
+        Part::new(Segment::Tokens(ids("after"))),
+    ];
+    let asm = model.assemble(&[row], Some(&feats), Padding::Right).unwrap();
+    let hidden = model.forward_hidden(&asm).unwrap();
+    let want_hidden: Vec<f32> = exp["last_hidden"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let e = max_rel(&vec3(hidden.clone()), &want_hidden);
+    assert!(e < 1e-4, "last hidden state: max rel err {e}");
+    let logits = vec3(model.llm.logits(hidden));
+    let want: Vec<f32> = exp["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let e = max_rel(&logits, &want);
+    assert!(e < 1e-4, "logits: max rel err {e}");
+}
+
+#[test]
+fn gamma_zero_equals_no_gamma_and_nonzero_gamma_changes_output() {
+    let cfg = small_cfg();
+    let dev = Default::default();
+    let model: PixelLm<B> = cfg.init(&dev).unwrap();
+    let feats = model.encode_images(&preprocess(&cfg, &[image(40, 25, 1)])).unwrap();
+    let plain = model.assemble(&[prompt(0)], Some(&feats), Padding::Right).unwrap();
+    let mut with_zero = prompt(0);
+    with_zero[2] = Part::with_gamma(Segment::Tokens(vec![12, 7, 30, 2]), vec![0.0; 4]);
+    let zero = model.assemble(&[with_zero], Some(&feats), Padding::Right).unwrap();
+    assert!(zero.gamma.is_some());
+    let a = vec3(model.forward_hidden(&plain).unwrap());
+    let b = vec3(model.forward_hidden(&zero).unwrap());
+    assert_eq!(a, b);
+    let mut with_bias = prompt(0);
+    with_bias[2] = Part::with_gamma(Segment::Tokens(vec![12, 7, 30, 2]), vec![0.4, -0.3, 0.2, 0.1]);
+    let biased = model.assemble(&[with_bias], Some(&feats), Padding::Right).unwrap();
+    let c = vec3(model.forward_hidden(&biased).unwrap());
+    assert!(max_rel(&a, &c) > 1e-4, "a nonzero gamma must change the hidden states");
+}
+
+#[test]
+fn no_p_hat_is_the_plain_model_and_p_hat_adds_positions() {
+    let cfg = small_cfg();
+    let dev = Default::default();
+    let with: PixelLm<B> = cfg.init(&dev).unwrap();
+    // The same weights without p_hat: save, then load into prompt_embeddings = 0.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    pixellm::save(&with, &path).unwrap();
+    let mut cfg0 = cfg.clone();
+    cfg0.prompt_embeddings = 0;
+    let err = pixellm::load::<B>(&cfg0, &path, Layout::Native, None, &dev).unwrap_err().to_string();
+    assert!(err.contains("unexpected prompt_embeddings"), "{err}");
+    // Our checkpoint without that tensor loads into the p_hat-free model.
+    let mut named = popen_model::weights::named_tensors(&with);
+    named.retain(|(n, _, _)| !n.starts_with("prompt_embeddings"));
+    popen_model::weights::write_safetensors(&path, &named, &Default::default()).unwrap();
+    let (without, _) = pixellm::load::<B>(&cfg0, &path, Layout::Native, None, &dev).unwrap();
+
+    let feats_a = with.encode_images(&preprocess(&cfg, &[image(30, 30, 2)])).unwrap();
+    let feats_b = without.encode_images(&preprocess(&cfg, &[image(30, 30, 2)])).unwrap();
+    let a = with.assemble(&[prompt(0)], Some(&feats_a), Padding::Right).unwrap();
+    let b = without.assemble(&[prompt(0)], Some(&feats_b), Padding::Right).unwrap();
+    assert_eq!(vec3(with.forward_hidden(&a).unwrap()), vec3(without.forward_hidden(&b).unwrap()));
+
+    let mut row = prompt(0);
+    row.push(Part::new(Segment::Prompt));
+    let p = with.assemble(&[row.clone()], Some(&feats_a), Padding::Right).unwrap();
+    assert_eq!(p.width, a.width + cfg.prompt_embeddings);
+    let e = without.assemble(&[row], Some(&feats_b), Padding::Right).unwrap_err().to_string();
+    assert!(e.contains("prompt_embeddings = 0"), "{e}");
+}
+
+/// Sampling with the KV cache (left padding, masked image padding) and teacher forcing the
+/// sampled answer give the same per-token log-probs and hidden states.
+#[test]
+fn cached_sampling_equals_teacher_forcing() {
+    let cfg = small_cfg();
+    let dev = Default::default();
+    let model: PixelLm<B> = cfg.init(&dev).unwrap();
+    // Two images of different aspect ratios: different padding masks in one batch.
+    let imgs = [image(40, 20, 3), image(18, 36, 4)];
+    let feats = model.encode_images(&preprocess(&cfg, &imgs)).unwrap();
+    let mut rows = vec![prompt(0), prompt(1)];
+    rows[1].insert(0, Part::new(Segment::Tokens(vec![3, 3])));
+    let asm = model.assemble(&rows, Some(&feats), Padding::Left).unwrap();
+    let sampling = SamplingConfig {
+        max_new_tokens: 6,
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: 11,
+    };
+    let gens = model.generate(&asm, &sampling, &[]).unwrap();
+    for (r, g) in gens.iter().enumerate() {
+        assert_eq!(g.ids.len(), 6);
+        let mut row = rows[r].clone();
+        row.push(Part::new(Segment::Tokens(g.ids.clone())));
+        let tf = model.assemble(&[row], Some(&feats), Padding::Right).unwrap();
+        let start = *tf.piece_starts[0].last().unwrap();
+        let hidden = model.forward_hidden(&tf).unwrap();
+        let lp = vec2(model.response_logprobs(hidden.clone(), &[(start, g.ids.clone())]).unwrap());
+        let e = max_rel(&lp, &g.logprobs);
+        assert!(e < 1e-4, "row {r}: logprobs differ by {e}: {lp:?} vs {:?}", g.logprobs);
+        let [_, _, h] = hidden.dims();
+        let tf_hidden = hidden.slice([0..1, start..start + 6, 0..h]).reshape([6, h]);
+        let e = max_rel(&vec2(tf_hidden), &vec2(g.hidden.clone()));
+        assert!(e < 1e-4, "row {r}: hidden states differ by {e}");
+    }
+}
+
+/// Reading `f` for a batch of (perturbed) images in one forward equals reading it per image.
+#[test]
+fn batched_seg_embeddings_equal_single_rows() {
+    let cfg = small_cfg();
+    let dev = Default::default();
+    let model: PixelLm<B> = cfg.init(&dev).unwrap();
+    let imgs = [image(32, 32, 5), image(32, 32, 6), image(32, 20, 7)];
+    let pre = preprocess(&cfg, &imgs);
+    let answer: Vec<u32> = vec![20, 21, 50, 51, 52, 53, 54, 55, 22, 50, 51, 52, 53, 54, 55, 2];
+    let groups = [vec![2usize, 3, 4, 5, 6, 7], vec![9, 10, 11, 12, 13, 14]];
+    let row = |i: usize| {
+        let mut r = prompt(i);
+        r.push(Part::new(Segment::Tokens(answer.clone())));
+        r
+    };
+    let feats = model.encode_images(&pre).unwrap();
+    let asm = model.assemble(&[row(0), row(1), row(2)], Some(&feats), Padding::Right).unwrap();
+    let hidden = model.forward_hidden(&asm).unwrap();
+    let start = *asm.piece_starts[0].last().unwrap();
+    let objects: Vec<(usize, Vec<usize>)> = (0..3)
+        .flat_map(|r| groups.iter().map(move |g| (r, g.iter().map(|p| p + start).collect())))
+        .collect();
+    let f = model.seg_embeddings(hidden, &objects).unwrap();
+    assert_eq!(f.dims(), [6, 2, cfg.out_dim]);
+    let image_index: Vec<usize> = objects.iter().map(|o| o.0).collect();
+    let (masks, _) = model.decode_masks(&feats, f.clone(), &image_index).unwrap();
+    assert_eq!(masks[4].dims(), [20, 32], "masks come back at the original size");
+    let fb = vec3(f);
+    for r in 0..3 {
+        let single = model.encode_images(&pre[r..r + 1]).unwrap();
+        let a = model.assemble(&[row(0)], Some(&single), Padding::Right).unwrap();
+        let h = model.forward_hidden(&a).unwrap();
+        let objs: Vec<(usize, Vec<usize>)> =
+            groups.iter().map(|g| (0, g.iter().map(|p| p + start).collect())).collect();
+        let f1 = vec3(model.seg_embeddings(h, &objs).unwrap());
+        let n = f1.len();
+        let e = max_rel(&fb[r * n..(r + 1) * n], &f1);
+        assert!(e < 1e-5, "row {r}: batched f differs by {e}");
+    }
+}
+
+#[test]
+fn seg_feedback_tokens_enter_the_sequence() {
+    let cfg = small_cfg();
+    let dev = Default::default();
+    let model: PixelLm<B> = cfg.init(&dev).unwrap();
+    let feats = model.encode_images(&preprocess(&cfg, &[image(32, 32, 8)])).unwrap();
+    let f = Tensor::<B, 2>::from_data(
+        TensorData::new((0..64).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), [2, 32]),
+        &dev,
+    );
+    let mut row = prompt(0);
+    row.push(Part::with_gamma(Segment::SegFeedback(f.clone()), vec![0.2, -0.1]));
+    let asm = model.assemble(&[row], Some(&feats), Padding::Right).unwrap();
+    let plain = model.assemble(&[prompt(0)], Some(&feats), Padding::Right).unwrap();
+    assert_eq!(asm.width, plain.width + 2);
+    let h = model.forward_hidden(&asm).unwrap();
+    assert!(vec3(h).iter().all(|v| v.is_finite()));
+    let bad = Tensor::<B, 2>::zeros([1, 31], &dev);
+    let mut row = prompt(0);
+    row.push(Part::new(Segment::SegFeedback(bad)));
+    let e = model.assemble(&[row], Some(&feats), Padding::Right).unwrap_err().to_string();
+    assert!(e.contains("width 31"), "{e}");
+}
+
+#[test]
+fn save_load_round_trip_and_errors() {
+    let cfg = small_cfg();
+    let dev = Default::default();
+    let model: PixelLm<B> = cfg.init(&dev).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    pixellm::save(&model, &path).unwrap();
+    assert_eq!(pixellm::saved_config(&path).unwrap(), cfg);
+    let (back, fresh) = pixellm::load::<B>(&cfg, &path, Layout::Native, None, &dev).unwrap();
+    assert!(fresh.is_empty());
+    let feats = model.encode_images(&preprocess(&cfg, &[image(25, 31, 9)])).unwrap();
+    let feats2 = back.encode_images(&preprocess(&cfg, &[image(25, 31, 9)])).unwrap();
+    let a = model.assemble(&[prompt(0)], Some(&feats), Padding::Right).unwrap();
+    let b = back.assemble(&[prompt(0)], Some(&feats2), Padding::Right).unwrap();
+    assert_eq!(vec3(model.forward_hidden(&a).unwrap()), vec3(back.forward_hidden(&b).unwrap()));
+
+    let mut named = popen_model::weights::named_tensors(&model);
+    named.retain(|(n, _, _)| n != "text_hidden_fcs.fc_2.bias" && !n.starts_with("vision_tower."));
+    popen_model::weights::write_safetensors(&path, &named, &Default::default()).unwrap();
+    let e = pixellm::load::<B>(&cfg, &path, Layout::Native, None, &dev).unwrap_err().to_string();
+    assert!(e.contains("no vision tower"), "{e}");
+    let tower = dir.path().join("tower.safetensors");
+    popen_model::weights::save(&model.vision_tower, &tower, &Default::default()).unwrap();
+    let e = pixellm::load::<B>(&cfg, &path, Layout::Native, Some(&tower), &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing text_hidden_fcs.fc_2.bias"), "{e}");
+
+    let mut bad = cfg.clone();
+    bad.out_dim = 12;
+    assert!(bad.init::<B>(&dev).is_err());
+    let mut bad = cfg.clone();
+    bad.vision_select_layers = vec![-2, -9];
+    assert!(bad.validate().is_err());
+}
+
+#[test]
+fn presets_are_valid_and_match_pipelines_toml() {
+    for cfg in [PixelLmConfig::tiny(600), PixelLmConfig::pixellm_7b(), PixelLmConfig::pixellm_13b()] {
+        cfg.validate().unwrap();
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for (file, cfg) in [
+        ("pipelines/model-pixellm-7b.toml", PixelLmConfig::pixellm_7b()),
+        ("pipelines/model-pixellm-13b.toml", PixelLmConfig::pixellm_13b()),
+    ] {
+        let got = PixelLmConfig::from_toml_file(root.join(file)).unwrap();
+        assert_eq!(got, cfg, "{file} drifted from the preset");
+    }
+    let tiny = PixelLmConfig::from_toml_file(root.join("pipelines/model-tiny.toml")).unwrap();
+    assert_eq!(tiny, PixelLmConfig::tiny(tiny.llm.vocab_size), "model-tiny.toml drifted");
+}
