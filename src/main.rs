@@ -2,6 +2,7 @@
 //! library stage; see `popen <command> --help`.
 
 mod backend;
+mod model_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -37,6 +38,19 @@ enum Command {
     Inspect(InspectArgs),
     /// Check a compute backend: a matmul against a CPU reference, and its throughput.
     Device(DeviceArgs),
+    /// Print a model preset as TOML (tiny, pixellm-7b, pixellm-13b): the files under
+    /// pipelines/model-*.toml.
+    ModelConfig(model_cmd::ModelConfigArgs),
+    /// Learn the tiny model's byte-level BPE tokenizer from the benchmark's train texts and
+    /// add PixelLM's tokens (<im_start>, <im_end>, [SEG0]..).
+    TokenizerTiny(model_cmd::TokenizerTinyArgs),
+    /// Create a model folder with random weights from a config and a tokenizer.
+    ModelInit(model_cmd::ModelInitArgs),
+    /// Answer an instruction about an image: text with one mask per object (JSON), and an
+    /// overlay PNG with --out.
+    Infer(model_cmd::InferArgs),
+    /// Per-token log-probabilities of a given answer (teacher forcing), as JSON.
+    Score(model_cmd::ScoreArgs),
 }
 
 #[derive(clap::Args)]
@@ -152,6 +166,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::ImportMuse(a) => import_muse(a),
         Command::Show(a) => show(a),
         Command::Inspect(a) => inspect(a),
+        Command::ModelConfig(a) => model_cmd::model_config(a),
+        Command::TokenizerTiny(a) => model_cmd::tokenizer_tiny(a),
+        Command::ModelInit(a) => model_cmd::model_init(a),
+        Command::Infer(a) => model_cmd::infer(a),
+        Command::Score(a) => model_cmd::score(a),
         Command::Device(a) => {
             let r = backend::check(&a.backend, a.size, a.iters)?;
             println!("{}", serde_json::to_string_pretty(&r)?);

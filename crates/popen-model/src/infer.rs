@@ -50,6 +50,18 @@ pub struct Scored {
     pub logprobs: Vec<f32>,
 }
 
+/// A teacher-forced answer ([`Predictor::teacher_force`]).
+#[derive(Debug, Clone)]
+pub struct Forced {
+    /// The answer's ids (" " + expanded answer + EOS).
+    pub ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    /// Per object, `f` = the per-scale embeddings concatenated.
+    pub f: Vec<Vec<f32>>,
+    pub masks: Vec<Mask>,
+    pub mask_scores: Vec<f32>,
+}
+
 /// A model with its tokenizer and preprocessing, ready to answer.
 pub struct Predictor<'a, B: Backend> {
     pub model: &'a PixelLm<B>,
@@ -162,32 +174,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
                 let f = self.model.seg_embeddings(hidden, &objects)?;
                 let idx = vec![row; objects.len()];
                 let (logits, _) = self.model.decode_masks(feats, f, &idx)?;
-                let mut masks = Vec::new();
-                let mut scores = Vec::new();
-                for m in logits {
-                    let [hh, ww] = m.dims();
-                    let v = m.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| {
-                        PixelLmError::Decoder(format!("{e:?}"))
-                    })?;
-                    let (mut s, mut c) = (0f64, 0usize);
-                    let bits: Vec<u8> = v
-                        .iter()
-                        .map(|&x| {
-                            if x > 0.0 {
-                                s += 1.0 / (1.0 + (-x as f64).exp());
-                                c += 1;
-                                1
-                            } else {
-                                0
-                            }
-                        })
-                        .collect();
-                    scores.push(if c == 0 { 0.0 } else { (s / c as f64) as f32 });
-                    masks.push(
-                        Mask::from_row_major(hh as u32, ww as u32, bits)
-                            .map_err(|e| PixelLmError::Decoder(e.to_string()))?,
-                    );
-                }
+                let (masks, scores) = binarize(logits)?;
                 (masks, scores)
             };
             out.push(Prediction {
@@ -198,6 +185,85 @@ impl<'a, B: Backend> Predictor<'a, B> {
                 mask_scores,
                 seg_issues,
                 stopped: g.stopped,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Teacher-force given answers (our format, `<seg>` after each object) on a batch of
+    /// images in ONE forward: per row the answer's token log-probs, the segmentation
+    /// embedding `f` of every object ([n_objects, scales * out_dim], scales concatenated as
+    /// SPEC 10.14 compares them) and its mask. This is how collect-ps reads `f^{n,i}` on
+    /// perturbed images (SPEC 10.2) and how `popen infer --answer` segments named objects.
+    pub fn teacher_force(&self, items: &[(&RgbImage, &str, &str)]) -> Result<Vec<Forced>> {
+        let cfg = self.model.config();
+        let images: Vec<RgbImage> = items.iter().map(|(im, _, _)| (*im).clone()).collect();
+        let pre = self.preprocess(&images)?;
+        let feats = self.model.encode_images(&pre)?;
+        let mut rows = Vec::with_capacity(items.len());
+        let mut answers = Vec::with_capacity(items.len());
+        for (i, (_, instr, answer)) in items.iter().enumerate() {
+            let mut parts = self.prompt_parts(instr, i)?;
+            let ids = self.answer_ids(answer, cfg.seg_group_len())?;
+            parts.push(Part::new(Segment::Tokens(ids.clone())));
+            rows.push(parts);
+            answers.push(ids);
+        }
+        let asm = self.model.assemble(&rows, Some(&feats), Padding::Right)?;
+        let hidden = self.model.forward_hidden(&asm)?;
+        let starts: Vec<usize> = asm.piece_starts.iter().map(|s| *s.last().expect("parts")).collect();
+        let targets: Vec<(usize, Vec<u32>)> =
+            starts.iter().zip(&answers).map(|(s, a)| (*s, a.clone())).collect();
+        let lp = self.model.response_logprobs(hidden.clone(), &targets)?;
+        let [_, max] = lp.dims();
+        let lp = lp
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| PixelLmError::Input(format!("{e:?}")))?;
+        let mut objects = Vec::new();
+        let mut per_row = Vec::with_capacity(items.len());
+        for (r, ids) in answers.iter().enumerate() {
+            let scan = tokenizer::seg_groups(ids, &self.tokens);
+            if !scan.issues.is_empty() {
+                return Err(PixelLmError::Input(format!(
+                    "item {r}: the answer's seg groups are malformed: {}",
+                    scan.issues.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("; ")
+                )));
+            }
+            per_row.push(scan.groups.len());
+            for g in scan.groups {
+                objects.push((r, g.iter().map(|p| p + starts[r]).collect::<Vec<_>>()));
+            }
+        }
+        let n_obj = objects.len();
+        let (f, masks, scores) = if n_obj == 0 {
+            (vec![], vec![], vec![])
+        } else {
+            let f = self.model.seg_embeddings(hidden, &objects)?;
+            let idx: Vec<usize> = objects.iter().map(|o| o.0).collect();
+            let (logits, _) = self.model.decode_masks(&feats, f.clone(), &idx)?;
+            let (masks, scores) = binarize(logits)?;
+            let [_, sc, d] = f.dims();
+            let fv = f
+                .reshape([n_obj, sc * d])
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .map_err(|e| PixelLmError::Input(format!("{e:?}")))?;
+            let f_rows = fv.chunks(sc * d).map(|c| c.to_vec()).collect();
+            (f_rows, masks, scores)
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let (mut f_it, mut m_it, mut s_it) = (f.into_iter(), masks.into_iter(), scores.into_iter());
+        for (r, ids) in answers.into_iter().enumerate() {
+            let k = per_row[r];
+            out.push(Forced {
+                logprobs: lp[r * max..r * max + ids.len()].to_vec(),
+                ids,
+                f: f_it.by_ref().take(k).collect(),
+                masks: m_it.by_ref().take(k).collect(),
+                mask_scores: s_it.by_ref().take(k).collect(),
             });
         }
         Ok(out)
@@ -243,6 +309,40 @@ impl<'a, B: Backend> Predictor<'a, B> {
         ids.push(self.tokens.eos);
         Ok(ids)
     }
+}
+
+/// Masks at logit > 0 and PixelLM's confidence (mean sigmoid over those pixels; 0 when
+/// empty) from postprocessed logit maps.
+pub fn binarize<B: Backend>(logits: Vec<Tensor<B, 2>>) -> Result<(Vec<Mask>, Vec<f32>)> {
+    let mut masks = Vec::with_capacity(logits.len());
+    let mut scores = Vec::with_capacity(logits.len());
+    for m in logits {
+        let [hh, ww] = m.dims();
+        let v = m
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| PixelLmError::Decoder(format!("{e:?}")))?;
+        let (mut s, mut c) = (0f64, 0usize);
+        let bits: Vec<u8> = v
+            .iter()
+            .map(|&x| {
+                if x > 0.0 {
+                    s += 1.0 / (1.0 + (-x as f64).exp());
+                    c += 1;
+                    1
+                } else {
+                    0
+                }
+            })
+            .collect();
+        scores.push(if c == 0 { 0.0 } else { (s / c as f64) as f32 });
+        masks.push(
+            Mask::from_row_major(hh as u32, ww as u32, bits)
+                .map_err(|e| PixelLmError::Decoder(e.to_string()))?,
+        );
+    }
+    Ok((masks, scores))
 }
 
 /// [1, n_generated + 1, H]: the prefix's last final hidden state, then each generated

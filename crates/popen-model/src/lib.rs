@@ -10,6 +10,7 @@
 //!   `MaskDecoderMultiScale`.
 //! - [`pixellm`]: the assembled model.
 
+pub mod bundle;
 pub mod clip;
 pub mod gguf;
 pub mod infer;

@@ -1,0 +1,286 @@
+//! Model commands: `model-config`, `tokenizer-tiny`, `model-init`, `infer`, `score`.
+//! Thin front ends over `popen_model` (bundle, infer, pixellm, tokenizer).
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use popen_core::mask::Rle;
+use popen_core::shard::{Sample, ShardReader, SEG_TOKEN};
+use popen_model::bundle;
+use popen_model::infer::Predictor;
+use popen_model::pixellm::PixelLmConfig;
+use popen_model::sampling::SamplingConfig;
+use popen_model::tokenizer::{Tokenizer, TINY_SPECIALS};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct ModelConfigArgs {
+    /// tiny (the embedded benchmark's model), pixellm-7b or pixellm-13b.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Vocabulary size of the tiny preset (>= the tiny tokenizer's size).
+    #[arg(long, default_value_t = 1024)]
+    vocab: usize,
+}
+
+#[derive(clap::Args)]
+pub struct TokenizerTinyArgs {
+    /// Benchmark folder: its train shard's instructions and answers are the corpus.
+    #[arg(long, default_value = "data/synth")]
+    data: PathBuf,
+    /// Output tokenizer.json (tokenizer_config.json is written beside it).
+    #[arg(long)]
+    out: PathBuf,
+    /// BPE vocabulary size before PixelLM's added tokens.
+    #[arg(long, default_value_t = 768)]
+    vocab_size: usize,
+    /// Codebook tokens per object ([SEG0]..): seg_token_num x scales of the model.
+    #[arg(long, default_value_t = 6)]
+    seg_tokens: usize,
+}
+
+#[derive(clap::Args)]
+pub struct ModelInitArgs {
+    /// Model config (TOML).
+    #[arg(long, default_value = "pipelines/model-tiny.toml")]
+    config: PathBuf,
+    /// tokenizer.json holding PixelLM's tokens (see `popen tokenizer-tiny`).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Output model folder (model.toml, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed of the random initialization.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> SamplingConfig {
+        SamplingConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct InferArgs {
+    /// Model folder (model.toml, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Input image (PNG or JPEG).
+    #[arg(long)]
+    image: PathBuf,
+    /// The instruction.
+    #[arg(long)]
+    instruction: String,
+    /// Segment the objects of this answer instead of generating one (teacher forcing; put
+    /// `<seg>` after each object, e.g. "the red ball <seg>").
+    #[arg(long)]
+    answer: Option<String>,
+    /// Folder for overlay.png and prediction.json (default: print JSON only).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Backend: ndarray (CPU), or cuda in builds with the `cuda` feature.
+    #[arg(long, default_value = "ndarray")]
+    backend: String,
+}
+
+#[derive(clap::Args)]
+pub struct ScoreArgs {
+    /// Model folder.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    image: PathBuf,
+    #[arg(long)]
+    instruction: String,
+    /// The answer to score, with `<seg>` after each object (our shard format).
+    #[arg(long)]
+    answer: String,
+    /// Backend: ndarray (CPU), or cuda in builds with the `cuda` feature.
+    #[arg(long, default_value = "ndarray")]
+    backend: String,
+}
+
+pub fn model_config(a: ModelConfigArgs) -> Result<()> {
+    let cfg = match a.preset.as_str() {
+        "tiny" => PixelLmConfig::tiny(a.vocab),
+        "pixellm-7b" => PixelLmConfig::pixellm_7b(),
+        "pixellm-13b" => PixelLmConfig::pixellm_13b(),
+        other => bail!("unknown preset '{other}' (tiny, pixellm-7b, pixellm-13b)"),
+    };
+    cfg.validate()?;
+    print!("{}", toml::to_string_pretty(&cfg)?);
+    Ok(())
+}
+
+/// The benchmark's train texts (instructions and answers without the `<seg>` markers).
+fn corpus(data: &Path) -> Result<Vec<String>> {
+    let shard = data.join("train.parquet");
+    let mut texts = Vec::new();
+    for batch in ShardReader::<Sample>::open(&shard)? {
+        for s in batch? {
+            texts.push(s.instruction.clone());
+            texts.push(s.answer.replace(SEG_TOKEN, ""));
+        }
+    }
+    if texts.is_empty() {
+        bail!("{}: no samples to learn a vocabulary from", shard.display());
+    }
+    Ok(texts)
+}
+
+pub fn tokenizer_tiny(a: TokenizerTinyArgs) -> Result<()> {
+    let texts = corpus(&a.data)?;
+    let mut tok = Tokenizer::train_tiny(texts.iter().map(String::as_str), a.vocab_size, TINY_SPECIALS)?;
+    tok.add_pixellm_tokens(a.seg_tokens)?;
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    tok.save(&a.out)?;
+    println!("{} tokens -> {}", tok.vocab_size(), a.out.display());
+    Ok(())
+}
+
+pub fn model_init(a: ModelInitArgs) -> Result<()> {
+    let cfg = PixelLmConfig::from_toml_file(&a.config)?;
+    let tok = Tokenizer::from_file(&a.tokenizer)?;
+    type B = burn::backend::NdArray<f32>;
+    let dev = Default::default();
+    B::seed(&dev, a.seed);
+    let model = cfg.init::<B>(&dev)?;
+    bundle::save(&a.out, &model, &tok)?;
+    let counts = popen_model::weights::param_counts(&model);
+    let total: usize = counts.values().sum();
+    println!("{} ({} parameters) -> {}", cfg.name, total, a.out.display());
+    Ok(())
+}
+
+fn read_image(path: &Path) -> Result<image::RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(popen_core::imageio::decode_rgb(&bytes, Some(&path.display().to_string()))?)
+}
+
+pub fn infer(a: InferArgs) -> Result<()> {
+    match a.backend.as_str() {
+        "ndarray" => infer_on::<burn::backend::NdArray<f32>>(&a, &Default::default()),
+        #[cfg(feature = "cuda")]
+        "cuda" => infer_on::<burn::backend::Cuda<f32, i32>>(&a, &Default::default()),
+        other => bail!("backend '{other}' is not available in this build (available: {})", crate::backend::available().join(", ")),
+    }
+}
+
+fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
+    let img = read_image(&a.image)?;
+    let mut b = bundle::open::<B>(&a.model, dev)?;
+    let p = Predictor::new(&b.model, &mut b.tokenizer)?;
+    let pred = match &a.answer {
+        None => p
+            .predict(&[(&img, a.instruction.as_str())], &a.sampling.config())?
+            .pop()
+            .expect("one prediction per item"),
+        Some(answer) => {
+            let f = p
+                .teacher_force(&[(&img, a.instruction.as_str(), answer.as_str())])?
+                .pop()
+                .expect("one result per item");
+            popen_model::infer::Prediction {
+                answer: answer.clone(),
+                ids: f.ids,
+                logprobs: f.logprobs,
+                masks: f.masks,
+                mask_scores: f.mask_scores,
+                seg_issues: vec![],
+                stopped: true,
+            }
+        }
+    };
+    let masks: Vec<serde_json::Value> = pred
+        .masks
+        .iter()
+        .zip(&pred.mask_scores)
+        .map(|(m, s)| {
+            let rle = Rle::encode(m);
+            serde_json::json!({"height": m.height(), "width": m.width(), "counts": rle.to_coco_string(), "area": m.area(), "score": s})
+        })
+        .collect();
+    let json = serde_json::json!({
+        "image": a.image.display().to_string(),
+        "instruction": a.instruction,
+        "answer": pred.answer,
+        "stopped": pred.stopped,
+        "token_logprobs": pred.logprobs,
+        "masks": masks,
+        "seg_issues": pred.seg_issues,
+    });
+    let text = serde_json::to_string_pretty(&json)?;
+    if let Some(out) = &a.out {
+        let colored: Vec<_> = pred
+            .masks
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.clone(), popen_data::render::palette(i)))
+            .collect();
+        let overlay = popen_data::render::overlay_masks(&img, &colored, 1)?;
+        popen_core::shard::atomic_write(out.join("overlay.png"), &popen_core::imageio::encode_png(&overlay)?)?;
+        popen_core::shard::atomic_write(out.join("prediction.json"), text.as_bytes())?;
+        eprintln!("wrote {}/overlay.png and prediction.json", out.display());
+    }
+    println!("{text}");
+    Ok(())
+}
+
+pub fn score(a: ScoreArgs) -> Result<()> {
+    match a.backend.as_str() {
+        "ndarray" => score_on::<burn::backend::NdArray<f32>>(&a, &Default::default()),
+        #[cfg(feature = "cuda")]
+        "cuda" => score_on::<burn::backend::Cuda<f32, i32>>(&a, &Default::default()),
+        other => bail!("backend '{other}' is not available in this build (available: {})", crate::backend::available().join(", ")),
+    }
+}
+
+fn score_on<B: Backend>(a: &ScoreArgs, dev: &B::Device) -> Result<()> {
+    let img = read_image(&a.image)?;
+    let mut b = bundle::open::<B>(&a.model, dev)?;
+    let p = Predictor::new(&b.model, &mut b.tokenizer)?;
+    let s = p.score(&img, &a.instruction, &a.answer)?;
+    let total: f32 = s.logprobs.iter().sum();
+    let tokens: Vec<serde_json::Value> = s
+        .ids
+        .iter()
+        .zip(&s.tokens)
+        .zip(&s.logprobs)
+        .map(|((id, t), lp)| serde_json::json!({"id": id, "token": t, "logprob": lp}))
+        .collect();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "answer": a.answer,
+            "tokens": tokens,
+            "sum_logprob": total,
+            "mean_logprob": total / s.logprobs.len().max(1) as f32,
+        }))?
+    );
+    Ok(())
+}
