@@ -91,7 +91,7 @@ fn device_check_on_cpu() {
 #[test]
 fn help_explains_every_command() {
     let h = ok(&["--help"]);
-    for cmd in ["synth", "import-muse", "show", "inspect", "device"] {
+    for cmd in ["synth", "import-muse", "show", "inspect", "device", "model-config", "tokenizer-tiny", "model-init", "infer", "score"] {
         assert!(h.contains(cmd), "{h}");
     }
     let h = ok(&["synth", "--help"]);
@@ -110,4 +110,47 @@ fn pipeline_config_names_every_synth_knob_with_its_default() {
         let key = line.split(" = ").next().unwrap();
         assert!(text.lines().any(|l| l.trim_start().starts_with(&format!("{key} "))), "{key} missing from {}", cfg.display());
     }
+}
+
+/// The model path a user walks first: tokenizer from the benchmark, a random tiny model,
+/// `infer` (generation, and `--answer` segmentation with an overlay PNG), `score`.
+#[test]
+fn tiny_model_infer_and_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synth(&data, "5", "0/1");
+    let tok = dir.path().join("tok/tokenizer.json");
+    let model = dir.path().join("model");
+    ok(&["tokenizer-tiny", "--data", data.to_str().unwrap(), "--out", tok.to_str().unwrap(), "--vocab-size", "400"]);
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/model-tiny.toml");
+    ok(&["model-init", "--config", cfg.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    let img = dir.path().join("img.png");
+    image::RgbImage::from_fn(90, 60, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, 90])).save(&img).unwrap();
+    let (m, i) = (model.to_str().unwrap(), img.to_str().unwrap());
+
+    let out = ok(&["infer", "--model", m, "--image", i, "--instruction", "Find the red ball.", "--max-new-tokens", "5"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["token_logprobs"].as_array().unwrap().len(), 5, "{out}");
+
+    let out_dir = dir.path().join("pred");
+    let out = ok(&[
+        "infer", "--model", m, "--image", i, "--instruction", "Find the balls.",
+        "--answer", "the red ball <seg> and the blue ball <seg>.", "--out", out_dir.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let masks = v["masks"].as_array().unwrap();
+    assert_eq!(masks.len(), 2, "{out}");
+    assert_eq!((masks[0]["height"].as_u64(), masks[0]["width"].as_u64()), (Some(60), Some(90)));
+    let png = image::open(out_dir.join("overlay.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (90, 60));
+
+    let out = ok(&["score", "--model", m, "--image", i, "--instruction", "Find the ball.", "--answer", "the ball <seg>."]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let toks = v["tokens"].as_array().unwrap();
+    assert!(toks.len() >= 8 && toks.iter().all(|t| t["logprob"].as_f64().unwrap() < 0.0), "{out}");
+
+    let e = err(&["infer", "--model", dir.path().to_str().unwrap(), "--image", i, "--instruction", "x"]);
+    assert!(e.contains("not a popen model folder"), "{e}");
+    let e = err(&["infer", "--model", m, "--image", dir.path().join("nope.png").to_str().unwrap(), "--instruction", "x"]);
+    assert!(e.contains("nope.png"), "{e}");
 }
