@@ -46,6 +46,9 @@ enum Command {
     TokenizerTiny(model_cmd::TokenizerTinyArgs),
     /// Create a model folder with random weights from a config and a tokenizer.
     ModelInit(model_cmd::ModelInitArgs),
+    /// Convert a released checkpoint (PixelLM, LLaVA, HF LLaVA; safetensors, sharded or
+    /// not) into a model folder. Missing, unexpected or mis-shaped tensors are errors.
+    ModelImport(model_cmd::ModelImportArgs),
     /// Answer an instruction about an image: text with one mask per object (JSON), and an
     /// overlay PNG with --out.
     Infer(model_cmd::InferArgs),
@@ -169,6 +172,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::ModelConfig(a) => model_cmd::model_config(a),
         Command::TokenizerTiny(a) => model_cmd::tokenizer_tiny(a),
         Command::ModelInit(a) => model_cmd::model_init(a),
+        Command::ModelImport(a) => model_cmd::model_import(a),
         Command::Infer(a) => model_cmd::infer(a),
         Command::Score(a) => model_cmd::score(a),
         Command::Device(a) => {

@@ -7,7 +7,7 @@ use popen_core::mask::Rle;
 use popen_core::shard::{Sample, ShardReader, SEG_TOKEN};
 use popen_model::bundle;
 use popen_model::infer::Predictor;
-use popen_model::pixellm::PixelLmConfig;
+use popen_model::pixellm::{Layout, PixelLmConfig};
 use popen_model::sampling::SamplingConfig;
 use popen_model::tokenizer::{Tokenizer, TINY_SPECIALS};
 use std::path::{Path, PathBuf};
@@ -52,6 +52,31 @@ pub struct ModelInitArgs {
     /// Seed of the random initialization.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(clap::Args)]
+pub struct ModelImportArgs {
+    /// Checkpoint: a safetensors file, or a folder with model.safetensors or a sharded
+    /// model.safetensors.index.json.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Key layout: pixellm (released PixelLM), llava (original LLaVA; PixelLM's parts start
+    /// fresh), llava-hf (transformers LlavaForConditionalGeneration), native.
+    #[arg(long, default_value = "pixellm")]
+    layout: String,
+    /// Model config (TOML) matching the checkpoint, e.g. pipelines/model-pixellm-7b.toml.
+    #[arg(long)]
+    config: PathBuf,
+    /// The checkpoint's tokenizer.json; PixelLM's tokens are added if missing.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// CLIP vision tower checkpoint (CLIPVisionModel or CLIPModel safetensors), for
+    /// checkpoints that leave the tower out (released PixelLM does).
+    #[arg(long)]
+    vision_tower: Option<PathBuf>,
+    /// Output model folder.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -175,6 +200,48 @@ pub fn model_init(a: ModelInitArgs) -> Result<()> {
     let total: usize = counts.values().sum();
     println!("{} ({} parameters) -> {}", cfg.name, total, a.out.display());
     Ok(())
+}
+
+pub fn model_import(a: ModelImportArgs) -> Result<()> {
+    let layout = match a.layout.as_str() {
+        "pixellm" => Layout::Pixellm,
+        "llava" => Layout::Llava,
+        "llava-hf" => Layout::LlavaHf,
+        "native" => Layout::Native,
+        other => bail!("unknown layout '{other}' (pixellm, llava, llava-hf, native)"),
+    };
+    let cfg = PixelLmConfig::from_toml_file(&a.config)?;
+    type B = burn::backend::NdArray<f32>;
+    let dev = Default::default();
+    let (b, fresh) = bundle::open_foreign::<B>(
+        &cfg,
+        &a.checkpoint,
+        layout,
+        &a.tokenizer,
+        a.vision_tower.as_deref(),
+        &dev,
+    )?;
+    if !fresh.is_empty() {
+        eprintln!(
+            "note: {} tensor(s) the {} layout cannot hold start from their initialization: {}",
+            fresh.len(),
+            a.layout,
+            summarize(&fresh)
+        );
+    }
+    bundle::save(&a.out, &b.model, &b.tokenizer)?;
+    println!("{} -> {}", a.checkpoint.display(), a.out.display());
+    Ok(())
+}
+
+/// Names grouped by their first two path segments, for messages.
+fn summarize(names: &[String]) -> String {
+    let mut groups: Vec<String> = names
+        .iter()
+        .map(|n| n.split('.').take(2).collect::<Vec<_>>().join("."))
+        .collect();
+    groups.dedup();
+    groups.join(", ")
 }
 
 fn read_image(path: &Path) -> Result<image::RgbImage> {

@@ -91,7 +91,7 @@ fn device_check_on_cpu() {
 #[test]
 fn help_explains_every_command() {
     let h = ok(&["--help"]);
-    for cmd in ["synth", "import-muse", "show", "inspect", "device", "model-config", "tokenizer-tiny", "model-init", "infer", "score"] {
+    for cmd in ["synth", "import-muse", "show", "inspect", "device", "model-config", "tokenizer-tiny", "model-init", "model-import", "infer", "score"] {
         assert!(h.contains(cmd), "{h}");
     }
     let h = ok(&["synth", "--help"]);
@@ -148,6 +148,21 @@ fn tiny_model_infer_and_score() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let toks = v["tokens"].as_array().unwrap();
     assert!(toks.len() >= 8 && toks.iter().all(|t| t["logprob"].as_f64().unwrap() < 0.0), "{out}");
+
+    // model-import of our own weights (native layout) gives the same model.
+    let again = dir.path().join("again");
+    ok(&[
+        "model-import", "--checkpoint", model.join("model.safetensors").to_str().unwrap(), "--layout", "native",
+        "--config", cfg.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--out", again.to_str().unwrap(),
+    ]);
+    let out2 = ok(&["score", "--model", again.to_str().unwrap(), "--image", i, "--instruction", "Find the ball.", "--answer", "the ball <seg>."]);
+    let v2: serde_json::Value = serde_json::from_str(&out2).unwrap();
+    assert_eq!(v2["tokens"], v["tokens"]);
+    let e = err(&[
+        "model-import", "--checkpoint", tok.to_str().unwrap(), "--layout", "pixellm",
+        "--config", cfg.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--out", again.to_str().unwrap(),
+    ]);
+    assert!(e.contains("tokenizer.json") && e.contains("safetensors"), "{e}");
 
     let e = err(&["infer", "--model", dir.path().to_str().unwrap(), "--image", i, "--instruction", "x"]);
     assert!(e.contains("not a popen model folder"), "{e}");
