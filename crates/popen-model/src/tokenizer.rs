@@ -21,16 +21,31 @@
 //!
 //! Tested against `tools/reference/tokenizer_fixture.py` (HF tokenizers + gguf-py + jinja2)
 //! in `tests/tokenizer.rs`.
+//!
+//! The `tiny` model's tokenizer is trained here ([`Tokenizer::train_tiny`]) on the embedded
+//! benchmark's text with the tokenizers crate's byte-level BPE trainer.
+//!
+//! PixelLM's side (see `docs/checkpoint-keys.md`, section 4, for the sources):
+//! [`Tokenizer::add_pixellm_tokens`] adds `[SEG0]..`, `<im_start>`, `<im_end>` as PixelLM's
+//! training script does, [`Tokenizer::pixellm_prompt`] renders its `llava_v1` conversation,
+//! [`Tokenizer::encode_with_image`] splits at `<image>` like LLaVA's `tokenizer_image_token`,
+//! and [`expand_seg`] / [`collapse_seg`] / [`seg_groups`] translate between our shards'
+//! `<seg>` marker and PixelLM's seg-token groups.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BpeTrainer;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::AddedToken;
+
+use popen_core::shard::SEG_TOKEN;
 
 use crate::gguf::{GgufError, GgufFile};
 
@@ -64,6 +79,12 @@ pub enum TokenizerError {
         op: &'static str,
         msg: String,
     },
+    /// Bad arguments to a text conversion or training call (no tokenizer involved yet).
+    #[error("{op}: {msg}")]
+    Invalid { op: &'static str, msg: String },
+    /// A token sequence whose seg-token groups are malformed ([`seg_group_positions`]).
+    #[error("seg token groups: {0}")]
+    SegGroups(String),
 }
 
 pub type Result<T, E = TokenizerError> = std::result::Result<T, E>;
@@ -73,6 +94,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
+    /// Padding id (PixelLM pads with `<unk>`); `None` when the source names none.
+    pad_id: Option<u32>,
     add_bos: bool,
     chat_template: Option<String>,
     /// Where it came from (for error messages).
@@ -98,6 +121,8 @@ struct TokenizerConfig {
     bos_token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     eos_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pad_token: Option<String>,
     #[serde(default)]
     add_bos_token: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,8 +135,8 @@ fn config_path(tokenizer_json: &Path) -> PathBuf {
 
 impl Tokenizer {
     /// Loads a `tokenizer.json`. If a `tokenizer_config.json` sits next to it (as [`save`]
-    /// writes, and as HF model repos have), its `bos_token`, `eos_token`, `add_bos_token` and
-    /// `chat_template` are read too.
+    /// writes, and as HF model repos have), its `bos_token`, `eos_token`, `pad_token`,
+    /// `add_bos_token` and `chat_template` are read too.
     ///
     /// [`save`]: Tokenizer::save
     pub fn from_file(path: impl AsRef<Path>) -> Result<Tokenizer> {
@@ -151,10 +176,12 @@ impl Tokenizer {
         };
         let bos_id = lookup("bos_token", &cfg.bos_token)?;
         let eos_id = lookup("eos_token", &cfg.eos_token)?;
+        let pad_id = lookup("pad_token", &cfg.pad_token)?;
         Ok(Tokenizer {
             inner,
             bos_id,
             eos_id,
+            pad_id,
             add_bos: cfg.add_bos_token,
             chat_template: cfg.chat_template,
             source_name: path.display().to_string(),
@@ -271,6 +298,7 @@ impl Tokenizer {
         };
         let bos_id = opt_id("tokenizer.ggml.bos_token_id")?;
         let eos_id = opt_id("tokenizer.ggml.eos_token_id")?;
+        let pad_id = opt_id("tokenizer.ggml.padding_token_id")?;
         let add_bos = gguf
             .metadata()
             .get("tokenizer.ggml.add_bos_token")
@@ -285,6 +313,7 @@ impl Tokenizer {
             inner,
             bos_id,
             eos_id,
+            pad_id,
             add_bos,
             chat_template,
             source_name: path.display().to_string(),
@@ -345,6 +374,10 @@ impl Tokenizer {
         self.eos_id
     }
 
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad_id
+    }
+
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }
@@ -355,7 +388,8 @@ impl Tokenizer {
     }
 
     /// Writes `path` (a tokenizer.json) and, next to it, `tokenizer_config.json` with the
-    /// BOS/EOS tokens, `add_bos_token` and the chat template, so [`from_file`] restores them.
+    /// BOS/EOS/PAD tokens, `add_bos_token` and the chat template, so [`from_file`] restores
+    /// them.
     ///
     /// [`from_file`]: Tokenizer::from_file
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
@@ -369,6 +403,7 @@ impl Tokenizer {
         let cfg = TokenizerConfig {
             bos_token: self.bos_id.and_then(|i| self.inner.id_to_token(i)),
             eos_token: self.eos_id.and_then(|i| self.inner.id_to_token(i)),
+            pad_token: self.pad_id.and_then(|i| self.inner.id_to_token(i)),
             add_bos_token: self.add_bos,
             chat_template: self.chat_template.clone(),
         };
@@ -427,5 +462,450 @@ impl Tokenizer {
         s.push_str(user);
         s.push_str("<|im_end|>\n<|im_start|>assistant\n");
         s
+    }
+}
+
+// ------------------------------------------------------------------ tiny tokenizer
+
+/// The special tokens of the `tiny` model's tokenizer, LLaMA's names and ids (`<unk>` 0,
+/// `<s>` 1, `</s>` 2) so that PixelLM's conventions (BOS first, `</s>` closing an answer,
+/// padding with `<unk>`) carry over unchanged.
+pub const TINY_SPECIALS: &[&str] = &["<unk>", "<s>", "</s>"];
+
+/// Size of the byte-level alphabet every [`Tokenizer::train_tiny`] vocabulary contains.
+pub const BYTE_ALPHABET: usize = 256;
+
+impl Tokenizer {
+    /// Trains a byte-level BPE tokenizer (GPT-2 pre-tokenizer, no prefix space, ByteLevel
+    /// decoder, like [`Tokenizer::from_gguf`] builds) on `texts` with the tokenizers crate's
+    /// BPE trainer, for the `tiny` model.
+    ///
+    /// - The vocabulary is `specials` (ids `0..specials.len()`, in order), then all 256 byte
+    ///   symbols, then merges up to `vocab_size` entries in total (fewer when the texts run
+    ///   out of pairs to merge: size the model from [`vocab_size`](Tokenizer::vocab_size),
+    ///   not from the budget). Because every byte is in
+    ///   the vocabulary, unseen words never map to an unknown token (they fall back to
+    ///   shorter pieces, at worst single bytes).
+    /// - `specials` become special added tokens: each encodes to one id and is never split.
+    ///   `<s>` is the BOS (and `encode(.., true)` prepends it, as LLaMA does), `</s>` the EOS
+    ///   and `<unk>` the padding id when they are among `specials` (see [`TINY_SPECIALS`]).
+    /// - Deterministic: the same texts (in any order), size and specials give the same
+    ///   tokenizer.json bytes ([`Tokenizer::save`]); the trainer breaks ties between equally
+    ///   frequent pairs by pair id, and the alphabet is sorted.
+    pub fn train_tiny<'a>(
+        texts: impl Iterator<Item = &'a str>,
+        vocab_size: usize,
+        specials: &[&str],
+    ) -> Result<Tokenizer> {
+        let invalid = |msg: String| TokenizerError::Invalid {
+            op: "train_tiny",
+            msg,
+        };
+        let mut seen = HashSet::new();
+        for s in specials {
+            if s.is_empty() {
+                return Err(invalid("an empty special token".into()));
+            }
+            if !seen.insert(*s) {
+                return Err(invalid(format!("special token {s:?} is listed twice")));
+            }
+        }
+        let min = specials.len() + BYTE_ALPHABET;
+        if vocab_size < min {
+            return Err(invalid(format!(
+                "vocab_size {vocab_size} is smaller than the {} specials plus the {BYTE_ALPHABET} byte symbols",
+                specials.len()
+            )));
+        }
+        // The trainer wants a Send iterator; the texts are small, so collect them first.
+        let texts: Vec<&str> = texts.collect();
+        if texts.iter().all(|t| t.is_empty()) {
+            return Err(invalid("no training text".into()));
+        }
+
+        let bpe = BPE::builder()
+            .build()
+            .map_err(|e| invalid(format!("cannot build an empty BPE: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let special_tokens: Vec<AddedToken> = specials
+            .iter()
+            .map(|s| AddedToken::from(*s, true))
+            .collect();
+        let trainer = BpeTrainer::builder()
+            .vocab_size(vocab_size)
+            .min_frequency(0)
+            .show_progress(false)
+            .special_tokens(special_tokens)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build();
+        let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+        inner
+            .train(&mut trainer, texts.into_iter())
+            .map_err(|e| invalid(format!("BPE training failed: {e}")))?;
+
+        let has = |t: &str| specials.contains(&t);
+        let id_of = |t: &str| if has(t) { inner.token_to_id(t) } else { None };
+        let bos_id = id_of("<s>");
+        let eos_id = id_of("</s>");
+        let pad_id = id_of("<unk>");
+        Ok(Tokenizer {
+            bos_id,
+            eos_id,
+            pad_id,
+            add_bos: bos_id.is_some(),
+            chat_template: None,
+            source_name: "train_tiny".into(),
+            inner,
+        })
+    }
+}
+
+// ------------------------------------------------------------------ PixelLM tokens
+
+/// LLaVA's image placeholder in prompt text (`DEFAULT_IMAGE_TOKEN`); never a vocabulary
+/// token: [`Tokenizer::encode_with_image`] splits the text there.
+pub const IMAGE_TOKEN: &str = "<image>";
+/// Added (special) token before the image (`DEFAULT_IM_START_TOKEN`).
+pub const IM_START_TOKEN: &str = "<im_start>";
+/// Added (special) token after the image (`DEFAULT_IM_END_TOKEN`).
+pub const IM_END_TOKEN: &str = "<im_end>";
+/// LLaVA's patch token (`DEFAULT_IMAGE_PATCH_TOKEN`); PixelLM does not use it
+/// (`mm_use_im_patch_token = False`) and it is never added here.
+pub const IMAGE_PATCH_TOKEN: &str = "<im_patch>";
+/// The id LLaVA puts where the image goes (`IMAGE_TOKEN_INDEX`).
+pub const IMAGE_TOKEN_INDEX: i64 = -200;
+/// Label of positions without a loss (`IGNORE_INDEX`).
+pub const IGNORE_INDEX: i64 = -100;
+/// Image embeddings the one `<image>` id expands to in PixelLM (16 x 16); hence its seg
+/// positions shift by `PIXELLM_IMAGE_TOKENS - 1` = 255.
+pub const PIXELLM_IMAGE_TOKENS: usize = 256;
+/// System message of LLaVA's `llava_v1` conversation template, PixelLM's `--conv_type`.
+pub const LLAVA_V1_SYSTEM: &str = "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions.";
+
+/// Ids of PixelLM's extra tokens in one tokenizer ([`Tokenizer::add_pixellm_tokens`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PixelLmTokens {
+    /// `<im_patch>` if the vocabulary happens to have it (PixelLM never uses it).
+    pub image_patch: Option<u32>,
+    pub im_start: u32,
+    pub im_end: u32,
+    /// The seg-token group in order: `[SEG0]..[SEG{n-1}]`, or `[SEG]` when n = 1. PixelLM
+    /// reads member `s * seg_token_num + t` as seg token `t` of feature scale `s`.
+    pub seg: Vec<u32>,
+    /// The ids of `" "`, the separator PixelLM's answers put between group members
+    /// (`" ".join(...)`); [`seg_groups`] accepts exactly this or nothing between members.
+    pub seg_sep: Vec<u32>,
+    /// Padding id: the tokenizer's, else `<unk>` (PixelLM sets `pad_token = unk_token`), else
+    /// the EOS.
+    pub pad: u32,
+    pub eos: u32,
+    pub bos: Option<u32>,
+}
+
+/// A piece of a prompt split at the image placeholder ([`Tokenizer::encode_with_image`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Piece {
+    Tokens(Vec<u32>),
+    /// Where the image embeddings go (LLaVA's `-200`).
+    Image,
+}
+
+/// PixelLM's names of `n` seg tokens: `[SEG]` alone when n = 1 (its single-token mode),
+/// else `[SEG0]..[SEG{n-1}]` (`train_ds.py`: `seg_token_num * image_feature_scale_num`
+/// tokens; 6 in the released recipe).
+pub fn seg_token_names(n: usize) -> Result<Vec<String>> {
+    match n {
+        0 => Err(TokenizerError::Invalid {
+            op: "seg_token_names",
+            msg: "a seg group needs at least one token".into(),
+        }),
+        1 => Ok(vec!["[SEG]".to_string()]),
+        _ => Ok((0..n).map(|i| format!("[SEG{i}]")).collect()),
+    }
+}
+
+/// The text of one object's seg group: the names joined by single spaces, e.g.
+/// `"[SEG0] [SEG1] [SEG2] [SEG3] [SEG4] [SEG5]"`.
+pub fn seg_group_text(n: usize) -> Result<String> {
+    Ok(seg_token_names(n)?.join(" "))
+}
+
+/// Our answer format (each target followed by [`SEG_TOKEN`] `<seg>`) to PixelLM's (each
+/// object followed by its whole seg group): every `<seg>` becomes [`seg_group_text`], which is
+/// what PixelLM does to MUSE's `{seg}` (`text_answer.format(seg=seg_token)`). An answer that
+/// already contains a seg-token name is refused: [`collapse_seg`] could not undo it.
+pub fn expand_seg(answer: &str, n: usize) -> Result<String> {
+    let names = seg_token_names(n)?;
+    if let Some(name) = names.iter().find(|name| answer.contains(name.as_str())) {
+        return Err(TokenizerError::Invalid {
+            op: "expand_seg",
+            msg: format!("the answer already contains {name:?}: {answer:?}"),
+        });
+    }
+    Ok(answer.replace(SEG_TOKEN, &names.join(" ")))
+}
+
+/// Inverse of [`expand_seg`]: each exact group text (members in order, single spaces)
+/// becomes `<seg>`. Anything else seg-like (a partial or reordered group in generated text)
+/// is left in place, visible, rather than guessed at; [`seg_groups`] reports such groups
+/// at the token level. A text that already contains `<seg>` is refused (ambiguous).
+pub fn collapse_seg(text: &str, n: usize) -> Result<String> {
+    if text.contains(SEG_TOKEN) {
+        return Err(TokenizerError::Invalid {
+            op: "collapse_seg",
+            msg: format!("the text already contains {SEG_TOKEN:?}: {text:?}"),
+        });
+    }
+    Ok(text.replace(&seg_group_text(n)?, SEG_TOKEN))
+}
+
+/// A malformed seg group found by [`seg_groups`]. Positions index the scanned id sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SegGroupIssue {
+    /// A group started at `start` but stopped after `found` of its members: the sequence
+    /// ended, another token came between members, or the next seg token was not the next
+    /// member (that token is reported on its own when it does not start a new group).
+    Incomplete { start: usize, found: usize },
+    /// Seg token member `member` at `position` where no group was open (only member 0 opens
+    /// one).
+    Stray { position: usize, member: usize },
+}
+
+impl std::fmt::Display for SegGroupIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SegGroupIssue::Incomplete { start, found } => write!(
+                f,
+                "incomplete group at token {start}: only its first {found} member(s) in order"
+            ),
+            SegGroupIssue::Stray { position, member } => write!(
+                f,
+                "seg member {member} at token {position} outside a group (a group starts with member 0)"
+            ),
+        }
+    }
+}
+
+/// Result of [`seg_groups`]: the complete groups and the malformed ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SegScan {
+    /// Token positions of each complete group, `tokens.seg.len()` each, in order.
+    pub groups: Vec<Vec<usize>>,
+    pub issues: Vec<SegGroupIssue>,
+}
+
+/// Finds PixelLM's seg groups in a token sequence: `seg[0], seg[1], .., seg[n-1]` in this
+/// order, with nothing or exactly `tokens.seg_sep` (the ids of `" "`) between consecutive
+/// members. Positions are indices into `ids` (the text token sequence, before the image
+/// expansion); PixelLM reads the hidden state one position before each seg token, shifted by
+/// `PIXELLM_IMAGE_TOKENS - 1` when the image precedes it.
+///
+/// PixelLM itself only collects every seg id and reshapes them in sixes, so a broken group
+/// silently shifts every later object; here such groups are reported in
+/// [`SegScan::issues`] and not used.
+pub fn seg_groups(ids: &[u32], tokens: &PixelLmTokens) -> SegScan {
+    let n = tokens.seg.len();
+    let mut scan = SegScan::default();
+    if n == 0 {
+        return scan;
+    }
+    let member = |id: u32| tokens.seg.iter().position(|&s| s == id);
+    let sep = &tokens.seg_sep;
+    // Members of the open group so far.
+    let mut cur: Vec<usize> = Vec::with_capacity(n);
+    let close = |cur: &mut Vec<usize>, scan: &mut SegScan| {
+        if let Some(&start) = cur.first() {
+            scan.issues.push(SegGroupIssue::Incomplete {
+                start,
+                found: cur.len(),
+            });
+        }
+        cur.clear();
+    };
+    for (pos, &id) in ids.iter().enumerate() {
+        match member(id) {
+            Some(m) => {
+                if let Some(&last) = cur.last() {
+                    let gap = pos - last - 1;
+                    if m == cur.len() && (gap == 0 || gap == sep.len()) {
+                        cur.push(pos);
+                        if cur.len() == n {
+                            scan.groups.push(std::mem::take(&mut cur));
+                        }
+                        continue;
+                    }
+                    close(&mut cur, &mut scan);
+                }
+                if m == 0 {
+                    cur.push(pos);
+                    if n == 1 {
+                        scan.groups.push(std::mem::take(&mut cur));
+                    }
+                } else {
+                    scan.issues.push(SegGroupIssue::Stray {
+                        position: pos,
+                        member: m,
+                    });
+                }
+            }
+            None => {
+                if let Some(&last) = cur.last() {
+                    // Inside a gap: only the separator's ids, in order, may appear.
+                    let k = pos - last - 1;
+                    if k >= sep.len() || sep[k] != id {
+                        close(&mut cur, &mut scan);
+                    }
+                }
+            }
+        }
+    }
+    close(&mut cur, &mut scan);
+    scan
+}
+
+/// [`seg_groups`] that refuses a sequence with any malformed group: the token positions of
+/// each complete group, or an error listing every issue.
+pub fn seg_group_positions(ids: &[u32], tokens: &PixelLmTokens) -> Result<Vec<Vec<usize>>> {
+    let scan = seg_groups(ids, tokens);
+    if scan.issues.is_empty() {
+        Ok(scan.groups)
+    } else {
+        let list: Vec<String> = scan.issues.iter().map(|i| i.to_string()).collect();
+        Err(TokenizerError::SegGroups(format!(
+            "{} malformed of {} tokens: {}",
+            scan.issues.len(),
+            ids.len(),
+            list.join("; ")
+        )))
+    }
+}
+
+impl Tokenizer {
+    /// Adds PixelLM's tokens that are missing and returns all their ids; calling it again
+    /// changes nothing. In PixelLM's order (`train_ds.py::main`): first the `seg_tokens`
+    /// seg names ([`seg_token_names`]) as *normal* added tokens (`tokenizer.add_tokens`, so
+    /// decoding with `skip_special` keeps them), then `<im_start>`, `<im_end>` as special
+    /// tokens. Each encodes to one id and is never split. Needs an EOS id (PixelLM's answers
+    /// end with it).
+    pub fn add_pixellm_tokens(&mut self, seg_tokens: usize) -> Result<PixelLmTokens> {
+        let names = seg_token_names(seg_tokens)?;
+        let added: HashSet<String> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .map(|t| t.content)
+            .collect();
+        let missing = |list: &[&str]| -> Vec<String> {
+            list.iter()
+                .filter(|t| !added.contains(**t))
+                .map(|t| t.to_string())
+                .collect()
+        };
+        let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let new_seg: Vec<AddedToken> = missing(&name_refs)
+            .into_iter()
+            .map(|t| AddedToken::from(t, false))
+            .collect();
+        if !new_seg.is_empty() {
+            self.inner.add_tokens(&new_seg);
+        }
+        let new_im: Vec<AddedToken> = missing(&[IM_START_TOKEN, IM_END_TOKEN])
+            .into_iter()
+            .map(|t| AddedToken::from(t, true))
+            .collect();
+        if !new_im.is_empty() {
+            self.inner.add_special_tokens(&new_im);
+        }
+
+        let single = |t: &str| -> Result<u32> {
+            let ids = self.encode(t, false)?;
+            match (ids.as_slice(), self.inner.token_to_id(t)) {
+                ([one], Some(id)) if *one == id => Ok(id),
+                _ => Err(self.op_err(
+                    "add_pixellm_tokens",
+                    format!("{t:?} does not encode to its single id (got {ids:?})"),
+                )),
+            }
+        };
+        let seg = names
+            .iter()
+            .map(|t| single(t))
+            .collect::<Result<Vec<u32>>>()?;
+        let im_start = single(IM_START_TOKEN)?;
+        let im_end = single(IM_END_TOKEN)?;
+        let eos = self.eos_id.ok_or_else(|| {
+            self.op_err(
+                "add_pixellm_tokens",
+                "the tokenizer has no EOS token (PixelLM ends answers with it)",
+            )
+        })?;
+        let pad = self
+            .pad_id
+            .or_else(|| self.inner.token_to_id("<unk>"))
+            .unwrap_or(eos);
+        let seg_sep = self.encode(" ", false)?;
+        if seg_sep.is_empty() {
+            return Err(self.op_err("add_pixellm_tokens", "\" \" encodes to no token"));
+        }
+        Ok(PixelLmTokens {
+            image_patch: self.inner.token_to_id(IMAGE_PATCH_TOKEN),
+            im_start,
+            im_end,
+            seg,
+            seg_sep,
+            pad,
+            eos,
+            bos: self.bos_id,
+        })
+    }
+
+    /// PixelLM's generation prompt for one instruction: LLaVA's `llava_v1` template with the
+    /// image placeholder wrapped in `<im_start>`/`<im_end>` and put before the instruction
+    /// (`chat.py::main`; the same text as training's user turn):
+    ///
+    /// ```text
+    /// A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions. USER: <im_start><image><im_end>
+    /// {instruction} ASSISTANT:
+    /// ```
+    ///
+    /// (`SeparatorStyle.TWO`: `system + " " + "USER: " + q + " " + "ASSISTANT:"`, no trailing
+    /// space.) The text holds [`IMAGE_TOKEN`]: encode it with
+    /// [`encode_with_image`](Tokenizer::encode_with_image).
+    pub fn pixellm_prompt(&self, instruction: &str) -> String {
+        format!(
+            "{LLAVA_V1_SYSTEM} USER: {IM_START_TOKEN}{IMAGE_TOKEN}{IM_END_TOKEN}\n{instruction} ASSISTANT:"
+        )
+    }
+
+    /// The whole training conversation: [`pixellm_prompt`](Tokenizer::pixellm_prompt), a space,
+    /// the answer (already in PixelLM's form, see [`expand_seg`]) and the template's closing
+    /// `sep2`, which is LLaMA's EOS `</s>`; here the tokenizer's EOS text is used (the same
+    /// string for LLaMA and the tiny tokenizer), so the answer always ends in the EOS id.
+    pub fn pixellm_conversation(&self, instruction: &str, answer: &str) -> String {
+        let eos = self
+            .eos_id
+            .and_then(|i| self.inner.id_to_token(i))
+            .unwrap_or_else(|| "</s>".to_string());
+        format!("{} {answer}{eos}", self.pixellm_prompt(instruction))
+    }
+
+    /// Splits `text` at each [`IMAGE_TOKEN`] and encodes the chunks separately, as LLaVA's
+    /// `tokenizer_image_token`: only the first chunk gets the BOS (when the tokenizer adds
+    /// one, see [`encode`](Tokenizer::encode)); an [`Piece::Image`] stands where LLaVA puts
+    /// `-200`. Empty chunks produce no `Tokens` piece (except that a leading BOS is kept).
+    pub fn encode_with_image(&self, text: &str) -> Result<Vec<Piece>> {
+        let mut pieces = Vec::new();
+        for (i, chunk) in text.split(IMAGE_TOKEN).enumerate() {
+            if i > 0 {
+                pieces.push(Piece::Image);
+            }
+            let ids = self.encode(chunk, i == 0)?;
+            if !ids.is_empty() {
+                pieces.push(Piece::Tokens(ids));
+            }
+        }
+        Ok(pieces)
     }
 }
