@@ -56,8 +56,8 @@ pub struct ModelInitArgs {
 
 #[derive(clap::Args)]
 pub struct ModelImportArgs {
-    /// Checkpoint: a safetensors file, or a folder with model.safetensors or a sharded
-    /// model.safetensors.index.json.
+    /// Checkpoint: a safetensors or PyTorch (.bin/.pt) file, or a folder with
+    /// model.safetensors(.index.json) or pytorch_model.bin(.index.json), sharded or not.
     #[arg(long)]
     checkpoint: PathBuf,
     /// Key layout: pixellm (released PixelLM), llava (original LLaVA; PixelLM's parts start

@@ -1,4 +1,6 @@
 //! Named tensors in and out of burn modules: the one loading path of the model crate.
+//! Reads safetensors (single or sharded) and PyTorch pickles (`.bin`/`.pt`, single or sharded
+//! with `pytorch_model.bin.index.json`, through burn-store's lazy reader).
 //!
 //! Our module trees are named like the Hugging Face / PyTorch checkpoints they load
 //! (candle's and llama-burn's convention), so loading is: list the checkpoint's tensors
@@ -105,11 +107,35 @@ pub struct TensorEntry {
     /// Absolute byte offset of the data in `file`.
     pub offset: u64,
     pub len: u64,
+    /// Set for tensors of PyTorch pickles (`.bin`, `.pt`): burn-store's lazy reader;
+    /// `dtype`/`offset`/`len` are then not meaningful.
+    pub torch: Option<TorchTensor>,
+}
+
+/// A tensor inside a PyTorch pickle, read lazily by burn-store's reader.
+#[derive(Clone)]
+pub struct TorchTensor(pub Rc<TensorSnapshot>);
+
+impl std::fmt::Debug for TorchTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TorchTensor({:?} {:?})", self.0.dtype, self.0.shape)
+    }
 }
 
 impl TensorEntry {
     /// Read the tensor and convert it to f32 (every float dtype) or f32-valued ints.
     pub fn read_f32(&self) -> Result<Vec<f32>> {
+        if let Some(t) = &self.torch {
+            let bad = |msg: String| WeightsError::Format {
+                path: self.file.clone(),
+                msg: format!("tensor {}: {msg}", self.name),
+            };
+            let data = t.0.to_data().map_err(|e| bad(format!("{e:?}")))?;
+            return data
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .map_err(|e| bad(format!("{e:?}")));
+        }
         let io = |source| WeightsError::Io {
             path: self.file.clone(),
             source,
@@ -241,6 +267,7 @@ pub fn read_safetensors_header(
                 file: path.to_path_buf(),
                 offset: data_start + offs.0,
                 len: want,
+                torch: None,
             },
         );
     }
@@ -254,22 +281,31 @@ impl Checkpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
         let path = path.as_ref();
         if path.is_dir() {
-            let index = path.join("model.safetensors.index.json");
-            if index.is_file() {
-                return Self::open_index(&index);
-            }
-            let single = path.join("model.safetensors");
-            if single.is_file() {
-                return Self::open(&single);
+            for name in [
+                "model.safetensors.index.json",
+                "model.safetensors",
+                "pytorch_model.bin.index.json",
+                "pytorch_model.bin",
+            ] {
+                if path.join(name).is_file() {
+                    return Self::open(&path.join(name));
+                }
             }
             return Err(WeightsError::Index {
                 path: path.to_path_buf(),
-                msg: "folder has neither model.safetensors.index.json nor model.safetensors"
+                msg: "folder has none of model.safetensors(.index.json), pytorch_model.bin(.index.json)"
                     .into(),
             });
         }
         if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".index.json")) {
             return Self::open_index(path);
+        }
+        if is_torch_pickle(path) {
+            return Ok(Checkpoint {
+                source: path.display().to_string(),
+                tensors: read_torch(path)?,
+                metadata: BTreeMap::new(),
+            });
         }
         let (tensors, metadata) = read_safetensors_header(path)?;
         Ok(Checkpoint {
@@ -316,7 +352,11 @@ impl Checkpoint {
                 ));
                 continue;
             }
-            let (tensors, metadata) = read_safetensors_header(&fpath)?;
+            let (tensors, metadata) = if is_torch_pickle(&fpath) {
+                (read_torch(&fpath)?, BTreeMap::new())
+            } else {
+                read_safetensors_header(&fpath)?
+            };
             if ck.metadata.is_empty() {
                 ck.metadata = metadata;
             }
@@ -371,6 +411,57 @@ impl Checkpoint {
                 .collect(),
         }
     }
+}
+
+/// `.bin`, `.pt`, `.pth`: PyTorch's `torch.save` formats (zip or legacy pickle).
+fn is_torch_pickle(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("bin" | "pt" | "pth")
+    )
+}
+
+/// The tensors of a PyTorch pickle through burn-store's reader (lazy; no code from the
+/// pickle is executed). A `state_dict` / `model` top-level key is unwrapped.
+fn read_torch(path: &Path) -> Result<BTreeMap<String, TensorEntry>> {
+    use burn_store::pytorch::PytorchReader;
+    let bad = |msg: String| WeightsError::Format {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if !path.is_file() {
+        return Err(WeightsError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let reader = PytorchReader::new(path)
+        .or_else(|first| {
+            ["state_dict", "model"]
+                .iter()
+                .find_map(|k| PytorchReader::with_top_level_key(path, k).ok())
+                .ok_or(first)
+        })
+        .map_err(|e| bad(format!("not a readable PyTorch checkpoint: {e}")))?;
+    Ok(reader
+        .into_tensors()
+        .into_iter()
+        .map(|(name, snap)| {
+            let shape = snap.shape.to_vec();
+            (
+                name.clone(),
+                TensorEntry {
+                    name,
+                    shape,
+                    dtype: StDtype::F32,
+                    file: path.to_path_buf(),
+                    offset: 0,
+                    len: 0,
+                    torch: Some(TorchTensor(Rc::new(snap))),
+                },
+            )
+        })
+        .collect())
 }
 
 fn glob_prefix(pattern: &str, name: &str) -> bool {

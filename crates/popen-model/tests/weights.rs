@@ -218,3 +218,37 @@ fn sharded_folders_load_and_report_missing_shards() {
     let e = Checkpoint::open(empty.path()).unwrap_err().to_string();
     assert!(e.contains("model.safetensors"), "{e}");
 }
+
+/// PyTorch pickles (torch.save as transformers' `pytorch_model.bin`, bf16, the legacy
+/// non-zip format, sharded with `pytorch_model.bin.index.json`): values equal what torch
+/// 2.9.1 wrote (tools/reference/torch_pickle_fixture.py).
+#[test]
+fn pytorch_pickles_read_like_torch() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weights");
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let values = |k: &str, field: &str| -> Vec<f32> {
+        exp[k][field].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+    };
+    for (file, field) in [
+        (dir.join("toy.bin"), "values"),
+        (dir.join("toy_bf16.bin"), "bf16"),
+        (dir.join("toy_legacy.pt"), "values"),
+        (dir.join("sharded"), "values"),
+    ] {
+        let ck = Checkpoint::open(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert_eq!(ck.tensors.len(), 3, "{}", file.display());
+        for name in ["model.layers.0.w", "model.layers.0.b", "lm_head.weight"] {
+            let t = &ck.tensors[name];
+            let shape: Vec<usize> =
+                exp[name]["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            assert_eq!(t.shape, shape, "{} {name}", file.display());
+            assert_eq!(t.read_f32().unwrap(), values(name, field), "{} {name}", file.display());
+        }
+    }
+    let bad = tempfile::tempdir().unwrap();
+    let p = bad.path().join("broken.bin");
+    std::fs::write(&p, b"not a pickle at all").unwrap();
+    let e = Checkpoint::open(&p).unwrap_err().to_string();
+    assert!(e.contains("broken.bin"), "{e}");
+}
