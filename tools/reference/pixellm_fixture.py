@@ -21,11 +21,9 @@ crop/resize all matter) and a prompt + an answer with two objects' seg groups:
   3. LLaMA (transformers 4.57.1 `LlamaForCausalLM`, eager) on inputs_embeds + that attention
      mask. POSITIONS: PixelLM passes no position_ids, so transformers uses arange(L) (also in
      its `generate`, because `LlavaLlamaForCausalLM.prepare_inputs_for_generation` drops
-     position_ids). popen assigns RoPE positions cumsum(attention_mask) - 1 (HF LLaMA's own
-     generate convention), so the main expectations are computed with position_ids =
-     cumsum(mask) - 1 passed explicitly (clamped at 0; positions of masked rows are never
-     attended, so their values do not matter). A second set (`*_arange`) uses PixelLM's own
-     arange positions, so the difference between the two conventions is measured.
+     position_ids); popen does the same (PixelLm::assemble, PixelLm::generate), and the main
+     expectations use arange. A second set (`*_cumsum`) uses HF LLaMA generate's
+     cumsum(mask) - 1, so the difference between the two conventions is measured.
   4. model_forward's seg path: `seg_token_mask = input_ids[:, 1:] == any SEG id`, one False
      column appended, LLM_GRID^2 - 1 False columns prepended (PixelLM: 255); text_hidden_fcs[0]
      on the final (normed) hidden states; view (objects, scales, seg_token_num, out_dim);
@@ -333,10 +331,12 @@ def main():
     with torch.no_grad():
         feats, embeds, mask, llm_tokens, llm_keep, vit_key = prepare_inputs(
             glue, llm, tower, input_ids, attention_mask, images, resized_hw)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden, logits = run_llm(llm, embeds, mask, positions)
+        # Main expectations: PixelLM's own positions (arange over the expanded row); the
+        # `*_cumsum` set: HF-generate-style cumsum(mask) - 1, to measure the difference.
         arange = torch.arange(mask.shape[1]).expand(mask.shape[0], -1)
-        hidden_ar, logits_ar = run_llm(llm, embeds, mask, arange)
+        hidden, logits = run_llm(llm, embeds, mask, arange)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden_ar, logits_ar = run_llm(llm, embeds, mask, positions)
 
         # Answer log-probs: the answer of row r starts at expanded position `start`.
         expand = LLM_GRID * LLM_GRID - 1
@@ -389,7 +389,7 @@ def main():
         assert margin > 1e-4, "a logit this close to 0 makes the mask score fragile"
     keep = mask
     diff = (hidden - hidden_ar).abs()[keep].max().item()
-    print(f"max |hidden(cumsum positions) - hidden(arange positions)| at kept positions: {diff:.3e}")
+    print(f"max |hidden(arange positions) - hidden(cumsum positions)| at kept positions: {diff:.3e}")
     print("llm_keep", llm_keep.tolist())
     print("answer log-probs", lp.tolist())
 
@@ -410,11 +410,11 @@ def main():
         "scales.1": torch.stack([s[1] for s in scales_out]),
         "keep": mask.double(),
         "hidden": hidden,
-        "hidden_arange": hidden_ar,
+        "hidden_cumsum": hidden_ar,
         "answer_logprobs": lp,
-        "answer_logprobs_arange": lp_ar,
+        "answer_logprobs_cumsum": lp_ar,
         "f": f,
-        "f_arange": f_ar,
+        "f_cumsum": f_ar,
         "low_res_masks": torch.stack(low),
         "iou_predictions": torch.stack(iou),
         "mask_scores": torch.stack(scores),

@@ -37,7 +37,7 @@ use crate::llama::{AttnExtras, Llama, LlamaConfig, LlamaError};
 use crate::pixel_decoder::{MaskDecoderMultiScaleConfig, PixelDecoder};
 use crate::preprocess::Preprocessed;
 use crate::sam::{resize_bilinear, LayerNorm2d};
-use crate::sampling::{generate, Generation, SamplingConfig};
+use crate::sampling::{generate_at, Generation, SamplingConfig};
 use crate::weights::{self, Checkpoint, Remap, WeightsError};
 
 /// Errors of building, loading or running a [`PixelLm`].
@@ -482,7 +482,8 @@ pub struct Assembled<B: Backend> {
     pub keep: Tensor<B, 2, Bool>,
     /// [b, L] additive attention bias, when any piece carried one.
     pub gamma: Option<Tensor<B, 2>>,
-    /// [b, L] RoPE positions: 0.. over the row's own content (padding excluded).
+    /// [b, L] RoPE positions: 0.. over the row's own content (edge padding excluded, masked
+    /// image padding counted, as PixelLM).
     pub positions: Tensor<B, 2, Int>,
     /// Content length of each row.
     pub lens: Vec<usize>,
@@ -712,16 +713,11 @@ impl<B: Backend> PixelLm<B> {
                 parts.push(emb);
                 pos += l;
             }
-            // RoPE positions count only attended positions (cumsum(keep) - 1), as HF's
-            // generate derives them from the attention mask, so teacher forcing and
-            // sampling place every token identically.
-            let mut seen = 0i64;
+            // RoPE positions: 0.. over the row's own content, masked image padding
+            // included, as PixelLM (no position_ids anywhere: arange over the expanded row,
+            // in training and in generation); [`PixelLm::generate`] continues from there.
             for k in 0..lens[r] {
-                positions[r * width + start + k] = (seen - 1).max(0);
-                if keep[r * width + start + k] {
-                    seen += 1;
-                }
-                positions[r * width + start + k] = (seen - 1).max(0);
+                positions[r * width + start + k] = k as i64;
             }
             let body = Tensor::cat(parts, 0);
             let row_t = if pad == 0 {
@@ -804,7 +800,7 @@ impl<B: Backend> PixelLm<B> {
 
     /// Masks from segmentation embeddings: low-res fused logits through the decoder, then
     /// postprocessed to each object's original image size. Returns one [H_i, W_i] logit map
-    /// per object and the decoder's IoU predictions.
+    /// per object and the fused low-res logits [n, low, low].
     pub fn decode_masks(
         &self,
         feats: &ImageFeatures<B>,
@@ -833,17 +829,27 @@ impl<B: Backend> PixelLm<B> {
         Ok((masks, low))
     }
 
-    /// Sample answers for left-padded rows (see [`crate::sampling::generate`]).
+    /// Sample answers for left-padded rows (see [`crate::sampling::generate_at`]), with
+    /// the same positions as [`PixelLm::assemble`] gives (PixelLM's arange).
     pub fn generate(
         &self,
         asm: &Assembled<B>,
         cfg: &SamplingConfig,
         stop_ids: &[u32],
     ) -> Result<Vec<Generation<B>>> {
-        Ok(generate(
+        let rows: Vec<Vec<i64>> = asm
+            .lens
+            .iter()
+            .map(|&len| {
+                let pad = asm.width - len;
+                (0..asm.width).map(|j| (j as i64 - pad as i64).max(0)).collect()
+            })
+            .collect();
+        Ok(generate_at(
             &self.llm,
             asm.embeds.clone(),
             asm.keep.clone(),
+            Some(&rows),
             asm.gamma.clone(),
             cfg,
             stop_ids,

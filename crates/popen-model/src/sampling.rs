@@ -101,6 +101,23 @@ pub fn generate<B: Backend>(
     cfg: &SamplingConfig,
     stop_ids: &[u32],
 ) -> Result<Vec<Generation<B>>, LlamaError> {
+    generate_at(model, prefix, prefix_keep, None, prefix_gamma, cfg, stop_ids)
+}
+
+/// [`generate`] with explicit RoPE positions of the prefix (`[b][s]`; padding entries are
+/// ignored): generated tokens continue from one past each row's largest real position.
+/// PixelLM numbers every position of the expanded row, masked image padding included
+/// (`arange`, no `position_ids` in its forward or `prepare_inputs_for_generation`), which
+/// `cumsum(keep) - 1` would not reproduce.
+pub fn generate_at<B: Backend>(
+    model: &Llama<B>,
+    prefix: Tensor<B, 3>,
+    prefix_keep: Tensor<B, 2, Bool>,
+    prefix_positions: Option<&[Vec<i64>]>,
+    prefix_gamma: Option<Tensor<B, 2>>,
+    cfg: &SamplingConfig,
+    stop_ids: &[u32],
+) -> Result<Vec<Generation<B>>, LlamaError> {
     cfg.validate()?;
     let [b, s, h] = prefix.dims();
     if prefix_keep.dims() != [b, s] {
@@ -136,16 +153,44 @@ pub fn generate<B: Backend>(
         }
     }
 
-    // Per-row real-token counts and HF-style positions (padding positions get 1: never seen).
+    // Per-row next position and the prefix positions: HF-style `cumsum(keep) - 1` by
+    // default (padding positions get 1: never seen), or the caller's.
     let mut n_real = vec![0usize; b];
     let mut pos = Vec::with_capacity(b * s);
-    for r in 0..b {
-        for j in 0..s {
-            if keep_host[r * s + j] {
-                pos.push(n_real[r] as i64);
-                n_real[r] += 1;
-            } else {
-                pos.push(1);
+    match prefix_positions {
+        None => {
+            for r in 0..b {
+                for j in 0..s {
+                    if keep_host[r * s + j] {
+                        pos.push(n_real[r] as i64);
+                        n_real[r] += 1;
+                    } else {
+                        pos.push(1);
+                    }
+                }
+            }
+        }
+        Some(p) => {
+            if p.len() != b || p.iter().any(|row| row.len() != s) {
+                return Err(LlamaError::Input(format!(
+                    "generate: prefix positions must be [{b}][{s}]"
+                )));
+            }
+            for r in 0..b {
+                let mut next = 0i64;
+                for j in 0..s {
+                    let v = p[r][j];
+                    if keep_host[r * s + j] {
+                        if v < 0 {
+                            return Err(LlamaError::Input(format!(
+                                "generate: negative position {v} in row {r}"
+                            )));
+                        }
+                        next = next.max(v + 1);
+                    }
+                    pos.push(v.max(0));
+                }
+                n_real[r] = next as usize;
             }
         }
     }

@@ -15,11 +15,10 @@
 //! (objects, scales, seg_token_num) grouping with 1/seg_token_num weights, the decoder per
 //! scale, multiscale fusion, postprocessing to the original size and PixelLM's mask score.
 //!
-//! RoPE positions: popen numbers attended positions (`cumsum(keep) - 1`); PixelLM itself passes
-//! no `position_ids`, so transformers uses `arange(L)` over the expanded row, padded image
-//! tokens included. The main expectations were computed with `cumsum(mask) - 1` passed
-//! explicitly; `pixellm_arange_positions_reproduce_pixellm` checks PixelLM's own convention by
-//! overriding `Assembled::positions`.
+//! RoPE positions: PixelLM passes no `position_ids`, so transformers uses `arange(L)` over the
+//! expanded row, padded image tokens included; popen does the same and the main expectations
+//! use it. `cumsum_positions_differ_from_pixellm_arange` checks the other convention
+//! (`cumsum(mask) - 1`) against its own reference set by overriding `Assembled::positions`.
 //!
 //! Tolerance: |got - want| <= 1e-4 * max(1, |want|) per element (f32 against a float64
 //! reference).
@@ -399,7 +398,7 @@ fn preprocessing_matches_the_reference_pixels() {
     }
 }
 
-/// The LLM over the spliced sequence (RoPE positions cumsum(mask) - 1 on both sides): final
+/// The LLM over the spliced sequence (RoPE positions: PixelLM's arange on both sides): final
 /// hidden states at attended positions and the teacher-forced answer log-probs.
 #[test]
 fn hidden_states_and_answer_logprobs_match() {
@@ -451,28 +450,36 @@ fn seg_embeddings_masks_and_scores_match() {
     eprintln!("max rel err: f {e1:e}, low-res {e2:e}, masks {e3:e}, scores {e4:e}");
 }
 
-/// PixelLM's own RoPE positions (`arange` over the expanded row, padded image tokens
-/// included: `model_forward` and, through `LlavaLlamaForCausalLM.prepare_inputs_for_generation`
-/// dropping `position_ids`, its `generate` too) reproduce its hidden states, log-probs and seg
-/// embeddings when substituted into popen's assembled batch; popen's default positions do not
-/// whenever an image has padded tokens (see the module docs).
+/// The other RoPE convention (HF LLaMA generate's `cumsum(mask) - 1`, which skips masked
+/// image padding) substituted into the assembled batch reproduces the reference's
+/// `*_cumsum` set, and differs from PixelLM's arange (popen's default) whenever an image
+/// has padded tokens: the fixture really tests the position convention.
 #[test]
-fn pixellm_arange_positions_reproduce_pixellm() {
+fn cumsum_positions_differ_from_pixellm_arange() {
     let mut r = run();
     let [b, l] = r.asm.positions.dims();
-    let ar: Vec<i64> = (0..b).flat_map(|_| 0..l as i64).collect();
+    let keep = &r.fx.get("keep").1;
+    let mut cs = Vec::with_capacity(b * l);
+    for row in 0..b {
+        let mut seen = 0i64;
+        for j in 0..l {
+            if keep[row * l + j] > 0.5 {
+                seen += 1;
+            }
+            cs.push((seen - 1).max(0));
+        }
+    }
     let default_hidden = r.model.forward_hidden(&r.asm).unwrap();
     r.asm.positions =
-        Tensor::<B, 2, Int>::from_data(TensorData::new(ar, [b, l]), &Default::default());
+        Tensor::<B, 2, Int>::from_data(TensorData::new(cs, [b, l]), &Default::default());
     let hidden = r.model.forward_hidden(&r.asm).unwrap();
-    let e1 = hidden_at_kept(&r, hidden.clone(), "hidden_arange");
-    let e2 = answer_logprobs(&r, hidden.clone(), "answer_logprobs_arange");
+    let e1 = hidden_at_kept(&r, hidden.clone(), "hidden_cumsum");
+    let e2 = answer_logprobs(&r, hidden.clone(), "answer_logprobs_cumsum");
     let (_, objs) = objects(&r);
     let f = r.model.seg_embeddings(hidden, &objs).unwrap();
-    let e3 = check_t("seg embeddings f (arange positions)", f, &r.fx, "f_arange");
+    let e3 = check_t("seg embeddings f (cumsum positions)", f, &r.fx, "f_cumsum");
     let h = r.model.config().llm.hidden_size;
-    let keep = &r.fx.get("keep").1;
-    let d = worst(&values(default_hidden), &r.fx.get("hidden_arange").1, |i| {
+    let d = worst(&values(default_hidden), &r.fx.get("hidden_cumsum").1, |i| {
         keep[i / h] > 0.5
     })
     .0;
@@ -481,6 +488,6 @@ fn pixellm_arange_positions_reproduce_pixellm() {
         "the fixture's padded images must make the two conventions differ ({d})"
     );
     eprintln!(
-        "max rel err (arange): hidden {e1:e}, log-probs {e2:e}, f {e3:e}; popen default vs PixelLM arange: {d:e}"
+        "max rel err (cumsum): hidden {e1:e}, log-probs {e2:e}, f {e3:e}; popen default (arange) vs cumsum: {d:e}"
     );
 }
