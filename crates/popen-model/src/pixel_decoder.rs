@@ -151,7 +151,7 @@ impl MaskDecoderMultiScaleConfig {
             ))
             .into());
         }
-        if d < 8 || d % 8 != 0 || self.image_embedding_size == 0 || self.low_res_size == 0 {
+        if d < 8 || !d.is_multiple_of(8) || self.image_embedding_size == 0 || self.low_res_size == 0 {
             return Err(SamError::Config(format!(
                 "transformer_dim {d} must be a positive multiple of 8; image_embedding_size \
                  and low_res_size must be positive"

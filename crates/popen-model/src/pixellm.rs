@@ -145,7 +145,7 @@ impl PixelLmConfig {
                 ));
             }
         }
-        if self.vision.patch_size == 0 || self.image_size % self.vision.patch_size != 0 {
+        if self.vision.patch_size == 0 || !self.image_size.is_multiple_of(self.vision.patch_size) {
             return bad(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.vision.patch_size

@@ -191,7 +191,7 @@ impl<B: Backend> Attention<B> {
             ));
         }
         let internal = embedding_dim / downsample_rate;
-        if internal == 0 || internal % num_heads != 0 {
+        if internal == 0 || !internal.is_multiple_of(num_heads) {
             return Err(SamError::Config(format!(
                 "num_heads {num_heads} must divide embedding_dim / downsample_rate = \
                  {embedding_dim} / {downsample_rate} = {internal}"
@@ -543,13 +543,13 @@ impl Default for PromptEncoderConfig {
 
 impl PromptEncoderConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<PromptEncoder<B>> {
-        if self.embed_dim < 2 || self.embed_dim % 2 != 0 {
+        if self.embed_dim < 2 || !self.embed_dim.is_multiple_of(2) {
             return Err(SamError::Config(format!(
                 "prompt encoder embed_dim {} must be even",
                 self.embed_dim
             )));
         }
-        if self.mask_in_chans < 4 || self.mask_in_chans % 4 != 0 {
+        if self.mask_in_chans < 4 || !self.mask_in_chans.is_multiple_of(4) {
             return Err(SamError::Config(format!(
                 "mask_in_chans {} must be a positive multiple of 4",
                 self.mask_in_chans
@@ -769,7 +769,7 @@ impl Default for MaskDecoderConfig {
 impl MaskDecoderConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<MaskDecoder<B>> {
         let d = self.transformer_dim;
-        if d % 8 != 0 || d != self.transformer.embedding_dim {
+        if !d.is_multiple_of(8) || d != self.transformer.embedding_dim {
             return Err(SamError::Config(format!(
                 "transformer_dim {d} must be a multiple of 8 and equal transformer.embedding_dim {}",
                 self.transformer.embedding_dim

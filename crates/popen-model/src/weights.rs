@@ -288,7 +288,7 @@ impl Checkpoint {
                 "pytorch_model.bin",
             ] {
                 if path.join(name).is_file() {
-                    return Self::open(&path.join(name));
+                    return Self::open(path.join(name));
                 }
             }
             return Err(WeightsError::Index {
@@ -641,7 +641,7 @@ pub fn write_safetensors(
         off += n;
     }
     let mut h = serde_json::to_vec(&header).expect("json");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     popen_core::shard::atomic_write_with(path, |w| {
