@@ -249,13 +249,23 @@ fn read_image(path: &Path) -> Result<image::RgbImage> {
     Ok(popen_core::imageio::decode_rgb(&bytes, Some(&path.display().to_string()))?)
 }
 
+/// Runs `$f::<B>(args, &device)` on the backend named by `$name`.
+macro_rules! on_backend {
+    ($name:expr, $f:ident, $args:expr) => {
+        match $name {
+            "ndarray" => $f::<burn::backend::NdArray<f32>>($args, &Default::default()),
+            #[cfg(feature = "cuda")]
+            "cuda" => $f::<burn::backend::Cuda<f32, i32>>($args, &Default::default()),
+            other => bail!(
+                "backend '{other}' is not available in this build (available: {})",
+                crate::backend::available().join(", ")
+            ),
+        }
+    };
+}
+
 pub fn infer(a: InferArgs) -> Result<()> {
-    match a.backend.as_str() {
-        "ndarray" => infer_on::<burn::backend::NdArray<f32>>(&a, &Default::default()),
-        #[cfg(feature = "cuda")]
-        "cuda" => infer_on::<burn::backend::Cuda<f32, i32>>(&a, &Default::default()),
-        other => bail!("backend '{other}' is not available in this build (available: {})", crate::backend::available().join(", ")),
-    }
+    on_backend!(a.backend.as_str(), infer_on, &a)
 }
 
 fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
@@ -319,12 +329,7 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
-    match a.backend.as_str() {
-        "ndarray" => score_on::<burn::backend::NdArray<f32>>(&a, &Default::default()),
-        #[cfg(feature = "cuda")]
-        "cuda" => score_on::<burn::backend::Cuda<f32, i32>>(&a, &Default::default()),
-        other => bail!("backend '{other}' is not available in this build (available: {})", crate::backend::available().join(", ")),
-    }
+    on_backend!(a.backend.as_str(), score_on, &a)
 }
 
 fn score_on<B: Backend>(a: &ScoreArgs, dev: &B::Device) -> Result<()> {
