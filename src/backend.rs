@@ -8,7 +8,7 @@ use std::time::Instant;
 
 /// The backends this build can run.
 pub fn available() -> Vec<&'static str> {
-    let mut v = vec!["ndarray"];
+    let mut v = vec!["flex", "ndarray"];
     if cfg!(feature = "cuda") {
         v.push("cuda");
     }
@@ -30,6 +30,7 @@ pub struct DeviceReport {
 
 pub fn check(backend: &str, size: usize, iters: usize) -> Result<DeviceReport> {
     match backend {
+        "flex" => run::<burn::backend::Flex>(backend, &Default::default(), size, iters),
         "ndarray" => run::<burn::backend::NdArray<f32>>(backend, &Default::default(), size, iters),
         #[cfg(feature = "cuda")]
         "cuda" => run::<burn::backend::Cuda<f32, i32>>(backend, &Default::default(), size, iters),

@@ -137,8 +137,8 @@ struct InspectArgs {
 
 #[derive(clap::Args)]
 struct DeviceArgs {
-    /// Backend: ndarray (CPU), or cuda in builds with the `cuda` feature.
-    #[arg(long, default_value = "ndarray")]
+    /// Backend: flex (CPU), ndarray (CPU), or cuda in builds with the `cuda` feature.
+    #[arg(long, default_value = "flex")]
     backend: String,
     /// Matrix side for the throughput measurement.
     #[arg(long, default_value_t = 512)]

@@ -126,8 +126,9 @@ pub struct InferArgs {
     out: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Backend: ndarray (CPU), or cuda in builds with the `cuda` feature.
-    #[arg(long, default_value = "ndarray")]
+    /// Backend: flex (CPU, fastest here), ndarray (CPU), or cuda in builds with the `cuda`
+    /// feature.
+    #[arg(long, default_value = "flex")]
     backend: String,
 }
 
@@ -143,8 +144,9 @@ pub struct ScoreArgs {
     /// The answer to score, with `<seg>` after each object (our shard format).
     #[arg(long)]
     answer: String,
-    /// Backend: ndarray (CPU), or cuda in builds with the `cuda` feature.
-    #[arg(long, default_value = "ndarray")]
+    /// Backend: flex (CPU, fastest here), ndarray (CPU), or cuda in builds with the `cuda`
+    /// feature.
+    #[arg(long, default_value = "flex")]
     backend: String,
 }
 
@@ -253,6 +255,7 @@ fn read_image(path: &Path) -> Result<image::RgbImage> {
 macro_rules! on_backend {
     ($name:expr, $f:ident, $args:expr) => {
         match $name {
+            "flex" => $f::<burn::backend::Flex>($args, &Default::default()),
             "ndarray" => $f::<burn::backend::NdArray<f32>>($args, &Default::default()),
             #[cfg(feature = "cuda")]
             "cuda" => $f::<burn::backend::Cuda<f32, i32>>($args, &Default::default()),
