@@ -25,6 +25,7 @@ use burn::tensor::activation::{gelu, sigmoid, softmax};
 use burn::tensor::{Bool, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::sam::{is_patch_conv, patch_conv2d_tokens};
 use crate::weights::{self, Remap, WeightsError};
 
 /// Errors of configuring, loading or running the CLIP vision tower.
@@ -399,9 +400,21 @@ impl<B: Backend> ClipVisionModel<B> {
             )));
         }
         let e = &self.vision_model.embeddings;
-        let patches = e.patch_embedding.forward(pixel_values);
-        let [_, d, gh, gw] = patches.dims();
-        let patches = patches.reshape([b, d, gh * gw]).swap_dims(1, 2);
+        // The patch embedding is a kernel = stride convolution: patchify + one matrix product
+        // straight into `[b, patches, d]` (burn's conv2d is a scalar loop on NdArray).
+        let conv = &e.patch_embedding;
+        let (patches, [gh, gw]) = if is_patch_conv(conv) {
+            patch_conv2d_tokens(
+                pixel_values,
+                conv.weight.val(),
+                conv.bias.as_ref().map(|b| b.val()),
+            )
+        } else {
+            let patches = conv.forward(pixel_values);
+            let [_, d, gh, gw] = patches.dims();
+            (patches.reshape([b, d, gh * gw]).swap_dims(1, 2), [gh, gw])
+        };
+        let d = patches.dims()[2];
         let cls = e.class_embedding.val().reshape([1, 1, d]).expand([b, 1, d]);
         let x = Tensor::cat(vec![cls, patches], 1);
         let [rows, _] = e.position_embedding.weight.dims();

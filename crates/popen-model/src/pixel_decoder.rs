@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::sam::{
     conv_transpose_2x2, hyper_masks, output_tokens, postprocess_masks as sam_postprocess,
-    resize_bilinear, seq_forward, LayerNorm2d, Mlp, PositionEmbeddingRandom, PromptEncoder,
-    PromptEncoderConfig, SamActivation, SamError, SeqLayer, TwoWayTransformer,
+    resize_bilinear, seq_forward, seq_forward_tokens, LayerNorm2d, Mlp, PositionEmbeddingRandom,
+    PromptEncoder, PromptEncoderConfig, SamActivation, SamError, SeqLayer, TwoWayTransformer,
     TwoWayTransformerConfig,
 };
 use crate::weights::{apply_checkpoint, Checkpoint, WeightsError};
@@ -151,7 +151,8 @@ impl MaskDecoderMultiScaleConfig {
             ))
             .into());
         }
-        if d < 8 || !d.is_multiple_of(8) || self.image_embedding_size == 0 || self.low_res_size == 0 {
+        if d < 8 || !d.is_multiple_of(8) || self.image_embedding_size == 0 || self.low_res_size == 0
+        {
             return Err(SamError::Config(format!(
                 "transformer_dim {d} must be a positive multiple of 8; image_embedding_size \
                  and low_res_size must be positive"
@@ -234,7 +235,7 @@ impl<B: Backend> MaskDecoderMultiScale<B> {
     ///
     /// - `src`: `[b, dim, h, w]` image features of each prompt's image;
     /// - `image_pe`: `[1, dim, h, w]` (ignored for level > 0, which uses `pe1`);
-    /// - `sparse`: `[b, n, dim]`; `dense`: `[b, dim, h, w]` (level > 0 resizes it);
+    /// - `sparse`: `[b, n, dim]`; `dense`: `[b or 1, dim, h, w]` (level > 0 resizes it);
     /// - `previous_masks`: `[b, k, 2h, 2w]` for level > 0.
     ///
     /// Returns masks `[b, k, H, W]` and IoU predictions `[b, k]`, k = 1 + `num_multimask_outputs`
@@ -253,60 +254,98 @@ impl<B: Backend> MaskDecoderMultiScale<B> {
         let d = self.transformer_dim;
         let [b, c, h, w] = src.dims();
         let [sb, _, sd] = sparse.dims();
+        let [db, dd, dh, dw] = dense.dims();
         if level >= self.transformer.len() {
             return input_err(format!(
                 "level {level} but the decoder has {} scales",
                 self.transformer.len()
             ));
         }
-        if c != d || sb != b || sd != d || dense.dims() != [b, d, h, w] {
+        if c != d || sb != b || sd != d || (db != b && db != 1) || [dd, dh, dw] != [d, h, w] {
             return input_err(format!(
                 "level {level}: src {:?}, sparse {:?}, dense {:?}; expected [b, {d}, h, w], \
-                 [b, n, {d}], [b, {d}, h, w]",
+                 [b, n, {d}], [b or 1, {d}, h, w]",
                 [b, c, h, w],
                 sparse.dims(),
                 dense.dims()
             ));
         }
+        let src = if level > 0 {
+            self.upsample_source(src)
+        } else {
+            src
+        };
+        self.run_level(
+            src,
+            image_pe,
+            sparse,
+            dense,
+            multimask_output,
+            level,
+            previous_masks,
+        )
+    }
+
+    /// `upsample_2x` (ConvTranspose x2, LayerNorm2d, GELU): the source features of a level
+    /// > 0, `[n, dim, h, w]` -> `[n, dim, 2h, 2w]`. Every row is independent, so
+    /// [`PixelDecoder::forward`] runs it once per image, before the per-object gather,
+    /// instead of once per object as PixelLM's `repeat_interleave` order does.
+    pub fn upsample_source(&self, src: Tensor<B, 4>) -> Tensor<B, 4> {
+        seq_forward(&self.upsample_2x, src)
+    }
+
+    /// [`Self::forward_level`] after its input checks, with `src` already at the level's
+    /// resolution (through [`Self::upsample_source`] for level > 0).
+    #[allow(clippy::too_many_arguments)]
+    fn run_level(
+        &self,
+        src: Tensor<B, 4>,
+        image_pe: Tensor<B, 4>,
+        sparse: Tensor<B, 3>,
+        dense: Tensor<B, 4>,
+        multimask_output: bool,
+        level: usize,
+        previous_masks: Option<Tensor<B, 4>>,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 2>)> {
+        let d = self.transformer_dim;
+        let [b, _, h, w] = src.dims();
         let tokens = output_tokens(&self.iou_token, &self.mask_tokens, sparse);
-        let t = tokens.dims()[1];
+        // `[1, 1, d]`, broadcast over prompts and tokens.
         let level_row = self
             .level_embed
             .weight
             .val()
             .slice([level..level + 1, 0..d])
-            .reshape([1, 1, d])
-            .expand([b, t, d]);
+            .reshape([1, 1, d]);
         let tokens = tokens + level_row;
 
         let (src, pos) = if level > 0 {
             let prev = previous_masks.ok_or_else(|| {
                 DecoderError::Input(format!("level {level} needs the previous level's masks"))
             })?;
-            let src = seq_forward(&self.upsample_2x, src);
-            let [_, _, h2, w2] = src.dims();
             let [pb, _, ph, pw] = prev.dims();
-            if pb != b || (ph, pw) != (h2, w2) {
+            if pb != b || (ph, pw) != (h, w) {
                 return input_err(format!(
-                    "level {level}: previous masks {:?} must be [{b}, k, {h2}, {w2}]",
+                    "level {level}: previous masks {:?} must be [{b}, k, {h}, {w}]",
                     prev.dims()
                 ));
             }
+            // `[b, 1, h, w]`, broadcast over channels.
             let gate = sigmoid(prev.mean_dim(1)) + 1.0;
-            let src = gate.expand([b, d, h2, w2]) * src;
+            let src = gate * src;
             // PixelLM bilinearly resizes the constant no-mask dense prompt: same constant.
-            let dense = resize_bilinear(dense, h2, w2);
-            (src + dense, self.pe1.forward(h2, w2).unsqueeze::<4>())
+            let dense = resize_bilinear(dense, h, w);
+            (src + dense, self.pe1.forward(h, w).unsqueeze::<4>())
         } else {
             (src + dense, image_pe)
         };
-        let [_, _, h, w] = src.dims();
-        let pos = pos.expand([b, d, h, w]);
+        // The transformer broadcasts the batch-1 position encoding itself.
         let (hs, src) = self.transformer[level].forward(src, pos, tokens)?;
         let m = self.num_multimask_outputs + 1;
         let iou_token_out = hs.clone().slice([0..b, 0..1, 0..d]).reshape([b, d]);
-        let src = src.swap_dims(1, 2).reshape([b, d, h, w]);
-        let upscaled = seq_forward(&self.output_upscaling, src);
+        // The keys `[b, h*w, d]` go straight into the output upscaling's transposed
+        // convolution (no NCHW copy).
+        let upscaled = seq_forward_tokens(&self.output_upscaling, src, h, w);
         // PixelLM computes all m mask-token masks and keeps token 0 when not multimask; the
         // unused hypernetworks do not influence token 0, so only the kept ones are run.
         let k = if multimask_output { m } else { 1 };
@@ -452,6 +491,8 @@ impl<B: Backend> PixelDecoder<B> {
                 iou_predictions: Tensor::zeros([0], &device),
             });
         }
+        // One object per image, in image order: the gather is the identity.
+        let identity = n == n_images && image_index.iter().enumerate().all(|(o, &i)| o == i);
         let idx = Tensor::<B, 1, Int>::from_data(
             TensorData::new(
                 image_index.iter().map(|&i| i as i64).collect::<Vec<_>>(),
@@ -459,17 +500,28 @@ impl<B: Backend> PixelDecoder<B> {
             ),
             &device,
         );
-        // prompt_encoder(text_embeds=seg) gives sparse = seg, dense = no_mask_embed.
-        let dense = self.prompt_encoder.no_mask_dense(n, g, g);
+        // prompt_encoder(text_embeds=seg) gives sparse = seg, dense = no_mask_embed (the same
+        // for every object: batch 1, broadcast).
+        let dense = self.prompt_encoder.no_mask_dense(1, g, g);
         let image_pe = self.prompt_encoder.get_dense_pe();
         let scalar = 1.0 / l_n as f64;
         let mut low: Option<Tensor<B, 4>> = None;
         let mut prev: Option<Tensor<B, 4>> = None;
         let mut iou_last = None;
         for (l, emb) in image_embeddings.iter().enumerate() {
-            let src = emb.clone().select(0, idx.clone());
+            // Per image first (upsampling for l > 0), then gathered per object.
+            let src = if l > 0 {
+                self.mask_decoder.upsample_source(emb.clone())
+            } else {
+                emb.clone()
+            };
+            let src = if identity {
+                src
+            } else {
+                src.select(0, idx.clone())
+            };
             let sparse = seg_embeddings.clone().slice([0..n, l..l + 1, 0..d]);
-            let (masks, iou) = self.mask_decoder.forward_level(
+            let (masks, iou) = self.mask_decoder.run_level(
                 src,
                 image_pe.clone(),
                 sparse,

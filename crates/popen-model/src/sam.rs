@@ -20,6 +20,7 @@ use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::{
     Embedding, EmbeddingConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+    PaddingConfig2d,
 };
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid, softmax};
@@ -93,6 +94,12 @@ impl<B: Backend> LayerNorm2d<B> {
 /// One entry of a PyTorch `nn.Sequential` of SAM's convolutional heads. Enum variants do not
 /// appear in parameter paths, so `Vec<SeqLayer>` is named `0.weight`, `1.weight`, ... and a
 /// `Gelu` keeps its index without parameters, exactly like the PyTorch module.
+///
+/// The convolutions keep burn's modules (so parameter names and shapes are those of PyTorch's
+/// `nn.Conv2d` / `nn.ConvTranspose2d`), but [`SeqLayer::forward`] runs the non-overlapping
+/// ones (kernel == stride: all of SAM's and PixelLM's) as one matrix product plus a reshape
+/// ([`patch_conv2d`], [`patch_conv_transpose2d`]) instead of burn's convolution kernels,
+/// which are scalar loops on NdArray (docs/bench-model.md).
 #[derive(Module, Debug)]
 pub enum SeqLayer<B: Backend> {
     Conv(Conv2d<B>),
@@ -104,8 +111,8 @@ pub enum SeqLayer<B: Backend> {
 impl<B: Backend> SeqLayer<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         match self {
-            SeqLayer::Conv(m) => m.forward(x),
-            SeqLayer::ConvTranspose(m) => m.forward(x),
+            SeqLayer::Conv(m) => conv2d_forward(m, x),
+            SeqLayer::ConvTranspose(m) => conv_transpose2d_forward(m, x),
             SeqLayer::Norm(m) => m.forward(x),
             SeqLayer::Gelu(m) => m.forward(x),
         }
@@ -118,6 +125,190 @@ pub fn seq_forward<B: Backend>(layers: &[SeqLayer<B>], mut x: Tensor<B, 4>) -> T
         x = l.forward(x);
     }
     x
+}
+
+/// [`seq_forward`] on a channels-last token grid `[b, h * w, c]` (row-major positions, as the
+/// two-way transformer returns its keys). When the first layer is a non-overlapping
+/// transposed convolution it reads the tokens directly, which saves the NCHW copy.
+pub fn seq_forward_tokens<B: Backend>(
+    layers: &[SeqLayer<B>],
+    tokens: Tensor<B, 3>,
+    h: usize,
+    w: usize,
+) -> Tensor<B, 4> {
+    match layers.split_first() {
+        Some((SeqLayer::ConvTranspose(m), rest)) if is_patch_conv_transpose(m) => {
+            let x = patch_conv_transpose2d_tokens(
+                tokens,
+                h,
+                w,
+                m.weight.val(),
+                m.bias.as_ref().map(|b| b.val()),
+            );
+            seq_forward(rest, x)
+        }
+        _ => {
+            let [b, _, c] = tokens.dims();
+            seq_forward(layers, tokens.swap_dims(1, 2).reshape([b, c, h, w]))
+        }
+    }
+}
+
+/// Whether a `Conv2d` is a patch convolution (kernel == stride, no padding, no dilation, one
+/// group): every input pixel feeds exactly one output position, so it is a matrix product.
+pub fn is_patch_conv<B: Backend>(m: &Conv2d<B>) -> bool {
+    m.kernel_size == m.stride
+        && m.dilation == [1, 1]
+        && m.groups == 1
+        && matches!(
+            m.padding,
+            PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0)
+        )
+}
+
+/// Whether a `ConvTranspose2d` is non-overlapping (kernel == stride, no padding, no output
+/// padding, no dilation, one group): each input pixel writes its own `kh x kw` output block.
+pub fn is_patch_conv_transpose<B: Backend>(m: &ConvTranspose2d<B>) -> bool {
+    m.kernel_size == m.stride
+        && m.padding == [0, 0]
+        && m.padding_out == [0, 0]
+        && m.dilation == [1, 1]
+        && m.groups == 1
+}
+
+/// `m.forward(x)`, through [`patch_conv2d`] when `m` is a patch convolution (same numbers up
+/// to float summation order, gradients included), burn's convolution otherwise.
+pub fn conv2d_forward<B: Backend>(m: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    if is_patch_conv(m) {
+        patch_conv2d(x, m.weight.val(), m.bias.as_ref().map(|b| b.val()))
+    } else {
+        m.forward(x)
+    }
+}
+
+/// `m.forward(x)`, through [`patch_conv_transpose2d`] when `m` is non-overlapping, burn's
+/// transposed convolution otherwise.
+pub fn conv_transpose2d_forward<B: Backend>(
+    m: &ConvTranspose2d<B>,
+    x: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    if is_patch_conv_transpose(m) {
+        patch_conv_transpose2d(x, m.weight.val(), m.bias.as_ref().map(|b| b.val()))
+    } else {
+        m.forward(x)
+    }
+}
+
+/// Cut `x` `[b, c, h, w]` into non-overlapping `kh x kw` patches, flattened as `(c, ki, kj)`
+/// (PyTorch's conv weight order): `[b, c * kh * kw, gh * gw]` with `gh = h / kh`,
+/// `gw = w / kw` (a remainder is dropped, as a stride-`k` convolution does).
+fn patches_cf<B: Backend>(x: Tensor<B, 4>, kh: usize, kw: usize) -> (Tensor<B, 3>, [usize; 2]) {
+    let [b, c, h, w] = x.dims();
+    let (gh, gw) = (h / kh, w / kw);
+    let x = if gh * kh != h || gw * kw != w {
+        x.slice([0..b, 0..c, 0..gh * kh, 0..gw * kw])
+    } else {
+        x
+    };
+    let p = if kh == 1 && kw == 1 {
+        x.reshape([b, c, gh * gw])
+    } else {
+        x.reshape([b, c, gh, kh, gw, kw])
+            .permute([0, 1, 3, 5, 2, 4])
+            .reshape([b, c * kh * kw, gh * gw])
+    };
+    (p, [gh, gw])
+}
+
+/// Patch convolution (`Conv2d` with kernel == stride, no padding) as a matrix product:
+/// `out[b, o, i, j] = sum_{c, ki, kj} x[b, c, i*kh + ki, j*kw + kj] * W[o, c, ki, kj] + bias[o]`.
+/// `weight`: `[c_out, c_in, kh, kw]` (PyTorch's layout). Returns `[b, c_out, h / kh, w / kw]`.
+pub fn patch_conv2d<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 4> {
+    let [b, _, _, _] = x.dims();
+    let [cout, cin, kh, kw] = weight.dims();
+    let (p, [gh, gw]) = patches_cf(x, kh, kw);
+    let y = weight
+        .reshape([cout, cin * kh * kw])
+        .unsqueeze::<3>()
+        .matmul(p);
+    let y = match bias {
+        Some(bias) => y + bias.reshape([1, cout, 1]),
+        None => y,
+    };
+    y.reshape([b, cout, gh, gw])
+}
+
+/// [`patch_conv2d`] returning channels-last tokens `[b, gh * gw, c_out]` (row-major patch
+/// order), the layout a ViT consumes next, without an NCHW round trip.
+pub fn patch_conv2d_tokens<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+) -> (Tensor<B, 3>, [usize; 2]) {
+    let [b, c, h, w] = x.dims();
+    let [cout, cin, kh, kw] = weight.dims();
+    let (gh, gw) = (h / kh, w / kw);
+    let x = if gh * kh != h || gw * kw != w {
+        x.slice([0..b, 0..c, 0..gh * kh, 0..gw * kw])
+    } else {
+        x
+    };
+    let p = x
+        .reshape([b, c, gh, kh, gw, kw])
+        .permute([0, 2, 4, 1, 3, 5])
+        .reshape([b, gh * gw, c * kh * kw]);
+    let y = p.matmul(
+        weight
+            .reshape([cout, cin * kh * kw])
+            .transpose()
+            .unsqueeze::<3>(),
+    );
+    let y = match bias {
+        Some(bias) => y + bias.reshape([1, 1, cout]),
+        None => y,
+    };
+    (y, [gh, gw])
+}
+
+/// Non-overlapping transposed convolution (`ConvTranspose2d` with kernel == stride, no
+/// padding) as a matrix product plus a pixel shuffle:
+/// `out[b, o, i*kh + ki, j*kw + kj] = sum_c x[b, c, i, j] * W[c, o, ki, kj] + bias[o]`.
+/// `weight`: `[c_in, c_out, kh, kw]` (PyTorch's layout). Returns `[b, c_out, h*kh, w*kw]`.
+pub fn patch_conv_transpose2d<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 4> {
+    let [b, c, h, w] = x.dims();
+    // A transposed view: the matrix products of every backend read strided operands.
+    let tokens = x.reshape([b, c, h * w]).swap_dims(1, 2);
+    patch_conv_transpose2d_tokens(tokens, h, w, weight, bias)
+}
+
+/// [`patch_conv_transpose2d`] of a channels-last grid `tokens` `[b, h * w, c_in]`.
+pub fn patch_conv_transpose2d_tokens<B: Backend>(
+    tokens: Tensor<B, 3>,
+    h: usize,
+    w: usize,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 4> {
+    let [b, _, _] = tokens.dims();
+    let [cin, cout, kh, kw] = weight.dims();
+    let y = tokens.matmul(weight.reshape([cin, cout * kh * kw]).unsqueeze::<3>());
+    // [b, h, w, o, ki, kj] -> [b, o, h, ki, w, kj]: the one copy (the pixel shuffle).
+    let y = y
+        .reshape([b, h, w, cout, kh, kw])
+        .permute([0, 3, 1, 4, 2, 5])
+        .reshape([b, cout, h * kh, w * kw]);
+    match bias {
+        Some(bias) => y + bias.reshape([1, cout, 1, 1]),
+        None => y,
+    }
 }
 
 /// `ConvTranspose2d(cin, cout, kernel_size=2, stride=2)` as a sequential entry.
@@ -384,10 +575,8 @@ impl<B: Backend> TwoWayTransformer<B> {
             ));
         }
         let keys = image_embedding.reshape([b, c, h * w]).swap_dims(1, 2);
-        let key_pe = image_pe
-            .reshape([pb, c, h * w])
-            .swap_dims(1, 2)
-            .expand([b, h * w, c]);
+        // `[pb, h*w, c]`; a batch-1 encoding broadcasts in the additions below.
+        let key_pe = image_pe.reshape([pb, c, h * w]).swap_dims(1, 2);
         let mut queries = point_embedding.clone();
         let mut keys = keys;
         for layer in &self.layers {
@@ -889,12 +1078,11 @@ impl<B: Backend> MaskDecoder<B> {
         }
         let tokens = output_tokens(&self.iou_token, &self.mask_tokens, sparse);
         let src = per_prompt(image_embeddings, b, "image_embeddings")? + dense;
-        let pos = per_prompt(image_pe, b, "image_pe")?;
-        let (hs, src) = self.transformer.forward(src, pos, tokens)?;
+        // The transformer broadcasts a batch-1 position encoding itself (no per-prompt copy).
+        let (hs, src) = self.transformer.forward(src, image_pe, tokens)?;
         let m = self.num_multimask_outputs + 1;
         let iou_token_out = hs.clone().slice([0..b, 0..1, 0..d]).reshape([b, d]);
-        let src = src.swap_dims(1, 2).reshape([b, d, h, w]);
-        let upscaled = seq_forward(&self.output_upscaling, src);
+        let upscaled = seq_forward_tokens(&self.output_upscaling, src, h, w);
         let range = if multimask_output { 1..m } else { 0..1 };
         let hyper: Vec<_> = range
             .clone()
@@ -939,12 +1127,15 @@ pub fn resize_bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize) 
         return Tensor::zeros([b, c, out_h, out_w], &x.device());
     }
     let device = x.device();
+    // Both products broadcast the interpolation matrix (no per-channel copies of it).
     let x = if w != out_w {
         let mw = Tensor::<B, 2>::from_data(
             TensorData::new(interp_matrix(w, out_w), [out_w, w]),
             &device,
         );
-        x.matmul(mw.transpose().unsqueeze::<4>().expand([b, c, w, out_w]))
+        x.reshape([b * c * h, w])
+            .matmul(mw.transpose())
+            .reshape([b, c, h, out_w])
     } else {
         x
     };
@@ -953,7 +1144,9 @@ pub fn resize_bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize) 
             TensorData::new(interp_matrix(h, out_h), [out_h, h]),
             &device,
         );
-        mh.unsqueeze::<4>().expand([b, c, out_h, h]).matmul(x)
+        mh.unsqueeze::<3>()
+            .matmul(x.reshape([b * c, h, out_w]))
+            .reshape([b, c, out_h, out_w])
     } else {
         x
     }
@@ -984,4 +1177,154 @@ pub fn postprocess_masks<B: Backend>(
     let up = resize_bilinear(masks, input_size, input_size);
     let crop = up.slice([0..b, 0..c, 0..resized_hw.0, 0..resized_hw.1]);
     Ok(resize_bilinear(crop, original_hw.0, original_hw.1))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The matrix-product convolutions against burn's own convolution modules (the reference
+    //! they replace): same outputs and same gradients for input, weight and bias.
+
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::backend::AutodiffBackend;
+
+    type Ad = Autodiff<NdArray>;
+
+    fn rand4(shape: [usize; 4], dev: &Device<Ad>) -> Tensor<Ad, 4> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), dev).require_grad()
+    }
+
+    fn assert_close(what: &str, a: Vec<f32>, b: Vec<f32>) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * y.abs().max(1.0),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    fn values<const D: usize>(t: Tensor<NdArray, D>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().expect("f32 data")
+    }
+
+    /// Run `fast` and `reference` on the same input, compare outputs, then the gradients
+    /// of `sum(out * probe)` w.r.t. the input and every parameter returned by `params`.
+    fn check<M: Module<Ad>>(
+        what: &str,
+        module: &M,
+        x: Tensor<Ad, 4>,
+        fast: impl Fn(&M, Tensor<Ad, 4>) -> Tensor<Ad, 4>,
+        reference: impl Fn(&M, Tensor<Ad, 4>) -> Tensor<Ad, 4>,
+        params: impl Fn(&M) -> Vec<(&'static str, Tensor<Ad, 4>)>,
+        bias: impl Fn(&M) -> Option<Tensor<Ad, 1>>,
+    ) {
+        let a = fast(module, x.clone());
+        let b = reference(module, x.clone());
+        assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+        let probe = Tensor::<Ad, 4>::random(a.dims(), Distribution::Normal(0.0, 1.0), &x.device());
+        assert_close(what, values(a.clone().inner()), values(b.clone().inner()));
+        let ga = (a * probe.clone()).sum().backward();
+        let gb = (b * probe).sum().backward();
+        let grad4 = |g: &<Ad as AutodiffBackend>::Gradients, t: &Tensor<Ad, 4>| {
+            values(t.grad(g).expect("grad"))
+        };
+        assert_close(&format!("{what} d/dx"), grad4(&ga, &x), grad4(&gb, &x));
+        for (name, p) in params(module) {
+            assert_close(&format!("{what} d/d{name}"), grad4(&ga, &p), grad4(&gb, &p));
+        }
+        if let Some(bias) = bias(module) {
+            assert_close(
+                &format!("{what} d/dbias"),
+                values(bias.grad(&ga).expect("grad")),
+                values(bias.grad(&gb).expect("grad")),
+            );
+        }
+    }
+
+    #[test]
+    fn patch_conv_transpose_matches_burn() {
+        let dev = Default::default();
+        for (cin, cout, k, hw, bias) in
+            [(6, 3, [2, 2], [4, 5], true), (4, 4, [3, 2], [2, 3], false)]
+        {
+            let m = ConvTranspose2dConfig::new([cin, cout], k)
+                .with_stride(k)
+                .with_bias(bias)
+                .init::<Ad>(&dev);
+            assert!(is_patch_conv_transpose(&m));
+            let x = rand4([2, cin, hw[0], hw[1]], &dev);
+            check(
+                "conv_transpose",
+                &m,
+                x,
+                |m, x| conv_transpose2d_forward(m, x),
+                |m, x| m.forward(x),
+                |m| vec![("weight", m.weight.val())],
+                |m| m.bias.as_ref().map(|b| b.val()),
+            );
+        }
+    }
+
+    #[test]
+    fn patch_conv_transpose_tokens_matches_nchw() {
+        let dev = Default::default();
+        let m = ConvTranspose2dConfig::new([5, 3], [2, 2])
+            .with_stride([2, 2])
+            .init::<Ad>(&dev);
+        let layers = vec![SeqLayer::ConvTranspose(m), SeqLayer::Gelu(Gelu::new())];
+        let x = rand4([2, 5, 3, 4], &dev);
+        let tokens = x.clone().reshape([2, 5, 12]).swap_dims(1, 2);
+        let a = seq_forward_tokens(&layers, tokens, 3, 4);
+        let b = seq_forward(&layers, x);
+        assert_close("tokens", values(a.inner()), values(b.inner()));
+    }
+
+    #[test]
+    fn patch_conv_matches_burn() {
+        let dev = Default::default();
+        // The last case has a remainder (9 = 2 * 4 + 1), which a strided conv drops.
+        for (cin, cout, k, hw, bias) in [
+            (3, 4, [2, 2], [4, 6], true),
+            (2, 5, [1, 1], [3, 3], true),
+            (3, 4, [4, 4], [9, 8], false),
+        ] {
+            let m = Conv2dConfig::new([cin, cout], k)
+                .with_stride(k)
+                .with_bias(bias)
+                .init::<Ad>(&dev);
+            assert!(is_patch_conv(&m));
+            let x = rand4([2, cin, hw[0], hw[1]], &dev);
+            check(
+                "conv",
+                &m,
+                x.clone(),
+                |m, x| conv2d_forward(m, x),
+                |m, x| m.forward(x),
+                |m| vec![("weight", m.weight.val())],
+                |m| m.bias.as_ref().map(|b| b.val()),
+            );
+            // The token layout is the NCHW result flattened channels-last.
+            let (t, [gh, gw]) =
+                patch_conv2d_tokens(x.clone(), m.weight.val(), m.bias.as_ref().map(|b| b.val()));
+            let nchw = m.forward(x);
+            assert_eq!([gh, gw], [nchw.dims()[2], nchw.dims()[3]]);
+            assert_close(
+                "conv tokens",
+                values(t.inner()),
+                values(nchw.reshape([2, cout, gh * gw]).swap_dims(1, 2).inner()),
+            );
+        }
+    }
+
+    #[test]
+    fn overlapping_convs_fall_back() {
+        let dev = Default::default();
+        let c = Conv2dConfig::new([2, 2], [3, 3]).init::<NdArray>(&dev);
+        assert!(!is_patch_conv(&c));
+        let t = ConvTranspose2dConfig::new([2, 2], [3, 3])
+            .with_stride([2, 2])
+            .init::<NdArray>(&dev);
+        assert!(!is_patch_conv_transpose(&t));
+    }
 }
