@@ -11,7 +11,7 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo bench help
+.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo bench bench-model refenv help
 
 help:
 	@echo "make demo        generate the embedded benchmark and render overlays ($(OUT))"
@@ -56,7 +56,19 @@ demo: data
 
 # The Python reference (pycocotools, cv2) runs first on the same generated inputs; the Rust
 # bench reads its timings and prints both side by side (docs/bench-masks.md).
+# The reference environment of tools/reference (torch, transformers: CPU use, ~3 GB).
+REFENV ?= target/refenv
+refenv:
+	test -x $(REFENV)/bin/python || $(PYTHON) -m venv $(REFENV)
+	$(REFENV)/bin/pip install --disable-pip-version-check -q -r tools/reference/requirements.txt
+
+# The tiny PixelLM step on CPU (Flex and NdArray) beside the same model in PyTorch
+# (docs/bench-model.md); ratios in the printed table.
+bench-model: refenv
+	$(REFENV)/bin/python tools/reference/bench_tiny_model.py
+	$(CARGO) bench -p popen-model --bench tiny_model --features bench-flex
+
 bench:
-	$(PYTHON) -m pip install --disable-pip-version-check -q -r tools/reference/requirements.txt
+	$(PYTHON) -m pip install --disable-pip-version-check -q -r tools/reference/requirements-masks.txt
 	$(PYTHON) tools/reference/bench_masks.py
 	$(CARGO) bench -p popen-core --bench mask_kernels

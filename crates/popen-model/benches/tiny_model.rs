@@ -350,6 +350,12 @@ fn main() -> Res<()> {
         eprintln!("running flex ({warmup} warmup + {iters} steps per mode)...");
         results.push(run_backend::<burn::backend::Flex>("flex", &w, warmup, iters)?);
     }
+    // The GPU (burn-cuda; fusion + autotune: the first steps compile kernels, hence warmup).
+    #[cfg(feature = "bench-cuda")]
+    if want("cuda") {
+        eprintln!("running cuda ({warmup} warmup + {iters} steps per mode)...");
+        results.push(run_backend::<burn::backend::Cuda<f32, i32>>("cuda", &w, warmup, iters)?);
+    }
     if results.is_empty() {
         return Err(format!("TINY_BENCH_BACKENDS={wanted}: no backend of this build matches").into());
     }
