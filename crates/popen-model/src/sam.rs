@@ -24,6 +24,7 @@ use burn::nn::{
 };
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid, softmax};
+use burn::tensor::ops::PadMode;
 use burn::tensor::{Distribution, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -176,14 +177,72 @@ pub fn is_patch_conv_transpose<B: Backend>(m: &ConvTranspose2d<B>) -> bool {
         && m.groups == 1
 }
 
-/// `m.forward(x)`, through [`patch_conv2d`] when `m` is a patch convolution (same numbers up
-/// to float summation order, gradients included), burn's convolution otherwise.
+/// `m.forward(x)` as matrix products where that is possible (same numbers up to float
+/// summation order, gradients included): [`patch_conv2d`] for a patch convolution,
+/// [`im2col_conv2d`] for a stride-1 convolution with `Valid` or explicit zero padding (e.g.
+/// PixelLM's neck 3x3); burn's convolution otherwise. burn-ndarray's convolution and, worse,
+/// its transposed convolution (the input gradient of every convolution) are scalar loops.
 pub fn conv2d_forward<B: Backend>(m: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let bias = || m.bias.as_ref().map(|b| b.val());
     if is_patch_conv(m) {
-        patch_conv2d(x, m.weight.val(), m.bias.as_ref().map(|b| b.val()))
-    } else {
-        m.forward(x)
+        return patch_conv2d(x, m.weight.val(), bias());
     }
+    let pad = match m.padding {
+        PaddingConfig2d::Valid => Some([0; 4]),
+        PaddingConfig2d::Explicit(top, left, bottom, right) => Some([top, left, bottom, right]),
+        PaddingConfig2d::Same => None,
+    };
+    match pad {
+        Some(pad) if m.stride == [1, 1] && m.dilation == [1, 1] && m.groups == 1 => {
+            im2col_conv2d(x, m.weight.val(), bias(), pad)
+        }
+        _ => m.forward(x),
+    }
+}
+
+/// Stride-1 convolution with zero padding `[top, left, bottom, right]` as one matrix product
+/// over the `kh * kw` shifted views of the padded input (im2col):
+/// `out[b, o, i, j] = sum_{c, ki, kj} xp[b, c, i + ki, j + kj] * W[o, c, ki, kj] + bias[o]`.
+/// Needs `kh * kw` times the input in memory, which is small for 3x3 heads. A kernel larger
+/// than the padded input gives an empty output, as in PyTorch.
+pub fn im2col_conv2d<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    pad: [usize; 4],
+) -> Tensor<B, 4> {
+    let [top, left, bottom, right] = pad;
+    let [b, c, h, w] = x.dims();
+    let [cout, cin, kh, kw] = weight.dims();
+    let (hp, wp) = (h + top + bottom, w + left + right);
+    let (oh, ow) = ((hp + 1).saturating_sub(kh), (wp + 1).saturating_sub(kw));
+    let x = if pad == [0; 4] {
+        x
+    } else {
+        x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
+    };
+    if kh == 1 && kw == 1 {
+        return patch_conv2d(x, weight, bias);
+    }
+    let cols: Vec<Tensor<B, 5>> = (0..kh)
+        .flat_map(|ki| (0..kw).map(move |kj| (ki, kj)))
+        .map(|(ki, kj)| {
+            x.clone()
+                .slice([0..b, 0..c, ki..ki + oh, kj..kj + ow])
+                .unsqueeze_dim::<5>(2)
+        })
+        .collect();
+    // [b, c, kh*kw, oh, ow]: rows in the weight's (c, ki, kj) order.
+    let cols = Tensor::cat(cols, 2).reshape([b, c * kh * kw, oh * ow]);
+    let y = weight
+        .reshape([cout, cin * kh * kw])
+        .unsqueeze::<3>()
+        .matmul(cols);
+    let y = match bias {
+        Some(bias) => y + bias.reshape([1, cout, 1]),
+        None => y,
+    };
+    y.reshape([b, cout, oh, ow])
 }
 
 /// `m.forward(x)`, through [`patch_conv_transpose2d`] when `m` is non-overlapping, burn's
@@ -1313,6 +1372,32 @@ mod tests {
                 "conv tokens",
                 values(t.inner()),
                 values(nchw.reshape([2, cout, gh * gw]).swap_dims(1, 2).inner()),
+            );
+        }
+    }
+
+    #[test]
+    fn im2col_conv_matches_burn() {
+        let dev = Default::default();
+        // PixelLM's neck 3x3 (padding 1), an asymmetric padding, no padding, and 1x1.
+        for (k, pad, bias) in [
+            ([3, 3], PaddingConfig2d::Explicit(1, 1, 1, 1), false),
+            ([3, 2], PaddingConfig2d::Explicit(2, 0, 1, 1), true),
+            ([2, 3], PaddingConfig2d::Valid, true),
+            ([1, 1], PaddingConfig2d::Explicit(1, 0, 0, 1), false),
+        ] {
+            let m = Conv2dConfig::new([3, 4], k)
+                .with_padding(pad)
+                .with_bias(bias)
+                .init::<Ad>(&dev);
+            check(
+                "im2col conv",
+                &m,
+                rand4([2, 3, 5, 6], &dev),
+                |m, x| conv2d_forward(m, x),
+                |m, x| m.forward(x),
+                |m| vec![("weight", m.weight.val())],
+                |m| m.bias.as_ref().map(|b| b.val()),
             );
         }
     }
