@@ -286,8 +286,8 @@ impl<B: Backend> MaskDecoderMultiScale<B> {
         )
     }
 
-    /// `upsample_2x` (ConvTranspose x2, LayerNorm2d, GELU): the source features of a level
-    /// > 0, `[n, dim, h, w]` -> `[n, dim, 2h, 2w]`. Every row is independent, so
+    /// `upsample_2x` (ConvTranspose x2, LayerNorm2d, GELU): the source features of levels
+    /// above 0, `[n, dim, h, w]` -> `[n, dim, 2h, 2w]`. Every row is independent, so
     /// [`PixelDecoder::forward`] runs it once per image, before the per-object gather,
     /// instead of once per object as PixelLM's `repeat_interleave` order does.
     pub fn upsample_source(&self, src: Tensor<B, 4>) -> Tensor<B, 4> {
