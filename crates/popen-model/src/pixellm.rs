@@ -377,8 +377,9 @@ pub struct FeatureNeck<B: Backend> {
 
 impl<B: Backend> FeatureNeck<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = self.norm_1.forward(self.conv_1.forward(x));
-        self.norm_2.forward(self.conv_2.forward(x))
+        // im2col + matmul: burn 0.21's CPU conv kernels (and their backward) are scalar loops.
+        let x = self.norm_1.forward(crate::sam::conv2d_forward(&self.conv_1, x));
+        self.norm_2.forward(crate::sam::conv2d_forward(&self.conv_2, x))
     }
 }
 
