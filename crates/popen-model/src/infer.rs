@@ -12,7 +12,7 @@ use burn::prelude::*;
 use image::RgbImage;
 use popen_core::mask::Mask;
 
-use crate::pixellm::{Assembled, ImageFeatures, Padding, Part, PixelLm, PixelLmError, Segment};
+use crate::pixellm::{ImageFeatures, Padding, Part, PixelLm, PixelLmError, Segment};
 use crate::preprocess::{Preprocessed, Preprocessor};
 use crate::sampling::SamplingConfig;
 use crate::tokenizer::{self, PixelLmTokens, Tokenizer};
@@ -113,7 +113,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
             .collect())
     }
 
-    pub fn preprocess(&self, images: &[RgbImage]) -> Result<Vec<Preprocessed>> {
+    pub fn preprocess(&self, images: &[&RgbImage]) -> Result<Vec<Preprocessed>> {
         images
             .iter()
             .enumerate()
@@ -131,7 +131,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
         items: &[(&RgbImage, &str)],
         sampling: &SamplingConfig,
     ) -> Result<Vec<Prediction>> {
-        let images: Vec<RgbImage> = items.iter().map(|(im, _)| (*im).clone()).collect();
+        let images: Vec<&RgbImage> = items.iter().map(|(im, _)| *im).collect();
         let pre = self.preprocess(&images)?;
         let feats = self.model.encode_images(&pre)?;
         let rows: Vec<Vec<Part<B>>> = items
@@ -142,13 +142,12 @@ impl<'a, B: Backend> Predictor<'a, B> {
         let asm = self.model.assemble(&rows, Some(&feats), Padding::Left)?;
         let stop = [self.tokens.eos];
         let gens = self.model.generate(&asm, sampling, &stop)?;
-        self.finish(&feats, &asm, gens)
+        self.finish(&feats, gens)
     }
 
     fn finish(
         &self,
         feats: &ImageFeatures<B>,
-        _asm: &Assembled<B>,
         gens: Vec<crate::sampling::Generation<B>>,
     ) -> Result<Vec<Prediction>> {
         let cfg = self.model.config();
@@ -157,7 +156,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
             let scan = tokenizer::seg_groups(&g.ids, &self.tokens);
             let seg_issues: Vec<String> = scan.issues.iter().map(|i| i.to_string()).collect();
             let text = self.tokenizer.decode(&g.ids, false).map_err(tok_err)?;
-            let answer = tokenizer::collapse_seg(&clean(&text, self.tokenizer, &self.tokens), cfg.seg_group_len())
+            let answer = tokenizer::collapse_seg(text.trim(), cfg.seg_group_len())
                 .unwrap_or_else(|_| text.clone());
             let (masks, mask_scores) = if scan.groups.is_empty() {
                 (vec![], vec![])
@@ -197,7 +196,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
     /// perturbed images (SPEC 10.2) and how `popen infer --answer` segments named objects.
     pub fn teacher_force(&self, items: &[(&RgbImage, &str, &str)]) -> Result<Vec<Forced>> {
         let cfg = self.model.config();
-        let images: Vec<RgbImage> = items.iter().map(|(im, _, _)| (*im).clone()).collect();
+        let images: Vec<&RgbImage> = items.iter().map(|(im, _, _)| *im).collect();
         let pre = self.preprocess(&images)?;
         let feats = self.model.encode_images(&pre)?;
         let mut rows = Vec::with_capacity(items.len());
@@ -273,7 +272,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
     /// the image and instruction.
     pub fn score(&self, image: &RgbImage, instruction: &str, answer: &str) -> Result<Scored> {
         let cfg = self.model.config();
-        let pre = self.preprocess(std::slice::from_ref(image))?;
+        let pre = self.preprocess(&[image])?;
         let feats = self.model.encode_images(&pre)?;
         let mut parts = self.prompt_parts(instruction, 0)?;
         let ids = self.answer_ids(answer, cfg.seg_group_len())?;
@@ -311,32 +310,23 @@ impl<'a, B: Backend> Predictor<'a, B> {
     }
 }
 
-/// Masks at logit > 0 and PixelLM's confidence (mean sigmoid over those pixels; 0 when
-/// empty) from postprocessed logit maps.
+/// Masks at logit > 0 and PixelLM's confidence
+/// ([`crate::pixel_decoder::mask_confidence`]) from postprocessed logit maps.
 pub fn binarize<B: Backend>(logits: Vec<Tensor<B, 2>>) -> Result<(Vec<Mask>, Vec<f32>)> {
     let mut masks = Vec::with_capacity(logits.len());
     let mut scores = Vec::with_capacity(logits.len());
     for m in logits {
         let [hh, ww] = m.dims();
-        let v = m
+        let score = crate::pixel_decoder::mask_confidence(m.clone().reshape([1, hh, ww]));
+        scores.push(score.into_scalar().elem::<f32>());
+        let bits: Vec<u8> = m
             .into_data()
             .convert::<f32>()
             .into_vec::<f32>()
-            .map_err(|e| PixelLmError::Decoder(format!("{e:?}")))?;
-        let (mut s, mut c) = (0f64, 0usize);
-        let bits: Vec<u8> = v
+            .map_err(|e| PixelLmError::Decoder(format!("{e:?}")))?
             .iter()
-            .map(|&x| {
-                if x > 0.0 {
-                    s += 1.0 / (1.0 + (-x as f64).exp());
-                    c += 1;
-                    1
-                } else {
-                    0
-                }
-            })
+            .map(|&x| u8::from(x > 0.0))
             .collect();
-        scores.push(if c == 0 { 0.0 } else { (s / c as f64) as f32 });
         masks.push(
             Mask::from_row_major(hh as u32, ww as u32, bits)
                 .map_err(|e| PixelLmError::Decoder(e.to_string()))?,
@@ -354,7 +344,3 @@ fn predicting_states<B: Backend>(g: &crate::sampling::Generation<B>) -> Tensor<B
     all.reshape([1, n, h])
 }
 
-/// Decoded text without the leading space the prompt's " ASSISTANT:" leaves.
-fn clean(text: &str, _tok: &Tokenizer, _t: &PixelLmTokens) -> String {
-    text.trim().to_string()
-}

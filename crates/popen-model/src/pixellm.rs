@@ -422,8 +422,10 @@ pub struct PixelLm<B: Backend> {
 pub struct ImageFeatures<B: Backend> {
     /// LLM image tokens [n_images, llm_image_grid^2, H].
     pub llm_tokens: Tensor<B, 3>,
-    /// Attention keep-mask of those tokens [n_images, llm_image_grid^2] (false = padding).
-    pub llm_keep: Tensor<B, 2, Bool>,
+    /// Attention keep-mask of those tokens, row-major [n_images][llm_image_grid^2] (false =
+    /// padding). Kept on the host: `assemble` lays it into every row's mask, and reading a
+    /// device tensor back there would sync the device once per image piece.
+    pub llm_keep: Vec<bool>,
     /// Decoder image embeddings per scale, each [n_images, out_dim, g, g].
     pub scales: Vec<Tensor<B, 4>>,
     /// (resized_hw, original_hw) per image, for mask postprocessing.
@@ -570,7 +572,7 @@ impl<B: Backend> PixelLm<B> {
             .collect();
         Ok(ImageFeatures {
             llm_tokens,
-            llm_keep: Tensor::from_data(TensorData::new(llm_keep, [n, lg * lg]), &device),
+            llm_keep,
             scales,
             sizes: images
                 .iter()
@@ -686,15 +688,7 @@ impl<B: Backend> PixelLm<B> {
                         let f = images.expect("checked above");
                         let [_, t, _] = f.llm_tokens.dims();
                         let e = f.llm_tokens.clone().slice([*i..*i + 1, 0..t, 0..h]).reshape([t, h]);
-                        let k = f
-                            .llm_keep
-                            .clone()
-                            .slice([*i..*i + 1, 0..t])
-                            .into_data()
-                            .convert::<bool>()
-                            .into_vec::<bool>()
-                            .map_err(|e| PixelLmError::Input(format!("{e:?}")))?;
-                        (e, Some(k))
+                        (e, Some(f.llm_keep[i * t..(i + 1) * t].to_vec()))
                     }
                     Segment::Prompt => (
                         self.prompt_embeddings.as_ref().expect("checked").val(),

@@ -353,7 +353,7 @@ fn image_features_match_pixellm_encode_images() {
         fx,
         "llm_tokens",
     );
-    let keep = values(r.feats.llm_keep.clone().float());
+    let keep: Vec<f32> = r.feats.llm_keep.iter().map(|&k| k as u8 as f32).collect();
     assert_eq!(
         &keep,
         &fx.get("llm_keep").1,
