@@ -2,7 +2,9 @@
 //! library stage; see `popen <command> --help`.
 
 mod backend;
+mod eval_cmd;
 mod model_cmd;
+mod train_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -54,6 +56,14 @@ enum Command {
     Infer(model_cmd::InferArgs),
     /// Per-token log-probabilities of a given answer (teacher forcing), as JSON.
     Score(model_cmd::ScoreArgs),
+    /// Supervised finetuning (PixelLM's recipe: text CE + mask BCE + DICE) of a model folder
+    /// on a samples shard; resumable, checkpoints written atomically.
+    Sft(train_cmd::SftArgs),
+    /// Greedy answers and masks for every sample of a shard, written as a predictions shard.
+    Predict(train_cmd::PredictArgs),
+    /// Score a predictions shard against its samples shard: gIoU, cIoU, CHAIR, boundary IoU,
+    /// localization error; JSON + Markdown report and overlays of the best and worst samples.
+    Eval(eval_cmd::EvalArgs),
 }
 
 #[derive(clap::Args)]
@@ -175,6 +185,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::ModelImport(a) => model_cmd::model_import(a),
         Command::Infer(a) => model_cmd::infer(a),
         Command::Score(a) => model_cmd::score(a),
+        Command::Sft(a) => train_cmd::sft(a),
+        Command::Predict(a) => train_cmd::predict(a),
+        Command::Eval(a) => eval_cmd::eval(a),
         Command::Device(a) => {
             let r = backend::check(&a.backend, a.size, a.iters)?;
             println!("{}", serde_json::to_string_pretty(&r)?);

@@ -1,7 +1,7 @@
 //! popen core: everything the stages share.
 //!
-//! - [`shard`]: the Parquet shard schemas (samples today; predictions and preference records
-//!   arrive with their stages), atomic writes, readers that name file, row and column.
+//! - [`shard`]: the Parquet shard schemas (samples, predictions; preference records arrive
+//!   with their stages), atomic writes, readers that name file, row and column.
 //! - [`manifest`]: the small JSON manifest every stage writes beside its shards.
 //! - [`mask`]: binary masks, COCO RLE (bit-compatible with pycocotools), polygon
 //!   rasterization, IoU and Boundary IoU.

@@ -196,3 +196,46 @@ fn null_in_a_later_row_group_names_the_file_row() {
     let e = read_shard::<Sample>(&p).unwrap_err().to_string();
     assert!(e.contains("nulls.parquet, row 290, column 'instruction'") && e.contains("null"), "{e}");
 }
+
+fn prediction(i: usize) -> popen_core::shard::Prediction {
+    let (h, w) = (12u32, 16u32);
+    popen_core::shard::Prediction {
+        id: format!("s{i}"),
+        split: "val".into(),
+        width: w,
+        height: h,
+        answer: "The red ball <seg> and the cup <seg>.".into(),
+        masks: vec![Rle::encode(&Mask::from_fn(h, w, |y, _| y < 3)), Rle::encode(&Mask::zeros(h, w))],
+        mask_scores: vec![0.9, 0.25],
+        token_ids: vec![5, 17, 3 + i as i32],
+        token_logprobs: vec![-0.1, -2.5, 0.0],
+        meta: r#"{"model":"tiny"}"#.into(),
+    }
+}
+
+#[test]
+fn prediction_roundtrip_and_checks() {
+    use popen_core::shard::Prediction;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("pred.parquet");
+    let rows: Vec<Prediction> = (0..300).map(prediction).collect();
+    write_shard(&p, rows.clone()).unwrap();
+    assert_eq!(read_shard::<Prediction>(&p).unwrap(), rows);
+    // A samples shard is not a predictions shard.
+    let s = dir.path().join("samples.parquet");
+    write_shard(&s, vec![sample(0)]).unwrap();
+    assert!(read_shard::<Prediction>(&s).is_err());
+    // Inconsistent records are refused, naming the field.
+    let mut bad = prediction(1);
+    bad.masks.pop();
+    let e = write_shard(dir.path().join("bad.parquet"), vec![bad]).unwrap_err().to_string();
+    assert!(e.contains("masks") && e.contains("1 masks for 2"), "{e}");
+    let mut bad = prediction(2);
+    bad.token_logprobs[0] = f32::NAN;
+    let e = write_shard(dir.path().join("bad2.parquet"), vec![bad]).unwrap_err().to_string();
+    assert!(e.contains("token_logprobs"), "{e}");
+    let mut bad = prediction(3);
+    bad.masks[0] = Rle::encode(&Mask::zeros(4, 4));
+    let e = write_shard(dir.path().join("bad3.parquet"), vec![bad]).unwrap_err().to_string();
+    assert!(e.contains("mask 0 is 4x4"), "{e}");
+}

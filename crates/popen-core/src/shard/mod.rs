@@ -7,8 +7,10 @@
 //! leaves either the old file or none. Every read error names the file, and where it
 //! can the row and column.
 
+mod prediction;
 mod sample;
 
+pub use prediction::Prediction;
 pub use sample::{Sample, SEG_TOKEN};
 
 use crate::error::{CoreError, Result};
@@ -18,7 +20,7 @@ use arrow::array::{
     UInt32Array,
 };
 use arrow::buffer::OffsetBuffer;
-use arrow::datatypes::{DataType, Field, Fields, SchemaRef, UInt32Type, Int32Type};
+use arrow::datatypes::{DataType, Field, Fields, SchemaRef, UInt32Type, Int32Type, Float32Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -476,6 +478,12 @@ impl<'a> Columns<'a> {
     pub(crate) fn list_i32(&self, name: &str) -> Result<Vec<Vec<i32>>> {
         let (l, v) = self.list(name)?;
         let s: &Int32Array = v.as_primitive_opt::<Int32Type>().ok_or_else(|| self.wrong_type(name, v.as_ref()))?;
+        Ok(split_list(l, s.values()))
+    }
+
+    pub(crate) fn list_f32(&self, name: &str) -> Result<Vec<Vec<f32>>> {
+        let (l, v) = self.list(name)?;
+        let s = v.as_primitive_opt::<Float32Type>().ok_or_else(|| self.wrong_type(name, v.as_ref()))?;
         Ok(split_list(l, s.values()))
     }
 

@@ -9,7 +9,7 @@
 //! is the same two IEEE f32 operations PyTorch performs, so any difference is a bug.
 
 #[allow(dead_code)]
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

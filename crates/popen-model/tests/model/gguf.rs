@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use popen_model::gguf::{llama_hf_name, unpermute_qk, GgmlType, GgufError, GgufFile, MetaValue};
 use serde_json::Value;
 
-mod common;
+use crate::common;
 use common::smollm2_path;
 
 fn fixture() -> Value {

@@ -10,7 +10,7 @@ use popen_model::gguf::GgufFile;
 use popen_model::tokenizer::{Tokenizer, TokenizerError};
 use serde_json::Value;
 
-mod common;
+use crate::common;
 use common::{repo_root, smollm2_path};
 
 fn smollm2() -> &'static Tokenizer {

@@ -13,7 +13,7 @@ use popen_model::llama::{load_gguf, Llama, LlamaConfig, LlamaError};
 // Flex: the CPU backend popen runs on (3x NdArray here); the real-weights test is the slow one.
 type B = Flex;
 
-mod common;
+use crate::common;
 use common::smollm2_path;
 
 fn ids_tensor(ids: &[u32], device: &burn::tensor::Device<B>) -> Tensor<B, 2, Int> {

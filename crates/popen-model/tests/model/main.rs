@@ -1,0 +1,13 @@
+//! popen-model integration tests, one binary (one link of burn instead of ten; CI disk).
+
+mod common;
+mod clip;
+mod gguf;
+mod llama;
+mod llama_ext;
+mod pixel_decoder;
+mod pixellm;
+mod pixellm_reference;
+mod tokenizer;
+mod tokenizer_tiny;
+mod weights;
