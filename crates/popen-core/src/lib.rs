@@ -7,8 +7,10 @@
 //!   rasterization, IoU and Boundary IoU.
 //! - [`imageio`]: image bytes in and out, with errors that name the record.
 //! - [`progress`]: the shared progress-bar style.
+//! - [`chat`]: a blocking client for OpenAI-compatible chat-completion endpoints.
 //! - [`shardspec`]: `--shard I/N` selection for cluster job arrays.
 
+pub mod chat;
 pub mod error;
 pub mod imageio;
 pub mod manifest;
