@@ -385,7 +385,7 @@ impl Report {
             s.push_str(&format!("| {k} | {v} |\n"));
         }
         s.push_str(&format!(
-            "\n{} samples ({} with pairs); {} predicted and {} target objects; {} pairs, {} matched, {} unmatched predictions, {} unmatched targets; {} mentions, {} hallucinated, in {} responses; {} localization errors; lexicon {}",
+            "\n{} samples ({} with pairs); {} predicted and {} target objects; {} pairs, {} matched, {} unmatched predictions, {} unmatched targets; {} object mentions, {} hallucinated ({} responses with a hallucination); {} localization errors; lexicon {}",
             c.samples,
             c.samples_with_pairs,
             c.predicted_objects,
