@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 pub enum Baseline {
     /// Empty answer, no masks.
     Nothing,
-    /// "<name> <seg>" with the image's largest annotated instance (first on ties); an image
+    /// `"<name> <seg>"` with the image's largest annotated instance (first on ties); an image
     /// without instances gets the empty answer.
     LargestInstance,
 }

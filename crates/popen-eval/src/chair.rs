@@ -10,7 +10,7 @@
 //! Finding mentions, as CHAIR does it (`chair.py`: tokenize, singularize, merge two-word
 //! names, map synonyms) with our tokenizer:
 //! - lowercase; a token is a maximal run of ASCII letters (so "pineapple" never contains
-//!   "apple", "teddy-bear" is "teddy bear", "<seg>" is dropped before);
+//!   "apple", "teddy-bear" is "teddy bear", `<seg>` is dropped before);
 //! - at each token, the longest lexicon form of up to [`Lexicon::max_words`] tokens wins, so
 //!   "hot dog" is one mention of class hot dog, not a dog; a phrase also matches when its
 //!   last word is an English plural of the form's last word (irregular table, then
