@@ -1,17 +1,146 @@
 //! `popen sft` and `popen predict`: thin front ends of popen-train.
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use popen_core::shardspec::ShardSpec;
+use popen_train::config::Precision;
+use popen_train::predict::PredictConfig;
+use popen_train::sft::{self, SftJob};
+use popen_train::SftConfig;
 
 #[derive(clap::Args)]
-pub struct SftArgs {}
-
-#[derive(clap::Args)]
-pub struct PredictArgs {}
-
-pub fn sft(_a: SftArgs) -> Result<()> {
-    anyhow::bail!("popen sft: not built yet")
+pub struct SftArgs {
+    /// Stage config (TOML): every hyperparameter of PixelLM's recipe, see
+    /// pipelines/sft-tiny.toml. Without it, PixelLM's defaults (--print-config shows them).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Model folder to start from (popen model-init / model-import).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Training samples shard.
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Output folder: checkpoints/, metrics.jsonl, metrics.csv, loss.png, manifest.json and
+    /// the trained model folder model/.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from the newest checkpoint under --out (same data order, optimizer state).
+    #[arg(long)]
+    resume: bool,
+    /// Override the config's seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override the config's max_steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
-pub fn predict(_a: PredictArgs) -> Result<()> {
-    anyhow::bail!("popen predict: not built yet")
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// Model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Samples shard to answer (e.g. data/synth/val.parquet).
+    #[arg(long)]
+    samples: PathBuf,
+    /// Output predictions shard (Parquet); a manifest is written beside it.
+    #[arg(long)]
+    out: PathBuf,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Longest answer in tokens.
+    #[arg(long, default_value_t = 96)]
+    max_new_tokens: usize,
+    /// This task's part of the samples, I/N (cluster job arrays).
+    #[arg(long, default_value = "0/1")]
+    shard: ShardSpec,
+    /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
+    #[arg(long, default_value = "flex")]
+    backend: String,
+}
+
+fn sft_config(a: &SftArgs) -> Result<SftConfig> {
+    let mut cfg = match &a.config {
+        Some(p) => SftConfig::from_toml_file(p)?,
+        None => SftConfig::default(),
+    };
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    if let Some(m) = a.max_steps {
+        cfg.max_steps = m;
+    }
+    cfg.validate().map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    Ok(cfg)
+}
+
+pub fn sft(a: SftArgs) -> Result<()> {
+    let cfg = sft_config(&a)?;
+    if a.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    let (Some(init), Some(train), Some(out)) = (&a.init, &a.train, &a.out) else {
+        bail!("popen sft needs --init MODEL_DIR, --train SHARD and --out DIR (see --help)");
+    };
+    let job = SftJob { config: &cfg, init, train, out, resume: a.resume, progress: true };
+    let report = match (a.backend.as_str(), cfg.precision) {
+        ("flex", Precision::F32) => run_sft::<Autodiff<burn::backend::Flex>>(&job, &Default::default()),
+        ("ndarray", Precision::F32) => run_sft::<Autodiff<burn::backend::NdArray<f32>>>(&job, &Default::default()),
+        #[cfg(feature = "cuda")]
+        ("cuda", Precision::F32) => run_sft::<Autodiff<burn::backend::Cuda<f32, i32>>>(&job, &Default::default()),
+        #[cfg(feature = "cuda")]
+        ("cuda", Precision::Bf16) => run_sft::<Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>>(&job, &Default::default()),
+        ("flex" | "ndarray", Precision::Bf16) => bail!(
+            "precision = \"bf16\" needs the cuda backend (--backend cuda); on CPU set precision = \"f32\" in the config"
+        ),
+        (other, _) => bail!(
+            "backend '{other}' is not available in this build (available: {})",
+            crate::backend::available().join(", ")
+        ),
+    }?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn run_sft<B: AutodiffBackend>(job: &SftJob, dev: &B::Device) -> Result<sft::SftReport> {
+    sft::run::<B>(job, dev).with_context(|| format!("sft into {}", job.out.display()))
+}
+
+pub fn predict(a: PredictArgs) -> Result<()> {
+    let cfg = PredictConfig {
+        batch_size: a.batch_size,
+        sampling: popen_model::sampling::SamplingConfig { max_new_tokens: a.max_new_tokens, ..Default::default() },
+    };
+    let report = match a.backend.as_str() {
+        "flex" => predict_on::<burn::backend::Flex>(&a, &cfg, &Default::default()),
+        "ndarray" => predict_on::<burn::backend::NdArray<f32>>(&a, &cfg, &Default::default()),
+        #[cfg(feature = "cuda")]
+        "cuda" => predict_on::<burn::backend::Cuda<f32, i32>>(&a, &cfg, &Default::default()),
+        other => bail!(
+            "backend '{other}' is not available in this build (available: {})",
+            crate::backend::available().join(", ")
+        ),
+    }?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn predict_on<B: Backend>(a: &PredictArgs, cfg: &PredictConfig, dev: &B::Device) -> Result<popen_train::predict::PredictReport> {
+    let out = a.out.clone();
+    let shard = a.shard.clone();
+    let out_path = if shard.is_all() { out } else { PathBuf::from(format!("{}{}.parquet", out.with_extension("").display(), shard.suffix())) };
+    popen_train::predict::run::<B>(&a.model, &a.samples, &out_path, cfg, shard, true, dev)
+        .with_context(|| format!("predict {} -> {}", a.samples.display(), out_path.display()))
 }

@@ -4,7 +4,7 @@
 //! - [`weights`]: the one loading path (safetensors files and sharded folders, prefix
 //!   remapping, strict name/shape checks) and our own checkpoints.
 //! - [`gguf`], [`tokenizer`]: llama.cpp GGUF (real SmolLM2 weights) and tokenizers.
-//! - [`llama`], [`sampling`]: the LLaMA decoder and batched generation.
+//! - [`llama`], [`sampling`], [`lora`]: the LLaMA decoder, batched generation, LoRA adapters.
 //! - [`clip`], [`preprocess`]: the CLIP vision tower and PixelLM's image preprocessing.
 //! - [`sam`], [`pixel_decoder`]: SAM's two-way transformer and PixelLM's
 //!   `MaskDecoderMultiScale`.
@@ -15,6 +15,7 @@ pub mod clip;
 pub mod gguf;
 pub mod infer;
 pub mod llama;
+pub mod lora;
 pub mod pixel_decoder;
 pub mod pixellm;
 pub mod preprocess;

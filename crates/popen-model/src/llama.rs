@@ -28,6 +28,7 @@ use burn::tensor::{Bool, DType, Int, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::gguf::{GgufError, GgufFile};
+use crate::lora::{self, Lora};
 use crate::sampling::{generate, SamplingConfig};
 use crate::weights::{self, Remap, WeightsError};
 
@@ -314,6 +315,10 @@ impl LlamaConfig {
                     k_proj: lin(self.hidden_size, self.num_key_value_heads * hd),
                     v_proj: lin(self.hidden_size, self.num_key_value_heads * hd),
                     o_proj: lin(self.num_attention_heads * hd, self.hidden_size),
+                    q_lora: None,
+                    k_lora: None,
+                    v_lora: None,
+                    o_lora: None,
                     num_heads: self.num_attention_heads,
                     num_kv_heads: self.num_key_value_heads,
                     head_dim: hd,
@@ -323,6 +328,9 @@ impl LlamaConfig {
                     gate_proj: lin(self.hidden_size, self.intermediate_size),
                     up_proj: lin(self.hidden_size, self.intermediate_size),
                     down_proj: lin(self.intermediate_size, self.hidden_size),
+                    gate_lora: None,
+                    up_lora: None,
+                    down_lora: None,
                 },
                 input_layernorm: norm(),
                 post_attention_layernorm: norm(),
@@ -406,6 +414,11 @@ pub struct Attention<B: Backend> {
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
     pub o_proj: Linear<B>,
+    /// LoRA adapters ([`crate::lora`]); `None` except while a trainer adapts the model.
+    pub q_lora: Option<Lora<B>>,
+    pub k_lora: Option<Lora<B>>,
+    pub v_lora: Option<Lora<B>>,
+    pub o_lora: Option<Lora<B>>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -457,19 +470,13 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
+        let q = lora::apply(&self.q_proj, &self.q_lora, x.clone())
             .reshape([b, s, h, hd])
             .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
+        let k = lora::apply(&self.k_proj, &self.k_lora, x.clone())
             .reshape([b, s, kvh, hd])
             .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
+        let v = lora::apply(&self.v_proj, &self.v_lora, x)
             .reshape([b, s, kvh, hd])
             .swap_dims(1, 2);
 
@@ -500,7 +507,7 @@ impl<B: Backend> Attention<B> {
         let scores = scores.mask_fill(inputs.mask.clone().expand([b, h, s, total]), MASKED);
         let attn = softmax(scores, 3);
         let out = attn.matmul(v).swap_dims(1, 2).reshape([b, s, h * hd]);
-        self.o_proj.forward(out)
+        lora::apply(&self.o_proj, &self.o_lora, out)
     }
 }
 
@@ -510,12 +517,17 @@ pub struct Mlp<B: Backend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
+    /// LoRA adapters ([`crate::lora`]).
+    pub gate_lora: Option<Lora<B>>,
+    pub up_lora: Option<Lora<B>>,
+    pub down_lora: Option<Lora<B>>,
 }
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        let g = lora::apply(&self.gate_proj, &self.gate_lora, x.clone());
+        let u = lora::apply(&self.up_proj, &self.up_lora, x);
+        lora::apply(&self.down_proj, &self.down_lora, silu(g) * u)
     }
 }
 
@@ -1123,6 +1135,10 @@ pub fn load_gguf<B: Backend>(
                     k_proj: k,
                     v_proj: v,
                     o_proj: o,
+                    q_lora: None,
+                    k_lora: None,
+                    v_lora: None,
+                    o_lora: None,
                     num_heads: cfg.num_attention_heads,
                     num_kv_heads: cfg.num_key_value_heads,
                     head_dim: hd,
@@ -1132,6 +1148,9 @@ pub fn load_gguf<B: Backend>(
                     gate_proj: g,
                     up_proj: u,
                     down_proj: d,
+                    gate_lora: None,
+                    up_lora: None,
+                    down_lora: None,
                 },
                 input_layernorm: n1,
                 post_attention_layernorm: n2,

@@ -1,0 +1,192 @@
+//! The SFT stage's configuration: every hyperparameter of PixelLM's recipe (PIXELLM.md
+//! "Losses and training recipe", SPEC section 9), named, with its default. TOML files under
+//! `pipelines/` (`sft-tiny.toml`, `sft-pixellm-7b.toml`) set them; `popen sft --print-config`
+//! prints the effective one.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+use crate::{Result, TrainError};
+
+/// Which parameters train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trainable {
+    /// Every parameter (the tiny model, trained from scratch).
+    Full,
+    /// PixelLM's recipe at real scale: LoRA adapters on `lora.targets` of the LLM, plus
+    /// lm_head, embed_tokens, the pixel decoder, text_hidden_fcs and the projectors; the
+    /// CLIP tower and the rest of the LLM frozen. Adapters are merged into the weights when
+    /// the model is saved.
+    Lora,
+    /// As `lora` without the adapters: the LLM's layers frozen entirely.
+    Heads,
+}
+
+/// LoRA settings (PixelLM: r 8, alpha 16, dropout 0.05 on q_proj and v_proj).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f64,
+    /// Attention/MLP projections of every LLM layer that get an adapter: any of q_proj,
+    /// k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, targets: vec!["q_proj".into(), "v_proj".into()] }
+    }
+}
+
+/// Learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Decay {
+    /// Linear to `min_lr` at the last step (PixelLM's WarmupDecayLR).
+    Linear,
+    Cosine,
+    Constant,
+}
+
+/// Numeric precision of the training forward/backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    F32,
+    /// bf16 weights and activations (the cuda backend; PixelLM trains in bf16).
+    Bf16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftConfig {
+    /// Seed of the data order, dropout and initialization of new parameters.
+    pub seed: u64,
+    /// Passes over the training shard (PixelLM: 10). `max_steps` > 0 stops earlier.
+    pub epochs: usize,
+    /// Optimizer steps to run at most (0 = no limit besides `epochs`).
+    pub max_steps: usize,
+    /// Samples per micro-batch (one forward/backward).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (effective batch = batch_size x grad_accum).
+    pub grad_accum: usize,
+    /// AdamW (PixelLM: lr 3e-4, betas 0.9 / 0.95, eps 1e-8, weight decay 0).
+    pub lr: f64,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Warmup steps (linear from 0), then `decay` (PixelLM: 100, linear).
+    pub warmup_steps: usize,
+    pub decay: Decay,
+    /// Learning rate at the end of the decay.
+    pub min_lr: f64,
+    /// Global gradient-norm clipping (PixelLM: 1.0; 0 = off).
+    pub grad_clip: f32,
+    /// Loss weights (PixelLM: 1.0 CE + 2.0 BCE + 0.5 DICE).
+    pub ce_weight: f32,
+    pub bce_weight: f32,
+    pub dice_weight: f32,
+    /// Samples whose prompt + answer exceed this many tokens are skipped and reported
+    /// (PixelLM: 512).
+    pub max_len: usize,
+    pub trainable: Trainable,
+    pub lora: LoraConfig,
+    pub precision: Precision,
+    /// Write a checkpoint every this many optimizer steps (and at the end).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept (oldest removed first; the final model is always kept).
+    pub keep_checkpoints: usize,
+    /// Metrics line every this many optimizer steps.
+    pub log_every: usize,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        SftConfig {
+            seed: 0,
+            epochs: 10,
+            max_steps: 0,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 100,
+            decay: Decay::Linear,
+            min_lr: 0.0,
+            grad_clip: 1.0,
+            ce_weight: 1.0,
+            bce_weight: 2.0,
+            dice_weight: 0.5,
+            max_len: 512,
+            trainable: Trainable::Lora,
+            lora: LoraConfig::default(),
+            precision: Precision::Bf16,
+            checkpoint_every: 500,
+            keep_checkpoints: 2,
+            log_every: 10,
+        }
+    }
+}
+
+impl SftConfig {
+    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<SftConfig> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| crate::io_err(path, e))?;
+        let cfg: SftConfig =
+            toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        cfg.validate().map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let pos = |name: &str, v: usize| if v == 0 { Err(format!("{name} must be > 0")) } else { Ok(()) };
+        pos("batch_size", self.batch_size)?;
+        pos("grad_accum", self.grad_accum)?;
+        pos("checkpoint_every", self.checkpoint_every)?;
+        pos("log_every", self.log_every)?;
+        pos("max_len", self.max_len)?;
+        pos("keep_checkpoints", self.keep_checkpoints)?;
+        if self.epochs == 0 && self.max_steps == 0 {
+            return Err("epochs and max_steps are both 0: nothing to train".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return Err(format!("lr {} and min_lr {} must satisfy 0 <= min_lr <= lr, lr > 0", self.lr, self.min_lr));
+        }
+        for (n, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(format!("{n} = {b} must be in [0, 1)"));
+            }
+        }
+        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
+            return Err("eps must be > 0, weight_decay and grad_clip >= 0".into());
+        }
+        if self.trainable == Trainable::Lora {
+            if self.lora.r == 0 || self.lora.targets.is_empty() {
+                return Err("lora.r must be > 0 and lora.targets non-empty".into());
+            }
+            if !(0.0..1.0).contains(&self.lora.dropout) {
+                return Err(format!("lora.dropout = {} must be in [0, 1)", self.lora.dropout));
+            }
+            for t in &self.lora.targets {
+                if !crate::params::LORA_TARGETS.contains(&t.as_str()) {
+                    return Err(format!(
+                        "lora.targets: unknown projection '{t}' (one of {})",
+                        crate::params::LORA_TARGETS.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

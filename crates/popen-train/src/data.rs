@@ -1,0 +1,156 @@
+//! Training examples from a samples shard, and the data order.
+//!
+//! Each sample is checked and tokenized once: the prompt pieces (PixelLM's llava_v1
+//! conversation with `<image>`), the answer ids (" " + answer with each `<seg>` expanded to
+//! the codebook group + EOS), the positions of every object's codebook group in the
+//! answer. A sample that cannot be used (seg groups that do not line up with its masks, a
+//! sequence longer than `max_len`, an undecodable image) is skipped with its reason, never
+//! silently. Images stay encoded in memory and are decoded per batch.
+//!
+//! The order is a ChaCha8 permutation per epoch seeded by `(seed, epoch)`: micro-batch m is
+//! a pure function of (seed, m), which is what makes `--resume` exact.
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use popen_core::mask::Mask;
+use popen_core::shard::Sample;
+use popen_model::tokenizer::{self, Piece, PixelLmTokens, Tokenizer};
+
+/// One usable training example.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub id: String,
+    pub image: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+    /// The prompt as pieces (text ids and the image slot).
+    pub prompt: Vec<Piece>,
+    /// " " + expanded answer + EOS.
+    pub answer_ids: Vec<u32>,
+    /// Per object, the positions of its codebook tokens within `answer_ids`.
+    pub groups: Vec<Vec<usize>>,
+    /// Ground-truth masks, one per object, as RLE (decoded per batch).
+    pub masks: Vec<popen_core::mask::Rle>,
+    /// Tokens of prompt (image tokens counted) + answer.
+    pub seq_len: usize,
+}
+
+impl Example {
+    pub fn decode_image(&self) -> Result<image::RgbImage, String> {
+        popen_core::imageio::decode_rgb(&self.image, Some(&format!("sample '{}'", self.id))).map_err(|e| e.to_string())
+    }
+
+    pub fn decode_masks(&self) -> Result<Vec<Mask>, String> {
+        self.masks.iter().enumerate().map(|(i, m)| m.decode().map_err(|e| format!("sample '{}': target mask {i}: {e}", self.id))).collect()
+    }
+}
+
+/// A skipped sample and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Skipped {
+    pub id: String,
+    pub reason: String,
+}
+
+/// Tokenizes and checks samples. `image_tokens` is the number of LLM tokens one image
+/// takes (for the length check).
+pub fn prepare(
+    samples: Vec<Sample>,
+    tok: &Tokenizer,
+    tokens: &PixelLmTokens,
+    group_len: usize,
+    image_tokens: usize,
+    max_len: usize,
+) -> (Vec<Example>, Vec<Skipped>) {
+    let mut out = Vec::with_capacity(samples.len());
+    let mut skipped = Vec::new();
+    for s in samples {
+        match prepare_one(&s, tok, tokens, group_len, image_tokens, max_len) {
+            Ok(e) => out.push(e),
+            Err(reason) => skipped.push(Skipped { id: s.id.clone(), reason }),
+        }
+    }
+    (out, skipped)
+}
+
+fn prepare_one(
+    s: &Sample,
+    tok: &Tokenizer,
+    tokens: &PixelLmTokens,
+    group_len: usize,
+    image_tokens: usize,
+    max_len: usize,
+) -> Result<Example, String> {
+    let prompt = tok
+        .encode_with_image(&tok.pixellm_prompt(&s.instruction))
+        .map_err(|e| format!("instruction: {e}"))?;
+    let expanded = tokenizer::expand_seg(&s.answer, group_len).map_err(|e| format!("answer: {e}"))?;
+    let mut answer_ids = tok.encode(&format!(" {expanded}"), false).map_err(|e| format!("answer: {e}"))?;
+    answer_ids.push(tokens.eos);
+    let scan = tokenizer::seg_groups(&answer_ids, tokens);
+    if !scan.issues.is_empty() {
+        return Err(format!(
+            "answer: malformed seg groups after tokenization: {}",
+            scan.issues.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("; ")
+        ));
+    }
+    if scan.groups.len() != s.target_masks.len() {
+        return Err(format!("answer has {} seg groups but the sample has {} target masks", scan.groups.len(), s.target_masks.len()));
+    }
+    let prompt_len: usize = prompt
+        .iter()
+        .map(|p| match p {
+            Piece::Tokens(t) => t.len(),
+            Piece::Image => image_tokens,
+        })
+        .sum();
+    let seq_len = prompt_len + answer_ids.len();
+    if seq_len > max_len {
+        return Err(format!("{seq_len} tokens (prompt {prompt_len} + answer {}) exceed max_len {max_len}", answer_ids.len()));
+    }
+    Ok(Example {
+        id: s.id.clone(),
+        image: s.image.clone(),
+        width: s.width,
+        height: s.height,
+        prompt,
+        answer_ids,
+        groups: scan.groups,
+        masks: s.target_masks.clone(),
+        seq_len,
+    })
+}
+
+/// The data order: micro-batches of `batch_size` indices, a fresh permutation per epoch.
+#[derive(Debug, Clone)]
+pub struct Order {
+    pub n: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+impl Order {
+    /// Micro-batches per epoch (the last one may be smaller).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.n.div_ceil(self.batch_size)
+    }
+
+    /// The permutation of epoch `epoch`.
+    pub fn permutation(&self, epoch: usize) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.n).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        idx.shuffle(&mut rng);
+        idx
+    }
+
+    /// Example indices of global micro-batch `m` (epoch = m / batches_per_epoch).
+    pub fn batch(&self, m: usize) -> Vec<usize> {
+        let per = self.batches_per_epoch().max(1);
+        let (epoch, k) = (m / per, m % per);
+        let perm = self.permutation(epoch);
+        let end = ((k + 1) * self.batch_size).min(self.n);
+        perm[k * self.batch_size..end].to_vec()
+    }
+}

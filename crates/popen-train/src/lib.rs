@@ -1,0 +1,49 @@
+//! popen trainer: the SFT stage (PixelLM's recipe), prediction shards, and the pieces every
+//! training stage shares (optimizer and schedule, losses, global-norm clipping, parameter
+//! selection and LoRA, checkpoints that resume exactly, metrics files and the loss curve).
+//!
+//! Built on burn-train's step abstraction ([`burn::train::TrainStep`] / `TrainOutput`) and
+//! burn-optim's AdamW; the loop itself is ours, because a stage must resume bit for bit
+//! (same data order, optimizer state, RNG) from an atomically written checkpoint, which
+//! burn-train's `Learner` does not promise.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod loss;
+pub mod metrics;
+pub mod params;
+pub mod predict;
+pub mod schedule;
+pub mod sft;
+
+pub use config::{SftConfig, Trainable};
+
+use std::path::PathBuf;
+
+/// Errors of the training stages; each names the file, record or step involved.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("data: {0}")]
+    Data(String),
+    #[error("model: {0}")]
+    Model(#[from] popen_model::pixellm::PixelLmError),
+    #[error("shard: {0}")]
+    Core(#[from] popen_core::CoreError),
+    #[error(
+        "step {step}: the loss is {value} (ce {ce}, bce {bce}, dice {dice}); training stopped, the last good checkpoint is {last_checkpoint}"
+    )]
+    NonFinite { step: usize, value: f32, ce: f32, bce: f32, dice: f32, last_checkpoint: String },
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io { path: path.into(), message: e.to_string() }
+}

@@ -1,0 +1,177 @@
+//! Per-step metrics as JSONL and CSV (appended and flushed every line, so a killed job
+//! keeps what it logged; a resumed one truncates what came after its checkpoint), and the
+//! loss-curve PNG.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{io_err, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub epoch: f64,
+    pub lr: f64,
+    pub loss: f32,
+    pub ce: f32,
+    pub bce: f32,
+    pub dice: f32,
+    pub grad_norm: f32,
+    pub samples: usize,
+    pub seconds: f64,
+}
+
+const CSV_HEADER: &str = "step,epoch,lr,loss,ce,bce,dice,grad_norm,samples,seconds";
+
+pub struct MetricsLog {
+    jsonl: PathBuf,
+    csv: PathBuf,
+    pub rows: Vec<StepMetrics>,
+}
+
+impl MetricsLog {
+    /// Opens `dir/metrics.{jsonl,csv}`, keeping the rows with `step < keep_before` (those a
+    /// resumed run already has) and rewriting both files with them.
+    pub fn open(dir: &Path, keep_before: usize) -> Result<MetricsLog> {
+        let jsonl = dir.join("metrics.jsonl");
+        let csv = dir.join("metrics.csv");
+        let mut rows = Vec::new();
+        if keep_before > 0 && jsonl.is_file() {
+            let text = std::fs::read_to_string(&jsonl).map_err(|e| io_err(&jsonl, e))?;
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                // A line cut by a kill is dropped.
+                if let Ok(r) = serde_json::from_str::<StepMetrics>(line) {
+                    if r.step < keep_before {
+                        rows.push(r);
+                    }
+                }
+            }
+        }
+        let log = MetricsLog { jsonl, csv, rows };
+        log.rewrite()?;
+        Ok(log)
+    }
+
+    fn rewrite(&self) -> Result<()> {
+        let mut j = String::new();
+        let mut c = format!("{CSV_HEADER}\n");
+        for r in &self.rows {
+            j.push_str(&serde_json::to_string(r).expect("metrics serialize"));
+            j.push('\n');
+            c.push_str(&csv_line(r));
+        }
+        popen_core::shard::atomic_write(&self.jsonl, j.as_bytes())?;
+        popen_core::shard::atomic_write(&self.csv, c.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn push(&mut self, r: StepMetrics) -> Result<()> {
+        for (path, line) in [
+            (&self.jsonl, format!("{}\n", serde_json::to_string(&r).expect("metrics serialize"))),
+            (&self.csv, csv_line(&r)),
+        ] {
+            let mut f = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| io_err(path, e))?;
+            f.write_all(line.as_bytes()).map_err(|e| io_err(path, e))?;
+        }
+        self.rows.push(r);
+        Ok(())
+    }
+}
+
+fn csv_line(r: &StepMetrics) -> String {
+    format!(
+        "{},{:.4},{:.6e},{:.6},{:.6},{:.6},{:.6},{:.6},{},{:.3}\n",
+        r.step, r.epoch, r.lr, r.loss, r.ce, r.bce, r.dice, r.grad_norm, r.samples, r.seconds
+    )
+}
+
+/// Draws the loss curves (total, CE, BCE, DICE) against the step into a PNG with axes,
+/// tick labels and a legend.
+pub fn plot_losses(rows: &[StepMetrics], path: &Path) -> Result<()> {
+    let series: Vec<(&str, [u8; 3], Vec<(f64, f64)>)> = vec![
+        ("loss", [20, 20, 20], rows.iter().map(|r| (r.step as f64, r.loss as f64)).collect()),
+        ("ce", [31, 119, 180], rows.iter().map(|r| (r.step as f64, r.ce as f64)).collect()),
+        ("bce", [214, 39, 40], rows.iter().map(|r| (r.step as f64, r.bce as f64)).collect()),
+        ("dice", [44, 160, 44], rows.iter().map(|r| (r.step as f64, r.dice as f64)).collect()),
+    ];
+    let img = line_plot(&series, "step", 720, 420);
+    let bytes = popen_core::imageio::encode_png(&img)?;
+    popen_core::shard::atomic_write(path, &bytes)?;
+    Ok(())
+}
+
+fn line_plot(series: &[(&str, [u8; 3], Vec<(f64, f64)>)], xlabel: &str, w: u32, h: u32) -> image::RgbImage {
+    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    let (l, r, t, b) = (64i64, 16i64, 16i64, 40i64);
+    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.2.iter().copied()).filter(|p| p.1.is_finite()).collect();
+    let (x0, x1) = pts.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
+    let (mut y0, mut y1) = pts.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    if pts.is_empty() {
+        return img;
+    }
+    y0 = y0.min(0.0);
+    if y1 <= y0 {
+        y1 = y0 + 1.0;
+    }
+    let x1 = if x1 <= x0 { x0 + 1.0 } else { x1 };
+    let px = |x: f64| l + ((x - x0) / (x1 - x0) * (w as i64 - l - r) as f64).round() as i64;
+    let py = |y: f64| h as i64 - b - ((y - y0) / (y1 - y0) * (h as i64 - t - b) as f64).round() as i64;
+    let grey = [150, 150, 150];
+    line(&mut img, l, t, l, h as i64 - b, grey);
+    line(&mut img, l, h as i64 - b, w as i64 - r, h as i64 - b, grey);
+    for k in 0..=4 {
+        let yv = y0 + (y1 - y0) * k as f64 / 4.0;
+        let yy = py(yv);
+        line(&mut img, l - 4, yy, l, yy, grey);
+        text(&mut img, 2, yy - 4, &format!("{yv:.3}"), [60, 60, 60]);
+        let xv = x0 + (x1 - x0) * k as f64 / 4.0;
+        let xx = px(xv);
+        line(&mut img, xx, h as i64 - b, xx, h as i64 - b + 4, grey);
+        text(&mut img, xx - 12, h as i64 - b + 8, &format!("{}", xv.round() as i64), [60, 60, 60]);
+    }
+    text(&mut img, w as i64 / 2 - 16, h as i64 - 14, xlabel, [60, 60, 60]);
+    for (i, (name, col, s)) in series.iter().enumerate() {
+        let mut prev: Option<(i64, i64)> = None;
+        for &(x, y) in s.iter().filter(|p| p.1.is_finite()) {
+            let p = (px(x), py(y));
+            if let Some(q) = prev {
+                line(&mut img, q.0, q.1, p.0, p.1, *col);
+            }
+            prev = Some(p);
+        }
+        let ly = t + 4 + 12 * i as i64;
+        line(&mut img, w as i64 - 110, ly + 4, w as i64 - 90, ly + 4, *col);
+        text(&mut img, w as i64 - 84, ly, name, *col);
+    }
+    img
+}
+
+fn put(img: &mut image::RgbImage, x: i64, y: i64, c: [u8; 3]) {
+    if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
+        img.put_pixel(x as u32, y as u32, image::Rgb(c));
+    }
+}
+
+fn line(img: &mut image::RgbImage, x0: i64, y0: i64, x1: i64, y1: i64, c: [u8; 3]) {
+    let n = (x1 - x0).abs().max((y1 - y0).abs()).max(1);
+    for k in 0..=n {
+        put(img, x0 + (x1 - x0) * k / n, y0 + (y1 - y0) * k / n, c);
+    }
+}
+
+fn text(img: &mut image::RgbImage, x: i64, y: i64, s: &str, c: [u8; 3]) {
+    use font8x8::UnicodeFonts;
+    for (i, ch) in s.chars().enumerate() {
+        if let Some(g) = font8x8::BASIC_FONTS.get(ch) {
+            for (row, bits) in g.iter().enumerate() {
+                for col in 0..8 {
+                    if bits >> col & 1 == 1 {
+                        put(img, x + 8 * i as i64 + col, y + row as i64, c);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! `popen predict`: greedy answers and masks for every sample of a shard, written as a
+//! predictions shard (`popen_core::shard::Prediction`) with a manifest.
+//!
+//! Batches of samples go through [`popen_model::infer::Predictor::predict`] (one image
+//! encoding, batched generation with KV cache, masks from the hidden states that produced
+//! each seg group). An answer whose seg groups are malformed keeps its text; its masks are
+//! dropped and the problem is recorded in the record's `meta` (`seg_issues`), so the
+//! evaluator sees exactly what the model said.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use popen_core::manifest::Manifest;
+use popen_core::mask::Rle;
+use popen_core::shard::{Prediction, Sample, ShardReader, ShardWriter, SEG_TOKEN};
+use popen_core::shardspec::ShardSpec;
+use popen_model::bundle;
+use popen_model::infer::Predictor;
+use popen_model::sampling::SamplingConfig;
+use serde::Serialize;
+
+use crate::{Result, TrainError};
+
+/// Settings of a prediction run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictConfig {
+    pub batch_size: usize,
+    pub sampling: SamplingConfig,
+}
+
+impl Default for PredictConfig {
+    fn default() -> Self {
+        PredictConfig { batch_size: 8, sampling: SamplingConfig { max_new_tokens: 96, ..SamplingConfig::default() } }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictReport {
+    pub output: PathBuf,
+    pub predictions: usize,
+    pub with_seg_issues: usize,
+    pub seconds: f64,
+}
+
+/// Predicts every sample of `samples` that `shard` takes and writes `out` (Parquet) and
+/// `out` with `.manifest.json`.
+pub fn run<B: Backend>(
+    model_dir: &Path,
+    samples: &Path,
+    out: &Path,
+    cfg: &PredictConfig,
+    shard: ShardSpec,
+    progress: bool,
+    device: &B::Device,
+) -> Result<PredictReport> {
+    if cfg.batch_size == 0 {
+        return Err(TrainError::Config("batch_size must be > 0".into()));
+    }
+    cfg.sampling.validate().map_err(|e| TrainError::Config(e.to_string()))?;
+    let t0 = Instant::now();
+    let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<B>(model_dir, device)?;
+    let predictor = Predictor::new(&model, &mut tokenizer)?;
+    let reader = ShardReader::<Sample>::open(samples)?;
+    let total = reader.num_rows();
+    let bar = progress.then(|| popen_core::progress::bar(total as u64, "predict"));
+    let mut writer = ShardWriter::<Prediction>::create(out)?;
+    let mut manifest = Manifest::new("predict", cfg)?;
+    manifest.add_input(samples)?;
+    manifest.add_input(model_dir.join(bundle::WEIGHTS_FILE))?;
+    let (mut n, mut issues) = (0usize, 0usize);
+    let mut pending: Vec<Sample> = Vec::with_capacity(cfg.batch_size);
+    let model_name = model.config().name.clone();
+    let mut flush = |pending: &mut Vec<Sample>, writer: &mut ShardWriter<Prediction>, manifest: &mut Manifest| -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut images = Vec::with_capacity(pending.len());
+        let mut keep = Vec::with_capacity(pending.len());
+        for s in pending.drain(..) {
+            match s.decode_image() {
+                Ok(im) => {
+                    images.push(im);
+                    keep.push(s);
+                }
+                Err(e) => manifest.skip(s.id.clone(), e.to_string()),
+            }
+        }
+        let items: Vec<(&image::RgbImage, &str)> = images.iter().zip(&keep).map(|(im, s)| (im, s.instruction.as_str())).collect();
+        let preds = predictor.predict(&items, &cfg.sampling)?;
+        for (s, p) in keep.iter().zip(preds) {
+            let mut seg_issues = p.seg_issues.clone();
+            let (masks, scores) = if p.answer.matches(SEG_TOKEN).count() == p.masks.len() {
+                (p.masks.iter().map(Rle::encode).collect(), p.mask_scores.clone())
+            } else {
+                seg_issues.push(format!(
+                    "{} masks for {} {SEG_TOKEN} in the answer: masks dropped",
+                    p.masks.len(),
+                    p.answer.matches(SEG_TOKEN).count()
+                ));
+                (vec![], vec![])
+            };
+            let answer = if masks.is_empty() && p.answer.contains(SEG_TOKEN) {
+                // Keep counts consistent: a "<seg>" left without its mask is text, not a target.
+                p.answer.replace(SEG_TOKEN, "<seg?>")
+            } else {
+                p.answer.clone()
+            };
+            if !seg_issues.is_empty() {
+                issues += 1;
+            }
+            let meta = serde_json::json!({
+                "model": model_name,
+                "stopped": p.stopped,
+                "seg_issues": seg_issues,
+            });
+            writer.write(Prediction {
+                id: s.id.clone(),
+                split: s.split.clone(),
+                width: s.width,
+                height: s.height,
+                answer,
+                masks,
+                mask_scores: scores,
+                token_ids: p.ids.iter().map(|&i| i as i32).collect(),
+                token_logprobs: p.logprobs.clone(),
+                meta: meta.to_string(),
+            })?;
+            n += 1;
+        }
+        Ok(())
+    };
+    let mut pos = 0usize;
+    for group in reader {
+        for s in group? {
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+            let take = shard.takes(pos);
+            pos += 1;
+            if !take {
+                continue;
+            }
+            pending.push(s);
+            if pending.len() == cfg.batch_size {
+                flush(&mut pending, &mut writer, &mut manifest)?;
+            }
+        }
+    }
+    flush(&mut pending, &mut writer, &mut manifest)?;
+    if let Some(b) = bar {
+        b.finish();
+    }
+    let rows = writer.finish()?;
+    manifest.add_output(out, Some(rows as u64))?;
+    manifest.count("predictions", n as u64);
+    manifest.count("with_seg_issues", issues as u64);
+    manifest.time("seconds", t0);
+    let mpath = PathBuf::from(format!("{}.manifest.json", out.with_extension("").display()));
+    manifest.write(&mpath)?;
+    Ok(PredictReport { output: out.to_path_buf(), predictions: n, with_seg_issues: issues, seconds: t0.elapsed().as_secs_f64() })
+}

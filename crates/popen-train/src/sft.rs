@@ -1,0 +1,447 @@
+//! The SFT stage: PixelLM's supervised finetuning on a samples shard.
+//!
+//! One optimizer step = `grad_accum` micro-batches of `batch_size` samples (each loss scaled
+//! by 1/grad_accum, gradients summed), global-norm clipping, AdamW at the scheduled rate.
+//! Everything that decides a step (data order, dropout RNG, rate) is a function of the seed
+//! and the step index, and a checkpoint holds the parameters, the optimizer state and the
+//! position, so `--resume` continues exactly where the checkpoint was taken.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::DType;
+use burn::train::{ItemLazy, TrainOutput, TrainStep};
+use popen_core::manifest::Manifest;
+use popen_core::mask::Mask;
+use popen_model::bundle;
+use popen_model::pixellm::{Padding, Part, PixelLm, Segment};
+use popen_model::preprocess::{Preprocessed, Preprocessor};
+use popen_model::tokenizer::Piece;
+use popen_model::weights::Checkpoint;
+use serde::Serialize;
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::{Precision, SftConfig};
+use crate::data::{self, Example, Order};
+use crate::loss::{pixellm_loss, LossParts};
+use crate::metrics::{plot_losses, MetricsLog, StepMetrics};
+use crate::params;
+use crate::{io_err, schedule, Result, TrainError};
+
+/// The trained module: PixelLM, wrapped so that burn-train's [`TrainStep`] can be
+/// implemented for it.
+#[derive(Module, Debug)]
+pub struct SftModel<B: Backend> {
+    pub pixellm: PixelLm<B>,
+}
+
+/// A micro-batch, decoded and preprocessed on the host.
+#[derive(Debug, Clone)]
+pub struct SftBatch {
+    pub images: Vec<Preprocessed>,
+    pub prompts: Vec<Vec<Piece>>,
+    pub answers: Vec<Vec<u32>>,
+    pub groups: Vec<Vec<Vec<usize>>>,
+    /// Per sample, per object: (height, width, 0/1 pixels row-major).
+    pub masks: Vec<Vec<(usize, usize, Vec<f32>)>>,
+    /// Loss scale (1 / grad_accum).
+    pub scale: f32,
+    /// Loss weights (ce, bce, dice).
+    pub weights: (f32, f32, f32),
+}
+
+/// Loss values of one micro-batch (weighted parts, before the accumulation scale).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StepStats {
+    pub loss: f32,
+    pub ce: f32,
+    pub bce: f32,
+    pub dice: f32,
+    pub tokens: usize,
+    pub masks: usize,
+}
+
+/// What a train step returns: the stats, or why the step could not run.
+pub struct StepOutput(pub std::result::Result<StepStats, String>);
+
+impl ItemLazy for StepOutput {
+    type ItemSync = StepOutput;
+    fn sync(self) -> StepOutput {
+        self
+    }
+}
+
+impl<B: Backend> SftModel<B> {
+    fn device(&self) -> B::Device {
+        self.pixellm.llm.model.embed_tokens.weight.device()
+    }
+
+    /// PixelLM's loss of a micro-batch (teacher forcing).
+    pub fn loss(&self, batch: &SftBatch) -> std::result::Result<LossParts<B>, String> {
+        let m = &self.pixellm;
+        let device = self.device();
+        let feats = m.encode_images(&batch.images).map_err(|e| e.to_string())?;
+        let rows: Vec<Vec<Part<B>>> = batch
+            .prompts
+            .iter()
+            .zip(&batch.answers)
+            .enumerate()
+            .map(|(i, (p, a))| {
+                let mut parts: Vec<Part<B>> = p
+                    .iter()
+                    .map(|pc| match pc {
+                        Piece::Tokens(t) => Part::new(Segment::Tokens(t.clone())),
+                        Piece::Image => Part::new(Segment::Image(i)),
+                    })
+                    .collect();
+                parts.push(Part::new(Segment::Tokens(a.clone())));
+                parts
+            })
+            .collect();
+        let asm = m.assemble(&rows, Some(&feats), Padding::Right).map_err(|e| e.to_string())?;
+        let hidden = m.forward_hidden(&asm).map_err(|e| e.to_string())?;
+        let starts: Vec<usize> = asm.piece_starts.iter().map(|s| *s.last().expect("answer part")).collect();
+        let targets: Vec<(usize, Vec<u32>)> = starts.iter().zip(&batch.answers).map(|(s, a)| (*s, a.clone())).collect();
+        let lp = m.response_logprobs(hidden.clone(), &targets).map_err(|e| e.to_string())?;
+        let lens: Vec<usize> = batch.answers.iter().map(|a| a.len()).collect();
+        let mut objects = Vec::new();
+        let mut gts = Vec::new();
+        for (r, groups) in batch.groups.iter().enumerate() {
+            for (g, gt) in groups.iter().zip(&batch.masks[r]) {
+                objects.push((r, g.iter().map(|p| p + starts[r]).collect::<Vec<_>>()));
+                gts.push(gt);
+            }
+        }
+        let mut pairs = Vec::with_capacity(objects.len());
+        if !objects.is_empty() {
+            let f = m.seg_embeddings(hidden, &objects).map_err(|e| e.to_string())?;
+            let idx: Vec<usize> = objects.iter().map(|o| o.0).collect();
+            let (logits, _) = m.decode_masks(&feats, f, &idx).map_err(|e| e.to_string())?;
+            for (o, (logit, (h, w, bits))) in logits.into_iter().zip(gts).enumerate() {
+                let [lh, lw] = logit.dims();
+                if (lh, lw) != (*h, *w) {
+                    return Err(format!("object {o}: mask logits are {lh}x{lw} but the target is {h}x{w}"));
+                }
+                let t = Tensor::<B, 2>::from_data(TensorData::new(bits.clone(), [*h, *w]), &device);
+                pairs.push((logit, t));
+            }
+        }
+        Ok(pixellm_loss(lp, &lens, pairs, batch.weights))
+    }
+}
+
+impl<B: AutodiffBackend> TrainStep for SftModel<B> {
+    type Input = SftBatch;
+    type Output = StepOutput;
+
+    fn step(&self, batch: SftBatch) -> TrainOutput<StepOutput> {
+        let parts = match self.loss(&batch) {
+            Ok(p) => p,
+            Err(e) => return TrainOutput { grads: GradientsParams::new(), item: StepOutput(Err(e)) },
+        };
+        let vals = Tensor::cat(vec![parts.total.clone(), parts.ce, parts.bce, parts.dice], 0)
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_else(|_| vec![f32::NAN; 4]);
+        let stats = StepStats { loss: vals[0], ce: vals[1], bce: vals[2], dice: vals[3], tokens: parts.tokens, masks: parts.masks };
+        if !vals.iter().all(|v| v.is_finite()) {
+            return TrainOutput { grads: GradientsParams::new(), item: StepOutput(Ok(stats)) };
+        }
+        let grads = parts.total.mul_scalar(batch.scale).backward();
+        TrainOutput::new(self, grads, StepOutput(Ok(stats)))
+    }
+}
+
+/// Decodes and preprocesses the examples of one micro-batch.
+pub fn make_batch(examples: &[&Example], pre: &Preprocessor, cfg: &SftConfig) -> Result<SftBatch> {
+    let mut b = SftBatch {
+        images: Vec::with_capacity(examples.len()),
+        prompts: Vec::new(),
+        answers: Vec::new(),
+        groups: Vec::new(),
+        masks: Vec::new(),
+        scale: 1.0 / cfg.grad_accum as f32,
+        weights: (cfg.ce_weight, cfg.bce_weight, cfg.dice_weight),
+    };
+    for ex in examples {
+        let img = ex.decode_image().map_err(TrainError::Data)?;
+        b.images.push(pre.apply(&img).map_err(|e| TrainError::Data(format!("sample '{}': {e}", ex.id)))?);
+        b.prompts.push(ex.prompt.clone());
+        b.answers.push(ex.answer_ids.clone());
+        b.groups.push(ex.groups.clone());
+        let masks: Vec<Mask> = ex.decode_masks().map_err(TrainError::Data)?;
+        b.masks.push(
+            masks
+                .iter()
+                .map(|m| (m.height() as usize, m.width() as usize, m.data().iter().map(|&v| f32::from(v)).collect()))
+                .collect(),
+        );
+    }
+    Ok(b)
+}
+
+/// What `popen sft` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftReport {
+    pub model_dir: PathBuf,
+    pub steps: usize,
+    pub resumed_from: Option<usize>,
+    pub examples: usize,
+    pub skipped: usize,
+    pub final_loss: Option<f32>,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    pub seconds: f64,
+}
+
+/// Inputs of the SFT stage.
+pub struct SftJob<'a> {
+    pub config: &'a SftConfig,
+    /// Model folder to start from (`popen model-init` / `model-import`).
+    pub init: &'a Path,
+    pub train: &'a Path,
+    pub out: &'a Path,
+    pub resume: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, SftModel<B>, B>;
+
+/// Runs (or resumes) the SFT stage; the trained model folder is `out/model`.
+pub fn run<B: AutodiffBackend>(job: &SftJob, device: &B::Device) -> Result<SftReport> {
+    let cfg = job.config;
+    cfg.validate().map_err(TrainError::Config)?;
+    let t0 = Instant::now();
+    let out = job.out;
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    let cfg_json = serde_json::to_value(cfg).expect("config serializes");
+
+    // Model and tokenizer.
+    let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<B>(job.init, device)?;
+    let pcfg = model.config().clone();
+    let tokens = tokenizer.add_pixellm_tokens(pcfg.seg_group_len()).map_err(|e| TrainError::Data(e.to_string()))?;
+    let dtype = match cfg.precision {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    };
+    let model = params::select_trainable(model, cfg.trainable, &cfg.lora, device).map_err(TrainError::Config)?;
+    let mut model = SftModel { pixellm: model };
+
+    // Data.
+    let samples = popen_core::shard::read_shard::<popen_core::shard::Sample>(job.train)?;
+    let n_samples = samples.len();
+    let (examples, skipped) = data::prepare(samples, &tokenizer, &tokens, pcfg.seg_group_len(), pcfg.image_tokens(), cfg.max_len);
+    if examples.is_empty() {
+        return Err(TrainError::Data(format!(
+            "{}: none of its {n_samples} samples can be used ({})",
+            job.train.display(),
+            skipped.first().map(|s| format!("e.g. '{}': {}", s.id, s.reason)).unwrap_or_else(|| "empty shard".into())
+        )));
+    }
+    let order = Order { n: examples.len(), batch_size: cfg.batch_size, seed: cfg.seed };
+    let total_micro = cfg.epochs.max(1) * order.batches_per_epoch();
+    let mut total_steps = total_micro.div_ceil(cfg.grad_accum);
+    if cfg.epochs == 0 || (cfg.max_steps > 0 && cfg.max_steps < total_steps) {
+        total_steps = cfg.max_steps;
+    }
+
+    // Optimizer.
+    let mut optim: Optim<B> = AdamWConfig::new()
+        .with_beta_1(cfg.beta1)
+        .with_beta_2(cfg.beta2)
+        .with_epsilon(cfg.eps)
+        .with_weight_decay(cfg.weight_decay)
+        .init();
+
+    // Resume.
+    let mut start = 0usize;
+    let mut resumed_from = None;
+    let mut last_ckpt = "none".to_string();
+    if job.resume {
+        if let Some((dir, state)) = checkpoint::latest(out)? {
+            if state.config != cfg_json {
+                return Err(TrainError::Checkpoint {
+                    path: dir,
+                    message: "was written with a different config; resume with the same config or start a new --out".into(),
+                });
+            }
+            let ck = Checkpoint::open(dir.join(checkpoint::MODEL_FILE)).map_err(|e| TrainError::Checkpoint {
+                path: dir.join(checkpoint::MODEL_FILE),
+                message: e.to_string(),
+            })?;
+            let pix = popen_model::weights::apply_checkpoint(model.pixellm, &ck, dtype, false).map_err(|e| {
+                TrainError::Checkpoint { path: dir.join(checkpoint::MODEL_FILE), message: e.to_string() }
+            })?;
+            let (m, missing) = params::assign_ids(SftModel { pixellm: pix }, &state.param_ids);
+            if !missing.is_empty() {
+                return Err(TrainError::Checkpoint {
+                    path: dir.join(checkpoint::STATE_FILE),
+                    message: format!("parameters not in the model: {}", missing.join(", ")),
+                });
+            }
+            model = m;
+            let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
+            let rec = BinFileRecorder::<FullPrecisionSettings>::new()
+                .load(opt_path.clone(), device)
+                .map_err(|e| TrainError::Checkpoint { path: opt_path, message: format!("optimizer state: {e}") })?;
+            optim = optim.load_record(rec);
+            start = state.step;
+            resumed_from = Some(state.step);
+            last_ckpt = dir.display().to_string();
+            tracing::info!("resuming from {} (step {})", dir.display(), state.step);
+        } else {
+            tracing::info!("--resume: no checkpoint under {}, starting at step 0", out.display());
+        }
+    } else if checkpoint::latest(out)?.is_some() {
+        return Err(TrainError::Checkpoint {
+            path: out.join("checkpoints"),
+            message: "holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out".into(),
+        });
+    }
+
+    let (trainable, total_params) = params::count(&model);
+    tracing::info!(
+        "sft: {} examples ({} skipped), {} steps of {} x {} samples, {} / {} parameters train",
+        examples.len(),
+        skipped.len(),
+        total_steps,
+        cfg.batch_size,
+        cfg.grad_accum,
+        trainable,
+        total_params
+    );
+
+    let mut log = MetricsLog::open(out, start)?;
+    let pre = Preprocessor::pixellm(pcfg.image_size);
+    let bar = job.progress.then(|| {
+        let b = popen_core::progress::bar(total_steps as u64, "sft");
+        b.set_position(start as u64);
+        b
+    });
+    let mut last_loss = log.rows.last().map(|r| r.loss);
+    let write_ckpt = |model: &SftModel<B>, optim: &Optim<B>, step: usize, last_loss: Option<f32>| -> Result<PathBuf> {
+        let ids = params::float_params(model).into_iter().map(|(n, (id, _, _))| (n, id.val())).collect();
+        let state = TrainState { step, micro_batches: step * cfg.grad_accum, config: cfg_json.clone(), param_ids: ids, last_loss };
+        checkpoint::write(out, &state, cfg.keep_checkpoints, |dir| {
+            popen_model::pixellm::save(&model.pixellm, dir.join(checkpoint::MODEL_FILE))?;
+            BinFileRecorder::<FullPrecisionSettings>::new()
+                .record(optim.to_record(), dir.join(checkpoint::OPTIMIZER_FILE))
+                .map_err(|e| io_err(dir.join(checkpoint::OPTIMIZER_FILE), format!("{e}")))?;
+            Ok(())
+        })
+    };
+
+    let mut step_t = Instant::now();
+    for step in start..total_steps {
+        B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        let lr = schedule::lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay);
+        let mut acc = GradientsAccumulator::<SftModel<B>>::new();
+        let mut sum = StepStats::default();
+        let mut samples = 0usize;
+        for micro in 0..cfg.grad_accum {
+            let m = step * cfg.grad_accum + micro;
+            let idx = order.batch(m);
+            let exs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
+            let batch = make_batch(&exs, &pre, cfg)?;
+            let out = model.step(batch);
+            let stats = out.item.0.map_err(|e| {
+                TrainError::Data(format!(
+                    "step {step}: batch of samples {}: {e}",
+                    exs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            if !stats.loss.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step,
+                    value: stats.loss,
+                    ce: stats.ce,
+                    bce: stats.bce,
+                    dice: stats.dice,
+                    last_checkpoint: last_ckpt,
+                });
+            }
+            acc.accumulate(&model, out.grads);
+            let k = 1.0 / cfg.grad_accum as f32;
+            sum.loss += stats.loss * k;
+            sum.ce += stats.ce * k;
+            sum.bce += stats.bce * k;
+            sum.dice += stats.dice * k;
+            samples += exs.len();
+        }
+        let mut grads = acc.grads();
+        let norm = params::clip_global_norm::<B, _>(&model, &mut grads, cfg.grad_clip);
+        if !norm.is_finite() {
+            return Err(TrainError::NonFinite { step, value: norm, ce: sum.ce, bce: sum.bce, dice: sum.dice, last_checkpoint: last_ckpt });
+        }
+        model = model.optimize(&mut optim, lr, grads);
+        last_loss = Some(sum.loss);
+        let done = step + 1;
+        if done % cfg.log_every == 0 || done == total_steps || step == start {
+            let per = order.batches_per_epoch() as f64;
+            log.push(StepMetrics {
+                step,
+                epoch: (done * cfg.grad_accum) as f64 / per,
+                lr,
+                loss: sum.loss,
+                ce: sum.ce,
+                bce: sum.bce,
+                dice: sum.dice,
+                grad_norm: norm,
+                samples,
+                seconds: step_t.elapsed().as_secs_f64(),
+            })?;
+            step_t = Instant::now();
+        }
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+            b.set_message(format!("loss {:.4} lr {:.2e}", sum.loss, lr));
+        }
+        if done % cfg.checkpoint_every == 0 || done == total_steps {
+            let p = write_ckpt(&model, &optim, done, last_loss)?;
+            last_ckpt = p.display().to_string();
+            plot_losses(&log.rows, &out.join("loss.png"))?;
+        }
+    }
+    if let Some(b) = bar {
+        b.finish();
+    }
+
+    // The trained model folder (LoRA folded in), the curve and the manifest.
+    let mut pix = model.pixellm;
+    if popen_model::lora::count(&pix.llm) > 0 {
+        pix.llm = popen_model::lora::merge(pix.llm);
+    }
+    let model_dir = out.join("model");
+    bundle::save(&model_dir, &pix, &tokenizer)?;
+    plot_losses(&log.rows, &out.join("loss.png"))?;
+    let mut manifest = Manifest::new("sft", cfg)?;
+    manifest.add_input(job.train)?;
+    manifest.add_input(job.init.join(bundle::WEIGHTS_FILE))?;
+    manifest.add_output(model_dir.join(bundle::WEIGHTS_FILE), None)?;
+    manifest.count("samples", n_samples as u64);
+    manifest.count("examples", examples.len() as u64);
+    manifest.count("steps", total_steps as u64);
+    for s in &skipped {
+        manifest.skip(s.id.clone(), s.reason.clone());
+    }
+    manifest.time("seconds", t0);
+    manifest.write(out.join("manifest.json"))?;
+    Ok(SftReport {
+        model_dir,
+        steps: total_steps,
+        resumed_from,
+        examples: examples.len(),
+        skipped: skipped.len(),
+        final_loss: last_loss,
+        trainable_params: trainable,
+        total_params,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

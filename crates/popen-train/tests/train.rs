@@ -1,0 +1,361 @@
+//! popen-train: losses, schedule, clipping, LoRA, the SFT loop (resume, NaN, errors) and
+//! prediction shards. One test binary.
+//!
+//! References: `tests/fixtures/sft_loss.json` was written by
+//! `tools/reference/sft_loss_fixture.py` (PixelLM's own `dice_loss` / `sigmoid_ce_loss`,
+//! torch's cross-entropy, DeepSpeed's WarmupDecayLR formula; torch 2.9.1). Clipping and LoRA
+//! are checked against hand-computed values.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{Module, Param};
+use burn::nn::LinearConfig;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use popen_core::shard::{read_shard, write_shard, Prediction, Sample};
+use popen_data::synth::{generate_sample, SynthConfig};
+use popen_model::bundle;
+use popen_model::pixellm::PixelLmConfig;
+use popen_model::tokenizer::{Tokenizer, TINY_SPECIALS};
+use popen_train::config::{Decay, Precision, SftConfig, Trainable};
+use popen_train::{loss, params, schedule, sft, TrainError};
+use serde_json::Value;
+
+type B = NdArray<f32>;
+type AB = Autodiff<NdArray<f32>>;
+
+fn fixture() -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sft_loss.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn t2(v: &Value) -> Tensor<B, 2> {
+    let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).unwrap();
+    let (h, w) = (rows.len(), rows[0].len());
+    Tensor::from_data(TensorData::new(rows.concat(), [h, w]), &Default::default())
+}
+
+fn close(a: f32, b: f64, tol: f64, what: &str) {
+    assert!((a as f64 - b).abs() <= tol * (1.0 + b.abs()), "{what}: {a} vs {b}");
+}
+
+#[test]
+fn losses_match_pixellm_reference() {
+    let fx = fixture();
+    let pairs: Vec<(Tensor<B, 2>, Tensor<B, 2>)> =
+        fx["masks"].as_array().unwrap().iter().map(|m| (t2(&m["logits"]), t2(&m["target"]))).collect();
+    let lp = t2(&fx["logprobs"]);
+    let lens: Vec<usize> = serde_json::from_value(fx["lens"].clone()).unwrap();
+    let parts = loss::pixellm_loss(lp, &lens, pairs, (1.0, 2.0, 0.5));
+    let v = |t: Tensor<B, 1>| t.into_scalar();
+    assert_eq!((parts.tokens, parts.masks), (6, 3));
+    close(v(parts.bce), fx["bce"].as_f64().unwrap(), 1e-5, "bce");
+    close(v(parts.dice), fx["dice"].as_f64().unwrap(), 1e-5, "dice");
+    close(v(parts.ce), fx["ce"].as_f64().unwrap(), 1e-5, "ce");
+    close(v(parts.total), fx["total"].as_f64().unwrap(), 1e-5, "total");
+}
+
+#[test]
+fn mask_losses_hand_computed() {
+    let d = Default::default();
+    // logit 0 everywhere: BCE = ln 2; DICE with an all-ones 2x2 target:
+    // s = 0.5, num = 2 * 4 * 0.5 / 1000, den = (2 + 4) / 1000 -> 1 - (0.004 + 1e-6) / (0.006 + 1e-6).
+    let z = Tensor::<B, 2>::zeros([2, 2], &d);
+    let one = Tensor::<B, 2>::ones([2, 2], &d);
+    close(loss::bce_mean(z.clone(), one.clone()).into_scalar(), std::f64::consts::LN_2, 1e-6, "bce");
+    close(loss::dice(z, one).into_scalar(), 1.0 - (0.004 + 1e-6) / (0.006 + 1e-6), 1e-5, "dice");
+    // No masks: the mask terms are exactly 0; CE of log-probs -1 and -3 is 2.
+    let lp = Tensor::<B, 2>::from_data(TensorData::new(vec![-1.0f32, -3.0, -7.0], [1, 3]), &d);
+    let p = loss::pixellm_loss(lp, &[2], vec![], (1.0, 2.0, 0.5));
+    assert_eq!(p.bce.into_scalar(), 0.0);
+    close(p.total.into_scalar(), 2.0, 1e-6, "ce only");
+}
+
+#[test]
+fn schedule_matches_deepspeed_warmup_decay() {
+    let fx = fixture();
+    let s = &fx["schedule"];
+    let total = s["total"].as_u64().unwrap() as usize;
+    let warm = s["warmup"].as_u64().unwrap() as usize;
+    let (lr, min) = (s["lr"].as_f64().unwrap(), s["min_lr"].as_f64().unwrap());
+    for (i, want) in s["lrs"].as_array().unwrap().iter().enumerate() {
+        let got = schedule::lr_at(i, total, warm, lr, min, Decay::Linear);
+        assert!((got - want.as_f64().unwrap()).abs() < 1e-12, "step {i}: {got} vs {want}");
+    }
+    // Cosine: halfway through the decay it is midway; constant stays at the peak.
+    let mid = schedule::lr_at(warm + (total - warm) / 2, total, warm, lr, min, Decay::Cosine);
+    assert!((mid - fx["cosine_mid"].as_f64().unwrap()).abs() < 1e-12);
+    assert_eq!(schedule::lr_at(total - 1, total, warm, lr, min, Decay::Constant), lr);
+    assert_eq!(schedule::lr_at(0, 10, 0, lr, min, Decay::Linear), lr);
+}
+
+#[derive(Module, Debug)]
+struct Two<B: Backend> {
+    a: Param<Tensor<B, 1>>,
+    b: Param<Tensor<B, 2>>,
+}
+
+#[test]
+fn global_norm_clipping_hand_computed() {
+    let d = Default::default();
+    let m = Two::<AB> {
+        a: Param::from_tensor(Tensor::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &d)),
+        b: Param::from_tensor(Tensor::from_data(TensorData::new(vec![1.0f32, 1.0, 1.0, 1.0], [2, 2]), &d)),
+    };
+    // loss = 3 * sum(a) + 4 * sum(b)/2 -> grads a: [3, 3], b: 2 everywhere;
+    // norm = sqrt(9 + 9 + 4 * 4) = sqrt(34).
+    let l = m.a.val().sum().mul_scalar(3.0) + m.b.val().sum().mul_scalar(2.0);
+    let mut g = GradientsParams::from_grads(l.backward(), &m);
+    let n = params::clip_global_norm::<AB, _>(&m, &mut g, 1.0);
+    close(n, 34f64.sqrt(), 1e-6, "norm");
+    let ga: Tensor<B, 1> = g.get(m.a.id).unwrap();
+    let want = 3.0 / (34f64.sqrt() + 1e-6);
+    close(ga.into_data().to_vec::<f32>().unwrap()[0], want, 1e-6, "clipped a");
+    close(params::grad_norm::<AB, _>(&m, &g), 1.0, 1e-5, "norm after clipping");
+    // Below the threshold nothing changes.
+    let n2 = params::clip_global_norm::<AB, _>(&m, &mut g, 10.0);
+    close(n2, 1.0, 1e-5, "unchanged");
+}
+
+#[test]
+fn lora_starts_at_the_base_and_merges_exactly() {
+    let d = Default::default();
+    let mut llm_cfg = popen_model::llama::LlamaConfig::tiny();
+    llm_cfg.num_hidden_layers = 2;
+    let base = llm_cfg.init::<B>(&d);
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 3], [1, 4]), &d);
+    let want = base.forward(ids.clone()).into_data();
+    let targets: Vec<String> = ["q_proj", "v_proj", "down_proj"].iter().map(|s| s.to_string()).collect();
+    let mut adapted = popen_model::lora::add(base, &targets, 4, 8.0, 0.0, &d).unwrap();
+    assert_eq!(popen_model::lora::count(&adapted), 6);
+    // B = 0: the adapted model equals the base.
+    adapted.forward(ids.clone()).into_data().assert_approx_eq::<f32>(&want, burn::tensor::Tolerance::absolute(1e-6));
+    // Give every B random values: outputs change, and merging reproduces them.
+    for l in adapted.model.layers.iter_mut() {
+        for lo in [&mut l.self_attn.q_lora, &mut l.self_attn.v_lora, &mut l.mlp.down_lora] {
+            let lo = lo.as_mut().unwrap();
+            let [r, o] = lo.lora_b.weight.dims();
+            lo.lora_b = LinearConfig::new(r, o).with_bias(false).init(&d);
+        }
+    }
+    let adapted_out = adapted.forward(ids.clone()).into_data();
+    let diff = adapted_out
+        .to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .zip(want.to_vec::<f32>().unwrap())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff > 1e-3, "non-zero adapters must change the output (max diff {diff})");
+    let merged = popen_model::lora::merge(adapted);
+    assert_eq!(popen_model::lora::count(&merged), 0);
+    merged.forward(ids).into_data().assert_approx_eq::<f32>(&adapted_out, burn::tensor::Tolerance::absolute(1e-4));
+    let e = popen_model::lora::add(llm_cfg.init::<B>(&d), &["qproj".to_string()], 4, 8.0, 0.0, &d).unwrap_err();
+    assert!(e.contains("qproj") && e.contains("q_proj"), "{e}");
+}
+
+// ---- the SFT loop on a tiny model ----
+
+struct World {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    train: PathBuf,
+    root: PathBuf,
+}
+
+/// A tiny model folder and a 6-sample train shard from the embedded benchmark.
+fn world() -> &'static World {
+    static W: OnceLock<World> = OnceLock::new();
+    W.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SynthConfig::default();
+        let samples: Vec<Sample> = (0..6).map(|i| generate_sample(&cfg, "train", i).unwrap()).collect();
+        let train = dir.path().join("train.parquet");
+        write_shard(&train, samples.clone()).unwrap();
+        let texts: Vec<String> = samples.iter().flat_map(|s| [s.instruction.clone(), s.answer.clone()]).collect();
+        let mut tok = Tokenizer::train_tiny(texts.iter().map(String::as_str), 400, TINY_SPECIALS).unwrap();
+        let mut mcfg = PixelLmConfig::tiny(512);
+        mcfg.llm.num_hidden_layers = 2;
+        tok.add_pixellm_tokens(mcfg.seg_group_len()).unwrap();
+        let model = mcfg.init::<B>(&Default::default()).unwrap();
+        let mdir = dir.path().join("init");
+        bundle::save(&mdir, &model, &tok).unwrap();
+        let root = dir.path().to_path_buf();
+        World { _dir: dir, model: mdir, train, root }
+    })
+}
+
+fn small_cfg() -> SftConfig {
+    SftConfig {
+        epochs: 1,
+        max_steps: 4,
+        batch_size: 2,
+        grad_accum: 2,
+        lr: 1e-3,
+        warmup_steps: 1,
+        trainable: Trainable::Full,
+        precision: Precision::F32,
+        checkpoint_every: 2,
+        keep_checkpoints: 3,
+        log_every: 1,
+        ..SftConfig::default()
+    }
+}
+
+fn weights_of(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let ck = popen_model::weights::Checkpoint::open(dir.join("model.safetensors")).unwrap();
+    let m: popen_model::pixellm::PixelLm<B> =
+        popen_model::weights::apply_checkpoint(PixelLmConfig::from_toml_file(dir.join("model.toml")).unwrap().init(&Default::default()).unwrap(), &ck, burn::tensor::DType::F32, false).unwrap();
+    popen_model::weights::named_tensors(&m).into_iter().map(|(n, _, t)| (n, t.to_vec::<f32>().unwrap())).collect()
+}
+
+#[test]
+fn sft_resume_continues_exactly() {
+    let w = world();
+    let cfg = small_cfg();
+    let run = |out: &Path, resume: bool, max_steps: usize| {
+        let mut c = cfg.clone();
+        c.max_steps = max_steps;
+        let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out, resume, progress: false };
+        sft::run::<AB>(&job, &Default::default())
+    };
+    // Straight through: 4 steps.
+    let a = w.root.join("straight");
+    let ra = run(&a, false, 4).unwrap();
+    assert_eq!(ra.steps, 4);
+    assert!(a.join("metrics.jsonl").is_file() && a.join("metrics.csv").is_file() && a.join("loss.png").is_file());
+    let lines = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 4, "{lines}");
+    // Interrupted: the same job killed after step 2 (simulated by a checkpoint-only run whose
+    // later checkpoints are removed), then resumed.
+    let b = w.root.join("resumed");
+    run(&b, false, 4).unwrap();
+    std::fs::remove_dir_all(b.join("checkpoints/step-000004")).unwrap();
+    std::fs::remove_dir_all(b.join("model")).unwrap();
+    // Not resuming over existing checkpoints is refused.
+    let e = run(&b, false, 4).unwrap_err().to_string();
+    assert!(e.contains("--resume"), "{e}");
+    let rb = run(&b, true, 4).unwrap();
+    assert_eq!(rb.resumed_from, Some(2));
+    let (wa, wb) = (weights_of(&a.join("model")), weights_of(&b.join("model")));
+    assert_eq!(wa.len(), wb.len());
+    for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        assert_eq!(va, vb, "{na} differs after resume");
+    }
+    // The metrics of the resumed run line up with the straight one.
+    let la: Vec<Value> = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lb: Vec<Value> = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(la.len(), lb.len());
+    for (x, y) in la.iter().zip(&lb) {
+        assert_eq!(x["loss"], y["loss"]);
+        assert_eq!(x["lr"], y["lr"]);
+    }
+    // A different config refuses to resume.
+    let mut c2 = cfg.clone();
+    c2.lr = 5e-4;
+    let job = sft::SftJob { config: &c2, init: &w.model, train: &w.train, out: &b, resume: true, progress: false };
+    let e = sft::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
+    assert!(e.contains("different config"), "{e}");
+}
+
+#[test]
+fn sft_lora_trains_adapters_and_saves_plain_layout() {
+    let w = world();
+    let mut cfg = small_cfg();
+    cfg.max_steps = 1;
+    cfg.grad_accum = 1;
+    cfg.trainable = Trainable::Lora;
+    let out = w.root.join("lora");
+    let job = sft::SftJob { config: &cfg, init: &w.model, train: &w.train, out: &out, resume: false, progress: false };
+    let r = sft::run::<AB>(&job, &Default::default()).unwrap();
+    assert!(r.trainable_params < r.total_params / 2, "{r:?}");
+    // The saved model is a plain PixelLM folder (adapters merged) and loads as one.
+    let b = bundle::open::<B>(&r.model_dir, &Default::default()).unwrap();
+    assert_eq!(popen_model::lora::count(&b.model.llm), 0);
+    // The frozen CLIP tower did not move; the q_proj weights did (merged adapters).
+    let before: std::collections::BTreeMap<String, Vec<f32>> = weights_of(&w.model).into_iter().collect();
+    let after: std::collections::BTreeMap<String, Vec<f32>> = weights_of(&r.model_dir).into_iter().collect();
+    let tower = before.keys().find(|k| k.starts_with("vision_tower.")).unwrap();
+    assert_eq!(before[tower], after[tower]);
+    let k_proj = before.keys().find(|k| k.ends_with("self_attn.k_proj.weight")).unwrap();
+    assert_eq!(before[k_proj], after[k_proj], "k_proj has no adapter and is frozen");
+}
+
+#[test]
+fn nan_loss_stops_and_names_the_last_checkpoint() {
+    let w = world();
+    // A model whose lm_head holds a NaN.
+    let dir = w.root.join("nan-init");
+    let mut b = bundle::open::<B>(&w.model, &Default::default()).unwrap();
+    let head = b.model.llm.lm_head.take().unwrap();
+    let [i, o] = head.weight.dims();
+    let mut vals = head.weight.val().into_data().to_vec::<f32>().unwrap();
+    vals[3] = f32::NAN;
+    let weight = Param::from_tensor(Tensor::from_data(TensorData::new(vals, [i, o]), &Default::default()));
+    b.model.llm.lm_head = Some(burn::nn::Linear { weight, bias: head.bias });
+    bundle::save(&dir, &b.model, &b.tokenizer).unwrap();
+    let cfg = small_cfg();
+    let out = w.root.join("nan");
+    let job = sft::SftJob { config: &cfg, init: &dir, train: &w.train, out: &out, resume: false, progress: false };
+    match sft::run::<AB>(&job, &Default::default()) {
+        Err(TrainError::NonFinite { step, last_checkpoint, .. }) => {
+            assert_eq!(step, 0);
+            assert_eq!(last_checkpoint, "none");
+        }
+        other => panic!("expected a non-finite loss error, got {other:?}"),
+    }
+    assert!(!out.join("model").exists(), "no model is written after a NaN");
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let w = world();
+    let cfg = small_cfg();
+    let missing = w.root.join("no-such-model");
+    let out = w.root.join("err");
+    let job = sft::SftJob { config: &cfg, init: &missing, train: &w.train, out: &out, resume: false, progress: false };
+    let e = sft::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
+    assert!(e.contains("no-such-model"), "{e}");
+    // Every sample too long: nothing to train on, with the reason.
+    let mut c = cfg.clone();
+    c.max_len = 16;
+    let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out: &out, resume: false, progress: false };
+    let e = sft::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
+    assert!(e.contains("exceed max_len 16"), "{e}");
+    // Invalid configs name the field.
+    let mut c = cfg.clone();
+    c.batch_size = 0;
+    assert!(c.validate().unwrap_err().contains("batch_size"));
+    c = cfg.clone();
+    c.trainable = Trainable::Lora;
+    c.lora.targets = vec!["wq".into()];
+    assert!(c.validate().unwrap_err().contains("wq"));
+}
+
+#[test]
+fn predict_writes_a_consistent_shard() {
+    let w = world();
+    let out = w.root.join("pred.parquet");
+    let cfg = popen_train::predict::PredictConfig {
+        batch_size: 4,
+        sampling: popen_model::sampling::SamplingConfig { max_new_tokens: 12, ..Default::default() },
+    };
+    let r = popen_train::predict::run::<B>(&w.model, &w.train, &out, &cfg, popen_core::shardspec::ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
+    assert_eq!(r.predictions, 6);
+    let preds = read_shard::<Prediction>(&out).unwrap();
+    let samples = read_shard::<Sample>(&w.train).unwrap();
+    for (p, s) in preds.iter().zip(&samples) {
+        assert_eq!((&p.id, p.width, p.height), (&s.id, s.width, s.height));
+        assert_eq!(p.token_ids.len(), p.token_logprobs.len());
+        assert!(p.token_ids.len() <= 12);
+        assert_eq!(p.masks.len(), p.seg_count());
+    }
+    assert!(w.root.join("pred.manifest.json").is_file());
+    // Half of the samples with --shard 1/2.
+    let out2 = w.root.join("pred-1.parquet");
+    let r2 = popen_train::predict::run::<B>(&w.model, &w.train, &out2, &cfg, popen_core::shardspec::ShardSpec::new(1, 2).unwrap(), false, &Default::default()).unwrap();
+    assert_eq!(r2.predictions, 3);
+}
