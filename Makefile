@@ -5,16 +5,20 @@
 CARGO   ?= cargo
 PYTHON  ?= python3
 SEED    ?= 0
+DATA_SEED ?= 0
 DATA    ?= data/synth
 OUT     ?= out/demo
 # Release build for stages that do real work; tests use the dev profile (deps optimized).
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo bench bench-model refenv help
+.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds bench bench-model refenv help
 
 help:
-	@echo "make demo        generate the embedded benchmark and render overlays ($(OUT))"
+	@echo "make demo        benchmark -> tiny model -> SFT -> predict -> eval, with baselines ($(OUT))"
+	@echo "make sft         SFT of the tiny model (SFT_CONFIG=$(SFT_CONFIG)) into $(OUT)/sft"
+	@echo "make predict     greedy answers + masks for $(SPLIT) into $(PRED)"
+	@echo "make eval        gIoU/cIoU/CHAIR/boundary IoU/localization error of $(PRED) + baselines"
 	@echo "make test        Rust tests, interop checks (pyarrow/duckdb/pycocotools), cuda check"
 	@echo "make data        generate the embedded benchmark into $(DATA) (SEED=$(SEED))"
 	@echo "make assets      fetch the pinned real weights/data of shared/ASSETS.md into data/assets"
@@ -31,7 +35,7 @@ assets:
 	$(PYTHON) tools/assets.py
 
 data: build
-	$(POPEN) synth --config pipelines/synth.toml --seed $(SEED) --out $(DATA)
+	$(POPEN) synth --config pipelines/synth.toml --seed $(DATA_SEED) --out $(DATA)
 
 test: assets test-rust test-interop check-cuda
 
@@ -48,11 +52,50 @@ test-interop: build-dev
 check-cuda:
 	CUDARC_CUDA_VERSION=13000 $(CARGO) check --features cuda --bin popen
 
-demo: data
-	@mkdir -p $(OUT)
-	@for i in 0 1 2 3; do $(POPEN) show --shard $(DATA)/val.parquet --index $$i --out $(OUT)/val_$$i.png || exit 1; done
-	$(POPEN) inspect $(DATA)/val.parquet --head 5
-	@echo "demo: benchmark in $(DATA), overlays in $(OUT)"
+# ---- the SFT baseline on the embedded benchmark ----
+SFT_CONFIG ?= pipelines/sft-tiny.toml
+SPLIT   ?= val
+INIT    ?= $(OUT)/init
+MODEL   ?= $(OUT)/sft/model
+PRED    ?= $(OUT)/pred/$(SPLIT).parquet
+EVAL_OUT ?= $(OUT)/eval
+LEXICON ?= $(DATA)/lexicon.json
+
+# The tiny model: a byte-level BPE learnt from the train texts, random weights.
+tiny-init: data
+	$(POPEN) tokenizer-tiny --data $(DATA) --out $(OUT)/tokenizer/tokenizer.json
+	$(POPEN) model-init --config pipelines/model-tiny.toml --tokenizer $(OUT)/tokenizer/tokenizer.json --out $(INIT) --seed $(SEED)
+
+# Resumable: a killed run continues from its newest checkpoint when run again.
+sft: tiny-init
+	$(POPEN) sft --config $(SFT_CONFIG) --init $(INIT) --train $(DATA)/train.parquet --out $(OUT)/sft --seed $(SEED) --resume
+
+predict: build
+	$(POPEN) predict --model $(MODEL) --samples $(DATA)/$(SPLIT).parquet --out $(PRED)
+
+eval: build
+	$(POPEN) eval --samples $(DATA)/$(SPLIT).parquet --baseline nothing --lexicon $(LEXICON) --out $(EVAL_OUT)/baseline-nothing > /dev/null
+	$(POPEN) eval --samples $(DATA)/$(SPLIT).parquet --baseline largest-instance --lexicon $(LEXICON) --out $(EVAL_OUT)/baseline-largest > /dev/null
+	$(POPEN) eval --samples $(DATA)/$(SPLIT).parquet --predictions $(PRED) --lexicon $(LEXICON) --out $(EVAL_OUT)/model > /dev/null
+	@$(PYTHON) tools/baseline_table.py $(EVAL_OUT)/model/report.json $(EVAL_OUT)/baseline-largest/report.json $(EVAL_OUT)/baseline-nothing/report.json
+
+demo: sft
+	$(MAKE) --no-print-directory predict eval
+	@echo "demo: model in $(MODEL), predictions in $(PRED), reports and overlays in $(EVAL_OUT)"
+
+# The README's seed spread: the demo with SEED=0,1,2 into out/seed-*.
+baseline-seeds: build
+	for s in 0 1 2; do $(MAKE) --no-print-directory demo SEED=$$s OUT=out/seed-$$s || exit 1; done
+	$(PYTHON) tools/baseline_table.py --seeds out/seed-0/eval out/seed-1/eval out/seed-2/eval
+
+# Regenerates crates/popen-eval/tests/fixtures (numpy + SciPy + pycocotools, no torch).
+EVALENV ?= target/evalenv
+eval-fixtures: data
+	test -x $(EVALENV)/bin/python || $(PYTHON) -m venv $(EVALENV)
+	$(EVALENV)/bin/pip install --disable-pip-version-check -q -r tools/reference/requirements-eval.txt
+	$(EVALENV)/bin/python tools/reference/pixellm_eval.py cases --samples $(DATA)/val.parquet --out crates/popen-eval/tests/fixtures/pixellm_eval_cases.json
+	$(EVALENV)/bin/python tools/reference/pixellm_eval.py run --cases crates/popen-eval/tests/fixtures/pixellm_eval_cases.json --out crates/popen-eval/tests/fixtures/pixellm_eval_expected.json
+	$(EVALENV)/bin/python tools/reference/pixellm_eval.py lsap --out crates/popen-eval/tests/fixtures/lsap_scipy.json
 
 # The Python reference (pycocotools, cv2) runs first on the same generated inputs; the Rust
 # bench reads its timings and prints both side by side (docs/bench-masks.md).

@@ -169,3 +169,60 @@ fn tiny_model_infer_and_score() {
     let e = err(&["infer", "--model", m, "--image", dir.path().join("nope.png").to_str().unwrap(), "--instruction", "x"]);
     assert!(e.contains("nope.png"), "{e}");
 }
+
+/// The demo's stages through the binary: sft (resumable), predict, eval; and their errors.
+#[test]
+fn tiny_sft_predict_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synth(&data, "3", "0/1");
+    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    let tok = d("tok/tokenizer.json");
+    ok(&["tokenizer-tiny", "--data", data.to_str().unwrap(), "--out", &tok, "--vocab-size", "400"]);
+    let mcfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/model-tiny.toml");
+    ok(&["model-init", "--config", mcfg.to_str().unwrap(), "--tokenizer", &tok, "--out", &d("init")]);
+    // A small variant of pipelines/sft-tiny.toml.
+    let base = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/sft-tiny.toml")).unwrap();
+    let mut cfg: toml::Value = toml::from_str(&base).unwrap();
+    cfg["batch_size"] = toml::Value::Integer(4);
+    cfg["max_steps"] = toml::Value::Integer(3);
+    cfg["checkpoint_every"] = toml::Value::Integer(2);
+    cfg["log_every"] = toml::Value::Integer(1);
+    std::fs::write(d("sft.toml"), toml::to_string(&cfg).unwrap()).unwrap();
+    let train = data.join("train.parquet");
+    let val = data.join("val.parquet");
+    let args = |resume: bool| {
+        let mut a = vec!["sft".to_string(), "--config".into(), d("sft.toml"), "--init".into(), d("init"), "--train".into(), train.to_str().unwrap().into(), "--out".into(), d("sft"), "--backend".into(), "ndarray".into()];
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let a: Vec<String> = args(false);
+    let out = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["steps"], 3, "{out}");
+    for f in ["model/model.safetensors", "metrics.jsonl", "metrics.csv", "loss.png", "manifest.json", "checkpoints/step-000002/state.json", "checkpoints/step-000003/optimizer.bin"] {
+        assert!(dir.path().join("sft").join(f).is_file(), "missing sft/{f}");
+    }
+    // Running again without --resume is refused; with it, nothing is left to do.
+    let e = err(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("--resume"), "{e}");
+    let a: Vec<String> = args(true);
+    let out = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.contains("\"resumed_from\": 3"), "{out}");
+    // bf16 on a CPU backend is a clear error.
+    let e = err(&["sft", "--config", "pipelines/sft-pixellm-7b.toml", "--init", &d("init"), "--train", train.to_str().unwrap(), "--out", &d("x")]);
+    assert!(e.contains("bf16") && e.contains("cuda"), "{e}");
+
+    let pred = d("pred/val.parquet");
+    let out = ok(&["predict", "--model", &d("sft/model"), "--samples", val.to_str().unwrap(), "--out", &pred, "--max-new-tokens", "8", "--backend", "ndarray"]);
+    assert!(out.contains("\"predictions\": 8"), "{out}");
+    let out = ok(&["eval", "--samples", val.to_str().unwrap(), "--predictions", &pred, "--lexicon", data.join("lexicon.json").to_str().unwrap(), "--out", &d("eval")]);
+    assert!(out.contains("gIoU"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval/report.json")).unwrap()).unwrap();
+    assert!(report["metrics"]["ciou"].as_f64().is_some());
+    // A missing model folder names its path.
+    let e = err(&["predict", "--model", &d("nope"), "--samples", val.to_str().unwrap(), "--out", &d("p2.parquet")]);
+    assert!(e.contains("nope"), "{e}");
+}

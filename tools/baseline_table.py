@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Print the baseline table of `make demo` (Markdown) from popen eval reports.
+
+    tools/baseline_table.py MODEL/report.json LARGEST/report.json NOTHING/report.json
+    tools/baseline_table.py --seeds out/seed-0/eval out/seed-1/eval out/seed-2/eval
+
+The second form reads `model/`, `baseline-largest/` and `baseline-nothing/` reports under
+each eval folder and prints mean +- standard deviation (sample std, n-1) over the seeds.
+"""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+COLS = [
+    ("giou", "gIoU", 100),
+    ("ciou", "cIoU", 100),
+    ("chair_s", "C_S", 100),
+    ("chair_i", "C_I", 100),
+    ("boundary_iou", "Boundary IoU", 100),
+    ("localization_error_rate", "loc. error p", 100),
+]
+
+
+def metrics(path):
+    with open(path) as f:
+        return json.load(f)["metrics"]
+
+
+def fmt(v, scale):
+    return "-" if v is None else f"{v * scale:.2f}"
+
+
+def header():
+    print("| model | " + " | ".join(c[1] for c in COLS) + " |")
+    print("|---|" + "---|" * len(COLS))
+
+
+def single(paths):
+    header()
+    for name, p in zip(["SFT tiny model", "largest instance", "nothing"], paths):
+        m = metrics(p)
+        print(f"| {name} | " + " | ".join(fmt(m.get(k), s) for k, _, s in COLS) + " |")
+
+
+def seeds(dirs):
+    header()
+    for name, sub in [("SFT tiny model", "model"), ("largest instance", "baseline-largest"), ("nothing", "baseline-nothing")]:
+        ms = [metrics(Path(d) / sub / "report.json") for d in dirs]
+        cells = []
+        for k, _, s in COLS:
+            vals = [m.get(k) for m in ms]
+            if any(v is None for v in vals):
+                cells.append("-")
+                continue
+            vals = [v * s for v in vals]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"\n{len(dirs)} seeds: " + ", ".join(str(d) for d in dirs))
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    if a and a[0] == "--seeds":
+        seeds(a[1:])
+    elif len(a) == 3:
+        single(a)
+    else:
+        sys.exit(__doc__)
