@@ -339,6 +339,7 @@ pub fn run<B: AutodiffBackend>(job: &SftJob, device: &B::Device) -> Result<SftRe
     };
 
     let mut step_t = Instant::now();
+    let run_t = Instant::now();
     for step in start..total_steps {
         B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let lr = schedule::lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay);
@@ -398,10 +399,22 @@ pub fn run<B: AutodiffBackend>(job: &SftJob, device: &B::Device) -> Result<SftRe
                 seconds: step_t.elapsed().as_secs_f64(),
             })?;
             step_t = Instant::now();
+            // Batch jobs have no terminal for the bar: a log line with the ETA instead.
+            if bar.as_ref().is_none_or(|b| b.is_hidden()) {
+                let per_step = run_t.elapsed().as_secs_f64() / (done - start) as f64;
+                tracing::info!(
+                    "step {done}/{total_steps} loss {:.4} (ce {:.4} bce {:.4} dice {:.4}) lr {lr:.2e} grad-norm {norm:.3} eta {:.0} s",
+                    sum.loss,
+                    sum.ce,
+                    sum.bce,
+                    sum.dice,
+                    per_step * (total_steps - done) as f64
+                );
+            }
         }
         if let Some(b) = &bar {
             b.set_position(done as u64);
-            b.set_message(format!("loss {:.4} lr {:.2e}", sum.loss, lr));
+            b.set_prefix(format!("loss {:.4} lr {:.2e}", sum.loss, lr));
         }
         if done % cfg.checkpoint_every == 0 || done == total_steps {
             let p = write_ckpt(&model, &optim, done, last_loss)?;
