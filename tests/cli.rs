@@ -1,23 +1,10 @@
 //! End-to-end tests of the `popen` binary: the commands a user types.
 
 use std::path::Path;
-use std::process::Command;
 
-fn popen(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_popen")).args(args).output().expect("popen runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = popen(args);
-    assert!(o.status.success(), "popen {args:?} failed:\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(args: &[&str]) -> String {
-    let o = popen(args);
-    assert!(!o.status.success(), "popen {args:?} should fail");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+#[allow(unused_imports)]
+use common::{err, ok, popen};
 
 fn synth(out: &Path, seed: &str, shard: &str) {
     let o = out.to_str().unwrap();

@@ -5,23 +5,10 @@
 use popen_core::shard::{read_shard, write_shard, Prediction, Sample};
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 
-fn popen(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_popen")).args(args).output().expect("popen runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = popen(args);
-    assert!(o.status.success(), "popen {args:?} failed:\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(args: &[&str]) -> String {
-    let o = popen(args);
-    assert!(!o.status.success(), "popen {args:?} should fail");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+#[allow(unused_imports)]
+use common::{err, ok, popen};
 
 fn report(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()

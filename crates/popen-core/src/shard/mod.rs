@@ -350,7 +350,24 @@ pub fn atomic_write_with(
     })
 }
 
-// ---- column helpers shared by the record kinds ----
+// ---- checks and column helpers shared by the record kinds ----
+
+/// Every mask of `field` has the image's size and valid RLE runs; the error names the field
+/// and the mask's index.
+pub(crate) fn check_masks(field: &str, masks: &[Rle], height: u32, width: u32) -> std::result::Result<(), (String, String)> {
+    for (i, m) in masks.iter().enumerate() {
+        if m.height != height || m.width != width {
+            return Err((
+                field.to_string(),
+                format!("mask {i} is {}x{} (h x w) but the image is {height}x{width}", m.height, m.width),
+            ));
+        }
+        if let Err(e) = m.validate() {
+            return Err((field.to_string(), format!("mask {i}: {e}")));
+        }
+    }
+    Ok(())
+}
 
 pub(crate) fn rle_struct_field() -> DataType {
     DataType::Struct(rle_fields())

@@ -53,17 +53,7 @@ impl Prediction {
         if self.mask_scores.len() != n {
             return bad("mask_scores", format!("{} scores for {n} masks", self.mask_scores.len()));
         }
-        for (i, m) in self.masks.iter().enumerate() {
-            if m.height != self.height || m.width != self.width {
-                return bad(
-                    "masks",
-                    format!("mask {i} is {}x{} (h x w) but the image is {}x{}", m.height, m.width, self.height, self.width),
-                );
-            }
-            if let Err(e) = m.validate() {
-                return bad("masks", format!("mask {i}: {e}"));
-            }
-        }
+        super::check_masks("masks", &self.masks, self.height, self.width)?;
         if let Some(i) = self.mask_scores.iter().position(|s| !s.is_finite()) {
             return bad("mask_scores", format!("score {i} is {}", self.mask_scores[i]));
         }

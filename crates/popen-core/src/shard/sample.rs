@@ -84,20 +84,7 @@ impl Sample {
             );
         }
         for (field, masks) in [("target_masks", &self.target_masks), ("instance_masks", &self.instance_masks)] {
-            for (i, m) in masks.iter().enumerate() {
-                if m.height != self.height || m.width != self.width {
-                    return bad(
-                        field,
-                        format!(
-                            "mask {i} is {}x{} (h x w) but the image is {}x{}",
-                            m.height, m.width, self.height, self.width
-                        ),
-                    );
-                }
-                if let Err(e) = m.validate() {
-                    return bad(field, format!("mask {i}: {e}"));
-                }
-            }
+            super::check_masks(field, masks, self.height, self.width)?;
         }
         for (i, &t) in self.target_instances.iter().enumerate() {
             if t < -1 || t >= self.instance_names.len() as i32 {
