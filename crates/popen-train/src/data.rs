@@ -54,7 +54,7 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// Tokenizes and checks samples. `image_tokens` is the number of LLM tokens one image
+/// Tokenizes and checks samples (their images and masks move into the examples). `image_tokens` is the number of LLM tokens one image
 /// takes (for the length check).
 pub fn prepare(
     samples: Vec<Sample>,
@@ -68,7 +68,12 @@ pub fn prepare(
     let mut skipped = Vec::new();
     for s in samples {
         match prepare_one(&s, tok, tokens, group_len, image_tokens, max_len) {
-            Ok(e) => out.push(e),
+            Ok(mut e) => {
+                // Moved, not copied: the encoded images are the bulk of the shard.
+                e.image = s.image;
+                e.masks = s.target_masks;
+                out.push(e)
+            }
             Err(reason) => skipped.push(Skipped { id: s.id.clone(), reason }),
         }
     }
@@ -112,13 +117,13 @@ fn prepare_one(
     }
     Ok(Example {
         id: s.id.clone(),
-        image: s.image.clone(),
+        image: Vec::new(),
         width: s.width,
         height: s.height,
         prompt,
         answer_ids,
         groups: scan.groups,
-        masks: s.target_masks.clone(),
+        masks: Vec::new(),
         seq_len,
     })
 }
