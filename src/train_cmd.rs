@@ -68,6 +68,10 @@ pub struct PredictArgs {
     /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
     #[arg(long, default_value = "flex")]
     backend: String,
+    /// Diagnostic: teacher-force each sample's ground-truth answer instead of generating, so
+    /// the masks (and eval's gIoU/cIoU) measure the segmentation path given the right text.
+    #[arg(long)]
+    teacher_force: bool,
 }
 
 fn sft_config(a: &SftArgs) -> Result<SftConfig> {
@@ -122,6 +126,7 @@ pub fn predict(a: PredictArgs) -> Result<()> {
     let cfg = PredictConfig {
         batch_size: a.batch_size,
         sampling: popen_model::sampling::SamplingConfig { max_new_tokens: a.max_new_tokens, ..Default::default() },
+        teacher_force: a.teacher_force,
     };
     let report = match a.backend.as_str() {
         "flex" => predict_on::<burn::backend::Flex>(&a, &cfg, &Default::default()),

@@ -27,11 +27,20 @@ use crate::{Result, TrainError};
 pub struct PredictConfig {
     pub batch_size: usize,
     pub sampling: SamplingConfig,
+    /// Oracle text: teacher-force each sample's ground-truth answer instead of generating,
+    /// so the masks measure the segmentation path alone (a diagnostic upper bound on what
+    /// better text would give).
+    #[serde(default)]
+    pub teacher_force: bool,
 }
 
 impl Default for PredictConfig {
     fn default() -> Self {
-        PredictConfig { batch_size: 8, sampling: SamplingConfig { max_new_tokens: 96, ..SamplingConfig::default() } }
+        PredictConfig {
+            batch_size: 8,
+            sampling: SamplingConfig { max_new_tokens: 96, ..SamplingConfig::default() },
+            teacher_force: false,
+        }
     }
 }
 
@@ -87,7 +96,26 @@ pub fn run<B: Backend>(
             }
         }
         let items: Vec<(&image::RgbImage, &str)> = images.iter().zip(&keep).map(|(im, s)| (im, s.instruction.as_str())).collect();
-        let preds = predictor.predict(&items, &cfg.sampling)?;
+        let preds = if cfg.teacher_force {
+            let forced: Vec<(&image::RgbImage, &str, &str)> =
+                images.iter().zip(&keep).map(|(im, s)| (im, s.instruction.as_str(), s.answer.as_str())).collect();
+            predictor
+                .teacher_force(&forced)?
+                .into_iter()
+                .zip(&keep)
+                .map(|(f, s)| popen_model::infer::Prediction {
+                    answer: s.answer.clone(),
+                    ids: f.ids,
+                    logprobs: f.logprobs,
+                    masks: f.masks,
+                    mask_scores: f.mask_scores,
+                    seg_issues: vec![],
+                    stopped: true,
+                })
+                .collect()
+        } else {
+            predictor.predict(&items, &cfg.sampling)?
+        };
         for (s, p) in keep.iter().zip(preds) {
             let mut seg_issues = p.seg_issues.clone();
             let (masks, scores) = if p.answer.matches(SEG_TOKEN).count() == p.masks.len() {
@@ -112,6 +140,7 @@ pub fn run<B: Backend>(
             let meta = serde_json::json!({
                 "model": model_name,
                 "stopped": p.stopped,
+                "teacher_forced": cfg.teacher_force,
                 "seg_issues": seg_issues,
             });
             writer.write(Prediction {

@@ -346,6 +346,7 @@ fn predict_writes_a_consistent_shard() {
     let cfg = popen_train::predict::PredictConfig {
         batch_size: 4,
         sampling: popen_model::sampling::SamplingConfig { max_new_tokens: 12, ..Default::default() },
+        teacher_force: false,
     };
     let r = popen_train::predict::run::<B>(&w.model, &w.train, &out, &cfg, popen_core::shardspec::ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
     assert_eq!(r.predictions, 6);
@@ -362,4 +363,65 @@ fn predict_writes_a_consistent_shard() {
     let out2 = w.root.join("pred-1.parquet");
     let r2 = popen_train::predict::run::<B>(&w.model, &w.train, &out2, &cfg, popen_core::shardspec::ShardSpec::new(1, 2).unwrap(), false, &Default::default()).unwrap();
     assert_eq!(r2.predictions, 3);
+    // Oracle text: the ground-truth answers, one mask per target, log-probs of every token.
+    let out3 = w.root.join("pred-tf.parquet");
+    let tf = popen_train::predict::PredictConfig { teacher_force: true, ..cfg };
+    popen_train::predict::run::<B>(&w.model, &w.train, &out3, &tf, popen_core::shardspec::ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
+    for (p, s) in read_shard::<Prediction>(&out3).unwrap().iter().zip(&samples) {
+        assert_eq!(p.answer, s.answer);
+        assert_eq!(p.masks.len(), s.target_masks.len());
+        assert_eq!(p.token_ids.len(), p.token_logprobs.len());
+        assert!(p.token_logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
+    }
+}
+
+/// The gradient SFT relies on for the masks, d loss / d f through the pixel decoder and the
+/// postprocessing to the original image size, equals central finite differences (an
+/// independent reference: the forward pass alone). Checked on a random tiny model and a
+/// non-square benchmark image, for both scales' coordinates of f.
+#[test]
+fn mask_path_gradient_matches_finite_differences() {
+    let w = world();
+    let dev = Default::default();
+    let mut b = bundle::open::<AB>(&w.model, &dev).unwrap();
+    let p = popen_model::infer::Predictor::new(&b.model, &mut b.tokenizer).unwrap();
+    let m = p.model;
+    let sample = read_shard::<Sample>(&w.train).unwrap().remove(0);
+    let img = sample.decode_image().unwrap();
+    let feats = m.encode_images(&p.preprocess(&[&img]).unwrap()).unwrap();
+    let (sc, od) = (m.config().num_scales(), m.config().out_dim);
+    let n = sc * od;
+    let f0: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 / 11.0 - 1.0) * 1.5).collect();
+    let weights = |h: usize, wd: usize| -> Vec<f32> { (0..h * wd).map(|i| ((i * 7919 % 101) as f32 / 50.0) - 1.0).collect() };
+    let loss_of = |fv: &[f32], grad: bool| -> (f64, Vec<f32>) {
+        let mut f = Tensor::<AB, 3>::from_data(TensorData::new(fv.to_vec(), [1, sc, od]), &dev);
+        if grad {
+            f = f.require_grad();
+        }
+        let (logits, _) = m.decode_masks(&feats, f.clone(), &[0]).unwrap();
+        let [h, wd] = logits[0].dims();
+        let r = Tensor::<AB, 2>::from_data(TensorData::new(weights(h, wd), [h, wd]), &dev);
+        let loss = (logits[0].clone() * r).sum();
+        let val = loss.clone().into_scalar().elem::<f64>();
+        if !grad {
+            return (val, vec![]);
+        }
+        let g = loss.backward();
+        (val, f.grad(&g).unwrap().into_data().convert::<f32>().into_vec::<f32>().unwrap())
+    };
+    let (_, g) = loss_of(&f0, true);
+    let gmax = g.iter().fold(0f32, |a, x| a.max(x.abs()));
+    assert!(gmax > 0.0);
+    let eps = 2e-2f32;
+    let mut checked = 0;
+    for k in (0..n).step_by(n / 16) {
+        let (mut a, mut c) = (f0.clone(), f0.clone());
+        a[k] += eps;
+        c[k] -= eps;
+        let fd = (loss_of(&a, false).0 - loss_of(&c, false).0) / (2.0 * eps as f64);
+        let tol = 0.03 * gmax as f64 + 0.02 * fd.abs();
+        assert!((g[k] as f64 - fd).abs() <= tol, "f[{k}] (scale {}): autodiff {} vs finite differences {fd}", k / od, g[k]);
+        checked += 1;
+    }
+    assert!(checked >= 16);
 }
