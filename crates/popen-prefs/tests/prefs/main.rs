@@ -1,0 +1,4 @@
+//! popen-prefs: one test binary (modules per part).
+mod diff;
+mod noise;
+mod select;
