@@ -13,6 +13,7 @@
 pub mod chat;
 pub mod error;
 pub mod imageio;
+pub mod lexicon;
 pub mod manifest;
 pub mod mask;
 pub mod progress;

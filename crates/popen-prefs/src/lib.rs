@@ -1,5 +1,6 @@
 //! popen's preference-data builder (SPEC sections 3, 4 and 10).
 //!
+//! - [`corrector`]: the offline corrector and the [`corrector::Corrector`] trait.
 //! - [`diff`]: RLHF-V's changed-token positions `L_y` / `L_yc` from a port of Python's
 //!   `difflib.SequenceMatcher` (matching blocks, autojunk included), checked against
 //!   difflib itself on committed fixtures.
@@ -8,6 +9,7 @@
 //!   selection (phase 1 with conditional regeneration, phase 2) and the per-target rankings
 //!   `L_s^n`.
 
+pub mod corrector;
 pub mod diff;
 pub mod noise;
 pub mod select;

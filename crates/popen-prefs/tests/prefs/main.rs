@@ -2,3 +2,4 @@
 mod diff;
 mod noise;
 mod select;
+mod corrector;
