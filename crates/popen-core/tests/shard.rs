@@ -239,3 +239,51 @@ fn prediction_roundtrip_and_checks() {
     let e = write_shard(dir.path().join("bad3.parquet"), vec![bad]).unwrap_err().to_string();
     assert!(e.contains("mask 0 is 4x4"), "{e}");
 }
+
+fn text_pref(i: usize) -> popen_core::shard::TextPref {
+    popen_core::shard::TextPref {
+        id: format!("s{i}"),
+        split: "train".into(),
+        image: vec![137, 80, 78, 71, i as u8],
+        width: 16,
+        height: 12,
+        instruction: "Segment the cup.".into(),
+        y: "The red box <seg>.".into(),
+        y_c: "The red cup <seg>.".into(),
+        y_ids: vec![4, 9, 11, 30, 2],
+        y_c_ids: vec![4, 9, 12, 30, 2],
+        l_y: vec![0, 1, 2],
+        l_yc: vec![0, 1, 2],
+        ref_logp_y: vec![-0.5, -1.0, -3.0, -0.01, 0.0],
+        ref_logp_yc: vec![-0.5, -1.0, -0.2, -0.01, 0.0],
+        branch: "model".into(),
+        meta: r#"{"corrector":"offline"}"#.into(),
+    }
+}
+
+#[test]
+fn text_pref_roundtrip_and_checks() {
+    use popen_core::shard::TextPref;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("pt.parquet");
+    let rows: Vec<TextPref> = (0..300).map(text_pref).collect();
+    write_shard(&p, rows.clone()).unwrap();
+    assert_eq!(read_shard::<TextPref>(&p).unwrap(), rows);
+    let s = dir.path().join("samples.parquet");
+    write_shard(&s, vec![sample(0)]).unwrap();
+    assert!(read_shard::<TextPref>(&s).is_err(), "a samples shard is not a text-pref shard");
+    let cases: Vec<(Box<dyn Fn(&mut TextPref)>, &str)> = vec![
+        (Box::new(|r| r.ref_logp_y.pop().map(|_| ()).unwrap_or(())), "ref_logp_y"),
+        (Box::new(|r| r.ref_logp_yc[1] = f32::NAN), "ref_logp_yc"),
+        (Box::new(|r| r.l_y = vec![2, 1]), "l_y"),
+        (Box::new(|r| r.l_yc = vec![7]), "l_yc"),
+        (Box::new(|r| r.branch = "other".into()), "branch"),
+        (Box::new(|r| r.y_c_ids.clear()), "y_c_ids"),
+    ];
+    for (k, (edit, field)) in cases.into_iter().enumerate() {
+        let mut bad = text_pref(k);
+        edit(&mut bad);
+        let e = write_shard(dir.path().join(format!("bad{k}.parquet")), vec![bad]).unwrap_err().to_string();
+        assert!(e.contains(field), "case {k}: {e}");
+    }
+}

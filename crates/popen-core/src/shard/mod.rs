@@ -9,8 +9,10 @@
 
 mod prediction;
 mod sample;
+mod textpref;
 
 pub use prediction::Prediction;
+pub use textpref::{TextPref, TEXT_PREF_BRANCHES};
 pub use sample::{Sample, SEG_TOKEN};
 
 use crate::error::{CoreError, Result};
