@@ -287,3 +287,61 @@ fn text_pref_roundtrip_and_checks() {
         assert!(e.contains(field), "case {k}: {e}");
     }
 }
+
+fn seg_pref(i: usize) -> popen_core::shard::SegPref {
+    let (h, w) = (12u32, 16u32);
+    let m = |k: u32| Rle::encode(&Mask::from_fn(h, w, move |y, x| y < 3 + k && x > k));
+    popen_core::shard::SegPref {
+        id: format!("s{i}"),
+        split: "train".into(),
+        image: vec![137, 80, 78, 71, i as u8],
+        width: w,
+        height: h,
+        instruction: "Segment the cups.".into(),
+        answer: "the red cup <seg> and the blue cup <seg>".into(),
+        phase: 1 + (i % 2) as u32,
+        draw: (i % 3) as u32,
+        noise_seed: vec![u64::MAX - i as u64, 7, 8],
+        noise_rect: vec![0, 0, 4, 4, 2, 3, 10, 5, 15, 11, 1, 1],
+        noise_sigma: vec![0.5; 3],
+        target_masks: vec![m(0), m(1)],
+        f_dim: 4,
+        ref_f: (0..24).map(|v| v as f32 * 0.5 - i as f32).collect(),
+        ref_masks: (0..6).map(m).collect(),
+        s: vec![0.9, 0.2, -0.3],
+        b: vec![0.7, 0.5, 0.1],
+        s_terms: vec![0.9, 0.9, 0.3, 0.1, -0.2, -0.4],
+        b_terms: vec![0.7, 0.7, 0.5, 0.5, 0.1, 0.1],
+        rankings: vec![0, 1, 2, 0, 1, 2],
+        meta: "{}".into(),
+    }
+}
+
+#[test]
+fn seg_pref_roundtrip_and_checks() {
+    use popen_core::shard::SegPref;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ps.parquet");
+    let rows: Vec<SegPref> = (0..300).map(seg_pref).collect();
+    write_shard(&p, rows.clone()).unwrap();
+    let back = read_shard::<SegPref>(&p).unwrap();
+    assert_eq!(back, rows);
+    // f(k = 1, n = 1) starts at (1 * 2 + 1) * 4 = 12: values 12..16 times 0.5.
+    assert_eq!(back[0].f(1, 1), &[6.0, 6.5, 7.0, 7.5]);
+    assert_eq!(back[0].ranking(1), &[0, 1, 2]);
+    let cases: Vec<(Box<dyn Fn(&mut SegPref)>, &str)> = vec![
+        (Box::new(|r| { r.ref_f.pop(); }), "ref_f"),
+        (Box::new(|r| r.rankings = vec![0, 1, 1, 0, 1, 2]), "rankings"),
+        (Box::new(|r| r.noise_rect[2] = 17), "noise_rect"),
+        (Box::new(|r| r.phase = 3), "phase"),
+        (Box::new(|r| r.s[0] = f32::NAN), "'s'"),
+        (Box::new(|r| r.ref_masks[4] = Rle::encode(&Mask::zeros(4, 4))), "ref_masks"),
+        (Box::new(|r| r.target_masks.clear()), "target_masks"),
+    ];
+    for (k, (edit, field)) in cases.into_iter().enumerate() {
+        let mut bad = seg_pref(k);
+        edit(&mut bad);
+        let e = write_shard(dir.path().join(format!("bad{k}.parquet")), vec![bad]).unwrap_err().to_string();
+        assert!(e.contains(field), "case {k}: {e}");
+    }
+}

@@ -9,9 +9,11 @@
 
 mod prediction;
 mod sample;
+mod segpref;
 mod textpref;
 
 pub use prediction::Prediction;
+pub use segpref::{SegPref, SEG_PREF_KEPT};
 pub use textpref::{TextPref, TEXT_PREF_BRANCHES};
 pub use sample::{Sample, SEG_TOKEN};
 
@@ -22,7 +24,7 @@ use arrow::array::{
     UInt32Array,
 };
 use arrow::buffer::OffsetBuffer;
-use arrow::datatypes::{DataType, Field, Fields, SchemaRef, UInt32Type, Int32Type, Float32Type};
+use arrow::datatypes::{DataType, Field, Fields, SchemaRef, UInt32Type, UInt64Type, Int32Type, Float32Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -497,6 +499,18 @@ impl<'a> Columns<'a> {
     pub(crate) fn list_i32(&self, name: &str) -> Result<Vec<Vec<i32>>> {
         let (l, v) = self.list(name)?;
         let s: &Int32Array = v.as_primitive_opt::<Int32Type>().ok_or_else(|| self.wrong_type(name, v.as_ref()))?;
+        Ok(split_list(l, s.values()))
+    }
+
+    pub(crate) fn list_u32(&self, name: &str) -> Result<Vec<Vec<u32>>> {
+        let (l, v) = self.list(name)?;
+        let s = v.as_primitive_opt::<UInt32Type>().ok_or_else(|| self.wrong_type(name, v.as_ref()))?;
+        Ok(split_list(l, s.values()))
+    }
+
+    pub(crate) fn list_u64(&self, name: &str) -> Result<Vec<Vec<u64>>> {
+        let (l, v) = self.list(name)?;
+        let s = v.as_primitive_opt::<UInt64Type>().ok_or_else(|| self.wrong_type(name, v.as_ref()))?;
         Ok(split_list(l, s.values()))
     }
 
