@@ -1,5 +1,6 @@
 //! popen's preference-data builder (SPEC sections 3, 4 and 10).
 //!
+//! - [`collect_ps`]: the collect-ps stage (model, perturbations, selection, `seg-pref/1`).
 //! - [`corrector`]: the offline corrector and the [`corrector::Corrector`] trait.
 //! - [`diff`]: RLHF-V's changed-token positions `L_y` / `L_yc` from a port of Python's
 //!   `difflib.SequenceMatcher` (matching blocks, autojunk included), checked against
@@ -9,6 +10,7 @@
 //!   selection (phase 1 with conditional regeneration, phase 2) and the per-target rankings
 //!   `L_s^n`.
 
+pub mod collect_ps;
 pub mod corrector;
 pub mod diff;
 pub mod noise;

@@ -3,3 +3,4 @@ mod diff;
 mod noise;
 mod select;
 mod corrector;
+mod collect;

@@ -1,0 +1,287 @@
+//! `popen collect-ps`: the segmentation preference data `P_s` (SPEC section 4, Algorithm 1).
+//!
+//! Per sample: the class-agnostic proposals of the clean image ([`MaskProposer`]), `N_p`
+//! noise-filled copies ([`crate::noise`]), one batched teacher-forced pass of the
+//! ground-truth answer per chunk of copies (SPEC 10.2: the n-th `<seg>` lines up with
+//! `M_g^n`), Eq. 1 and boundary scores, curriculum selection with capped regeneration
+//! ([`crate::select`]), and one `seg-pref/1` record with the three kept copies (as recipes),
+//! the reference model's `f` and masks, the scores and `L_s^n`. Skipped samples are listed
+//! in the manifest with their reasons. Everything is a function of (stage seed, sample id),
+//! so `--shard I/N` splits and reruns give the same records.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use popen_core::manifest::Manifest;
+use popen_core::mask::{Mask, Rle};
+use popen_core::shard::{Sample, SegPref, ShardReader, ShardWriter};
+use popen_core::shardspec::ShardSpec;
+use popen_model::bundle;
+use popen_model::infer::Predictor;
+use serde::{Deserialize, Serialize};
+
+use crate::noise::{perturbation_seed, NoiseConfig, NoiseRecipe};
+use crate::select::{select_with_regeneration, Outcome, Phase, Scored, SelectConfig, Targets};
+use crate::{PrefsError, Result};
+
+/// Class-agnostic object masks of a sample's clean image.
+pub trait MaskProposer {
+    fn name(&self) -> &str;
+    fn proposals(&self, sample: &Sample) -> Result<Vec<Mask>>;
+}
+
+/// The image's own instance masks (the embedded benchmark and MUSE annotate every object).
+pub struct AnnotationProposer;
+
+impl MaskProposer for AnnotationProposer {
+    fn name(&self) -> &str {
+        "annotations"
+    }
+
+    fn proposals(&self, sample: &Sample) -> Result<Vec<Mask>> {
+        sample
+            .instance_masks
+            .iter()
+            .enumerate()
+            .map(|(j, r)| r.decode().map_err(|e| PrefsError::Input(format!("instance mask {j}: {e}"))))
+            .collect()
+    }
+}
+
+/// Settings of collect-ps (SPEC 9 and 10 defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectPsConfig {
+    pub seed: u64,
+    pub phase: Phase,
+    /// `N_p`: perturbed copies per draw (paper: 30).
+    pub perturbations: usize,
+    /// Copies per teacher-forced forward.
+    pub batch_size: usize,
+    pub noise: NoiseConfig,
+    pub select: SelectConfig,
+}
+
+impl Default for CollectPsConfig {
+    fn default() -> Self {
+        CollectPsConfig {
+            seed: 0,
+            phase: Phase::One,
+            perturbations: 30,
+            batch_size: 10,
+            noise: NoiseConfig::default(),
+            select: SelectConfig::default(),
+        }
+    }
+}
+
+impl CollectPsConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.noise.validate()?;
+        if self.perturbations < self.select.phase2_top.max(3) {
+            return Err(PrefsError::Input(format!(
+                "perturbations ({}) must be at least {} (phase 2 chooses among the top {})",
+                self.perturbations,
+                self.select.phase2_top.max(3),
+                self.select.phase2_top
+            )));
+        }
+        if self.batch_size == 0 {
+            return Err(PrefsError::Input("batch_size must be > 0".into()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CollectPsReport {
+    pub output: PathBuf,
+    pub records: usize,
+    pub skipped: usize,
+    /// Teacher-forced perturbed images (all draws).
+    pub forwards: usize,
+    pub seconds: f64,
+}
+
+/// The scored copies of one draw, with what the record needs from them.
+struct Draw {
+    recipes: Vec<NoiseRecipe>,
+    f: Vec<Vec<Vec<f32>>>,
+    masks: Vec<Vec<Mask>>,
+}
+
+/// Runs collect-ps on the samples `shard` takes and writes `out` plus
+/// `out` with `.manifest.json`.
+#[allow(clippy::too_many_arguments)]
+pub fn run<B: Backend>(
+    model_dir: &Path,
+    samples: &Path,
+    out: &Path,
+    cfg: &CollectPsConfig,
+    proposer: &dyn MaskProposer,
+    shard: ShardSpec,
+    progress: bool,
+    device: &B::Device,
+) -> Result<CollectPsReport> {
+    cfg.validate()?;
+    let t0 = Instant::now();
+    let bundle::Bundle { model, mut tokenizer, .. } =
+        bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
+    let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
+    let reader = ShardReader::<Sample>::open(samples)?;
+    let bar = progress.then(|| popen_core::progress::bar(reader.num_rows() as u64, "collect-ps"));
+    let mut writer = ShardWriter::<SegPref>::create(out)?;
+    let mut manifest = Manifest::new("collect-ps", &serde_json::json!({"config": cfg, "proposer": proposer.name()}))?;
+    manifest.add_input(samples)?;
+    manifest.add_input(model_dir.join(bundle::WEIGHTS_FILE))?;
+    let (mut records, mut skipped, mut forwards) = (0usize, 0usize, 0usize);
+    let mut pos = 0usize;
+    for group in reader {
+        for s in group? {
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+            let take = shard.takes(pos);
+            pos += 1;
+            if !take {
+                continue;
+            }
+            match collect_one(&predictor, &s, cfg, proposer, &mut forwards) {
+                Ok(r) => {
+                    writer.write(r)?;
+                    records += 1;
+                }
+                Err(Skip(reason)) => {
+                    manifest.skip(s.id.clone(), reason);
+                    skipped += 1;
+                }
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish();
+    }
+    let rows = writer.finish()?;
+    manifest.add_output(out, Some(rows as u64))?;
+    manifest.count("records", records as u64);
+    manifest.count("skipped", skipped as u64);
+    manifest.count("forwards", forwards as u64);
+    manifest.time("seconds", t0);
+    manifest.write(manifest_path_of(out))?;
+    Ok(CollectPsReport { output: out.to_path_buf(), records, skipped, forwards, seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// `x.parquet` -> `x.manifest.json`.
+pub fn manifest_path_of(out: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.manifest.json", out.with_extension("").display()))
+}
+
+/// Why a sample has no record.
+struct Skip(String);
+
+fn collect_one<B: Backend>(
+    predictor: &Predictor<'_, B>,
+    s: &Sample,
+    cfg: &CollectPsConfig,
+    proposer: &dyn MaskProposer,
+    forwards: &mut usize,
+) -> std::result::Result<SegPref, Skip> {
+    let skip = |what: &str, e: String| Skip(format!("{what}: {e}"));
+    let image = s.decode_image().map_err(|e| skip("image", e.to_string()))?;
+    let gt: Vec<Mask> = s
+        .target_masks
+        .iter()
+        .enumerate()
+        .map(|(n, r)| r.decode().map_err(|e| skip(&format!("target mask {n}"), e.to_string())))
+        .collect::<std::result::Result<_, _>>()?;
+    if gt.is_empty() {
+        return Err(Skip("no targets: nothing to segment".into()));
+    }
+    let proposals = proposer.proposals(s).map_err(|e| skip("proposals", e.to_string()))?;
+    let targets = Targets::new(&gt, &proposals, &cfg.select).map_err(|e| skip("targets", e.to_string()))?;
+    let (w, h) = image.dimensions();
+    let mut kept_draws: Vec<Draw> = Vec::new();
+    let outcome = select_with_regeneration(cfg.phase, &cfg.select, |draw| {
+        let recipes: Vec<NoiseRecipe> = (0..cfg.perturbations)
+            .map(|i| NoiseRecipe::draw(perturbation_seed(cfg.seed, &s.id, draw, i as u32), w, h, &cfg.noise))
+            .collect::<Result<_>>()?;
+        let mut d = Draw { recipes, f: Vec::new(), masks: Vec::new() };
+        let mut scored: Vec<Scored> = Vec::with_capacity(cfg.perturbations);
+        for chunk in d.recipes.chunks(cfg.batch_size) {
+            let imgs: Vec<image::RgbImage> = chunk.iter().map(|r| r.apply(&image)).collect::<Result<_>>()?;
+            let items: Vec<(&image::RgbImage, &str, &str)> =
+                imgs.iter().map(|im| (im, s.instruction.as_str(), s.answer.as_str())).collect();
+            let forced = predictor.teacher_force(&items).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
+            *forwards += forced.len();
+            for f in forced {
+                if f.masks.len() != gt.len() {
+                    return Err(PrefsError::Input(format!(
+                        "the answer gives {} masks for {} targets",
+                        f.masks.len(),
+                        gt.len()
+                    )));
+                }
+                scored.push(targets.score(&f.masks)?);
+                d.f.push(f.f);
+                d.masks.push(f.masks);
+            }
+        }
+        kept_draws.clear();
+        kept_draws.push(d);
+        Ok(scored)
+    })
+    .map_err(|e| skip("collect", e.to_string()))?;
+    let (draw_no, sel, scored) = match outcome {
+        Outcome::Selected { batch, selection, scored } => (batch, selection, scored),
+        Outcome::Skipped { reason, .. } => return Err(Skip(reason)),
+    };
+    let d = kept_draws.pop().expect("the selected draw is kept");
+    let n = gt.len();
+    let f_dim = d.f[sel.kept[0]].first().map(|v| v.len()).unwrap_or(0);
+    let mut rec = SegPref {
+        id: s.id.clone(),
+        split: s.split.clone(),
+        image: s.image.clone(),
+        width: s.width,
+        height: s.height,
+        instruction: s.instruction.clone(),
+        answer: s.answer.clone(),
+        phase: match cfg.phase {
+            Phase::One => 1,
+            Phase::Two => 2,
+        },
+        draw: draw_no,
+        noise_seed: Vec::new(),
+        noise_rect: Vec::new(),
+        noise_sigma: Vec::new(),
+        target_masks: s.target_masks.clone(),
+        f_dim: f_dim as u32,
+        ref_f: Vec::with_capacity(3 * n * f_dim),
+        ref_masks: Vec::with_capacity(3 * n),
+        s: Vec::new(),
+        b: Vec::new(),
+        s_terms: Vec::new(),
+        b_terms: Vec::new(),
+        rankings: sel.rankings.iter().flat_map(|r| r.iter().map(|&x| x as i32)).collect(),
+        meta: serde_json::json!({"kept": sel.kept, "proposals": proposals.len()}).to_string(),
+    };
+    for &k in &sel.kept {
+        let r = &d.recipes[k];
+        rec.noise_seed.push(r.seed);
+        rec.noise_rect.extend([r.x, r.y, r.width, r.height]);
+        rec.noise_sigma.push(r.sigma);
+        for v in &d.f[k] {
+            rec.ref_f.extend_from_slice(v);
+        }
+        rec.ref_masks.extend(d.masks[k].iter().map(Rle::encode));
+        rec.s.push(scored[k].s as f32);
+        rec.b.push(scored[k].b as f32);
+        rec.s_terms.extend(scored[k].s_terms.iter().map(|&x| x as f32));
+        rec.b_terms.extend(scored[k].b_terms.iter().map(|&x| x as f32));
+    }
+    if let Err((field, msg)) = rec.validate() {
+        return Err(Skip(format!("record field '{field}': {msg}")));
+    }
+    Ok(rec)
+}
