@@ -12,12 +12,13 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds bench bench-model refenv help
+.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-ps bench bench-model refenv help
 
 help:
 	@echo "make demo        benchmark -> tiny model -> SFT -> predict -> eval, with baselines ($(OUT))"
 	@echo "make sft         SFT of the tiny model (SFT_CONFIG=$(SFT_CONFIG)) into $(OUT)/sft"
 	@echo "make predict     greedy answers + masks for $(SPLIT) into $(PRED)"
+	@echo "make collect-ps  segmentation preference data P_s (PHASE=1|2) into $(PREFS)"
 	@echo "make eval        gIoU/cIoU/CHAIR/boundary IoU/localization error of $(PRED) + baselines"
 	@echo "make test        Rust tests, interop checks (pyarrow/duckdb/pycocotools), cuda check"
 	@echo "make data        generate the embedded benchmark into $(DATA) (SEED=$(SEED))"
@@ -82,6 +83,16 @@ eval: build
 demo: sft
 	$(MAKE) --no-print-directory predict eval
 	@echo "demo: model in $(MODEL), predictions in $(PRED), reports and overlays in $(EVAL_OUT)"
+
+# ---- preference data (issue 5) ----
+PS_CONFIG ?= pipelines/collect-ps-tiny.toml
+PHASE   ?= 1
+PREFS   ?= $(OUT)/prefs
+
+# Segmentation preference P_s of the train split for curriculum phase $(PHASE); a complete
+# output is skipped on rerun (its manifest), --shard I/N splits it for job arrays.
+collect-ps: build
+	$(POPEN) collect-ps --config $(PS_CONFIG) --model $(MODEL) --samples $(DATA)/train.parquet --out $(PREFS)/ps-phase$(PHASE).parquet --phase $(PHASE)
 
 # The README's seed spread: the demo with SEED=0,1,2 into out/seed-*.
 baseline-seeds: build

@@ -4,6 +4,7 @@
 mod backend;
 mod eval_cmd;
 mod model_cmd;
+mod prefs_cmd;
 mod train_cmd;
 
 use anyhow::{bail, Context, Result};
@@ -64,6 +65,9 @@ enum Command {
     /// Score a predictions shard against its samples shard: gIoU, cIoU, CHAIR, boundary IoU,
     /// localization error; JSON + Markdown report and overlays of the best and worst samples.
     Eval(eval_cmd::EvalArgs),
+    /// Segmentation preference data P_s (Algorithm 1): noise-filled copies of each image,
+    /// teacher-forced masks ranked by Eq. 1 / boundary IoU, curriculum selection (--phase 1|2).
+    CollectPs(prefs_cmd::CollectPsArgs),
 }
 
 #[derive(clap::Args)]
@@ -188,6 +192,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sft(a) => train_cmd::sft(a),
         Command::Predict(a) => train_cmd::predict(a),
         Command::Eval(a) => eval_cmd::eval(a),
+        Command::CollectPs(a) => prefs_cmd::collect_ps(a),
         Command::Device(a) => {
             let r = backend::check(&a.backend, a.size, a.iters)?;
             println!("{}", serde_json::to_string_pretty(&r)?);

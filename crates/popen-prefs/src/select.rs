@@ -54,6 +54,7 @@ impl Default for SelectConfig {
 
 /// Curriculum phase of the preference data (`--phase 1|2`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Phase {
     One,
     Two,
