@@ -12,12 +12,13 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-ps bench bench-model refenv help
+.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps bench bench-model refenv help
 
 help:
 	@echo "make demo        benchmark -> tiny model -> SFT -> predict -> eval, with baselines ($(OUT))"
 	@echo "make sft         SFT of the tiny model (SFT_CONFIG=$(SFT_CONFIG)) into $(OUT)/sft"
 	@echo "make predict     greedy answers + masks for $(SPLIT) into $(PRED)"
+	@echo "make collect-pt  text preference data P_t into $(PREFS)"
 	@echo "make collect-ps  segmentation preference data P_s (PHASE=1|2) into $(PREFS)"
 	@echo "make eval        gIoU/cIoU/CHAIR/boundary IoU/localization error of $(PRED) + baselines"
 	@echo "make test        Rust tests, interop checks (pyarrow/duckdb/pycocotools), cuda check"
@@ -88,6 +89,12 @@ demo: sft
 PS_CONFIG ?= pipelines/collect-ps-tiny.toml
 PHASE   ?= 1
 PREFS   ?= $(OUT)/prefs
+
+PT_CONFIG ?= pipelines/collect-pt-tiny.toml
+
+# Text preference P_t of the train split (offline corrector: ground truth + lexicon).
+collect-pt: build
+	$(POPEN) collect-pt --config $(PT_CONFIG) --model $(MODEL) --samples $(DATA)/train.parquet --lexicon $(LEXICON) --out $(PREFS)/pt.parquet
 
 # Segmentation preference P_s of the train split for curriculum phase $(PHASE); a complete
 # output is skipped on rerun (its manifest), --shard I/N splits it for job arrays.

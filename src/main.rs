@@ -68,6 +68,9 @@ enum Command {
     /// Segmentation preference data P_s (Algorithm 1): noise-filled copies of each image,
     /// teacher-forced masks ranked by Eq. 1 / boundary IoU, curriculum selection (--phase 1|2).
     CollectPs(prefs_cmd::CollectPsArgs),
+    /// Text preference data P_t: the model's answer y, a corrector's y_c (offline: from the
+    /// ground truth), RLHF-V token diffs and the reference model's per-token log-probs.
+    CollectPt(prefs_cmd::CollectPtArgs),
 }
 
 #[derive(clap::Args)]
@@ -193,6 +196,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Predict(a) => train_cmd::predict(a),
         Command::Eval(a) => eval_cmd::eval(a),
         Command::CollectPs(a) => prefs_cmd::collect_ps(a),
+        Command::CollectPt(a) => prefs_cmd::collect_pt(a),
         Command::Device(a) => {
             let r = backend::check(&a.backend, a.size, a.iters)?;
             println!("{}", serde_json::to_string_pretty(&r)?);

@@ -1,10 +1,12 @@
-//! `popen collect-ps`: thin front end of popen-prefs.
+//! `popen collect-ps`, `popen collect-pt`: thin front ends of popen-prefs.
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use popen_core::manifest::Manifest;
 use popen_core::shardspec::ShardSpec;
 use popen_prefs::collect_ps::{self, AnnotationProposer, CollectPsConfig};
+use popen_prefs::collect_pt::{self, CollectPtConfig};
+use popen_prefs::corrector::OfflineCorrector;
 use popen_prefs::select::Phase;
 use std::path::PathBuf;
 
@@ -70,20 +72,7 @@ pub fn collect_ps(a: CollectPsArgs) -> Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    let out = if a.shard.is_all() {
-        a.out.clone()
-    } else {
-        PathBuf::from(format!("{}{}.parquet", a.out.with_extension("").display(), a.shard.suffix()))
-    };
-    let mpath = collect_ps::manifest_path_of(&out);
-    if !a.force && out.is_file() && mpath.is_file() {
-        if let Ok(m) = Manifest::read(&mpath) {
-            if m.outputs_intact() {
-                println!("{} is complete (manifest {}); --force recomputes it", out.display(), mpath.display());
-                return Ok(());
-            }
-        }
-    }
+    let Some(out) = output_or_done(&a.out, &a.shard, a.force)? else { return Ok(()) };
     let report = match a.backend.as_str() {
         "flex" => run::<burn::backend::Flex>(&a, &cfg, &out, &Default::default()),
         "ndarray" => run::<burn::backend::NdArray<f32>>(&a, &cfg, &out, &Default::default()),
@@ -99,9 +88,111 @@ pub fn collect_ps(a: CollectPsArgs) -> Result<()> {
 }
 
 fn run<B: Backend>(a: &CollectPsArgs, cfg: &CollectPsConfig, out: &std::path::Path, dev: &B::Device) -> Result<collect_ps::CollectPsReport> {
+    collect_ps::run::<B>(&a.model, &a.samples, out, cfg, &AnnotationProposer, a.shard.clone(), true, dev)
+        .with_context(|| format!("collect-ps {} -> {}", a.samples.display(), out.display()))
+}
+
+/// The output path of this shard task; `None` when it and its manifest are already complete
+/// (a rerun of a finished task does nothing unless forced).
+fn output_or_done(out: &std::path::Path, shard: &ShardSpec, force: bool) -> Result<Option<PathBuf>> {
+    let out = if shard.is_all() {
+        out.to_path_buf()
+    } else {
+        PathBuf::from(format!("{}{}.parquet", out.with_extension("").display(), shard.suffix()))
+    };
+    let mpath = collect_ps::manifest_path_of(&out);
+    if !force && out.is_file() && mpath.is_file() {
+        if let Ok(m) = Manifest::read(&mpath) {
+            if m.outputs_intact() {
+                println!("{} is complete (manifest {}); --force recomputes it", out.display(), mpath.display());
+                return Ok(None);
+            }
+        }
+    }
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    collect_ps::run::<B>(&a.model, &a.samples, out, cfg, &AnnotationProposer, a.shard.clone(), true, dev)
-        .with_context(|| format!("collect-ps {} -> {}", a.samples.display(), out.display()))
+    Ok(Some(out))
+}
+
+#[derive(clap::Args)]
+pub struct CollectPtArgs {
+    /// Model folder (the SFT model: answers y, and the reference log-probs).
+    #[arg(long)]
+    model: PathBuf,
+    /// Samples shard (e.g. data/synth/train.parquet).
+    #[arg(long)]
+    samples: PathBuf,
+    /// Output text-pref shard (Parquet); a manifest is written beside it. With --shard I/N
+    /// the name gets the -0000I-of-0000N suffix.
+    #[arg(long)]
+    out: PathBuf,
+    /// Config TOML (pipelines/collect-pt-tiny.toml); defaults to SPEC's values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Object lexicon of the offline corrector: the benchmark's lexicon.json, or
+    /// coco:<path to CHAIR's chair_synonyms.txt>.
+    #[arg(long, default_value = "data/synth/lexicon.json")]
+    lexicon: String,
+    /// Corrector: offline (deterministic, uses the ground truth and the lexicon). The
+    /// OpenAI-compatible corrector is not built yet.
+    #[arg(long, default_value = "offline")]
+    corrector: String,
+    /// Stage seed (sampling and error injection are functions of it and the sample id).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// This task's part of the samples, I/N (cluster job arrays).
+    #[arg(long, default_value = "0/1")]
+    shard: ShardSpec,
+    /// Recompute even if the output and its manifest are already complete.
+    #[arg(long)]
+    force: bool,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
+    #[arg(long, default_value = "flex")]
+    backend: String,
+}
+
+pub fn collect_pt(a: CollectPtArgs) -> Result<()> {
+    let mut cfg: CollectPtConfig = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => CollectPtConfig::default(),
+    };
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    cfg.validate()?;
+    if a.print_config {
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    if a.corrector != "offline" {
+        bail!("corrector '{}' is not available (available: offline)", a.corrector);
+    }
+    let lexicon = popen_core::lexicon::Lexicon::load(&a.lexicon).with_context(|| format!("loading the lexicon '{}'", a.lexicon))?;
+    let Some(out) = output_or_done(&a.out, &a.shard, a.force)? else { return Ok(()) };
+    let corrector = OfflineCorrector::new(lexicon.clone());
+    macro_rules! go {
+        ($b:ty) => {
+            collect_pt::run::<$b>(&a.model, &a.samples, &out, &cfg, &corrector, "offline", &lexicon, a.shard.clone(), true, &Default::default())
+        };
+    }
+    let report = match a.backend.as_str() {
+        "flex" => go!(burn::backend::Flex),
+        "ndarray" => go!(burn::backend::NdArray<f32>),
+        #[cfg(feature = "cuda")]
+        "cuda" => go!(burn::backend::Cuda<f32, i32>),
+        other => bail!(
+            "backend '{other}' is not available in this build (available: {})",
+            crate::backend::available().join(", ")
+        ),
+    }
+    .with_context(|| format!("collect-pt {} -> {}", a.samples.display(), out.display()))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }

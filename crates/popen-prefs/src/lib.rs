@@ -11,6 +11,7 @@
 //!   `L_s^n`.
 
 pub mod collect_ps;
+pub mod collect_pt;
 pub mod corrector;
 pub mod diff;
 pub mod noise;

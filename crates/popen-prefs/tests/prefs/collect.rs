@@ -94,3 +94,43 @@ fn collect_ps_end_to_end() {
     let text = std::fs::read_to_string(manifest_path_of(&out1)).unwrap();
     assert!(text.contains("no batch had min s < 0 and max s > 2 in 2 draws"), "{text}");
 }
+
+/// collect-pt on the random tiny model: its answers are wrong or malformed, so every record
+/// comes from the model or the injection branch; ids, diff positions and reference log-probs
+/// line up, and the diff equals `changed_positions` of the stored ids.
+#[test]
+fn collect_pt_end_to_end() {
+    use popen_core::shard::TextPref;
+    use popen_prefs::collect_pt::{self, CollectPtConfig};
+    use popen_prefs::corrector::OfflineCorrector;
+    use popen_prefs::diff::changed_positions;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, shard, samples) = world(dir.path());
+    let lex = popen_core::lexicon::Lexicon::from_benchmark_json(&serde_json::to_string(&popen_data::synth::lexicon()).unwrap())
+        .unwrap();
+    let corrector = OfflineCorrector::new(lex.clone());
+    let cfg = CollectPtConfig { max_new_tokens: 24, resample: 2, ..Default::default() };
+    let out = dir.path().join("pt.parquet");
+    let all = ShardSpec::new(0, 1).unwrap();
+    let r = collect_pt::run::<B>(&model, &shard, &out, &cfg, &corrector, "offline", &lex, all.clone(), false, &Default::default())
+        .unwrap();
+    assert_eq!(r.records + r.skipped, samples.len());
+    assert_eq!(r.records, samples.len(), "{r:?}");
+    assert_eq!(r.model + r.resampled + r.injected, r.records);
+    let recs = read_shard::<TextPref>(&out).unwrap();
+    for (rec, s) in recs.iter().zip(&samples) {
+        assert_eq!(rec.id, s.id);
+        assert_ne!(rec.y, rec.y_c);
+        let (a, b): (Vec<u32>, Vec<u32>) =
+            (rec.y_ids.iter().map(|&x| x as u32).collect(), rec.y_c_ids.iter().map(|&x| x as u32).collect());
+        let (ly, lyc) = changed_positions(&a, &b, 3);
+        assert_eq!(rec.l_y, ly.iter().map(|&x| x as i32).collect::<Vec<_>>());
+        assert_eq!(rec.l_yc, lyc.iter().map(|&x| x as i32).collect::<Vec<_>>());
+        if rec.branch == "injected" {
+            assert_eq!(rec.y_c, s.answer);
+        }
+    }
+    let again = dir.path().join("pt2.parquet");
+    collect_pt::run::<B>(&model, &shard, &again, &cfg, &corrector, "offline", &lex, all, false, &Default::default()).unwrap();
+    assert_eq!(read_shard::<TextPref>(&again).unwrap(), recs, "deterministic");
+}

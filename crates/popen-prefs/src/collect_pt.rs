@@ -1,0 +1,238 @@
+//! `popen collect-pt`: the text preference data `P_t` (SPEC section 3).
+//!
+//! Per sample: the model's greedy answer `y`; the corrector's `y_c`. If `y` has no error
+//! (the corrector changes nothing), `resample` answers are sampled and the first with an
+//! error is used; if none has one, the corrector injects errors into the ground-truth answer
+//! (`y`) and `y_c = y_g`. An answer whose seg groups are malformed cannot be teacher-forced
+//! and is passed over like an error-free one. Both answers are tokenized as the model reads
+//! them, diffed as RLHF-V does ([`crate::diff::changed_positions`]), and teacher-forced
+//! once to store the reference model's per-token log-probs, so the DPO stage needs no
+//! second model. One `text-pref/1` record per sample; skipped samples are listed in the
+//! manifest with the reason.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use popen_core::lexicon::Lexicon;
+use popen_core::manifest::Manifest;
+use popen_core::shard::{Sample, ShardReader, ShardWriter, TextPref};
+use popen_core::shardspec::ShardSpec;
+use popen_model::bundle;
+use popen_model::infer::{Prediction, Predictor};
+use popen_model::sampling::SamplingConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::collect_ps::manifest_path_of;
+use crate::corrector::{Corrector, Truth};
+use crate::diff::changed_positions;
+use crate::noise::perturbation_seed;
+use crate::{PrefsError, Result};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectPtConfig {
+    pub seed: u64,
+    /// Longest generated answer.
+    pub max_new_tokens: usize,
+    /// Answers sampled when the greedy one has no error (paper: 3).
+    pub resample: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// RLHF-V's minimum matching block of the token diff.
+    pub min_match: usize,
+}
+
+impl Default for CollectPtConfig {
+    fn default() -> Self {
+        CollectPtConfig { seed: 0, max_new_tokens: 96, resample: 3, temperature: 1.0, top_p: 0.9, min_match: 3 }
+    }
+}
+
+impl CollectPtConfig {
+    pub fn validate(&self) -> Result<()> {
+        let s = SamplingConfig { max_new_tokens: self.max_new_tokens, temperature: self.temperature, top_p: self.top_p, seed: 0 };
+        s.validate().map_err(|e| PrefsError::Input(e.to_string()))?;
+        if self.temperature <= 0.0 {
+            return Err(PrefsError::Input("temperature must be > 0 (resampling needs sampling)".into()));
+        }
+        if self.min_match == 0 {
+            return Err(PrefsError::Input("min_match must be >= 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CollectPtReport {
+    pub output: PathBuf,
+    pub records: usize,
+    pub skipped: usize,
+    /// Records per branch of SPEC 3.3.
+    pub model: usize,
+    pub resampled: usize,
+    pub injected: usize,
+    pub seconds: f64,
+}
+
+fn usable(p: &Prediction) -> bool {
+    p.seg_issues.is_empty() && !p.answer.contains("[SEG")
+}
+
+/// Runs collect-pt on the samples `shard` takes and writes `out` plus its manifest.
+#[allow(clippy::too_many_arguments)]
+pub fn run<B: Backend>(
+    model_dir: &Path,
+    samples: &Path,
+    out: &Path,
+    cfg: &CollectPtConfig,
+    corrector: &dyn Corrector,
+    corrector_name: &str,
+    lexicon: &Lexicon,
+    shard: ShardSpec,
+    progress: bool,
+    device: &B::Device,
+) -> Result<CollectPtReport> {
+    cfg.validate()?;
+    let t0 = Instant::now();
+    let bundle::Bundle { model, mut tokenizer, .. } =
+        bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
+    let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
+    let reader = ShardReader::<Sample>::open(samples)?;
+    let bar = progress.then(|| popen_core::progress::bar(reader.num_rows() as u64, "collect-pt"));
+    let mut writer = ShardWriter::<TextPref>::create(out)?;
+    let mut manifest =
+        Manifest::new("collect-pt", &serde_json::json!({"config": cfg, "corrector": corrector_name, "lexicon": lexicon.kind}))?;
+    manifest.add_input(samples)?;
+    manifest.add_input(model_dir.join(bundle::WEIGHTS_FILE))?;
+    let mut report = CollectPtReport { output: out.to_path_buf(), ..Default::default() };
+    let mut pos = 0usize;
+    for group in reader {
+        for s in group? {
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+            let take = shard.takes(pos);
+            pos += 1;
+            if !take {
+                continue;
+            }
+            match collect_one(&predictor, &s, cfg, corrector, lexicon) {
+                Ok(r) => {
+                    match r.branch.as_str() {
+                        "model" => report.model += 1,
+                        "resampled" => report.resampled += 1,
+                        _ => report.injected += 1,
+                    }
+                    writer.write(r)?;
+                    report.records += 1;
+                }
+                Err(e) => {
+                    manifest.skip(s.id.clone(), e.to_string());
+                    report.skipped += 1;
+                }
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish();
+    }
+    let rows = writer.finish()?;
+    manifest.add_output(out, Some(rows as u64))?;
+    for (name, n) in [
+        ("records", report.records),
+        ("skipped", report.skipped),
+        ("branch_model", report.model),
+        ("branch_resampled", report.resampled),
+        ("branch_injected", report.injected),
+    ] {
+        manifest.count(name, n as u64);
+    }
+    manifest.time("seconds", t0);
+    manifest.write(manifest_path_of(out))?;
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn collect_one<B: Backend>(
+    predictor: &Predictor<'_, B>,
+    s: &Sample,
+    cfg: &CollectPtConfig,
+    corrector: &dyn Corrector,
+    lexicon: &Lexicon,
+) -> Result<TextPref> {
+    let model_err = |e: popen_model::pixellm::PixelLmError| PrefsError::Input(format!("model: {e}"));
+    let image = s.decode_image()?;
+    let truth = Truth::from_sample(s, lexicon);
+    let instr = s.instruction.as_str();
+    let greedy = SamplingConfig { max_new_tokens: cfg.max_new_tokens, ..Default::default() };
+    let mut notes = Vec::new();
+    let mut pair: Option<(String, String, &'static str, Vec<String>)> = None;
+    let first = predictor.predict(&[(&image, instr)], &greedy).map_err(model_err)?.remove(0);
+    if usable(&first) {
+        let c = corrector.correct(&first.answer, &truth)?;
+        if c.has_error() {
+            pair = Some((first.answer.clone(), c.text, "model", c.notes));
+        }
+    } else {
+        notes.push(format!("greedy answer has malformed seg groups: {:?}", first.seg_issues));
+    }
+    if pair.is_none() && cfg.resample > 0 {
+        let sampling = SamplingConfig {
+            max_new_tokens: cfg.max_new_tokens,
+            temperature: cfg.temperature,
+            top_p: cfg.top_p,
+            seed: perturbation_seed(cfg.seed, &s.id, 0, 0),
+        };
+        let items: Vec<(&image::RgbImage, &str)> = (0..cfg.resample).map(|_| (&image, instr)).collect();
+        for p in predictor.predict(&items, &sampling).map_err(model_err)? {
+            if !usable(&p) {
+                continue;
+            }
+            let c = corrector.correct(&p.answer, &truth)?;
+            if c.has_error() {
+                pair = Some((p.answer.clone(), c.text, "resampled", c.notes));
+                break;
+            }
+        }
+    }
+    let (y, y_c, branch, cnotes) = match pair {
+        Some(p) => p,
+        None => {
+            let bad = corrector.inject_errors(&truth, perturbation_seed(cfg.seed, &s.id, 1, 0))?;
+            (bad, truth.answer.clone(), "injected", vec![])
+        }
+    };
+    let group = predictor.model.config().seg_group_len();
+    let y_ids = predictor.answer_ids(&y, group).map_err(model_err)?;
+    let y_c_ids = predictor.answer_ids(&y_c, group).map_err(model_err)?;
+    let (l_y, l_yc) = changed_positions(&y_ids, &y_c_ids, cfg.min_match);
+    let forced = predictor.teacher_force(&[(&image, instr, y.as_str()), (&image, instr, y_c.as_str())]).map_err(model_err)?;
+    let (lp_y, lp_yc) = (forced[0].logprobs.clone(), forced[1].logprobs.clone());
+    if lp_y.len() != y_ids.len() || lp_yc.len() != y_c_ids.len() {
+        return Err(PrefsError::Input("teacher forcing returned log-probs of another length than the answer ids".into()));
+    }
+    let to_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+    let to_i32u = |v: &[usize]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+    notes.extend(cnotes);
+    let rec = TextPref {
+        id: s.id.clone(),
+        split: s.split.clone(),
+        image: s.image.clone(),
+        width: s.width,
+        height: s.height,
+        instruction: s.instruction.clone(),
+        y,
+        y_c,
+        y_ids: to_i32(&y_ids),
+        y_c_ids: to_i32(&y_c_ids),
+        l_y: to_i32u(&l_y),
+        l_yc: to_i32u(&l_yc),
+        ref_logp_y: lp_y,
+        ref_logp_yc: lp_yc,
+        branch: branch.to_string(),
+        meta: serde_json::json!({"notes": notes}).to_string(),
+    };
+    rec.validate().map_err(|(f, m)| PrefsError::Input(format!("record field '{f}': {m}")))?;
+    Ok(rec)
+}
