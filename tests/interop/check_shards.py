@@ -7,7 +7,9 @@ Drives the popen binary end to end and checks its output with independent tools:
    duckdb, and checks that pycocotools decodes every stored RLE string to exactly the mask
    pycocotools itself rasterizes from the original polygons (frPyObjects + merge);
 2. runs `popen synth` and reads every shard with pyarrow and duckdb, decoding every mask
-   with pycocotools and checking sizes and areas against the image.
+   with pycocotools and checking sizes and areas against the image;
+3. runs `popen collect-pt` and `popen collect-ps` with a random tiny model and reads their
+   shards the same way.
 
     python3 tests/interop/check_shards.py --popen target/debug/popen --work target/interop
 """
@@ -69,7 +71,7 @@ def coco_mask(segmentation, h, w):
     return mask_utils.decode(mask_utils.merge(rles))
 
 
-def check_readers(path, expect_rows=None):
+def check_readers(path, expect_rows=None, want_kind=b"sample/1"):
     table = pq.read_table(path)
     n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{path}')").fetchall()[0][0]
     if table.num_rows != n:
@@ -77,10 +79,11 @@ def check_readers(path, expect_rows=None):
     if expect_rows is not None and n != expect_rows:
         fail(f"{path}: {n} rows, expected {expect_rows}")
     kind = (pq.read_metadata(path).metadata or {}).get(b"popen.kind")
-    if kind != b"sample/1":
-        fail(f"{path}: popen.kind metadata is {kind!r}")
-    # duckdb sees the nested RLE structs as structs, with their field names.
-    duckdb.sql(f"SELECT id, len(target_masks), target_masks[1].counts FROM read_parquet('{path}')").fetchall()
+    if kind != want_kind:
+        fail(f"{path}: popen.kind metadata is {kind!r}, expected {want_kind!r}")
+    if "target_masks" in table.column_names:
+        # duckdb sees the nested RLE structs as structs, with their field names.
+        duckdb.sql(f"SELECT id, len(target_masks), target_masks[1].counts FROM read_parquet('{path}')").fetchall()
     return table.to_pylist()
 
 
@@ -151,6 +154,32 @@ def main():
     if manifest["stage"] != "synth":
         fail("synth manifest has the wrong stage")
     print(f"interop: synth: {total} samples read by pyarrow and duckdb, every mask decoded by pycocotools")
+    # 3. preference shards (collect-pt, collect-ps) of a random tiny model through pyarrow / duckdb.
+    syn = work / "synth"
+    run([a.popen, "tokenizer-tiny", "--data", syn, "--out", work / "tok" / "tokenizer.json", "--vocab-size", "400"])
+    run([a.popen, "model-init", "--config", ROOT / "pipelines" / "model-tiny.toml", "--tokenizer",
+         work / "tok" / "tokenizer.json", "--out", work / "model"])
+    run([a.popen, "collect-pt", "--model", work / "model", "--samples", syn / "train.parquet", "--lexicon",
+         syn / "lexicon.json", "--out", work / "prefs" / "pt.parquet", "--shard", "0/10", "--force"])
+    cfg = work / "ps.toml"
+    cfg.write_text((ROOT / "pipelines" / "collect-ps-tiny.toml").read_text()
+                   .replace("perturbations = 12", "perturbations = 5").replace("batch_size = 12", "batch_size = 5"))
+    run([a.popen, "collect-ps", "--config", cfg, "--phase", "2", "--model", work / "model", "--samples",
+         syn / "train.parquet", "--out", work / "prefs" / "ps.parquet", "--shard", "0/10", "--force"])
+    pt = check_readers(work / "prefs" / "pt-00000-of-00010.parquet", expect_rows=4, want_kind=b"text-pref/1")
+    for row in pt:
+        if len(row["y_ids"]) != len(row["ref_logp_y"]) or any(p >= len(row["y_ids"]) for p in row["l_y"]):
+            fail(f"text-pref {row['id']}: ids, log-probs and positions disagree")
+    ps = check_readers(work / "prefs" / "ps-00000-of-00010.parquet", expect_rows=4, want_kind=b"seg-pref/1")
+    for row in ps:
+        n = len(row["target_masks"])
+        if len(row["ref_f"]) != 3 * n * row["f_dim"] or len(row["ref_masks"]) != 3 * n:
+            fail(f"seg-pref {row['id']}: flattened lengths disagree with {n} targets")
+        for m in row["ref_masks"] + row["target_masks"]:
+            dec = mask_utils.decode({"size": [m["height"], m["width"]], "counts": m["counts"].encode()})
+            if dec.shape != (row["height"], row["width"]):
+                fail(f"seg-pref {row['id']}: a mask is {dec.shape}")
+    print(f"interop: preference shards: {len(pt)} text-pref and {len(ps)} seg-pref rows read by pyarrow and duckdb")
     print("interop: OK")
 
 
