@@ -13,9 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::prelude::*;
-use popen_core::manifest::Manifest;
 use popen_core::mask::{Mask, Rle};
-use popen_core::shard::{Sample, SegPref, ShardReader, ShardWriter};
+use popen_core::shard::{for_each_taken, Sample, SegPref};
 use popen_core::shardspec::ShardSpec;
 use popen_model::bundle;
 use popen_model::infer::Predictor;
@@ -126,49 +125,25 @@ pub fn run<B: Backend>(
 ) -> Result<CollectPsReport> {
     cfg.validate()?;
     let t0 = Instant::now();
-    let bundle::Bundle { model, mut tokenizer, .. } =
-        bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
+    let config = serde_json::json!({"config": cfg, "proposer": proposer.name()});
+    let (bundle::Bundle { model, mut tokenizer, .. }, mut writer, mut manifest) =
+        crate::open_stage::<B, SegPref>("collect-ps", &config, model_dir, samples, out, device)?;
     let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
-    let reader = ShardReader::<Sample>::open(samples)?;
-    let bar = progress.then(|| popen_core::progress::bar(reader.num_rows() as u64, "collect-ps"));
-    let mut writer = ShardWriter::<SegPref>::create(out)?;
-    let mut manifest = Manifest::new("collect-ps", &serde_json::json!({"config": cfg, "proposer": proposer.name()}))?;
-    manifest.add_input(samples)?;
-    manifest.add_input(model_dir.join(bundle::WEIGHTS_FILE))?;
     let (mut records, mut skipped, mut forwards) = (0usize, 0usize, 0usize);
-    let mut pos = 0usize;
-    for group in reader {
-        for s in group? {
-            if let Some(b) = &bar {
-                b.inc(1);
+    for_each_taken(samples, &shard, progress.then_some("collect-ps"), |s: Sample| -> Result<()> {
+        match collect_one(&predictor, &s, cfg, proposer, &mut forwards) {
+            Ok(r) => {
+                writer.write(r)?;
+                records += 1;
             }
-            let take = shard.takes(pos);
-            pos += 1;
-            if !take {
-                continue;
-            }
-            match collect_one(&predictor, &s, cfg, proposer, &mut forwards) {
-                Ok(r) => {
-                    writer.write(r)?;
-                    records += 1;
-                }
-                Err(Skip(reason)) => {
-                    manifest.skip(s.id.clone(), reason);
-                    skipped += 1;
-                }
+            Err(Skip(reason)) => {
+                manifest.skip(s.id.clone(), reason);
+                skipped += 1;
             }
         }
-    }
-    if let Some(b) = bar {
-        b.finish();
-    }
-    let rows = writer.finish()?;
-    manifest.add_output(out, Some(rows as u64))?;
-    manifest.count("records", records as u64);
-    manifest.count("skipped", skipped as u64);
-    manifest.count("forwards", forwards as u64);
-    manifest.time("seconds", t0);
-    manifest.write(manifest_path_of(out))?;
+        Ok(())
+    })?;
+    crate::close_stage(writer, manifest, out, &[("records", records), ("skipped", skipped), ("forwards", forwards)], t0)?;
     Ok(CollectPsReport { output: out.to_path_buf(), records, skipped, forwards, seconds: t0.elapsed().as_secs_f64() })
 }
 

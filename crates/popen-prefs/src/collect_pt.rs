@@ -15,15 +15,13 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use popen_core::lexicon::Lexicon;
-use popen_core::manifest::Manifest;
-use popen_core::shard::{Sample, ShardReader, ShardWriter, TextPref};
+use popen_core::shard::{for_each_taken, Sample, TextPref};
 use popen_core::shardspec::ShardSpec;
 use popen_model::bundle;
 use popen_model::infer::{Prediction, Predictor};
 use popen_model::sampling::SamplingConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::collect_ps::manifest_path_of;
 use crate::corrector::{Corrector, Truth};
 use crate::diff::changed_positions;
 use crate::noise::perturbation_seed;
@@ -95,61 +93,37 @@ pub fn run<B: Backend>(
 ) -> Result<CollectPtReport> {
     cfg.validate()?;
     let t0 = Instant::now();
-    let bundle::Bundle { model, mut tokenizer, .. } =
-        bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
+    let config = serde_json::json!({"config": cfg, "corrector": corrector_name, "lexicon": lexicon.kind});
+    let (bundle::Bundle { model, mut tokenizer, .. }, mut writer, mut manifest) =
+        crate::open_stage::<B, TextPref>("collect-pt", &config, model_dir, samples, out, device)?;
     let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
-    let reader = ShardReader::<Sample>::open(samples)?;
-    let bar = progress.then(|| popen_core::progress::bar(reader.num_rows() as u64, "collect-pt"));
-    let mut writer = ShardWriter::<TextPref>::create(out)?;
-    let mut manifest =
-        Manifest::new("collect-pt", &serde_json::json!({"config": cfg, "corrector": corrector_name, "lexicon": lexicon.kind}))?;
-    manifest.add_input(samples)?;
-    manifest.add_input(model_dir.join(bundle::WEIGHTS_FILE))?;
     let mut report = CollectPtReport { output: out.to_path_buf(), ..Default::default() };
-    let mut pos = 0usize;
-    for group in reader {
-        for s in group? {
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
-            let take = shard.takes(pos);
-            pos += 1;
-            if !take {
-                continue;
-            }
-            match collect_one(&predictor, &s, cfg, corrector, lexicon) {
-                Ok(r) => {
-                    match r.branch.as_str() {
-                        "model" => report.model += 1,
-                        "resampled" => report.resampled += 1,
-                        _ => report.injected += 1,
-                    }
-                    writer.write(r)?;
-                    report.records += 1;
+    for_each_taken(samples, &shard, progress.then_some("collect-pt"), |s: Sample| -> Result<()> {
+        match collect_one(&predictor, &s, cfg, corrector, lexicon) {
+            Ok(r) => {
+                match r.branch.as_str() {
+                    "model" => report.model += 1,
+                    "resampled" => report.resampled += 1,
+                    _ => report.injected += 1,
                 }
-                Err(e) => {
-                    manifest.skip(s.id.clone(), e.to_string());
-                    report.skipped += 1;
-                }
+                writer.write(r)?;
+                report.records += 1;
+            }
+            Err(e) => {
+                manifest.skip(s.id.clone(), e.to_string());
+                report.skipped += 1;
             }
         }
-    }
-    if let Some(b) = bar {
-        b.finish();
-    }
-    let rows = writer.finish()?;
-    manifest.add_output(out, Some(rows as u64))?;
-    for (name, n) in [
+        Ok(())
+    })?;
+    let counts = [
         ("records", report.records),
         ("skipped", report.skipped),
         ("branch_model", report.model),
         ("branch_resampled", report.resampled),
         ("branch_injected", report.injected),
-    ] {
-        manifest.count(name, n as u64);
-    }
-    manifest.time("seconds", t0);
-    manifest.write(manifest_path_of(out))?;
+    ];
+    crate::close_stage(writer, manifest, out, &counts, t0)?;
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
 }

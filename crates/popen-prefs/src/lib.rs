@@ -26,3 +26,40 @@ pub enum PrefsError {
 }
 
 pub type Result<T, E = PrefsError> = std::result::Result<T, E>;
+
+/// What every collect stage opens first: the model folder, the output shard writer and the
+/// manifest (config, the samples shard and the model weights as inputs).
+pub(crate) fn open_stage<B: burn::prelude::Backend, R: popen_core::shard::Record>(
+    stage: &str,
+    config: &serde_json::Value,
+    model_dir: &std::path::Path,
+    samples: &std::path::Path,
+    out: &std::path::Path,
+    device: &B::Device,
+) -> Result<(popen_model::bundle::Bundle<B>, popen_core::shard::ShardWriter<R>, popen_core::manifest::Manifest)> {
+    use popen_model::bundle;
+    let b = bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
+    let writer = popen_core::shard::ShardWriter::<R>::create(out)?;
+    let mut manifest = popen_core::manifest::Manifest::new(stage, config)?;
+    manifest.add_input(samples)?;
+    manifest.add_input(model_dir.join(bundle::WEIGHTS_FILE))?;
+    Ok((b, writer, manifest))
+}
+
+/// Closes a collect stage: the shard, then its manifest with the named counts and the time.
+pub(crate) fn close_stage<R: popen_core::shard::Record>(
+    writer: popen_core::shard::ShardWriter<R>,
+    mut manifest: popen_core::manifest::Manifest,
+    out: &std::path::Path,
+    counts: &[(&str, usize)],
+    t0: std::time::Instant,
+) -> Result<()> {
+    let rows = writer.finish()?;
+    manifest.add_output(out, Some(rows as u64))?;
+    for (name, n) in counts {
+        manifest.count(name, *n as u64);
+    }
+    manifest.time("seconds", t0);
+    manifest.write(collect_ps::manifest_path_of(out))?;
+    Ok(())
+}

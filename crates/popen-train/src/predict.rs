@@ -13,7 +13,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use popen_core::manifest::Manifest;
 use popen_core::mask::Rle;
-use popen_core::shard::{Prediction, Sample, ShardReader, ShardWriter, SEG_TOKEN};
+use popen_core::shard::{for_each_taken, Prediction, Sample, ShardWriter, SEG_TOKEN};
 use popen_core::shardspec::ShardSpec;
 use popen_model::bundle;
 use popen_model::infer::Predictor;
@@ -70,9 +70,6 @@ pub fn run<B: Backend>(
     let t0 = Instant::now();
     let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<B>(model_dir, device)?;
     let predictor = Predictor::new(&model, &mut tokenizer)?;
-    let reader = ShardReader::<Sample>::open(samples)?;
-    let total = reader.num_rows();
-    let bar = progress.then(|| popen_core::progress::bar(total as u64, "predict"));
     let mut writer = ShardWriter::<Prediction>::create(out)?;
     let mut manifest = Manifest::new("predict", cfg)?;
     manifest.add_input(samples)?;
@@ -159,27 +156,14 @@ pub fn run<B: Backend>(
         }
         Ok(())
     };
-    let mut pos = 0usize;
-    for group in reader {
-        for s in group? {
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
-            let take = shard.takes(pos);
-            pos += 1;
-            if !take {
-                continue;
-            }
-            pending.push(s);
-            if pending.len() == cfg.batch_size {
-                flush(&mut pending, &mut writer, &mut manifest)?;
-            }
+    for_each_taken(samples, &shard, progress.then_some("predict"), |s: Sample| -> Result<()> {
+        pending.push(s);
+        if pending.len() == cfg.batch_size {
+            flush(&mut pending, &mut writer, &mut manifest)?;
         }
-    }
+        Ok(())
+    })?;
     flush(&mut pending, &mut writer, &mut manifest)?;
-    if let Some(b) = bar {
-        b.finish();
-    }
     let rows = writer.finish()?;
     manifest.add_output(out, Some(rows as u64))?;
     manifest.count("predictions", n as u64);

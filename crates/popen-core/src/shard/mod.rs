@@ -429,6 +429,37 @@ impl RleListBuilder {
     }
 }
 
+/// Visits the records of a shard that `shard` takes (task I of N: positions with
+/// `pos % N == I`), in file order, with a progress bar over the whole file when `progress`
+/// names one. Returns the number of records visited.
+pub fn for_each_taken<T: Record, E: From<CoreError>>(
+    path: impl AsRef<Path>,
+    shard: &crate::shardspec::ShardSpec,
+    progress: Option<&str>,
+    mut f: impl FnMut(T) -> std::result::Result<(), E>,
+) -> std::result::Result<usize, E> {
+    let reader = ShardReader::<T>::open(path)?;
+    let bar = progress.map(|label| crate::progress::bar(reader.num_rows() as u64, label));
+    let (mut pos, mut taken) = (0usize, 0usize);
+    for group in reader {
+        for r in group? {
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+            let take = shard.takes(pos);
+            pos += 1;
+            if take {
+                taken += 1;
+                f(r)?;
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish();
+    }
+    Ok(taken)
+}
+
 /// Typed access to the columns of one batch, with errors that name the file, the file-level
 /// row and the column.
 pub(crate) struct Columns<'a> {
