@@ -134,10 +134,14 @@ pub struct CollectPtArgs {
     /// coco:<path to CHAIR's chair_synonyms.txt>.
     #[arg(long, default_value = "data/synth/lexicon.json")]
     lexicon: String,
-    /// Corrector: offline (deterministic, uses the ground truth and the lexicon). The
-    /// OpenAI-compatible corrector is not built yet.
+    /// Corrector: offline (deterministic, uses the ground truth and the lexicon) or openai
+    /// (any OpenAI-compatible chat-completions endpoint, see --openai-config).
     #[arg(long, default_value = "offline")]
     corrector: String,
+    /// TOML of the openai corrector (pipelines/corrector-openai.toml): base_url, model, the
+    /// environment variable holding the key, timeout, retries, cache folder, prompt files.
+    #[arg(long)]
+    openai_config: Option<PathBuf>,
     /// Stage seed (sampling and error injection are functions of it and the sample id).
     #[arg(long)]
     seed: Option<u64>,
@@ -171,15 +175,25 @@ pub fn collect_pt(a: CollectPtArgs) -> Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    if a.corrector != "offline" {
-        bail!("corrector '{}' is not available (available: offline)", a.corrector);
-    }
     let lexicon = popen_core::lexicon::Lexicon::load(&a.lexicon).with_context(|| format!("loading the lexicon '{}'", a.lexicon))?;
+    let corrector: Box<dyn popen_prefs::corrector::Corrector> = match a.corrector.as_str() {
+        "offline" => Box::new(OfflineCorrector::new(lexicon.clone())),
+        "openai" => {
+            let oc: popen_prefs::openai::OpenAiConfig = match &a.openai_config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                    toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+                }
+                None => Default::default(),
+            };
+            Box::new(popen_prefs::openai::OpenAiCorrector::new(&oc)?)
+        }
+        other => bail!("corrector '{other}' is not available (available: offline, openai)"),
+    };
     let Some(out) = output_or_done(&a.out, &a.shard, a.force)? else { return Ok(()) };
-    let corrector = OfflineCorrector::new(lexicon.clone());
     macro_rules! go {
         ($b:ty) => {
-            collect_pt::run::<$b>(&a.model, &a.samples, &out, &cfg, &corrector, "offline", &lexicon, a.shard.clone(), true, &Default::default())
+            collect_pt::run::<$b>(&a.model, &a.samples, &out, &cfg, corrector.as_ref(), &a.corrector, &lexicon, a.shard.clone(), true, &Default::default())
         };
     }
     let report = match a.backend.as_str() {

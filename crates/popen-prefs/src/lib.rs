@@ -5,6 +5,7 @@
 //! - [`diff`]: RLHF-V's changed-token positions `L_y` / `L_yc` from a port of Python's
 //!   `difflib.SequenceMatcher` (matching blocks, autojunk included), checked against
 //!   difflib itself on committed fixtures.
+//! - [`openai`]: the corrector on an OpenAI-compatible endpoint (cache, retries, parsing).
 //! - [`noise`]: the noise-filling perturbations of collect-ps as rebuildable recipes.
 //! - [`select`]: Eq. 1's localization score, the boundary score and Algorithm 1's curriculum
 //!   selection (phase 1 with conditional regeneration, phase 2) and the per-target rankings
@@ -15,6 +16,7 @@ pub mod collect_pt;
 pub mod corrector;
 pub mod diff;
 pub mod noise;
+pub mod openai;
 pub mod select;
 
 #[derive(Debug, thiserror::Error)]

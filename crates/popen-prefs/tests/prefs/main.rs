@@ -4,3 +4,4 @@ mod noise;
 mod select;
 mod corrector;
 mod collect;
+mod openai;
