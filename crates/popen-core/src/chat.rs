@@ -3,7 +3,8 @@
 //! response corrector of `collect-pt`.
 //!
 //! Transport failures (connection refused, timeouts), HTTP 429 and 5xx are retried with
-//! exponential backoff (a `Retry-After` header in seconds is honoured, capped at a minute);
+//! exponential backoff and jitter (a `Retry-After` header in seconds is honoured, capped at
+//! a minute);
 //! other statuses and malformed bodies fail at once. Every error names the endpoint, the
 //! number of attempts, the status and an excerpt of the body. The API key is sent as a
 //! bearer token and never appears in errors.
@@ -190,6 +191,15 @@ pub fn excerpt(s: &str) -> String {
     }
 }
 
+/// A number in [0, 1) that differs between calls, threads and processes (no RNG state to
+/// seed: retry timing need not be reproducible).
+fn jitter_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 enum Attempt {
     Done(ChatReply),
     /// Retryable, with an optional server-requested wait.
@@ -254,8 +264,11 @@ impl ChatClient {
                     if attempt > self.config.retries {
                         return Err(e);
                     }
-                    let backoff = self.config.backoff.saturating_mul(1u32 << (attempt - 1).min(16));
-                    let wait = wait.unwrap_or(backoff).min(MAX_BACKOFF);
+                    // Exponential backoff with "equal jitter" (half fixed, half random), so
+                    // parallel clients that failed together do not retry together; a
+                    // server's Retry-After is used as it is.
+                    let backoff = self.config.backoff.saturating_mul(1u32 << (attempt - 1).min(16)).min(MAX_BACKOFF);
+                    let wait = wait.unwrap_or_else(|| backoff.mul_f64(0.5 + 0.5 * jitter_unit())).min(MAX_BACKOFF);
                     tracing::warn!("{e}; retrying in {:.1} s", wait.as_secs_f64());
                     std::thread::sleep(wait);
                     attempt += 1;
