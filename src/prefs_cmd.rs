@@ -31,6 +31,10 @@ pub struct CollectPsArgs {
     /// Stage seed (noise recipes are a function of it and the sample id).
     #[arg(long)]
     seed: Option<u64>,
+    /// Class-agnostic proposals from `proposal/1` shards (e.g. SAM's automatic masks), one or
+    /// more files; default: the image's own instance masks (annotations).
+    #[arg(long, num_args = 1..)]
+    proposals: Vec<PathBuf>,
     /// This task's part of the samples, I/N (cluster job arrays).
     #[arg(long, default_value = "0/1")]
     shard: ShardSpec,
@@ -88,7 +92,14 @@ pub fn collect_ps(a: CollectPsArgs) -> Result<()> {
 }
 
 fn run<B: Backend>(a: &CollectPsArgs, cfg: &CollectPsConfig, out: &std::path::Path, dev: &B::Device) -> Result<collect_ps::CollectPsReport> {
-    collect_ps::run::<B>(&a.model, &a.samples, out, cfg, &AnnotationProposer, a.shard.clone(), true, dev)
+    let shard_proposer;
+    let proposer: &dyn collect_ps::MaskProposer = if a.proposals.is_empty() {
+        &AnnotationProposer
+    } else {
+        shard_proposer = collect_ps::ShardProposer::open(&a.proposals).context("reading the proposals")?;
+        &shard_proposer
+    };
+    collect_ps::run::<B>(&a.model, &a.samples, out, cfg, proposer, a.shard.clone(), true, dev)
         .with_context(|| format!("collect-ps {} -> {}", a.samples.display(), out.display()))
 }
 

@@ -345,3 +345,34 @@ fn seg_pref_roundtrip_and_checks() {
         assert!(e.contains(field), "case {k}: {e}");
     }
 }
+
+#[test]
+fn proposal_roundtrip_checks_and_lookup() {
+    use popen_core::shard::{read_proposals, ProposalSet};
+    let dir = tempfile::tempdir().unwrap();
+    let set = |id: &str| ProposalSet {
+        id: id.into(),
+        width: 16,
+        height: 12,
+        masks: vec![Rle::encode(&Mask::from_fn(12, 16, |y, _| y < 4)), Rle::encode(&Mask::zeros(12, 16))],
+        scores: vec![0.95, 0.9],
+        meta: r#"{"tool":"test"}"#.into(),
+    };
+    let a = dir.path().join("a.parquet");
+    let b = dir.path().join("b.parquet");
+    write_shard(&a, vec![set("s0"), set("s1")]).unwrap();
+    write_shard(&b, vec![set("s2")]).unwrap();
+    let all = read_proposals(&[&a, &b]).unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all["s1"], set("s1"));
+    // The same sample in two files is an error naming the sample and both files.
+    let e = read_proposals(&[&a, &a]).unwrap_err().to_string();
+    assert!(e.contains("'s0'") && e.contains("a.parquet"), "{e}");
+    let mut bad = set("x");
+    bad.scores.pop();
+    let e = write_shard(dir.path().join("bad.parquet"), vec![bad]).unwrap_err().to_string();
+    assert!(e.contains("scores"), "{e}");
+    let mut bad = set("y");
+    bad.masks[1] = Rle::encode(&Mask::zeros(3, 3));
+    assert!(write_shard(dir.path().join("bad2.parquet"), vec![bad]).is_err());
+}

@@ -48,6 +48,43 @@ impl MaskProposer for AnnotationProposer {
     }
 }
 
+/// Proposals precomputed into `proposal/1` shards by any tool (SAM's automatic mask
+/// generator: `popen sam-masks`), looked up by sample id; a sample without proposals, or with
+/// proposals of another image size, is skipped with the reason.
+pub struct ShardProposer {
+    by_id: std::collections::HashMap<String, popen_core::shard::ProposalSet>,
+}
+
+impl ShardProposer {
+    pub fn open(paths: &[impl AsRef<Path>]) -> Result<Self> {
+        Ok(ShardProposer { by_id: popen_core::shard::read_proposals(paths)? })
+    }
+}
+
+impl MaskProposer for ShardProposer {
+    fn name(&self) -> &str {
+        "shard"
+    }
+
+    fn proposals(&self, sample: &Sample) -> Result<Vec<Mask>> {
+        let p = self
+            .by_id
+            .get(&sample.id)
+            .ok_or_else(|| PrefsError::Input(format!("no proposals for sample '{}'", sample.id)))?;
+        if (p.width, p.height) != (sample.width, sample.height) {
+            return Err(PrefsError::Input(format!(
+                "proposals of '{}' are {}x{}, the image is {}x{}",
+                sample.id, p.width, p.height, sample.width, sample.height
+            )));
+        }
+        p.masks
+            .iter()
+            .enumerate()
+            .map(|(j, r)| r.decode().map_err(|e| PrefsError::Input(format!("proposal {j}: {e}"))))
+            .collect()
+    }
+}
+
 /// Settings of collect-ps (SPEC 9 and 10 defaults).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

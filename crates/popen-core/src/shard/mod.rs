@@ -8,11 +8,13 @@
 //! can the row and column.
 
 mod prediction;
+mod proposal;
 mod sample;
 mod segpref;
 mod textpref;
 
 pub use prediction::Prediction;
+pub use proposal::{read_proposals, ProposalSet};
 pub use segpref::{SegPref, SEG_PREF_KEPT};
 pub use textpref::{TextPref, TEXT_PREF_BRANCHES};
 pub use sample::{Sample, SEG_TOKEN};

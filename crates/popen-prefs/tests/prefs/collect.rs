@@ -82,6 +82,32 @@ fn collect_ps_end_to_end() {
     }
     halves.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(halves, recs);
+    // Proposals from a shard (here: the instance masks, one sample left out) give the same
+    // records as the annotation proposer; the sample without proposals is skipped.
+    let props: Vec<popen_core::shard::ProposalSet> = samples
+        .iter()
+        .skip(1)
+        .map(|s| popen_core::shard::ProposalSet {
+            id: s.id.clone(),
+            width: s.width,
+            height: s.height,
+            masks: s.instance_masks.clone(),
+            scores: vec![1.0; s.instance_masks.len()],
+            meta: "{}".into(),
+        })
+        .collect();
+    let pshard = dir.path().join("proposals.parquet");
+    write_shard(&pshard, props).unwrap();
+    let proposer = popen_prefs::collect_ps::ShardProposer::open(&[&pshard]).unwrap();
+    let outp = dir.path().join("ps-shardprop.parquet");
+    let rp = run::<B>(&model, &shard, &outp, &cfg, &proposer, ShardSpec::new(0, 2).unwrap(), false, &Default::default()).unwrap();
+    assert_eq!((rp.records, rp.skipped), (1, 1));
+    let got = read_shard::<SegPref>(&outp).unwrap();
+    assert_eq!(got[0], recs[2]);
+    let text = std::fs::read_to_string(manifest_path_of(&outp)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["config"]["proposer"], "shard", "{text}");
+    assert!(text.contains("no proposals for sample"), "{text}");
     // Phase 1 with an impossible threshold: every sample is skipped after the cap, with the
     // reason in the manifest.
     let mut p1 = CollectPsConfig { phase: Phase::One, perturbations: 5, batch_size: 5, ..Default::default() };
