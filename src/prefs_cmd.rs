@@ -50,13 +50,7 @@ pub struct CollectPsArgs {
 }
 
 fn config(a: &CollectPsArgs) -> Result<CollectPsConfig> {
-    let mut cfg = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
-        }
-        None => CollectPsConfig::default(),
-    };
+    let mut cfg: CollectPsConfig = read_toml(a.config.as_deref())?;
     match a.phase {
         None => {}
         Some(1) => cfg.phase = Phase::One,
@@ -106,12 +100,8 @@ fn run<B: Backend>(a: &CollectPsArgs, cfg: &CollectPsConfig, out: &std::path::Pa
 /// The output path of this shard task; `None` when it and its manifest are already complete
 /// (a rerun of a finished task does nothing unless forced).
 fn output_or_done(out: &std::path::Path, shard: &ShardSpec, force: bool) -> Result<Option<PathBuf>> {
-    let out = if shard.is_all() {
-        out.to_path_buf()
-    } else {
-        PathBuf::from(format!("{}{}.parquet", out.with_extension("").display(), shard.suffix()))
-    };
-    let mpath = collect_ps::manifest_path_of(&out);
+    let out = shard.output_path(out);
+    let mpath = popen_core::manifest::manifest_beside(&out);
     if !force && out.is_file() && mpath.is_file() {
         if let Ok(m) = Manifest::read(&mpath) {
             if m.outputs_intact() {
@@ -171,13 +161,7 @@ pub struct CollectPtArgs {
 }
 
 pub fn collect_pt(a: CollectPtArgs) -> Result<()> {
-    let mut cfg: CollectPtConfig = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
-        }
-        None => CollectPtConfig::default(),
-    };
+    let mut cfg: CollectPtConfig = read_toml(a.config.as_deref())?;
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
@@ -190,13 +174,7 @@ pub fn collect_pt(a: CollectPtArgs) -> Result<()> {
     let corrector: Box<dyn popen_prefs::corrector::Corrector> = match a.corrector.as_str() {
         "offline" => Box::new(OfflineCorrector::new(lexicon.clone())),
         "openai" => {
-            let oc: popen_prefs::openai::OpenAiConfig = match &a.openai_config {
-                Some(p) => {
-                    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-                    toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
-                }
-                None => Default::default(),
-            };
+            let oc: popen_prefs::openai::OpenAiConfig = read_toml(a.openai_config.as_deref())?;
             Box::new(popen_prefs::openai::OpenAiCorrector::new(&oc)?)
         }
         other => bail!("corrector '{other}' is not available (available: offline, openai)"),
@@ -220,4 +198,11 @@ pub fn collect_pt(a: CollectPtArgs) -> Result<()> {
     .with_context(|| format!("collect-pt {} -> {}", a.samples.display(), out.display()))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// A config from its TOML file, or the type's defaults without one.
+fn read_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&std::path::Path>) -> Result<T> {
+    let Some(p) = path else { return Ok(T::default()) };
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
 }

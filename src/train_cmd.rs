@@ -145,7 +145,7 @@ pub fn predict(a: PredictArgs) -> Result<()> {
 fn predict_on<B: Backend>(a: &PredictArgs, cfg: &PredictConfig, dev: &B::Device) -> Result<popen_train::predict::PredictReport> {
     let out = a.out.clone();
     let shard = a.shard.clone();
-    let out_path = if shard.is_all() { out } else { PathBuf::from(format!("{}{}.parquet", out.with_extension("").display(), shard.suffix())) };
+    let out_path = shard.output_path(&out);
     popen_train::predict::run::<B>(&a.model, &a.samples, &out_path, cfg, shard, true, dev)
         .with_context(|| format!("predict {} -> {}", a.samples.display(), out_path.display()))
 }

@@ -155,6 +155,11 @@ pub fn sha256_file(path: impl AsRef<Path>) -> Result<(String, u64)> {
     Ok((hex::encode(h.finalize()), n))
 }
 
+/// Manifest path beside a single-file stage output: `x.parquet` -> `x.manifest.json`.
+pub fn manifest_beside(out: impl AsRef<Path>) -> PathBuf {
+    PathBuf::from(format!("{}.manifest.json", out.as_ref().with_extension("").display()))
+}
+
 /// Manifest path for a stage output folder.
 pub fn manifest_path(dir: impl AsRef<Path>) -> PathBuf {
     dir.as_ref().join(MANIFEST_FILE)

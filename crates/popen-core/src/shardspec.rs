@@ -37,6 +37,16 @@ impl ShardSpec {
     pub fn suffix(&self) -> String {
         format!("-{:05}-of-{:05}", self.index, self.count)
     }
+
+    /// This task's output file for a stage output `out` (`x.parquet`): `out` itself for the
+    /// whole input, else `x-0000I-of-0000N.parquet`.
+    pub fn output_path(&self, out: &std::path::Path) -> std::path::PathBuf {
+        if self.is_all() {
+            out.to_path_buf()
+        } else {
+            std::path::PathBuf::from(format!("{}{}.parquet", out.with_extension("").display(), self.suffix()))
+        }
+    }
 }
 
 impl Default for ShardSpec {

@@ -184,11 +184,6 @@ pub fn run<B: Backend>(
     Ok(CollectPsReport { output: out.to_path_buf(), records, skipped, forwards, seconds: t0.elapsed().as_secs_f64() })
 }
 
-/// `x.parquet` -> `x.manifest.json`.
-pub fn manifest_path_of(out: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.manifest.json", out.with_extension("").display()))
-}
-
 /// Why a sample has no record.
 struct Skip(String);
 

@@ -62,6 +62,6 @@ pub(crate) fn close_stage<R: popen_core::shard::Record>(
         manifest.count(name, *n as u64);
     }
     manifest.time("seconds", t0);
-    manifest.write(collect_ps::manifest_path_of(out))?;
+    manifest.write(popen_core::manifest::manifest_beside(out))?;
     Ok(())
 }

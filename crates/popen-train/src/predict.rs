@@ -169,7 +169,7 @@ pub fn run<B: Backend>(
     manifest.count("predictions", n as u64);
     manifest.count("with_seg_issues", issues as u64);
     manifest.time("seconds", t0);
-    let mpath = PathBuf::from(format!("{}.manifest.json", out.with_extension("").display()));
+    let mpath = popen_core::manifest::manifest_beside(out);
     manifest.write(&mpath)?;
     Ok(PredictReport { output: out.to_path_buf(), predictions: n, with_seg_issues: issues, seconds: t0.elapsed().as_secs_f64() })
 }

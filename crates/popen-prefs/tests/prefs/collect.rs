@@ -11,7 +11,8 @@ use popen_data::synth::{generate_sample, SynthConfig};
 use popen_model::bundle;
 use popen_model::pixellm::PixelLmConfig;
 use popen_model::tokenizer::{Tokenizer, TINY_SPECIALS};
-use popen_prefs::collect_ps::{manifest_path_of, run, AnnotationProposer, CollectPsConfig};
+use popen_core::manifest::manifest_beside;
+use popen_prefs::collect_ps::{run, AnnotationProposer, CollectPsConfig};
 use popen_prefs::noise::NoiseRecipe;
 use popen_prefs::select::Phase;
 
@@ -67,7 +68,7 @@ fn collect_ps_end_to_end() {
             assert_eq!(recipe.apply(&img).unwrap().dimensions(), img.dimensions());
         }
     }
-    let m = Manifest::read(manifest_path_of(&out)).unwrap();
+    let m = Manifest::read(manifest_beside(&out)).unwrap();
     assert!(m.outputs_intact());
     // Deterministic, and the two halves of --shard 2 give the same records.
     let again = dir.path().join("again.parquet");
@@ -104,7 +105,7 @@ fn collect_ps_end_to_end() {
     assert_eq!((rp.records, rp.skipped), (1, 1));
     let got = read_shard::<SegPref>(&outp).unwrap();
     assert_eq!(got[0], recs[2]);
-    let text = std::fs::read_to_string(manifest_path_of(&outp)).unwrap();
+    let text = std::fs::read_to_string(manifest_beside(&outp)).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["config"]["proposer"], "shard", "{text}");
     assert!(text.contains("no proposals for sample"), "{text}");
@@ -117,7 +118,7 @@ fn collect_ps_end_to_end() {
     let r1 = run::<B>(&model, &shard, &out1, &p1, &AnnotationProposer, ShardSpec::new(0, 2).unwrap(), false, &Default::default())
         .unwrap();
     assert_eq!((r1.records, r1.skipped, r1.forwards), (0, 2, 20));
-    let text = std::fs::read_to_string(manifest_path_of(&out1)).unwrap();
+    let text = std::fs::read_to_string(manifest_beside(&out1)).unwrap();
     assert!(text.contains("no batch had min s < 0 and max s > 2 in 2 draws"), "{text}");
 }
 
