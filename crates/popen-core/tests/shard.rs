@@ -376,3 +376,54 @@ fn proposal_roundtrip_checks_and_lookup() {
     bad.masks[1] = Rle::encode(&Mask::zeros(3, 3));
     assert!(write_shard(dir.path().join("bad2.parquet"), vec![bad]).is_err());
 }
+
+#[test]
+fn resumable_writer_resumes_after_a_kill_with_the_same_output() {
+    use popen_core::shard::{parts_dir, ResumableWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let id = |s: &Sample| s.id.clone();
+    // Reference: one uninterrupted run.
+    let full = dir.path().join("full.parquet");
+    let mut w = ResumableWriter::open(&full, "cfg-a", 2, false, id).unwrap();
+    for i in 0..5 {
+        w.write(sample(i)).unwrap();
+    }
+    assert_eq!(w.finish().unwrap(), 5);
+    assert!(!parts_dir(&full).exists(), "parts are removed once the output is complete");
+
+    // A run killed after 3 records: one part of 2 committed, the third record lost.
+    let out = dir.path().join("out.parquet");
+    let mut w = ResumableWriter::open(&out, "cfg-a", 2, false, id).unwrap();
+    for i in 0..3 {
+        w.write(sample(i)).unwrap();
+    }
+    drop(w);
+    assert!(!out.exists());
+    // Another configuration must not mix with these parts.
+    let e = ResumableWriter::<Sample>::open(&out, "cfg-b", 2, false, id).err().unwrap();
+    assert!(e.to_string().contains("another configuration"), "{e}");
+    // The rerun skips the committed records and finishes with the same file.
+    let mut w = ResumableWriter::open(&out, "cfg-a", 2, false, id).unwrap();
+    assert_eq!(w.resumed(), 2);
+    let mut redone = 0;
+    for i in 0..5 {
+        let s = sample(i);
+        if w.is_done(&s.id) {
+            continue;
+        }
+        redone += 1;
+        w.write(s).unwrap();
+    }
+    assert_eq!(redone, 3);
+    assert_eq!(w.finish().unwrap(), 5);
+    let a: Vec<String> = read_shard::<Sample>(&full).unwrap().into_iter().map(|s| s.id).collect();
+    let b: Vec<String> = read_shard::<Sample>(&out).unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(a, b);
+    // `fresh` discards old parts.
+    let mut w = ResumableWriter::open(&out, "cfg-b", 2, false, id);
+    assert!(w.is_ok(), "no parts left after finish");
+    w.as_mut().unwrap().write(sample(0)).unwrap();
+    drop(w);
+    let w = ResumableWriter::<Sample>::open(&out, "cfg-c", 2, true, id).unwrap();
+    assert_eq!(w.resumed(), 0);
+}

@@ -9,12 +9,14 @@
 
 mod prediction;
 mod proposal;
+mod resume;
 mod sample;
 mod segpref;
 mod textpref;
 
 pub use prediction::Prediction;
 pub use proposal::{read_proposals, ProposalSet};
+pub use resume::{parts_dir, ResumableWriter};
 pub use segpref::{SegPref, SEG_PREF_KEPT};
 pub use textpref::{TextPref, TEXT_PREF_BRANCHES};
 pub use sample::{Sample, SEG_TOKEN};
