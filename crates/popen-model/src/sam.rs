@@ -1160,7 +1160,7 @@ impl<B: Backend> MaskDecoder<B> {
 /// Bilinear interpolation matrix `[out, in]` of PyTorch's `F.interpolate(mode="bilinear",
 /// align_corners=False)` along one axis (half-pixel centres, negative source clamped to 0,
 /// the upper neighbour clamped to the last pixel).
-fn interp_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
+pub fn interp_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
     let mut m = vec![0f32; n_out * n_in];
     let scale = n_in as f32 / n_out as f32;
     for o in 0..n_out {

@@ -1,0 +1,230 @@
+//! The `sam-masks` stage: SAM's automatic mask generator over every image of a samples
+//! shard (or a folder of photos), written as `proposal/1` shards (one record per image:
+//! RLE masks, predicted IoU as the score, and boxes, stability scores, prompt points and
+//! crop boxes in `meta`), with a manifest beside them.
+//!
+//! Sharded (`--shard I/N` takes positions `pos % N == I`), resumable (records are committed
+//! every `chunk` images beside the output, see [`popen_core::shard::ResumableWriter`]; a
+//! rerun after a kill skips them and ends with the same file), and a corrupt image is
+//! skipped with its reason in the manifest, never a crash.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use image::RgbImage;
+use popen_core::manifest::{manifest_beside, Manifest};
+use popen_core::shard::{for_each_taken, ProposalSet, ResumableWriter, Sample};
+use popen_core::shardspec::ShardSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::amg::{generate, AmgConfig, AmgMask};
+use crate::model::{Sam, SamConfig, SamKind, SamPredictor};
+
+/// Stage errors (the message names the file and record).
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Core(#[from] popen_core::CoreError),
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Model(String),
+}
+
+type Result<T> = std::result::Result<T, StageError>;
+
+/// `pipelines/sam-masks.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamMasksConfig {
+    /// Which SAM: `mobile_sam` (default; the weights `make assets` fetches), `vit_b`,
+    /// `vit_l`, `vit_h` (official checkpoints, brought by the user).
+    pub model: String,
+    /// The checkpoint file (`.pt`/`.pth` pickle or safetensors).
+    pub checkpoint: PathBuf,
+    /// Images per committed part of a resumable run.
+    pub chunk: usize,
+    /// The automatic mask generator (SAM's defaults).
+    pub amg: AmgConfig,
+}
+
+impl Default for SamMasksConfig {
+    fn default() -> Self {
+        Self {
+            model: "mobile_sam".into(),
+            checkpoint: PathBuf::from("data/assets/mobile_sam/mobile_sam.pt"),
+            chunk: 8,
+            amg: AmgConfig::default(),
+        }
+    }
+}
+
+impl SamMasksConfig {
+    pub fn kind(&self) -> Result<SamKind> {
+        SamKind::parse(&self.model).ok_or_else(|| {
+            StageError::Input(format!(
+                "model '{}' is not one of {}",
+                self.model,
+                SamKind::ALL.map(|k| k.name()).join(", ")
+            ))
+        })
+    }
+}
+
+/// Where the images come from.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    /// A `sample/1` shard; proposal ids = sample ids.
+    Samples(PathBuf),
+    /// A folder of `.jpg`/`.jpeg`/`.png` photos (sorted by name); ids = file stems.
+    Folder(PathBuf),
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SamMasksReport {
+    pub output: PathBuf,
+    pub images: usize,
+    pub resumed: usize,
+    pub skipped: usize,
+    pub masks: usize,
+    pub seconds: f64,
+}
+
+/// The folder's photos in name order.
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| StageError::Input(format!("{}: cannot list images: {e}", dir.display())))?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(StageError::Input(format!("{}: no .jpg/.jpeg/.png images", dir.display())));
+    }
+    Ok(files)
+}
+
+/// A proposals record from the generator's masks.
+pub fn proposal_record(id: &str, img: &RgbImage, masks: &[AmgMask], meta: serde_json::Value) -> ProposalSet {
+    let mut meta = meta;
+    meta["bbox_xywh"] = masks.iter().map(|m| m.bbox.to_vec()).collect::<Vec<_>>().into();
+    meta["stability_score"] = masks.iter().map(|m| m.stability_score).collect::<Vec<_>>().into();
+    meta["point_coords"] = masks.iter().map(|m| m.point_coords.to_vec()).collect::<Vec<_>>().into();
+    meta["crop_box_xywh"] = masks.iter().map(|m| m.crop_box.to_vec()).collect::<Vec<_>>().into();
+    ProposalSet {
+        id: id.to_string(),
+        width: img.width(),
+        height: img.height(),
+        masks: masks.iter().map(|m| m.segmentation.clone()).collect(),
+        scores: masks.iter().map(|m| m.predicted_iou).collect(),
+        meta: meta.to_string(),
+    }
+}
+
+/// Runs the stage into `out` (already the shard task's path). `fresh` discards parts of an
+/// earlier killed run instead of resuming them.
+pub fn run<B: Backend>(
+    cfg: &SamMasksConfig,
+    source: &ImageSource,
+    out: &Path,
+    shard: &ShardSpec,
+    fresh: bool,
+    device: &B::Device,
+) -> Result<SamMasksReport> {
+    let t0 = Instant::now();
+    let kind = cfg.kind()?;
+    if !cfg.checkpoint.is_file() {
+        return Err(StageError::Input(format!(
+            "SAM checkpoint {} not found{}",
+            cfg.checkpoint.display(),
+            if kind == SamKind::MobileSam { " (run `make assets`)" } else { "" }
+        )));
+    }
+    let model = Sam::<B>::load(kind, &cfg.checkpoint, device)
+        .map_err(|e| StageError::Model(format!("{}: {e}", cfg.checkpoint.display())))?;
+    let mut predictor = SamPredictor::new(model, SamConfig::preset(kind), device);
+    let config_json = serde_json::to_value(cfg).map_err(|e| StageError::Input(e.to_string()))?;
+    let mut manifest = Manifest::new("sam-masks", cfg)?;
+    if !shard.is_all() {
+        manifest.shard = Some(shard.to_string());
+    }
+    let input_path = match source {
+        ImageSource::Samples(p) | ImageSource::Folder(p) => p.clone(),
+    };
+    manifest.add_input(&cfg.checkpoint)?;
+    if let ImageSource::Samples(p) = source {
+        manifest.add_input(p)?;
+    }
+    let fingerprint = format!("{}|{}|{}", manifest.config_hash, input_path.display(), shard);
+    let mut writer = ResumableWriter::<ProposalSet>::open(out, &fingerprint, cfg.chunk, fresh, |r| r.id.clone())?;
+    let resumed = writer.resumed();
+    let meta = serde_json::json!({"tool": "sam", "model": kind.name(), "amg": config_json["amg"]});
+    let (mut images, mut skipped, mut masks_total) = (0usize, 0usize, 0usize);
+    let mut one = |id: &str, img: std::result::Result<RgbImage, String>, w: &mut ResumableWriter<ProposalSet>, m: &mut Manifest| -> Result<()> {
+        images += 1;
+        if w.is_done(id) {
+            return Ok(());
+        }
+        let img = match img {
+            Ok(i) => i,
+            Err(why) => {
+                skipped += 1;
+                m.skip(id, why);
+                return Ok(());
+            }
+        };
+        let masks = generate(&mut predictor, &img, &cfg.amg, &mut |_, _| {})
+            .map_err(|e| StageError::Model(format!("record '{id}': {e}")))?;
+        masks_total += masks.len();
+        w.write(proposal_record(id, &img, &masks, meta.clone()))?;
+        Ok(())
+    };
+    match source {
+        ImageSource::Samples(path) => {
+            for_each_taken::<Sample, StageError>(path, shard, Some("sam-masks"), |s| {
+                let img = popen_core::imageio::decode_rgb(&s.image, Some(&s.id)).map_err(|e| e.to_string());
+                one(&s.id, img, &mut writer, &mut manifest)
+            })?;
+        }
+        ImageSource::Folder(dir) => {
+            let files = list_images(dir)?;
+            let bar = popen_core::progress::bar(files.len() as u64, "sam-masks");
+            for (pos, f) in files.iter().enumerate() {
+                bar.inc(1);
+                if !shard.takes(pos) {
+                    continue;
+                }
+                let id = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let img = std::fs::read(f)
+                    .map_err(|e| format!("{}: {e}", f.display()))
+                    .and_then(|b| popen_core::imageio::decode_rgb(&b, Some(&f.display().to_string())).map_err(|e| e.to_string()));
+                one(&id, img, &mut writer, &mut manifest)?;
+            }
+            bar.finish();
+        }
+    }
+    let rows = writer.finish()?;
+    manifest.add_output(out, Some(rows as u64))?;
+    manifest.count("images", images as u64);
+    manifest.count("resumed", resumed as u64);
+    manifest.count("skipped", skipped as u64);
+    manifest.count("masks", masks_total as u64);
+    manifest.time("seconds", t0);
+    manifest.write(manifest_beside(out))?;
+    Ok(SamMasksReport {
+        output: out.to_path_buf(),
+        images,
+        resumed,
+        skipped,
+        masks: masks_total,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

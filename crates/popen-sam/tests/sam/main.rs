@@ -1,0 +1,5 @@
+//! popen-sam tests: one binary (link time and disk), one module per part.
+
+mod amg;
+mod tiny_vit;
+mod vit;
