@@ -37,6 +37,11 @@ pub struct EvalArgs {
     /// Logit magnitude a binary mask stands for in PixelLM's matching cost.
     #[arg(long, default_value_t = popen_eval::matching::DEFAULT_MATCH_LOGIT)]
     match_logit: f64,
+    /// Class-agnostic proposals (`popen sam-masks` shards) for the localization error: the
+    /// other objects are the proposals that are not the target (IoU < 0.5) instead of the
+    /// annotated instances. Every sample needs a record.
+    #[arg(long, num_args = 1..)]
+    proposals: Vec<PathBuf>,
     /// Overlays of the N best and N worst samples by per-sample gIoU (0: none).
     #[arg(long, default_value_t = 3)]
     overlays: usize,
@@ -120,9 +125,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         (None, None) => bail!("give --predictions or --baseline"),
     };
     let judge = judge_cfg.clone().map(Judge::new).transpose()?;
+    let proposals: Option<std::collections::HashMap<String, Vec<popen_core::mask::Rle>>> = if a.proposals.is_empty() {
+        None
+    } else {
+        let sets = popen_core::shard::read_proposals(&a.proposals).context("reading the proposals")?;
+        Some(sets.into_iter().map(|(id, p)| (id, p.masks)).collect())
+    };
     let mut report = evaluate(
         &cfg,
-        EvalInputs { samples: &samples, predictions: &predictions, lexicon: &lexicon, proposals: None, judge: judge.as_ref() },
+        EvalInputs { samples: &samples, predictions: &predictions, lexicon: &lexicon, proposals: proposals.as_ref(), judge: judge.as_ref() },
     )
     .with_context(|| match &a.predictions {
         Some(p) => format!("evaluating {} against {}", p.display(), a.samples.display()),

@@ -5,6 +5,7 @@ mod backend;
 mod eval_cmd;
 mod model_cmd;
 mod prefs_cmd;
+mod sam_cmd;
 mod train_cmd;
 
 use anyhow::{bail, Context, Result};
@@ -71,6 +72,10 @@ enum Command {
     /// Text preference data P_t: the model's answer y, a corrector's y_c (offline: from the
     /// ground truth), RLHF-V token diffs and the reference model's per-token log-probs.
     CollectPt(prefs_cmd::CollectPtArgs),
+    /// Class-agnostic object proposals with SAM's automatic mask generator (MobileSAM by
+    /// default; SAM ViT-B/L/H checkpoints too), one `proposal/1` record per image: for
+    /// collect-ps --proposals and the localization-error metric. Sharded and resumable.
+    SamMasks(sam_cmd::SamMasksArgs),
 }
 
 #[derive(clap::Args)]
@@ -196,6 +201,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Predict(a) => train_cmd::predict(a),
         Command::Eval(a) => eval_cmd::eval(a),
         Command::CollectPs(a) => prefs_cmd::collect_ps(a),
+        Command::SamMasks(a) => sam_cmd::sam_masks(a),
         Command::CollectPt(a) => prefs_cmd::collect_pt(a),
         Command::Device(a) => {
             let r = backend::check(&a.backend, a.size, a.iters)?;

@@ -35,6 +35,14 @@ pub struct CollectPsArgs {
     /// more files; default: the image's own instance masks (annotations).
     #[arg(long, num_args = 1..)]
     proposals: Vec<PathBuf>,
+    /// Run SAM's automatic mask generator on each image instead (MobileSAM by default;
+    /// settings from --sam-config, e.g. pipelines/sam-masks.toml). `popen sam-masks` once +
+    /// --proposals is cheaper when several runs share the images.
+    #[arg(long, conflicts_with = "proposals")]
+    sam: bool,
+    /// SAM settings TOML for --sam.
+    #[arg(long, requires = "sam")]
+    sam_config: Option<PathBuf>,
     /// This task's part of the samples, I/N (cluster job arrays).
     #[arg(long, default_value = "0/1")]
     shard: ShardSpec,
@@ -86,8 +94,12 @@ pub fn collect_ps(a: CollectPsArgs) -> Result<()> {
 }
 
 fn run<B: Backend>(a: &CollectPsArgs, cfg: &CollectPsConfig, out: &std::path::Path, dev: &B::Device) -> Result<collect_ps::CollectPsReport> {
-    let shard_proposer;
-    let proposer: &dyn collect_ps::MaskProposer = if a.proposals.is_empty() {
+    let (shard_proposer, sam_proposer);
+    let proposer: &dyn collect_ps::MaskProposer = if a.sam {
+        let sam_cfg: popen_sam::stage::SamMasksConfig = read_toml(a.sam_config.as_deref())?;
+        sam_proposer = collect_ps::SamProposer::<B>::load(&sam_cfg, dev).context("loading SAM")?;
+        &sam_proposer
+    } else if a.proposals.is_empty() {
         &AnnotationProposer
     } else {
         shard_proposer = collect_ps::ShardProposer::open(&a.proposals).context("reading the proposals")?;
@@ -99,7 +111,7 @@ fn run<B: Backend>(a: &CollectPsArgs, cfg: &CollectPsConfig, out: &std::path::Pa
 
 /// The output path of this shard task; `None` when it and its manifest are already complete
 /// (a rerun of a finished task does nothing unless forced).
-fn output_or_done(out: &std::path::Path, shard: &ShardSpec, force: bool) -> Result<Option<PathBuf>> {
+pub(crate) fn output_or_done(out: &std::path::Path, shard: &ShardSpec, force: bool) -> Result<Option<PathBuf>> {
     let out = shard.output_path(out);
     let mpath = popen_core::manifest::manifest_beside(&out);
     if !force && out.is_file() && mpath.is_file() {
@@ -201,7 +213,7 @@ pub fn collect_pt(a: CollectPtArgs) -> Result<()> {
 }
 
 /// A config from its TOML file, or the type's defaults without one.
-fn read_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&std::path::Path>) -> Result<T> {
+pub(crate) fn read_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&std::path::Path>) -> Result<T> {
     let Some(p) = path else { return Ok(T::default()) };
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))

