@@ -12,7 +12,7 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps bench bench-model refenv help
+.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps sam-masks sam-photos bench-sam bench bench-model refenv help
 
 help:
 	@echo "make demo        benchmark -> tiny model -> SFT -> predict -> eval, with baselines ($(OUT))"
@@ -20,6 +20,8 @@ help:
 	@echo "make predict     greedy answers + masks for $(SPLIT) into $(PRED)"
 	@echo "make collect-pt  text preference data P_t into $(PREFS)"
 	@echo "make collect-ps  segmentation preference data P_s (PHASE=1|2) into $(PREFS)"
+	@echo "make sam-masks   SAM automatic-mask proposals of $$(SAM_SPLIT) into $(PREFS) (SAM_POINTS=$(SAM_POINTS))"
+	@echo "make sam-photos  SAM proposals + overlays of the real labelme photos into out/sam-photos"
 	@echo "make eval        gIoU/cIoU/CHAIR/boundary IoU/localization error of $(PRED) + baselines"
 	@echo "make test        Rust tests, interop checks (pyarrow/duckdb/pycocotools), cuda check"
 	@echo "make data        generate the embedded benchmark into $(DATA) (SEED=$(SEED))"
@@ -100,6 +102,23 @@ collect-pt: build
 # output is skipped on rerun (its manifest), --shard I/N splits it for job arrays.
 collect-ps: build
 	$(POPEN) collect-ps --config $(PS_CONFIG) --model $(MODEL) --samples $(DATA)/train.parquet --out $(PREFS)/ps-phase$(PHASE).parquet --phase $(PHASE)
+
+# SAM proposals (proposal/1) of a split for collect-ps --proposals and eval --proposals.
+# Resumable (rerun after a kill continues), --shard I/N for job arrays; CPU takes ~1 min per
+# image at SAM's 32 points per side, so the tiny benchmark defaults to 16.
+SAM_CONFIG ?= pipelines/sam-masks.toml
+SAM_SPLIT  ?= train
+SAM_POINTS ?= 16
+sam-masks: build assets
+	$(POPEN) sam-masks --config $(SAM_CONFIG) --samples $(DATA)/$(SAM_SPLIT).parquet --points-per-side $(SAM_POINTS) --out $(PREFS)/sam-$(SAM_SPLIT).parquet
+
+# The README's overlay: MobileSAM's automatic masks (SAM defaults) on the three real photos.
+sam-photos: build assets
+	$(POPEN) sam-masks --config $(SAM_CONFIG) --images data/assets/labelme/JPEGImages --out out/sam-photos/photos.parquet --overlays 3
+
+# CPU timing of MobileSAM (encoder, automatic generator) for docs/bench-sam.md.
+bench-sam: assets
+	$(CARGO) run --release -p popen-sam --example sam_bench
 
 # The README's seed spread: the demo with SEED=0,1,2 into out/seed-*.
 baseline-seeds: build

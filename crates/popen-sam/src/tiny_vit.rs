@@ -408,7 +408,7 @@ pub struct PatchEmbed<B: Backend> {
 }
 
 impl<B: Backend> PatchEmbed<B> {
-    fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 4> {
+    pub fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 4> {
         for l in &self.seq {
             x = match l {
                 PatchSeq::Conv(c) => c.forward(x),
@@ -428,7 +428,7 @@ pub struct MbConv<B: Backend> {
 }
 
 impl<B: Backend> MbConv<B> {
-    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let y = gelu(self.conv1.forward(x.clone()));
         let y = gelu(self.conv2.forward(y));
         gelu(self.conv3.forward(y) + x)
@@ -444,7 +444,7 @@ pub struct PatchMerging<B: Backend> {
 }
 
 impl<B: Backend> PatchMerging<B> {
-    fn forward(&self, x: Tensor<B, 4>) -> (Tensor<B, 3>, [usize; 2]) {
+    pub fn forward(&self, x: Tensor<B, 4>) -> (Tensor<B, 3>, [usize; 2]) {
         let y = gelu(self.conv1.forward(x));
         let y = gelu(self.conv2.forward(y));
         let y = self.conv3.forward(y);
@@ -497,7 +497,7 @@ impl<B: Backend> WindowAttention<B> {
     }
 
     /// `x`: `[windows, n, c]` with `n = window_size^2`.
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [bw, n, _] = x.dims();
         let (h, kd) = (self.num_heads, self.key_dim);
         let qkv = self
@@ -526,7 +526,7 @@ pub struct TinyMlp<B: Backend> {
 }
 
 impl<B: Backend> TinyMlp<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.fc2.forward(gelu(self.fc1.forward(self.norm.forward(x))))
     }
 }
@@ -540,7 +540,7 @@ pub struct TinyVitBlock<B: Backend> {
 
 impl<B: Backend> TinyVitBlock<B> {
     /// `x`: tokens `[b, h * w, c]` of an `h x w` grid.
-    fn forward(&self, x: Tensor<B, 3>, [h, w]: [usize; 2]) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, [h, w]: [usize; 2]) -> Tensor<B, 3> {
         let [b, l, c] = x.dims();
         let ws = self.attn.window_size;
         let attended = if h == ws && w == ws {
