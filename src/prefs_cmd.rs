@@ -46,7 +46,8 @@ pub struct CollectPsArgs {
     /// This task's part of the samples, I/N (cluster job arrays).
     #[arg(long, default_value = "0/1")]
     shard: ShardSpec,
-    /// Recompute even if the output and its manifest are already complete.
+    /// Recompute even if the output and its manifest are already complete, and discard the
+    /// parts of a killed run (a rerun otherwise resumes them).
     #[arg(long)]
     force: bool,
     /// Print the effective config as TOML and exit.
@@ -125,6 +126,11 @@ pub(crate) fn output_or_done(out: &std::path::Path, shard: &ShardSpec, force: bo
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // Parts of a killed run are resumed, unless forced to start over.
+    let parts = popen_core::shard::parts_dir(&out);
+    if force && parts.exists() {
+        std::fs::remove_dir_all(&parts).with_context(|| format!("removing {}", parts.display()))?;
+    }
     Ok(Some(out))
 }
 
@@ -161,7 +167,8 @@ pub struct CollectPtArgs {
     /// This task's part of the samples, I/N (cluster job arrays).
     #[arg(long, default_value = "0/1")]
     shard: ShardSpec,
-    /// Recompute even if the output and its manifest are already complete.
+    /// Recompute even if the output and its manifest are already complete, and discard the
+    /// parts of a killed run (a rerun otherwise resumes them).
     #[arg(long)]
     force: bool,
     /// Print the effective config as TOML and exit.

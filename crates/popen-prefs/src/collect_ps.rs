@@ -137,6 +137,9 @@ pub struct CollectPsConfig {
     pub batch_size: usize,
     pub noise: NoiseConfig,
     pub select: SelectConfig,
+    /// Records per committed part of a resumable run (a killed job loses at most this many).
+    #[serde(default = "crate::default_part_records")]
+    pub part_records: usize,
 }
 
 impl Default for CollectPsConfig {
@@ -148,12 +151,16 @@ impl Default for CollectPsConfig {
             batch_size: 10,
             noise: NoiseConfig::default(),
             select: SelectConfig::default(),
+            part_records: crate::default_part_records(),
         }
     }
 }
 
 impl CollectPsConfig {
     pub fn validate(&self) -> Result<()> {
+        if self.part_records == 0 {
+            return Err(PrefsError::Input("part_records must be >= 1".into()));
+        }
         self.noise.validate()?;
         if self.perturbations < self.select.phase2_top.max(3) {
             return Err(PrefsError::Input(format!(
@@ -204,10 +211,13 @@ pub fn run<B: Backend>(
     let t0 = Instant::now();
     let config = serde_json::json!({"config": cfg, "proposer": proposer.name()});
     let (bundle::Bundle { model, mut tokenizer, .. }, mut writer, mut manifest) =
-        crate::open_stage::<B, SegPref>("collect-ps", &config, model_dir, samples, out, device)?;
+        crate::open_stage::<B, SegPref>("collect-ps", &config, model_dir, samples, out, cfg.part_records, |r| r.id.clone(), device)?;
     let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
     let (mut records, mut skipped, mut forwards) = (0usize, 0usize, 0usize);
     for_each_taken(samples, &shard, progress.then_some("collect-ps"), |s: Sample| -> Result<()> {
+        if writer.is_done(&s.id) {
+            return Ok(());
+        }
         match collect_one(&predictor, &s, cfg, proposer, &mut forwards) {
             Ok(r) => {
                 writer.write(r)?;

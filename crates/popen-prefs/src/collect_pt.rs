@@ -39,16 +39,30 @@ pub struct CollectPtConfig {
     pub top_p: f32,
     /// RLHF-V's minimum matching block of the token diff.
     pub min_match: usize,
+    /// Records per committed part of a resumable run (a killed job loses at most this many).
+    #[serde(default = "crate::default_part_records")]
+    pub part_records: usize,
 }
 
 impl Default for CollectPtConfig {
     fn default() -> Self {
-        CollectPtConfig { seed: 0, max_new_tokens: 96, resample: 3, temperature: 1.0, top_p: 0.9, min_match: 3 }
+        CollectPtConfig {
+            seed: 0,
+            max_new_tokens: 96,
+            resample: 3,
+            temperature: 1.0,
+            top_p: 0.9,
+            min_match: 3,
+            part_records: crate::default_part_records(),
+        }
     }
 }
 
 impl CollectPtConfig {
     pub fn validate(&self) -> Result<()> {
+        if self.part_records == 0 {
+            return Err(PrefsError::Input("part_records must be >= 1".into()));
+        }
         let s = SamplingConfig { max_new_tokens: self.max_new_tokens, temperature: self.temperature, top_p: self.top_p, seed: 0 };
         s.validate().map_err(|e| PrefsError::Input(e.to_string()))?;
         if self.temperature <= 0.0 {
@@ -95,10 +109,13 @@ pub fn run<B: Backend>(
     let t0 = Instant::now();
     let config = serde_json::json!({"config": cfg, "corrector": corrector_name, "lexicon": lexicon.kind});
     let (bundle::Bundle { model, mut tokenizer, .. }, mut writer, mut manifest) =
-        crate::open_stage::<B, TextPref>("collect-pt", &config, model_dir, samples, out, device)?;
+        crate::open_stage::<B, TextPref>("collect-pt", &config, model_dir, samples, out, cfg.part_records, |r| r.id.clone(), device)?;
     let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
     let mut report = CollectPtReport { output: out.to_path_buf(), ..Default::default() };
     for_each_taken(samples, &shard, progress.then_some("collect-pt"), |s: Sample| -> Result<()> {
+        if writer.is_done(&s.id) {
+            return Ok(());
+        }
         match collect_one(&predictor, &s, cfg, corrector, lexicon) {
             Ok(r) => {
                 match r.branch.as_str() {

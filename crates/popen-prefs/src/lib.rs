@@ -29,28 +29,42 @@ pub enum PrefsError {
 
 pub type Result<T, E = PrefsError> = std::result::Result<T, E>;
 
-/// What every collect stage opens first: the model folder, the output shard writer and the
-/// manifest (config, the samples shard and the model weights as inputs).
+/// What every collect stage opens first: the model folder, the resumable output writer and
+/// the manifest (config, the samples shard and the model weights as inputs). Records are
+/// committed every `part_records` beside the output (`<out>.parts/`): a killed run, rerun
+/// with the same config and inputs, skips the samples already written and ends with the
+/// same file (`popen_core::shard::ResumableWriter`; delete the parts, as `--force` does, to
+/// start over).
 pub(crate) fn open_stage<B: burn::prelude::Backend, R: popen_core::shard::Record>(
     stage: &str,
     config: &serde_json::Value,
     model_dir: &std::path::Path,
     samples: &std::path::Path,
     out: &std::path::Path,
+    part_records: usize,
+    id_of: fn(&R) -> String,
     device: &B::Device,
-) -> Result<(popen_model::bundle::Bundle<B>, popen_core::shard::ShardWriter<R>, popen_core::manifest::Manifest)> {
+) -> Result<(popen_model::bundle::Bundle<B>, popen_core::shard::ResumableWriter<R>, popen_core::manifest::Manifest)> {
     use popen_model::bundle;
     let b = bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
-    let writer = popen_core::shard::ShardWriter::<R>::create(out)?;
     let mut manifest = popen_core::manifest::Manifest::new(stage, config)?;
     manifest.add_input(samples)?;
     manifest.add_input(model_dir.join(bundle::WEIGHTS_FILE))?;
+    let fingerprint = std::iter::once(manifest.config_hash.clone())
+        .chain(manifest.inputs.iter().map(|i| i.sha256.clone()))
+        .collect::<Vec<_>>()
+        .join("|");
+    let writer = popen_core::shard::ResumableWriter::<R>::open(out, &fingerprint, part_records, false, id_of)?;
+    if writer.resumed() > 0 {
+        manifest.count("resumed", writer.resumed() as u64);
+    }
     Ok((b, writer, manifest))
 }
 
-/// Closes a collect stage: the shard, then its manifest with the named counts and the time.
+/// Closes a collect stage: the shard (all parts), then its manifest with the named counts
+/// and the time.
 pub(crate) fn close_stage<R: popen_core::shard::Record>(
-    writer: popen_core::shard::ShardWriter<R>,
+    writer: popen_core::shard::ResumableWriter<R>,
     mut manifest: popen_core::manifest::Manifest,
     out: &std::path::Path,
     counts: &[(&str, usize)],
@@ -64,4 +78,9 @@ pub(crate) fn close_stage<R: popen_core::shard::Record>(
     manifest.time("seconds", t0);
     manifest.write(popen_core::manifest::manifest_beside(out))?;
     Ok(())
+}
+
+/// Default of the configs' `part_records`.
+pub(crate) fn default_part_records() -> usize {
+    16
 }

@@ -3,7 +3,8 @@
 //! SAM's defaults, on one photo. The PyTorch numbers of the same machine come from
 //! `tools/reference/mobile_sam_fixture.py` (its `timings`).
 //!
-//! `cargo run --release -p popen-sam --example sam_bench -- [image] [checkpoint] [runs]`
+//! `cargo run -p popen-sam --example sam_bench -- [image] [checkpoint] [encoder
+//! runs] [generator runs]` (medians; defaults 3 and 1).
 
 use popen_sam::amg::{generate, AmgConfig};
 use popen_sam::model::{Sam, SamConfig, SamKind, SamPredictor};
@@ -21,6 +22,7 @@ fn main() {
     let image = args.get(1).map(String::as_str).unwrap_or("data/assets/labelme/JPEGImages/2011_000003.jpg");
     let ck = args.get(2).map(String::as_str).unwrap_or("data/assets/mobile_sam/mobile_sam.pt");
     let runs: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let amg_runs: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
     let img = image::open(image).expect("readable image").to_rgb8();
     let device = Default::default();
     let model = Sam::<B>::load(SamKind::MobileSam, ck, &device).expect("checkpoint loads");
@@ -35,7 +37,7 @@ fn main() {
     }
     let mut amg = Vec::new();
     let mut n = 0;
-    for _ in 0..runs.min(2) {
+    for _ in 0..amg_runs {
         let t = Instant::now();
         let masks = generate(&mut p, &img, &AmgConfig::default(), &mut |_, _| {}).unwrap();
         n = masks.len();

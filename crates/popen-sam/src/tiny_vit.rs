@@ -19,8 +19,9 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
-use burn::tensor::ops::PadMode;
-use popen_model::sam::{conv2d_forward, LayerNorm2d, SamError, SeqLayer};
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::ConvOptions;
+use popen_model::sam::{patch_conv2d, LayerNorm2d, SamError, SeqLayer};
 use serde::{Deserialize, Serialize};
 
 type Result<T> = std::result::Result<T, SamError>;
@@ -322,77 +323,29 @@ impl<B: Backend> Conv2dBn<B> {
         }
     }
 
-    /// `x`: `[b, c, h, w]`.
+    /// `x`: `[b, c, h, w]`. BatchNorm is folded into the convolution (weights scaled per
+    /// output channel, the shift as bias): one pass over the activations instead of three.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let y = if self.c.groups > 1 && self.c.groups == self.c.weight.dims()[0] {
-            depthwise_conv(&self.c, x)
-        } else {
-            conv2d_forward(&self.c, x)
-        };
-        let c = y.dims()[1];
         let (scale, shift) = self.bn.affine();
-        y * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
-    }
-}
-
-/// Depthwise convolution (one filter per channel, zero padding, any stride) as `k * k`
-/// shifted multiply-adds: burn's grouped convolution is a scalar loop on the CPU backends.
-fn depthwise_conv<B: Backend>(m: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, c, h, w] = x.dims();
-    let [_, _, kh, kw] = m.weight.dims();
-    let [sh, sw] = m.stride;
-    let (pt, pl, pb, pr) = match m.padding {
-        PaddingConfig2d::Explicit(t, l, bo, r) => (t, l, bo, r),
-        PaddingConfig2d::Valid => (0, 0, 0, 0),
-        PaddingConfig2d::Same => return m.forward(x),
-    };
-    if m.dilation != [1, 1] {
-        return m.forward(x);
-    }
-    let (hp, wp) = (h + pt + pb, w + pl + pr);
-    if hp < kh || wp < kw {
-        return m.forward(x);
-    }
-    let (oh, ow) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
-    let xp = x.pad([(pt, pb), (pl, pr)], PadMode::Constant(0.0));
-    let weight = m.weight.val().reshape([c, kh * kw]);
-    let mut acc: Option<Tensor<B, 4>> = None;
-    for ki in 0..kh {
-        for kj in 0..kw {
-            let view = xp
-                .clone()
-                .slice([0..b, 0..c, ki..ki + sh * (oh - 1) + 1, kj..kj + sw * (ow - 1) + 1]);
-            let view = if sh == 1 && sw == 1 {
-                view
-            } else {
-                subsample(view, sh, sw, oh, ow)
-            };
-            let wk = weight
-                .clone()
-                .slice([0..c, ki * kw + kj..ki * kw + kj + 1])
-                .reshape([1, c, 1, 1]);
-            let t = view * wk;
-            acc = Some(match acc {
-                Some(a) => a + t,
-                None => t,
-            });
+        let w = self.c.weight.val();
+        let cout = w.dims()[0];
+        let w = w * scale.reshape([cout, 1, 1, 1]);
+        let [kh, kw] = self.c.kernel_size;
+        let pad = match self.c.padding {
+            PaddingConfig2d::Explicit(t, l, _, _) => [t, l],
+            _ => [0, 0],
+        };
+        if [kh, kw] == [1, 1] && self.c.stride == [1, 1] && pad == [0, 0] && self.c.groups == 1 {
+            // A 1x1 convolution is a matrix product.
+            return patch_conv2d(x, w, Some(shift));
         }
+        conv2d(
+            x,
+            w,
+            Some(shift),
+            ConvOptions::new(self.c.stride, pad, self.c.dilation, self.c.groups),
+        )
     }
-    let y = acc.expect("kernel has at least one tap");
-    match &m.bias {
-        Some(bias) => y + bias.val().reshape([1, c, 1, 1]),
-        None => y,
-    }
-}
-
-/// Every `sh`-th row and `sw`-th column of `x` (`[b, c, (oh-1)*sh+1, (ow-1)*sw+1]`).
-fn subsample<B: Backend>(x: Tensor<B, 4>, sh: usize, sw: usize, oh: usize, ow: usize) -> Tensor<B, 4> {
-    let [b, c, h, w] = x.dims();
-    // Pad to a multiple of the stride, split each axis into (n, stride), keep offset 0.
-    let x = x.pad([(0, oh * sh - h), (0, ow * sw - w)], PadMode::Constant(0.0));
-    x.reshape([b, c, oh, sh, ow, sw])
-        .slice([0..b, 0..c, 0..oh, 0..1, 0..ow, 0..1])
-        .reshape([b, c, oh, ow])
 }
 
 /// Entry of `patch_embed.seq` (`Conv2d_BN`, `GELU`, `Conv2d_BN`).

@@ -109,6 +109,38 @@ fn collect_ps_end_to_end() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["config"]["proposer"], "shard", "{text}");
     assert!(text.contains("no proposals for sample"), "{text}");
+    // A run killed on its third sample (parts of 2 records) leaves one committed part; the
+    // rerun resumes it, computes only the last two samples, and writes the same file as the
+    // uninterrupted run.
+    struct Killer(std::cell::Cell<usize>);
+    impl popen_prefs::collect_ps::MaskProposer for Killer {
+        fn name(&self) -> &str {
+            "annotations"
+        }
+        fn proposals(&self, s: &Sample) -> popen_prefs::Result<Vec<popen_core::mask::Mask>> {
+            self.0.set(self.0.get() + 1);
+            if self.0.get() == 3 {
+                panic!("killed");
+            }
+            AnnotationProposer.proposals(s)
+        }
+    }
+    let kcfg = CollectPsConfig { part_records: 2, ..cfg.clone() };
+    let outk = dir.path().join("killed.parquet");
+    let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let k = Killer(std::cell::Cell::new(0));
+        run::<B>(&model, &shard, &outk, &kcfg, &k, ShardSpec::new(0, 1).unwrap(), false, &Default::default())
+    }));
+    assert!(killed.is_err());
+    assert!(!outk.exists());
+    assert!(popen_core::shard::parts_dir(&outk).join("part-00000.parquet").exists());
+    let rk = run::<B>(&model, &shard, &outk, &kcfg, &AnnotationProposer, ShardSpec::new(0, 1).unwrap(), false, &Default::default())
+        .unwrap();
+    assert_eq!((rk.records, rk.forwards), (2, 12), "only the samples after the committed part are computed");
+    assert_eq!(read_shard::<SegPref>(&outk).unwrap(), recs);
+    assert!(!popen_core::shard::parts_dir(&outk).exists());
+    let mk = Manifest::read(manifest_beside(&outk)).unwrap();
+    assert_eq!(mk.counts.get("resumed"), Some(&2));
     // Phase 1 with an impossible threshold: every sample is skipped after the cap, with the
     // reason in the manifest.
     let mut p1 = CollectPsConfig { phase: Phase::One, perturbations: 5, batch_size: 5, ..Default::default() };
