@@ -190,7 +190,7 @@ pub fn collect_pt(a: CollectPtArgs) -> Result<()> {
         return Ok(());
     }
     let lexicon = popen_core::lexicon::Lexicon::load(&a.lexicon).with_context(|| format!("loading the lexicon '{}'", a.lexicon))?;
-    let corrector: Box<dyn popen_prefs::corrector::Corrector> = match a.corrector.as_str() {
+    let corrector: Box<dyn popen_prefs::corrector::Corrector + Sync> = match a.corrector.as_str() {
         "offline" => Box::new(OfflineCorrector::new(lexicon.clone())),
         "openai" => {
             let oc: popen_prefs::openai::OpenAiConfig = read_toml(a.openai_config.as_deref())?;

@@ -42,6 +42,14 @@ pub struct CollectPtConfig {
     /// Records per committed part of a resumable run (a killed job loses at most this many).
     #[serde(default = "crate::default_part_records")]
     pub part_records: usize,
+    /// Corrector requests in flight at once: the greedy answers of this many samples are
+    /// generated, then corrected concurrently (an HTTP corrector spends its time waiting).
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_concurrency() -> usize {
+    8
 }
 
 impl Default for CollectPtConfig {
@@ -54,6 +62,7 @@ impl Default for CollectPtConfig {
             top_p: 0.9,
             min_match: 3,
             part_records: crate::default_part_records(),
+            concurrency: default_concurrency(),
         }
     }
 }
@@ -70,6 +79,9 @@ impl CollectPtConfig {
         }
         if self.min_match == 0 {
             return Err(PrefsError::Input("min_match must be >= 1".into()));
+        }
+        if self.concurrency == 0 {
+            return Err(PrefsError::Input("concurrency must be >= 1".into()));
         }
         Ok(())
     }
@@ -98,7 +110,7 @@ pub fn run<B: Backend>(
     samples: &Path,
     out: &Path,
     cfg: &CollectPtConfig,
-    corrector: &dyn Corrector,
+    corrector: &(dyn Corrector + Sync),
     corrector_name: &str,
     lexicon: &Lexicon,
     shard: ShardSpec,
@@ -112,27 +124,39 @@ pub fn run<B: Backend>(
         crate::open_stage::<B, TextPref>("collect-pt", &config, model_dir, samples, out, cfg.part_records, |r| r.id.clone(), device)?;
     let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
     let mut report = CollectPtReport { output: out.to_path_buf(), ..Default::default() };
-    for_each_taken(samples, &shard, progress.then_some("collect-pt"), |s: Sample| -> Result<()> {
-        if writer.is_done(&s.id) {
-            return Ok(());
-        }
-        match collect_one(&predictor, &s, cfg, corrector, lexicon) {
-            Ok(r) => {
-                match r.branch.as_str() {
-                    "model" => report.model += 1,
-                    "resampled" => report.resampled += 1,
-                    _ => report.injected += 1,
+    let done = writer.done_ids().clone();
+    let mut window: Vec<Sample> = Vec::new();
+    let mut flush = |window: &mut Vec<Sample>| -> Result<()> {
+        for (s, res) in window.iter().zip(collect_window(&predictor, window, cfg, corrector, lexicon)) {
+            match res {
+                Ok(r) => {
+                    match r.branch.as_str() {
+                        "model" => report.model += 1,
+                        "resampled" => report.resampled += 1,
+                        _ => report.injected += 1,
+                    }
+                    writer.write(r)?;
+                    report.records += 1;
                 }
-                writer.write(r)?;
-                report.records += 1;
+                Err(e) => {
+                    manifest.skip(s.id.clone(), e.to_string());
+                    report.skipped += 1;
+                }
             }
-            Err(e) => {
-                manifest.skip(s.id.clone(), e.to_string());
-                report.skipped += 1;
-            }
+        }
+        window.clear();
+        Ok(())
+    };
+    for_each_taken(samples, &shard, progress.then_some("collect-pt"), |s: Sample| -> Result<()> {
+        if !done.contains(&s.id) {
+            window.push(s);
+        }
+        if window.len() >= cfg.concurrency {
+            flush(&mut window)?;
         }
         Ok(())
     })?;
+    flush(&mut window)?;
     let counts = [
         ("records", report.records),
         ("skipped", report.skipped),
@@ -145,23 +169,86 @@ pub fn run<B: Backend>(
     Ok(report)
 }
 
+/// The greedy answer of one sample and the corrector's verdict on it.
+type Greedy = (image::RgbImage, Truth, Prediction, Option<Result<crate::corrector::Correction>>);
+
+/// collect-pt on a window of samples: greedy answers one by one (the model), then the
+/// corrections of all usable ones concurrently (`cfg.concurrency` threads: an HTTP corrector
+/// waits on the network), then each sample's remaining branches. Same records as one sample
+/// at a time.
+fn collect_window<B: Backend>(
+    predictor: &Predictor<'_, B>,
+    window: &[Sample],
+    cfg: &CollectPtConfig,
+    corrector: &(dyn Corrector + Sync),
+    lexicon: &Lexicon,
+) -> Vec<Result<TextPref>> {
+    let model_err = |e: popen_model::pixellm::PixelLmError| PrefsError::Input(format!("model: {e}"));
+    let greedy = SamplingConfig { max_new_tokens: cfg.max_new_tokens, ..Default::default() };
+    let mut firsts: Vec<Result<Greedy>> = window
+        .iter()
+        .map(|s| {
+            let image = s.decode_image()?;
+            let first = predictor.predict(&[(&image, s.instruction.as_str())], &greedy).map_err(model_err)?.remove(0);
+            Ok((image, Truth::from_sample(s, lexicon), first, None))
+        })
+        .collect();
+    let jobs: Vec<usize> =
+        (0..firsts.len()).filter(|&i| matches!(&firsts[i], Ok((_, _, p, _)) if usable(p))).collect();
+    let corrections = parallel_map(&jobs, cfg.concurrency, |&i| match &firsts[i] {
+        Ok((_, truth, p, _)) => corrector.correct(&p.answer, truth),
+        Err(_) => unreachable!("only successful greedy answers are corrected"),
+    });
+    for (&i, c) in jobs.iter().zip(corrections) {
+        if let Ok(g) = &mut firsts[i] {
+            g.3 = Some(c);
+        }
+    }
+    window
+        .iter()
+        .zip(firsts)
+        .map(|(s, g)| g.and_then(|g| collect_one(predictor, s, g, cfg, corrector)))
+        .collect()
+}
+
+/// `f` over `items` on up to `threads` scoped threads; results in input order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if threads <= 1 || items.len() <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<R>>> = items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(items.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= items.len() {
+                    break;
+                }
+                let r = f(&items[i]);
+                *slots[i].lock().expect("no panics while holding the slot") = Some(r);
+            });
+        }
+    });
+    slots.into_iter().map(|m| m.into_inner().expect("slot lock").expect("every item ran")).collect()
+}
+
 fn collect_one<B: Backend>(
     predictor: &Predictor<'_, B>,
     s: &Sample,
+    (image, truth, first, first_correction): Greedy,
     cfg: &CollectPtConfig,
     corrector: &dyn Corrector,
-    lexicon: &Lexicon,
 ) -> Result<TextPref> {
     let model_err = |e: popen_model::pixellm::PixelLmError| PrefsError::Input(format!("model: {e}"));
-    let image = s.decode_image()?;
-    let truth = Truth::from_sample(s, lexicon);
     let instr = s.instruction.as_str();
-    let greedy = SamplingConfig { max_new_tokens: cfg.max_new_tokens, ..Default::default() };
     let mut notes = Vec::new();
     let mut pair: Option<(String, String, &'static str, Vec<String>)> = None;
-    let first = predictor.predict(&[(&image, instr)], &greedy).map_err(model_err)?.remove(0);
     if usable(&first) {
-        let c = corrector.correct(&first.answer, &truth)?;
+        let c = match first_correction {
+            Some(c) => c?,
+            None => corrector.correct(&first.answer, &truth)?,
+        };
         if c.has_error() {
             pair = Some((first.answer.clone(), c.text, "model", c.notes));
         }

@@ -100,6 +100,11 @@ impl<T: Record> ResumableWriter<T> {
         self.done.contains(id)
     }
 
+    /// Ids of the records in committed parts.
+    pub fn done_ids(&self) -> &HashSet<String> {
+        &self.done
+    }
+
     /// Records found in parts when opening (work a killed run had finished).
     pub fn resumed(&self) -> usize {
         self.resumed

@@ -192,4 +192,34 @@ fn collect_pt_end_to_end() {
     let again = dir.path().join("pt2.parquet");
     collect_pt::run::<B>(&model, &shard, &again, &cfg, &corrector, "offline", &lex, all, false, &Default::default()).unwrap();
     assert_eq!(read_shard::<TextPref>(&again).unwrap(), recs, "deterministic");
+    // Concurrent corrections (a slow corrector that counts requests in flight) give the same
+    // records as one at a time, and never more than `concurrency` requests at once.
+    struct Slow {
+        inner: OfflineCorrector,
+        now: std::sync::atomic::AtomicUsize,
+        max: std::sync::atomic::AtomicUsize,
+    }
+    impl popen_prefs::corrector::Corrector for Slow {
+        fn correct(&self, y: &str, t: &popen_prefs::corrector::Truth) -> popen_prefs::Result<popen_prefs::corrector::Correction> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let n = self.now.fetch_add(1, SeqCst) + 1;
+            self.max.fetch_max(n, SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(40));
+            self.now.fetch_sub(1, SeqCst);
+            self.inner.correct(y, t)
+        }
+        fn inject_errors(&self, t: &popen_prefs::corrector::Truth, seed: u64) -> popen_prefs::Result<String> {
+            self.inner.inject_errors(t, seed)
+        }
+    }
+    for conc in [1, 3] {
+        let slow = Slow { inner: OfflineCorrector::new(lex.clone()), now: 0.into(), max: 0.into() };
+        let c = CollectPtConfig { concurrency: conc, ..cfg.clone() };
+        let o = dir.path().join(format!("pt-c{conc}.parquet"));
+        collect_pt::run::<B>(&model, &shard, &o, &c, &slow, "offline", &lex, ShardSpec::new(0, 1).unwrap(), false, &Default::default())
+            .unwrap();
+        assert_eq!(read_shard::<TextPref>(&o).unwrap(), recs, "concurrency {conc}");
+        let max = slow.max.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(max >= 1 && max <= conc, "concurrency {conc}: {max} requests in flight");
+    }
 }
