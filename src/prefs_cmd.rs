@@ -43,7 +43,8 @@ pub struct CollectPsArgs {
     /// SAM settings TOML for --sam.
     #[arg(long, requires = "sam")]
     sam_config: Option<PathBuf>,
-    /// This task's part of the samples, I/N (cluster job arrays).
+    /// This task's part of the samples, I/N (cluster job arrays; inside a Slurm job array
+    /// the default 0/1 becomes the array task: SLURM_ARRAY_TASK_ID/COUNT).
     #[arg(long, default_value = "0/1")]
     shard: ShardSpec,
     /// Recompute even if the output and its manifest are already complete, and discard the
@@ -73,7 +74,8 @@ fn config(a: &CollectPsArgs) -> Result<CollectPsConfig> {
     Ok(cfg)
 }
 
-pub fn collect_ps(a: CollectPsArgs) -> Result<()> {
+pub fn collect_ps(mut a: CollectPsArgs) -> Result<()> {
+    a.shard = a.shard.or_slurm()?;
     let cfg = config(&a)?;
     if a.print_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
@@ -164,7 +166,8 @@ pub struct CollectPtArgs {
     /// Stage seed (sampling and error injection are functions of it and the sample id).
     #[arg(long)]
     seed: Option<u64>,
-    /// This task's part of the samples, I/N (cluster job arrays).
+    /// This task's part of the samples, I/N (cluster job arrays; inside a Slurm job array
+    /// the default 0/1 becomes the array task: SLURM_ARRAY_TASK_ID/COUNT).
     #[arg(long, default_value = "0/1")]
     shard: ShardSpec,
     /// Recompute even if the output and its manifest are already complete, and discard the
@@ -179,7 +182,8 @@ pub struct CollectPtArgs {
     backend: String,
 }
 
-pub fn collect_pt(a: CollectPtArgs) -> Result<()> {
+pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
+    a.shard = a.shard.or_slurm()?;
     let mut cfg: CollectPtConfig = read_toml(a.config.as_deref())?;
     if let Some(s) = a.seed {
         cfg.seed = s;

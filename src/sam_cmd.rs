@@ -36,7 +36,8 @@ pub struct SamMasksArgs {
     /// Also draw the first N images' proposals as overlay PNGs into <out>.overlays/.
     #[arg(long, default_value_t = 0)]
     overlays: usize,
-    /// This task's part of the images, I/N (cluster job arrays).
+    /// This task's part of the images, I/N (cluster job arrays; inside a Slurm job array
+    /// the default 0/1 becomes the array task: SLURM_ARRAY_TASK_ID/COUNT).
     #[arg(long, default_value = "0/1")]
     shard: ShardSpec,
     /// Recompute even if the output is complete, and discard parts of a killed run (which a
@@ -51,7 +52,8 @@ pub struct SamMasksArgs {
     backend: String,
 }
 
-pub fn sam_masks(a: SamMasksArgs) -> Result<()> {
+pub fn sam_masks(mut a: SamMasksArgs) -> Result<()> {
+    a.shard = a.shard.or_slurm()?;
     let mut cfg: SamMasksConfig = read_toml(a.config.as_deref())?;
     if let Some(m) = &a.model {
         cfg.model = m.clone();

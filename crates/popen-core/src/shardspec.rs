@@ -33,6 +33,37 @@ impl ShardSpec {
         self.count == 1
     }
 
+    /// A Slurm job array's task (`sbatch --array=A-B`): I = `SLURM_ARRAY_TASK_ID` minus
+    /// `SLURM_ARRAY_TASK_MIN`, N = `SLURM_ARRAY_TASK_COUNT`; `None` outside a job array.
+    /// `var` reads an environment variable (`|k| std::env::var(k).ok()`).
+    pub fn from_slurm(var: impl Fn(&str) -> Option<String>) -> Result<Option<ShardSpec>> {
+        let Some(id) = var("SLURM_ARRAY_TASK_ID") else { return Ok(None) };
+        let num = |k: &str, v: Option<String>| -> Result<u32> {
+            let v = v.ok_or_else(|| CoreError::Invalid(format!("SLURM_ARRAY_TASK_ID is set but {k} is not")))?;
+            v.trim().parse().map_err(|_| CoreError::Invalid(format!("{k}={v:?} is not a number")))
+        };
+        let id = num("SLURM_ARRAY_TASK_ID", Some(id))?;
+        let min = match var("SLURM_ARRAY_TASK_MIN") {
+            Some(v) => num("SLURM_ARRAY_TASK_MIN", Some(v))?,
+            None => 0,
+        };
+        let count = num("SLURM_ARRAY_TASK_COUNT", var("SLURM_ARRAY_TASK_COUNT"))?;
+        let index = id.checked_sub(min).ok_or_else(|| {
+            CoreError::Invalid(format!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"))
+        })?;
+        ShardSpec::new(index, count).map(Some)
+    }
+
+    /// The shard a stage runs: an explicit `--shard I/N` wins; the whole input (`0/1`, the
+    /// flag's default) defers to a Slurm job array's task when the environment names one.
+    /// (A contiguous `--array=A-B` is assumed; with a step, pass `--shard` explicitly.)
+    pub fn or_slurm(self) -> Result<ShardSpec> {
+        if !self.is_all() {
+            return Ok(self);
+        }
+        Ok(ShardSpec::from_slurm(|k| std::env::var(k).ok())?.unwrap_or(self))
+    }
+
     /// File-name suffix, e.g. `-00002-of-00004`.
     pub fn suffix(&self) -> String {
         format!("-{:05}-of-{:05}", self.index, self.count)

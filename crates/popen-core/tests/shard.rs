@@ -427,3 +427,28 @@ fn resumable_writer_resumes_after_a_kill_with_the_same_output() {
     let w = ResumableWriter::<Sample>::open(&out, "cfg-c", 2, true, id).unwrap();
     assert_eq!(w.resumed(), 0);
 }
+
+#[test]
+fn slurm_job_array_supplies_the_shard() {
+    use popen_core::shardspec::ShardSpec;
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    };
+    assert_eq!(ShardSpec::from_slurm(env(&[])).unwrap(), None);
+    // sbatch --array=0-3: task 2 of 4.
+    let s = ShardSpec::from_slurm(env(&[("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_COUNT", "4")])).unwrap();
+    assert_eq!(s, Some(ShardSpec::new(2, 4).unwrap()));
+    // sbatch --array=1-4: ids start at 1.
+    let s = ShardSpec::from_slurm(env(&[
+        ("SLURM_ARRAY_TASK_ID", "4"),
+        ("SLURM_ARRAY_TASK_MIN", "1"),
+        ("SLURM_ARRAY_TASK_COUNT", "4"),
+    ]))
+    .unwrap();
+    assert_eq!(s, Some(ShardSpec::new(3, 4).unwrap()));
+    let e = ShardSpec::from_slurm(env(&[("SLURM_ARRAY_TASK_ID", "1")])).unwrap_err();
+    assert!(e.to_string().contains("SLURM_ARRAY_TASK_COUNT"), "{e}");
+    let e = ShardSpec::from_slurm(env(&[("SLURM_ARRAY_TASK_ID", "x"), ("SLURM_ARRAY_TASK_COUNT", "2")])).unwrap_err();
+    assert!(e.to_string().contains("not a number"), "{e}");
+    assert!(ShardSpec::from_slurm(env(&[("SLURM_ARRAY_TASK_ID", "5"), ("SLURM_ARRAY_TASK_COUNT", "4")])).is_err());
+}
