@@ -10,6 +10,25 @@ use popen_prefs::corrector::OfflineCorrector;
 use popen_prefs::select::Phase;
 use std::path::PathBuf;
 
+/// The options every resumable stage takes (`#[command(flatten)]`).
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// This task's part of the input, I/N (cluster job arrays; inside a Slurm job array the
+    /// default 0/1 becomes the array task: SLURM_ARRAY_TASK_ID/COUNT).
+    #[arg(long, default_value = "0/1")]
+    pub shard: ShardSpec,
+    /// Recompute even if the output and its manifest are already complete, and discard the
+    /// parts of a killed run (a rerun otherwise resumes them).
+    #[arg(long)]
+    pub force: bool,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
+    #[arg(long, default_value = "flex")]
+    pub backend: String,
+}
+
 #[derive(clap::Args)]
 pub struct CollectPsArgs {
     /// Model folder (the SFT model: the reference model of P_s).
@@ -43,20 +62,8 @@ pub struct CollectPsArgs {
     /// SAM settings TOML for --sam.
     #[arg(long, requires = "sam")]
     sam_config: Option<PathBuf>,
-    /// This task's part of the samples, I/N (cluster job arrays; inside a Slurm job array
-    /// the default 0/1 becomes the array task: SLURM_ARRAY_TASK_ID/COUNT).
-    #[arg(long, default_value = "0/1")]
-    shard: ShardSpec,
-    /// Recompute even if the output and its manifest are already complete, and discard the
-    /// parts of a killed run (a rerun otherwise resumes them).
-    #[arg(long)]
-    force: bool,
-    /// Print the effective config as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
-    /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
-    #[arg(long, default_value = "flex")]
-    backend: String,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 fn config(a: &CollectPsArgs) -> Result<CollectPsConfig> {
@@ -75,14 +82,14 @@ fn config(a: &CollectPsArgs) -> Result<CollectPsConfig> {
 }
 
 pub fn collect_ps(mut a: CollectPsArgs) -> Result<()> {
-    a.shard = a.shard.or_slurm()?;
+    a.run.shard = a.run.shard.or_slurm()?;
     let cfg = config(&a)?;
-    if a.print_config {
+    if a.run.print_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    let Some(out) = output_or_done(&a.out, &a.shard, a.force)? else { return Ok(()) };
-    let report = match a.backend.as_str() {
+    let Some(out) = output_or_done(&a.out, &a.run.shard, a.run.force)? else { return Ok(()) };
+    let report = match a.run.backend.as_str() {
         "flex" => run::<burn::backend::Flex>(&a, &cfg, &out, &Default::default()),
         "ndarray" => run::<burn::backend::NdArray<f32>>(&a, &cfg, &out, &Default::default()),
         #[cfg(feature = "cuda")]
@@ -108,7 +115,7 @@ fn run<B: Backend>(a: &CollectPsArgs, cfg: &CollectPsConfig, out: &std::path::Pa
         shard_proposer = collect_ps::ShardProposer::open(&a.proposals).context("reading the proposals")?;
         &shard_proposer
     };
-    collect_ps::run::<B>(&a.model, &a.samples, out, cfg, proposer, a.shard.clone(), true, dev)
+    collect_ps::run::<B>(&a.model, &a.samples, out, cfg, proposer, a.run.shard.clone(), true, dev)
         .with_context(|| format!("collect-ps {} -> {}", a.samples.display(), out.display()))
 }
 
@@ -166,30 +173,18 @@ pub struct CollectPtArgs {
     /// Stage seed (sampling and error injection are functions of it and the sample id).
     #[arg(long)]
     seed: Option<u64>,
-    /// This task's part of the samples, I/N (cluster job arrays; inside a Slurm job array
-    /// the default 0/1 becomes the array task: SLURM_ARRAY_TASK_ID/COUNT).
-    #[arg(long, default_value = "0/1")]
-    shard: ShardSpec,
-    /// Recompute even if the output and its manifest are already complete, and discard the
-    /// parts of a killed run (a rerun otherwise resumes them).
-    #[arg(long)]
-    force: bool,
-    /// Print the effective config as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
-    /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
-    #[arg(long, default_value = "flex")]
-    backend: String,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
-    a.shard = a.shard.or_slurm()?;
+    a.run.shard = a.run.shard.or_slurm()?;
     let mut cfg: CollectPtConfig = read_toml(a.config.as_deref())?;
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
     cfg.validate()?;
-    if a.print_config {
+    if a.run.print_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
@@ -202,13 +197,13 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
         }
         other => bail!("corrector '{other}' is not available (available: offline, openai)"),
     };
-    let Some(out) = output_or_done(&a.out, &a.shard, a.force)? else { return Ok(()) };
+    let Some(out) = output_or_done(&a.out, &a.run.shard, a.run.force)? else { return Ok(()) };
     macro_rules! go {
         ($b:ty) => {
-            collect_pt::run::<$b>(&a.model, &a.samples, &out, &cfg, corrector.as_ref(), &a.corrector, &lexicon, a.shard.clone(), true, &Default::default())
+            collect_pt::run::<$b>(&a.model, &a.samples, &out, &cfg, corrector.as_ref(), &a.corrector, &lexicon, a.run.shard.clone(), true, &Default::default())
         };
     }
-    let report = match a.backend.as_str() {
+    let report = match a.run.backend.as_str() {
         "flex" => go!(burn::backend::Flex),
         "ndarray" => go!(burn::backend::NdArray<f32>),
         #[cfg(feature = "cuda")]

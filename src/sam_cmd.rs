@@ -3,11 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use popen_core::shardspec::ShardSpec;
 use popen_sam::stage::{self, ImageSource, SamMasksConfig};
 use std::path::{Path, PathBuf};
 
-use crate::prefs_cmd::{output_or_done, read_toml};
+use crate::prefs_cmd::{output_or_done, read_toml, RunArgs};
 
 #[derive(clap::Args)]
 pub struct SamMasksArgs {
@@ -36,24 +35,12 @@ pub struct SamMasksArgs {
     /// Also draw the first N images' proposals as overlay PNGs into <out>.overlays/.
     #[arg(long, default_value_t = 0)]
     overlays: usize,
-    /// This task's part of the images, I/N (cluster job arrays; inside a Slurm job array
-    /// the default 0/1 becomes the array task: SLURM_ARRAY_TASK_ID/COUNT).
-    #[arg(long, default_value = "0/1")]
-    shard: ShardSpec,
-    /// Recompute even if the output is complete, and discard parts of a killed run (which a
-    /// rerun otherwise resumes).
-    #[arg(long)]
-    force: bool,
-    /// Print the effective config as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
-    /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
-    #[arg(long, default_value = "flex")]
-    backend: String,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 pub fn sam_masks(mut a: SamMasksArgs) -> Result<()> {
-    a.shard = a.shard.or_slurm()?;
+    a.run.shard = a.run.shard.or_slurm()?;
     let mut cfg: SamMasksConfig = read_toml(a.config.as_deref())?;
     if let Some(m) = &a.model {
         cfg.model = m.clone();
@@ -67,7 +54,7 @@ pub fn sam_masks(mut a: SamMasksArgs) -> Result<()> {
     }
     cfg.kind()?;
     cfg.amg.validate().context("generator settings ([amg] in the config)")?;
-    if a.print_config {
+    if a.run.print_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
@@ -77,8 +64,8 @@ pub fn sam_masks(mut a: SamMasksArgs) -> Result<()> {
         _ => bail!("give --samples SHARD or --images FOLDER"),
     };
     let out_arg = a.out.clone().expect("clap requires --out");
-    let Some(out) = output_or_done(&out_arg, &a.shard, a.force)? else { return Ok(()) };
-    let report = match a.backend.as_str() {
+    let Some(out) = output_or_done(&out_arg, &a.run.shard, a.run.force)? else { return Ok(()) };
+    let report = match a.run.backend.as_str() {
         "flex" => run::<burn::backend::Flex>(&cfg, &source, &out, &a, &Default::default()),
         "ndarray" => run::<burn::backend::NdArray<f32>>(&cfg, &source, &out, &a, &Default::default()),
         #[cfg(feature = "cuda")]
@@ -102,7 +89,7 @@ fn run<B: Backend>(
     a: &SamMasksArgs,
     dev: &B::Device,
 ) -> Result<stage::SamMasksReport> {
-    stage::run::<B>(cfg, source, out, &a.shard, a.force, dev).with_context(|| format!("sam-masks -> {}", out.display()))
+    stage::run::<B>(cfg, source, out, &a.run.shard, a.run.force, dev).with_context(|| format!("sam-masks -> {}", out.display()))
 }
 
 /// Overlays of the first `n` proposal sets (masks in palette colours, largest first so small
