@@ -116,10 +116,10 @@ sam-masks: build assets
 sam-photos: build assets
 	$(POPEN) sam-masks --config $(SAM_CONFIG) --images data/assets/labelme/JPEGImages --out out/sam-photos/photos.parquet --overlays 3
 
-# CPU timing of MobileSAM (encoder, automatic generator) for docs/bench-sam.md. The dev
-# profile: burn and every dependency are optimized (opt-level 3), popen-sam at 2.
+# CPU timing of MobileSAM (encoder, automatic generator) for docs/bench-sam.md (release, as
+# `make build` builds the popen binary).
 bench-sam: assets
-	$(CARGO) run -p popen-sam --example sam_bench -- data/assets/labelme/JPEGImages/2011_000003.jpg data/assets/mobile_sam/mobile_sam.pt 3 1
+	$(CARGO) run --release -p popen-sam --example sam_bench -- data/assets/labelme/JPEGImages/2011_000003.jpg data/assets/mobile_sam/mobile_sam.pt 3 1
 
 # The README's seed spread: the demo with SEED=0,1,2 into out/seed-*.
 baseline-seeds: build

@@ -3,7 +3,7 @@
 //! SAM's defaults, on one photo. The PyTorch numbers of the same machine come from
 //! `tools/reference/mobile_sam_fixture.py` (its `timings`).
 //!
-//! `cargo run -p popen-sam --example sam_bench -- [image] [checkpoint] [encoder
+//! `cargo run --release -p popen-sam --example sam_bench -- [image] [checkpoint] [encoder
 //! runs] [generator runs]` (medians; defaults 3 and 1).
 
 use popen_sam::amg::{generate, AmgConfig};
