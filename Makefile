@@ -27,6 +27,7 @@ help:
 	@echo "make data        generate the embedded benchmark into $(DATA) (SEED=$(SEED))"
 	@echo "make assets      fetch the pinned real weights/data of shared/ASSETS.md into data/assets"
 	@echo "make bench       mask-kernel benchmark against pycocotools"
+	@echo "make bench-sam   MobileSAM encoder + automatic generator timing (docs/bench-sam.md)"
 
 build:
 	$(CARGO) build --release --bin popen
