@@ -20,7 +20,7 @@ help:
 	@echo "make predict     greedy answers + masks for $(SPLIT) into $(PRED)"
 	@echo "make collect-pt  text preference data P_t into $(PREFS)"
 	@echo "make collect-ps  segmentation preference data P_s (PHASE=1|2) into $(PREFS)"
-	@echo "make sam-masks   SAM automatic-mask proposals of $$(SAM_SPLIT) into $(PREFS) (SAM_POINTS=$(SAM_POINTS))"
+	@echo "make sam-masks   SAM automatic-mask proposals of $(SAM_SPLIT) into $(PREFS) (SAM_POINTS=$(SAM_POINTS))"
 	@echo "make sam-photos  SAM proposals + overlays of the real labelme photos into out/sam-photos"
 	@echo "make eval        gIoU/cIoU/CHAIR/boundary IoU/localization error of $(PRED) + baselines"
 	@echo "make test        Rust tests, interop checks (pyarrow/duckdb/pycocotools), cuda check"
