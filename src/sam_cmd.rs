@@ -89,7 +89,7 @@ fn run<B: Backend>(
     a: &SamMasksArgs,
     dev: &B::Device,
 ) -> Result<stage::SamMasksReport> {
-    stage::run::<B>(cfg, source, out, &a.run.shard, a.run.force, dev).with_context(|| format!("sam-masks -> {}", out.display()))
+    stage::run::<B>(cfg, source, out, &a.run.shard, dev).with_context(|| format!("sam-masks -> {}", out.display()))
 }
 
 /// Overlays of the first `n` proposal sets (masks in palette colours, largest first so small

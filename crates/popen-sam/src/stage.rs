@@ -129,14 +129,14 @@ pub fn proposal_record(id: &str, img: &RgbImage, masks: &[AmgMask], meta: serde_
     }
 }
 
-/// Runs the stage into `out` (already the shard task's path). `fresh` discards parts of an
-/// earlier killed run instead of resuming them.
+/// Runs the stage into `out` (already the shard task's path). Parts of an earlier killed
+/// run with the same config and input are resumed; remove `<out>.parts` to start over (the
+/// CLI's `--force` does).
 pub fn run<B: Backend>(
     cfg: &SamMasksConfig,
     source: &ImageSource,
     out: &Path,
     shard: &ShardSpec,
-    fresh: bool,
     device: &B::Device,
 ) -> Result<SamMasksReport> {
     let t0 = Instant::now();
@@ -164,7 +164,7 @@ pub fn run<B: Backend>(
         manifest.add_input(p)?;
     }
     let fingerprint = format!("{}|{}|{}", manifest.config_hash, input_path.display(), shard);
-    let mut writer = ResumableWriter::<ProposalSet>::open(out, &fingerprint, cfg.chunk, fresh, |r| r.id.clone())?;
+    let mut writer = ResumableWriter::<ProposalSet>::open(out, &fingerprint, cfg.chunk, false, |r| r.id.clone())?;
     let resumed = writer.resumed();
     let meta = serde_json::json!({"tool": "sam", "model": kind.name(), "amg": config_json["amg"]});
     let (mut images, mut skipped, mut masks_total) = (0usize, 0usize, 0usize);

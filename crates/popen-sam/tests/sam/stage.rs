@@ -22,7 +22,7 @@ fn sam_masks_stage_on_benchmark_samples() {
     cfg.amg.points_per_side = Some(2);
     let dev = Default::default();
     let out = dir.path().join("sam.parquet");
-    let r = run::<Cpu>(&cfg, &ImageSource::Samples(shard.clone()), &out, &ShardSpec::ALL, false, &dev).unwrap();
+    let r = run::<Cpu>(&cfg, &ImageSource::Samples(shard.clone()), &out, &ShardSpec::ALL, &dev).unwrap();
     assert_eq!((r.images, r.skipped), (3, 1));
     let recs = read_shard::<ProposalSet>(&out).unwrap();
     assert_eq!(recs.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), [&samples[0].id, &samples[2].id]);
@@ -43,7 +43,7 @@ fn sam_masks_stage_on_benchmark_samples() {
     for i in 0..2 {
         let spec = ShardSpec::new(i, 2).unwrap();
         let o = spec.output_path(&dir.path().join("half.parquet"));
-        run::<Cpu>(&cfg, &ImageSource::Samples(shard.clone()), &o, &spec, false, &dev).unwrap();
+        run::<Cpu>(&cfg, &ImageSource::Samples(shard.clone()), &o, &spec, &dev).unwrap();
         halves.extend(read_shard::<ProposalSet>(&o).unwrap());
     }
     halves.sort_by(|a, b| a.id.cmp(&b.id));
@@ -52,7 +52,7 @@ fn sam_masks_stage_on_benchmark_samples() {
     assert_eq!(halves, whole);
     // A missing checkpoint is a clear error.
     let bad = SamMasksConfig { checkpoint: dir.path().join("nope.pt"), ..cfg.clone() };
-    let e = run::<Cpu>(&bad, &ImageSource::Samples(shard), &dir.path().join("x.parquet"), &ShardSpec::ALL, false, &dev)
+    let e = run::<Cpu>(&bad, &ImageSource::Samples(shard), &dir.path().join("x.parquet"), &ShardSpec::ALL, &dev)
         .unwrap_err();
     assert!(e.to_string().contains("nope.pt"), "{e}");
 }
