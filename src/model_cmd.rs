@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct ModelConfigArgs {
-    /// tiny (the embedded benchmark's model), pixellm-7b or pixellm-13b.
+    /// tiny (the embedded benchmark's model, CLIP from scratch), tiny-sam (the same LLM on
+    /// MobileSAM's frozen encoder and pretrained decoder), pixellm-7b or pixellm-13b.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Vocabulary size of the tiny preset (>= the tiny tokenizer's size).
@@ -52,6 +53,11 @@ pub struct ModelInitArgs {
     /// Seed of the random initialization.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Official SAM checkpoint (data/assets/mobile_sam/mobile_sam.pt) that the SAM encoder
+    /// and the pixel decoder of a `sam_encoder` model (pipelines/model-tiny-sam.toml) start
+    /// from; required for such a model, refused for others.
+    #[arg(long)]
+    sam: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -153,9 +159,10 @@ pub struct ScoreArgs {
 pub fn model_config(a: ModelConfigArgs) -> Result<()> {
     let cfg = match a.preset.as_str() {
         "tiny" => PixelLmConfig::tiny(a.vocab),
+        "tiny-sam" => PixelLmConfig::tiny_sam(a.vocab),
         "pixellm-7b" => PixelLmConfig::pixellm_7b(),
         "pixellm-13b" => PixelLmConfig::pixellm_13b(),
-        other => bail!("unknown preset '{other}' (tiny, pixellm-7b, pixellm-13b)"),
+        other => bail!("unknown preset '{other}' (tiny, tiny-sam, pixellm-7b, pixellm-13b)"),
     };
     cfg.validate()?;
     print!("{}", toml::to_string_pretty(&cfg)?);
@@ -197,6 +204,19 @@ pub fn model_init(a: ModelInitArgs) -> Result<()> {
     let dev = Default::default();
     B::seed(&dev, a.seed);
     let model = cfg.init::<B>(&dev)?;
+    let model = match (&a.sam, cfg.sam_encoder.is_some()) {
+        (Some(p), true) => model.init_from_sam(p)?,
+        (None, false) => model,
+        (None, true) => bail!(
+            "{}: the model has a SAM encoder: pass its pretrained weights with --sam (e.g. data/assets/mobile_sam/mobile_sam.pt)",
+            a.config.display()
+        ),
+        (Some(p), false) => bail!(
+            "--sam {}: the model of {} has no SAM encoder (sam_encoder); use a config such as pipelines/model-tiny-sam.toml",
+            p.display(),
+            a.config.display()
+        ),
+    };
     bundle::save(&a.out, &model, &tok)?;
     let counts = popen_model::weights::param_counts(&model);
     let total: usize = counts.values().sum();

@@ -6,6 +6,8 @@
 //! - [`gguf`], [`tokenizer`]: llama.cpp GGUF (real SmolLM2 weights) and tokenizers.
 //! - [`llama`], [`sampling`], [`lora`]: the LLaMA decoder, batched generation, LoRA adapters.
 //! - [`clip`], [`preprocess`]: the CLIP vision tower and PixelLM's image preprocessing.
+//! - [`tiny_vit`]: MobileSAM's TinyViT-5M image encoder (popen-sam's proposer; the `tiny-sam`
+//!   preset's frozen vision tower).
 //! - [`sam`], [`pixel_decoder`]: SAM's two-way transformer and PixelLM's
 //!   `MaskDecoderMultiScale`.
 //! - [`pixellm`]: the assembled model.
@@ -21,5 +23,6 @@ pub mod pixellm;
 pub mod preprocess;
 pub mod sam;
 pub mod sampling;
+pub mod tiny_vit;
 pub mod tokenizer;
 pub mod weights;

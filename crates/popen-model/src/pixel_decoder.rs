@@ -81,6 +81,48 @@ pub struct MaskDecoderMultiScaleConfig {
     pub mask_in_chans: usize,
     /// Side of the fused low-resolution masks (PixelLM's `out_size = 128`).
     pub low_res_size: usize,
+    /// The `output_upscaling` stack: PixelLM's (x2) or SAM's own (x4), which lets the
+    /// decoder start from a SAM checkpoint's `mask_decoder.*` (the `tiny-sam` preset).
+    pub upscaling: Upscaling,
+}
+
+/// Shape of the decoder's `output_upscaling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Upscaling {
+    /// PixelLM: ConvTranspose(dim -> dim/8, x2), LayerNorm2d, GELU.
+    #[default]
+    Pixellm,
+    /// SAM: ConvTranspose(dim -> dim/4, x2), LayerNorm2d, GELU, ConvTranspose(dim/4 -> dim/8,
+    /// x2), GELU (`output_upscaling.{0,1,3}` of a SAM checkpoint).
+    Sam,
+}
+
+impl Upscaling {
+    /// Side factor of the upscaling.
+    pub fn factor(self) -> usize {
+        match self {
+            Upscaling::Pixellm => 2,
+            Upscaling::Sam => 4,
+        }
+    }
+
+    fn layers<B: Backend>(self, d: usize, device: &B::Device) -> Vec<SeqLayer<B>> {
+        match self {
+            Upscaling::Pixellm => vec![
+                conv_transpose_2x2(d, d / 8, device),
+                SeqLayer::Norm(LayerNorm2d::new(d / 8, device)),
+                SeqLayer::Gelu(Gelu::new()),
+            ],
+            Upscaling::Sam => vec![
+                conv_transpose_2x2(d, d / 4, device),
+                SeqLayer::Norm(LayerNorm2d::new(d / 4, device)),
+                SeqLayer::Gelu(Gelu::new()),
+                conv_transpose_2x2(d / 4, d / 8, device),
+                SeqLayer::Gelu(Gelu::new()),
+            ],
+        }
+    }
 }
 
 impl Default for MaskDecoderMultiScaleConfig {
@@ -99,6 +141,7 @@ impl Default for MaskDecoderMultiScaleConfig {
             input_image_size: 448,
             mask_in_chans: 16,
             low_res_size: 128,
+            upscaling: Upscaling::Pixellm,
         }
     }
 }
@@ -121,13 +164,14 @@ impl MaskDecoderMultiScaleConfig {
             input_image_size: 64,
             mask_in_chans: 8,
             low_res_size: 32,
+            upscaling: Upscaling::Pixellm,
         }
     }
 
-    /// Side of the masks a level outputs: `grid * 2^(level + 1)` (level 0: x2 by output
-    /// upscaling; level 1: x2 by `upsample_2x` then x2).
+    /// Side of the masks a level outputs: `grid * 2^level * factor` (level 0: output
+    /// upscaling, x2 for PixelLM's, x4 for SAM's; level 1: x2 by `upsample_2x` first).
     pub fn level_mask_size(&self, level: usize) -> usize {
-        self.image_embedding_size << (level + 1)
+        (self.image_embedding_size << level) * self.upscaling.factor()
     }
 
     fn transformer(&self) -> TwoWayTransformerConfig {
@@ -174,11 +218,7 @@ impl MaskDecoderMultiScaleConfig {
                 .collect::<std::result::Result<Vec<_>, _>>()?,
             iou_token: EmbeddingConfig::new(1, d).init(device),
             mask_tokens: EmbeddingConfig::new(m, d).init(device),
-            output_upscaling: vec![
-                conv_transpose_2x2(d, d / 8, device),
-                SeqLayer::Norm(LayerNorm2d::new(d / 8, device)),
-                SeqLayer::Gelu(Gelu::new()),
-            ],
+            output_upscaling: self.upscaling.layers(d, device),
             upsample_2x: vec![
                 conv_transpose_2x2(d, d, device),
                 SeqLayer::Norm(LayerNorm2d::new(d, device)),
@@ -216,7 +256,7 @@ pub struct MaskDecoderMultiScale<B: Backend> {
     pub transformer: Vec<TwoWayTransformer<B>>,
     pub iou_token: Embedding<B>,
     pub mask_tokens: Embedding<B>,
-    /// ConvTranspose(dim -> dim/8, x2), LayerNorm2d, GELU.
+    /// [`Upscaling`]: PixelLM's x2 or SAM's x4 stack.
     pub output_upscaling: Vec<SeqLayer<B>>,
     /// ConvTranspose(dim -> dim, x2), LayerNorm2d, GELU: source features of level > 0.
     pub upsample_2x: Vec<SeqLayer<B>>,

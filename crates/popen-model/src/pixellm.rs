@@ -16,6 +16,13 @@
 //!   that predicts the token), grouped `(objects, scales, seg_token_num)` and averaged over the
 //!   seg tokens of each scale with PixelLM's fixed weights `1/seg_token_num`.
 //!
+//! The `tiny-sam` preset swaps the CLIP tower for a frozen pretrained one, MobileSAM's
+//! TinyViT with SAM's neck ([`PixelLmConfig::sam_encoder`], as LISA feeds SAM's encoder to
+//! its decoder): its 256-channel image embedding is the decoder's only scale as it is
+//! (the decoder then starts from SAM's own `mask_decoder.*`, [`PixelLm::init_from_sam`]),
+//! and, bilinearly resized to the `llm_image_grid` and through `mm_projector`, the LLM's
+//! image tokens. `out_mm_projector` and `image_feature_neck` do not exist in that model.
+//!
 //! POPEN's additions: [`Segment::Prompt`] inserts the learnable `p_hat`
 //! (`prompt_embeddings`), [`Segment::SegFeedback`] feeds segmentation embeddings back in as
 //! input tokens through `seg_feedback` (a Linear from `scales * out_dim` to the LLM width:
@@ -38,6 +45,7 @@ use crate::pixel_decoder::{MaskDecoderMultiScaleConfig, PixelDecoder};
 use crate::preprocess::Preprocessed;
 use crate::sam::{resize_bilinear, LayerNorm2d};
 use crate::sampling::{generate_at, Generation, SamplingConfig};
+use crate::tiny_vit::{TinyVit, TinyVitConfig};
 use crate::weights::{self, Checkpoint, Remap, WeightsError};
 
 /// Errors of building, loading or running a [`PixelLm`].
@@ -109,6 +117,13 @@ pub struct PixelLmConfig {
     pub seg_feedback: bool,
     /// Longest sequence the model is asked to handle (PixelLM trains at 512 text tokens).
     pub max_length: usize,
+    /// A frozen SAM image encoder (MobileSAM's TinyViT + neck) in place of the CLIP tower:
+    /// its embedding is the decoder's one scale and, through `mm_projector`, the LLM's image
+    /// tokens. `vision` is then unused, `vision_select_layers` must have one entry, the
+    /// decoder one scale of width `out_chans`, and the input is `image_size` pixels with
+    /// SAM's (= PixelLM's) normalization. None (the default) = PixelLM's CLIP path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sam_encoder: Option<TinyVitConfig>,
 }
 
 impl PixelLmConfig {
@@ -116,14 +131,25 @@ impl PixelLmConfig {
         self.vision_select_layers.len()
     }
 
+    /// Width of the features `mm_projector` reads (the CLIP width, or SAM's `out_chans`).
+    pub fn vision_width(&self) -> usize {
+        match &self.sam_encoder {
+            Some(t) => t.out_chans,
+            None => self.vision.hidden_size,
+        }
+    }
+
     /// Codebook tokens per object (`seg_token_num * scales`).
     pub fn seg_group_len(&self) -> usize {
         self.seg_token_num * self.num_scales()
     }
 
-    /// Patches per side at `image_size`.
+    /// Feature grid side at `image_size` (CLIP patches, or the SAM encoder's output grid).
     pub fn patch_grid(&self) -> usize {
-        self.image_size / self.vision.patch_size
+        match &self.sam_encoder {
+            Some(t) => t.output_hw(self.image_size, self.image_size).0,
+            None => self.image_size / self.vision.patch_size,
+        }
     }
 
     /// Number of LLM tokens one image becomes.
@@ -136,8 +162,27 @@ impl PixelLmConfig {
         if self.vision_select_layers.is_empty() {
             return bad("vision_select_layers is empty".into());
         }
+        if let Some(t) = &self.sam_encoder {
+            if self.vision_select_layers.len() != 1 || self.decoder.num_scales != 1 {
+                return bad(format!(
+                    "with sam_encoder the decoder has one scale (the SAM embedding): \
+                     vision_select_layers needs exactly one entry and decoder.num_scales 1 \
+                     (got {:?} and {})",
+                    self.vision_select_layers, self.decoder.num_scales
+                ));
+            }
+            if self.decoder.transformer_dim != t.out_chans {
+                return bad(format!(
+                    "decoder.transformer_dim {} != sam_encoder.out_chans {}",
+                    self.decoder.transformer_dim, t.out_chans
+                ));
+            }
+            if self.image_size < 32 {
+                return bad(format!("image_size {} too small for the SAM encoder", self.image_size));
+            }
+        }
         let n = self.vision.num_hidden_layers as isize;
-        for &l in &self.vision_select_layers {
+        for &l in self.vision_select_layers.iter().filter(|_| self.sam_encoder.is_none()) {
             if l < -(n + 1) || l > n {
                 return bad(format!(
                     "vision_select_layers has {l}, outside the tower's {} hidden states",
@@ -145,7 +190,10 @@ impl PixelLmConfig {
                 ));
             }
         }
-        if self.vision.patch_size == 0 || !self.image_size.is_multiple_of(self.vision.patch_size) {
+        if self.sam_encoder.is_none()
+            && (self.vision.patch_size == 0
+                || !self.image_size.is_multiple_of(self.vision.patch_size))
+        {
             return bad(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.vision.patch_size
@@ -246,6 +294,42 @@ impl PixelLmConfig {
             prompt_embeddings: 10,
             seg_feedback: true,
             max_length: 512,
+            sam_encoder: None,
+        }
+    }
+
+    /// [`Self::tiny`]'s LLM on MobileSAM's pretrained parts: the frozen TinyViT encoder at
+    /// 224 px (a 14x14 embedding: every attention window of TinyViT's stages fits exactly)
+    /// and a one-scale decoder of SAM's shape (width 256, depth 2, 8 heads, MLP 2048, x4
+    /// upscaling: 56x56 masks) that [`PixelLm::init_from_sam`] fills from `mobile_sam.pt`.
+    /// The LLM reads a 7x7 grid of image tokens.
+    pub fn tiny_sam(vocab_size: usize) -> PixelLmConfig {
+        let base = Self::tiny(vocab_size);
+        let sam = TinyVitConfig {
+            img_size: 224,
+            // The ImageNet classifier of the checkpoint is never run: leave it out.
+            num_classes: 0,
+            ..TinyVitConfig::mobile_sam()
+        };
+        let image_size = 224;
+        let grid = sam.output_hw(image_size, image_size).0;
+        let decoder = MaskDecoderMultiScaleConfig {
+            num_scales: 1,
+            image_embedding_size: grid,
+            input_image_size: image_size,
+            low_res_size: grid * 4,
+            upscaling: crate::pixel_decoder::Upscaling::Sam,
+            ..MaskDecoderMultiScaleConfig::default()
+        };
+        PixelLmConfig {
+            name: "tiny-sam".into(),
+            image_size,
+            vision_select_layers: vec![-1],
+            llm_image_grid: 7,
+            out_dim: decoder.transformer_dim,
+            decoder,
+            sam_encoder: Some(sam),
+            ..base
         }
     }
 
@@ -290,6 +374,7 @@ impl PixelLmConfig {
             prompt_embeddings: 10,
             seg_feedback: true,
             max_length: 512,
+            sam_encoder: None,
         }
     }
 
@@ -298,16 +383,25 @@ impl PixelLmConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<PixelLm<B>> {
         self.validate()?;
         let h = self.llm.hidden_size;
-        let v = self.vision.hidden_size;
+        let v = self.vision_width();
         let mut vision_cfg = self.vision.clone();
         vision_cfg.image_size = self.image_size;
         let neck_dim = self.decoder.transformer_dim;
+        let clip = self.sam_encoder.is_none();
+        let sam_encoder = match &self.sam_encoder {
+            Some(t) => Some(
+                t.init(device)
+                    .map_err(|e| PixelLmError::Config(format!("{}: sam_encoder: {e}", self.name)))?,
+            ),
+            None => None,
+        };
         Ok(PixelLm {
             llm: self.llm.init(device),
-            vision_tower: vision_cfg.init(device),
+            vision_tower: clip.then(|| vision_cfg.init(device)),
+            sam_encoder,
             mm_projector: Projector::new(v, self.mm_projector_hidden, h, device),
-            out_mm_projector: Projector::new(v, self.mm_projector_hidden, h, device),
-            image_feature_neck: FeatureNeck {
+            out_mm_projector: clip.then(|| Projector::new(v, self.mm_projector_hidden, h, device)),
+            image_feature_neck: clip.then(|| FeatureNeck {
                 conv_1: Conv2dConfig::new([h, neck_dim], [1, 1])
                     .with_bias(false)
                     .init(device),
@@ -317,7 +411,7 @@ impl PixelLmConfig {
                     .with_bias(false)
                     .init(device),
                 norm_2: LayerNorm2d::new(neck_dim, device),
-            },
+            }),
             text_hidden_fcs: TextHiddenFcs {
                 fc_1: LinearConfig::new(h, h).init(device),
                 relu: Relu::new(),
@@ -402,10 +496,14 @@ impl<B: Backend> TextHiddenFcs<B> {
 #[derive(Module, Debug)]
 pub struct PixelLm<B: Backend> {
     pub llm: Llama<B>,
-    pub vision_tower: ClipVisionModel<B>,
+    /// The CLIP tower (None with a `sam_encoder`).
+    pub vision_tower: Option<ClipVisionModel<B>>,
+    /// The frozen SAM image encoder of [`PixelLmConfig::sam_encoder`].
+    pub sam_encoder: Option<TinyVit<B>>,
     pub mm_projector: Projector<B>,
-    pub out_mm_projector: Projector<B>,
-    pub image_feature_neck: FeatureNeck<B>,
+    /// PixelLM's decoder-feature path (None with a `sam_encoder`).
+    pub out_mm_projector: Option<Projector<B>>,
+    pub image_feature_neck: Option<FeatureNeck<B>>,
     pub text_hidden_fcs: TextHiddenFcs<B>,
     pub decoder: PixelDecoder<B>,
     /// `p_hat` [prompt_embeddings, H].
@@ -503,12 +601,27 @@ impl<B: Backend> PixelLm<B> {
 
     /// Encode preprocessed images (all at `image_size`).
     pub fn encode_images(&self, images: &[Preprocessed]) -> Result<ImageFeatures<B>> {
-        let cfg = &self.cfg;
-        let n = images.len();
-        if n == 0 {
+        self.encode_images_with(images, None)
+    }
+
+    /// The frozen SAM encoder's embeddings `[n, out_chans, g, g]` of preprocessed images
+    /// (None for a CLIP model). The encoder never trains, so trainers compute these once per
+    /// image and pass them to [`Self::encode_images_with`].
+    pub fn sam_embeddings(&self, images: &[Preprocessed]) -> Result<Option<Tensor<B, 4>>> {
+        let Some(enc) = &self.sam_encoder else {
+            return Ok(None);
+        };
+        self.check_images(images)?;
+        let pixels = crate::preprocess::to_tensor::<B>(images, &self.device())
+            .map_err(|e| PixelLmError::Input(e.to_string()))?;
+        Ok(Some(enc.forward(pixels)))
+    }
+
+    fn check_images(&self, images: &[Preprocessed]) -> Result<()> {
+        if images.is_empty() {
             return input("encode_images: no images");
         }
-        let s = cfg.image_size;
+        let s = self.cfg.image_size;
         for (i, im) in images.iter().enumerate() {
             if im.pixels.len() != 3 * s * s {
                 return input(format!(
@@ -517,17 +630,30 @@ impl<B: Backend> PixelLm<B> {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// [`Self::encode_images`], with the SAM embeddings of these images already computed
+    /// ([`Self::sam_embeddings`]; ignored by a CLIP model).
+    pub fn encode_images_with(
+        &self,
+        images: &[Preprocessed],
+        sam: Option<Tensor<B, 4>>,
+    ) -> Result<ImageFeatures<B>> {
+        let cfg = &self.cfg;
+        self.check_images(images)?;
+        let n = images.len();
+        let s = cfg.image_size;
         let device = self.device();
-        let pixels = crate::preprocess::to_tensor::<B>(images, &device)
-            .map_err(|e| PixelLmError::Input(e.to_string()))?;
         let g = cfg.patch_grid();
         let lg = cfg.llm_image_grid;
         // PixelLM's masks (llava_arch.py encode_images): the ViT key mask over CLS + patches
         // (nearest from the unpadded pixel region), and the LLM's image-token mask, the
         // patch mask nearest-resized to the llm grid (F.interpolate nearest:
-        // src = floor(dst * in / out)).
+        // src = floor(dst * in / out)). The SAM encoder sees the padding (as SAM does); its
+        // LLM tokens are masked the same way.
         let resized: Vec<(usize, usize)> = images.iter().map(|im| im.resized_hw).collect();
-        let vit_keep = crate::clip::patch_key_mask_values(&resized, s, cfg.vision.patch_size);
+        let vit_keep = crate::clip::patch_key_mask_values(&resized, s, s / g);
         let mut llm_keep = Vec::with_capacity(n * lg * lg);
         for i in 0..n {
             let row = &vit_keep[i * (g * g + 1) + 1..(i + 1) * (g * g + 1)];
@@ -538,38 +664,71 @@ impl<B: Backend> PixelLm<B> {
                 }
             }
         }
-        let vit_keep = Tensor::<B, 2, Bool>::from_data(
-            TensorData::new(vit_keep, [n, g * g + 1]),
-            &device,
-        );
-        let hs = self
-            .vision_tower
-            .forward_hidden_states_masked(pixels, &cfg.vision_select_layers, Some(vit_keep))
-            .map_err(|e| PixelLmError::Vision(e.to_string()))?;
-        // Drop CLS ("patch" select feature).
-        let patches: Vec<Tensor<B, 3>> = hs
-            .into_iter()
-            .map(|h| {
-                let [b, t, c] = h.dims();
-                h.slice([0..b, 1..t, 0..c])
-            })
-            .collect();
-        let vdim = cfg.vision.hidden_size;
-        // LLM tokens: scale-0 patches on a g x g grid -> bilinear to lg x lg -> mm_projector.
-        let grid = patches[0].clone().swap_dims(1, 2).reshape([n, vdim, g, g]);
+        let (grid, scales) = if let Some(enc) = &self.sam_encoder {
+            let emb = match sam {
+                Some(e) => e,
+                None => {
+                    let pixels = crate::preprocess::to_tensor::<B>(images, &device)
+                        .map_err(|e| PixelLmError::Input(e.to_string()))?;
+                    enc.forward(pixels)
+                }
+            };
+            let want = [n, self.cfg.vision_width(), g, g];
+            if emb.dims() != want {
+                return input(format!(
+                    "SAM embeddings are {:?}, expected {want:?}",
+                    emb.dims()
+                ));
+            }
+            (emb.clone(), vec![emb])
+        } else {
+            let (Some(tower), Some(out_proj), Some(neck)) = (
+                &self.vision_tower,
+                &self.out_mm_projector,
+                &self.image_feature_neck,
+            ) else {
+                return Err(PixelLmError::Config(format!(
+                    "{}: no vision tower (a CLIP model needs vision_tower, out_mm_projector \
+                     and image_feature_neck)",
+                    cfg.name
+                )));
+            };
+            let pixels = crate::preprocess::to_tensor::<B>(images, &device)
+                .map_err(|e| PixelLmError::Input(e.to_string()))?;
+            let vit_keep = Tensor::<B, 2, Bool>::from_data(
+                TensorData::new(vit_keep, [n, g * g + 1]),
+                &device,
+            );
+            let hs = tower
+                .forward_hidden_states_masked(pixels, &cfg.vision_select_layers, Some(vit_keep))
+                .map_err(|e| PixelLmError::Vision(e.to_string()))?;
+            // Drop CLS ("patch" select feature).
+            let patches: Vec<Tensor<B, 3>> = hs
+                .into_iter()
+                .map(|h| {
+                    let [b, t, c] = h.dims();
+                    h.slice([0..b, 1..t, 0..c])
+                })
+                .collect();
+            let vdim = cfg.vision.hidden_size;
+            let grid = patches[0].clone().swap_dims(1, 2).reshape([n, vdim, g, g]);
+            let h = cfg.llm.hidden_size;
+            let scales = patches
+                .into_iter()
+                .map(|p| {
+                    let x = out_proj.forward(p); // [n, g*g, H]
+                    let x = x.swap_dims(1, 2).reshape([n, h, g, g]);
+                    neck.forward(x)
+                })
+                .collect();
+            (grid, scales)
+        };
+        // LLM tokens: scale-0 features on a g x g grid -> bilinear to lg x lg -> mm_projector.
         // Bilinear, align_corners=False, as PixelLM; burn 0.21's interpolate has no backward.
+        let vdim = cfg.vision_width();
         let small = if lg == g { grid } else { resize_bilinear(grid, lg, lg) };
         let small = small.reshape([n, vdim, lg * lg]).swap_dims(1, 2);
         let llm_tokens = self.mm_projector.forward(small);
-        let h = cfg.llm.hidden_size;
-        let scales = patches
-            .into_iter()
-            .map(|p| {
-                let x = self.out_mm_projector.forward(p); // [n, g*g, H]
-                let x = x.swap_dims(1, 2).reshape([n, h, g, g]);
-                self.image_feature_neck.forward(x)
-            })
-            .collect();
         Ok(ImageFeatures {
             llm_tokens,
             llm_keep,
@@ -994,6 +1153,18 @@ pub fn load<B: Backend>(
 ) -> Result<(PixelLm<B>, Vec<String>)> {
     cfg.validate()?;
     let mut ck = Checkpoint::open(path.as_ref())?.remapped(&layout.remap());
+    if cfg.sam_encoder.is_some() {
+        // No CLIP tower: the SAM encoder is one of the checkpoint's modules.
+        let model = cfg.init(device)?;
+        let fresh: Vec<String> = weights::named_tensors(&model)
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .filter(|n| layout.lacks(n))
+            .collect();
+        let model =
+            weights::apply_checkpoint_keeping(model, &ck, DType::F32, false, &|n| layout.lacks(n))?;
+        return Ok((model, fresh));
+    }
     let tower_ck = ck.sub("vision_tower");
     ck.tensors.retain(|n, _| !n.starts_with("vision_tower."));
     let tower = if !tower_ck.tensors.is_empty() {
@@ -1031,8 +1202,56 @@ pub fn load<B: Backend>(
     let mut model = weights::apply_checkpoint_keeping(model, &ck, DType::F32, false, &|n| {
         n.starts_with("vision_tower.") || layout.lacks(n)
     })?;
-    model.vision_tower = tower;
+    model.vision_tower = Some(tower);
     Ok((model, fresh))
+}
+
+impl<B: Backend> PixelLm<B> {
+    /// Fill a `sam_encoder` model's SAM parts from an official SAM checkpoint
+    /// (`mobile_sam.pt`): `image_encoder.*` -> `sam_encoder.*`, `prompt_encoder.*` ->
+    /// `decoder.prompt_encoder.*`, `mask_decoder.transformer.*` -> the one scale's
+    /// `decoder.mask_decoder.transformer.0.*` and the rest of `mask_decoder.*` (tokens,
+    /// upscaling, hypernetwork MLPs, IoU head) by name. The decoder then computes SAM's
+    /// single-mask output for the seg embeddings as sparse prompts: `level_embed` (PixelLM's
+    /// addition to the tokens) is zeroed; `upsample_2x` and `pe1` (unused with one scale)
+    /// and everything outside the SAM parts keep their initialization. Strict: every SAM
+    /// tensor must land (BatchNorm's `num_batches_tracked` counters and, when the config has
+    /// no classifier, TinyViT's ImageNet `head`/`norm_head` aside), and every SAM-part
+    /// tensor of the model must be in the file.
+    pub fn init_from_sam(self, path: impl AsRef<Path>) -> Result<Self> {
+        let Some(tv) = &self.cfg.sam_encoder else {
+            return Err(PixelLmError::Config(format!(
+                "{}: init_from_sam needs a model with a sam_encoder (the tiny-sam preset)",
+                self.cfg.name
+            )));
+        };
+        let drop_head = tv.num_classes == 0;
+        let remap = Remap::none()
+            .prefix("image_encoder.", "sam_encoder.")
+            .prefix("prompt_encoder.", "decoder.prompt_encoder.")
+            .prefix("mask_decoder.transformer.", "decoder.mask_decoder.transformer.0.")
+            .prefix("mask_decoder.", "decoder.mask_decoder.");
+        let mut ck = Checkpoint::open(path.as_ref())?.remapped(&remap);
+        ck.tensors.retain(|n, _| {
+            !n.ends_with(".num_batches_tracked")
+                && !(drop_head
+                    && (n.starts_with("sam_encoder.head.") || n.starts_with("sam_encoder.norm_head.")))
+        });
+        let sam_part = |n: &str| {
+            (n.starts_with("sam_encoder.") || n.starts_with("decoder."))
+                && !n.starts_with("decoder.mask_decoder.upsample_2x.")
+                && !n.starts_with("decoder.mask_decoder.pe1.")
+                && !n.starts_with("decoder.mask_decoder.level_embed.")
+        };
+        let mut model = weights::apply_checkpoint_keeping(self, &ck, DType::F32, false, &|n| {
+            !sam_part(n)
+        })?;
+        let lvl = model.decoder.mask_decoder.level_embed.weight.val();
+        let (dims, device) = (lvl.dims(), lvl.device());
+        model.decoder.mask_decoder.level_embed.weight =
+            Param::from_tensor(Tensor::zeros(dims, &device));
+        Ok(model)
+    }
 }
 
 /// Save a model as one safetensors file in our native layout, with its config as JSON in

@@ -10,5 +10,5 @@
 pub mod amg;
 pub mod model;
 pub mod stage;
-pub mod tiny_vit;
+pub use popen_model::tiny_vit;
 pub mod vit;

@@ -94,6 +94,10 @@ pub struct SftConfig {
     /// (PixelLM: 512).
     pub max_len: usize,
     pub trainable: Trainable,
+    /// Top-level modules kept frozen on top of `trainable` (one of
+    /// [`crate::params::FREEZABLE`]), e.g. `["decoder"]` to keep a pretrained pixel decoder
+    /// as it is (the SAM encoder of a `tiny-sam` model is always frozen).
+    pub freeze: Vec<String>,
     pub lora: LoraConfig,
     pub precision: Precision,
     /// Write a checkpoint every this many optimizer steps (and at the end).
@@ -126,6 +130,7 @@ impl Default for SftConfig {
             dice_weight: 0.5,
             max_len: 512,
             trainable: Trainable::Lora,
+            freeze: Vec::new(),
             lora: LoraConfig::default(),
             precision: Precision::Bf16,
             checkpoint_every: 500,
@@ -170,6 +175,11 @@ impl SftConfig {
         }
         if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
             return Err("eps must be > 0, weight_decay and grad_clip >= 0".into());
+        }
+        for f in &self.freeze {
+            if !crate::params::FREEZABLE.contains(&f.as_str()) {
+                return Err(format!("freeze: unknown module '{f}' (one of {})", crate::params::FREEZABLE.join(", ")));
+            }
         }
         if self.trainable == Trainable::Lora {
             if self.lora.r == 0 || self.lora.targets.is_empty() {

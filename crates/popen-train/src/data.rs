@@ -35,6 +35,9 @@ pub struct Example {
     pub masks: Vec<popen_core::mask::Rle>,
     /// Tokens of prompt (image tokens counted) + answer.
     pub seq_len: usize,
+    /// The frozen SAM encoder's embedding of the image (values, `[c, g, g]`), when the model
+    /// has one (filled once by the trainer, [`crate::sft::cache_sam_embeddings`]).
+    pub sam_embedding: Option<(Vec<f32>, [usize; 3])>,
 }
 
 impl Example {
@@ -125,6 +128,7 @@ fn prepare_one(
         groups: scan.groups,
         masks: Vec::new(),
         seq_len,
+        sam_embedding: None,
     })
 }
 

@@ -78,7 +78,29 @@ pub fn assign_ids<B: Backend, M: Module<B>>(module: M, ids: &BTreeMap<String, u6
     (module, missing)
 }
 
-/// Applies the `trainable` choice: `full` leaves everything trainable; `lora` and `heads`
+/// Top-level modules that `freeze` may name.
+pub const FREEZABLE: [&str; 7] =
+    ["llm", "vision_tower", "mm_projector", "out_mm_projector", "image_feature_neck", "text_hidden_fcs", "decoder"];
+
+/// Freezes the named top-level modules ([`FREEZABLE`]).
+pub fn freeze_modules<B: Backend>(mut model: PixelLm<B>, names: &[String]) -> Result<PixelLm<B>, String> {
+    for n in names {
+        match n.as_str() {
+            "llm" => model.llm = model.llm.no_grad(),
+            "vision_tower" => model.vision_tower = model.vision_tower.no_grad(),
+            "mm_projector" => model.mm_projector = model.mm_projector.no_grad(),
+            "out_mm_projector" => model.out_mm_projector = model.out_mm_projector.no_grad(),
+            "image_feature_neck" => model.image_feature_neck = model.image_feature_neck.no_grad(),
+            "text_hidden_fcs" => model.text_hidden_fcs = model.text_hidden_fcs.no_grad(),
+            "decoder" => model.decoder = model.decoder.no_grad(),
+            other => return Err(format!("freeze: unknown module '{other}' (one of {})", FREEZABLE.join(", "))),
+        }
+    }
+    Ok(model)
+}
+
+/// Applies the `trainable` choice (a SAM encoder is frozen in all of them): `full` leaves
+/// everything else trainable; `lora` and `heads`
 /// freeze the CLIP tower and every LLM layer (embed_tokens, the final norm and lm_head stay
 /// trainable, as PixelLM's `modules_to_save`), and `lora` then adds adapters, which train.
 pub fn select_trainable<B: Backend>(
@@ -87,6 +109,8 @@ pub fn select_trainable<B: Backend>(
     lora: &LoraConfig,
     device: &B::Device,
 ) -> Result<PixelLm<B>, String> {
+    // A SAM encoder (the tiny-sam preset) is pretrained and always frozen.
+    model.sam_encoder = model.sam_encoder.no_grad();
     if trainable == Trainable::Full {
         return Ok(model);
     }

@@ -53,6 +53,9 @@ pub struct SftBatch {
     pub scale: f32,
     /// Loss weights (ce, bce, dice).
     pub weights: (f32, f32, f32),
+    /// The cached SAM embeddings of the images, `[n, c, g, g]` flattened, when the model has
+    /// a SAM encoder and every example carries its embedding.
+    pub sam: Option<(Vec<f32>, [usize; 4])>,
 }
 
 /// Loss values of one micro-batch (weighted parts, before the accumulation scale).
@@ -85,7 +88,11 @@ impl<B: Backend> SftModel<B> {
     pub fn loss(&self, batch: &SftBatch) -> std::result::Result<LossParts<B>, String> {
         let m = &self.pixellm;
         let device = self.device();
-        let feats = m.encode_images(&batch.images).map_err(|e| e.to_string())?;
+        let sam = batch
+            .sam
+            .as_ref()
+            .map(|(v, shape)| Tensor::<B, 4>::from_data(TensorData::new(v.clone(), *shape), &device));
+        let feats = m.encode_images_with(&batch.images, sam).map_err(|e| e.to_string())?;
         let rows: Vec<Vec<Part<B>>> = batch
             .prompts
             .iter()
@@ -168,7 +175,19 @@ pub fn make_batch(examples: &[&Example], pre: &Preprocessor, cfg: &SftConfig) ->
         masks: Vec::new(),
         scale: 1.0 / cfg.grad_accum as f32,
         weights: (cfg.ce_weight, cfg.bce_weight, cfg.dice_weight),
+        sam: None,
     };
+    let cached: Option<Vec<&(Vec<f32>, [usize; 3])>> = examples.iter().map(|e| e.sam_embedding.as_ref()).collect();
+    if let Some(cached) = cached.filter(|c| !c.is_empty()) {
+        let [c, h, w] = cached[0].1;
+        if cached.iter().all(|e| e.1 == [c, h, w]) {
+            let mut v = Vec::with_capacity(c * h * w * cached.len());
+            for e in &cached {
+                v.extend_from_slice(&e.0);
+            }
+            b.sam = Some((v, [cached.len(), c, h, w]));
+        }
+    }
     for ex in examples {
         let img = ex.decode_image().map_err(TrainError::Data)?;
         b.images.push(pre.apply(&img).map_err(|e| TrainError::Data(format!("sample '{}': {e}", ex.id)))?);
@@ -184,6 +203,78 @@ pub fn make_batch(examples: &[&Example], pre: &Preprocessor, cfg: &SftConfig) ->
         );
     }
     Ok(b)
+}
+
+/// Compute the frozen SAM encoder's embedding of every example's image once (batches of
+/// `batch`), so that training steps skip the encoder: it never trains, and it costs more
+/// than the rest of a tiny model's step. No-op for a CLIP model.
+pub fn cache_sam_embeddings<B: Backend>(
+    model: &PixelLm<B>,
+    examples: &mut [Example],
+    pre: &Preprocessor,
+    batch: usize,
+    progress: bool,
+) -> Result<()> {
+    if model.sam_encoder.is_none() || examples.is_empty() {
+        return Ok(());
+    }
+    // Samples that share an image (several questions per image) share its embedding.
+    let (unique, of_example) = {
+        let mut seen: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
+        let mut unique = Vec::new();
+        let of: Vec<usize> = examples
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                *seen.entry(e.image.as_slice()).or_insert_with(|| {
+                    unique.push(i);
+                    unique.len() - 1
+                })
+            })
+            .collect();
+        (unique, of)
+    };
+    let t0 = Instant::now();
+    let bar = progress.then(|| popen_core::progress::bar(unique.len() as u64, "sam embeddings"));
+    let mut cache: Vec<(Vec<f32>, [usize; 3])> = Vec::with_capacity(unique.len());
+    for chunk in unique.chunks(batch.max(1)) {
+        let mut images = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            let ex = &examples[i];
+            let img = ex.decode_image().map_err(TrainError::Data)?;
+            images.push(pre.apply(&img).map_err(|e| TrainError::Data(format!("sample '{}': {e}", ex.id)))?);
+        }
+        let emb = model
+            .sam_embeddings(&images)
+            .map_err(|e| TrainError::Data(e.to_string()))?
+            .expect("the model has a SAM encoder");
+        let [n, c, h, w] = emb.dims();
+        let v = emb
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| TrainError::Data(format!("SAM embeddings: {e:?}")))?;
+        let per = c * h * w;
+        for i in 0..n {
+            cache.push((v[i * per..(i + 1) * per].to_vec(), [c, h, w]));
+        }
+        if let Some(b) = &bar {
+            b.inc(chunk.len() as u64);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish();
+    }
+    for (ex, &u) in examples.iter_mut().zip(&of_example) {
+        ex.sam_embedding = Some(cache[u].clone());
+    }
+    tracing::info!(
+        "sam embeddings: {} images of {} examples in {:.1} s",
+        unique.len(),
+        examples.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// What `popen sft` reports.
@@ -232,6 +323,7 @@ pub fn run<B: AutodiffBackend>(job: &SftJob, device: &B::Device) -> Result<SftRe
         Precision::Bf16 => DType::BF16,
     };
     let model = params::select_trainable(model, cfg.trainable, &cfg.lora, device).map_err(TrainError::Config)?;
+    let model = params::freeze_modules(model, &cfg.freeze).map_err(TrainError::Config)?;
     let mut model = SftModel { pixellm: model };
 
     // Data.
@@ -245,6 +337,9 @@ pub fn run<B: AutodiffBackend>(job: &SftJob, device: &B::Device) -> Result<SftRe
             skipped.first().map(|s| format!("e.g. '{}': {}", s.id, s.reason)).unwrap_or_else(|| "empty shard".into())
         )));
     }
+    let mut examples = examples;
+    let pre = Preprocessor::pixellm(pcfg.image_size);
+    cache_sam_embeddings(&model.pixellm, &mut examples, &pre, 8, job.progress)?;
     let order = Order { n: examples.len(), batch_size: cfg.batch_size, seed: cfg.seed };
     let total_micro = cfg.epochs.max(1) * order.batches_per_epoch();
     let mut total_steps = total_micro.div_ceil(cfg.grad_accum);
@@ -319,7 +414,6 @@ pub fn run<B: AutodiffBackend>(job: &SftJob, device: &B::Device) -> Result<SftRe
     );
 
     let mut log = MetricsLog::open(out, start)?;
-    let pre = Preprocessor::pixellm(pcfg.image_size);
     let bar = job.progress.then(|| {
         let b = popen_core::progress::bar(total_steps as u64, "sft");
         b.set_position(start as u64);

@@ -58,6 +58,9 @@ pub struct SynthConfig {
     pub train: usize,
     pub val: usize,
     pub test: usize,
+    /// Questions asked about each generated image (MUSE-style: several instructions per
+    /// image): samples `k*q .. k*q + q - 1` share scene `k`. 1 = one image per sample.
+    pub questions_per_image: usize,
     /// Image size in pixels.
     pub width: u32,
     pub height: u32,
@@ -135,6 +138,7 @@ impl Default for SynthConfig {
             train: 2000,
             val: 200,
             test: 200,
+            questions_per_image: 1,
             width: 96,
             height: 96,
             min_objects: 2,
@@ -174,6 +178,9 @@ impl SynthConfig {
         let bad = |m: String| Err(CoreError::Invalid(format!("synth config: {m}")));
         if self.width < 32 || self.height < 32 || self.width > 4096 || self.height > 4096 {
             return bad(format!("width/height {}x{} must be within 32..=4096", self.width, self.height));
+        }
+        if self.questions_per_image < 1 || self.questions_per_image > 16 {
+            return bad(format!("questions_per_image {} must be within 1..=16", self.questions_per_image));
         }
         if self.min_objects < 1 || self.max_objects < self.min_objects || self.max_objects > 12 {
             return bad(format!(
@@ -239,7 +246,9 @@ pub fn sample_id(split: &str, index: usize) -> String {
 /// names behave like train). Deterministic.
 pub fn generate_sample(cfg: &SynthConfig, split: &str, index: usize) -> Result<Sample> {
     let id = sample_id(split, index);
-    let mut rng = sample_rng(cfg.seed, split, index);
+    let qpi = cfg.questions_per_image.max(1);
+    let (image_index, question) = (index / qpi, index % qpi);
+    let mut rng = sample_rng(cfg.seed, split, image_index);
     let test = split == "test";
     let heldout: Vec<(usize, u8)> = if test {
         (0..lexicon::CATS.len())
@@ -254,7 +263,27 @@ pub fn generate_sample(cfg: &SynthConfig, split: &str, index: usize) -> Result<S
         let Some(scene) = scene::sample_scene(cfg, &mut rng, test, forced) else { continue };
         let insts = query::instances(&scene);
         let Some(q) = query::make_query(cfg, &scene, &insts, &mut rng, test) else { continue };
-        return build_sample(cfg, &id, split, index, &scene, &insts, &q);
+        if question == 0 {
+            return build_sample(cfg, &id, split, index, &scene, &insts, &q);
+        }
+        // Question j > 0 of the scene: its own RNG stream; one that repeats question 0 of the
+        // image is redrawn (a few times; the scene is kept either way).
+        let mut qrng = ChaCha8Rng::seed_from_u64(lexicon::mix(
+            lexicon::mix(cfg.seed, lexicon::stable_hash(split)),
+            lexicon::mix(image_index as u64, 0x5157_0000 + question as u64),
+        ));
+        let mut chosen = None;
+        for _ in 0..20 {
+            if let Some(qj) = query::make_query(cfg, &scene, &insts, &mut qrng, test) {
+                let dup = qj.instruction == q.instruction;
+                chosen = Some(qj);
+                if !dup {
+                    break;
+                }
+            }
+        }
+        let qj = chosen.unwrap_or(q);
+        return build_sample(cfg, &id, split, index, &scene, &insts, &qj);
     }
     Err(CoreError::Invalid(format!(
         "sample {id}: no valid scene and instruction in 100 attempts (config too constrained?)"
@@ -301,6 +330,10 @@ fn build_sample(
             "heldout": i.heldout,
         })).collect::<Vec<_>>(),
     });
+    let mut meta = meta;
+    if cfg.questions_per_image > 1 {
+        meta["image_index"] = serde_json::json!(index / cfg.questions_per_image);
+    }
     let s = Sample {
         id: id.to_string(),
         split: split.to_string(),

@@ -116,6 +116,7 @@ fn llava_hf_fixture() {
         prompt_embeddings: 0,
         seg_feedback: false,
         max_length: 128,
+        sam_encoder: None,
     };
     let dev = Default::default();
     let (model, fresh) = pixellm::load::<B>(&cfg, &dir, Layout::LlavaHf, None, &dev).unwrap();

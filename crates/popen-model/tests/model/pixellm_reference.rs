@@ -137,6 +137,7 @@ impl Fixture {
             prompt_embeddings: 0,
             seg_feedback: false,
             max_length: 128,
+            sam_encoder: None,
         }
     }
 

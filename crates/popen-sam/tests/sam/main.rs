@@ -2,5 +2,6 @@
 
 mod amg;
 mod stage;
+mod tiny_sam;
 mod tiny_vit;
 mod vit;

@@ -3,7 +3,7 @@
 //! Module fields carry the PyTorch state-dict names of MobileSAM's `tiny_vit_sam.py`
 //! (`patch_embed.seq.0.c`, `patch_embed.seq.0.bn`, `layers.0.blocks.0.conv1`,
 //! `layers.1.blocks.0.attn.qkv`, `attention_biases`, `local_conv`, `neck.0`...), so
-//! `mobile_sam.pt`'s `image_encoder.*` tensors load through [`popen_model::weights`] with no
+//! `mobile_sam.pt`'s `image_encoder.*` tensors load through [`crate::weights`] with no
 //! renaming table. Every tensor of the checkpoint is used or named: the ImageNet classifier
 //! (`norm_head`, `head`) is loaded but not run, as in MobileSAM.
 //!
@@ -21,7 +21,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use popen_model::sam::{patch_conv2d, LayerNorm2d, SamError, SeqLayer};
+use crate::sam::{patch_conv2d, LayerNorm2d, SamError, SeqLayer};
 use serde::{Deserialize, Serialize};
 
 type Result<T> = std::result::Result<T, SamError>;
