@@ -25,12 +25,14 @@
 //! `tools/reference/minilm_fixture.py` -> `tests/fixtures/minilm/minilm_ref.json`
 //! (tests/model/minilm.rs).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Bool, DType, TensorData};
+use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot};
 use serde::{Deserialize, Serialize};
 
 use crate::weights::{self, Checkpoint, Remap, WeightsError};
@@ -155,7 +157,8 @@ impl BertConfig {
             msg,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| err(format!("not a BERT config: {e}")))?;
+        let cfg: Self =
+            serde_json::from_str(&text).map_err(|e| err(format!("not a BERT config: {e}")))?;
         cfg.validate().map_err(|e| err(e.to_string()))?;
         Ok(cfg)
     }
@@ -168,11 +171,13 @@ impl BertConfig {
             ck.tensors
                 .get(name)
                 .map(|t| t.shape.as_slice())
-                .ok_or_else(|| BertError::Config(format!(
-                    "{}: no tensor {} (not a BERT checkpoint?)",
-                    ck.source,
-                    checkpoint_name(name)
-                )))
+                .ok_or_else(|| {
+                    BertError::Config(format!(
+                        "{}: no tensor {} (not a BERT checkpoint?)",
+                        ck.source,
+                        checkpoint_name(name)
+                    ))
+                })
         };
         let dims2 = |name: &str| -> Result<[usize; 2]> {
             match shape(name)? {
@@ -530,8 +535,13 @@ pub fn checkpoint_remap() -> Remap {
 }
 
 /// The checkpoint with skipped tensors dropped and names in our module's layout.
+/// Names under `bert.` are reported without it, the source says `[bert.*]` (as
+/// [`Checkpoint::sub`] does).
 fn bert_checkpoint(ck: Checkpoint) -> Checkpoint {
     let mut ck = ck.remapped(&checkpoint_remap());
+    if ck.tensors.keys().any(|n| n.starts_with("bert.")) {
+        ck.source = format!("{} [bert.*]", ck.source);
+    }
     let old = std::mem::take(&mut ck.tensors);
     for (name, mut t) in old {
         let new = module_name(&name);
@@ -541,31 +551,40 @@ fn bert_checkpoint(ck: Checkpoint) -> Checkpoint {
     ck
 }
 
-/// Rewrite the tensor names in a mismatch report back to the checkpoint's names.
-fn with_checkpoint_names(e: WeightsError) -> WeightsError {
-    match e {
-        WeightsError::Mismatch {
-            source_desc,
+/// Compare the model's tensors (PyTorch layout) with the checkpoint's by name and shape and
+/// report every difference under the checkpoint's names, sorted (burn-store's own report
+/// would name burn's paths, e.g. `layer_norm.gamma`).
+fn check_names_and_shapes<B: Backend>(model: &BertModel<B>, ck: &Checkpoint) -> Result<()> {
+    let want: BTreeMap<String, Vec<usize>> = model
+        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
+        .into_iter()
+        .map(|s| (s.full_path(), s.shape.to_vec()))
+        .collect();
+    let mut problems = Vec::new();
+    for (name, shape) in &want {
+        match ck.tensors.get(name) {
+            None => problems.push(format!("missing {}", checkpoint_name(name))),
+            Some(t) if &t.shape != shape => problems.push(format!(
+                "{}: shape {:?} in the file, the model needs {shape:?}",
+                checkpoint_name(name),
+                t.shape
+            )),
+            Some(_) => {}
+        }
+    }
+    for name in ck.tensors.keys().filter(|n| !want.contains_key(*n)) {
+        problems.push(format!(
+            "unexpected {} (the model has no such tensor)",
+            checkpoint_name(name)
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(BertError::Weights(WeightsError::Mismatch {
+            source_desc: ck.source.clone(),
             problems,
-        } => WeightsError::Mismatch {
-            source_desc,
-            problems: problems
-                .into_iter()
-                .map(|p| {
-                    p.split(' ')
-                        .map(|w| {
-                            if w.contains("self_attn") || w.contains("layer_norm") {
-                                checkpoint_name(w)
-                            } else {
-                                w.to_string()
-                            }
-                        })
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                })
-                .collect(),
-        },
-        e => e,
+        }))
     }
 }
 
@@ -588,8 +607,8 @@ fn load_bert_from<B: Backend>(
     device: &B::Device,
 ) -> Result<BertModel<B>> {
     let model = cfg.init::<B>(device);
-    weights::apply_checkpoint(model, ck, DType::F32, false)
-        .map_err(|e| BertError::Weights(with_checkpoint_names(e)))
+    check_names_and_shapes(&model, ck)?;
+    Ok(weights::apply_checkpoint(model, ck, DType::F32, false)?)
 }
 
 /// The weights file of a model folder: `model.safetensors` (or the path itself if a file).
@@ -653,12 +672,11 @@ impl<B: Backend> SentenceEncoder<B> {
         } else {
             MINILM_MAX_SEQ_LENGTH
         };
-        let tokenizer = tokenizers::Tokenizer::from_file(&tok_file).map_err(|e| {
-            BertError::Tokenizer {
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(&tok_file).map_err(|e| BertError::Tokenizer {
                 path: tok_file.clone(),
                 msg: e.to_string(),
-            }
-        })?;
+            })?;
         Self::new(model, tokenizer, max_seq_length, device).map_err(|e| match e {
             BertError::TokenizerSetup(msg) => BertError::Tokenizer {
                 path: tok_file,

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::backend::NdArray;
+use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::{Bool, TensorData};
 use popen_model::minilm::{
@@ -24,7 +24,8 @@ use serde_json::Value;
 
 use crate::common::repo_root;
 
-type B = NdArray<f32>;
+// Flex: the CPU backend popen runs on (the real-weights tests encode 256-token batches).
+type B = Flex;
 
 fn minilm_dir() -> PathBuf {
     let p = repo_root().join("data/assets/minilm");
@@ -57,7 +58,13 @@ fn matrix(v: &Value) -> Vec<Vec<f64>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
         .collect()
 }
 
@@ -76,7 +83,9 @@ fn max_err(got: &[Vec<f64>], want: &[Vec<f64>]) -> f64 {
         .zip(want)
         .flat_map(|(g, w)| {
             assert_eq!(g.len(), w.len());
-            g.iter().zip(w).map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+            g.iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
         })
         .fold(0.0, f64::max)
 }
@@ -94,7 +103,10 @@ fn minilm_matches_sentence_transformers() {
     let enc = encoder(fx["batch_size"].as_u64().unwrap() as usize);
     assert_eq!(enc.dim(), 384);
     assert_eq!(enc.max_seq_length(), MINILM_MAX_SEQ_LENGTH);
-    assert_eq!(fx["max_seq_length"].as_u64().unwrap() as usize, MINILM_MAX_SEQ_LENGTH);
+    assert_eq!(
+        fx["max_seq_length"].as_u64().unwrap() as usize,
+        MINILM_MAX_SEQ_LENGTH
+    );
     assert_eq!(enc.model.config, BertConfig::all_minilm_l6_v2());
 
     // Word pieces, [CLS]/[SEP] and truncation exactly as sentence-transformers tokenizes.
@@ -109,12 +121,19 @@ fn minilm_matches_sentence_transformers() {
         assert_eq!(toks[i].0, want, "token ids of sentence {i} {:?}", sents[i]);
         assert!(toks[i].1.iter().all(|&t| t == 0));
     }
-    assert_eq!(toks.last().unwrap().0.len(), 256, "the long text is truncated to 256");
+    assert_eq!(
+        toks.last().unwrap().0.len(),
+        256,
+        "the long text is truncated to 256"
+    );
 
     let want = matrix(&fx["embeddings"]);
     let got = to_rows(enc.encode(&sents).unwrap());
     let err = max_err(&got, &want);
-    assert!(err < 1e-5, "embeddings differ from sentence-transformers by {err:e}");
+    assert!(
+        err < 1e-5,
+        "embeddings differ from sentence-transformers by {err:e}"
+    );
     for (i, row) in got.iter().enumerate() {
         let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "row {i} has norm {norm}");
@@ -138,7 +157,12 @@ fn minilm_embeddings_do_not_depend_on_batching() {
     assert!(max_err(&all, &want) < 1e-5);
     assert!(max_err(&single, &all) < 1e-5);
     // Order of the input is the order of the rows; duplicates give identical rows.
-    let rev: Vec<&str> = sents.iter().rev().map(String::as_str).chain([sents[0].as_str()]).collect();
+    let rev: Vec<&str> = sents
+        .iter()
+        .rev()
+        .map(String::as_str)
+        .chain([sents[0].as_str()])
+        .collect();
     let got = to_rows(encoder(3).encode(&rev).unwrap());
     let mut want_rev: Vec<Vec<f64>> = want.iter().rev().cloned().collect();
     want_rev.push(want[0].clone());
@@ -161,7 +185,11 @@ fn minilm_cosine_similarities_match_reference() {
     let row = &cos[0];
     assert!(row[1] > 0.85, "paraphrase cos {}", row[1]);
     for (j, c) in row.iter().enumerate().skip(2) {
-        assert!(*c < row[1] - 0.3, "sentence {j} cos {c} vs paraphrase {}", row[1]);
+        assert!(
+            *c < row[1] - 0.3,
+            "sentence {j} cos {c} vs paraphrase {}",
+            row[1]
+        );
     }
     for (i, r) in cos.iter().enumerate() {
         assert!((r[i] - 1.0).abs() < 1e-5);
@@ -175,7 +203,10 @@ fn sentence_encoder_missing_files_say_make_assets() {
         .err()
         .unwrap()
         .to_string();
-    assert!(msg.contains("model.safetensors") && msg.contains("make assets"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("make assets"),
+        "{msg}"
+    );
     std::fs::copy(
         minilm_dir().join("model.safetensors"),
         dir.path().join("model.safetensors"),
@@ -185,7 +216,10 @@ fn sentence_encoder_missing_files_say_make_assets() {
         .err()
         .unwrap()
         .to_string();
-    assert!(msg.contains("tokenizer.json") && msg.contains("make assets"), "{msg}");
+    assert!(
+        msg.contains("tokenizer.json") && msg.contains("make assets"),
+        "{msg}"
+    );
 }
 
 // ---- tiny random checkpoints ----
@@ -229,9 +263,17 @@ fn bert_tiny_checkpoint_round_trip_with_prefix_and_skipped_tensors() {
         .map(|(n, s, d)| (format!("bert.{n}"), s, d))
         .collect();
     let h = cfg.hidden_size;
-    t.push(("bert.pooler.dense.weight".into(), vec![h, h], vec![0.5; h * h]));
+    t.push((
+        "bert.pooler.dense.weight".into(),
+        vec![h, h],
+        vec![0.5; h * h],
+    ));
     t.push(("bert.pooler.dense.bias".into(), vec![h], vec![0.0; h]));
-    t.push(("cls.predictions.bias".into(), vec![cfg.vocab_size], vec![0.0; cfg.vocab_size]));
+    t.push((
+        "cls.predictions.bias".into(),
+        vec![cfg.vocab_size],
+        vec![0.0; cfg.vocab_size],
+    ));
     let p = cfg.max_position_embeddings;
     t.push((
         "bert.embeddings.position_ids".into(),
@@ -246,6 +288,21 @@ fn bert_tiny_checkpoint_round_trip_with_prefix_and_skipped_tensors() {
     assert_eq!(inferred, cfg);
 
     let loaded = load_bert::<B>(&cfg, &file, &device).unwrap();
+    // Mistakes in a prefixed file: names without the prefix, the source says so.
+    let bad = dir.path().join("prefixed-bad.safetensors");
+    write(&bad, &t[1..]);
+    let msg = load_bert::<B>(&cfg, &bad, &device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("prefixed-bad.safetensors [bert.*]"), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "missing {}",
+            t[0].0.strip_prefix("bert.").unwrap()
+        )),
+        "{msg}"
+    );
     let ids = ids_tensor(&[1, 5, 9, 2, 1, 7, 3, 2], 2, 4);
     let a = flat3(model.forward(ids.clone(), None, None).unwrap());
     let b = flat3(loaded.forward(ids, None, None).unwrap());
@@ -267,25 +324,46 @@ fn bert_load_names_missing_misshaped_and_unexpected_tensors() {
             *d = vec![1.0; cfg.hidden_size + 1];
         }
     }
-    t.push(("encoder.layer.0.attention.self.rotary.weight".into(), vec![2], vec![0.0; 2]));
+    t.push((
+        "encoder.layer.0.attention.self.rotary.weight".into(),
+        vec![2],
+        vec![0.0; 2],
+    ));
     let file = dir.path().join("broken.safetensors");
     write(&file, &t);
 
-    let msg = load_bert::<B>(&cfg, &file, &device).err().unwrap().to_string();
+    let msg = load_bert::<B>(&cfg, &file, &device)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains(&file.display().to_string()), "{msg}");
     assert!(msg.contains(&format!("missing {gone}")), "{msg}");
-    assert!(msg.contains("embeddings.LayerNorm.weight"), "{msg}");
+    assert!(
+        msg.contains("embeddings.LayerNorm.weight: shape [17] in the file, the model needs [16]"),
+        "{msg}"
+    );
+    assert_eq!(
+        msg.matches("embeddings.LayerNorm.weight").count(),
+        1,
+        "{msg}"
+    );
     assert!(
         msg.contains("unexpected encoder.layer.0.attention.self.rotary.weight"),
         "{msg}"
     );
-    assert!(!msg.contains("self_attn") && !msg.contains("layer_norm"), "{msg}");
+    assert!(
+        !msg.contains("self_attn") && !msg.contains("layer_norm"),
+        "{msg}"
+    );
 
     // A layer too few: the missing layer's tensors are named.
     let mut t = hf_tensors(&model);
     t.retain(|(n, _, _)| !n.starts_with("encoder.layer.1."));
     write(&file, &t);
-    let msg = load_bert::<B>(&cfg, &file, &device).err().unwrap().to_string();
+    let msg = load_bert::<B>(&cfg, &file, &device)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         msg.contains("missing encoder.layer.1.output.LayerNorm.bias"),
         "{msg}"
@@ -302,7 +380,10 @@ fn bert_load_names_missing_misshaped_and_unexpected_tensors() {
     );
     // A missing file names the path.
     let nope = dir.path().join("nope.safetensors");
-    let msg = load_bert::<B>(&cfg, &nope, &device).err().unwrap().to_string();
+    let msg = load_bert::<B>(&cfg, &nope, &device)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("nope.safetensors"), "{msg}");
 }
 
@@ -312,11 +393,17 @@ fn bert_padding_is_masked() {
     let model = BertConfig::tiny().init::<B>(&device);
     // Row 0: 3 real tokens alone; row 1 of the batch: the same 3 + 3 padding tokens of
     // arbitrary ids; row 0 of the batch: 6 real tokens.
-    let alone = flat3(model.forward(ids_tensor(&[1, 7, 2], 1, 3), None, None).unwrap());
+    let alone = flat3(
+        model
+            .forward(ids_tensor(&[1, 7, 2], 1, 3), None, None)
+            .unwrap(),
+    );
     let ids = ids_tensor(&[1, 4, 4, 9, 8, 2, 1, 7, 2, 33, 0, 5], 2, 6);
     let mask = Tensor::<B, 2, Bool>::from_data(
         TensorData::new(
-            vec![true, true, true, true, true, true, true, true, true, false, false, false],
+            vec![
+                true, true, true, true, true, true, true, true, true, false, false, false,
+            ],
             [2, 6],
         ),
         &device,
@@ -324,15 +411,27 @@ fn bert_padding_is_masked() {
     let h = model.forward(ids, None, Some(mask.clone())).unwrap();
     let d = model.config.hidden_size;
     let row1 = flat3(h.clone().narrow(0, 1, 1).narrow(1, 0, 3));
-    let err = alone.iter().zip(&row1).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let err = alone
+        .iter()
+        .zip(&row1)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(err < 1e-5, "padding changed the real tokens by {err}");
     // Mean pooling counts only the real tokens.
     let pooled = popen_model::minilm::mean_pool(h, mask);
-    let p1: Vec<f32> = pooled.narrow(0, 1, 1).into_data().into_vec::<f32>().unwrap();
+    let p1: Vec<f32> = pooled
+        .narrow(0, 1, 1)
+        .into_data()
+        .into_vec::<f32>()
+        .unwrap();
     let mean: Vec<f32> = (0..d)
         .map(|k| (0..3).map(|t| alone[t * d + k]).sum::<f32>() / 3.0)
         .collect();
-    let err = p1.iter().zip(&mean).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let err = p1
+        .iter()
+        .zip(&mean)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(err < 1e-5, "{err}");
     // Shape checks.
     let e = model
@@ -351,6 +450,8 @@ fn sentence_encoder_rejects_a_tokenizer_larger_than_the_vocabulary() {
     assert!(e.to_string().contains("vocab_size is 64"), "{e}");
     let model = BertConfig::tiny().init::<B>(&device);
     let tok = tokenizers::Tokenizer::from_file(minilm_dir().join("tokenizer.json")).unwrap();
-    let e = SentenceEncoder::new(model, tok, 100, &device).err().unwrap();
+    let e = SentenceEncoder::new(model, tok, 100, &device)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("max_seq_length 100"), "{e}");
 }
