@@ -11,6 +11,7 @@
 //! - [`sam`], [`pixel_decoder`]: SAM's two-way transformer and PixelLM's
 //!   `MaskDecoderMultiScale`.
 //! - [`pixellm`]: the assembled model.
+//! - [`minilm`]: BERT sentence encoder (all-MiniLM-L6-v2), POPEN's `h = BERT(y)` of `L_ti`.
 
 pub mod bundle;
 pub mod clip;
@@ -18,6 +19,7 @@ pub mod gguf;
 pub mod infer;
 pub mod llama;
 pub mod lora;
+pub mod minilm;
 pub mod pixel_decoder;
 pub mod pixellm;
 pub mod preprocess;

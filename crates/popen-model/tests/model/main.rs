@@ -5,6 +5,7 @@ mod clip;
 mod gguf;
 mod llama;
 mod llama_ext;
+mod minilm;
 mod pixel_decoder;
 mod pixellm;
 mod pixellm_reference;
