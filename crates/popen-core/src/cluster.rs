@@ -358,3 +358,86 @@ pub fn sbatch(sbatch: &str, job: &Job, args: &[String]) -> Result<String> {
     }
     Ok(id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+
+    fn parse(out: &Path) -> (ClusterConfig, BTreeMap<String, String>) {
+        let cfg: ClusterConfig = serde_json::from_value(config_json()).unwrap();
+        let vars = cfg.vars(|k| (k == "OUT").then(|| out.display().to_string()));
+        (cfg, vars)
+    }
+
+    /// The config as pipelines/cluster.toml would spell it (popen-core has no TOML parser).
+    fn config_json() -> serde_json::Value {
+        serde_json::json!({
+            "slurm": {"partition": "cpu", "gpu_partition": "gpu"},
+            "env": {"OUT": "OUTDIR"},
+            "stage": [
+                {"name": "init", "script": "s/init.sbatch", "done": "{OUT}/init.done"},
+                {"name": "collect", "script": "s/collect.sbatch", "after": ["init"], "array": 3,
+                 "output": "{OUT}/x.parquet", "samples": "{OUT}/train.parquet"},
+                {"name": "off", "script": "s/off.sbatch", "enabled": false},
+                {"name": "train", "script": "s/train.sbatch", "after": ["collect", "off"], "gpus": 2}
+            ]
+        })
+    }
+
+    #[test]
+    fn plan_chains_arrays_merges_and_gpu_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, vars) = parse(dir.path());
+        let (jobs, skipped) = plan(&cfg, &vars).unwrap();
+        let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["init", "collect", "collect-merge", "train"]);
+        assert_eq!(skipped, vec![Skipped { name: "off".into(), reason: "disabled".into() }]);
+        let c = &jobs[1];
+        assert!(c.args.contains(&"--array=0-2".to_string()) && c.args.contains(&"--requeue".to_string()));
+        assert!(c.args.contains(&"--partition=cpu".to_string()));
+        assert_eq!(c.args.last().unwrap(), "s/collect.sbatch");
+        assert_eq!(c.env["STAGE_OUT"], format!("{}/x.parquet", dir.path().display()));
+        assert_eq!(c.env["STAGE_TASKS"], "3");
+        assert_eq!(jobs[2].args.last().unwrap(), "s/merge.sbatch");
+        assert_eq!(jobs[2].after, ["collect"]);
+        let t = &jobs[3];
+        assert!(t.args.contains(&"--gres=gpu:2".to_string()) && t.args.contains(&"--partition=gpu".to_string()));
+        // The disabled stage is not waited for; the array's merge is.
+        assert_eq!(t.after, ["collect-merge"]);
+        let ids = submit(&jobs, |j, args| {
+            if j.name == "train" {
+                assert_eq!(args[args.len() - 2], "--dependency=afterok:3");
+            }
+            if j.name == "collect" {
+                assert_eq!(args[args.len() - 2], "--dependency=afterok:1");
+            }
+            Ok((["init", "collect", "collect-merge", "train"].iter().position(|n| *n == j.name).unwrap() + 1).to_string())
+        })
+        .unwrap();
+        assert_eq!(ids.len(), 4);
+
+        // A complete stage is skipped and not waited for.
+        std::fs::write(dir.path().join("init.done"), b"").unwrap();
+        let (jobs, skipped) = plan(&cfg, &vars).unwrap();
+        assert_eq!(jobs[0].name, "collect");
+        assert!(jobs[0].after.is_empty());
+        assert!(skipped.iter().any(|s| s.name == "init" && s.reason.contains("init.done exists")));
+    }
+
+    #[test]
+    fn bad_configs_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut cfg, vars) = parse(dir.path());
+        cfg.stages[1].after = vec!["train".into()];
+        let e = plan(&cfg, &vars).unwrap_err().to_string();
+        assert!(e.contains("stage 'collect': after = 'train' must name a stage listed before it"), "{e}");
+        let (mut cfg, vars) = parse(dir.path());
+        cfg.stages[1].output = Some("{NOPE}/x.parquet".into());
+        let e = plan(&cfg, &vars).unwrap_err().to_string();
+        assert!(e.contains("stage 'collect': output") && e.contains("{NOPE}"), "{e}");
+        let (mut cfg, vars) = parse(dir.path());
+        cfg.stages[1].samples = None;
+        assert!(plan(&cfg, &vars).unwrap_err().to_string().contains("needs `output`"));
+    }
+}
