@@ -12,7 +12,7 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps sam-masks sam-photos bench-sam bench bench-model refenv help
+.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps sam-masks sam-photos bench-sam bench bench-model refenv help test-slurm cluster-demo
 
 help:
 	@echo "make demo        benchmark -> tiny model -> SFT -> predict -> eval, with baselines ($(OUT))"
@@ -24,6 +24,8 @@ help:
 	@echo "make sam-photos  SAM proposals + overlays of the real labelme photos into out/sam-photos"
 	@echo "make eval        gIoU/cIoU/CHAIR/boundary IoU/localization error of $(PRED) + baselines"
 	@echo "make test        Rust tests, interop checks (pyarrow/duckdb/pycocotools), cuda check"
+	@echo "make test-slurm  collect stages as job arrays + merge on a real one-node Slurm (root; apt-get installs slurm-wlm, munge)"
+	@echo "make cluster-demo  submit the pipeline to Slurm (CLUSTER_CONFIG=$(CLUSTER_CONFIG); DRY_RUN=1 prints the sbatch calls)"
 	@echo "make data        generate the embedded benchmark into $(DATA) (SEED=$(SEED))"
 	@echo "make assets      fetch the pinned real weights/data of shared/ASSETS.md into data/assets"
 	@echo "make bench       mask-kernel benchmark against pycocotools"
@@ -56,6 +58,19 @@ test-interop: build-dev
 # The GPU backend must keep compiling even where no GPU is (CI).
 check-cuda:
 	CUDARC_CUDA_VERSION=13000 $(CARGO) check --features cuda --bin popen
+
+# ---- Slurm (issue 8) ----
+# A real one-node Slurm on this machine runs collect-pt/collect-ps as 4-task job arrays +
+# merge, kills and requeues a task, and compares with the single-process files (cmp).
+# (build-dev: the popen binary `make test` built, no second build in CI.)
+test-slurm: build-dev
+	POPEN=$(abspath $(POPEN_DEV)) bash tests/slurm/run.sh
+
+# The pipeline of $(CLUSTER_CONFIG) submitted with sbatch (stages chained with afterok; complete
+# stages skipped). Run it from the repository root on a cluster login node.
+CLUSTER_CONFIG ?= pipelines/cluster.toml
+cluster-demo: build
+	$(POPEN) cluster submit --config $(CLUSTER_CONFIG) $(if $(DRY_RUN),--dry-run)
 
 # ---- the SFT baseline on the embedded benchmark ----
 SFT_CONFIG ?= pipelines/sft-tiny.toml

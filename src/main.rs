@@ -2,6 +2,7 @@
 //! library stage; see `popen <command> --help`.
 
 mod backend;
+mod cluster_cmd;
 mod eval_cmd;
 mod model_cmd;
 mod prefs_cmd;
@@ -76,6 +77,12 @@ enum Command {
     /// default; SAM ViT-B/L/H checkpoints too), one `proposal/1` record per image: for
     /// collect-ps --proposals and the localization-error metric. Sharded and resumable.
     SamMasks(sam_cmd::SamMasksArgs),
+    /// Check that every task of a job array wrote its shard and manifest and merge them into
+    /// the stage output (records in input order: the single-process file) and its manifest.
+    Merge(cluster_cmd::MergeArgs),
+    /// Run the pipeline on a Slurm cluster (pipelines/cluster.toml, pipelines/slurm/).
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCommand),
 }
 
 #[derive(clap::Args)]
@@ -203,6 +210,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::CollectPs(a) => prefs_cmd::collect_ps(a),
         Command::SamMasks(a) => sam_cmd::sam_masks(a),
         Command::CollectPt(a) => prefs_cmd::collect_pt(a),
+        Command::Merge(a) => cluster_cmd::merge(a),
+        Command::Cluster(c) => cluster_cmd::cluster(c),
         Command::Device(a) => {
             let r = backend::check(&a.backend, a.size, a.iters)?;
             println!("{}", serde_json::to_string_pretty(&r)?);

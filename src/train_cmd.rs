@@ -144,7 +144,8 @@ pub fn predict(a: PredictArgs) -> Result<()> {
 
 fn predict_on<B: Backend>(a: &PredictArgs, cfg: &PredictConfig, dev: &B::Device) -> Result<popen_train::predict::PredictReport> {
     let out = a.out.clone();
-    let shard = a.shard.clone();
+    // Inside a Slurm job array the default 0/1 becomes the array task.
+    let shard = a.shard.or_slurm()?;
     let out_path = shard.output_path(&out);
     popen_train::predict::run::<B>(&a.model, &a.samples, &out_path, cfg, shard, true, dev)
         .with_context(|| format!("predict {} -> {}", a.samples.display(), out_path.display()))

@@ -9,8 +9,11 @@
 //! - [`progress`]: the shared progress-bar style.
 //! - [`chat`]: a blocking client for OpenAI-compatible chat-completion endpoints.
 //! - [`shardspec`]: `--shard I/N` selection for cluster job arrays.
+//! - [`cluster`]: the Slurm submission plan (`popen cluster submit`); merging a job array's
+//!   shards is [`shard::merge`].
 
 pub mod chat;
+pub mod cluster;
 pub mod error;
 pub mod imageio;
 pub mod lexicon;

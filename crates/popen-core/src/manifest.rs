@@ -58,6 +58,9 @@ pub struct Manifest {
     pub skipped: Vec<Skipped>,
     /// Seconds per phase of the stage.
     pub timings: BTreeMap<String, f64>,
+    /// The job-array task outputs this output was merged from (`popen merge`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<FileEntry>,
 }
 
 impl Manifest {
@@ -77,6 +80,7 @@ impl Manifest {
             counts: BTreeMap::new(),
             skipped: Vec::new(),
             timings: BTreeMap::new(),
+            merged_from: Vec::new(),
         })
     }
 

@@ -452,3 +452,108 @@ fn slurm_job_array_supplies_the_shard() {
     assert!(e.to_string().contains("not a number"), "{e}");
     assert!(ShardSpec::from_slurm(env(&[("SLURM_ARRAY_TASK_ID", "5"), ("SLURM_ARRAY_TASK_COUNT", "4")])).is_err());
 }
+
+/// Writes what task `shard` of a stage writes: the predictions of the positions it takes
+/// (skipping `skip`), and a manifest listing the skipped ones.
+fn write_task(out: &Path, shard: popen_core::shardspec::ShardSpec, n: usize, skip: &[usize]) -> std::path::PathBuf {
+    use popen_core::manifest::{manifest_beside, Manifest};
+    let path = shard.output_path(out);
+    let mut m = Manifest::new("predict", &serde_json::json!({"k": 1})).unwrap();
+    if !shard.is_all() {
+        m.shard = Some(shard.to_string());
+    }
+    let mut rows = Vec::new();
+    for p in (0..n).filter(|&p| shard.takes(p)) {
+        if skip.contains(&p) {
+            m.skip(format!("s{p}"), "no answer");
+        } else {
+            rows.push(prediction(p));
+        }
+    }
+    let k = write_shard(&path, rows).unwrap();
+    m.add_output(&path, Some(k as u64)).unwrap();
+    m.count("predictions", k as u64);
+    m.write(manifest_beside(&path)).unwrap();
+    path
+}
+
+#[test]
+fn merged_shards_equal_the_single_process_file_byte_for_byte() {
+    use popen_core::manifest::{manifest_beside, Manifest};
+    use popen_core::shard::merge::{merge_stage, stage_complete};
+    use popen_core::shardspec::ShardSpec;
+    let dir = tempfile::tempdir().unwrap();
+    // 600 records: several row groups; a few skipped (gaps in some shards, shard 3 of 7 gets
+    // none at the end).
+    let n = 600;
+    let skip = [0usize, 5, 6, 7, 299, 599];
+    let order: Vec<String> = (0..n).map(|p| format!("s{p}")).collect();
+    let single = write_task(&dir.path().join("single/pred.parquet"), ShardSpec::ALL, n, &skip);
+    for count in [1u32, 4, 7] {
+        let out = dir.path().join(format!("n{count}/pred.parquet"));
+        for i in 0..count {
+            write_task(&out, ShardSpec::new(i, count).unwrap(), n, &skip);
+        }
+        if count == 1 {
+            // One task of one: its output is the stage output itself; nothing to merge into.
+            continue;
+        }
+        let r = merge_stage(&out, count, &order).unwrap();
+        assert_eq!(r.rows, n - skip.len());
+        assert_eq!(r.kind, "prediction/1");
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&single).unwrap(), "{count} shards");
+        assert!(stage_complete(&out));
+        let m = Manifest::read(manifest_beside(&out)).unwrap();
+        let s = Manifest::read(manifest_beside(&single)).unwrap();
+        assert_eq!((m.counts.clone(), m.skipped.clone(), m.config_hash.clone()), (s.counts, s.skipped, s.config_hash));
+        assert_eq!(m.shard, None);
+        assert_eq!(m.merged_from.len(), count as usize);
+        assert!(m.outputs_intact());
+    }
+}
+
+#[test]
+fn merge_names_missing_stale_and_foreign_shards() {
+    use popen_core::manifest::{manifest_beside, Manifest};
+    use popen_core::shard::merge::merge_stage;
+    use popen_core::shardspec::ShardSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pred.parquet");
+    let n = 20;
+    let order: Vec<String> = (0..n).map(|p| format!("s{p}")).collect();
+    let paths: Vec<_> = (0..4).map(|i| write_task(&out, ShardSpec::new(i, 4).unwrap(), n, &[])).collect();
+
+    // Missing output (and a missing manifest): each named with its task index and file.
+    std::fs::rename(&paths[2], dir.path().join("away.parquet")).unwrap();
+    std::fs::remove_file(manifest_beside(&paths[3])).unwrap();
+    let e = merge_stage(&out, 4, &order).unwrap_err().to_string();
+    assert!(e.contains("shard 2/4 (array task 2): output") && e.contains("pred-00002-of-00004.parquet is missing"), "{e}");
+    assert!(e.contains("shard 3/4 (array task 3): manifest") && e.contains("pred-00003-of-00004.manifest.json is missing"), "{e}");
+    assert!(!out.exists(), "nothing is written when a shard is missing");
+    std::fs::rename(dir.path().join("away.parquet"), &paths[2]).unwrap();
+    write_task(&out, ShardSpec::new(3, 4).unwrap(), n, &[]);
+
+    // A manifest that describes another file.
+    write_shard(&paths[1], vec![prediction(1)]).unwrap();
+    let e = merge_stage(&out, 4, &order).unwrap_err().to_string();
+    assert!(e.contains("shard 1/4") && e.contains("sha256 differs"), "{e}");
+    write_task(&out, ShardSpec::new(1, 4).unwrap(), n, &[]);
+
+    // Tasks of different jobs (another config).
+    let mpath = manifest_beside(&paths[2]);
+    let mut m = Manifest::read(&mpath).unwrap();
+    m.config_hash = "other".into();
+    m.write(&mpath).unwrap();
+    let e = merge_stage(&out, 4, &order).unwrap_err().to_string();
+    assert!(e.contains("shard 2/4") && e.contains("config hash") && !e.contains("shard 1/4"), "{e}");
+    write_task(&out, ShardSpec::new(2, 4).unwrap(), n, &[]);
+
+    // Shards of another input order: the record that does not fit is named.
+    let mut wrong = order.clone();
+    wrong.swap(0, 4);
+    let e = merge_stage(&out, 4, &wrong).unwrap_err().to_string();
+    assert!(e.contains("pred-00000-of-00004.parquet, row 1, column 'id'") && e.contains("record 's4'"), "{e}");
+
+    // Fixed: merges.
+    assert_eq!(merge_stage(&out, 4, &order).unwrap().rows, n);
+}

@@ -7,6 +7,7 @@
 //! leaves either the old file or none. Every read error names the file, and where it
 //! can the row and column.
 
+pub mod merge;
 mod prediction;
 mod proposal;
 mod resume;
@@ -232,6 +233,16 @@ impl<T: Record> Iterator for ShardReader<T> {
         self.next_row += batch.num_rows();
         Some(T::from_batch(&batch, &self.path, first))
     }
+}
+
+/// The record kind (`popen.kind` metadata) of a shard; `None` for files without it.
+pub fn read_kind(path: impl AsRef<Path>) -> Result<Option<String>> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|e| CoreError::io(path, e))?;
+    let builder = guard(path, None, || ParquetRecordBatchReaderBuilder::try_new(file))?
+        .map_err(|e| CoreError::shard(path, format!("not a readable Parquet file: {e}")))?;
+    let meta = builder.metadata().file_metadata();
+    Ok(meta.key_value_metadata().and_then(|kv| kv.iter().find(|k| k.key == KIND_KEY).and_then(|k| k.value.clone())))
 }
 
 /// Counts the rows of a shard from its footer without reading the data.
