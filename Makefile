@@ -81,10 +81,15 @@ PRED    ?= $(OUT)/pred/$(SPLIT).parquet
 EVAL_OUT ?= $(OUT)/eval
 LEXICON ?= $(DATA)/lexicon.json
 
-# The tiny model: a byte-level BPE learnt from the train texts, random weights.
-tiny-init: data
-	$(POPEN) tokenizer-tiny --data $(DATA) --out $(OUT)/tokenizer/tokenizer.json
-	$(POPEN) model-init --config pipelines/model-tiny.toml --tokenizer $(OUT)/tokenizer/tokenizer.json --out $(INIT) --seed $(SEED)
+# The tiny model: a byte-level BPE learnt from the train texts; the LLM random, the vision
+# tower and pixel decoder MobileSAM's (tiny-sam). The CLIP-from-scratch model instead:
+#   make demo MODEL_CONFIG=pipelines/model-tiny.toml SEG_TOKENS=6 INIT_FLAGS=
+MODEL_CONFIG ?= pipelines/model-tiny-sam.toml
+SEG_TOKENS ?= 3
+INIT_FLAGS ?= --sam data/assets/mobile_sam/mobile_sam.pt
+tiny-init: data assets
+	$(POPEN) tokenizer-tiny --data $(DATA) --out $(OUT)/tokenizer/tokenizer.json --seg-tokens $(SEG_TOKENS)
+	$(POPEN) model-init --config $(MODEL_CONFIG) --tokenizer $(OUT)/tokenizer/tokenizer.json --out $(INIT) --seed $(SEED) $(INIT_FLAGS)
 
 # Resumable: a killed run continues from its newest checkpoint when run again.
 sft: tiny-init

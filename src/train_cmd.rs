@@ -31,6 +31,11 @@ pub struct SftArgs {
     /// Continue from the newest checkpoint under --out (same data order, optimizer state).
     #[arg(long)]
     resume: bool,
+    /// Folder where the frozen SAM encoder's image embeddings of a tiny-sam model are kept
+    /// between runs (keyed by the images, input size and encoder weights); without it they
+    /// are computed at every start.
+    #[arg(long)]
+    sam_cache: Option<PathBuf>,
     /// Override the config's seed.
     #[arg(long)]
     seed: Option<u64>,
@@ -98,7 +103,7 @@ pub fn sft(a: SftArgs) -> Result<()> {
     let (Some(init), Some(train), Some(out)) = (&a.init, &a.train, &a.out) else {
         bail!("popen sft needs --init MODEL_DIR, --train SHARD and --out DIR (see --help)");
     };
-    let job = SftJob { config: &cfg, init, train, out, resume: a.resume, progress: true };
+    let job = SftJob { config: &cfg, init, train, out, resume: a.resume, progress: true, sam_cache: a.sam_cache.as_deref() };
     let report = match (a.backend.as_str(), cfg.precision) {
         ("flex", Precision::F32) => run_sft::<Autodiff<burn::backend::Flex>>(&job, &Default::default()),
         ("ndarray", Precision::F32) => run_sft::<Autodiff<burn::backend::NdArray<f32>>>(&job, &Default::default()),

@@ -208,12 +208,18 @@ pub fn make_batch(examples: &[&Example], pre: &Preprocessor, cfg: &SftConfig) ->
 /// Compute the frozen SAM encoder's embedding of every example's image once (batches of
 /// `batch`), so that training steps skip the encoder: it never trains, and it costs more
 /// than the rest of a tiny model's step. No-op for a CLIP model.
+///
+/// With `cache_dir`, the embeddings are also kept in `cache_dir/sam-<key>.f32` (raw
+/// little-endian f32, `[images, c, g, g]`), where the key is a sha256 of the distinct
+/// images (in order), the input size and the encoder's weights: another run on the same
+/// data and encoder (a second seed, a resumed job) reads them instead.
 pub fn cache_sam_embeddings<B: Backend>(
     model: &PixelLm<B>,
     examples: &mut [Example],
     pre: &Preprocessor,
     batch: usize,
     progress: bool,
+    cache_dir: Option<&Path>,
 ) -> Result<()> {
     if model.sam_encoder.is_none() || examples.is_empty() {
         return Ok(());
@@ -235,6 +241,24 @@ pub fn cache_sam_embeddings<B: Backend>(
         (unique, of)
     };
     let t0 = Instant::now();
+    let g = model.config().patch_grid();
+    let c = model.config().vision_width();
+    let shape = [c, g, g];
+    let per = c * g * g;
+    let file = cache_dir.map(|d| d.join(format!("sam-{}.f32", sam_cache_key(model, examples, &unique))));
+    if let Some(f) = &file {
+        if let Ok(bytes) = std::fs::read(f) {
+            if bytes.len() == unique.len() * per * 4 {
+                let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                for (ex, &u) in examples.iter_mut().zip(&of_example) {
+                    ex.sam_embedding = Some((v[u * per..(u + 1) * per].to_vec(), shape));
+                }
+                tracing::info!("sam embeddings: {} images read from {}", unique.len(), f.display());
+                return Ok(());
+            }
+            tracing::warn!("{}: unexpected size {} bytes, recomputing", f.display(), bytes.len());
+        }
+    }
     let bar = progress.then(|| popen_core::progress::bar(unique.len() as u64, "sam embeddings"));
     let mut cache: Vec<(Vec<f32>, [usize; 3])> = Vec::with_capacity(unique.len());
     for chunk in unique.chunks(batch.max(1)) {
@@ -268,6 +292,19 @@ pub fn cache_sam_embeddings<B: Backend>(
     for (ex, &u) in examples.iter_mut().zip(&of_example) {
         ex.sam_embedding = Some(cache[u].clone());
     }
+    if let Some(f) = &file {
+        let mut bytes = Vec::with_capacity(cache.len() * per * 4);
+        for (v, _) in &cache {
+            for x in v {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        let dir = f.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let tmp = f.with_extension(format!("f32.tmp{}", std::process::id()));
+        std::fs::write(&tmp, &bytes).map_err(|e| io_err(&tmp, e))?;
+        std::fs::rename(&tmp, f).map_err(|e| io_err(f, e))?;
+    }
     tracing::info!(
         "sam embeddings: {} images of {} examples in {:.1} s",
         unique.len(),
@@ -275,6 +312,31 @@ pub fn cache_sam_embeddings<B: Backend>(
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The key of [`cache_sam_embeddings`]' file: sha256 over the input size, the distinct
+/// images' bytes in order and every value of the SAM encoder.
+fn sam_cache_key<B: Backend>(model: &PixelLm<B>, examples: &[Example], unique: &[usize]) -> String {
+    use burn::module::{ModuleVisitor, Param};
+    use sha2::{Digest, Sha256};
+    struct V(Sha256);
+    impl<B: Backend> ModuleVisitor<B> for V {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let data = param.val().into_data().convert::<f32>();
+            self.0.update(data.as_bytes());
+        }
+    }
+    let mut h = Sha256::new();
+    h.update((model.config().image_size as u64).to_le_bytes());
+    for &i in unique {
+        h.update((examples[i].image.len() as u64).to_le_bytes());
+        h.update(&examples[i].image);
+    }
+    let mut v = V(h);
+    if let Some(enc) = &model.sam_encoder {
+        enc.visit(&mut v);
+    }
+    hex::encode(&v.0.finalize()[..12])
 }
 
 /// What `popen sft` reports.
@@ -301,6 +363,8 @@ pub struct SftJob<'a> {
     pub resume: bool,
     /// Show a progress bar.
     pub progress: bool,
+    /// Folder keeping the SAM embeddings between runs ([`cache_sam_embeddings`]).
+    pub sam_cache: Option<&'a Path>,
 }
 
 type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, SftModel<B>, B>;
@@ -339,7 +403,7 @@ pub fn run<B: AutodiffBackend>(job: &SftJob, device: &B::Device) -> Result<SftRe
     }
     let mut examples = examples;
     let pre = Preprocessor::pixellm(pcfg.image_size);
-    cache_sam_embeddings(&model.pixellm, &mut examples, &pre, 8, job.progress)?;
+    cache_sam_embeddings(&model.pixellm, &mut examples, &pre, 8, job.progress, job.sam_cache)?;
     let order = Order { n: examples.len(), batch_size: cfg.batch_size, seed: cfg.seed };
     let total_micro = cfg.epochs.max(1) * order.batches_per_epoch();
     let mut total_steps = total_micro.div_ceil(cfg.grad_accum);

@@ -222,7 +222,7 @@ fn sft_resume_continues_exactly() {
     let run = |out: &Path, resume: bool, max_steps: usize| {
         let mut c = cfg.clone();
         c.max_steps = max_steps;
-        let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out, resume, progress: false };
+        let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out, resume, progress: false, sam_cache: None };
         sft::run::<AB>(&job, &Default::default())
     };
     // Straight through: 4 steps.
@@ -260,7 +260,7 @@ fn sft_resume_continues_exactly() {
     // A different config refuses to resume.
     let mut c2 = cfg.clone();
     c2.lr = 5e-4;
-    let job = sft::SftJob { config: &c2, init: &w.model, train: &w.train, out: &b, resume: true, progress: false };
+    let job = sft::SftJob { config: &c2, init: &w.model, train: &w.train, out: &b, resume: true, progress: false, sam_cache: None };
     let e = sft::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("different config"), "{e}");
 }
@@ -273,7 +273,7 @@ fn sft_lora_trains_adapters_and_saves_plain_layout() {
     cfg.grad_accum = 1;
     cfg.trainable = Trainable::Lora;
     let out = w.root.join("lora");
-    let job = sft::SftJob { config: &cfg, init: &w.model, train: &w.train, out: &out, resume: false, progress: false };
+    let job = sft::SftJob { config: &cfg, init: &w.model, train: &w.train, out: &out, resume: false, progress: false, sam_cache: None };
     let r = sft::run::<AB>(&job, &Default::default()).unwrap();
     assert!(r.trainable_params < r.total_params / 2, "{r:?}");
     // The saved model is a plain PixelLM folder (adapters merged) and loads as one.
@@ -303,7 +303,7 @@ fn nan_loss_stops_and_names_the_last_checkpoint() {
     bundle::save(&dir, &b.model, &b.tokenizer).unwrap();
     let cfg = small_cfg();
     let out = w.root.join("nan");
-    let job = sft::SftJob { config: &cfg, init: &dir, train: &w.train, out: &out, resume: false, progress: false };
+    let job = sft::SftJob { config: &cfg, init: &dir, train: &w.train, out: &out, resume: false, progress: false, sam_cache: None };
     match sft::run::<AB>(&job, &Default::default()) {
         Err(TrainError::NonFinite { step, last_checkpoint, .. }) => {
             assert_eq!(step, 0);
@@ -320,13 +320,13 @@ fn bad_inputs_are_clear_errors() {
     let cfg = small_cfg();
     let missing = w.root.join("no-such-model");
     let out = w.root.join("err");
-    let job = sft::SftJob { config: &cfg, init: &missing, train: &w.train, out: &out, resume: false, progress: false };
+    let job = sft::SftJob { config: &cfg, init: &missing, train: &w.train, out: &out, resume: false, progress: false, sam_cache: None };
     let e = sft::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("no-such-model"), "{e}");
     // Every sample too long: nothing to train on, with the reason.
     let mut c = cfg.clone();
     c.max_len = 16;
-    let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out: &out, resume: false, progress: false };
+    let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out: &out, resume: false, progress: false, sam_cache: None };
     let e = sft::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("exceed max_len 16"), "{e}");
     // Invalid configs name the field.
@@ -424,4 +424,99 @@ fn mask_path_gradient_matches_finite_differences() {
         checked += 1;
     }
     assert!(checked >= 16);
+}
+
+/// A tiny `sam_encoder` model (a small random TinyViT in place of MobileSAM's) on 6 samples
+/// that share 2 images (3 questions per image).
+fn sam_world(root: &Path) -> (PathBuf, PathBuf) {
+    let cfg = SynthConfig { questions_per_image: 3, ..SynthConfig::default() };
+    let samples: Vec<Sample> = (0..6).map(|i| generate_sample(&cfg, "train", i).unwrap()).collect();
+    assert_eq!(samples[0].image, samples[2].image, "questions of one image share its bytes");
+    assert_ne!(samples[0].image, samples[3].image);
+    let train = root.join("train.parquet");
+    write_shard(&train, samples.clone()).unwrap();
+    let texts: Vec<String> = samples.iter().flat_map(|s| [s.instruction.clone(), s.answer.clone()]).collect();
+    let mut tok = Tokenizer::train_tiny(texts.iter().map(String::as_str), 400, TINY_SPECIALS).unwrap();
+    let mut mcfg = PixelLmConfig::tiny_sam(512);
+    mcfg.llm.num_hidden_layers = 1;
+    mcfg.image_size = 64;
+    let tv = popen_model::tiny_vit::TinyVitConfig {
+        img_size: 64,
+        embed_dims: vec![8, 16, 32],
+        depths: vec![1, 1, 1],
+        num_heads: vec![1, 2, 2],
+        window_sizes: vec![2, 2, 2],
+        num_classes: 0,
+        out_chans: 16,
+        ..popen_model::tiny_vit::TinyVitConfig::mobile_sam()
+    };
+    let g = tv.output_hw(64, 64).0;
+    mcfg.sam_encoder = Some(tv);
+    mcfg.llm_image_grid = g;
+    mcfg.out_dim = 16;
+    mcfg.decoder = popen_model::pixel_decoder::MaskDecoderMultiScaleConfig {
+        transformer_dim: 16,
+        mlp_dim: 32,
+        num_heads: 2,
+        iou_head_hidden_dim: 16,
+        image_embedding_size: g,
+        input_image_size: 64,
+        low_res_size: 4 * g,
+        ..mcfg.decoder.clone()
+    };
+    mcfg.validate().unwrap();
+    tok.add_pixellm_tokens(mcfg.seg_group_len()).unwrap();
+    let model = mcfg.init::<B>(&Default::default()).unwrap();
+    let mdir = root.join("init");
+    bundle::save(&mdir, &model, &tok).unwrap();
+    (mdir, train)
+}
+
+/// tiny-sam training: the SAM encoder never changes (always frozen), `freeze = ["decoder"]`
+/// keeps the decoder too while the LLM trains, and the SAM embeddings kept in `sam_cache`
+/// (one per distinct image) give the same run bit for bit when read back.
+#[test]
+fn sft_sam_encoder_frozen_cached_and_decoder_freezable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (init, train) = sam_world(dir.path());
+    let cache = dir.path().join("sam-cache");
+    let cfg = SftConfig { freeze: vec!["decoder".into()], ..small_cfg() };
+    let run = |out: &Path| {
+        let job = sft::SftJob { config: &cfg, init: &init, train: &train, out, resume: false, progress: false, sam_cache: Some(&cache) };
+        sft::run::<AB>(&job, &Default::default()).unwrap()
+    };
+    let a = dir.path().join("a");
+    let r = run(&a);
+    assert_eq!(r.steps, 4);
+    let files: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let g = PixelLmConfig::from_toml_file(init.join("model.toml")).unwrap().patch_grid();
+    assert_eq!(std::fs::metadata(&files[0]).unwrap().len() as usize, 2 * 16 * g * g * 4, "2 distinct images cached");
+    let before = weights_of(&init);
+    let after = weights_of(&a.join("model"));
+    let mut changed = Vec::new();
+    for ((n, x), (m, y)) in before.iter().zip(&after) {
+        assert_eq!(n, m);
+        if x != y {
+            changed.push(n.clone());
+        }
+    }
+    assert!(changed.iter().all(|n| !n.starts_with("sam_encoder.") && !n.starts_with("decoder.")), "{changed:?}");
+    assert!(changed.iter().any(|n| n.starts_with("llm.")) && changed.iter().any(|n| n.starts_with("text_hidden_fcs.")), "{changed:?}");
+    // Second run: embeddings read from the cache; same result.
+    let b = dir.path().join("b");
+    run(&b);
+    assert_eq!(weights_of(&b.join("model")), after);
+    // A cache of the wrong size is recomputed, not trusted.
+    std::fs::write(&files[0], b"junk").unwrap();
+    let c = dir.path().join("c");
+    run(&c);
+    assert_eq!(weights_of(&c.join("model")), after);
+}
+
+#[test]
+fn sft_config_rejects_unknown_freeze() {
+    let cfg = SftConfig { freeze: vec!["decoderr".into()], ..small_cfg() };
+    let e = cfg.validate().unwrap_err();
+    assert!(e.contains("decoderr") && e.contains("text_hidden_fcs"), "{e}");
 }

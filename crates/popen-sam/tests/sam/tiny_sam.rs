@@ -43,7 +43,8 @@ fn tiny_sam_preset_equals_mobile_sam() {
     let out = model.decoder.forward(&[emb.clone()], seg.clone(), &[0, 1, 0]).unwrap();
     assert_eq!(out.low_res_masks.dims(), [3, 56, 56]);
     let src = emb.select(0, Tensor::from_data([0i64, 1, 0], &dev));
-    let pe = sam.prompt_encoder.get_dense_pe();
+    // SAM's dense positional encoding, on the 14x14 grid of a 224 input.
+    let pe = sam.prompt_encoder.pe_layer.forward(14, 14).unsqueeze::<4>();
     let dense = sam.prompt_encoder.no_mask_dense(3, 14, 14);
     let (masks, iou) = sam.mask_decoder.forward(src, pe, seg, dense, false).unwrap();
     let r = max_rel(out.low_res_masks.flatten(0, 2), masks.flatten(0, 3));
