@@ -91,9 +91,11 @@ tiny-init: data assets
 	$(POPEN) tokenizer-tiny --data $(DATA) --out $(OUT)/tokenizer/tokenizer.json --seg-tokens $(SEG_TOKENS)
 	$(POPEN) model-init --config $(MODEL_CONFIG) --tokenizer $(OUT)/tokenizer/tokenizer.json --out $(INIT) --seed $(SEED) $(INIT_FLAGS)
 
-# Resumable: a killed run continues from its newest checkpoint when run again.
+# Resumable: a killed run continues from its newest checkpoint when run again. The frozen
+# SAM encoder's image embeddings are kept in SAM_CACHE for the next run (other seeds).
+SAM_CACHE ?= out/sam-cache
 sft: tiny-init
-	$(POPEN) sft --config $(SFT_CONFIG) --init $(INIT) --train $(DATA)/train.parquet --out $(OUT)/sft --seed $(SEED) --resume
+	$(POPEN) sft --config $(SFT_CONFIG) --init $(INIT) --train $(DATA)/train.parquet --out $(OUT)/sft --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
 
 predict: build
 	$(POPEN) predict --model $(MODEL) --samples $(DATA)/$(SPLIT).parquet --out $(PRED)

@@ -317,3 +317,28 @@ fn print_stats() {
     println!("{} samples in {dt:.2}s ({:.0}/s, one thread)", all.len(), all.len() as f64 / dt);
     println!("kinds {kinds:?}\nvariants {variants:?}\ntargets {ntargets:?}\nobjects {nobj:?}\ncategories {cats:?}");
 }
+
+/// `questions_per_image = 3`: samples 3k..3k+2 show scene k (identical image bytes and
+/// instances) and ask different questions about it; question 0 of scene k is what sample k
+/// of a one-question run would be, so the image set is the one-question run's.
+#[test]
+fn questions_per_image_share_the_scene() {
+    let one = SynthConfig::default();
+    let three = SynthConfig { questions_per_image: 3, ..SynthConfig::default() };
+    let mut distinct = 0;
+    for k in 0..8 {
+        let base = popen_data::synth::generate_sample(&one, "train", k).unwrap();
+        let qs: Vec<Sample> = (0..3).map(|j| popen_data::synth::generate_sample(&three, "train", 3 * k + j).unwrap()).collect();
+        for q in &qs {
+            assert_eq!(q.image, base.image, "scene {k}");
+            assert_eq!(q.instance_masks, base.instance_masks);
+            assert_eq!(meta(q)["image_index"], serde_json::json!(k));
+            q.validate().unwrap();
+        }
+        assert_eq!(qs[0].instruction, base.instruction);
+        assert_eq!(qs[0].answer, base.answer);
+        distinct += usize::from(qs[1].instruction != qs[0].instruction) + usize::from(qs[2].instruction != qs[0].instruction);
+    }
+    assert!(distinct >= 12, "later questions mostly differ from question 0: {distinct}/16");
+    assert!(SynthConfig { questions_per_image: 0, ..SynthConfig::default() }.validate().is_err());
+}
