@@ -1,6 +1,8 @@
 //! popen trainer: the SFT stage (PixelLM's recipe), prediction shards, and the pieces every
 //! training stage shares (optimizer and schedule, losses, global-norm clipping, parameter
-//! selection and LoRA, checkpoints that resume exactly, metrics files and the loss curve).
+//! selection and LoRA, checkpoints that resume exactly, metrics files and the loss curve),
+//! and the losses of the preference stage (`dpo_loss`: SPEC Eqs. 2-4) and the ensemble
+//! (`ensemble_loss`: tau/eta scores, gamma, L_ti and L_si).
 //!
 //! Built on burn-train's step abstraction ([`burn::train::TrainStep`] / `TrainOutput`) and
 //! burn-optim's AdamW; the loop itself is ours, because a stage must resume bit for bit
@@ -10,6 +12,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dpo_loss;
+pub mod ensemble_loss;
 pub mod loss;
 pub mod metrics;
 pub mod params;

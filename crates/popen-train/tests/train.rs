@@ -4,7 +4,8 @@
 //! References: `tests/fixtures/sft_loss.json` was written by
 //! `tools/reference/sft_loss_fixture.py` (PixelLM's own `dice_loss` / `sigmoid_ce_loss`,
 //! torch's cross-entropy, DeepSpeed's WarmupDecayLR formula; torch 2.9.1). Clipping and LoRA
-//! are checked against hand-computed values.
+//! are checked against hand-computed values. `popen_eqs` (module): the preference and ensemble
+//! equations against `tests/fixtures/popen_eqs.json` (`tools/reference/popen_eqs_fixture.py`).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -22,6 +23,10 @@ use popen_model::tokenizer::{Tokenizer, TINY_SPECIALS};
 use popen_train::config::{Decay, Precision, SftConfig, Trainable};
 use popen_train::{loss, params, schedule, sft, TrainError};
 use serde_json::Value;
+
+/// POPEN Eqs. 2-4 and the ensemble's scores and losses (tests/train/popen_eqs.rs).
+#[path = "train/popen_eqs.rs"]
+mod popen_eqs;
 
 type B = NdArray<f32>;
 type AB = Autodiff<NdArray<f32>>;

@@ -1,0 +1,301 @@
+//! The preference-based ensemble (stage 3, SPEC section 6): the token and sentence
+//! preference scores that become the attention bias gamma (Eqs. 5-6), and the ensemble's
+//! training losses `L_ti` and `L_si` (Appendix B).
+//!
+//! Checked against the PyTorch transcription `tools/reference/popen_eqs_fixture.py`
+//! (values and autograd gradients).
+//!
+//! ```text
+//! tau_k^i = p_k^i + mean_{j in sentence(i)} p_k^j         (SPEC 6.2, 10.7, 10.12)
+//! eta_k^n = mean_{j in sentence(<seg> group n)} p_k^j       (SPEC 6.4, 10.15)
+//! both min-max normalized to [-1, 1] over all values of the K responses of one sample
+//! gamma   = sigmoid(score) - 0.5                            (Eqs. 5-6)
+//! L_ti = -mean_batch (1/K) sum_k log sigma( s * p(y~) * (cos(h~, h_g) - cos(h_k, h_g)) ),  p(y~) = exp(mean log p)
+//! L_si = -mean_batch (1/(K N)) sum_k sum_n log sigma( s * (softIoU(M~^n, M_g^n) - IoU(M_k^n, M_g^n)) )
+//! ```
+//! with `s = 10` (the paper's constant, [`SCALE`]).
+//!
+//! The gamma of Eq. 5 enters the model through `popen_model::pixellm::Part::with_gamma` (a
+//! per-key bias, SPEC 10.6); the biased attention itself is `popen_model::llama`'s and is
+//! checked there against transformers (fixture "gamma" of the model tests).
+
+use burn::prelude::*;
+use burn::tensor::activation;
+
+use crate::{Result, TrainError};
+
+/// The factor 10 inside both sigmoids of Appendix B.
+pub const SCALE: f64 = 10.0;
+/// Floor of the soft-IoU denominator (reached only when the ground truth is empty and every
+/// probability underflows to 0; keeps the loss finite).
+pub const SOFT_IOU_FLOOR: f64 = 1e-6;
+
+fn data_err<T>(msg: String) -> Result<T> {
+    Err(TrainError::Data(msg))
+}
+
+/// Characters that end a sentence (SPEC 10.12).
+fn is_terminator(c: char) -> bool {
+    matches!(c, '.' | '!' | '?' | '\n')
+}
+
+/// Sentence index of each token of one response (SPEC 10.12), from the decoded text of each
+/// token (`pieces[i]` = the tokenizer's decoding of token i alone).
+///
+/// A token containing '.', '!', '?' or a newline closes the current sentence; the next token
+/// holding any other non-whitespace character opens the next sentence. Tokens made only of
+/// terminators and whitespace (".", "\n\n") stay with the sentence they close, so a `<seg>`
+/// group before the full stop belongs to the sentence it ends.
+pub fn sentence_ids<S: AsRef<str>>(pieces: &[S]) -> Vec<usize> {
+    let (mut cur, mut closed) = (0usize, false);
+    let mut ids = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        let p = p.as_ref();
+        if closed && p.chars().any(|c| !is_terminator(c) && !c.is_whitespace()) {
+            cur += 1;
+            closed = false;
+        }
+        ids.push(cur);
+        if p.chars().any(is_terminator) {
+            closed = true;
+        }
+    }
+    ids
+}
+
+/// Min-max normalization to [-1, 1]: `2 (v - min) / (max - min) - 1`; all values equal
+/// (or a single value) -> 0 (no preference), empty -> empty (SPEC 10.7).
+pub fn minmax_signed(values: &[f32]) -> Vec<f32> {
+    let (lo, hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+        (lo.min(v as f64), hi.max(v as f64))
+    });
+    if values.is_empty() || hi <= lo {
+        return vec![0.0; values.len()];
+    }
+    values.iter().map(|&v| (2.0 * (v as f64 - lo) / (hi - lo) - 1.0) as f32).collect()
+}
+
+/// The attention bias of a normalized score: `sigmoid(score) - 0.5` (Eqs. 5-6).
+pub fn gamma_of(score: f32) -> f32 {
+    (1.0 / (1.0 + (-(score as f64)).exp()) - 0.5) as f32
+}
+
+/// Mean probability of each sentence of one response: (sentence id -> mean), by id.
+fn sentence_means(probs: &[f32], sentences: &[usize]) -> Vec<f64> {
+    let n = sentences.iter().copied().max().map_or(0, |m| m + 1);
+    let (mut sum, mut cnt) = (vec![0f64; n], vec![0usize; n]);
+    for (&p, &s) in probs.iter().zip(sentences) {
+        sum[s] += p as f64;
+        cnt[s] += 1;
+    }
+    sum.iter().zip(&cnt).map(|(s, &c)| if c == 0 { 0.0 } else { s / c as f64 }).collect()
+}
+
+fn check_rows(probs: &[Vec<f32>], sentences: &[Vec<usize>]) -> Result<()> {
+    if probs.len() != sentences.len() {
+        return data_err(format!("{} probability rows, {} sentence-id rows", probs.len(), sentences.len()));
+    }
+    for (k, (p, s)) in probs.iter().zip(sentences).enumerate() {
+        if p.len() != s.len() {
+            return data_err(format!("response {k}: {} probabilities, {} sentence ids", p.len(), s.len()));
+        }
+    }
+    Ok(())
+}
+
+/// Normalized token preference scores tau (SPEC 6.2, 10.7) of the K responses of one sample.
+///
+/// `probs[k][i]` = the predicted probability (not log) of token i of response k;
+/// `sentences[k]` = [`sentence_ids`] of response k. `tau_k^i = p_k^i + mean p over the
+/// sentence holding token i` (the token itself included), then min-max normalized to [-1, 1]
+/// over all tokens of all K responses. The gamma of Eq. 5 is [`gamma_of`] of each value.
+pub fn token_scores(probs: &[Vec<f32>], sentences: &[Vec<usize>]) -> Result<Vec<Vec<f32>>> {
+    check_rows(probs, sentences)?;
+    let mut raw = Vec::new();
+    for (p, s) in probs.iter().zip(sentences) {
+        let means = sentence_means(p, s);
+        raw.extend(p.iter().zip(s).map(|(&pi, &si)| (pi as f64 + means[si]) as f32));
+    }
+    Ok(split_like(&minmax_signed(&raw), probs.iter().map(Vec::len)))
+}
+
+/// Normalized sentence preference scores eta (SPEC 6.4, 10.7, 10.15) of the `<seg>` groups
+/// of the K responses of one sample.
+///
+/// `groups[k]` = the token positions of each `<seg>` group of response k
+/// (`popen_model::tokenizer::seg_group_positions`); a group belongs to the sentence of its
+/// first token. `eta` = mean probability of that sentence (all its tokens, the group's
+/// included), min-max normalized to [-1, 1] over all groups of all K responses. The gamma
+/// of Eq. 6 is [`gamma_of`] of each value.
+pub fn sentence_scores(
+    probs: &[Vec<f32>],
+    sentences: &[Vec<usize>],
+    groups: &[Vec<Vec<usize>>],
+) -> Result<Vec<Vec<f32>>> {
+    check_rows(probs, sentences)?;
+    if groups.len() != probs.len() {
+        return data_err(format!("{} responses, {} group lists", probs.len(), groups.len()));
+    }
+    let mut raw = Vec::new();
+    for (k, ((p, s), gs)) in probs.iter().zip(sentences).zip(groups).enumerate() {
+        let means = sentence_means(p, s);
+        for (g, grp) in gs.iter().enumerate() {
+            match grp.first() {
+                Some(&i) if i < s.len() => raw.push(means[s[i]] as f32),
+                _ => return data_err(format!("response {k} group {g}: positions {grp:?} outside 0..{}", s.len())),
+            }
+        }
+    }
+    Ok(split_like(&minmax_signed(&raw), groups.iter().map(Vec::len)))
+}
+
+fn split_like(flat: &[f32], lens: impl Iterator<Item = usize>) -> Vec<Vec<f32>> {
+    let mut out = Vec::new();
+    let mut k = 0;
+    for n in lens {
+        out.push(flat[k..k + n].to_vec());
+        k += n;
+    }
+    out
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(crate::dpo_loss::COS_EPS);
+    let nb = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(crate::dpo_loss::COS_EPS);
+    dot / (na * nb)
+}
+
+/// `cos(h~, h_g) - cos(h_k, h_g)` for each of the K responses: the (constant) sentence
+/// feature gain of L_ti, from sentence features `h` (the paper: BERT) of the refined
+/// response `h_tilde`, the ground truth `h_g` and the K responses `h_k`.
+pub fn sentence_gains(h_tilde: &[f32], h_g: &[f32], h_k: &[Vec<f32>]) -> Result<Vec<f32>> {
+    if h_tilde.len() != h_g.len() || h_k.iter().any(|h| h.len() != h_g.len()) {
+        return data_err("sentence_gains: features of different lengths".into());
+    }
+    let base = cos(h_tilde, h_g);
+    Ok(h_k.iter().map(|h| (base - cos(h, h_g)) as f32).collect())
+}
+
+/// L_ti's result: the loss [1] (mean over the batch) and `p(y~)` of each row.
+#[derive(Clone, Debug)]
+pub struct TiLoss<B: Backend> {
+    pub loss: Tensor<B, 1>,
+    pub p_tilde: Vec<f32>,
+}
+
+/// L_ti (Appendix B): `-mean_rows (1/K) sum_k log sigma(scale * p(y~) * gains[r][k])`.
+///
+/// `logprobs` [b, max]: the token log-probs of each refined response `y~` (differentiable),
+/// `lens[r]` valid entries; `p(y~) = exp(mean log p)` (SPEC 10.8) is the only differentiable
+/// part. `gains[r]` = [`sentence_gains`] of row r (K may differ between rows).
+pub fn ti_loss<B: Backend>(logprobs: Tensor<B, 2>, lens: &[usize], gains: &[Vec<f32>], scale: f64) -> Result<TiLoss<B>> {
+    let [b, max] = logprobs.dims();
+    if lens.len() != b || gains.len() != b || b == 0 {
+        return data_err(format!("ti_loss: {b} rows, {} lengths, {} gain rows", lens.len(), gains.len()));
+    }
+    let kmax = gains.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut mask, mut g, mut w) = (vec![0f32; b * max], vec![0f32; b * kmax], vec![0f32; b * kmax]);
+    for r in 0..b {
+        let n = lens[r];
+        if n == 0 || n > max || gains[r].is_empty() {
+            return data_err(format!("ti_loss: row {r} has {n} tokens (max {max}) and {} responses", gains[r].len()));
+        }
+        for k in 0..n {
+            mask[r * max + k] = 1.0 / n as f32;
+        }
+        let kk = gains[r].len();
+        for (k, &v) in gains[r].iter().enumerate() {
+            g[r * kmax + k] = v;
+            w[r * kmax + k] = 1.0 / (kk as f32 * b as f32);
+        }
+    }
+    let device = logprobs.device();
+    let t2 = |v: Vec<f32>, c: usize| Tensor::<B, 2>::from_data(TensorData::new(v, [b, c]), &device);
+    let p = (logprobs * t2(mask, max)).sum_dim(1).exp(); // [b, 1]
+    let p_tilde = p.clone().detach().into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+    let z = p.expand([b, kmax]) * t2(g, kmax).mul_scalar(scale);
+    let loss = (activation::log_sigmoid(z) * t2(w, kmax)).sum().neg();
+    Ok(TiLoss { loss, p_tilde })
+}
+
+/// Soft IoU per mask of probabilities `probs` [N, H, W] against 0/1 `gt` [N, H, W]:
+/// `sum(p g) / max(sum(p) + sum(g) - sum(p g), SOFT_IOU_FLOOR)` (SPEC 10.9). Equals hard IoU
+/// on 0/1 inputs (except both empty: 0 here, 1 for hard IoU). Returns [N].
+pub fn soft_iou<B: Backend>(probs: Tensor<B, 3>, gt: Tensor<B, 3>) -> Tensor<B, 1> {
+    let n = probs.dims()[0];
+    let flat = |t: Tensor<B, 3>| t.flatten::<2>(1, 2);
+    let (p, g) = (flat(probs), flat(gt));
+    let inter = (p.clone() * g.clone()).sum_dim(1);
+    let union = p.sum_dim(1) + g.sum_dim(1) - inter.clone();
+    (inter / union.clamp_min(SOFT_IOU_FLOOR)).reshape([n])
+}
+
+/// Hard IoU of 0/1 masks (values > 0.5 are in the mask) `masks` [K, N, H, W] against `gt`
+/// [N, H, W]: [K][N]; both empty -> 1 (the project's convention, as `popen_core::mask::iou`).
+pub fn hard_iou<B: Backend>(masks: Tensor<B, 4>, gt: Tensor<B, 3>) -> Vec<Vec<f32>> {
+    let [k, n, h, w] = masks.dims();
+    let m = masks.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+    let g = gt.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+    let px = h * w;
+    (0..k)
+        .map(|kk| {
+            (0..n)
+                .map(|nn| {
+                    let (mut inter, mut union) = (0usize, 0usize);
+                    for i in 0..px {
+                        let a = m[(kk * n + nn) * px + i] > 0.5;
+                        let b = g[nn * px + i] > 0.5;
+                        inter += (a && b) as usize;
+                        union += (a || b) as usize;
+                    }
+                    if union == 0 { 1.0 } else { inter as f32 / union as f32 }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// One sample of L_si: the refined masks' logits `refined_logits` [N, H, W] (differentiable),
+/// the 0/1 ground truth `gt` [N, H, W], and the K responses' fixed 0/1 masks
+/// `candidates` [K, N, H, W].
+pub struct SiSample<B: Backend> {
+    pub refined_logits: Tensor<B, 3>,
+    pub gt: Tensor<B, 3>,
+    pub candidates: Tensor<B, 4>,
+}
+
+/// L_si (Appendix B): per sample `-(1/(K N)) sum_k sum_n log sigma(scale (softIoU(sigmoid(M~^n), M_g^n)
+/// - IoU(M_k^n, M_g^n)))`, mean over the samples. Soft IoU ([`soft_iou`]) on the refined
+/// masks' sigmoid probabilities, hard IoU ([`hard_iou`]) for the fixed candidates
+/// (SPEC 10.9); the gradient reaches only `refined_logits`.
+pub fn si_loss<B: Backend>(samples: Vec<SiSample<B>>, scale: f64) -> Result<Tensor<B, 1>> {
+    let count = samples.len();
+    if count == 0 {
+        return data_err("si_loss: no samples".into());
+    }
+    let mut total: Option<Tensor<B, 1>> = None;
+    for (s, SiSample { refined_logits, gt, candidates }) in samples.into_iter().enumerate() {
+        let [n, h, w] = refined_logits.dims();
+        let [k, cn, ch, cw] = candidates.dims();
+        if gt.dims() != [n, h, w] || [cn, ch, cw] != [n, h, w] || k == 0 || n == 0 {
+            return data_err(format!(
+                "si_loss: sample {s}: refined {:?}, gt {:?}, candidates {:?}",
+                [n, h, w],
+                gt.dims(),
+                [k, cn, ch, cw]
+            ));
+        }
+        let device = refined_logits.device();
+        let gt = gt.detach();
+        let hard: Vec<f32> = hard_iou(candidates, gt.clone()).concat();
+        let hard = Tensor::<B, 2>::from_data(TensorData::new(hard, [k, n]), &device);
+        let soft = soft_iou(activation::sigmoid(refined_logits), gt).reshape([1, n]).expand([k, n]);
+        let loss = activation::log_sigmoid((soft - hard).mul_scalar(scale)).mean().neg();
+        total = Some(match total {
+            None => loss,
+            Some(t) => t + loss,
+        });
+    }
+    Ok(total.expect("at least one sample").div_scalar(count as f64))
+}
