@@ -9,7 +9,7 @@ use popen_model::bundle;
 use popen_model::infer::Predictor;
 use popen_model::pixellm::{Layout, PixelLmConfig};
 use popen_model::sampling::SamplingConfig;
-use popen_model::tokenizer::{Tokenizer, TINY_SPECIALS};
+use popen_model::tokenizer::{Tokenizer, LLAVA_V1_SYSTEM, TINY_SPECIALS};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -169,13 +169,16 @@ pub fn model_config(a: ModelConfigArgs) -> Result<()> {
     Ok(())
 }
 
-/// The benchmark's train texts (instructions and answers without the `<seg>` markers).
+/// The benchmark's train texts as the model reads them: each instruction inside PixelLM's
+/// conversation template (LLaVA's system prompt, `USER:`, `ASSISTANT:`), so that the template's
+/// words become whole tokens as they would in a real LLM's vocabulary rather than ~100 byte
+/// pieces per sample, and each answer without the `<seg>` markers.
 fn corpus(data: &Path) -> Result<Vec<String>> {
     let shard = data.join("train.parquet");
     let mut texts = Vec::new();
     for batch in ShardReader::<Sample>::open(&shard)? {
         for s in batch? {
-            texts.push(s.instruction.clone());
+            texts.push(format!("{LLAVA_V1_SYSTEM} USER: {} ASSISTANT:", s.instruction));
             texts.push(s.answer.replace(SEG_TOKEN, ""));
         }
     }

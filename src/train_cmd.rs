@@ -108,9 +108,9 @@ pub fn sft(a: SftArgs) -> Result<()> {
         ("flex", Precision::F32) => run_sft::<Autodiff<burn::backend::Flex>>(&job, &Default::default()),
         ("ndarray", Precision::F32) => run_sft::<Autodiff<burn::backend::NdArray<f32>>>(&job, &Default::default()),
         #[cfg(feature = "cuda")]
-        ("cuda", Precision::F32) => run_sft::<Autodiff<burn::backend::Cuda<f32, i32>>>(&job, &Default::default()),
+        ("cuda", Precision::F32) => run_sft_on::<Autodiff<burn::backend::Cuda<f32, i32>>>(&job, &cuda_devices(cfg.devices)),
         #[cfg(feature = "cuda")]
-        ("cuda", Precision::Bf16) => run_sft::<Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>>(&job, &Default::default()),
+        ("cuda", Precision::Bf16) => run_sft_on::<Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>>(&job, &cuda_devices(cfg.devices)),
         ("flex" | "ndarray", Precision::Bf16) => bail!(
             "precision = \"bf16\" needs the cuda backend (--backend cuda); on CPU set precision = \"f32\" in the config"
         ),
@@ -123,8 +123,21 @@ pub fn sft(a: SftArgs) -> Result<()> {
     Ok(())
 }
 
+/// CPU backends: `devices` data-parallel replicas share the CPU (threads) on one device.
 fn run_sft<B: AutodiffBackend>(job: &SftJob, dev: &B::Device) -> Result<sft::SftReport> {
     sft::run::<B>(job, dev).with_context(|| format!("sft into {}", job.out.display()))
+}
+
+/// Data parallelism over explicit devices (GPUs).
+#[cfg(feature = "cuda")]
+fn run_sft_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result<sft::SftReport> {
+    sft::run_on::<B>(job, devices).with_context(|| format!("sft into {}", job.out.display()))
+}
+
+/// GPUs `0..n` of the node (`devices` of the SFT config).
+#[cfg(feature = "cuda")]
+fn cuda_devices(n: usize) -> Vec<burn::backend::cuda::CudaDevice> {
+    (0..n.max(1)).map(burn::backend::cuda::CudaDevice::new).collect()
 }
 
 pub fn predict(a: PredictArgs) -> Result<()> {

@@ -106,6 +106,17 @@ pub struct SftConfig {
     pub keep_checkpoints: usize,
     /// Metrics line every this many optimizer steps.
     pub log_every: usize,
+    /// Data-parallel replicas on one node: every micro-batch is split into `devices`
+    /// contiguous parts, run on separate devices (GPUs `0..devices` with `--backend cuda`;
+    /// threads sharing the CPU otherwise), and their gradients are summed on the first device
+    /// with each part's CE weighted by its share of the answer tokens and its mask terms by its
+    /// share of the masks, so the update equals one device's on the whole micro-batch.
+    #[serde(default = "one")]
+    pub devices: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for SftConfig {
@@ -136,6 +147,7 @@ impl Default for SftConfig {
             checkpoint_every: 500,
             keep_checkpoints: 2,
             log_every: 10,
+            devices: 1,
         }
     }
 }
@@ -162,6 +174,7 @@ impl SftConfig {
         pos("log_every", self.log_every)?;
         pos("max_len", self.max_len)?;
         pos("keep_checkpoints", self.keep_checkpoints)?;
+        pos("devices", self.devices)?;
         if self.epochs == 0 && self.max_steps == 0 {
             return Err("epochs and max_steps are both 0: nothing to train".into());
         }

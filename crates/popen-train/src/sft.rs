@@ -339,6 +339,70 @@ fn sam_cache_key<B: Backend>(model: &PixelLm<B>, examples: &[Example], unique: &
     hex::encode(&v.0.finalize()[..12])
 }
 
+/// One micro-batch over several devices (data parallelism, [`SftConfig::devices`]): the
+/// examples are split into contiguous parts, each part's loss and gradients are computed on
+/// its device in its own thread, and the gradients, moved to the first device, are summed.
+/// Each part's CE is weighted by its share of the micro-batch's answer tokens and its BCE and
+/// DICE by its share of the masks, which makes the sum the gradient of PixelLM's loss on the
+/// whole micro-batch (a mean over its tokens and its masks), not a mean of per-device means.
+pub fn parallel_step<B: AutodiffBackend>(
+    model: &SftModel<B>,
+    exs: &[&Example],
+    pre: &Preprocessor,
+    cfg: &SftConfig,
+    devices: &[B::Device],
+) -> std::result::Result<(GradientsParams, StepStats), String> {
+    let main = &devices[0];
+    let per = exs.len().div_ceil(devices.len()).max(1);
+    let tokens_all: usize = exs.iter().map(|e| e.answer_ids.len()).sum();
+    let masks_all: usize = exs.iter().map(|e| e.groups.len()).sum();
+    let results: Vec<std::result::Result<(GradientsParams, [f32; 4], usize, usize), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = exs
+            .chunks(per)
+            .zip(devices)
+            .map(|(chunk, dev)| {
+                s.spawn(move || {
+                    let m = model.clone().fork(dev);
+                    let batch = make_batch(chunk, pre, cfg).map_err(|e| e.to_string())?;
+                    let parts = m.loss(&batch)?;
+                    let tokens: usize = chunk.iter().map(|e| e.answer_ids.len()).sum();
+                    let masks: usize = chunk.iter().map(|e| e.groups.len()).sum();
+                    let wc = tokens as f64 / tokens_all.max(1) as f64;
+                    let wm = masks as f64 / masks_all.max(1) as f64;
+                    let (ce, bce, dice) = (parts.ce.mul_scalar(wc), parts.bce.mul_scalar(wm), parts.dice.mul_scalar(wm));
+                    let total = ce.clone() + bce.clone() + dice.clone();
+                    let v = Tensor::cat(vec![total.clone(), ce, bce, dice], 0)
+                        .into_data()
+                        .convert::<f32>()
+                        .into_vec::<f32>()
+                        .map_err(|e| format!("loss values: {e:?}"))?;
+                    let vals = [v[0], v[1], v[2], v[3]];
+                    if !vals.iter().all(|x| x.is_finite()) {
+                        return Ok((GradientsParams::new(), vals, parts.tokens, parts.masks));
+                    }
+                    let grads = total.mul_scalar(batch.scale).backward();
+                    let grads = GradientsParams::from_grads(grads, &m).to_device(main, &m);
+                    Ok((grads, vals, parts.tokens, parts.masks))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a data-parallel worker panicked".into()))).collect()
+    });
+    let mut acc = GradientsAccumulator::<SftModel<B>>::new();
+    let mut stats = StepStats::default();
+    for r in results {
+        let (g, v, tokens, masks) = r?;
+        acc.accumulate(model, g);
+        stats.loss += v[0];
+        stats.ce += v[1];
+        stats.bce += v[2];
+        stats.dice += v[3];
+        stats.tokens += tokens;
+        stats.masks += masks;
+    }
+    Ok((acc.grads(), stats))
+}
+
 /// What `popen sft` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct SftReport {
@@ -371,7 +435,19 @@ type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, SftMo
 
 /// Runs (or resumes) the SFT stage; the trained model folder is `out/model`.
 pub fn run<B: AutodiffBackend>(job: &SftJob, device: &B::Device) -> Result<SftReport> {
+    run_on::<B>(job, &vec![device.clone(); job.config.devices.max(1)])
+}
+
+/// [`run`] on explicit devices, one data-parallel replica each (`config.devices` of them;
+/// the first holds the model, the optimizer and the checkpoints).
+pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result<SftReport> {
     let cfg = job.config;
+    let Some(device) = devices.first() else {
+        return Err(TrainError::Config("no device to train on".into()));
+    };
+    if devices.len() != cfg.devices.max(1) {
+        return Err(TrainError::Config(format!("devices = {} but {} device(s) given", cfg.devices, devices.len())));
+    }
     cfg.validate().map_err(TrainError::Config)?;
     let t0 = Instant::now();
     let out = job.out;
@@ -508,9 +584,23 @@ pub fn run<B: AutodiffBackend>(job: &SftJob, device: &B::Device) -> Result<SftRe
             let m = step * cfg.grad_accum + micro;
             let idx = order.batch(m);
             let exs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
-            let batch = make_batch(&exs, &pre, cfg)?;
-            let out = model.step(batch);
-            let stats = out.item.0.map_err(|e| {
+            let out = if devices.len() > 1 {
+                parallel_step(&model, &exs, &pre, cfg, devices)
+            } else {
+                let batch = make_batch(&exs, &pre, cfg)?;
+                let out = model.step(batch);
+                let grads = out.grads;
+                out.item.0.map(|s| (grads, s))
+            };
+            let (grads, stats) = match out {
+                Ok(v) => v,
+                Err(e) => return Err(TrainError::Data(format!(
+                    "step {step}: batch of samples {}: {e}",
+                    exs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(", ")
+                ))),
+            };
+            let stats: std::result::Result<StepStats, String> = Ok(stats);
+            let stats = stats.map_err(|e| {
                 TrainError::Data(format!(
                     "step {step}: batch of samples {}: {e}",
                     exs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(", ")
@@ -526,7 +616,7 @@ pub fn run<B: AutodiffBackend>(job: &SftJob, device: &B::Device) -> Result<SftRe
                     last_checkpoint: last_ckpt,
                 });
             }
-            acc.accumulate(&model, out.grads);
+            acc.accumulate(&model, grads);
             let k = 1.0 / cfg.grad_accum as f32;
             sum.loss += stats.loss * k;
             sum.ce += stats.ce * k;

@@ -525,3 +525,69 @@ fn sft_config_rejects_unknown_freeze() {
     let e = cfg.validate().unwrap_err();
     assert!(e.contains("decoderr") && e.contains("text_hidden_fcs"), "{e}");
 }
+
+/// Data parallelism (issue 8): 2 and 3 CPU "devices" (threads sharing the CPU) splitting a
+/// micro-batch of 4 give the same loss and the same gradient, parameter by parameter, as one
+/// device with the whole micro-batch (the parts' CE weighted by token share, mask terms by
+/// mask share: the exact gradient of the whole micro-batch's loss, up to float rounding).
+/// (Adam's update is compared through a whole run below only for the loss: it divides by
+/// sqrt(v), which turns rounding noise on parameters with zero true gradient, e.g. attention
+/// key biases, into visible steps.)
+#[test]
+fn sft_data_parallel_equals_one_device() {
+    use burn::module::ModuleVisitor;
+    use burn::train::TrainStep;
+    let w = world();
+    let dev: burn::tensor::Device<AB> = Default::default();
+    let cfg = SftConfig { batch_size: 4, grad_accum: 1, max_steps: 2, ..small_cfg() };
+    let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<AB>(&w.model, &dev).unwrap();
+    let pcfg = model.config().clone();
+    let tokens = tokenizer.add_pixellm_tokens(pcfg.seg_group_len()).unwrap();
+    let samples = read_shard::<Sample>(&w.train).unwrap();
+    let (examples, _) = popen_train::data::prepare(samples, &tokenizer, &tokens, pcfg.seg_group_len(), pcfg.image_tokens(), cfg.max_len);
+    let exs: Vec<&popen_train::data::Example> = examples.iter().take(4).collect();
+    let pre = popen_model::preprocess::Preprocessor::pixellm(pcfg.image_size);
+    let model = sft::SftModel { pixellm: model };
+    let one = model.step(sft::make_batch(&exs, &pre, &cfg).unwrap());
+    let one_stats = one.item.0.unwrap();
+    let g1 = one.grads;
+    struct Cmp<'a>(&'a GradientsParams, &'a GradientsParams, f32, usize);
+    impl ModuleVisitor<AB> for Cmp<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AB, D>>) {
+            let a = self.0.get::<B, D>(p.id);
+            let b = self.1.get::<B, D>(p.id);
+            match (a, b) {
+                (Some(a), Some(b)) => {
+                    let scale = a.clone().abs().max().into_scalar().max(1e-3);
+                    let d = (a - b).abs().max().into_scalar() / scale;
+                    self.2 = self.2.max(d);
+                    self.3 += 1;
+                }
+                (None, None) => {}
+                _ => panic!("a gradient exists on one side only"),
+            }
+        }
+    }
+    for d in [2usize, 3] {
+        let devices = vec![dev; d];
+        let (g, stats) = sft::parallel_step(&model, &exs, &pre, &cfg, &devices).unwrap();
+        assert!((stats.loss - one_stats.loss).abs() < 1e-5, "{d} devices: loss {} vs {}", stats.loss, one_stats.loss);
+        assert!((stats.ce - one_stats.ce).abs() < 1e-5 && (stats.dice - one_stats.dice).abs() < 1e-5);
+        assert_eq!((stats.tokens, stats.masks), (one_stats.tokens, one_stats.masks));
+        let mut c = Cmp(&g1, &g, 0.0, 0);
+        model.visit(&mut c);
+        assert!(c.3 > 50, "compared {} gradients", c.3);
+        assert!(c.2 < 1e-4, "{d} devices: a gradient differs by {} (relative to its largest entry)", c.2);
+    }
+    // Through the trainer: the same losses with 2 devices as with 1.
+    let run = |devices: usize, out: &Path| {
+        let c = SftConfig { devices, ..cfg.clone() };
+        let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out, resume: false, progress: false, sam_cache: None };
+        sft::run::<AB>(&job, &Default::default()).unwrap()
+    };
+    let r1 = run(1, &w.root.join("dp-1"));
+    let r2 = run(2, &w.root.join("dp-2"));
+    assert!((r1.final_loss.unwrap() - r2.final_loss.unwrap()).abs() < 1e-4, "{:?} vs {:?}", r1.final_loss, r2.final_loss);
+    // A config asking for 0 devices is refused.
+    assert!(SftConfig { devices: 0, ..small_cfg() }.validate().unwrap_err().contains("devices"));
+}
