@@ -1118,6 +1118,16 @@ impl Layout {
         }
     }
 
+    /// The tensors of `model` this layout cannot hold, by name (they keep their
+    /// initialization; [`load`] returns them).
+    fn fresh_names<B: Backend>(self, model: &PixelLm<B>) -> Vec<String> {
+        weights::named_tensors(model)
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .filter(|n| self.lacks(n))
+            .collect()
+    }
+
     /// Module tensors this layout cannot hold (they keep their initialization).
     fn lacks(self, name: &str) -> bool {
         let popen = name.starts_with("prompt_embeddings") || name.starts_with("seg_feedback.");
@@ -1156,11 +1166,7 @@ pub fn load<B: Backend>(
     if cfg.sam_encoder.is_some() {
         // No CLIP tower: the SAM encoder is one of the checkpoint's modules.
         let model = cfg.init(device)?;
-        let fresh: Vec<String> = weights::named_tensors(&model)
-            .into_iter()
-            .map(|(n, _, _)| n)
-            .filter(|n| layout.lacks(n))
-            .collect();
+        let fresh = layout.fresh_names(&model);
         let model =
             weights::apply_checkpoint_keeping(model, &ck, DType::F32, false, &|n| layout.lacks(n))?;
         return Ok((model, fresh));
@@ -1194,11 +1200,7 @@ pub fn load<B: Backend>(
         tower
     };
     let model = cfg.init(device)?;
-    let fresh: Vec<String> = weights::named_tensors(&model)
-        .into_iter()
-        .map(|(n, _, _)| n)
-        .filter(|n| layout.lacks(n))
-        .collect();
+    let fresh = layout.fresh_names(&model);
     let mut model = weights::apply_checkpoint_keeping(model, &ck, DType::F32, false, &|n| {
         n.starts_with("vision_tower.") || layout.lacks(n)
     })?;
