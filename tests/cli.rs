@@ -90,7 +90,10 @@ fn pipeline_config_names_every_synth_knob_with_its_default() {
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/synth.toml");
     let from_file = ok(&["synth", "--config", cfg.to_str().unwrap(), "--print-config"]);
     let defaults = ok(&["synth", "--print-config"]);
-    assert_eq!(from_file, defaults);
+    // One knob differs on purpose: the demo's benchmark asks 3 questions per image (the
+    // tiny-sam model's frozen encoder then runs once per image); the default stays 1.
+    assert!(from_file.contains("questions_per_image = 3\n") && defaults.contains("questions_per_image = 1\n"));
+    assert_eq!(from_file.replace("questions_per_image = 3\n", "questions_per_image = 1\n"), defaults);
     // Every key of the effective config is written out in the file.
     let text = std::fs::read_to_string(&cfg).unwrap();
     for line in defaults.lines().filter(|l| l.contains(" = ")) {
