@@ -36,8 +36,9 @@ pub struct Example {
     /// Tokens of prompt (image tokens counted) + answer.
     pub seq_len: usize,
     /// The frozen SAM encoder's embedding of the image (values, `[c, g, g]`), when the model
-    /// has one (filled once by the trainer, [`crate::sft::cache_sam_embeddings`]).
-    pub sam_embedding: Option<(Vec<f32>, [usize; 3])>,
+    /// has one (filled once by the trainer, [`crate::sft::cache_sam_embeddings`]; shared by
+    /// the examples of one image).
+    pub sam_embedding: Option<(std::sync::Arc<[f32]>, [usize; 3])>,
 }
 
 impl Example {

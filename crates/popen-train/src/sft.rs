@@ -177,7 +177,7 @@ pub fn make_batch(examples: &[&Example], pre: &Preprocessor, cfg: &SftConfig) ->
         weights: (cfg.ce_weight, cfg.bce_weight, cfg.dice_weight),
         sam: None,
     };
-    let cached: Option<Vec<&(Vec<f32>, [usize; 3])>> = examples.iter().map(|e| e.sam_embedding.as_ref()).collect();
+    let cached: Option<Vec<&(std::sync::Arc<[f32]>, [usize; 3])>> = examples.iter().map(|e| e.sam_embedding.as_ref()).collect();
     if let Some(cached) = cached.filter(|c| !c.is_empty()) {
         let [c, h, w] = cached[0].1;
         if cached.iter().all(|e| e.1 == [c, h, w]) {
@@ -246,21 +246,61 @@ pub fn cache_sam_embeddings<B: Backend>(
     let shape = [c, g, g];
     let per = c * g * g;
     let file = cache_dir.map(|d| d.join(format!("sam-{}.f32", sam_cache_key(model, examples, &unique))));
+    // All distinct images' embeddings, flat `[unique, c, g, g]`: from the file when it holds
+    // exactly that, computed (and then written) otherwise.
+    let mut flat: Option<Vec<f32>> = None;
     if let Some(f) = &file {
         if let Ok(bytes) = std::fs::read(f) {
             if bytes.len() == unique.len() * per * 4 {
-                let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                for (ex, &u) in examples.iter_mut().zip(&of_example) {
-                    ex.sam_embedding = Some((v[u * per..(u + 1) * per].to_vec(), shape));
-                }
+                flat = Some(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
                 tracing::info!("sam embeddings: {} images read from {}", unique.len(), f.display());
-                return Ok(());
+            } else {
+                tracing::warn!("{}: unexpected size {} bytes, recomputing", f.display(), bytes.len());
             }
-            tracing::warn!("{}: unexpected size {} bytes, recomputing", f.display(), bytes.len());
         }
     }
+    let flat = match flat {
+        Some(v) => v,
+        None => {
+            let v = compute_sam_embeddings(model, examples, &unique, pre, batch, progress, shape)?;
+            if let Some(f) = &file {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let dir = f.parent().unwrap_or(Path::new("."));
+                std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+                let tmp = f.with_extension(format!("f32.tmp{}", std::process::id()));
+                std::fs::write(&tmp, &bytes).map_err(|e| io_err(&tmp, e))?;
+                std::fs::rename(&tmp, f).map_err(|e| io_err(f, e))?;
+            }
+            tracing::info!(
+                "sam embeddings: {} images of {} examples in {:.1} s",
+                unique.len(),
+                examples.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            v
+        }
+    };
+    // One shared copy per distinct image, whatever the number of questions about it.
+    let shared: Vec<std::sync::Arc<[f32]>> = flat.chunks_exact(per).map(std::sync::Arc::from).collect();
+    for (ex, &u) in examples.iter_mut().zip(&of_example) {
+        ex.sam_embedding = Some((shared[u].clone(), shape));
+    }
+    Ok(())
+}
+
+/// The SAM encoder on the images `unique` (indices into `examples`), in batches: flat
+/// `[unique, c, g, g]` values.
+fn compute_sam_embeddings<B: Backend>(
+    model: &PixelLm<B>,
+    examples: &[Example],
+    unique: &[usize],
+    pre: &Preprocessor,
+    batch: usize,
+    progress: bool,
+    shape: [usize; 3],
+) -> Result<Vec<f32>> {
     let bar = progress.then(|| popen_core::progress::bar(unique.len() as u64, "sam embeddings"));
-    let mut cache: Vec<(Vec<f32>, [usize; 3])> = Vec::with_capacity(unique.len());
+    let mut flat = Vec::with_capacity(unique.len() * shape.iter().product::<usize>());
     for chunk in unique.chunks(batch.max(1)) {
         let mut images = Vec::with_capacity(chunk.len());
         for &i in chunk {
@@ -272,16 +312,16 @@ pub fn cache_sam_embeddings<B: Backend>(
             .sam_embeddings(&images)
             .map_err(|e| TrainError::Data(e.to_string()))?
             .expect("the model has a SAM encoder");
-        let [n, c, h, w] = emb.dims();
-        let v = emb
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .map_err(|e| TrainError::Data(format!("SAM embeddings: {e:?}")))?;
-        let per = c * h * w;
-        for i in 0..n {
-            cache.push((v[i * per..(i + 1) * per].to_vec(), [c, h, w]));
+        let [_, c, h, w] = emb.dims();
+        if [c, h, w] != shape {
+            return Err(TrainError::Data(format!("SAM embeddings are {:?} per image, expected {shape:?}", [c, h, w])));
         }
+        flat.extend(
+            emb.into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .map_err(|e| TrainError::Data(format!("SAM embeddings: {e:?}")))?,
+        );
         if let Some(b) = &bar {
             b.inc(chunk.len() as u64);
         }
@@ -289,29 +329,7 @@ pub fn cache_sam_embeddings<B: Backend>(
     if let Some(b) = bar {
         b.finish();
     }
-    for (ex, &u) in examples.iter_mut().zip(&of_example) {
-        ex.sam_embedding = Some(cache[u].clone());
-    }
-    if let Some(f) = &file {
-        let mut bytes = Vec::with_capacity(cache.len() * per * 4);
-        for (v, _) in &cache {
-            for x in v {
-                bytes.extend_from_slice(&x.to_le_bytes());
-            }
-        }
-        let dir = f.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let tmp = f.with_extension(format!("f32.tmp{}", std::process::id()));
-        std::fs::write(&tmp, &bytes).map_err(|e| io_err(&tmp, e))?;
-        std::fs::rename(&tmp, f).map_err(|e| io_err(f, e))?;
-    }
-    tracing::info!(
-        "sam embeddings: {} images of {} examples in {:.1} s",
-        unique.len(),
-        examples.len(),
-        t0.elapsed().as_secs_f64()
-    );
-    Ok(())
+    Ok(flat)
 }
 
 /// The key of [`cache_sam_embeddings`]' file: sha256 over the input size, the distinct
@@ -599,13 +617,6 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
                     exs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(", ")
                 ))),
             };
-            let stats: std::result::Result<StepStats, String> = Ok(stats);
-            let stats = stats.map_err(|e| {
-                TrainError::Data(format!(
-                    "step {step}: batch of samples {}: {e}",
-                    exs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(", ")
-                ))
-            })?;
             if !stats.loss.is_finite() {
                 return Err(TrainError::NonFinite {
                     step,
