@@ -487,6 +487,18 @@ impl<B: Backend> PixelDecoder<B> {
         seg_embeddings: Tensor<B, 3>,
         image_index: &[usize],
     ) -> Result<DecoderOutput<B>> {
+        self.forward_with_prompts(image_embeddings, seg_embeddings, image_index, None)
+    }
+
+    /// [`Self::forward`] with `prompts`, sparse prompt tokens `[n, t, d]` per object (the
+    /// seg locator's box prompt), in place of each scale's seg embedding.
+    pub fn forward_with_prompts(
+        &self,
+        image_embeddings: &[Tensor<B, 4>],
+        seg_embeddings: Tensor<B, 3>,
+        image_index: &[usize],
+        prompts: Option<Tensor<B, 3>>,
+    ) -> Result<DecoderOutput<B>> {
         let d = self.mask_decoder.transformer_dim;
         let [g, _] = self.prompt_encoder.image_embedding_size;
         let l_n = self.num_scales;
@@ -522,6 +534,12 @@ impl<B: Backend> PixelDecoder<B> {
             return input_err(format!(
                 "image_index[{o}] = {i} but there are {n_images} images"
             ));
+        }
+        if let Some(e) = &prompts {
+            let [en, _, ed] = e.dims();
+            if en != n || ed != d {
+                return input_err(format!("prompts {:?}, expected [{n}, t, {d}]", e.dims()));
+            }
         }
         let device = seg_embeddings.device();
         let s = self.low_res_size;
@@ -561,6 +579,10 @@ impl<B: Backend> PixelDecoder<B> {
                 src.select(0, idx.clone())
             };
             let sparse = seg_embeddings.clone().slice([0..n, l..l + 1, 0..d]);
+            let sparse = match &prompts {
+                Some(e) => e.clone(),
+                None => sparse,
+            };
             let (masks, iou) = self.mask_decoder.run_level(
                 src,
                 image_pe.clone(),

@@ -124,6 +124,17 @@ pub struct PixelLmConfig {
     /// SAM's (= PixelLM's) normalization. None (the default) = PixelLM's CLIP path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sam_encoder: Option<TinyVitConfig>,
+    /// Width of the [`SegLocator`] (0, the default, = none, as PixelLM). With a locator,
+    /// each object's embedding attends over the decoder's first-scale image features and
+    /// the attention's extent becomes SAM's box prompt, which the decoder receives in place
+    /// of the embedding. For small models whose LLM cannot place an object
+    /// in a frozen SAM decoder's prompt space by itself (the tiny-sam preset).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seg_locator: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 impl PixelLmConfig {
@@ -295,6 +306,7 @@ impl PixelLmConfig {
             seg_feedback: true,
             max_length: 512,
             sam_encoder: None,
+            seg_locator: 0,
         }
     }
 
@@ -375,6 +387,7 @@ impl PixelLmConfig {
             seg_feedback: true,
             max_length: 512,
             sam_encoder: None,
+            seg_locator: 0,
         }
     }
 
@@ -432,6 +445,11 @@ impl PixelLmConfig {
             seg_feedback: self
                 .seg_feedback
                 .then(|| LinearConfig::new(self.num_scales() * self.out_dim, h).init(device)),
+            seg_locator: (self.seg_locator > 0).then(|| SegLocator {
+                query: LinearConfig::new(self.out_dim, self.seg_locator).init(device),
+                key: LinearConfig::new(self.out_dim, self.seg_locator).init(device),
+                pixel_key: LinearConfig::new(3 * CELL_SUB * CELL_SUB, self.seg_locator).init(device),
+            }),
             cfg: self.clone(),
         })
     }
@@ -477,6 +495,113 @@ impl<B: Backend> FeatureNeck<B> {
     }
 }
 
+/// A learned "where is it" step (not in PixelLM; [`PixelLmConfig::seg_locator`]): the
+/// object's embedding `f` (first scale) queries the decoder's first-scale image features
+/// plus their position encoding, one key per grid cell:
+///
+/// ```text
+/// a = softmax( (W_q f) . (W_k (src + pe))^T / sqrt(c) )          over the g*g cells
+/// mu = sum_cells a * center,  var = sum_cells a * (center - mu)^2 + cell^2 / 12   per axis
+/// box = mu -+ sqrt(3 var)                                          (input pixels)
+/// ```
+///
+/// i.e. the box of the uniform distribution with the attention's mean and variance (each
+/// cell read as uniform over its extent). The box becomes SAM's box prompt, in place of
+/// `f`, so a frozen SAM decoder receives the kind of prompt it was trained on (MobileSAM at 224 px on the
+/// benchmark: ground-truth boxes give 0.81 mean IoU, centroid points 0.30).
+#[derive(Module, Debug)]
+pub struct SegLocator<B: Backend> {
+    pub query: Linear<B>,
+    pub key: Linear<B>,
+    /// Keys from each cell's own pixels ([`ImageFeatures::cell_pixels`]), added to `key`'s.
+    pub pixel_key: Linear<B>,
+}
+
+impl<B: Backend> SegLocator<B> {
+    /// `src`: `[n, d, g, g]` each object's image features; `pe`: `[1, d, g, g]`; `pixels`:
+    /// `[n, g*g, 3 * CELL_SUB^2]` each object's image's cell pixels; `f`:
+    /// `[n, d]`; `input_size`: the square input side in pixels. Returns the boxes `[n, 4]`
+    /// (x0, y0, x1, y1 in input pixels) and the attention `[n, g*g]` (row-major cells).
+    pub fn locate(
+        &self,
+        src: Tensor<B, 4>,
+        pe: Tensor<B, 4>,
+        pixels: Tensor<B, 3>,
+        f: Tensor<B, 2>,
+        input_size: usize,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let [n, d, g, _] = src.dims();
+        let x = (src + pe).reshape([n, d, g * g]).swap_dims(1, 2); // [n, g*g, d]
+        let k = self.key.forward(x) + self.pixel_key.forward(pixels); // [n, g*g, c]
+        let c = k.dims()[2];
+        let q = self.query.forward(f).reshape([n, 1, c]);
+        let logits = q.matmul(k.swap_dims(1, 2)).div_scalar((c as f64).sqrt()); // [n, 1, g*g]
+        let a = burn::tensor::activation::softmax(logits, 2).reshape([n, g * g]);
+        (attention_box(a.clone(), g, input_size), a)
+    }
+}
+
+/// Sub-grid side of [`ImageFeatures::cell_pixels`].
+pub const CELL_SUB: usize = 4;
+
+/// Each of the `g x g` cells of `size`-pixel preprocessed images as `CELL_SUB x CELL_SUB`
+/// RGB means (row-major cells, then sub-rows, sub-columns, channels).
+fn cell_pixels(images: &[Preprocessed], size: usize, g: usize) -> Vec<f32> {
+    let f = CELL_SUB * CELL_SUB * 3;
+    let mut out = vec![0f32; images.len() * g * g * f];
+    let sub = size as f64 / (g * CELL_SUB) as f64;
+    for (i, im) in images.iter().enumerate() {
+        let mut count = vec![0f32; g * g * CELL_SUB * CELL_SUB];
+        let base = i * g * g * f;
+        for y in 0..size {
+            let sy = ((y as f64 / sub) as usize).min(g * CELL_SUB - 1);
+            for x in 0..size {
+                let sx = ((x as f64 / sub) as usize).min(g * CELL_SUB - 1);
+                let (cy, cx, ry, rx) = (sy / CELL_SUB, sx / CELL_SUB, sy % CELL_SUB, sx % CELL_SUB);
+                let k = (cy * g + cx) * CELL_SUB * CELL_SUB + ry * CELL_SUB + rx;
+                count[k] += 1.0;
+                for c in 0..3 {
+                    out[base + k * 3 + c] += im.pixels[c * size * size + y * size + x];
+                }
+            }
+        }
+        for (k, &n) in count.iter().enumerate() {
+            for c in 0..3 {
+                out[base + k * 3 + c] /= n.max(1.0);
+            }
+        }
+    }
+    out
+}
+
+/// The box of [`SegLocator`]: for attention `a` `[n, g*g]` over a `g x g` grid of cells
+/// tiling `[0, input_size)^2` (row-major), the uniform box with the attention's mean and
+/// variance per axis, each cell read as uniform over its extent: `mu -+ sqrt(3 var)`,
+/// `var = sum a (center - mu)^2 + cell^2 / 12`, clamped to the input. `[n, 4]` (x0, y0,
+/// x1, y1). A one-hot attention gives its cell, a uniform one the whole input.
+pub fn attention_box<B: Backend>(a: Tensor<B, 2>, g: usize, input_size: usize) -> Tensor<B, 2> {
+    let [n, cells] = a.dims();
+    let device = a.device();
+    let a = a.reshape([n, 1, cells]);
+    let cell = input_size as f64 / g as f64;
+    let mut centers = Vec::with_capacity(g * g * 2);
+    for i in 0..g {
+        for j in 0..g {
+            centers.push(((j as f64 + 0.5) * cell) as f32);
+            centers.push(((i as f64 + 0.5) * cell) as f32);
+        }
+    }
+    let centers = Tensor::<B, 2>::from_data(TensorData::new(centers, [g * g, 2]), &device)
+        .unsqueeze::<3>(); // [1, g*g, 2]
+    let mu = a.clone().matmul(centers.clone().expand([n, g * g, 2])); // [n, 1, 2]
+    let dev2 = (centers - mu.clone()).powi_scalar(2); // [n, g*g, 2]
+    let var = a.matmul(dev2).add_scalar(cell * cell / 12.0); // [n, 1, 2]
+    let half = var.mul_scalar(3.0).sqrt();
+    let lo = (mu.clone() - half.clone()).clamp(0.0, input_size as f64);
+    let hi = (mu + half).clamp(0.0, input_size as f64);
+    Tensor::cat(vec![lo, hi], 2).reshape([n, 4])
+}
+
 /// PixelLM's `text_hidden_fcs[0]`: Linear(H, H) -> ReLU -> Linear(H, out_dim) -> Dropout(0).
 #[derive(Module, Debug)]
 pub struct TextHiddenFcs<B: Backend> {
@@ -510,6 +635,8 @@ pub struct PixelLm<B: Backend> {
     pub prompt_embeddings: Option<Param<Tensor<B, 2>>>,
     /// Seg-embedding feedback projection [scales * out_dim -> H].
     pub seg_feedback: Option<Linear<B>>,
+    /// See [`PixelLmConfig::seg_locator`].
+    pub seg_locator: Option<SegLocator<B>>,
     #[module(skip)]
     pub cfg: PixelLmConfig,
 }
@@ -518,6 +645,9 @@ pub struct PixelLm<B: Backend> {
 /// shows the image (K sampled answers, perturbed copies...).
 #[derive(Debug, Clone)]
 pub struct ImageFeatures<B: Backend> {
+    /// For a model with a [`SegLocator`]: each decoder grid cell's pixels as a
+    /// `CELL_SUB x CELL_SUB` grid of RGB means, `[n_images, g*g, 3 * CELL_SUB^2]`.
+    pub cell_pixels: Option<Tensor<B, 3>>,
     /// LLM image tokens [n_images, llm_image_grid^2, H].
     pub llm_tokens: Tensor<B, 3>,
     /// Attention keep-mask of those tokens, row-major [n_images][llm_image_grid^2] (false =
@@ -729,7 +859,13 @@ impl<B: Backend> PixelLm<B> {
         let small = if lg == g { grid } else { resize_bilinear(grid, lg, lg) };
         let small = small.reshape([n, vdim, lg * lg]).swap_dims(1, 2);
         let llm_tokens = self.mm_projector.forward(small);
+        let cell_pixels = self.seg_locator.as_ref().map(|_| {
+            let g = cfg.decoder.image_embedding_size;
+            let v = cell_pixels(images, s, g);
+            Tensor::<B, 3>::from_data(TensorData::new(v, [n, g * g, 3 * CELL_SUB * CELL_SUB]), &device)
+        });
         Ok(ImageFeatures {
+            cell_pixels,
             llm_tokens,
             llm_keep,
             scales,
@@ -961,13 +1097,32 @@ impl<B: Backend> PixelLm<B> {
         f: Tensor<B, 3>,
         image_index: &[usize],
     ) -> Result<(Vec<Tensor<B, 2>>, Tensor<B, 3>)> {
+        let (masks, low, _) = self.decode_masks_located(feats, f, image_index)?;
+        Ok((masks, low))
+    }
+
+    /// [`Self::decode_masks`], plus the seg locator's boxes `[n, 4]` (x0, y0, x1, y1 in
+    /// input pixels) and attention `[n, g*g]` (row-major grid cells) when the model has one.
+    pub fn decode_masks_located(
+        &self,
+        feats: &ImageFeatures<B>,
+        f: Tensor<B, 3>,
+        image_index: &[usize],
+    ) -> Result<(Vec<Tensor<B, 2>>, Tensor<B, 3>, Option<(Tensor<B, 2>, Tensor<B, 2>)>)> {
         let [n, _, _] = f.dims();
         if n != image_index.len() {
             return input(format!("{n} embeddings but {} image indices", image_index.len()));
         }
+        let (extra, points) = match &self.seg_locator {
+            Some(loc) if n > 0 => {
+                let (prompts, points, attention) = self.locator_prompts(loc, feats, f.clone(), image_index)?;
+                (Some(prompts), Some((points, attention)))
+            }
+            _ => (None, None),
+        };
         let out = self
             .decoder
-            .forward(&feats.scales, f, image_index)
+            .forward_with_prompts(&feats.scales, f, image_index, extra)
             .map_err(|e| PixelLmError::Decoder(e.to_string()))?;
         let low = out.low_res_masks;
         let [_, lh, lw] = low.dims();
@@ -980,7 +1135,38 @@ impl<B: Backend> PixelLm<B> {
             let [_, hh, ww] = m.dims();
             masks.push(m.reshape([hh, ww]));
         }
-        Ok((masks, low))
+        Ok((masks, low, points))
+    }
+
+    /// The [`SegLocator`]'s box prompts `[n, 2, d]`, its boxes `[n, 4]` and attention
+    /// `[n, g*g]` for objects with embeddings `f` `[n, scales, d]`.
+    fn locator_prompts(
+        &self,
+        loc: &SegLocator<B>,
+        feats: &ImageFeatures<B>,
+        f: Tensor<B, 3>,
+        image_index: &[usize],
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 2>)> {
+        let [n, _, d] = f.dims();
+        let Some(src) = feats.scales.first() else {
+            return input("the locator needs the decoder's image features".to_string());
+        };
+        if let Some(&i) = image_index.iter().find(|&&i| i >= src.dims()[0]) {
+            return input(format!("image index {i} but {} images", src.dims()[0]));
+        }
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(image_index.iter().map(|&i| i as i64).collect::<Vec<_>>(), [n]),
+            &f.device(),
+        );
+        let Some(pixels) = &feats.cell_pixels else {
+            return input("the locator needs the cell pixels of the image features".to_string());
+        };
+        let src = src.clone().select(0, idx.clone());
+        let pixels = pixels.clone().select(0, idx);
+        let pe = self.decoder.prompt_encoder.get_dense_pe();
+        let f0 = f.slice([0..n, 0..1, 0..d]).reshape([n, d]);
+        let (boxes, attention) = loc.locate(src, pe, pixels, f0, self.cfg.decoder.input_image_size);
+        Ok((self.decoder.prompt_encoder.box_prompts(boxes.clone()), boxes, attention))
     }
 
     /// Sample answers for left-padded rows (see [`crate::sampling::generate_at`]), with

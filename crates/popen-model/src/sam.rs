@@ -863,6 +863,14 @@ impl<B: Backend> PromptEncoder<B> {
             .expand([bs, self.embed_dim, h, w])
     }
 
+    /// Box prompts `[n, 4]` (x0, y0, x1, y1 in input pixels, the frame of
+    /// `get_dense_pe`'s cell centers) embedded as SAM does: two corner tokens,
+    /// `[n, 2, embed_dim]`.
+    pub fn box_prompts(&self, boxes: Tensor<B, 2>) -> Tensor<B, 3> {
+        // `_embed_boxes` shifts by half a pixel to the pixel center: undo it.
+        self.embed_boxes(boxes - 0.5)
+    }
+
     fn embed_weight(e: &Embedding<B>) -> Tensor<B, 2> {
         e.weight.val()
     }

@@ -90,6 +90,11 @@ pub struct SftConfig {
     pub ce_weight: f32,
     pub bce_weight: f32,
     pub dice_weight: f32,
+    /// Weight of the seg locator's point loss (models with `seg_locator` only; not in
+    /// PixelLM): mean over objects of |point - target centroid|_1 / input side, pulling the
+    /// located point onto the ground-truth mask's centroid. 0 = off.
+    #[serde(default)]
+    pub locate_weight: f32,
     /// Samples whose prompt + answer exceed this many tokens are skipped and reported
     /// (PixelLM: 512).
     pub max_len: usize,
@@ -139,6 +144,7 @@ impl Default for SftConfig {
             ce_weight: 1.0,
             bce_weight: 2.0,
             dice_weight: 0.5,
+            locate_weight: 0.0,
             max_len: 512,
             trainable: Trainable::Lora,
             freeze: Vec::new(),

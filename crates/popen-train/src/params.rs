@@ -79,8 +79,8 @@ pub fn assign_ids<B: Backend, M: Module<B>>(module: M, ids: &BTreeMap<String, u6
 }
 
 /// Top-level modules that `freeze` may name.
-pub const FREEZABLE: [&str; 7] =
-    ["llm", "vision_tower", "mm_projector", "out_mm_projector", "image_feature_neck", "text_hidden_fcs", "decoder"];
+pub const FREEZABLE: [&str; 8] =
+    ["llm", "vision_tower", "mm_projector", "out_mm_projector", "image_feature_neck", "text_hidden_fcs", "decoder", "seg_locator"];
 
 /// Freezes the named top-level modules ([`FREEZABLE`]).
 pub fn freeze_modules<B: Backend>(mut model: PixelLm<B>, names: &[String]) -> Result<PixelLm<B>, String> {
@@ -93,6 +93,7 @@ pub fn freeze_modules<B: Backend>(mut model: PixelLm<B>, names: &[String]) -> Re
             "image_feature_neck" => model.image_feature_neck = model.image_feature_neck.no_grad(),
             "text_hidden_fcs" => model.text_hidden_fcs = model.text_hidden_fcs.no_grad(),
             "decoder" => model.decoder = model.decoder.no_grad(),
+            "seg_locator" => model.seg_locator = model.seg_locator.no_grad(),
             other => return Err(format!("freeze: unknown module '{other}' (one of {})", FREEZABLE.join(", "))),
         }
     }

@@ -53,6 +53,8 @@ pub struct SftBatch {
     pub scale: f32,
     /// Loss weights (ce, bce, dice).
     pub weights: (f32, f32, f32),
+    /// Weight of the seg locator's point loss ([`SftConfig::locate_weight`]).
+    pub locate_weight: f32,
     /// The cached SAM embeddings of the images, `[n, c, g, g]` flattened, when the model has
     /// a SAM encoder and every example carries its embedding.
     pub sam: Option<(Vec<f32>, [usize; 4])>,
@@ -125,10 +127,15 @@ impl<B: Backend> SftModel<B> {
             }
         }
         let mut pairs = Vec::with_capacity(objects.len());
+        let mut locate = None;
         if !objects.is_empty() {
             let f = m.seg_embeddings(hidden, &objects).map_err(|e| e.to_string())?;
             let idx: Vec<usize> = objects.iter().map(|o| o.0).collect();
-            let (logits, _) = m.decode_masks(&feats, f, &idx).map_err(|e| e.to_string())?;
+            let (logits, _, points) = m.decode_masks_located(&feats, f, &idx).map_err(|e| e.to_string())?;
+            if let (Some((_, attention)), true) = (points, batch.locate_weight > 0.0) {
+                locate = Some(locate_loss(attention, &gts, &idx, &feats.sizes, m.config().decoder.input_image_size)
+                    .mul_scalar(batch.locate_weight));
+            }
             for (o, (logit, (h, w, bits))) in logits.into_iter().zip(gts).enumerate() {
                 let [lh, lw] = logit.dims();
                 if (lh, lw) != (*h, *w) {
@@ -138,8 +145,54 @@ impl<B: Backend> SftModel<B> {
                 pairs.push((logit, t));
             }
         }
-        Ok(pixellm_loss(lp, &lens, pairs, batch.weights))
+        let mut parts = pixellm_loss(lp, &lens, pairs, batch.weights);
+        if let Some(l) = locate {
+            // Counted with the mask terms (it is per object).
+            parts.total = parts.total + l.clone();
+            parts.dice = parts.dice + l;
+        }
+        Ok(parts)
     }
+}
+
+/// The seg locator's loss: cross-entropy of its attention over the grid cells against the
+/// target mask's share of each cell, `-sum_c t_c log a_c`, mean over objects with a
+/// non-empty target. Cells tile the input frame (the image resized to `resized`, padded at
+/// the bottom/right); each target pixel counts for the cell its center falls in.
+pub fn locate_loss<B: Backend>(
+    attention: Tensor<B, 2>,
+    gts: &[&(usize, usize, Vec<f32>)],
+    image_index: &[usize],
+    sizes: &[((usize, usize), (usize, usize))],
+    input_size: usize,
+) -> Tensor<B, 1> {
+    let device = attention.device();
+    let [n, cells] = attention.dims();
+    let g = (cells as f64).sqrt().round() as usize;
+    let cell = input_size as f64 / g as f64;
+    let mut target = vec![0f32; n * cells];
+    let mut count = 0usize;
+    for (o, (gt, &img)) in gts.iter().zip(image_index).enumerate() {
+        let (h, w, bits) = gt;
+        let ((rh, rw), _) = sizes[img];
+        let row = &mut target[o * cells..(o + 1) * cells];
+        let mut on = 0f64;
+        for (k, &b) in bits.iter().enumerate() {
+            if b > 0.5 {
+                let x = ((k % w) as f64 + 0.5) * rw as f64 / *w as f64;
+                let y = ((k / w) as f64 + 0.5) * rh as f64 / *h as f64;
+                let (cx, cy) = (((x / cell) as usize).min(g - 1), ((y / cell) as usize).min(g - 1));
+                row[cy * g + cx] += 1.0;
+                on += 1.0;
+            }
+        }
+        if on > 0.0 {
+            row.iter_mut().for_each(|v| *v = (*v as f64 / on) as f32);
+            count += 1;
+        }
+    }
+    let t = Tensor::<B, 2>::from_data(TensorData::new(target, [n, cells]), &device);
+    (attention.clamp_min(1e-12).log() * t).sum().neg().div_scalar(count.max(1) as f64)
 }
 
 impl<B: AutodiffBackend> TrainStep for SftModel<B> {
@@ -175,6 +228,7 @@ pub fn make_batch(examples: &[&Example], pre: &Preprocessor, cfg: &SftConfig) ->
         masks: Vec::new(),
         scale: 1.0 / cfg.grad_accum as f32,
         weights: (cfg.ce_weight, cfg.bce_weight, cfg.dice_weight),
+        locate_weight: cfg.locate_weight,
         sam: None,
     };
     let cached: Option<Vec<&(std::sync::Arc<[f32]>, [usize; 3])>> = examples.iter().map(|e| e.sam_embedding.as_ref()).collect();

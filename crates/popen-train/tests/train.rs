@@ -591,3 +591,28 @@ fn sft_data_parallel_equals_one_device() {
     // A config asking for 0 devices is refused.
     assert!(SftConfig { devices: 0, ..small_cfg() }.validate().unwrap_err().contains("devices"));
 }
+
+/// The seg locator's loss, hand-computed: a 2x2 grid over an 8-pixel input (cells of 4
+/// px); an 8x8 image (no resize) whose target covers the left half (cells 0 and 2 equally).
+/// Uniform attention: CE = log 4; attention 1/2 on each target cell: log 2; an empty target
+/// counts for nothing (mean over the one non-empty object).
+#[test]
+fn locate_loss_hand_cases() {
+    type T = NdArray<f32>;
+    let dev = Default::default();
+    let left: Vec<f32> = (0..64).map(|k| if k % 8 < 4 { 1.0 } else { 0.0 }).collect();
+    let t = (8usize, 8usize, left);
+    let empty = (8usize, 8usize, vec![0.0f32; 64]);
+    let sizes = [((8usize, 8usize), (8usize, 8usize))];
+    let case = |att: Vec<f32>, gts: Vec<&(usize, usize, Vec<f32>)>| -> f32 {
+        let n = gts.len();
+        let a = Tensor::<T, 2>::from_data(TensorData::new(att, [n, 4]), &dev);
+        sft::locate_loss(a, &gts, &vec![0; n], &sizes, 8).into_scalar()
+    };
+    let u = case(vec![0.25; 4], vec![&t]);
+    assert!((u - 4f32.ln()).abs() < 1e-6, "{u}");
+    let h = case(vec![0.5, 0.0, 0.5, 0.0], vec![&t]);
+    assert!((h - 2f32.ln()).abs() < 1e-6, "{h}");
+    let m = case(vec![0.5, 0.0, 0.5, 0.0, 0.25, 0.25, 0.25, 0.25], vec![&t, &empty]);
+    assert!((m - 2f32.ln()).abs() < 1e-6, "{m}");
+}

@@ -117,6 +117,7 @@ fn llava_hf_fixture() {
         seg_feedback: false,
         max_length: 128,
         sam_encoder: None,
+        seg_locator: 0,
     };
     let dev = Default::default();
     let (model, fresh) = pixellm::load::<B>(&cfg, &dir, Layout::LlavaHf, None, &dev).unwrap();
@@ -373,4 +374,65 @@ fn presets_are_valid_and_match_pipelines_toml() {
     }
     let tiny = PixelLmConfig::from_toml_file(root.join("pipelines/model-tiny.toml")).unwrap();
     assert_eq!(tiny, PixelLmConfig::tiny(tiny.llm.vocab_size), "model-tiny.toml drifted");
+}
+
+/// The seg locator's box (`pixellm::attention_box`), hand-computed: a one-hot attention
+/// gives its own cell; a uniform one the whole input (the uniform distribution on
+/// [0, 224) has variance 224^2 / 12, so mu -+ sqrt(3 var) = 0 and 224); two equal cells
+/// side by side (centers 24 and 40, cell 16): mu = 32, var = 64 + 256/12, half =
+/// sqrt(3 * 85.33) = 16 -> x from 16 to 48, y of the row's cell.
+#[test]
+fn locator_box_from_attention_hand_cases() {
+    let dev = Default::default();
+    let (g, size) = (14usize, 224usize);
+    let mut rows = vec![0f32; 3 * g * g];
+    rows[2 * g + 5] = 1.0; // row 0: cell (i=2, j=5)
+    for v in &mut rows[g * g..2 * g * g] {
+        *v = 1.0 / (g * g) as f32;
+    }
+    rows[2 * g * g + 3 * g + 1] = 0.5; // row 2: cells (3, 1) and (3, 2)
+    rows[2 * g * g + 3 * g + 2] = 0.5;
+    let a = Tensor::<B, 2>::from_data(TensorData::new(rows, [3, g * g]), &dev);
+    let got = vec2(pixellm::attention_box(a, g, size));
+    let want = [80.0, 32.0, 96.0, 48.0, 0.0, 0.0, 224.0, 224.0, 16.0, 48.0, 48.0, 64.0];
+    for (k, (x, y)) in got.iter().zip(want).enumerate() {
+        assert!((x - y).abs() < 1e-3, "entry {k}: {x} vs {y} ({got:?})");
+    }
+}
+
+/// With a locator, the decoder is prompted with SAM's own box encoding of the located box:
+/// `box_prompts` equals the verified `PromptEncoder::forward` of that box, and the masks
+/// of `decode_masks` follow the attention (they differ when `f` changes where it points),
+/// with gradients reaching the locator from the mask logits.
+#[test]
+fn locator_prompts_are_sam_box_prompts_and_carry_gradients() {
+    use burn::backend::Autodiff;
+    type A = Autodiff<NdArray<f32>>;
+    let dev = Default::default();
+    let mut cfg = PixelLmConfig::tiny_sam(64);
+    cfg.seg_locator = 16;
+    cfg.validate().unwrap();
+    let model = cfg.init::<A>(&dev).unwrap();
+    let pe = &model.decoder.prompt_encoder;
+    let boxes = Tensor::<A, 2>::from_data(TensorData::new(vec![10.0f32, 20.0, 100.0, 150.0], [1, 4]), &dev);
+    let (sparse, _) = pe.forward(None, Some(boxes.clone() - 0.5), None, None).unwrap();
+    let ours = pe.box_prompts(boxes);
+    assert!(max_rel(&vec3(ours.inner()), &vec3(sparse.inner())) < 1e-6);
+
+    let loc = model.seg_locator.as_ref().unwrap();
+    let g = cfg.decoder.image_embedding_size;
+    let src = Tensor::<A, 4>::random([2, 256, g, g], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
+    let f = Tensor::<A, 2>::random([2, 256], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
+    let pixels = Tensor::<A, 3>::random([2, g * g, 48], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
+    let (bx, att) = loc.locate(src, pe.get_dense_pe(), pixels, f, cfg.image_size);
+    assert_eq!(bx.dims(), [2, 4]);
+    let sums = vec2(att.clone().sum_dim(1).inner());
+    assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
+    let grads = bx.sum().backward();
+    let gq = loc.query.weight.grad(&grads).expect("query gradient");
+    let gk = loc.key.weight.grad(&grads).expect("key gradient");
+    let gp = loc.pixel_key.weight.grad(&grads).expect("pixel key gradient");
+    for g in [gq, gk, gp] {
+        assert!(g.abs().sum().into_scalar() > 0.0);
+    }
 }

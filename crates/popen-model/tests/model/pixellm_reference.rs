@@ -138,6 +138,7 @@ impl Fixture {
             seg_feedback: false,
             max_length: 128,
             sam_encoder: None,
+            seg_locator: 0,
         }
     }
 
