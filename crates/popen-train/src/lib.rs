@@ -20,6 +20,7 @@ pub mod params;
 pub mod predict;
 pub mod schedule;
 pub mod sft;
+pub mod stage;
 
 pub use config::{SftConfig, Trainable};
 
