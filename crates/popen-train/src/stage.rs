@@ -260,3 +260,66 @@ fn sam_cache_key<B: Backend>(model: &PixelLm<B>, n: usize, key: &dyn Fn(usize, &
     }
     hex::encode(&v.0.finalize()[..12])
 }
+
+/// What names the SAM encoder in a per-image cache file: sha256 over the input size and the
+/// encoder's weights (hex, 24 characters).
+pub fn sam_encoder_key<B: Backend>(model: &PixelLm<B>) -> String {
+    sam_cache_key(model, 0, &|_, _| {})
+}
+
+/// The frozen SAM encoder's embedding of one preprocessed image (values and `[c, g, g]`),
+/// computed alone (batch of one, so it does not depend on the batch it first appeared in)
+/// and memoized under `index`; with `dir`, also kept in `dir/sam1-<encoder_key>-<image_key>.f32`
+/// and read from there by later runs.
+pub fn sam_embedding_of<B: Backend>(
+    model: &PixelLm<B>,
+    image: &popen_model::preprocess::Preprocessed,
+    image_key: &str,
+    encoder_key: &str,
+    dir: Option<&Path>,
+    memo: &std::cell::RefCell<std::collections::HashMap<usize, Arc<[f32]>>>,
+    index: usize,
+) -> Result<(Arc<[f32]>, [usize; 3])> {
+    let g = model.config().patch_grid();
+    let c = model.config().vision_width();
+    let shape = [c, g, g];
+    if let Some(v) = memo.borrow().get(&index) {
+        return Ok((v.clone(), shape));
+    }
+    let per = c * g * g;
+    let file = dir.map(|d| d.join(format!("sam1-{encoder_key}-{image_key}.f32")));
+    let mut got: Option<Vec<f32>> = None;
+    if let Some(f) = &file {
+        if let Ok(bytes) = std::fs::read(f) {
+            if bytes.len() == per * 4 {
+                got = Some(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
+            }
+        }
+    }
+    let v = match got {
+        Some(v) => v,
+        None => {
+            let emb = model
+                .sam_embeddings(std::slice::from_ref(image))
+                .map_err(|e| TrainError::Data(e.to_string()))?
+                .ok_or_else(|| TrainError::Data("the model has no SAM encoder".into()))?;
+            let [_, cc, h, w] = emb.dims();
+            if [cc, h, w] != shape {
+                return Err(TrainError::Data(format!("SAM embeddings are {:?} per image, expected {shape:?}", [cc, h, w])));
+            }
+            let v = emb.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| TrainError::Data(format!("SAM embeddings: {e:?}")))?;
+            if let Some(f) = &file {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let d = f.parent().unwrap_or(Path::new("."));
+                std::fs::create_dir_all(d).map_err(|e| io_err(d, e))?;
+                let tmp = f.with_extension(format!("f32.tmp{}", std::process::id()));
+                std::fs::write(&tmp, &bytes).map_err(|e| io_err(&tmp, e))?;
+                std::fs::rename(&tmp, f).map_err(|e| io_err(f, e))?;
+            }
+            v
+        }
+    };
+    let a: Arc<[f32]> = Arc::from(v);
+    memo.borrow_mut().insert(index, a.clone());
+    Ok((a, shape))
+}
