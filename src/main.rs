@@ -64,6 +64,7 @@ enum Command {
     Sft(train_cmd::SftArgs),
     /// Preference optimization (POPEN stage 2): text DPO on P_t (Eqs. 2-3), the segmentation
     /// preference loss on P_s (Eq. 4, curriculum phase 1 then 2) and the mask loss; resumable.
+    #[command(long_about = train_cmd::DPO_LONG_ABOUT)]
     Dpo(train_cmd::DpoArgs),
     /// Greedy answers and masks for every sample of a shard, written as a predictions shard.
     Predict(train_cmd::PredictArgs),

@@ -169,8 +169,8 @@ fn predict_on<B: Backend>(a: &PredictArgs, cfg: &PredictConfig, dev: &B::Device)
         .with_context(|| format!("predict {} -> {}", a.samples.display(), out_path.display()))
 }
 
-#[derive(clap::Args)]
-#[command(long_about = "Preference optimization (POPEN stage 2, SPEC section 5) of the SFT model.\n\n\
+/// `popen dpo --help`.
+pub const DPO_LONG_ABOUT: &str = "Preference optimization (POPEN stage 2, SPEC section 5) of the SFT model.\n\n\
 Loss per step: L_t (text DPO, Eq. 2, over RLHF-V's lambda-weighted sequence log-likelihood, Eq. 3) on a \
 P_t batch + L_s (Eq. 4: the policy's segmentation embedding on each target's median perturbed image \
 against the recorded reference embeddings, switched off per target by the indicator) + PixelLM's mask \
@@ -183,7 +183,9 @@ rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; loss/seg, seg
 seg/indicator_off = share of targets the indicator switched off; bce, dice), loss.png, manifest.json \
 (config, inputs, counts, skipped records with reasons) and the trained model folder model/.\n\n\
 Ablations (the paper's Tables 4-5) are switches of the config's [ablation] table: no_text_loss, \
-no_seg_loss, no_lambda, no_indicator, random_ps, one_phase; --print-config shows every knob.")]
+no_seg_loss, no_lambda, no_indicator, random_ps, one_phase; --print-config shows every knob.";
+
+#[derive(clap::Args)]
 pub struct DpoArgs {
     /// Stage config (TOML, see pipelines/dpo-tiny.toml and pipelines/dpo-pixellm-7b.toml).
     /// Without it, the paper's values (--print-config shows them).

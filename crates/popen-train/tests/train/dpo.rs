@@ -468,3 +468,55 @@ fn dpo_pipeline_configs() {
     assert_eq!(real, DpoConfig::default());
     assert_eq!((real.beta_t, real.lambda, real.beta_s, real.lr, real.batch_size, real.warmup_steps), (0.5, 5.0, 10.0, 3e-4, 16, 100));
 }
+
+/// A tiny-sam model (random small TinyViT, `super::sam_world`): the frozen SAM encoder's
+/// embeddings of the clean and median images are computed once per image and kept in
+/// `sam_cache` (one file each); a second run reads them and ends with the same weights; the
+/// SAM encoder and the decoder never move. An empty phase-1 shard leaves phase 2 for every
+/// step, with the note in the report.
+#[test]
+fn dpo_sam_model_caches_embeddings_and_keeps_frozen_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (init, train) = super::sam_world(dir.path());
+    let dev = Default::default();
+    let mut c2 = CollectPsConfig { phase: Phase::Two, perturbations: 3, batch_size: 3, ..Default::default() };
+    c2.select.phase2_top = 3;
+    let ps2 = dir.path().join("ps2.parquet");
+    collect_ps::run::<B>(&init, &train, &ps2, &c2, &AnnotationProposer, ShardSpec::new(0, 1).unwrap(), false, &dev).unwrap();
+    let ps1 = dir.path().join("ps1.parquet");
+    write_shard(&ps1, Vec::<SegPref>::new()).unwrap();
+    let mut c = cfg();
+    c.max_steps = 2;
+    c.ablation.no_text_loss = true;
+    let cache = dir.path().join("sam-cache");
+    let run = |name: &str| {
+        let out = dir.path().join(name);
+        let job = DpoJob {
+            config: &c,
+            init: &init,
+            pt: Path::new("unused"),
+            ps_phase1: &ps1,
+            ps_phase2: &ps2,
+            proposals: ProposalSource::None,
+            out: &out,
+            resume: false,
+            progress: false,
+            sam_cache: Some(&cache),
+        };
+        dpo::run::<AB>(&job, &Default::default()).unwrap()
+    };
+    let r = run("a");
+    assert_eq!(r.seg_records, [0, 6]);
+    assert!(r.phase_note.as_deref().unwrap_or("").contains("phase-2 records serve all steps"), "{r:?}");
+    let files = std::fs::read_dir(&cache).unwrap().count();
+    // 2 steps x 2 records: their clean images (2 distinct in the world) and median copies.
+    assert!((2..=12).contains(&files), "{files} cached embeddings");
+    let before: std::collections::BTreeMap<String, Vec<f32>> = weights_of(&init).into_iter().collect();
+    let after: std::collections::BTreeMap<String, Vec<f32>> = weights_of(&r.model_dir).into_iter().collect();
+    let changed: Vec<&String> = before.keys().filter(|k| before[*k] != after[*k]).collect();
+    assert!(changed.iter().all(|n| !n.starts_with("sam_encoder.") && !n.starts_with("decoder.")), "{changed:?}");
+    assert!(changed.iter().any(|n| n.starts_with("llm.")), "{changed:?}");
+    let r2 = run("b");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), files, "the second run reads the cache");
+    assert_eq!(weights_of(&r2.model_dir), weights_of(&r.model_dir));
+}
