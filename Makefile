@@ -12,7 +12,7 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps sam-masks sam-photos bench-sam bench bench-model refenv help test-slurm cluster-demo
+.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo sam-masks sam-photos bench-sam bench bench-model refenv help test-slurm cluster-demo
 
 help:
 	@echo "make demo        benchmark -> tiny model -> SFT -> predict -> eval, with baselines ($(OUT))"
@@ -20,6 +20,7 @@ help:
 	@echo "make predict     greedy answers + masks for $(SPLIT) into $(PRED)"
 	@echo "make collect-pt  text preference data P_t into $(PREFS)"
 	@echo "make collect-ps  segmentation preference data P_s (PHASE=1|2) into $(PREFS)"
+	@echo "make dpo         preference optimization of $(MODEL) on $(PREFS)/pt.parquet + ps-phase1/2.parquet into $(OUT)/dpo"
 	@echo "make sam-masks   SAM automatic-mask proposals of $(SAM_SPLIT) into $(PREFS) (SAM_POINTS=$(SAM_POINTS))"
 	@echo "make sam-photos  SAM proposals + overlays of the real labelme photos into out/sam-photos"
 	@echo "make eval        gIoU/cIoU/CHAIR/boundary IoU/localization error of $(PRED) + baselines"
@@ -125,6 +126,16 @@ collect-pt: build
 # output is skipped on rerun (its manifest), --shard I/N splits it for job arrays.
 collect-ps: build
 	$(POPEN) collect-ps --config $(PS_CONFIG) --model $(MODEL) --samples $(DATA)/train.parquet --out $(PREFS)/ps-phase$(PHASE).parquet --phase $(PHASE)
+
+# Preference optimization (POPEN stage 2, SPEC 5) of $(MODEL) on P_t and both curriculum
+# phases of P_s (make collect-pt; make collect-ps PHASE=1; make collect-ps PHASE=2). Resumable
+# (--resume: a killed run continues from its newest checkpoint). The phase-1 indicator needs
+# the proposals collect-ps scored with: the samples' instance masks by default; after
+# `collect-ps --proposals`, set DPO_PROPOSALS="--proposals $(PREFS)/sam-train.parquet".
+DPO_CONFIG ?= pipelines/dpo-tiny.toml
+DPO_PROPOSALS ?= --samples $(DATA)/train.parquet
+dpo: build
+	$(POPEN) dpo --config $(DPO_CONFIG) --init $(MODEL) --pt $(PREFS)/pt.parquet --ps-phase1 $(PREFS)/ps-phase1.parquet --ps-phase2 $(PREFS)/ps-phase2.parquet $(DPO_PROPOSALS) --out $(OUT)/dpo --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
 
 # SAM proposals (proposal/1) of a split for collect-ps --proposals and eval --proposals.
 # Resumable (rerun after a kill continues), --shard I/N for job arrays; CPU takes ~1 min per

@@ -62,6 +62,10 @@ enum Command {
     /// Supervised finetuning (PixelLM's recipe: text CE + mask BCE + DICE) of a model folder
     /// on a samples shard; resumable, checkpoints written atomically.
     Sft(train_cmd::SftArgs),
+    /// Preference optimization (POPEN stage 2): text DPO on P_t (Eqs. 2-3), the segmentation
+    /// preference loss on P_s (Eq. 4, curriculum phase 1 then 2) and the mask loss; resumable.
+    #[command(long_about = train_cmd::DPO_LONG_ABOUT)]
+    Dpo(train_cmd::DpoArgs),
     /// Greedy answers and masks for every sample of a shard, written as a predictions shard.
     Predict(train_cmd::PredictArgs),
     /// Score a predictions shard against its samples shard: gIoU, cIoU, CHAIR, boundary IoU,
@@ -205,6 +209,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Infer(a) => model_cmd::infer(a),
         Command::Score(a) => model_cmd::score(a),
         Command::Sft(a) => train_cmd::sft(a),
+        Command::Dpo(a) => train_cmd::dpo(a),
         Command::Predict(a) => train_cmd::predict(a),
         Command::Eval(a) => eval_cmd::eval(a),
         Command::CollectPs(a) => prefs_cmd::collect_ps(a),

@@ -1,4 +1,4 @@
-//! `popen sft` and `popen predict`: thin front ends of popen-train.
+//! `popen sft`, `popen dpo` and `popen predict`: thin front ends of popen-train.
 
 use std::path::PathBuf;
 
@@ -167,4 +167,130 @@ fn predict_on<B: Backend>(a: &PredictArgs, cfg: &PredictConfig, dev: &B::Device)
     let out_path = shard.output_path(&out);
     popen_train::predict::run::<B>(&a.model, &a.samples, &out_path, cfg, shard, true, dev)
         .with_context(|| format!("predict {} -> {}", a.samples.display(), out_path.display()))
+}
+
+/// `popen dpo --help`.
+pub const DPO_LONG_ABOUT: &str = "Preference optimization (POPEN stage 2, SPEC section 5) of the SFT model.\n\n\
+Loss per step: L_t (text DPO, Eq. 2, over RLHF-V's lambda-weighted sequence log-likelihood, Eq. 3) on a \
+P_t batch + L_s (Eq. 4: the policy's segmentation embedding on each target's median perturbed image \
+against the recorded reference embeddings, switched off per target by the indicator) + PixelLM's mask \
+loss (BCE + DICE against ground truth on the clean images) on a P_s batch. P_s of phase 1 serves the \
+first half of the steps, phase 2 the second half. The reference model is the one the shards were \
+collected with: its log-probs and embeddings are read from them (--init should be that model). The pixel \
+decoder stays frozen.\n\n\
+Writes into --out: checkpoints/, metrics.jsonl and metrics.csv (TRL's rewards/chosen, rewards/rejected, \
+rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; loss/seg, seg/* and \
+seg/indicator_off = share of targets the indicator switched off; bce, dice), loss.png, manifest.json \
+(config, inputs, counts, skipped records with reasons) and the trained model folder model/.\n\n\
+Ablations (the paper's Tables 4-5) are switches of the config's [ablation] table: no_text_loss, \
+no_seg_loss, no_lambda, no_indicator, random_ps, one_phase; --print-config shows every knob.";
+
+#[derive(clap::Args)]
+pub struct DpoArgs {
+    /// Stage config (TOML, see pipelines/dpo-tiny.toml and pipelines/dpo-pixellm-7b.toml).
+    /// Without it, the paper's values (--print-config shows them).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The SFT model folder: the policy starts from it, and it is the reference the
+    /// preference shards were collected with.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Text preference shard P_t (popen collect-pt).
+    #[arg(long)]
+    pt: Option<PathBuf>,
+    /// Segmentation preference shard P_s of curriculum phase 1 (popen collect-ps --phase 1):
+    /// the first half of the steps.
+    #[arg(long)]
+    ps_phase1: Option<PathBuf>,
+    /// P_s of phase 2 (popen collect-ps --phase 2): the second half of the steps.
+    #[arg(long)]
+    ps_phase2: Option<PathBuf>,
+    /// The samples shard collect-ps read: its instance masks are the clean images' proposals
+    /// that Eq. 1's term needs for the phase-1 indicator (collect-ps' default proposer).
+    #[arg(long, conflicts_with = "proposals")]
+    samples: Option<PathBuf>,
+    /// The proposal shards collect-ps read (--proposals there), for the phase-1 indicator.
+    #[arg(long, num_args = 1..)]
+    proposals: Vec<PathBuf>,
+    /// Output folder (see above).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from the newest checkpoint under --out (same data order, optimizer state).
+    #[arg(long)]
+    resume: bool,
+    /// Folder where the frozen SAM encoder's embeddings of the (clean and perturbed) images
+    /// of a tiny-sam model are kept between runs.
+    #[arg(long)]
+    sam_cache: Option<PathBuf>,
+    /// Override the config's seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override the config's max_steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+pub fn dpo(a: DpoArgs) -> Result<()> {
+    use popen_train::dpo::{DpoConfig, DpoJob, ProposalSource};
+    let mut cfg = match &a.config {
+        Some(p) => DpoConfig::from_toml_file(p)?,
+        None => DpoConfig::default(),
+    };
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    if let Some(m) = a.max_steps {
+        cfg.max_steps = m;
+    }
+    cfg.validate().map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    if a.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    let (Some(init), Some(pt), Some(ps1), Some(ps2), Some(out)) = (&a.init, &a.pt, &a.ps_phase1, &a.ps_phase2, &a.out) else {
+        bail!("popen dpo needs --init MODEL_DIR, --pt PT.parquet, --ps-phase1 A.parquet, --ps-phase2 B.parquet and --out DIR (see --help)");
+    };
+    let proposals = match (&a.samples, a.proposals.is_empty()) {
+        (Some(s), _) => ProposalSource::Samples(s),
+        (None, false) => ProposalSource::Shards(&a.proposals),
+        (None, true) => ProposalSource::None,
+    };
+    let job = DpoJob {
+        config: &cfg,
+        init,
+        pt,
+        ps_phase1: ps1,
+        ps_phase2: ps2,
+        proposals,
+        out,
+        resume: a.resume,
+        progress: true,
+        sam_cache: a.sam_cache.as_deref(),
+    };
+    let run = |r: popen_train::Result<popen_train::dpo::DpoReport>| r.with_context(|| format!("dpo into {}", out.display()));
+    let report = match (a.backend.as_str(), cfg.precision) {
+        ("flex", Precision::F32) => run(popen_train::dpo::run::<Autodiff<burn::backend::Flex>>(&job, &Default::default())),
+        ("ndarray", Precision::F32) => run(popen_train::dpo::run::<Autodiff<burn::backend::NdArray<f32>>>(&job, &Default::default())),
+        #[cfg(feature = "cuda")]
+        ("cuda", Precision::F32) => run(popen_train::dpo::run::<Autodiff<burn::backend::Cuda<f32, i32>>>(&job, &Default::default())),
+        #[cfg(feature = "cuda")]
+        ("cuda", Precision::Bf16) => {
+            run(popen_train::dpo::run::<Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>>(&job, &Default::default()))
+        }
+        ("flex" | "ndarray", Precision::Bf16) => bail!(
+            "precision = \"bf16\" needs the cuda backend (--backend cuda); on CPU set precision = \"f32\" in the config"
+        ),
+        (other, _) => bail!(
+            "backend '{other}' is not available in this build (available: {})",
+            crate::backend::available().join(", ")
+        ),
+    }?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }

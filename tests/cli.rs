@@ -78,7 +78,7 @@ fn device_check_on_cpu() {
 #[test]
 fn help_explains_every_command() {
     let h = ok(&["--help"]);
-    for cmd in ["synth", "import-muse", "show", "inspect", "device", "model-config", "tokenizer-tiny", "model-init", "model-import", "infer", "score", "sft", "predict", "eval"] {
+    for cmd in ["synth", "import-muse", "show", "inspect", "device", "model-config", "tokenizer-tiny", "model-init", "model-import", "infer", "score", "sft", "dpo", "predict", "eval"] {
         assert!(h.contains(cmd), "{h}");
     }
     let h = ok(&["synth", "--help"]);

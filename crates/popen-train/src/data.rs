@@ -84,18 +84,21 @@ pub fn prepare(
     (out, skipped)
 }
 
-fn prepare_one(
-    s: &Sample,
+/// PixelLM's prompt for an instruction (llava_v1 conversation with `<image>`), as pieces.
+pub fn prompt_pieces(tok: &Tokenizer, instruction: &str) -> Result<Vec<Piece>, String> {
+    tok.encode_with_image(&tok.pixellm_prompt(instruction)).map_err(|e| format!("instruction: {e}"))
+}
+
+/// An answer (our format, `<seg>` after each object) as the model reads it: " " + answer with
+/// each `<seg>` expanded to the codebook group + EOS, and the positions of every group in
+/// those ids. Malformed groups are an error.
+pub fn answer_with_groups(
     tok: &Tokenizer,
     tokens: &PixelLmTokens,
+    answer: &str,
     group_len: usize,
-    image_tokens: usize,
-    max_len: usize,
-) -> Result<Example, String> {
-    let prompt = tok
-        .encode_with_image(&tok.pixellm_prompt(&s.instruction))
-        .map_err(|e| format!("instruction: {e}"))?;
-    let expanded = tokenizer::expand_seg(&s.answer, group_len).map_err(|e| format!("answer: {e}"))?;
+) -> Result<(Vec<u32>, Vec<Vec<usize>>), String> {
+    let expanded = tokenizer::expand_seg(answer, group_len).map_err(|e| format!("answer: {e}"))?;
     let mut answer_ids = tok.encode(&format!(" {expanded}"), false).map_err(|e| format!("answer: {e}"))?;
     answer_ids.push(tokens.eos);
     let scan = tokenizer::seg_groups(&answer_ids, tokens);
@@ -105,16 +108,34 @@ fn prepare_one(
             scan.issues.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("; ")
         ));
     }
-    if scan.groups.len() != s.target_masks.len() {
-        return Err(format!("answer has {} seg groups but the sample has {} target masks", scan.groups.len(), s.target_masks.len()));
-    }
-    let prompt_len: usize = prompt
+    Ok((answer_ids, scan.groups))
+}
+
+/// Tokens one prompt takes, an image counted as `image_tokens`.
+pub fn prompt_len(prompt: &[Piece], image_tokens: usize) -> usize {
+    prompt
         .iter()
         .map(|p| match p {
             Piece::Tokens(t) => t.len(),
             Piece::Image => image_tokens,
         })
-        .sum();
+        .sum()
+}
+
+fn prepare_one(
+    s: &Sample,
+    tok: &Tokenizer,
+    tokens: &PixelLmTokens,
+    group_len: usize,
+    image_tokens: usize,
+    max_len: usize,
+) -> Result<Example, String> {
+    let prompt = prompt_pieces(tok, &s.instruction)?;
+    let (answer_ids, groups) = answer_with_groups(tok, tokens, &s.answer, group_len)?;
+    if groups.len() != s.target_masks.len() {
+        return Err(format!("answer has {} seg groups but the sample has {} target masks", groups.len(), s.target_masks.len()));
+    }
+    let prompt_len = prompt_len(&prompt, image_tokens);
     let seq_len = prompt_len + answer_ids.len();
     if seq_len > max_len {
         return Err(format!("{seq_len} tokens (prompt {prompt_len} + answer {}) exceed max_len {max_len}", answer_ids.len()));
@@ -126,7 +147,7 @@ fn prepare_one(
         height: s.height,
         prompt,
         answer_ids,
-        groups: scan.groups,
+        groups,
         masks: Vec::new(),
         seq_len,
         sam_embedding: None,

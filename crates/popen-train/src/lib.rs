@@ -2,7 +2,8 @@
 //! training stage shares (optimizer and schedule, losses, global-norm clipping, parameter
 //! selection and LoRA, checkpoints that resume exactly, metrics files and the loss curve),
 //! and the losses of the preference stage (`dpo_loss`: SPEC Eqs. 2-4) and the ensemble
-//! (`ensemble_loss`: tau/eta scores, gamma, L_ti and L_si).
+//! (`ensemble_loss`: tau/eta scores, gamma, L_ti and L_si), and the preference stage
+//! itself (`dpo`: `popen dpo`).
 //!
 //! Built on burn-train's step abstraction ([`burn::train::TrainStep`] / `TrainOutput`) and
 //! burn-optim's AdamW; the loop itself is ours, because a stage must resume bit for bit
@@ -12,6 +13,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dpo;
 pub mod dpo_loss;
 pub mod ensemble_loss;
 pub mod loss;
@@ -20,6 +22,7 @@ pub mod params;
 pub mod predict;
 pub mod schedule;
 pub mod sft;
+pub mod stage;
 
 pub use config::{SftConfig, Trainable};
 
@@ -42,6 +45,8 @@ pub enum TrainError {
         "step {step}: the loss is {value} (ce {ce}, bce {bce}, dice {dice}); training stopped, the last good checkpoint is {last_checkpoint}"
     )]
     NonFinite { step: usize, value: f32, ce: f32, bce: f32, dice: f32, last_checkpoint: String },
+    #[error("step {step}: the loss is {value} ({parts}); training stopped, the last good checkpoint is {last_checkpoint}")]
+    NonFiniteLoss { step: usize, value: f32, parts: String, last_checkpoint: String },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 }

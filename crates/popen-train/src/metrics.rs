@@ -1,13 +1,47 @@
 //! Per-step metrics as JSONL and CSV (appended and flushed every line, so a killed job
 //! keeps what it logged; a resumed one truncates what came after its checkpoint), and the
-//! loss-curve PNG.
+//! loss-curve PNG. The row type is the stage's ([`MetricsRow`]): SFT's [`StepMetrics`],
+//! DPO's `crate::dpo::DpoStepMetrics`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::{io_err, Result};
+
+/// One line of a stage's metrics files.
+pub trait MetricsRow: Serialize + DeserializeOwned + Clone {
+    /// The 0-based optimizer step of the row.
+    fn step(&self) -> usize;
+    /// The CSV header (no newline).
+    fn csv_header() -> &'static str;
+    /// One CSV line, newline included.
+    fn csv_line(&self) -> String;
+    /// The curves of the loss plot: (name, colour, (step, value) points).
+    fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)>;
+}
+
+impl MetricsRow for StepMetrics {
+    fn step(&self) -> usize {
+        self.step
+    }
+    fn csv_header() -> &'static str {
+        CSV_HEADER
+    }
+    fn csv_line(&self) -> String {
+        csv_line(self)
+    }
+    fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)> {
+        vec![
+            ("loss", [20, 20, 20], rows.iter().map(|r| (r.step as f64, r.loss as f64)).collect()),
+            ("ce", [31, 119, 180], rows.iter().map(|r| (r.step as f64, r.ce as f64)).collect()),
+            ("bce", [214, 39, 40], rows.iter().map(|r| (r.step as f64, r.bce as f64)).collect()),
+            ("dice", [44, 160, 44], rows.iter().map(|r| (r.step as f64, r.dice as f64)).collect()),
+        ]
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepMetrics {
@@ -25,16 +59,16 @@ pub struct StepMetrics {
 
 const CSV_HEADER: &str = "step,epoch,lr,loss,ce,bce,dice,grad_norm,samples,seconds";
 
-pub struct MetricsLog {
+pub struct MetricsLog<R: MetricsRow = StepMetrics> {
     jsonl: PathBuf,
     csv: PathBuf,
-    pub rows: Vec<StepMetrics>,
+    pub rows: Vec<R>,
 }
 
-impl MetricsLog {
+impl<R: MetricsRow> MetricsLog<R> {
     /// Opens `dir/metrics.{jsonl,csv}`, keeping the rows with `step < keep_before` (those a
     /// resumed run already has) and rewriting both files with them.
-    pub fn open(dir: &Path, keep_before: usize) -> Result<MetricsLog> {
+    pub fn open(dir: &Path, keep_before: usize) -> Result<MetricsLog<R>> {
         let jsonl = dir.join("metrics.jsonl");
         let csv = dir.join("metrics.csv");
         let mut rows = Vec::new();
@@ -42,8 +76,8 @@ impl MetricsLog {
             let text = std::fs::read_to_string(&jsonl).map_err(|e| io_err(&jsonl, e))?;
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
                 // A line cut by a kill is dropped.
-                if let Ok(r) = serde_json::from_str::<StepMetrics>(line) {
-                    if r.step < keep_before {
+                if let Ok(r) = serde_json::from_str::<R>(line) {
+                    if r.step() < keep_before {
                         rows.push(r);
                     }
                 }
@@ -56,21 +90,21 @@ impl MetricsLog {
 
     fn rewrite(&self) -> Result<()> {
         let mut j = String::new();
-        let mut c = format!("{CSV_HEADER}\n");
+        let mut c = format!("{}\n", R::csv_header());
         for r in &self.rows {
             j.push_str(&serde_json::to_string(r).expect("metrics serialize"));
             j.push('\n');
-            c.push_str(&csv_line(r));
+            c.push_str(&r.csv_line());
         }
         popen_core::shard::atomic_write(&self.jsonl, j.as_bytes())?;
         popen_core::shard::atomic_write(&self.csv, c.as_bytes())?;
         Ok(())
     }
 
-    pub fn push(&mut self, r: StepMetrics) -> Result<()> {
+    pub fn push(&mut self, r: R) -> Result<()> {
         for (path, line) in [
             (&self.jsonl, format!("{}\n", serde_json::to_string(&r).expect("metrics serialize"))),
-            (&self.csv, csv_line(&r)),
+            (&self.csv, r.csv_line()),
         ] {
             let mut f = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| io_err(path, e))?;
             f.write_all(line.as_bytes()).map_err(|e| io_err(path, e))?;
@@ -87,15 +121,10 @@ fn csv_line(r: &StepMetrics) -> String {
     )
 }
 
-/// Draws the loss curves (total, CE, BCE, DICE) against the step into a PNG with axes,
-/// tick labels and a legend.
-pub fn plot_losses(rows: &[StepMetrics], path: &Path) -> Result<()> {
-    let series: Vec<(&str, [u8; 3], Vec<(f64, f64)>)> = vec![
-        ("loss", [20, 20, 20], rows.iter().map(|r| (r.step as f64, r.loss as f64)).collect()),
-        ("ce", [31, 119, 180], rows.iter().map(|r| (r.step as f64, r.ce as f64)).collect()),
-        ("bce", [214, 39, 40], rows.iter().map(|r| (r.step as f64, r.bce as f64)).collect()),
-        ("dice", [44, 160, 44], rows.iter().map(|r| (r.step as f64, r.dice as f64)).collect()),
-    ];
+/// Draws the row type's loss curves ([`MetricsRow::series`]; SFT: total, CE, BCE, DICE)
+/// against the step into a PNG with axes, tick labels and a legend.
+pub fn plot_losses<R: MetricsRow>(rows: &[R], path: &Path) -> Result<()> {
+    let series = R::series(rows);
     let img = line_plot(&series, "step", 720, 420);
     let bytes = popen_core::imageio::encode_png(&img)?;
     popen_core::shard::atomic_write(path, &bytes)?;

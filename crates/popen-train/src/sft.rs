@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
-use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
 use burn::train::{ItemLazy, TrainOutput, TrainStep};
@@ -22,15 +21,14 @@ use popen_model::bundle;
 use popen_model::pixellm::{Padding, Part, PixelLm, Segment};
 use popen_model::preprocess::{Preprocessed, Preprocessor};
 use popen_model::tokenizer::Piece;
-use popen_model::weights::Checkpoint;
 use serde::Serialize;
 
-use crate::checkpoint::{self, TrainState};
 use crate::config::{Precision, SftConfig};
 use crate::data::{self, Example, Order};
 use crate::loss::{pixellm_loss, LossParts};
 use crate::metrics::{plot_losses, MetricsLog, StepMetrics};
 use crate::params;
+use crate::stage::Optim;
 use crate::{io_err, schedule, Result, TrainError};
 
 /// The trained module: PixelLM, wrapped so that burn-train's [`TrainStep`] can be
@@ -266,7 +264,8 @@ pub fn make_batch(examples: &[&Example], pre: &Preprocessor, cfg: &SftConfig) ->
 /// With `cache_dir`, the embeddings are also kept in `cache_dir/sam-<key>.f32` (raw
 /// little-endian f32, `[images, c, g, g]`), where the key is a sha256 of the distinct
 /// images (in order), the input size and the encoder's weights: another run on the same
-/// data and encoder (a second seed, a resumed job) reads them instead.
+/// data and encoder (a second seed, a resumed job) reads them instead
+/// ([`crate::stage::sam_embeddings_cached`]).
 pub fn cache_sam_embeddings<B: Backend>(
     model: &PixelLm<B>,
     examples: &mut [Example],
@@ -294,121 +293,22 @@ pub fn cache_sam_embeddings<B: Backend>(
             .collect();
         (unique, of)
     };
-    let t0 = Instant::now();
-    let g = model.config().patch_grid();
-    let c = model.config().vision_width();
-    let shape = [c, g, g];
-    let per = c * g * g;
-    let file = cache_dir.map(|d| d.join(format!("sam-{}.f32", sam_cache_key(model, examples, &unique))));
-    // All distinct images' embeddings, flat `[unique, c, g, g]`: from the file when it holds
-    // exactly that, computed (and then written) otherwise.
-    let mut flat: Option<Vec<f32>> = None;
-    if let Some(f) = &file {
-        if let Ok(bytes) = std::fs::read(f) {
-            if bytes.len() == unique.len() * per * 4 {
-                flat = Some(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
-                tracing::info!("sam embeddings: {} images read from {}", unique.len(), f.display());
-            } else {
-                tracing::warn!("{}: unexpected size {} bytes, recomputing", f.display(), bytes.len());
-            }
-        }
-    }
-    let flat = match flat {
-        Some(v) => v,
-        None => {
-            let v = compute_sam_embeddings(model, examples, &unique, pre, batch, progress, shape)?;
-            if let Some(f) = &file {
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                let dir = f.parent().unwrap_or(Path::new("."));
-                std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-                let tmp = f.with_extension(format!("f32.tmp{}", std::process::id()));
-                std::fs::write(&tmp, &bytes).map_err(|e| io_err(&tmp, e))?;
-                std::fs::rename(&tmp, f).map_err(|e| io_err(f, e))?;
-            }
-            tracing::info!(
-                "sam embeddings: {} images of {} examples in {:.1} s",
-                unique.len(),
-                examples.len(),
-                t0.elapsed().as_secs_f64()
-            );
-            v
-        }
+    let exs: &[Example] = examples;
+    let decode = |u: usize| exs[unique[u]].decode_image().map_err(TrainError::Data);
+    let key = |u: usize, h: &mut sha2::Sha256| {
+        use sha2::Digest;
+        let img = &exs[unique[u]].image;
+        h.update((img.len() as u64).to_le_bytes());
+        h.update(img);
+    };
+    let Some((shared, shape)) = crate::stage::sam_embeddings_cached(model, unique.len(), &decode, &key, pre, batch, progress, cache_dir)? else {
+        return Ok(());
     };
     // One shared copy per distinct image, whatever the number of questions about it.
-    let shared: Vec<std::sync::Arc<[f32]>> = flat.chunks_exact(per).map(std::sync::Arc::from).collect();
     for (ex, &u) in examples.iter_mut().zip(&of_example) {
         ex.sam_embedding = Some((shared[u].clone(), shape));
     }
     Ok(())
-}
-
-/// The SAM encoder on the images `unique` (indices into `examples`), in batches: flat
-/// `[unique, c, g, g]` values.
-fn compute_sam_embeddings<B: Backend>(
-    model: &PixelLm<B>,
-    examples: &[Example],
-    unique: &[usize],
-    pre: &Preprocessor,
-    batch: usize,
-    progress: bool,
-    shape: [usize; 3],
-) -> Result<Vec<f32>> {
-    let bar = progress.then(|| popen_core::progress::bar(unique.len() as u64, "sam embeddings"));
-    let mut flat = Vec::with_capacity(unique.len() * shape.iter().product::<usize>());
-    for chunk in unique.chunks(batch.max(1)) {
-        let mut images = Vec::with_capacity(chunk.len());
-        for &i in chunk {
-            let ex = &examples[i];
-            let img = ex.decode_image().map_err(TrainError::Data)?;
-            images.push(pre.apply(&img).map_err(|e| TrainError::Data(format!("sample '{}': {e}", ex.id)))?);
-        }
-        let emb = model
-            .sam_embeddings(&images)
-            .map_err(|e| TrainError::Data(e.to_string()))?
-            .expect("the model has a SAM encoder");
-        let [_, c, h, w] = emb.dims();
-        if [c, h, w] != shape {
-            return Err(TrainError::Data(format!("SAM embeddings are {:?} per image, expected {shape:?}", [c, h, w])));
-        }
-        flat.extend(
-            emb.into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .map_err(|e| TrainError::Data(format!("SAM embeddings: {e:?}")))?,
-        );
-        if let Some(b) = &bar {
-            b.inc(chunk.len() as u64);
-        }
-    }
-    if let Some(b) = bar {
-        b.finish();
-    }
-    Ok(flat)
-}
-
-/// The key of [`cache_sam_embeddings`]' file: sha256 over the input size, the distinct
-/// images' bytes in order and every value of the SAM encoder.
-fn sam_cache_key<B: Backend>(model: &PixelLm<B>, examples: &[Example], unique: &[usize]) -> String {
-    use burn::module::{ModuleVisitor, Param};
-    use sha2::{Digest, Sha256};
-    struct V(Sha256);
-    impl<B: Backend> ModuleVisitor<B> for V {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let data = param.val().into_data().convert::<f32>();
-            self.0.update(data.as_bytes());
-        }
-    }
-    let mut h = Sha256::new();
-    h.update((model.config().image_size as u64).to_le_bytes());
-    for &i in unique {
-        h.update((examples[i].image.len() as u64).to_le_bytes());
-        h.update(&examples[i].image);
-    }
-    let mut v = V(h);
-    if let Some(enc) = &model.sam_encoder {
-        enc.visit(&mut v);
-    }
-    hex::encode(&v.0.finalize()[..12])
 }
 
 /// One micro-batch over several devices (data parallelism, [`SftConfig::devices`]): the
@@ -503,8 +403,6 @@ pub struct SftJob<'a> {
     pub sam_cache: Option<&'a Path>,
 }
 
-type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, SftModel<B>, B>;
-
 /// Runs (or resumes) the SFT stage; the trained model folder is `out/model`.
 pub fn run<B: AutodiffBackend>(job: &SftJob, device: &B::Device) -> Result<SftReport> {
     run_on::<B>(job, &vec![device.clone(); job.config.devices.max(1)])
@@ -536,7 +434,7 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
     };
     let model = params::select_trainable(model, cfg.trainable, &cfg.lora, device).map_err(TrainError::Config)?;
     let model = params::freeze_modules(model, &cfg.freeze).map_err(TrainError::Config)?;
-    let mut model = SftModel { pixellm: model };
+    let model = SftModel { pixellm: model };
 
     // Data.
     let samples = popen_core::shard::read_shard::<popen_core::shard::Sample>(job.train)?;
@@ -559,59 +457,11 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
         total_steps = cfg.max_steps;
     }
 
-    // Optimizer.
-    let mut optim: Optim<B> = AdamWConfig::new()
-        .with_beta_1(cfg.beta1)
-        .with_beta_2(cfg.beta2)
-        .with_epsilon(cfg.eps)
-        .with_weight_decay(cfg.weight_decay)
-        .init();
-
-    // Resume.
-    let mut start = 0usize;
-    let mut resumed_from = None;
-    let mut last_ckpt = "none".to_string();
-    if job.resume {
-        if let Some((dir, state)) = checkpoint::latest(out)? {
-            if state.config != cfg_json {
-                return Err(TrainError::Checkpoint {
-                    path: dir,
-                    message: "was written with a different config; resume with the same config or start a new --out".into(),
-                });
-            }
-            let ck = Checkpoint::open(dir.join(checkpoint::MODEL_FILE)).map_err(|e| TrainError::Checkpoint {
-                path: dir.join(checkpoint::MODEL_FILE),
-                message: e.to_string(),
-            })?;
-            let pix = popen_model::weights::apply_checkpoint(model.pixellm, &ck, dtype, false).map_err(|e| {
-                TrainError::Checkpoint { path: dir.join(checkpoint::MODEL_FILE), message: e.to_string() }
-            })?;
-            let (m, missing) = params::assign_ids(SftModel { pixellm: pix }, &state.param_ids);
-            if !missing.is_empty() {
-                return Err(TrainError::Checkpoint {
-                    path: dir.join(checkpoint::STATE_FILE),
-                    message: format!("parameters not in the model: {}", missing.join(", ")),
-                });
-            }
-            model = m;
-            let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
-            let rec = BinFileRecorder::<FullPrecisionSettings>::new()
-                .load(opt_path.clone(), device)
-                .map_err(|e| TrainError::Checkpoint { path: opt_path, message: format!("optimizer state: {e}") })?;
-            optim = optim.load_record(rec);
-            start = state.step;
-            resumed_from = Some(state.step);
-            last_ckpt = dir.display().to_string();
-            tracing::info!("resuming from {} (step {})", dir.display(), state.step);
-        } else {
-            tracing::info!("--resume: no checkpoint under {}, starting at step 0", out.display());
-        }
-    } else if checkpoint::latest(out)?.is_some() {
-        return Err(TrainError::Checkpoint {
-            path: out.join("checkpoints"),
-            message: "holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out".into(),
-        });
-    }
+    // Optimizer, and the checkpoint to resume from.
+    let optim = crate::stage::adamw::<B>(cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay);
+    let crate::stage::Start { model, mut optim, step: start, resumed_from, last_checkpoint: mut last_ckpt } =
+        crate::stage::start(out, job.resume, &cfg_json, model, optim, dtype, device)?;
+    let mut model = model;
 
     let (trainable, total_params) = params::count(&model);
     tracing::info!(
@@ -625,7 +475,7 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
         total_params
     );
 
-    let mut log = MetricsLog::open(out, start)?;
+    let mut log: MetricsLog<StepMetrics> = MetricsLog::open(out, start)?;
     let bar = job.progress.then(|| {
         let b = popen_core::progress::bar(total_steps as u64, "sft");
         b.set_position(start as u64);
@@ -633,15 +483,7 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
     });
     let mut last_loss = log.rows.last().map(|r| r.loss);
     let write_ckpt = |model: &SftModel<B>, optim: &Optim<B>, step: usize, last_loss: Option<f32>| -> Result<PathBuf> {
-        let ids = params::float_params(model).into_iter().map(|(n, (id, _, _))| (n, id.val())).collect();
-        let state = TrainState { step, micro_batches: step * cfg.grad_accum, config: cfg_json.clone(), param_ids: ids, last_loss };
-        checkpoint::write(out, &state, cfg.keep_checkpoints, |dir| {
-            popen_model::pixellm::save(&model.pixellm, dir.join(checkpoint::MODEL_FILE))?;
-            BinFileRecorder::<FullPrecisionSettings>::new()
-                .record(optim.to_record(), dir.join(checkpoint::OPTIMIZER_FILE))
-                .map_err(|e| io_err(dir.join(checkpoint::OPTIMIZER_FILE), format!("{e}")))?;
-            Ok(())
-        })
+        crate::stage::write_checkpoint(out, model, optim, step, cfg.grad_accum, &cfg_json, cfg.keep_checkpoints, last_loss)
     };
 
     let mut step_t = Instant::now();
@@ -740,12 +582,8 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
     }
 
     // The trained model folder (LoRA folded in), the curve and the manifest.
-    let mut pix = model.pixellm;
-    if popen_model::lora::count(&pix.llm) > 0 {
-        pix.llm = popen_model::lora::merge(pix.llm);
-    }
     let model_dir = out.join("model");
-    bundle::save(&model_dir, &pix, &tokenizer)?;
+    crate::stage::save_model(&model_dir, model.pixellm, &tokenizer)?;
     plot_losses(&log.rows, &out.join("loss.png"))?;
     let mut manifest = Manifest::new("sft", cfg)?;
     manifest.add_input(job.train)?;

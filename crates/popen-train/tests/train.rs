@@ -1,5 +1,5 @@
-//! popen-train: losses, schedule, clipping, LoRA, the SFT loop (resume, NaN, errors) and
-//! prediction shards. One test binary.
+//! popen-train: losses, schedule, clipping, LoRA, the SFT loop (resume, NaN, errors),
+//! prediction shards and the DPO stage (module `dpo`). One test binary.
 //!
 //! References: `tests/fixtures/sft_loss.json` was written by
 //! `tools/reference/sft_loss_fixture.py` (PixelLM's own `dice_loss` / `sigmoid_ce_loss`,
@@ -27,6 +27,10 @@ use serde_json::Value;
 /// POPEN Eqs. 2-4 and the ensemble's scores and losses (tests/train/popen_eqs.rs).
 #[path = "train/popen_eqs.rs"]
 mod popen_eqs;
+
+/// The DPO stage on real (collected) preference shards (tests/train/dpo.rs).
+#[path = "train/dpo.rs"]
+mod dpo;
 
 type B = NdArray<f32>;
 type AB = Autodiff<NdArray<f32>>;
