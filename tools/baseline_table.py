@@ -2,10 +2,12 @@
 """Print the baseline table of `make demo` (Markdown) from popen eval reports.
 
     tools/baseline_table.py MODEL/report.json LARGEST/report.json NOTHING/report.json
-    tools/baseline_table.py --seeds out/seed-0/eval out/seed-1/eval out/seed-2/eval
+    tools/baseline_table.py [--rows NAME=SUB ...] --seeds out/seed-0/eval out/seed-1/eval ...
 
-The second form reads `model/`, `baseline-largest/` and `baseline-nothing/` reports under
-each eval folder and prints mean +- standard deviation (sample std, n-1) over the seeds.
+The second form reads `SUB/report.json` under each eval folder for each row (default rows:
+"SFT tiny model=model", "largest instance=baseline-largest", "nothing=baseline-nothing";
+the POPEN demo adds its stages) and prints mean +- standard deviation (sample std, n-1)
+over the seeds; a row missing from some seed folders is averaged over the others.
 """
 import json
 import statistics
@@ -43,10 +45,16 @@ def single(paths):
         print(f"| {name} | " + " | ".join(fmt(m.get(k), s) for k, _, s in COLS) + " |")
 
 
-def seeds(dirs):
+DEFAULT_ROWS = [("SFT tiny model", "model"), ("largest instance", "baseline-largest"), ("nothing", "baseline-nothing")]
+
+
+def seeds(dirs, rows=DEFAULT_ROWS):
     header()
-    for name, sub in [("SFT tiny model", "model"), ("largest instance", "baseline-largest"), ("nothing", "baseline-nothing")]:
-        ms = [metrics(Path(d) / sub / "report.json") for d in dirs]
+    for name, sub in rows:
+        ms = [metrics(Path(d) / sub / "report.json") for d in dirs if (Path(d) / sub / "report.json").exists()]
+        if not ms:
+            print(f"| {name} | " + " | ".join("-" for _ in COLS) + " |")
+            continue
         cells = []
         for k, _, s in COLS:
             vals = [m.get(k) for m in ms]
@@ -62,8 +70,15 @@ def seeds(dirs):
 
 if __name__ == "__main__":
     a = sys.argv[1:]
+    rows = DEFAULT_ROWS
+    if a and a[0] == "--rows" and "--seeds" in a:
+        k = a.index("--seeds")
+        rows = [tuple(r.split("=", 1)) for r in a[1:k]]
+        if any(len(r) != 2 for r in rows):
+            sys.exit("--rows takes NAME=SUBDIR entries")
+        a = a[k:]
     if a and a[0] == "--seeds":
-        seeds(a[1:])
+        seeds(a[1:], rows)
     elif len(a) == 3:
         single(a)
     else:
