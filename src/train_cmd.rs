@@ -77,6 +77,16 @@ pub struct PredictArgs {
     /// the masks (and eval's gIoU/cIoU) measure the segmentation path given the right text.
     #[arg(long)]
     teacher_force: bool,
+    /// POPEN's ensemble (SPEC 6-7) with K sampled answers (paper: 3): the answer is the
+    /// refined y_tilde and the masks the refined ones. 0 = plain greedy prediction.
+    #[arg(long, default_value_t = 0)]
+    ensemble: usize,
+    /// Temperature of the K ensemble samples.
+    #[arg(long, default_value_t = 0.7)]
+    ensemble_temperature: f32,
+    /// Seed of the K ensemble samples.
+    #[arg(long, default_value_t = 0)]
+    ensemble_seed: u64,
 }
 
 fn sft_config(a: &SftArgs) -> Result<SftConfig> {
@@ -145,6 +155,13 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         batch_size: a.batch_size,
         sampling: popen_model::sampling::SamplingConfig { max_new_tokens: a.max_new_tokens, ..Default::default() },
         teacher_force: a.teacher_force,
+        ensemble: (a.ensemble > 0).then(|| popen_train::ensemble::EnsembleSettings {
+            k: a.ensemble,
+            temperature: a.ensemble_temperature,
+            seed: a.ensemble_seed,
+            max_new_tokens: a.max_new_tokens,
+            ..Default::default()
+        }),
     };
     let report = match a.backend.as_str() {
         "flex" => predict_on::<burn::backend::Flex>(&a, &cfg, &Default::default()),
