@@ -16,6 +16,7 @@ pub mod data;
 pub mod dpo;
 pub mod dpo_loss;
 pub mod ensemble;
+pub mod ensemble_train;
 pub mod ensemble_loss;
 pub mod loss;
 pub mod metrics;
