@@ -621,3 +621,7 @@ fn locate_loss_hand_cases() {
     let m = case(vec![0.5, 0.0, 0.5, 0.0, 0.25, 0.25, 0.25, 0.25], vec![&t, &empty]);
     assert!((m - 2f32.ln()).abs() < 1e-6, "{m}");
 }
+
+/// POPEN's ensemble inference and the ensemble-train stage (tests/train/ensemble.rs).
+#[path = "train/ensemble.rs"]
+mod ensemble;
