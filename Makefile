@@ -12,7 +12,7 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo sam-masks sam-photos bench-sam bench bench-model refenv help test-slurm cluster-demo
+.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv help test-slurm cluster-demo
 
 help:
 	@echo "make demo        benchmark -> tiny model -> SFT -> predict -> eval, with baselines ($(OUT))"
@@ -136,6 +136,12 @@ DPO_CONFIG ?= pipelines/dpo-tiny.toml
 DPO_PROPOSALS ?= --samples $(DATA)/train.parquet
 dpo: build
 	$(POPEN) dpo --config $(DPO_CONFIG) --init $(MODEL) --pt $(PREFS)/pt.parquet --ps-phase1 $(PREFS)/ps-phase1.parquet --ps-phase2 $(PREFS)/ps-phase2.parquet $(DPO_PROPOSALS) --out $(OUT)/dpo --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
+
+# POPEN stage 3 (SPEC 6): only p_hat trains (L_ti + L_si, MiniLM from make assets); resumable.
+# Then `popen predict --ensemble 3 --model $(OUT)/ensemble/model` is POPEN's inference.
+ENSEMBLE_CONFIG ?= pipelines/ensemble-tiny.toml
+ensemble-train: build assets
+	$(POPEN) ensemble-train --config $(ENSEMBLE_CONFIG) --init $(OUT)/dpo/model --samples $(DATA)/train.parquet --out $(OUT)/ensemble --seed $(SEED) --resume
 
 # SAM proposals (proposal/1) of a split for collect-ps --proposals and eval --proposals.
 # Resumable (rerun after a kill continues), --shard I/N for job arrays; CPU takes ~1 min per

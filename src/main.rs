@@ -66,7 +66,12 @@ enum Command {
     /// preference loss on P_s (Eq. 4, curriculum phase 1 then 2) and the mask loss; resumable.
     #[command(long_about = train_cmd::DPO_LONG_ABOUT)]
     Dpo(train_cmd::DpoArgs),
-    /// Greedy answers and masks for every sample of a shard, written as a predictions shard.
+    /// Ensemble training (POPEN stage 3): only p_hat trains, loss L_ti + L_si over K sampled
+    /// answers and the refined answer/masks; resumable.
+    #[command(long_about = train_cmd::ENSEMBLE_LONG_ABOUT)]
+    EnsembleTrain(train_cmd::EnsembleTrainArgs),
+    /// Greedy answers and masks for every sample of a shard, written as a predictions shard
+    /// (`--ensemble K`: POPEN's ensemble, the refined answers and masks).
     Predict(train_cmd::PredictArgs),
     /// Score a predictions shard against its samples shard: gIoU, cIoU, CHAIR, boundary IoU,
     /// localization error; JSON + Markdown report and overlays of the best and worst samples.
@@ -210,6 +215,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => model_cmd::score(a),
         Command::Sft(a) => train_cmd::sft(a),
         Command::Dpo(a) => train_cmd::dpo(a),
+        Command::EnsembleTrain(a) => train_cmd::ensemble_train(a),
         Command::Predict(a) => train_cmd::predict(a),
         Command::Eval(a) => eval_cmd::eval(a),
         Command::CollectPs(a) => prefs_cmd::collect_ps(a),

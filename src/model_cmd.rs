@@ -132,6 +132,14 @@ pub struct InferArgs {
     out: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// POPEN's ensemble (SPEC 6-7) with K sampled answers (paper: 3; 0 = off): K answers
+    /// sampled at --ensemble-temperature, then the refined answer and masks. The candidates
+    /// and their tau/eta scores are printed too.
+    #[arg(long, default_value_t = 0)]
+    ensemble: usize,
+    /// Temperature of the K ensemble samples.
+    #[arg(long, default_value_t = 0.7)]
+    ensemble_temperature: f32,
     /// Backend: flex (CPU, fastest here), ndarray (CPU), or cuda in builds with the `cuda`
     /// feature.
     #[arg(long, default_value = "flex")]
@@ -298,7 +306,26 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
     let img = read_image(&a.image)?;
     let mut b = bundle::open::<B>(&a.model, dev)?;
     let p = Predictor::new(&b.model, &mut b.tokenizer)?;
+    let mut candidates = serde_json::Value::Null;
     let pred = match &a.answer {
+        None if a.ensemble > 0 => {
+            let sc = a.sampling.config();
+            let s = popen_train::ensemble::EnsembleSettings {
+                k: a.ensemble,
+                temperature: a.ensemble_temperature,
+                seed: sc.seed,
+                max_new_tokens: sc.max_new_tokens,
+                ..Default::default()
+            };
+            let o = popen_train::ensemble::predict(&p, &[(&img, a.instruction.as_str())], &s)?.pop().expect("one output per item");
+            candidates = serde_json::json!(o
+                .candidates
+                .iter()
+                .enumerate()
+                .map(|(k, c)| serde_json::json!({"answer": c.answer, "tau": o.scores.tau[k], "eta": o.scores.eta[k]}))
+                .collect::<Vec<_>>());
+            o.prediction
+        }
         None => p
             .predict(&[(&img, a.instruction.as_str())], &a.sampling.config())?
             .pop()
@@ -336,6 +363,7 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
         "token_logprobs": pred.logprobs,
         "masks": masks,
         "seg_issues": pred.seg_issues,
+        "ensemble_candidates": candidates,
     });
     let text = serde_json::to_string_pretty(&json)?;
     if let Some(out) = &a.out {

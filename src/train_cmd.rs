@@ -77,6 +77,16 @@ pub struct PredictArgs {
     /// the masks (and eval's gIoU/cIoU) measure the segmentation path given the right text.
     #[arg(long)]
     teacher_force: bool,
+    /// POPEN's ensemble (SPEC 6-7) with K sampled answers (paper: 3): the answer is the
+    /// refined y_tilde and the masks the refined ones. 0 = plain greedy prediction.
+    #[arg(long, default_value_t = 0)]
+    ensemble: usize,
+    /// Temperature of the K ensemble samples.
+    #[arg(long, default_value_t = 0.7)]
+    ensemble_temperature: f32,
+    /// Seed of the K ensemble samples.
+    #[arg(long, default_value_t = 0)]
+    ensemble_seed: u64,
 }
 
 fn sft_config(a: &SftArgs) -> Result<SftConfig> {
@@ -145,6 +155,13 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         batch_size: a.batch_size,
         sampling: popen_model::sampling::SamplingConfig { max_new_tokens: a.max_new_tokens, ..Default::default() },
         teacher_force: a.teacher_force,
+        ensemble: (a.ensemble > 0).then(|| popen_train::ensemble::EnsembleSettings {
+            k: a.ensemble,
+            temperature: a.ensemble_temperature,
+            seed: a.ensemble_seed,
+            max_new_tokens: a.max_new_tokens,
+            ..Default::default()
+        }),
     };
     let report = match a.backend.as_str() {
         "flex" => predict_on::<burn::backend::Flex>(&a, &cfg, &Default::default()),
@@ -287,6 +304,97 @@ pub fn dpo(a: DpoArgs) -> Result<()> {
             "precision = \"bf16\" needs the cuda backend (--backend cuda); on CPU set precision = \"f32\" in the config"
         ),
         (other, _) => bail!(
+            "backend '{other}' is not available in this build (available: {})",
+            crate::backend::available().join(", ")
+        ),
+    }?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// `popen ensemble-train --help`.
+pub const ENSEMBLE_LONG_ABOUT: &str = "Ensemble training (POPEN stage 3, SPEC section 6) of the DPO model.\n\n\
+Per batch of training samples: K answers are sampled from the model (one batched generate), each token \
+gets its preference score tau and each <seg> its sentence score eta; the text pass (image, instruction, \
+y_1..y_K with the gamma bias of Eq. 5, p_hat) generates the refined answer y_tilde; the segmentation \
+pass (the same prefix, the K answers' segmentation embeddings fed back with Eq. 6's gamma, y_tilde) gives \
+the refined masks. Loss = L_ti (p(y_tilde) = exp(mean log p) times the all-MiniLM-L6-v2 similarity gains \
+of y_tilde over each y_k against the ground truth) + L_si (soft IoU of the refined masks vs hard IoU of \
+the K answers' masks against the ground truth). Only p_hat (the model's prompt embeddings) trains; the \
+LLM, vision tower, decoder and the seg-feedback projection stay frozen (train_seg_feedback = true \
+unfreezes the latter). The MiniLM folder is the config's `minilm` (make assets fetches it).\n\n\
+Writes OUT/model (the model folder with the trained p_hat; use it with `popen predict --ensemble K`), \
+OUT/manifest.json, OUT/metrics.jsonl + metrics.csv + loss.png and OUT/checkpoints/step-N (--resume \
+continues exactly from the newest).";
+
+#[derive(clap::Args)]
+pub struct EnsembleTrainArgs {
+    /// Stage config (TOML, see pipelines/ensemble-tiny.toml and pipelines/ensemble-pixellm-7b.toml).
+    /// Without it, the paper's values (--print-config shows them).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The DPO model folder (popen dpo's OUT/model); it must have p_hat (prompt_embeddings > 0).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Training samples shard (with ground-truth answers and masks), e.g. data/synth/train.parquet.
+    #[arg(long)]
+    samples: Option<PathBuf>,
+    /// Output folder (see above).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from the newest checkpoint under --out.
+    #[arg(long)]
+    resume: bool,
+    /// Override the config's seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override the config's max_steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Override the config's MiniLM folder.
+    #[arg(long)]
+    minilm: Option<PathBuf>,
+    /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+pub fn ensemble_train(a: EnsembleTrainArgs) -> Result<()> {
+    use popen_train::ensemble_train::{EnsembleConfig, EnsembleJob};
+    let mut cfg = match &a.config {
+        Some(p) => EnsembleConfig::from_toml_file(p)?,
+        None => EnsembleConfig::default(),
+    };
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    if let Some(m) = a.max_steps {
+        cfg.max_steps = m;
+    }
+    if let Some(m) = &a.minilm {
+        cfg.minilm = m.clone();
+    }
+    cfg.validate().map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    if a.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    let (Some(init), Some(samples), Some(out)) = (&a.init, &a.samples, &a.out) else {
+        bail!("popen ensemble-train needs --init MODEL_DIR, --samples TRAIN.parquet and --out DIR (see --help)");
+    };
+    let job = EnsembleJob { config: &cfg, init, samples, out, resume: a.resume, progress: true };
+    let run = |r: popen_train::Result<popen_train::ensemble_train::EnsembleReport>| {
+        r.with_context(|| format!("ensemble-train into {}", out.display()))
+    };
+    let report = match a.backend.as_str() {
+        "flex" => run(popen_train::ensemble_train::run::<Autodiff<burn::backend::Flex>>(&job, &Default::default())),
+        "ndarray" => run(popen_train::ensemble_train::run::<Autodiff<burn::backend::NdArray<f32>>>(&job, &Default::default())),
+        #[cfg(feature = "cuda")]
+        "cuda" => run(popen_train::ensemble_train::run::<Autodiff<burn::backend::Cuda<f32, i32>>>(&job, &Default::default())),
+        other => bail!(
             "backend '{other}' is not available in this build (available: {})",
             crate::backend::available().join(", ")
         ),

@@ -15,6 +15,8 @@ pub mod config;
 pub mod data;
 pub mod dpo;
 pub mod dpo_loss;
+pub mod ensemble;
+pub mod ensemble_train;
 pub mod ensemble_loss;
 pub mod loss;
 pub mod metrics;

@@ -32,6 +32,10 @@ pub struct PredictConfig {
     /// better text would give).
     #[serde(default)]
     pub teacher_force: bool,
+    /// POPEN's ensemble (SPEC 6-7): K sampled answers, the text pass, the segmentation pass;
+    /// the record's answer is `y_tilde` and its masks the refined ones. None = plain greedy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<crate::ensemble::EnsembleSettings>,
 }
 
 impl Default for PredictConfig {
@@ -40,6 +44,7 @@ impl Default for PredictConfig {
             batch_size: 8,
             sampling: SamplingConfig { max_new_tokens: 96, ..SamplingConfig::default() },
             teacher_force: false,
+            ensemble: None,
         }
     }
 }
@@ -67,6 +72,12 @@ pub fn run<B: Backend>(
         return Err(TrainError::Config("batch_size must be > 0".into()));
     }
     cfg.sampling.validate().map_err(|e| TrainError::Config(e.to_string()))?;
+    if let Some(e) = &cfg.ensemble {
+        e.validate().map_err(TrainError::Config)?;
+        if cfg.teacher_force {
+            return Err(TrainError::Config("--ensemble and --teacher-force exclude each other".into()));
+        }
+    }
     let t0 = Instant::now();
     let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<B>(model_dir, device)?;
     let predictor = Predictor::new(&model, &mut tokenizer)?;
@@ -110,6 +121,8 @@ pub fn run<B: Backend>(
                     stopped: true,
                 })
                 .collect()
+        } else if let Some(e) = &cfg.ensemble {
+            crate::ensemble::predict(&predictor, &items, e)?.into_iter().map(|o| o.prediction).collect()
         } else {
             predictor.predict(&items, &cfg.sampling)?
         };
@@ -138,6 +151,7 @@ pub fn run<B: Backend>(
                 "model": model_name,
                 "stopped": p.stopped,
                 "teacher_forced": cfg.teacher_force,
+                "ensemble_k": cfg.ensemble.as_ref().map(|e| e.k),
                 "seg_issues": seg_issues,
             });
             writer.write(Prediction {

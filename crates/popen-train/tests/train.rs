@@ -356,6 +356,7 @@ fn predict_writes_a_consistent_shard() {
         batch_size: 4,
         sampling: popen_model::sampling::SamplingConfig { max_new_tokens: 12, ..Default::default() },
         teacher_force: false,
+        ensemble: None,
     };
     let r = popen_train::predict::run::<B>(&w.model, &w.train, &out, &cfg, popen_core::shardspec::ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
     assert_eq!(r.predictions, 6);
@@ -620,3 +621,7 @@ fn locate_loss_hand_cases() {
     let m = case(vec![0.5, 0.0, 0.5, 0.0, 0.25, 0.25, 0.25, 0.25], vec![&t, &empty]);
     assert!((m - 2f32.ln()).abs() < 1e-6, "{m}");
 }
+
+/// POPEN's ensemble inference and the ensemble-train stage (tests/train/ensemble.rs).
+#[path = "train/ensemble.rs"]
+mod ensemble;

@@ -1,0 +1,530 @@
+//! `popen ensemble-train` (POPEN stage 3, SPEC 6 "Training of the ensemble"): only `p_hat`
+//! trains; loss `L_ti + L_si` (Appendix B) with `h` = all-MiniLM-L6-v2 sentence features.
+//!
+//! Per micro-batch (training samples with ground truth):
+//! 1. no gradient, on the inner backend: K sampled answers (one batched generate), tau/eta,
+//!    the text pass's greedy `y_tilde` ([`crate::ensemble`], the same functions inference uses);
+//! 2. L_ti: teacher-force `y_tilde` after the text-pass prefix (gamma on) -> `p(y_tilde)` =
+//!    exp(mean log p) (the only gradient path, through `p_hat`); gains from MiniLM features of
+//!    `y_tilde`, each `y_k` and the ground-truth answer (all in shard format, `<seg>` markers);
+//! 3. L_si: the seg pass teacher-forced; `f_tilde` at y_tilde's n-th group -> mask logits at the
+//!    image size; soft IoU of sigmoid(logits) vs `M_g^n`, hard IoU of `M_k^n` (an answer with
+//!    fewer than n groups has an empty `M_k^n`); n runs over min(#groups of y_tilde, #targets);
+//!    a sample whose y_tilde has no group adds no L_si term.
+//!
+//! `seg_feedback` (the Linear feeding `f_k^n` back, Eq. 6) stays frozen by default: SPEC 6 says
+//! only `p_hat` trains; `train_seg_feedback = true` unfreezes it (a fresh random projection in
+//! a model that never trained it is otherwise fixed noise; the option lets that be measured).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, TensorData};
+use popen_core::manifest::Manifest;
+use popen_core::shard::{read_shard, Sample};
+use popen_model::bundle;
+use popen_model::infer::Predictor;
+use popen_model::minilm::SentenceEncoder;
+use popen_model::pixellm::{Padding, PixelLm};
+use popen_model::preprocess::Preprocessor;
+use popen_model::tokenizer::{self, PixelLmTokens, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Decay;
+use crate::ensemble::{self, Candidate, EnsembleSettings, Scores};
+use crate::ensemble_loss::{self, SiSample};
+use crate::metrics::{plot_losses, MetricsLog, MetricsRow};
+use crate::sft::SftModel;
+use crate::{io_err, params, schedule, Result, TrainError};
+
+/// Every knob of the ensemble stage; TOML in `pipelines/ensemble-*.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsembleConfig {
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Passes over the samples (paper: 2); `max_steps` > 0 stops earlier.
+    pub epochs: usize,
+    pub max_steps: usize,
+    /// Samples per optimizer step (paper: 16).
+    pub batch_size: usize,
+    /// AdamW (paper: lr 3e-4, betas 0.9 / 0.95, weight decay 0).
+    pub lr: f64,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Warmup steps (paper: 100), then `decay` to `min_lr`.
+    pub warmup_steps: usize,
+    pub decay: Decay,
+    pub min_lr: f64,
+    pub grad_clip: f32,
+    /// The 10 of `log sigma(10 ...)` in L_ti and L_si.
+    pub scale: f64,
+    /// Weights of L_ti and L_si.
+    pub ti_weight: f32,
+    pub si_weight: f32,
+    /// Also train the seg-feedback projection (SPEC: only p_hat; default false).
+    pub train_seg_feedback: bool,
+    /// The all-MiniLM-L6-v2 folder (model.safetensors + tokenizer.json; `make assets`).
+    pub minilm: PathBuf,
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+    pub log_every: usize,
+    /// K, sampling temperature, gamma on/off (the ensemble inference settings).
+    pub ensemble: EnsembleSettings,
+}
+
+impl Default for EnsembleConfig {
+    fn default() -> Self {
+        EnsembleConfig {
+            seed: 0,
+            epochs: 2,
+            max_steps: 0,
+            batch_size: 16,
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 100,
+            decay: Decay::Linear,
+            min_lr: 0.0,
+            grad_clip: 1.0,
+            scale: ensemble_loss::SCALE,
+            ti_weight: 1.0,
+            si_weight: 1.0,
+            train_seg_feedback: false,
+            minilm: PathBuf::from("data/assets/minilm"),
+            checkpoint_every: 200,
+            keep_checkpoints: 2,
+            log_every: 10,
+            ensemble: EnsembleSettings::default(),
+        }
+    }
+}
+
+impl EnsembleConfig {
+    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<EnsembleConfig> {
+        let p = path.as_ref();
+        let s = std::fs::read_to_string(p).map_err(|e| io_err(p, e))?;
+        let c: EnsembleConfig = toml::from_str(&s).map_err(|e| TrainError::Config(format!("{}: {e}", p.display())))?;
+        c.validate().map_err(|e| TrainError::Config(format!("{}: {e}", p.display())))?;
+        Ok(c)
+    }
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.batch_size == 0 || self.checkpoint_every == 0 || self.log_every == 0 || self.keep_checkpoints == 0 {
+            return Err("batch_size, checkpoint_every, log_every and keep_checkpoints must be > 0".into());
+        }
+        if self.epochs == 0 && self.max_steps == 0 {
+            return Err("epochs or max_steps must be > 0".into());
+        }
+        if !(self.lr > 0.0) || !(self.scale > 0.0) {
+            return Err("lr and scale must be > 0".into());
+        }
+        self.ensemble.validate()
+    }
+}
+
+/// One row of metrics.jsonl / metrics.csv.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnsembleStepMetrics {
+    pub step: usize,
+    pub epoch: f64,
+    pub lr: f64,
+    pub loss: f32,
+    #[serde(rename = "loss/ti")]
+    pub loss_ti: f32,
+    #[serde(rename = "loss/si")]
+    pub loss_si: Option<f32>,
+    /// Mean p(y_tilde) = exp(mean log p).
+    pub p_tilde: f32,
+    /// Mean over samples and k of cos(h~, h_g) - cos(h_k, h_g).
+    pub text_gain: f32,
+    /// Mean soft IoU of the refined masks and hard IoU of the candidates' (L_si samples).
+    pub iou_refined: Option<f32>,
+    pub iou_candidates: Option<f32>,
+    pub si_samples: usize,
+    pub grad_norm: f32,
+    pub seconds: f64,
+}
+
+fn opt(v: Option<f32>) -> String {
+    v.map(|x| format!("{x:.6}")).unwrap_or_default()
+}
+
+impl MetricsRow for EnsembleStepMetrics {
+    fn step(&self) -> usize {
+        self.step
+    }
+    fn csv_header() -> &'static str {
+        "step,epoch,lr,loss,loss/ti,loss/si,p_tilde,text_gain,iou_refined,iou_candidates,si_samples,grad_norm,seconds"
+    }
+    fn csv_line(&self) -> String {
+        format!(
+            "{},{:.4},{:.6e},{:.6},{:.6},{},{:.6},{:.6},{},{},{},{:.6},{:.3}\n",
+            self.step,
+            self.epoch,
+            self.lr,
+            self.loss,
+            self.loss_ti,
+            opt(self.loss_si),
+            self.p_tilde,
+            self.text_gain,
+            opt(self.iou_refined),
+            opt(self.iou_candidates),
+            self.si_samples,
+            self.grad_norm,
+            self.seconds
+        )
+    }
+    fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)> {
+        let pts = |f: &dyn Fn(&Self) -> Option<f32>| rows.iter().filter_map(|r| f(r).map(|v| (r.step as f64, v as f64))).collect();
+        vec![
+            ("loss", [0, 0, 0], pts(&|r| Some(r.loss))),
+            ("L_ti", [200, 40, 40], pts(&|r| Some(r.loss_ti))),
+            ("L_si", [40, 40, 200], pts(&|r| r.loss_si)),
+        ]
+    }
+}
+
+/// Inputs of the stage.
+pub struct EnsembleJob<'a> {
+    pub config: &'a EnsembleConfig,
+    /// The DPO model folder.
+    pub init: &'a Path,
+    /// Training samples (with ground-truth answers and masks).
+    pub samples: &'a Path,
+    pub out: &'a Path,
+    pub resume: bool,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EnsembleReport {
+    pub model_dir: PathBuf,
+    pub steps: usize,
+    pub resumed_from: Option<usize>,
+    pub samples: usize,
+    pub final_loss: Option<f32>,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    pub seconds: f64,
+}
+
+/// Freezes everything but `p_hat` (and `seg_feedback` when asked).
+pub fn only_prompt_trains<B: Backend>(mut m: PixelLm<B>, seg_feedback: bool) -> Result<PixelLm<B>> {
+    let Some(p) = m.prompt_embeddings.take() else {
+        return Err(TrainError::Config("the model has no p_hat (prompt_embeddings = 0 in its model.toml)".into()));
+    };
+    let fb = m.seg_feedback.take();
+    let mut m = m.no_grad();
+    m.prompt_embeddings = Some(p.set_require_grad(true));
+    m.seg_feedback = if seg_feedback { fb } else { fb.map(|l| l.no_grad()) };
+    Ok(m)
+}
+
+struct Stats {
+    loss: f32,
+    ti: f32,
+    si: Option<f32>,
+    p_tilde: f32,
+    gain: f32,
+    iou_r: Option<f32>,
+    iou_c: Option<f32>,
+    si_n: usize,
+}
+
+fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data")
+}
+
+/// Loss and gradients of one batch of samples.
+#[allow(clippy::too_many_arguments)]
+fn batch_loss<B: AutodiffBackend>(
+    model: &SftModel<B>,
+    tokenizer: &Tokenizer,
+    tokens: &PixelLmTokens,
+    pre: &Preprocessor,
+    minilm: &SentenceEncoder<B::InnerBackend>,
+    batch: &[&Sample],
+    cfg: &EnsembleConfig,
+) -> std::result::Result<(Tensor<B, 1>, Stats), String> {
+    let e = |x: popen_model::pixellm::PixelLmError| x.to_string();
+    let images: Vec<image::RgbImage> = batch.iter().map(|s| s.decode_image().map_err(|e| format!("'{}': {e}", s.id))).collect::<std::result::Result<_, _>>()?;
+    let instrs: Vec<&str> = batch.iter().map(|s| s.instruction.as_str()).collect();
+    let preprocessed: Vec<_> =
+        images.iter().enumerate().map(|(i, im)| pre.apply(im).map_err(|e| format!("'{}': {e}", batch[i].id))).collect::<std::result::Result<_, _>>()?;
+    let s = &cfg.ensemble;
+
+    // 1. No gradient: candidates, scores, y_tilde.
+    let inner = model.pixellm.valid();
+    let vp = Predictor { model: &inner, tokenizer, tokens: tokens.clone(), preprocessor: pre.clone() };
+    let vfeats = inner.encode_images(&preprocessed).map_err(e)?;
+    let cands: Vec<Vec<Candidate>> = ensemble::sample_candidates(&vp, &vfeats, &instrs, s).map_err(e)?;
+    let scores: Vec<Scores> = cands.iter().map(|c| ensemble::scores(&vp, c)).collect::<std::result::Result<_, _>>().map_err(e)?;
+    let refined = ensemble::refine(&vp, &vfeats, &instrs, &cands, &scores, s).map_err(e)?;
+
+    // 2. L_ti.
+    let m = &model.pixellm;
+    let p = Predictor { model: m, tokenizer, tokens: tokens.clone(), preprocessor: pre.clone() };
+    let feats = m.encode_images(&preprocessed).map_err(e)?;
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (i, x) in instrs.iter().enumerate() {
+        let r = ensemble::text_rows(&p, x, i, &cands[i], s.gamma.then_some(scores[i].tau.as_slice())).map_err(e)?;
+        let mut ids = refined[i].0.clone();
+        ids.push(tokens.eos);
+        let mut r = r;
+        r.push(popen_model::pixellm::Part::new(popen_model::pixellm::Segment::Tokens(ids.clone())));
+        rows.push(r);
+        targets.push(ids);
+    }
+    let asm = m.assemble(&rows, Some(&feats), Padding::Right).map_err(e)?;
+    let hidden = m.forward_hidden(&asm).map_err(e)?;
+    let tg: Vec<(usize, Vec<u32>)> = asm.piece_starts.iter().zip(&targets).map(|(st, t)| (*st.last().expect("parts"), t.clone())).collect();
+    let lp = m.response_logprobs(hidden, &tg).map_err(e)?;
+    let group = m.config().seg_group_len();
+    let answer_of = |ids: &[u32]| -> std::result::Result<String, String> {
+        let t = tokenizer.decode(ids, false).map_err(|e| e.to_string())?;
+        Ok(tokenizer::collapse_seg(t.trim(), group).unwrap_or(t))
+    };
+    let mut gains = Vec::with_capacity(batch.len());
+    for (i, smp) in batch.iter().enumerate() {
+        let mut texts = vec![answer_of(&refined[i].0)?, smp.answer.clone()];
+        texts.extend(cands[i].iter().map(|c| c.answer.clone()));
+        let h = minilm.encode_vecs(&texts).map_err(|e| e.to_string())?;
+        gains.push(ensemble_loss::sentence_gains(&h[0], &h[1], &h[2..]).map_err(|e| e.to_string())?);
+    }
+    let lens: Vec<usize> = targets.iter().map(Vec::len).collect();
+    let ti = ensemble_loss::ti_loss(lp, &lens, &gains, cfg.scale).map_err(|e| e.to_string())?;
+
+    // 3. L_si.
+    let (seg_rows, last) = ensemble::seg_batch(&p, &instrs, &cands, &scores, &refined, s).map_err(e)?;
+    let asm = m.assemble(&seg_rows, Some(&feats), Padding::Right).map_err(e)?;
+    let hidden = m.forward_hidden(&asm).map_err(e)?;
+    let mut objects = Vec::new();
+    let mut per = Vec::new();
+    for (r, smp) in batch.iter().enumerate() {
+        let scan = tokenizer::seg_groups(&refined[r].0, tokens);
+        let n = scan.groups.len().min(smp.target_masks.len());
+        let st = asm.piece_starts[r][last[r]];
+        for g in scan.groups.into_iter().take(n) {
+            objects.push((r, g.iter().map(|q| q + st).collect::<Vec<_>>()));
+        }
+        per.push(n);
+    }
+    let device = hidden.device();
+    let (mut si_samples, mut iou_r, mut iou_c) = (Vec::new(), Vec::new(), Vec::new());
+    if !objects.is_empty() {
+        let f = m.seg_embeddings(hidden, &objects).map_err(e)?;
+        let idx: Vec<usize> = objects.iter().map(|o| o.0).collect();
+        let (logits, _) = m.decode_masks(&feats, f, &idx).map_err(e)?;
+        let mut it = logits.into_iter();
+        for (r, smp) in batch.iter().enumerate() {
+            let n = per[r];
+            let lg: Vec<Tensor<B, 2>> = it.by_ref().take(n).collect();
+            if n == 0 {
+                continue;
+            }
+            let [hh, ww] = lg[0].dims();
+            let mut gt = Vec::with_capacity(n * hh * ww);
+            for rle in &smp.target_masks[..n] {
+                let mk = rle.decode().map_err(|e| format!("'{}': {e}", smp.id))?;
+                if (mk.height() as usize, mk.width() as usize) != (hh, ww) {
+                    return Err(format!("'{}': target mask {}x{} vs image {hh}x{ww}", smp.id, mk.height(), mk.width()));
+                }
+                gt.extend(mk.data().iter().map(|&b| b as f32));
+            }
+            let k = cands[r].len();
+            let mut cm = vec![0f32; k * n * hh * ww];
+            for (kk, c) in cands[r].iter().enumerate() {
+                for (nn, mk) in c.masks.iter().take(n).enumerate() {
+                    let o = (kk * n + nn) * hh * ww;
+                    for (j, &b) in mk.data().iter().enumerate() {
+                        cm[o + j] = b as f32;
+                    }
+                }
+            }
+            let refined_logits = Tensor::stack::<3>(lg, 0);
+            let gt = Tensor::<B, 3>::from_data(TensorData::new(gt, [n, hh, ww]), &device);
+            let candidates = Tensor::<B, 4>::from_data(TensorData::new(cm, [k, n, hh, ww]), &device);
+            iou_r.extend(to_host(ensemble_loss::soft_iou(burn::tensor::activation::sigmoid(refined_logits.clone().detach()), gt.clone())));
+            iou_c.extend(ensemble_loss::hard_iou(candidates.clone(), gt.clone()).concat());
+            si_samples.push(SiSample { refined_logits, gt, candidates });
+        }
+    }
+    let si_n = si_samples.len();
+    let mut loss = ti.loss.clone().mul_scalar(cfg.ti_weight);
+    let mut si_val = None;
+    if si_n > 0 {
+        let si = ensemble_loss::si_loss(si_samples, cfg.scale).map_err(|e| e.to_string())?;
+        si_val = Some(to_host(si.clone().detach())[0]);
+        loss = loss + si.mul_scalar(cfg.si_weight);
+    }
+    let mean = |v: &[f32]| (!v.is_empty()).then(|| v.iter().sum::<f32>() / v.len() as f32);
+    let all_gains: Vec<f32> = gains.concat();
+    let stats = Stats {
+        loss: to_host(loss.clone().detach())[0],
+        ti: to_host(ti.loss.detach())[0],
+        si: si_val,
+        p_tilde: mean(&ti.p_tilde).unwrap_or(0.0),
+        gain: mean(&all_gains).unwrap_or(0.0),
+        iou_r: mean(&iou_r),
+        iou_c: mean(&iou_c),
+        si_n,
+    };
+    Ok((loss, stats))
+}
+
+/// The loss of one fixed batch under `model` (tests, diagnostics): samples `ids` of the
+/// shard, the job's config. The same function the stage steps on.
+pub fn loss_of<B: AutodiffBackend>(job: &EnsembleJob, model: &PixelLm<B>, ids: &[usize], device: &B::Device) -> Result<f32> {
+    let bundle::Bundle { mut tokenizer, .. } = bundle::open::<B>(job.init, device)?;
+    let tokens = tokenizer.add_pixellm_tokens(model.config().seg_group_len()).map_err(|e| TrainError::Data(e.to_string()))?;
+    let samples: Vec<Sample> = read_shard(job.samples)?;
+    let minilm = load_minilm::<B::InnerBackend>(&job.config.minilm, device)?;
+    let pre = Preprocessor::pixellm(model.config().image_size);
+    let batch: Vec<&Sample> = ids.iter().map(|&i| &samples[i]).collect();
+    let sm = SftModel { pixellm: model.clone() };
+    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, job.config).map_err(TrainError::Data)?;
+    Ok(st.loss)
+}
+
+fn load_minilm<B: Backend>(dir: &Path, device: &B::Device) -> Result<SentenceEncoder<B>> {
+    if !dir.join("model.safetensors").is_file() {
+        return Err(TrainError::Data(format!(
+            "the MiniLM sentence encoder is missing: {} (run `make assets`; config key `minilm`)",
+            dir.join("model.safetensors").display()
+        )));
+    }
+    SentenceEncoder::load(dir, device).map_err(|e| TrainError::Data(format!("{}: {e}", dir.display())))
+}
+
+/// Runs (or resumes) the stage; the trained model folder is `out/model`.
+pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<EnsembleReport> {
+    let cfg = job.config;
+    cfg.validate().map_err(TrainError::Config)?;
+    let t0 = Instant::now();
+    let out = job.out;
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    let cfg_json = serde_json::to_value(cfg).expect("config serializes");
+    let minilm = load_minilm::<B::InnerBackend>(&cfg.minilm, device)?;
+
+    let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<B>(job.init, device)?;
+    let pcfg = model.config().clone();
+    let tokens = tokenizer.add_pixellm_tokens(pcfg.seg_group_len()).map_err(|e| TrainError::Data(e.to_string()))?;
+    let model = SftModel { pixellm: only_prompt_trains(model, cfg.train_seg_feedback)? };
+    let samples: Vec<Sample> = read_shard(job.samples)?;
+    let samples: Vec<Sample> = samples.into_iter().filter(|s| !s.target_masks.is_empty() || !s.answer.is_empty()).collect();
+    if samples.is_empty() {
+        return Err(TrainError::Data(format!("{}: no samples", job.samples.display())));
+    }
+    let order = crate::data::Order { n: samples.len(), batch_size: cfg.batch_size, seed: cfg.seed };
+    let per_epoch = order.batches_per_epoch();
+    let mut total_steps = cfg.epochs * per_epoch;
+    if cfg.epochs == 0 || (cfg.max_steps > 0 && cfg.max_steps < total_steps) {
+        total_steps = cfg.max_steps;
+    }
+    let pre = Preprocessor::pixellm(pcfg.image_size);
+    let optim = crate::stage::adamw::<B>(cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay);
+    let crate::stage::Start { model, mut optim, step: start, resumed_from, last_checkpoint: mut last_ckpt } =
+        crate::stage::start(out, job.resume, &cfg_json, model, optim, DType::F32, device)?;
+    let mut model = model;
+    let (trainable, total_params) = params::count(&model);
+    tracing::info!("ensemble-train: {} samples, {total_steps} steps, {trainable} / {total_params} parameters train", samples.len());
+    let mut log: MetricsLog<EnsembleStepMetrics> = MetricsLog::open(out, start)?;
+    let bar = job.progress.then(|| {
+        let b = popen_core::progress::bar(total_steps as u64, "ensemble-train");
+        b.set_position(start as u64);
+        b
+    });
+    let mut last_loss = log.rows.last().map(|r| r.loss);
+    for step in start..total_steps {
+        let st_t = Instant::now();
+        B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        let lr = schedule::lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay);
+        let batch: Vec<&Sample> = order.batch(step).into_iter().map(|i| &samples[i]).collect();
+        // The K samples' seed moves with the step so each step draws fresh candidates.
+        let mut scfg = cfg.clone();
+        scfg.ensemble.seed = cfg.ensemble.seed.wrapping_add(step as u64);
+        let ids = || batch.iter().map(|s| format!("'{}'", s.id)).collect::<Vec<_>>().join(", ");
+        let (loss, st) = batch_loss(&model, &tokenizer, &tokens, &pre, &minilm, &batch, &scfg)
+            .map_err(|e| TrainError::Data(format!("step {step}: batch of {}: {e}", ids())))?;
+        if !st.loss.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                step,
+                value: st.loss,
+                parts: format!("L_ti {}, L_si {}; samples {}", st.ti, opt(st.si), ids()),
+                last_checkpoint: last_ckpt,
+            });
+        }
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let norm = params::clip_global_norm::<B, _>(&model, &mut grads, cfg.grad_clip);
+        if !norm.is_finite() {
+            return Err(TrainError::NonFiniteLoss { step, value: norm, parts: "the gradient norm is not finite".into(), last_checkpoint: last_ckpt });
+        }
+        model = burn::optim::Optimizer::step(&mut optim, lr, model, grads);
+        let row = EnsembleStepMetrics {
+            step,
+            epoch: (step + 1) as f64 / per_epoch as f64,
+            lr,
+            loss: st.loss,
+            loss_ti: st.ti,
+            loss_si: st.si,
+            p_tilde: st.p_tilde,
+            text_gain: st.gain,
+            iou_refined: st.iou_r,
+            iou_candidates: st.iou_c,
+            si_samples: st.si_n,
+            grad_norm: norm,
+            seconds: st_t.elapsed().as_secs_f64(),
+        };
+        last_loss = Some(row.loss);
+        let done = step + 1;
+        if done % cfg.log_every == 0 || done == total_steps || step == start {
+            log.push(row.clone())?;
+        }
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+            b.set_prefix(format!("loss {:.4} lr {:.2e}", row.loss, lr));
+        }
+        if done % cfg.checkpoint_every == 0 || done == total_steps {
+            let p = crate::stage::write_checkpoint(out, &model, &optim, done, 1, &cfg_json, cfg.keep_checkpoints, last_loss)?;
+            last_ckpt = p.display().to_string();
+            plot_losses(&log.rows, &out.join("loss.png"))?;
+        }
+    }
+    if let Some(b) = bar {
+        b.finish();
+    }
+    let model_dir = out.join("model");
+    crate::stage::save_model(&model_dir, model.pixellm, &tokenizer)?;
+    plot_losses(&log.rows, &out.join("loss.png"))?;
+    let mut manifest = Manifest::new("ensemble-train", cfg)?;
+    manifest.add_input(job.init.join(bundle::WEIGHTS_FILE))?;
+    manifest.add_input(job.samples)?;
+    manifest.add_input(cfg.minilm.join("model.safetensors"))?;
+    manifest.add_output(model_dir.join(bundle::WEIGHTS_FILE), None)?;
+    manifest.count("samples", samples.len() as u64);
+    manifest.count("steps", total_steps as u64);
+    manifest.time("seconds", t0);
+    manifest.write(out.join("manifest.json"))?;
+    Ok(EnsembleReport {
+        model_dir,
+        steps: total_steps,
+        resumed_from,
+        samples: samples.len(),
+        final_loss: last_loss,
+        trainable_params: trainable,
+        total_params,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

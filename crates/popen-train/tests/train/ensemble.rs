@@ -1,0 +1,275 @@
+//! POPEN's ensemble (`popen_train::ensemble`: inference, `popen predict --ensemble K`) and the
+//! `ensemble-train` stage on a random 1-layer tiny model and 4 benchmark samples, with the real
+//! all-MiniLM-L6-v2 encoder (`make assets`).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::prelude::*;
+use popen_core::shard::{read_shard, write_shard, Prediction, Sample};
+use popen_core::shardspec::ShardSpec;
+use popen_data::synth::{generate_sample, SynthConfig};
+use popen_model::bundle;
+use popen_model::infer::Predictor;
+use popen_model::pixellm::{Padding, Part, PixelLmConfig, Segment};
+use popen_model::tokenizer::{Tokenizer, TINY_SPECIALS};
+use popen_train::ensemble::{self, EnsembleSettings};
+use popen_train::ensemble_train::{self, EnsembleConfig, EnsembleJob};
+use popen_train::TrainError;
+use serde_json::Value;
+
+type B = NdArray<f32>;
+type AB = Autodiff<NdArray<f32>>;
+
+struct World {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    /// With p_hat (10) and seg feedback (the tiny preset).
+    model: PathBuf,
+    /// Without p_hat (prompt_embeddings = 0).
+    plain: PathBuf,
+    train: PathBuf,
+}
+
+fn world() -> &'static World {
+    static W: OnceLock<World> = OnceLock::new();
+    W.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let samples: Vec<Sample> = (0..4).map(|i| generate_sample(&SynthConfig::default(), "train", i).unwrap()).collect();
+        let train = root.join("train.parquet");
+        write_shard(&train, samples.clone()).unwrap();
+        let texts: Vec<String> = samples.iter().flat_map(|s| [s.instruction.clone(), s.answer.clone()]).collect();
+        let mut tok = Tokenizer::train_tiny(texts.iter().map(String::as_str), 400, TINY_SPECIALS).unwrap();
+        let mut mcfg = PixelLmConfig::tiny(512);
+        mcfg.llm.num_hidden_layers = 1;
+        mcfg.vision.num_hidden_layers = 2;
+        mcfg.vision_select_layers = vec![-1, -2];
+        tok.add_pixellm_tokens(mcfg.seg_group_len()).unwrap();
+        assert_eq!((mcfg.prompt_embeddings, mcfg.seg_feedback), (10, true));
+        let model = root.join("dpo-model");
+        bundle::save(&model, &mcfg.init::<B>(&Default::default()).unwrap(), &tok).unwrap();
+        let mut pcfg = mcfg.clone();
+        pcfg.prompt_embeddings = 0;
+        let plain = root.join("plain-model");
+        bundle::save(&plain, &pcfg.init::<B>(&Default::default()).unwrap(), &tok).unwrap();
+        World { _dir: dir, root, model, plain, train }
+    })
+}
+
+fn minilm() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/assets/minilm");
+    assert!(p.join("model.safetensors").is_file(), "{} is missing: run make assets", p.display());
+    p
+}
+
+fn settings() -> EnsembleSettings {
+    EnsembleSettings { k: 3, temperature: 1.0, max_new_tokens: 12, ..Default::default() }
+}
+
+fn vals<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+}
+
+/// SPEC 6 / issue 6: with gamma = 0 and no p_hat, the text pass equals a plain forward over
+/// the concatenated input (prompt + y_1 </s> .. y_K </s> as one token piece); gamma = 0 given
+/// explicitly (tau = 0 -> sigma(0) - 0.5) equals no gamma; the K answers of every item come
+/// from one batched generate (K rows per item, distinct RNG streams).
+#[test]
+fn ensemble_text_pass_without_gamma_and_p_hat_is_a_plain_forward() {
+    let w = world();
+    let dev = Default::default();
+    let mut b = bundle::open::<B>(&w.plain, &dev).unwrap();
+    let p = Predictor::new(&b.model, &mut b.tokenizer).unwrap();
+    let samples: Vec<Sample> = read_shard(&w.train).unwrap();
+    let images: Vec<image::RgbImage> = samples[..2].iter().map(|s| s.decode_image().unwrap()).collect();
+    let pre = p.preprocess(&images.iter().collect::<Vec<_>>()).unwrap();
+    let feats = p.model.encode_images(&pre).unwrap();
+    let instrs: Vec<&str> = samples[..2].iter().map(|s| s.instruction.as_str()).collect();
+    let s = settings();
+    let cands = ensemble::sample_candidates(&p, &feats, &instrs, &s).unwrap();
+    assert_eq!(cands.len(), 2);
+    assert!(cands.iter().all(|c| c.len() == 3));
+    assert!(cands[0][0].ids != cands[0][1].ids || cands[0][1].ids != cands[0][2].ids, "K samples should differ at temperature 1");
+    for (i, x) in instrs.iter().enumerate() {
+        let sc = ensemble::scores(&p, &cands[i]).unwrap();
+        assert!(sc.tau.iter().flatten().all(|t| (-1.0..=1.0).contains(t)));
+        let zero: Vec<Vec<f32>> = sc.tau.iter().map(|t| vec![0.0; t.len()]).collect();
+        let a = ensemble::text_rows(&p, x, i, &cands[i], None).unwrap();
+        let g0 = ensemble::text_rows(&p, x, i, &cands[i], Some(&zero)).unwrap();
+        let mut plain = p.prompt_parts(x, i).unwrap();
+        let mut ids = Vec::new();
+        for c in &cands[i] {
+            ids.extend(&c.ids);
+            ids.push(p.tokens.eos);
+        }
+        plain.push(Part::new(Segment::Tokens(ids)));
+        let h = |rows: Vec<Part<B>>| {
+            let asm = p.model.assemble(&[rows], Some(&feats), Padding::Right).unwrap();
+            vals(p.model.forward_hidden(&asm).unwrap())
+        };
+        let (ha, hg, hp) = (h(a), h(g0), h(plain));
+        assert_eq!(ha, hp, "item {i}: text pass != plain forward");
+        assert_eq!(hg, hp, "item {i}: gamma 0 != no gamma");
+    }
+    // A gamma that is not 0 changes the pass.
+    let sc = ensemble::scores(&p, &cands[0]).unwrap();
+    if sc.tau.iter().flatten().any(|t| *t != 0.0) {
+        let biased = ensemble::text_rows(&p, instrs[0], 0, &cands[0], Some(&sc.tau)).unwrap();
+        let plain = ensemble::text_rows(&p, instrs[0], 0, &cands[0], None).unwrap();
+        let asm = |r| p.model.assemble(&[r], Some(&feats), Padding::Right).unwrap();
+        assert_ne!(vals(p.model.forward_hidden(&asm(biased)).unwrap()), vals(p.model.forward_hidden(&asm(plain)).unwrap()));
+    }
+}
+
+/// `popen predict --ensemble K` writes the same shard kind, one record per sample, masks
+/// consistent with the answer's `<seg>` count; the model with p_hat and seg feedback runs.
+#[test]
+fn ensemble_predict_writes_a_consistent_shard() {
+    let w = world();
+    let out = w.root.join("pred-ens.parquet");
+    let cfg = popen_train::predict::PredictConfig {
+        batch_size: 3,
+        sampling: popen_model::sampling::SamplingConfig { max_new_tokens: 12, ..Default::default() },
+        teacher_force: false,
+        ensemble: Some(settings()),
+    };
+    let r = popen_train::predict::run::<B>(&w.model, &w.train, &out, &cfg, ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
+    assert_eq!(r.predictions, 4);
+    let preds = read_shard::<Prediction>(&out).unwrap();
+    for p in &preds {
+        assert_eq!(p.answer.matches("<seg>").count(), p.masks.len(), "{}", p.answer);
+        assert_eq!(serde_json::from_str::<Value>(&p.meta).unwrap()["ensemble_k"], 3);
+    }
+}
+
+fn cfg() -> EnsembleConfig {
+    EnsembleConfig {
+        epochs: 100,
+        max_steps: 2,
+        batch_size: 2,
+        lr: 1e-2,
+        warmup_steps: 0,
+        checkpoint_every: 1,
+        keep_checkpoints: 3,
+        log_every: 1,
+        minilm: minilm(),
+        ensemble: EnsembleSettings { k: 2, temperature: 1.0, max_new_tokens: 10, ..Default::default() },
+        ..EnsembleConfig::default()
+    }
+}
+
+fn run_with(c: &EnsembleConfig, name: &str, init: Option<&Path>, resume: bool) -> popen_train::Result<ensemble_train::EnsembleReport> {
+    let w = world();
+    let out = w.root.join(name);
+    let job = EnsembleJob { config: c, init: init.unwrap_or(&w.model), samples: &w.train, out: &out, resume, progress: false };
+    ensemble_train::run::<AB>(&job, &Default::default())
+}
+
+fn weights_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let b = bundle::open::<B>(dir, &Default::default()).unwrap();
+    popen_model::weights::named_tensors(&b.model).into_iter().map(|(n, _, t)| (n, t)).collect()
+}
+
+fn metrics(name: &str) -> Vec<Value> {
+    let p = world().root.join(name).join("metrics.jsonl");
+    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Only p_hat changes (every other parameter bitwise equal); losses finite; metrics, manifest
+/// and loss plot written; `--resume` after an interruption ends bitwise where the straight run
+/// ends.
+#[test]
+fn ensemble_train_moves_only_p_hat_and_resumes_exactly() {
+    let w = world();
+    let c = cfg();
+    let a = run_with(&c, "ens-straight", None, false).unwrap();
+    assert_eq!(a.steps, 2);
+    assert_eq!(a.trainable_params, 10 * PixelLmConfig::tiny(512).llm.hidden_size);
+    let sa = w.root.join("ens-straight");
+    assert!(sa.join("metrics.csv").is_file() && sa.join("loss.png").is_file());
+    let ma = metrics("ens-straight");
+    assert_eq!(ma.len(), 2);
+    for r in &ma {
+        assert!(r["loss"].as_f64().unwrap().is_finite() && r["loss/ti"].as_f64().unwrap().is_finite(), "{r}");
+    }
+    let man: Value = serde_json::from_str(&std::fs::read_to_string(sa.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(man["stage"], "ensemble-train");
+    let before = weights_of(&w.model);
+    let after = weights_of(&sa.join("model"));
+    let changed: Vec<&String> = before.keys().filter(|k| before[*k] != after[*k]).collect();
+    assert_eq!(changed, vec!["prompt_embeddings"], "only p_hat may change");
+
+    // Interrupted after step 1, then resumed.
+    run_with(&c, "ens-resumed", None, false).unwrap();
+    let sb = w.root.join("ens-resumed");
+    std::fs::remove_dir_all(sb.join("checkpoints/step-000002")).unwrap();
+    std::fs::remove_dir_all(sb.join("model")).unwrap();
+    let e = run_with(&c, "ens-resumed", None, false).unwrap_err().to_string();
+    assert!(e.contains("--resume"), "{e}");
+    let b = run_with(&c, "ens-resumed", None, true).unwrap();
+    assert_eq!(b.resumed_from, Some(1));
+    assert_eq!(after, weights_of(&sb.join("model")), "resume differs");
+    let mb = metrics("ens-resumed");
+    assert_eq!(ma.len(), mb.len());
+    for (x, y) in ma.iter().zip(&mb) {
+        for k in ["loss", "loss/ti", "loss/si", "p_tilde", "lr"] {
+            assert_eq!(x[k], y[k], "{k}");
+        }
+    }
+}
+
+/// Steps on one fixed batch (batch = all 4 samples) lower that batch's loss as measured with
+/// the same candidates seed ([`ensemble_train::loss_of`]).
+#[test]
+fn ensemble_train_steps_lower_the_loss_on_a_fixed_batch() {
+    let w = world();
+    let c = EnsembleConfig { batch_size: 4, max_steps: 3, checkpoint_every: 3, ..cfg() };
+    run_with(&c, "ens-fixed", None, false).unwrap();
+    let job = EnsembleJob { config: &c, init: &w.model, samples: &w.train, out: &w.root.join("unused"), resume: false, progress: false };
+    let dev = Default::default();
+    let m0 = bundle::open::<AB>(&w.model, &dev).unwrap().model;
+    let m1 = bundle::open::<AB>(&w.root.join("ens-fixed/model"), &dev).unwrap().model;
+    let l0 = ensemble_train::loss_of::<AB>(&job, &m0, &[0, 1, 2, 3], &dev).unwrap();
+    let l1 = ensemble_train::loss_of::<AB>(&job, &m1, &[0, 1, 2, 3], &dev).unwrap();
+    eprintln!("fixed batch loss {l0} -> {l1}");
+    assert!(l0.is_finite() && l1.is_finite());
+    assert!(l1 < l0, "loss did not go down: {l0} -> {l1}");
+}
+
+/// Missing MiniLM names the path; a model without p_hat is refused; a NaN loss is a
+/// NonFiniteLoss naming the samples and no model folder is written; unknown config keys are
+/// named.
+#[test]
+fn ensemble_train_bad_inputs_are_clear_errors() {
+    let w = world();
+    let c = EnsembleConfig { minilm: w.root.join("no-minilm"), ..cfg() };
+    let e = run_with(&c, "ens-err1", None, false).unwrap_err().to_string();
+    assert!(e.contains("no-minilm/model.safetensors") && e.contains("make assets"), "{e}");
+    let e = run_with(&cfg(), "ens-err2", Some(&w.plain), false).unwrap_err().to_string();
+    assert!(e.contains("p_hat"), "{e}");
+    let c = EnsembleConfig { ti_weight: f32::NAN, ..cfg() };
+    match run_with(&c, "ens-nan", None, false) {
+        Err(e @ TrainError::NonFiniteLoss { .. }) => {
+            let msg = e.to_string();
+            let TrainError::NonFiniteLoss { step, last_checkpoint, .. } = e else { unreachable!() };
+            assert_eq!((step, last_checkpoint.as_str()), (0, "none"), "{msg}");
+        }
+        other => panic!("expected a non-finite loss error, got {other:?}"),
+    }
+    assert!(!w.root.join("ens-nan/model").exists());
+    let e = toml::from_str::<EnsembleConfig>(&format!("{}\nkk = 1\n", EnsembleConfig::default().to_toml())).unwrap_err().to_string();
+    assert!(e.contains("kk"), "{e}");
+}
+
+/// The configs under pipelines/ parse; the real-scale one has the paper's values.
+#[test]
+fn ensemble_pipeline_configs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tiny = EnsembleConfig::from_toml_file(root.join("pipelines/ensemble-tiny.toml")).unwrap();
+    assert_eq!(tiny.ensemble.k, 3);
+    let real = EnsembleConfig::from_toml_file(root.join("pipelines/ensemble-pixellm-7b.toml")).unwrap();
+    assert_eq!(real, EnsembleConfig::default());
+    assert_eq!((real.lr, real.epochs, real.batch_size, real.warmup_steps, real.ensemble.k), (3e-4, 2, 16, 100, 3));
+}
