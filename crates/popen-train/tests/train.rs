@@ -625,3 +625,20 @@ fn locate_loss_hand_cases() {
 /// POPEN's ensemble inference and the ensemble-train stage (tests/train/ensemble.rs).
 #[path = "train/ensemble.rs"]
 mod ensemble;
+
+/// The dpo and ensemble test worlds' inputs: 4 benchmark samples written to
+/// `root/train.parquet`, a tiny BPE learnt from their texts with PixelLM's tokens, and a
+/// tiny config cut to 1 LLM layer and 2 vision layers.
+fn small_world(root: &Path) -> (PathBuf, Tokenizer, PixelLmConfig) {
+    let samples: Vec<Sample> = (0..4).map(|i| generate_sample(&SynthConfig::default(), "train", i).unwrap()).collect();
+    let train = root.join("train.parquet");
+    let texts: Vec<String> = samples.iter().flat_map(|s| [s.instruction.clone(), s.answer.clone()]).collect();
+    write_shard(&train, samples).unwrap();
+    let mut tok = Tokenizer::train_tiny(texts.iter().map(String::as_str), 400, TINY_SPECIALS).unwrap();
+    let mut mcfg = PixelLmConfig::tiny(512);
+    mcfg.llm.num_hidden_layers = 1;
+    mcfg.vision.num_hidden_layers = 2;
+    mcfg.vision_select_layers = vec![-1, -2];
+    tok.add_pixellm_tokens(mcfg.seg_group_len()).unwrap();
+    (train, tok, mcfg)
+}

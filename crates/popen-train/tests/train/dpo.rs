@@ -6,12 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use burn::backend::{Autodiff, NdArray};
-use popen_core::shard::{read_shard, write_shard, Sample, SegPref, TextPref};
+use popen_core::shard::{read_shard, write_shard, SegPref, TextPref};
 use popen_core::shardspec::ShardSpec;
-use popen_data::synth::{generate_sample, SynthConfig};
 use popen_model::bundle;
-use popen_model::pixellm::PixelLmConfig;
-use popen_model::tokenizer::{Tokenizer, TINY_SPECIALS};
 use popen_prefs::collect_ps::{self, AnnotationProposer, CollectPsConfig};
 use popen_prefs::collect_pt::{self, CollectPtConfig};
 use popen_prefs::select::Phase;
@@ -40,16 +37,7 @@ fn world() -> &'static World {
     W.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
-        let samples: Vec<Sample> = (0..4).map(|i| generate_sample(&SynthConfig::default(), "train", i).unwrap()).collect();
-        let train = root.join("train.parquet");
-        write_shard(&train, samples.clone()).unwrap();
-        let texts: Vec<String> = samples.iter().flat_map(|s| [s.instruction.clone(), s.answer.clone()]).collect();
-        let mut tok = Tokenizer::train_tiny(texts.iter().map(String::as_str), 400, TINY_SPECIALS).unwrap();
-        let mut mcfg = PixelLmConfig::tiny(512);
-        mcfg.llm.num_hidden_layers = 1;
-        mcfg.vision.num_hidden_layers = 2;
-        mcfg.vision_select_layers = vec![-1, -2];
-        tok.add_pixellm_tokens(mcfg.seg_group_len()).unwrap();
+        let (train, tok, mcfg) = super::small_world(&root);
         let m = mcfg.init::<B>(&Default::default()).unwrap();
         let model = root.join("sft-model");
         bundle::save(&model, &m, &tok).unwrap();

@@ -7,13 +7,11 @@ use std::sync::OnceLock;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::prelude::*;
-use popen_core::shard::{read_shard, write_shard, Prediction, Sample};
+use popen_core::shard::{read_shard, Prediction, Sample};
 use popen_core::shardspec::ShardSpec;
-use popen_data::synth::{generate_sample, SynthConfig};
 use popen_model::bundle;
 use popen_model::infer::Predictor;
 use popen_model::pixellm::{Padding, Part, PixelLmConfig, Segment};
-use popen_model::tokenizer::{Tokenizer, TINY_SPECIALS};
 use popen_train::ensemble::{self, EnsembleSettings};
 use popen_train::ensemble_train::{self, EnsembleConfig, EnsembleJob};
 use popen_train::TrainError;
@@ -37,16 +35,7 @@ fn world() -> &'static World {
     W.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
-        let samples: Vec<Sample> = (0..4).map(|i| generate_sample(&SynthConfig::default(), "train", i).unwrap()).collect();
-        let train = root.join("train.parquet");
-        write_shard(&train, samples.clone()).unwrap();
-        let texts: Vec<String> = samples.iter().flat_map(|s| [s.instruction.clone(), s.answer.clone()]).collect();
-        let mut tok = Tokenizer::train_tiny(texts.iter().map(String::as_str), 400, TINY_SPECIALS).unwrap();
-        let mut mcfg = PixelLmConfig::tiny(512);
-        mcfg.llm.num_hidden_layers = 1;
-        mcfg.vision.num_hidden_layers = 2;
-        mcfg.vision_select_layers = vec![-1, -2];
-        tok.add_pixellm_tokens(mcfg.seg_group_len()).unwrap();
+        let (train, tok, mcfg) = super::small_world(&root);
         assert_eq!((mcfg.prompt_embeddings, mcfg.seg_feedback), (10, true));
         let model = root.join("dpo-model");
         bundle::save(&model, &mcfg.init::<B>(&Default::default()).unwrap(), &tok).unwrap();
