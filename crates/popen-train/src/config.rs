@@ -181,20 +181,17 @@ impl SftConfig {
         pos("max_len", self.max_len)?;
         pos("keep_checkpoints", self.keep_checkpoints)?;
         pos("devices", self.devices)?;
-        if self.epochs == 0 && self.max_steps == 0 {
-            return Err("epochs and max_steps are both 0: nothing to train".into());
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
-            return Err(format!("lr {} and min_lr {} must satisfy 0 <= min_lr <= lr, lr > 0", self.lr, self.min_lr));
-        }
-        for (n, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
-            if !(0.0..1.0).contains(&b) {
-                return Err(format!("{n} = {b} must be in [0, 1)"));
-            }
-        }
-        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
-            return Err("eps must be > 0, weight_decay and grad_clip >= 0".into());
-        }
+        check_optimizer(OptimizerKnobs {
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            lr: self.lr,
+            min_lr: self.min_lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            grad_clip: self.grad_clip,
+        })?;
         for f in &self.freeze {
             if !crate::params::FREEZABLE.contains(&f.as_str()) {
                 return Err(format!("freeze: unknown module '{f}' (one of {})", crate::params::FREEZABLE.join(", ")));
@@ -218,4 +215,37 @@ impl SftConfig {
         }
         Ok(())
     }
+}
+
+/// The step-budget and AdamW/schedule knobs every training stage shares (SFT, DPO).
+pub(crate) struct OptimizerKnobs {
+    pub epochs: usize,
+    pub max_steps: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub grad_clip: f32,
+}
+
+/// The checks of [`OptimizerKnobs`]: something to train, `0 <= min_lr <= lr`, `lr > 0`
+/// finite, betas in [0, 1), `eps > 0`, `weight_decay` and `grad_clip` >= 0.
+pub(crate) fn check_optimizer(k: OptimizerKnobs) -> std::result::Result<(), String> {
+    if k.epochs == 0 && k.max_steps == 0 {
+        return Err("epochs and max_steps are both 0: nothing to train".into());
+    }
+    if !(k.lr > 0.0 && k.lr.is_finite()) || !(k.min_lr >= 0.0 && k.min_lr <= k.lr) {
+        return Err(format!("lr {} and min_lr {} must satisfy 0 <= min_lr <= lr, lr > 0", k.lr, k.min_lr));
+    }
+    for (n, b) in [("beta1", k.beta1), ("beta2", k.beta2)] {
+        if !(0.0..1.0).contains(&b) {
+            return Err(format!("{n} = {b} must be in [0, 1)"));
+        }
+    }
+    if !(k.eps > 0.0) || !(k.weight_decay >= 0.0) || !(k.grad_clip >= 0.0) {
+        return Err("eps must be > 0, weight_decay and grad_clip >= 0".into());
+    }
+    Ok(())
 }

@@ -231,20 +231,17 @@ impl DpoConfig {
         pos("log_every", self.log_every)?;
         pos("max_len", self.max_len)?;
         pos("keep_checkpoints", self.keep_checkpoints)?;
-        if self.epochs == 0 && self.max_steps == 0 {
-            return Err("epochs and max_steps are both 0: nothing to train".into());
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
-            return Err(format!("lr {} and min_lr {} must satisfy 0 <= min_lr <= lr, lr > 0", self.lr, self.min_lr));
-        }
-        for (n, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
-            if !(0.0..1.0).contains(&b) {
-                return Err(format!("{n} = {b} must be in [0, 1)"));
-            }
-        }
-        if !(self.eps > 0.0) || !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
-            return Err("eps must be > 0, weight_decay and grad_clip >= 0".into());
-        }
+        crate::config::check_optimizer(crate::config::OptimizerKnobs {
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            lr: self.lr,
+            min_lr: self.min_lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            grad_clip: self.grad_clip,
+        })?;
         for (n, v) in [("beta_t", self.beta_t), ("lambda", self.lambda), ("beta_s", self.beta_s)] {
             if !(v > 0.0 && v.is_finite()) {
                 return Err(format!("{n} = {v} must be > 0"));
