@@ -12,10 +12,11 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv help test-slurm cluster-demo
+.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv help test-slurm cluster-demo
 
 help:
-	@echo "make demo        benchmark -> tiny model -> SFT -> predict -> eval, with baselines ($(OUT))"
+	@echo "make demo        the whole POPEN pipeline: benchmark -> SFT -> collect-pt/ps -> dpo -> ensemble-train -> eval ($(OUT))"
+	@echo "make baseline    benchmark -> tiny model -> SFT -> predict -> eval, with trivial baselines"
 	@echo "make sft         SFT of the tiny model (SFT_CONFIG=$(SFT_CONFIG)) into $(OUT)/sft"
 	@echo "make predict     greedy answers + masks for $(SPLIT) into $(PRED)"
 	@echo "make collect-pt  text preference data P_t into $(PREFS)"
@@ -99,7 +100,12 @@ sft: tiny-init
 	$(POPEN) sft --config $(SFT_CONFIG) --init $(INIT) --train $(DATA)/train.parquet --out $(OUT)/sft --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
 
 predict: build
-	$(POPEN) predict --model $(MODEL) --samples $(DATA)/$(SPLIT).parquet --out $(PRED)
+	$(POPEN) predict --model $(MODEL) --samples $(DATA)/$(SPLIT).parquet --out $(PRED) --sam-cache $(SAM_CACHE) $(PREDICT_FLAGS)
+
+# One predictions shard against the ground truth into $(EVAL_OUT)/$(EVAL_NAME).
+EVAL_NAME ?= model
+eval-pred: build
+	$(POPEN) eval --samples $(DATA)/$(SPLIT).parquet --predictions $(PRED) --lexicon $(LEXICON) --out $(EVAL_OUT)/$(EVAL_NAME) > /dev/null
 
 eval: build
 	$(POPEN) eval --samples $(DATA)/$(SPLIT).parquet --baseline nothing --lexicon $(LEXICON) --out $(EVAL_OUT)/baseline-nothing > /dev/null
@@ -107,9 +113,38 @@ eval: build
 	$(POPEN) eval --samples $(DATA)/$(SPLIT).parquet --predictions $(PRED) --lexicon $(LEXICON) --out $(EVAL_OUT)/model > /dev/null
 	@$(PYTHON) tools/baseline_table.py $(EVAL_OUT)/model/report.json $(EVAL_OUT)/baseline-largest/report.json $(EVAL_OUT)/baseline-nothing/report.json
 
-demo: sft
+# Issue 4's baseline alone: data -> tiny model -> SFT -> predict -> eval (+ trivial baselines).
+baseline: sft
 	$(MAKE) --no-print-directory predict eval
-	@echo "demo: model in $(MODEL), predictions in $(PRED), reports and overlays in $(EVAL_OUT)"
+	@echo "baseline: model in $(MODEL), predictions in $(PRED), reports and overlays in $(EVAL_OUT)"
+
+# The whole POPEN pipeline on the embedded benchmark (CPU, ~40 min on 2 cores): the SFT
+# baseline, then collect-pt -> collect-ps (phase 1, phase 2) -> dpo -> ensemble-train, each
+# model predicted and evaluated on $(SPLIT); prints the paper's Table-3 shape. Every stage is
+# resumable or skips complete outputs, so a killed demo continues when run again.
+# The collect stages take DEMO_PT_SAMPLES / DEMO_PS_SAMPLES train samples (their configs'
+# max_samples; 0 = all) and the ensemble predicts with K = $(ENSEMBLE_K).
+DEMO_PT_SAMPLES ?= 96
+DEMO_PS_SAMPLES ?= 32
+ENSEMBLE_K ?= 3
+POPEN_ROWS = "SFT baseline=model" "POPEN w/o ensemble (dpo)=dpo" "POPEN (dpo + ensemble K=$(ENSEMBLE_K))=popen" "largest instance=baseline-largest" "nothing=baseline-nothing"
+demo: baseline
+	$(MAKE) --no-print-directory collect-pt PT_FLAGS="--max-samples $(DEMO_PT_SAMPLES)"
+	$(MAKE) --no-print-directory collect-ps PHASE=1 PS_FLAGS="--max-samples $(DEMO_PS_SAMPLES)"
+	$(MAKE) --no-print-directory collect-ps PHASE=2 PS_FLAGS="--max-samples $(DEMO_PS_SAMPLES)"
+	$(MAKE) --no-print-directory dpo
+	$(MAKE) --no-print-directory predict eval-pred MODEL=$(OUT)/dpo/model PRED=$(OUT)/pred/$(SPLIT)-dpo.parquet EVAL_NAME=dpo
+	$(MAKE) --no-print-directory ensemble-train
+	$(MAKE) --no-print-directory predict eval-pred MODEL=$(OUT)/ensemble/model PRED=$(OUT)/pred/$(SPLIT)-popen.parquet EVAL_NAME=popen PREDICT_FLAGS="--ensemble $(ENSEMBLE_K)"
+	@echo
+	@echo "POPEN on the embedded benchmark ($(SPLIT) split, seed $(SEED); reports in $(EVAL_OUT)):"
+	@$(PYTHON) tools/baseline_table.py --rows $(POPEN_ROWS) --seeds $(EVAL_OUT)
+
+# The README's seed spread of the whole pipeline: the demo with SEED=0,1,2 into out/seed-*
+# (the benchmark stays DATA_SEED's; ~2 h on 2 cores).
+popen-seeds: build
+	for s in 0 1 2; do $(MAKE) --no-print-directory demo SEED=$$s OUT=out/seed-$$s || exit 1; done
+	$(PYTHON) tools/baseline_table.py --rows $(POPEN_ROWS) --seeds out/seed-0/eval out/seed-1/eval out/seed-2/eval
 
 # ---- preference data (issue 5) ----
 PS_CONFIG ?= pipelines/collect-ps-tiny.toml
@@ -120,12 +155,12 @@ PT_CONFIG ?= pipelines/collect-pt-tiny.toml
 
 # Text preference P_t of the train split (offline corrector: ground truth + lexicon).
 collect-pt: build
-	$(POPEN) collect-pt --config $(PT_CONFIG) --model $(MODEL) --samples $(DATA)/train.parquet --lexicon $(LEXICON) --out $(PREFS)/pt.parquet
+	$(POPEN) collect-pt --config $(PT_CONFIG) --model $(MODEL) --samples $(DATA)/train.parquet --lexicon $(LEXICON) --out $(PREFS)/pt.parquet $(PT_FLAGS)
 
 # Segmentation preference P_s of the train split for curriculum phase $(PHASE); a complete
 # output is skipped on rerun (its manifest), --shard I/N splits it for job arrays.
 collect-ps: build
-	$(POPEN) collect-ps --config $(PS_CONFIG) --model $(MODEL) --samples $(DATA)/train.parquet --out $(PREFS)/ps-phase$(PHASE).parquet --phase $(PHASE)
+	$(POPEN) collect-ps --config $(PS_CONFIG) --model $(MODEL) --samples $(DATA)/train.parquet --out $(PREFS)/ps-phase$(PHASE).parquet --phase $(PHASE) $(PS_FLAGS)
 
 # Preference optimization (POPEN stage 2, SPEC 5) of $(MODEL) on P_t and both curriculum
 # phases of P_s (make collect-pt; make collect-ps PHASE=1; make collect-ps PHASE=2). Resumable
@@ -141,7 +176,7 @@ dpo: build
 # Then `popen predict --ensemble 3 --model $(OUT)/ensemble/model` is POPEN's inference.
 ENSEMBLE_CONFIG ?= pipelines/ensemble-tiny.toml
 ensemble-train: build assets
-	$(POPEN) ensemble-train --config $(ENSEMBLE_CONFIG) --init $(OUT)/dpo/model --samples $(DATA)/train.parquet --out $(OUT)/ensemble --seed $(SEED) --resume
+	$(POPEN) ensemble-train --config $(ENSEMBLE_CONFIG) --init $(OUT)/dpo/model --samples $(DATA)/train.parquet --out $(OUT)/ensemble --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
 
 # SAM proposals (proposal/1) of a split for collect-ps --proposals and eval --proposals.
 # Resumable (rerun after a kill continues), --shard I/N for job arrays; CPU takes ~1 min per
@@ -161,9 +196,10 @@ sam-photos: build assets
 bench-sam: assets
 	$(CARGO) run --release -p popen-sam --example sam_bench -- data/assets/labelme/JPEGImages/2011_000003.jpg data/assets/mobile_sam/mobile_sam.pt 3 1
 
-# The README's seed spread: the demo with SEED=0,1,2 into out/seed-*.
+# The README's seed spread of the SFT baseline: SEED=0,1,2 into out/seed-* (`make popen-seeds`
+# continues these runs with the rest of the pipeline).
 baseline-seeds: build
-	for s in 0 1 2; do $(MAKE) --no-print-directory demo SEED=$$s OUT=out/seed-$$s || exit 1; done
+	for s in 0 1 2; do $(MAKE) --no-print-directory baseline SEED=$$s OUT=out/seed-$$s || exit 1; done
 	$(PYTHON) tools/baseline_table.py --seeds out/seed-0/eval out/seed-1/eval out/seed-2/eval
 
 # Regenerates crates/popen-eval/tests/fixtures (numpy + SciPy + pycocotools, no torch).

@@ -50,6 +50,10 @@ pub struct CollectPsArgs {
     /// Stage seed (noise recipes are a function of it and the sample id).
     #[arg(long)]
     seed: Option<u64>,
+    /// Only this many samples, spread evenly over the input, before --shard splits them
+    /// (overrides the config's max_samples; 0 = all).
+    #[arg(long)]
+    max_samples: Option<usize>,
     /// Class-agnostic proposals from `proposal/1` shards (e.g. SAM's automatic masks), one or
     /// more files; default: the image's own instance masks (annotations).
     #[arg(long, num_args = 1..)]
@@ -76,6 +80,9 @@ fn config(a: &CollectPsArgs) -> Result<CollectPsConfig> {
     }
     if let Some(s) = a.seed {
         cfg.seed = s;
+    }
+    if let Some(m) = a.max_samples {
+        cfg.max_samples = m;
     }
     cfg.validate()?;
     Ok(cfg)
@@ -173,6 +180,10 @@ pub struct CollectPtArgs {
     /// Stage seed (sampling and error injection are functions of it and the sample id).
     #[arg(long)]
     seed: Option<u64>,
+    /// Only this many samples, spread evenly over the input, before --shard splits them
+    /// (overrides the config's max_samples; 0 = all).
+    #[arg(long)]
+    max_samples: Option<usize>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -182,6 +193,9 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
     let mut cfg: CollectPtConfig = read_toml(a.config.as_deref())?;
     if let Some(s) = a.seed {
         cfg.seed = s;
+    }
+    if let Some(m) = a.max_samples {
+        cfg.max_samples = m;
     }
     cfg.validate()?;
     if a.run.print_config {

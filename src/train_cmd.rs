@@ -87,6 +87,10 @@ pub struct PredictArgs {
     /// Seed of the K ensemble samples.
     #[arg(long, default_value_t = 0)]
     ensemble_seed: u64,
+    /// Folder where the frozen SAM encoder's image embeddings of a tiny-sam model are kept
+    /// between runs (predicting several models of the pipeline on one split encodes once).
+    #[arg(long)]
+    sam_cache: Option<PathBuf>,
 }
 
 fn sft_config(a: &SftArgs) -> Result<SftConfig> {
@@ -162,6 +166,7 @@ pub fn predict(a: PredictArgs) -> Result<()> {
             max_new_tokens: a.max_new_tokens,
             ..Default::default()
         }),
+        sam_cache: a.sam_cache.clone(),
     };
     let report = match a.backend.as_str() {
         "flex" => predict_on::<burn::backend::Flex>(&a, &cfg, &Default::default()),
@@ -354,6 +359,10 @@ pub struct EnsembleTrainArgs {
     /// Override the config's MiniLM folder.
     #[arg(long)]
     minilm: Option<PathBuf>,
+    /// Folder where the frozen SAM encoder's image embeddings of a tiny-sam model are kept
+    /// between runs (the same files as dpo's --sam-cache).
+    #[arg(long)]
+    sam_cache: Option<PathBuf>,
     /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
     #[arg(long, default_value = "flex")]
     backend: String,
@@ -385,7 +394,7 @@ pub fn ensemble_train(a: EnsembleTrainArgs) -> Result<()> {
     let (Some(init), Some(samples), Some(out)) = (&a.init, &a.samples, &a.out) else {
         bail!("popen ensemble-train needs --init MODEL_DIR, --samples TRAIN.parquet and --out DIR (see --help)");
     };
-    let job = EnsembleJob { config: &cfg, init, samples, out, resume: a.resume, progress: true };
+    let job = EnsembleJob { config: &cfg, init, samples, out, resume: a.resume, progress: true, sam_cache: a.sam_cache.as_deref() };
     let run = |r: popen_train::Result<popen_train::ensemble_train::EnsembleReport>| {
         r.with_context(|| format!("ensemble-train into {}", out.display()))
     };

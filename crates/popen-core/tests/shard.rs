@@ -557,3 +557,31 @@ fn merge_names_missing_stale_and_foreign_shards() {
     // Fixed: merges.
     assert_eq!(merge_stage(&out, 4, &order).unwrap().rows, n);
 }
+
+#[test]
+fn max_samples_spreads_over_the_file_and_shards_split_it() {
+    use popen_core::shard::{for_each_taken_of, limited_positions};
+    use popen_core::shardspec::ShardSpec;
+    // Hand-computed: floor(k * 10 / 4) for k = 0..4.
+    assert_eq!(limited_positions(10, 4).unwrap().into_iter().collect::<Vec<_>>(), vec![0, 2, 5, 7]);
+    assert!(limited_positions(10, 0).is_none() && limited_positions(10, 10).is_none() && limited_positions(3, 7).is_none());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.parquet");
+    write_shard(&p, (0..10).map(sample).collect::<Vec<_>>()).unwrap();
+    let ids = |spec: ShardSpec, max: usize| {
+        let mut v = Vec::new();
+        let n = for_each_taken_of::<Sample, popen_core::error::CoreError>(&p, &spec, max, None, |s| {
+            v.push(s.id);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, v.len());
+        v
+    };
+    let want: Vec<String> = [0, 2, 5, 7].iter().map(|&i| sample(i).id).collect();
+    assert_eq!(ids(ShardSpec::ALL, 4), want);
+    // The two tasks of --shard N=2 split the kept records, together exactly once.
+    assert_eq!(ids(ShardSpec::new(0, 2).unwrap(), 4), vec![want[0].clone(), want[2].clone()]);
+    assert_eq!(ids(ShardSpec::new(1, 2).unwrap(), 4), vec![want[1].clone(), want[3].clone()]);
+    assert_eq!(ids(ShardSpec::ALL, 0).len(), 10);
+}

@@ -68,6 +68,15 @@ pub struct Predictor<'a, B: Backend> {
     pub tokenizer: &'a Tokenizer,
     pub tokens: PixelLmTokens,
     pub preprocessor: Preprocessor,
+    /// Where the frozen SAM encoder's embeddings come from (a cache kept between runs);
+    /// None: computed by [`PixelLm::encode_images`].
+    pub sam: Option<&'a dyn SamSource<B>>,
+}
+
+/// Embeddings of the frozen SAM encoder of a tiny-sam model from elsewhere than a fresh
+/// forward: `[n, c, g, g]` for `images`, or None to let the model compute them.
+pub trait SamSource<B: Backend> {
+    fn embeddings(&self, model: &PixelLm<B>, images: &[Preprocessed]) -> Result<Option<Tensor<B, 4>>>;
 }
 
 impl<'a, B: Backend> Predictor<'a, B> {
@@ -97,6 +106,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
             tokenizer,
             tokens,
             preprocessor: Preprocessor::pixellm(cfg.image_size),
+            sam: None,
         })
     }
 
@@ -111,6 +121,16 @@ impl<'a, B: Backend> Predictor<'a, B> {
                 tokenizer::Piece::Image => Part::new(Segment::Image(image)),
             })
             .collect())
+    }
+
+    /// The image features of preprocessed images, with the SAM embeddings from
+    /// [`Self::sam`] when it has them.
+    pub fn encode(&self, pre: &[Preprocessed]) -> Result<ImageFeatures<B>> {
+        let sam = match self.sam {
+            Some(src) if self.model.sam_encoder.is_some() => src.embeddings(self.model, pre)?,
+            _ => None,
+        };
+        self.model.encode_images_with(pre, sam)
     }
 
     pub fn preprocess(&self, images: &[&RgbImage]) -> Result<Vec<Preprocessed>> {
@@ -133,7 +153,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
     ) -> Result<Vec<Prediction>> {
         let images: Vec<&RgbImage> = items.iter().map(|(im, _)| *im).collect();
         let pre = self.preprocess(&images)?;
-        let feats = self.model.encode_images(&pre)?;
+        let feats = self.encode(&pre)?;
         let rows: Vec<Vec<Part<B>>> = items
             .iter()
             .enumerate()
@@ -156,8 +176,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
             let scan = tokenizer::seg_groups(&g.ids, &self.tokens);
             let seg_issues: Vec<String> = scan.issues.iter().map(|i| i.to_string()).collect();
             let text = self.tokenizer.decode(&g.ids, false).map_err(tok_err)?;
-            let answer = tokenizer::collapse_seg(text.trim(), cfg.seg_group_len())
-                .unwrap_or_else(|_| text.clone());
+            let answer = tokenizer::answer_text(&text, cfg.seg_group_len());
             let (masks, mask_scores) = if scan.groups.is_empty() {
                 (vec![], vec![])
             } else {
@@ -198,7 +217,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
         let cfg = self.model.config();
         let images: Vec<&RgbImage> = items.iter().map(|(im, _, _)| *im).collect();
         let pre = self.preprocess(&images)?;
-        let feats = self.model.encode_images(&pre)?;
+        let feats = self.encode(&pre)?;
         let mut rows = Vec::with_capacity(items.len());
         let mut answers = Vec::with_capacity(items.len());
         for (i, (_, instr, answer)) in items.iter().enumerate() {
@@ -273,7 +292,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
     pub fn score(&self, image: &RgbImage, instruction: &str, answer: &str) -> Result<Scored> {
         let cfg = self.model.config();
         let pre = self.preprocess(&[image])?;
-        let feats = self.model.encode_images(&pre)?;
+        let feats = self.encode(&pre)?;
         let mut parts = self.prompt_parts(instruction, 0)?;
         let ids = self.answer_ids(answer, cfg.seg_group_len())?;
         parts.push(Part::new(Segment::Tokens(ids.clone())));

@@ -661,6 +661,33 @@ pub fn collapse_seg(text: &str, n: usize) -> Result<String> {
     Ok(text.replace(&seg_group_text(n)?, SEG_TOKEN))
 }
 
+/// The answer text of generated ids' decoded `text` (trimmed), as predictions store it: each
+/// complete seg group becomes `<seg>` ([`collapse_seg`]) and the seg-token names left over
+/// (members of partial or reordered groups, which [`seg_groups`] reports as issues and which
+/// get no mask) are dropped, with the spaces around them, so no raw `[SEGk]` reaches the
+/// text. A text that already contains `<seg>` keeps it and only loses the stray names.
+pub fn answer_text(text: &str, n: usize) -> String {
+    let text = text.trim();
+    let collapsed = collapse_seg(text, n).unwrap_or_else(|_| text.to_string());
+    let Ok(names) = seg_token_names(n) else { return collapsed };
+    if !names.iter().any(|name| collapsed.contains(name.as_str())) {
+        return collapsed;
+    }
+    let mut t = collapsed;
+    for name in &names {
+        t = t.replace(name.as_str(), " ");
+    }
+    // Whitespace runs the removal left become one space; no space before punctuation.
+    let mut out = String::with_capacity(t.len());
+    for w in t.split_whitespace() {
+        if !out.is_empty() && !w.starts_with(['.', ',', ';', ':', '!', '?']) {
+            out.push(' ');
+        }
+        out.push_str(w);
+    }
+    out
+}
+
 /// A malformed seg group found by [`seg_groups`]. Positions index the scanned id sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SegGroupIssue {

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use popen_core::mask::{Mask, Rle};
-use popen_core::shard::{for_each_taken, Sample, SegPref};
+use popen_core::shard::{for_each_taken_of, Sample, SegPref};
 use popen_core::shardspec::ShardSpec;
 use popen_model::bundle;
 use popen_model::infer::Predictor;
@@ -140,6 +140,10 @@ pub struct CollectPsConfig {
     /// Records per committed part of a resumable run (a killed job loses at most this many).
     #[serde(default = "crate::default_part_records")]
     pub part_records: usize,
+    /// Only this many samples of the input, spread evenly over it, before `--shard`
+    /// splits them (0 = all; the CPU demo's budget).
+    #[serde(default)]
+    pub max_samples: usize,
 }
 
 impl Default for CollectPsConfig {
@@ -152,6 +156,7 @@ impl Default for CollectPsConfig {
             noise: NoiseConfig::default(),
             select: SelectConfig::default(),
             part_records: crate::default_part_records(),
+            max_samples: 0,
         }
     }
 }
@@ -214,7 +219,7 @@ pub fn run<B: Backend>(
         crate::open_stage::<B, SegPref>("collect-ps", &config, model_dir, samples, out, cfg.part_records, |r| r.id.clone(), device)?;
     let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
     let (mut records, mut skipped, mut forwards) = (0usize, 0usize, 0usize);
-    for_each_taken(samples, &shard, progress.then_some("collect-ps"), |s: Sample| -> Result<()> {
+    for_each_taken_of(samples, &shard, cfg.max_samples, progress.then_some("collect-ps"), |s: Sample| -> Result<()> {
         if writer.is_done(&s.id) {
             return Ok(());
         }

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use popen_core::lexicon::Lexicon;
-use popen_core::shard::{for_each_taken, Sample, TextPref};
+use popen_core::shard::{for_each_taken_of, Sample, TextPref};
 use popen_core::shardspec::ShardSpec;
 use popen_model::bundle;
 use popen_model::infer::{Prediction, Predictor};
@@ -46,6 +46,10 @@ pub struct CollectPtConfig {
     /// generated, then corrected concurrently (an HTTP corrector spends its time waiting).
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Only this many samples of the input, spread evenly over it, before `--shard`
+    /// splits them (0 = all; the CPU demo's budget).
+    #[serde(default)]
+    pub max_samples: usize,
 }
 
 fn default_concurrency() -> usize {
@@ -63,6 +67,7 @@ impl Default for CollectPtConfig {
             min_match: 3,
             part_records: crate::default_part_records(),
             concurrency: default_concurrency(),
+            max_samples: 0,
         }
     }
 }
@@ -147,7 +152,7 @@ pub fn run<B: Backend>(
         window.clear();
         Ok(())
     };
-    for_each_taken(samples, &shard, progress.then_some("collect-pt"), |s: Sample| -> Result<()> {
+    for_each_taken_of(samples, &shard, cfg.max_samples, progress.then_some("collect-pt"), |s: Sample| -> Result<()> {
         if !done.contains(&s.id) {
             window.push(s);
         }

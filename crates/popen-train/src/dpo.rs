@@ -319,14 +319,7 @@ struct Images {
     index: HashMap<([u8; 32], Option<(u64, u32, u32, u32, u32, u32)>), usize>,
     /// The frozen SAM encoder's embeddings (tiny-sam), computed when a batch first shows an
     /// image (one image at a time, so the values do not depend on the batch) and kept.
-    sam: Option<SamMemo>,
-}
-
-struct SamMemo {
-    /// Names the encoder and input size in the disk cache's file names.
-    encoder_key: String,
-    dir: Option<PathBuf>,
-    memo: std::cell::RefCell<HashMap<usize, Arc<[f32]>>>,
+    sam: Option<crate::stage::SamMemo>,
 }
 
 impl Images {
@@ -340,12 +333,8 @@ impl Images {
         // Share the bytes with an earlier entry of the same clean image.
         let shared = self.digests.iter().position(|x| *x == d).map(|i| self.list[i].bytes.clone());
         let bytes = shared.unwrap_or_else(|| Arc::new(bytes.to_vec()));
-        let mut h = Sha256::new();
-        h.update(d);
-        if let Some(r) = &recipe {
-            h.update(serde_json::to_vec(r).expect("recipe serializes"));
-        }
-        self.keys.push(hex::encode(&h.finalize()[..16]));
+        let rj = recipe.as_ref().map(|r| serde_json::to_vec(r).expect("recipe serializes"));
+        self.keys.push(crate::stage::sam_image_key(&bytes, rj.as_deref()));
         self.list.push(ImageSrc { bytes, recipe, label });
         self.digests.push(d);
         self.index.insert((d, rk), self.list.len() - 1);
@@ -699,14 +688,8 @@ fn batch_images<B: Backend>(
     let sam = match &images.sam {
         None => None,
         Some(sm) => {
-            let mut v = Vec::new();
-            let mut shape = [0usize; 3];
-            for (k, &i) in order.iter().enumerate() {
-                let e = crate::stage::sam_embedding_of(model, &out[k], &images.keys[i], &sm.encoder_key, sm.dir.as_deref(), &sm.memo, i)?;
-                shape = e.1;
-                v.extend_from_slice(&e.0);
-            }
-            Some((v, [order.len(), shape[0], shape[1], shape[2]]))
+            let keys: Vec<&str> = order.iter().map(|&i| images.keys[i].as_str()).collect();
+            Some(sm.batch(model, &out, &keys)?)
         }
     };
     Ok(BatchImages { pre: out, sam, slot })
@@ -1229,13 +1212,7 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
     // SAM embeddings (tiny-sam): computed when a batch first shows an image, kept in memory
     // and, with --sam-cache, on disk (one file per image).
     let pre = Preprocessor::pixellm(pcfg.image_size);
-    if model.pixellm.sam_encoder.is_some() {
-        images.sam = Some(SamMemo {
-            encoder_key: crate::stage::sam_encoder_key(&model.pixellm),
-            dir: job.sam_cache.map(Path::to_path_buf),
-            memo: Default::default(),
-        });
-    }
+    images.sam = crate::stage::SamMemo::new(&model.pixellm, job.sam_cache);
 
     // Orders and the step count.
     let text_order = Order { n: text.len(), batch_size: cfg.batch_size, seed: cfg.seed };

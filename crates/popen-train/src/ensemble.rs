@@ -160,7 +160,7 @@ pub fn sample_candidates<B: Backend>(
     for ((r, g), groups) in gens.into_iter().enumerate().zip(scans) {
         let n = groups.len();
         let text = pred.tokenizer.decode(&g.ids, false).map_err(inp)?;
-        let answer = tokenizer::collapse_seg(text.trim(), cfg.seg_group_len()).unwrap_or_else(|_| text.clone());
+        let answer = tokenizer::answer_text(&text, cfg.seg_group_len());
         out[r / s.k].push(Candidate {
             ids: g.ids,
             logprobs: g.logprobs,
@@ -265,7 +265,7 @@ pub fn predict<B: Backend>(
     s.validate().map_err(inp)?;
     let images: Vec<&RgbImage> = items.iter().map(|(im, _)| *im).collect();
     let pre = pred.preprocess(&images)?;
-    let feats = pred.model.encode_images(&pre)?;
+    let feats = pred.encode(&pre)?;
     let instrs: Vec<&str> = items.iter().map(|(_, i)| *i).collect();
     let cands = sample_candidates(pred, &feats, &instrs, s)?;
     let scores: Vec<Scores> = cands.iter().map(|c| scores(pred, c)).collect::<MResult<_>>()?;
@@ -298,7 +298,7 @@ pub fn predict<B: Backend>(
     let mut out = Vec::with_capacity(items.len());
     for (((r, (ids, logprobs, stopped)), cands), sc) in refined.into_iter().enumerate().zip(cands).zip(scores) {
         let text = pred.tokenizer.decode(&ids, false).map_err(inp)?;
-        let answer = tokenizer::collapse_seg(text.trim(), group).unwrap_or_else(|_| text.clone());
+        let answer = tokenizer::answer_text(&text, group);
         out.push(EnsembleOutput {
             prediction: Prediction {
                 answer,

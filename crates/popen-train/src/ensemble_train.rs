@@ -31,6 +31,7 @@ use popen_model::infer::Predictor;
 use popen_model::minilm::SentenceEncoder;
 use popen_model::pixellm::{Padding, PixelLm};
 use popen_model::preprocess::Preprocessor;
+use crate::stage::SamMemo;
 use popen_model::tokenizer::{self, PixelLmTokens, Tokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -205,6 +206,9 @@ pub struct EnsembleJob<'a> {
     pub out: &'a Path,
     pub resume: bool,
     pub progress: bool,
+    /// Folder keeping the frozen SAM encoder's image embeddings between runs (tiny-sam; the
+    /// same per-image files as dpo's `--sam-cache`).
+    pub sam_cache: Option<&'a Path>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -255,6 +259,7 @@ fn batch_loss<B: AutodiffBackend>(
     pre: &Preprocessor,
     minilm: &SentenceEncoder<B::InnerBackend>,
     batch: &[&Sample],
+    sam: Option<(&SamMemo, Vec<&str>)>,
     cfg: &EnsembleConfig,
 ) -> std::result::Result<(Tensor<B, 1>, Stats), String> {
     let e = |x: popen_model::pixellm::PixelLmError| x.to_string();
@@ -266,16 +271,24 @@ fn batch_loss<B: AutodiffBackend>(
 
     // 1. No gradient: candidates, scores, y_tilde.
     let inner = model.pixellm.valid();
-    let vp = Predictor { model: &inner, tokenizer, tokens: tokens.clone(), preprocessor: pre.clone() };
-    let vfeats = inner.encode_images(&preprocessed).map_err(e)?;
+    // The frozen SAM encoder's embeddings (tiny-sam), once per image for the whole run.
+    let emb = match sam {
+        Some((memo, keys)) => Some(memo.batch(&inner, &preprocessed, &keys).map_err(|x| x.to_string())?),
+        None => None,
+    };
+    let vp = Predictor { model: &inner, tokenizer, tokens: tokens.clone(), preprocessor: pre.clone(), sam: None };
+    let vdev = inner.devices().into_iter().next().ok_or("the model has no parameters")?;
+    let vemb = emb.clone().map(|(v, sh)| Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(v, sh), &vdev));
+    let vfeats = inner.encode_images_with(&preprocessed, vemb).map_err(e)?;
     let cands: Vec<Vec<Candidate>> = ensemble::sample_candidates(&vp, &vfeats, &instrs, s).map_err(e)?;
     let scores: Vec<Scores> = cands.iter().map(|c| ensemble::scores(&vp, c)).collect::<std::result::Result<_, _>>().map_err(e)?;
     let refined = ensemble::refine(&vp, &vfeats, &instrs, &cands, &scores, s).map_err(e)?;
 
     // 2. L_ti.
     let m = &model.pixellm;
-    let p = Predictor { model: m, tokenizer, tokens: tokens.clone(), preprocessor: pre.clone() };
-    let feats = m.encode_images(&preprocessed).map_err(e)?;
+    let p = Predictor { model: m, tokenizer, tokens: tokens.clone(), preprocessor: pre.clone(), sam: None };
+    let dev = m.devices().into_iter().next().ok_or("the model has no parameters")?;
+    let feats = m.encode_images_with(&preprocessed, emb.map(|(v, sh)| Tensor::<B, 4>::from_data(TensorData::new(v, sh), &dev))).map_err(e)?;
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     for (i, x) in instrs.iter().enumerate() {
@@ -294,7 +307,7 @@ fn batch_loss<B: AutodiffBackend>(
     let group = m.config().seg_group_len();
     let answer_of = |ids: &[u32]| -> std::result::Result<String, String> {
         let t = tokenizer.decode(ids, false).map_err(|e| e.to_string())?;
-        Ok(tokenizer::collapse_seg(t.trim(), group).unwrap_or(t))
+        Ok(tokenizer::answer_text(&t, group))
     };
     let mut gains = Vec::with_capacity(batch.len());
     for (i, smp) in batch.iter().enumerate() {
@@ -394,7 +407,7 @@ pub fn loss_of<B: AutodiffBackend>(job: &EnsembleJob, model: &PixelLm<B>, ids: &
     let pre = Preprocessor::pixellm(model.config().image_size);
     let batch: Vec<&Sample> = ids.iter().map(|&i| &samples[i]).collect();
     let sm = SftModel { pixellm: model.clone() };
-    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, job.config).map_err(TrainError::Data)?;
+    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, None, job.config).map_err(TrainError::Data)?;
     Ok(st.loss)
 }
 
@@ -434,6 +447,12 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         total_steps = cfg.max_steps;
     }
     let pre = Preprocessor::pixellm(pcfg.image_size);
+    let sam_memo = SamMemo::new(&model.pixellm, job.sam_cache);
+    // Per sample: its image's cache key (samples about one image share it).
+    let sam_keys: Vec<String> = match &sam_memo {
+        Some(_) => samples.iter().map(|s| crate::stage::sam_image_key(&s.image, None)).collect(),
+        None => vec![],
+    };
     let optim = crate::stage::adamw::<B>(cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay);
     let crate::stage::Start { model, mut optim, step: start, resumed_from, last_checkpoint: mut last_ckpt } =
         crate::stage::start(out, job.resume, &cfg_json, model, optim, DType::F32, device)?;
@@ -451,12 +470,13 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         let st_t = Instant::now();
         B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let lr = schedule::lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay);
-        let batch: Vec<&Sample> = order.batch(step).into_iter().map(|i| &samples[i]).collect();
+        let idx = order.batch(step);
+        let batch: Vec<&Sample> = idx.iter().map(|&i| &samples[i]).collect();
         // The K samples' seed moves with the step so each step draws fresh candidates.
         let mut scfg = cfg.clone();
         scfg.ensemble.seed = cfg.ensemble.seed.wrapping_add(step as u64);
         let ids = || batch.iter().map(|s| format!("'{}'", s.id)).collect::<Vec<_>>().join(", ");
-        let (loss, st) = batch_loss(&model, &tokenizer, &tokens, &pre, &minilm, &batch, &scfg)
+        let (loss, st) = batch_loss(&model, &tokenizer, &tokens, &pre, &minilm, &batch, sam_memo.as_ref().map(|m| (m, idx.iter().map(|&i| sam_keys[i].as_str()).collect())), &scfg)
             .map_err(|e| TrainError::Data(format!("step {step}: batch of {}: {e}", ids())))?;
         if !st.loss.is_finite() {
             return Err(TrainError::NonFiniteLoss {

@@ -36,6 +36,9 @@ pub struct PredictConfig {
     /// the record's answer is `y_tilde` and its masks the refined ones. None = plain greedy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensemble: Option<crate::ensemble::EnsembleSettings>,
+    /// Folder keeping the frozen SAM encoder's image embeddings between runs (tiny-sam).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sam_cache: Option<PathBuf>,
 }
 
 impl Default for PredictConfig {
@@ -45,6 +48,7 @@ impl Default for PredictConfig {
             sampling: SamplingConfig { max_new_tokens: 96, ..SamplingConfig::default() },
             teacher_force: false,
             ensemble: None,
+            sam_cache: None,
         }
     }
 }
@@ -80,7 +84,11 @@ pub fn run<B: Backend>(
     }
     let t0 = Instant::now();
     let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<B>(model_dir, device)?;
-    let predictor = Predictor::new(&model, &mut tokenizer)?;
+    let mut predictor = Predictor::new(&model, &mut tokenizer)?;
+    // The frozen SAM encoder's embeddings (tiny-sam), kept under cfg.sam_cache for the next
+    // predict on the same images (another model of the pipeline shares the encoder).
+    let sam_memo = cfg.sam_cache.as_deref().and_then(|d| crate::stage::SamMemo::new(&model, Some(d)));
+    predictor.sam = sam_memo.as_ref().map(|m| m as &dyn popen_model::infer::SamSource<B>);
     let mut writer = ShardWriter::<Prediction>::create(out)?;
     let mut manifest = Manifest::new("predict", cfg)?;
     manifest.add_input(samples)?;

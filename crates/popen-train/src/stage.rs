@@ -1,7 +1,8 @@
 //! The parts of a training stage's loop that SFT and DPO share: the AdamW optimizer,
 //! `--resume` from the newest checkpoint (parameters, their ids, optimizer state), writing a
 //! checkpoint, the final model folder (LoRA folded in, written atomically), and the frozen
-//! SAM encoder's image embeddings computed once per distinct image (optionally kept on disk).
+//! SAM encoder's image embeddings computed once per distinct image (optionally kept on disk:
+//! [`sam_embeddings_cached`] for a whole training set, [`SamMemo`] image by image).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -267,9 +268,89 @@ pub fn sam_encoder_key<B: Backend>(model: &PixelLm<B>) -> String {
     sam_cache_key(model, 0, &|_, _| {})
 }
 
+/// The key of an image in the per-image SAM cache ([`SamMemo`]): sha256 over the sha256 of
+/// its encoded bytes and, for a perturbed copy, its noise recipe (JSON); hex, 32 characters.
+/// A clean image has the same key in every stage, so dpo, ensemble-train and predict share
+/// its cached embedding.
+pub fn sam_image_key(bytes: &[u8], recipe_json: Option<&[u8]>) -> String {
+    use sha2::{Digest, Sha256};
+    let d: [u8; 32] = Sha256::digest(bytes).into();
+    let mut h = Sha256::new();
+    h.update(d);
+    if let Some(r) = recipe_json {
+        h.update(r);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// The frozen SAM encoder's embeddings of the images a stage meets, one image at a time (so
+/// the values do not depend on the batch an image first appears in), memoized by the stage's
+/// image index and, with a folder, kept on disk for later runs ([`sam_embedding_of`]).
+pub struct SamMemo {
+    /// Names the encoder and input size in the disk cache's file names.
+    encoder_key: String,
+    dir: Option<PathBuf>,
+    memo: std::cell::RefCell<std::collections::HashMap<String, Arc<[f32]>>>,
+}
+
+impl SamMemo {
+    /// None for a model without a SAM encoder (CLIP: nothing to cache).
+    pub fn new<B: Backend>(model: &PixelLm<B>, dir: Option<&Path>) -> Option<Self> {
+        model.sam_encoder.as_ref()?;
+        Some(SamMemo { encoder_key: sam_encoder_key(model), dir: dir.map(Path::to_path_buf), memo: Default::default() })
+    }
+
+    /// The embeddings of a batch: `images[k]` (preprocessed) has the cache key `keys[k]`
+    /// ([`sam_image_key`]). Flat values and `[n, c, g, g]`.
+    pub fn batch<B: Backend>(
+        &self,
+        model: &PixelLm<B>,
+        images: &[popen_model::preprocess::Preprocessed],
+        keys: &[&str],
+    ) -> Result<(Vec<f32>, [usize; 4])> {
+        let mut v = Vec::new();
+        let mut shape = [0usize; 3];
+        for (im, key) in images.iter().zip(keys) {
+            let e = sam_embedding_of(model, im, key, &self.encoder_key, self.dir.as_deref(), &self.memo)?;
+            shape = e.1;
+            v.extend_from_slice(&e.0);
+        }
+        Ok((v, [images.len(), shape[0], shape[1], shape[2]]))
+    }
+}
+
+/// For `popen predict` and the ensemble: an image is keyed by its preprocessed pixels
+/// (sha256 of the f32 values and the resized size), which is all the encoder sees.
+impl<B: Backend> popen_model::infer::SamSource<B> for SamMemo {
+    fn embeddings(
+        &self,
+        model: &PixelLm<B>,
+        images: &[popen_model::preprocess::Preprocessed],
+    ) -> std::result::Result<Option<Tensor<B, 4>>, popen_model::pixellm::PixelLmError> {
+        use sha2::{Digest, Sha256};
+        let keys: Vec<String> = images
+            .iter()
+            .map(|im| {
+                let mut h = Sha256::new();
+                h.update(b"preprocessed");
+                h.update((im.resized_hw.0 as u64).to_le_bytes());
+                h.update((im.resized_hw.1 as u64).to_le_bytes());
+                for x in &im.pixels {
+                    h.update(x.to_le_bytes());
+                }
+                hex::encode(&h.finalize()[..16])
+            })
+            .collect();
+        let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let (v, shape) = self.batch(model, images, &ks).map_err(|e| popen_model::pixellm::PixelLmError::Input(e.to_string()))?;
+        let Some(device) = model.devices().into_iter().next() else { return Ok(None) };
+        Ok(Some(Tensor::from_data(TensorData::new(v, shape), &device)))
+    }
+}
+
 /// The frozen SAM encoder's embedding of one preprocessed image (values and `[c, g, g]`),
 /// computed alone (batch of one, so it does not depend on the batch it first appeared in)
-/// and memoized under `index`; with `dir`, also kept in `dir/sam1-<encoder_key>-<image_key>.f32`
+/// and memoized under `image_key`; with `dir`, also kept in `dir/sam1-<encoder_key>-<image_key>.f32`
 /// and read from there by later runs.
 pub fn sam_embedding_of<B: Backend>(
     model: &PixelLm<B>,
@@ -277,13 +358,12 @@ pub fn sam_embedding_of<B: Backend>(
     image_key: &str,
     encoder_key: &str,
     dir: Option<&Path>,
-    memo: &std::cell::RefCell<std::collections::HashMap<usize, Arc<[f32]>>>,
-    index: usize,
+    memo: &std::cell::RefCell<std::collections::HashMap<String, Arc<[f32]>>>,
 ) -> Result<(Arc<[f32]>, [usize; 3])> {
     let g = model.config().patch_grid();
     let c = model.config().vision_width();
     let shape = [c, g, g];
-    if let Some(v) = memo.borrow().get(&index) {
+    if let Some(v) = memo.borrow().get(image_key) {
         return Ok((v.clone(), shape));
     }
     let per = c * g * g;
@@ -320,6 +400,6 @@ pub fn sam_embedding_of<B: Backend>(
         }
     };
     let a: Arc<[f32]> = Arc::from(v);
-    memo.borrow_mut().insert(index, a.clone());
+    memo.borrow_mut().insert(image_key.to_string(), a.clone());
     Ok((a, shape))
 }

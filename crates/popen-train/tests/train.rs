@@ -357,6 +357,7 @@ fn predict_writes_a_consistent_shard() {
         sampling: popen_model::sampling::SamplingConfig { max_new_tokens: 12, ..Default::default() },
         teacher_force: false,
         ensemble: None,
+        sam_cache: None,
     };
     let r = popen_train::predict::run::<B>(&w.model, &w.train, &out, &cfg, popen_core::shardspec::ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
     assert_eq!(r.predictions, 6);

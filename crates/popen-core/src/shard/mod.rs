@@ -451,18 +451,46 @@ pub fn for_each_taken<T: Record, E: From<CoreError>>(
     path: impl AsRef<Path>,
     shard: &crate::shardspec::ShardSpec,
     progress: Option<&str>,
+    f: impl FnMut(T) -> std::result::Result<(), E>,
+) -> std::result::Result<usize, E> {
+    for_each_taken_of(path, shard, 0, progress, f)
+}
+
+/// The positions of a `rows`-record file that a `max_samples` limit keeps: all of them for 0
+/// (or `max_samples >= rows`), else `max_samples` positions spread evenly over the file
+/// (`floor(k * rows / max_samples)`, k = 0..max_samples), so a limited run still sees the
+/// whole file's mix (several questions per image sit next to each other in a benchmark).
+pub fn limited_positions(rows: usize, max_samples: usize) -> Option<std::collections::BTreeSet<usize>> {
+    (max_samples > 0 && max_samples < rows).then(|| (0..max_samples).map(|k| k * rows / max_samples).collect())
+}
+
+/// [`for_each_taken`] over the `max_samples` records [`limited_positions`] keeps (0 = all);
+/// `--shard I/N` then splits those, so the tasks of a job array together visit exactly the
+/// records one limited run visits.
+pub fn for_each_taken_of<T: Record, E: From<CoreError>>(
+    path: impl AsRef<Path>,
+    shard: &crate::shardspec::ShardSpec,
+    max_samples: usize,
+    progress: Option<&str>,
     mut f: impl FnMut(T) -> std::result::Result<(), E>,
 ) -> std::result::Result<usize, E> {
     let reader = ShardReader::<T>::open(path)?;
-    let bar = progress.map(|label| crate::progress::bar(reader.num_rows() as u64, label));
-    let (mut pos, mut taken) = (0usize, 0usize);
+    let keep = limited_positions(reader.num_rows(), max_samples);
+    let total = keep.as_ref().map_or(reader.num_rows(), |k| k.len());
+    let bar = progress.map(|label| crate::progress::bar(total as u64, label));
+    let (mut pos, mut ordinal, mut taken) = (0usize, 0usize, 0usize);
     for group in reader {
         for r in group? {
+            let kept = keep.as_ref().is_none_or(|k| k.contains(&pos));
+            pos += 1;
+            if !kept {
+                continue;
+            }
             if let Some(b) = &bar {
                 b.inc(1);
             }
-            let take = shard.takes(pos);
-            pos += 1;
+            let take = shard.takes(ordinal);
+            ordinal += 1;
             if take {
                 taken += 1;
                 f(r)?;

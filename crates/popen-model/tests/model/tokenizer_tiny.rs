@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use popen_core::shard::SEG_TOKEN;
 use popen_data::synth::{generate_sample, lexicon, SynthConfig};
 use popen_model::tokenizer::{
-    collapse_seg, expand_seg, seg_group_positions, seg_group_text, seg_groups, seg_token_names,
+    answer_text, collapse_seg, expand_seg, seg_group_positions, seg_group_text, seg_groups, seg_token_names,
     Piece, PixelLmTokens, SegGroupIssue, Tokenizer, TokenizerError, BYTE_ALPHABET, LLAVA_V1_SYSTEM,
     TINY_SPECIALS,
 };
@@ -407,6 +407,12 @@ fn expand_and_collapse_round_trip() {
     // Partial or reordered groups stay visible instead of becoming <seg>.
     let broken = "cup [SEG0] [SEG1] [SEG2] and key [SEG1] [SEG0] [SEG2] [SEG3] [SEG4] [SEG5]";
     assert_eq!(collapse_seg(broken, SEG_N).unwrap(), broken);
+    // ... and answer_text drops them (no mask goes with them), keeping complete groups.
+    assert_eq!(answer_text(broken, SEG_N), "cup and key <seg>");
+    assert_eq!(answer_text(" pink peach [SEG2] and the cup [SEG0] [SEG1] [SEG2] [SEG3] [SEG4] [SEG5] . ", SEG_N), "pink peach and the cup <seg>.");
+    assert_eq!(answer_text("cup [SEG0]", 1), "cup [SEG0]", "n = 1 names only [SEG]");
+    assert_eq!(answer_text("cup [SEG] [SEG]", 1), "cup <seg> <seg>");
+    assert_eq!(answer_text("a <seg> [SEG3] b", SEG_N), "a <seg> b");
     // Ambiguous inputs and n = 0 are errors, not guesses.
     assert!(expand_seg("cup [SEG3] <seg>", SEG_N).is_err());
     assert!(collapse_seg("cup <seg>", SEG_N).is_err());

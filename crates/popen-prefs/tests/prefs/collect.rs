@@ -83,6 +83,17 @@ fn collect_ps_end_to_end() {
     }
     halves.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(halves, recs);
+    // max_samples 2 of 4 keeps positions 0 and 2 (floor(k * 4 / 2)), the same records as the
+    // whole run; split by --shard 1/2 it takes the second of those two.
+    let lcfg = CollectPsConfig { max_samples: 2, ..cfg.clone() };
+    let lim = dir.path().join("limited.parquet");
+    let rl = run::<B>(&model, &shard, &lim, &lcfg, &AnnotationProposer, ShardSpec::new(0, 1).unwrap(), false, &Default::default())
+        .unwrap();
+    assert_eq!(rl.records, 2);
+    assert_eq!(read_shard::<SegPref>(&lim).unwrap(), vec![recs[0].clone(), recs[2].clone()]);
+    let lim1 = dir.path().join("limited1.parquet");
+    run::<B>(&model, &shard, &lim1, &lcfg, &AnnotationProposer, ShardSpec::new(1, 2).unwrap(), false, &Default::default()).unwrap();
+    assert_eq!(read_shard::<SegPref>(&lim1).unwrap(), vec![recs[2].clone()]);
     // Proposals from a shard (here: the instance masks, one sample left out) give the same
     // records as the annotation proposer; the sample without proposals is skipped.
     let props: Vec<popen_core::shard::ProposalSet> = samples

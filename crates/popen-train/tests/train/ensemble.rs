@@ -123,6 +123,7 @@ fn ensemble_predict_writes_a_consistent_shard() {
         sampling: popen_model::sampling::SamplingConfig { max_new_tokens: 12, ..Default::default() },
         teacher_force: false,
         ensemble: Some(settings()),
+        sam_cache: None,
     };
     let r = popen_train::predict::run::<B>(&w.model, &w.train, &out, &cfg, ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
     assert_eq!(r.predictions, 4);
@@ -152,7 +153,7 @@ fn cfg() -> EnsembleConfig {
 fn run_with(c: &EnsembleConfig, name: &str, init: Option<&Path>, resume: bool) -> popen_train::Result<ensemble_train::EnsembleReport> {
     let w = world();
     let out = w.root.join(name);
-    let job = EnsembleJob { config: c, init: init.unwrap_or(&w.model), samples: &w.train, out: &out, resume, progress: false };
+    let job = EnsembleJob { config: c, init: init.unwrap_or(&w.model), samples: &w.train, out: &out, resume, progress: false, sam_cache: None };
     ensemble_train::run::<AB>(&job, &Default::default())
 }
 
@@ -216,7 +217,7 @@ fn ensemble_train_steps_lower_the_loss_on_a_fixed_batch() {
     let w = world();
     let c = EnsembleConfig { batch_size: 4, max_steps: 3, checkpoint_every: 3, ..cfg() };
     run_with(&c, "ens-fixed", None, false).unwrap();
-    let job = EnsembleJob { config: &c, init: &w.model, samples: &w.train, out: &w.root.join("unused"), resume: false, progress: false };
+    let job = EnsembleJob { config: &c, init: &w.model, samples: &w.train, out: &w.root.join("unused"), resume: false, progress: false, sam_cache: None };
     let dev = Default::default();
     let m0 = bundle::open::<AB>(&w.model, &dev).unwrap().model;
     let m1 = bundle::open::<AB>(&w.root.join("ens-fixed/model"), &dev).unwrap().model;
