@@ -17,7 +17,7 @@ POPEN_DEV := target/debug/popen
 help:
 	@echo "make demo        the whole POPEN pipeline: benchmark -> SFT -> collect-pt/ps -> dpo -> ensemble-train -> eval ($(OUT))"
 	@echo "make baseline    benchmark -> tiny model -> SFT -> predict -> eval, with trivial baselines"
-	@echo "make sft         SFT of the tiny model (SFT_CONFIG=$(SFT_CONFIG)) into $(OUT)/sft"
+	@echo "make sft         SFT of the tiny model (SFT_CONFIG=$(SFT_CONFIG), then SFT_DECODER_CONFIG=$(SFT_DECODER_CONFIG)) into $(OUT)/sft"
 	@echo "make predict     greedy answers + masks for $(SPLIT) into $(PRED)"
 	@echo "make collect-pt  text preference data P_t into $(PREFS)"
 	@echo "make collect-ps  segmentation preference data P_s (PHASE=1|2) into $(PREFS)"
@@ -93,11 +93,20 @@ tiny-init: data assets
 	$(POPEN) tokenizer-tiny --data $(DATA) --out $(OUT)/tokenizer/tokenizer.json --seg-tokens $(SEG_TOKENS)
 	$(POPEN) model-init --config $(MODEL_CONFIG) --tokenizer $(OUT)/tokenizer/tokenizer.json --out $(INIT) --seed $(SEED) $(INIT_FLAGS)
 
-# Resumable: a killed run continues from its newest checkpoint when run again. The frozen
-# SAM encoder's image embeddings are kept in SAM_CACHE for the next run (other seeds).
+# Two phases: SFT_CONFIG trains the LLM side with the decoder frozen ($(OUT)/sft-llm), then
+# SFT_DECODER_CONFIG trains the decoder alone at a low rate ($(OUT)/sft: the SFT model);
+# SFT_DECODER_CONFIG= skips phase 2. Resumable: a killed run continues from its newest
+# checkpoint when run again. The frozen SAM encoder's image embeddings are kept in SAM_CACHE
+# for the next run (other seeds, the other stages).
 SAM_CACHE ?= out/sam-cache
+SFT_DECODER_CONFIG ?= pipelines/sft-tiny-decoder.toml
 sft: tiny-init
-	$(POPEN) sft --config $(SFT_CONFIG) --init $(INIT) --train $(DATA)/train.parquet --out $(OUT)/sft --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
+	$(POPEN) sft --config $(SFT_CONFIG) --init $(INIT) --train $(DATA)/train.parquet --out $(OUT)/sft-llm --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
+ifeq ($(strip $(SFT_DECODER_CONFIG)),)
+	rm -rf $(OUT)/sft && cp -r $(OUT)/sft-llm $(OUT)/sft
+else
+	$(POPEN) sft --config $(SFT_DECODER_CONFIG) --init $(OUT)/sft-llm/model --train $(DATA)/train.parquet --out $(OUT)/sft --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
+endif
 
 predict: build
 	$(POPEN) predict --model $(MODEL) --samples $(DATA)/$(SPLIT).parquet --out $(PRED) --sam-cache $(SAM_CACHE) $(PREDICT_FLAGS)
@@ -140,11 +149,12 @@ demo: baseline
 	@echo "POPEN on the embedded benchmark ($(SPLIT) split, seed $(SEED); reports in $(EVAL_OUT)):"
 	@$(PYTHON) tools/baseline_table.py --rows $(POPEN_ROWS) --seeds $(EVAL_OUT)
 
-# The README's seed spread of the whole pipeline: the demo with SEED=0,1,2 into out/seed-*
-# (the benchmark stays DATA_SEED's; ~2 h on 2 cores).
+# The README's seed spread of the whole pipeline: the demo with SEED=0,1,2 into
+# out/popen-seed-* (the benchmark stays DATA_SEED's; ~2 h on 2 cores; a finished seed's
+# stages are skipped when rerun).
 popen-seeds: build
-	for s in 0 1 2; do $(MAKE) --no-print-directory demo SEED=$$s OUT=out/seed-$$s || exit 1; done
-	$(PYTHON) tools/baseline_table.py --rows $(POPEN_ROWS) --seeds out/seed-0/eval out/seed-1/eval out/seed-2/eval
+	for s in 0 1 2; do $(MAKE) --no-print-directory demo SEED=$$s OUT=out/popen-seed-$$s || exit 1; done
+	$(PYTHON) tools/baseline_table.py --rows $(POPEN_ROWS) --seeds out/popen-seed-0/eval out/popen-seed-1/eval out/popen-seed-2/eval
 
 # ---- preference data (issue 5) ----
 PS_CONFIG ?= pipelines/collect-ps-tiny.toml

@@ -201,12 +201,23 @@ fn tiny_sft_predict_eval() {
     let a: Vec<String> = args(true);
     let out = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(out.contains("\"resumed_from\": 3"), "{out}");
+    // Phase 2 of the demo's SFT (pipelines/sft-tiny-decoder.toml, shortened): only the
+    // decoder trains, from the phase-1 model.
+    let base = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/sft-tiny-decoder.toml")).unwrap();
+    let mut cfg2: toml::Value = toml::from_str(&base).unwrap();
+    cfg2["max_steps"] = toml::Value::Integer(2);
+    std::fs::write(d("sft2.toml"), toml::to_string(&cfg2).unwrap()).unwrap();
+    let out = ok(&["sft", "--config", &d("sft2.toml"), "--init", &d("sft/model"), "--train", train.to_str().unwrap(), "--out", &d("sft2"), "--backend", "ndarray"]);
+    let v2: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v2["steps"], 2, "{out}");
+    let (t1, t2) = (v["trainable_params"].as_u64().unwrap(), v2["trainable_params"].as_u64().unwrap());
+    assert!(t2 > 0 && t2 < t1 / 2, "phase 2 trains the decoder alone: {t2} of phase 1's {t1} parameters");
     // bf16 on a CPU backend is a clear error.
     let e = err(&["sft", "--config", "pipelines/sft-pixellm-7b.toml", "--init", &d("init"), "--train", train.to_str().unwrap(), "--out", &d("x")]);
     assert!(e.contains("bf16") && e.contains("cuda"), "{e}");
 
     let pred = d("pred/val.parquet");
-    let out = ok(&["predict", "--model", &d("sft/model"), "--samples", val.to_str().unwrap(), "--out", &pred, "--max-new-tokens", "8", "--backend", "ndarray"]);
+    let out = ok(&["predict", "--model", &d("sft/model"), "--samples", val.to_str().unwrap(), "--out", &pred, "--max-new-tokens", "8", "--backend", "ndarray", "--sam-cache", &d("sam-cache")]);
     assert!(out.contains("\"predictions\": 8"), "{out}");
     let out = ok(&["eval", "--samples", val.to_str().unwrap(), "--predictions", &pred, "--lexicon", data.join("lexicon.json").to_str().unwrap(), "--out", &d("eval")]);
     assert!(out.contains("gIoU"), "{out}");

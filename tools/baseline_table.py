@@ -62,10 +62,12 @@ def seeds(dirs, rows=DEFAULT_ROWS):
                 cells.append("-")
                 continue
             vals = [v * s for v in vals]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}")
+            if len(vals) == 1:
+                cells.append(f"{vals[0]:.2f}")
+                continue
+            cells.append(f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print(f"\n{len(dirs)} seeds: " + ", ".join(str(d) for d in dirs))
+    print(f"\n{len(dirs)} seed(s): " + ", ".join(str(d) for d in dirs) + ("" if len(dirs) < 2 else " (mean ± sample std)"))
 
 
 if __name__ == "__main__":
@@ -73,7 +75,7 @@ if __name__ == "__main__":
     rows = DEFAULT_ROWS
     if a and a[0] == "--rows" and "--seeds" in a:
         k = a.index("--seeds")
-        rows = [tuple(r.split("=", 1)) for r in a[1:k]]
+        rows = [tuple(r.rsplit("=", 1)) for r in a[1:k]]
         if any(len(r) != 2 for r in rows):
             sys.exit("--rows takes NAME=SUBDIR entries")
         a = a[k:]

@@ -263,3 +263,57 @@ fn ensemble_pipeline_configs() {
     assert_eq!(real, EnsembleConfig::default());
     assert_eq!((real.lr, real.epochs, real.batch_size, real.warmup_steps, real.ensemble.k), (3e-4, 2, 16, 100, 3));
 }
+
+/// A tiny-sam model (`super::sam_world`, 6 samples on 2 images): with `sam_cache`, predict
+/// (plain and ensemble) and ensemble-train take the frozen SAM encoder's embeddings from the
+/// cache: one file per distinct image, the same predictions and weights as computing them, and
+/// a second run reads the files instead of adding any.
+#[test]
+fn sam_cache_serves_predict_and_ensemble_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let (init, train) = super::sam_world(dir.path());
+    let cache = dir.path().join("sam-cache");
+    let files = || std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
+    let predict = |name: &str, ens: bool, sam_cache: Option<&Path>| {
+        let cfg = popen_train::predict::PredictConfig {
+            batch_size: 4,
+            sampling: popen_model::sampling::SamplingConfig { max_new_tokens: 8, ..Default::default() },
+            teacher_force: false,
+            ensemble: ens.then(settings),
+            sam_cache: sam_cache.map(Path::to_path_buf),
+        };
+        let out = dir.path().join(name);
+        popen_train::predict::run::<B>(&init, &train, &out, &cfg, ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
+        read_shard::<Prediction>(&out).unwrap()
+    };
+    for ens in [false, true] {
+        let fresh = predict("fresh.parquet", ens, None);
+        let first = predict("first.parquet", ens, Some(&cache));
+        assert_eq!(files(), 2, "one embedding per distinct image");
+        let again = predict("again.parquet", ens, Some(&cache));
+        assert_eq!(files(), 2);
+        assert_eq!(first, again, "read back from the cache");
+        for (a, b) in fresh.iter().zip(&first) {
+            assert_eq!((&a.id, &a.answer, &a.token_ids, &a.masks), (&b.id, &b.answer, &b.token_ids, &b.masks), "ensemble {ens}");
+        }
+    }
+    let c = EnsembleConfig { max_steps: 1, ..cfg() };
+    let train_with = |name: &str, sam_cache: Option<&Path>| {
+        let out = dir.path().join(name);
+        let job = EnsembleJob { config: &c, init: &init, samples: &train, out: &out, resume: false, progress: false, sam_cache };
+        let r = ensemble_train::run::<AB>(&job, &Default::default()).unwrap();
+        weights_of(&r.model_dir)
+    };
+    let fresh = train_with("ens-fresh", None);
+    let before = files();
+    let cached = train_with("ens-cached", Some(&cache));
+    assert!(files() > before, "ensemble-train keys images by their bytes (as dpo), beside predict's files");
+    let n = files();
+    assert_eq!(train_with("ens-again", Some(&cache)), cached);
+    assert_eq!(files(), n, "the second run reads the cache");
+    for (k, v) in &fresh {
+        let w = &cached[k];
+        let d = v.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-5, "{k}: max |diff| {d}");
+    }
+}
