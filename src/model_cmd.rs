@@ -140,6 +140,10 @@ pub struct InferArgs {
     /// Temperature of the K ensemble samples.
     #[arg(long, default_value_t = 0.7)]
     ensemble_temperature: f32,
+    /// Not in the paper: when the refined answer has no complete <seg> group (or a malformed
+    /// one), output the candidate with the highest mean token log-probability instead.
+    #[arg(long)]
+    ensemble_fallback: bool,
     /// Backend: flex (CPU, fastest here), ndarray (CPU), or cuda in builds with the `cuda`
     /// feature.
     #[arg(long, default_value = "flex")]
@@ -315,6 +319,7 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
                 temperature: a.ensemble_temperature,
                 seed: sc.seed,
                 max_new_tokens: sc.max_new_tokens,
+                fallback: a.ensemble_fallback,
                 ..Default::default()
             };
             let o = popen_train::ensemble::predict(&p, &[(&img, a.instruction.as_str())], &s)?.pop().expect("one output per item");
@@ -322,7 +327,7 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
                 .candidates
                 .iter()
                 .enumerate()
-                .map(|(k, c)| serde_json::json!({"answer": c.answer, "tau": o.scores.tau[k], "eta": o.scores.eta[k]}))
+                .map(|(k, c)| serde_json::json!({"answer": c.answer, "tau": o.scores.tau[k], "eta": o.scores.eta[k], "output_instead_of_y_tilde": o.fell_back == Some(k)}))
                 .collect::<Vec<_>>());
             o.prediction
         }

@@ -87,6 +87,10 @@ pub struct PredictArgs {
     /// Seed of the K ensemble samples.
     #[arg(long, default_value_t = 0)]
     ensemble_seed: u64,
+    /// Not in the paper: when the refined answer has no complete <seg> group (or a malformed
+    /// one), output the candidate with the highest mean token log-probability instead.
+    #[arg(long)]
+    ensemble_fallback: bool,
     /// Folder where the frozen SAM encoder's image embeddings of a tiny-sam model are kept
     /// between runs (predicting several models of the pipeline on one split encodes once).
     #[arg(long)]
@@ -164,6 +168,7 @@ pub fn predict(a: PredictArgs) -> Result<()> {
             temperature: a.ensemble_temperature,
             seed: a.ensemble_seed,
             max_new_tokens: a.max_new_tokens,
+            fallback: a.ensemble_fallback,
             ..Default::default()
         }),
         sam_cache: a.sam_cache.clone(),

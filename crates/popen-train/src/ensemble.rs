@@ -54,11 +54,16 @@ pub struct EnsembleSettings {
     pub max_new_tokens: usize,
     /// Apply the gamma biases (Eqs. 5-6); false = the paper's "without gamma" ablation.
     pub gamma: bool,
+    /// Not in the paper (off by default): when the refined answer y_tilde has no complete seg
+    /// group, or a malformed one, while a candidate has groups, output the candidate with the
+    /// highest mean token log-probability (its text and masks) instead. A model too small to
+    /// read K answers in context (the CPU demo's tiny LLM) otherwise returns broken y_tilde.
+    pub fallback: bool,
 }
 
 impl Default for EnsembleSettings {
     fn default() -> Self {
-        EnsembleSettings { k: 3, temperature: 0.7, top_p: 1.0, seed: 0, max_new_tokens: 96, gamma: true }
+        EnsembleSettings { k: 3, temperature: 0.7, top_p: 1.0, seed: 0, max_new_tokens: 96, gamma: true, fallback: false }
     }
 }
 
@@ -89,6 +94,8 @@ pub struct Candidate {
     pub f: Vec<Vec<f32>>,
     /// Per group its binary mask at the image's size.
     pub masks: Vec<Mask>,
+    /// Per mask the decoder's predicted IoU.
+    pub mask_scores: Vec<f32>,
     /// The answer in shard format (`<seg>`).
     pub answer: String,
 }
@@ -144,18 +151,19 @@ pub fn sample_candidates<B: Backend>(
         scans.push(scan.groups);
     }
     let (fs, masks) = if objects.is_empty() {
-        (vec![], vec![])
+        (vec![], (vec![], vec![]))
     } else {
         let hidden = Tensor::cat(hidden_rows, 0);
         let f = model.seg_embeddings(hidden, &objects)?;
         let idx: Vec<usize> = objects.iter().map(|o| o.0 / s.k).collect();
         let (logits, _) = model.decode_masks(feats, f.clone(), &idx)?;
-        let (masks, _) = binarize(logits)?;
+        let masks = binarize(logits)?;
         let [n, sc, d] = f.dims();
         let fv = f.reshape([n, sc * d]).into_data().convert::<f32>().into_vec::<f32>().map_err(|e| inp(format!("{e:?}")))?;
         (fv.chunks(sc * d).map(<[f32]>::to_vec).collect::<Vec<_>>(), masks)
     };
-    let (mut f_it, mut m_it) = (fs.into_iter(), masks.into_iter());
+    let (masks, mask_scores) = masks;
+    let (mut f_it, mut m_it, mut s_it) = (fs.into_iter(), masks.into_iter(), mask_scores.into_iter());
     let mut out: Vec<Vec<Candidate>> = (0..instructions.len()).map(|_| Vec::with_capacity(s.k)).collect();
     for ((r, g), groups) in gens.into_iter().enumerate().zip(scans) {
         let n = groups.len();
@@ -167,6 +175,7 @@ pub fn sample_candidates<B: Backend>(
             groups,
             f: f_it.by_ref().take(n).collect(),
             masks: m_it.by_ref().take(n).collect(),
+            mask_scores: s_it.by_ref().take(n).collect(),
             answer,
         });
     }
@@ -254,6 +263,26 @@ pub struct EnsembleOutput {
     pub prediction: Prediction,
     pub candidates: Vec<Candidate>,
     pub scores: Scores,
+    /// With [`EnsembleSettings::fallback`]: the candidate output instead of y_tilde.
+    pub fell_back: Option<usize>,
+}
+
+/// The candidate [`EnsembleSettings::fallback`] outputs: among those with at least one
+/// complete seg group and a mask per group, the highest mean token log-probability (first on
+/// ties); None when no candidate has one.
+pub fn best_candidate(cands: &[Candidate]) -> Option<usize> {
+    let mean = |c: &Candidate| if c.logprobs.is_empty() { f32::NEG_INFINITY } else { c.logprobs.iter().sum::<f32>() / c.logprobs.len() as f32 };
+    let mut best: Option<(usize, f32)> = None;
+    for (k, c) in cands.iter().enumerate() {
+        if c.groups.is_empty() || c.masks.len() != c.groups.len() {
+            continue;
+        }
+        let m = mean(c);
+        if best.is_none_or(|(_, b)| m > b) {
+            best = Some((k, m));
+        }
+    }
+    best.map(|(k, _)| k)
 }
 
 /// The whole ensemble (SPEC 6 steps 1-6) on a batch of (image, instruction) pairs.
@@ -299,19 +328,32 @@ pub fn predict<B: Backend>(
     for (((r, (ids, logprobs, stopped)), cands), sc) in refined.into_iter().enumerate().zip(cands).zip(scores) {
         let text = pred.tokenizer.decode(&ids, false).map_err(inp)?;
         let answer = tokenizer::answer_text(&text, group);
-        out.push(EnsembleOutput {
-            prediction: Prediction {
-                answer,
-                ids,
-                logprobs,
-                masks: m_it.by_ref().take(per_row[r]).collect(),
-                mask_scores: s_it.by_ref().take(per_row[r]).collect(),
-                seg_issues: std::mem::take(&mut issues[r]),
-                stopped,
-            },
-            candidates: cands,
-            scores: sc,
-        });
+        let mut prediction = Prediction {
+            answer,
+            ids,
+            logprobs,
+            masks: m_it.by_ref().take(per_row[r]).collect(),
+            mask_scores: s_it.by_ref().take(per_row[r]).collect(),
+            seg_issues: std::mem::take(&mut issues[r]),
+            stopped,
+        };
+        let mut fell_back = None;
+        if s.fallback && (prediction.masks.is_empty() || !prediction.seg_issues.is_empty()) {
+            if let Some(k) = best_candidate(&cands) {
+                let c = &cands[k];
+                prediction = Prediction {
+                    answer: c.answer.clone(),
+                    ids: c.ids.clone(),
+                    logprobs: c.logprobs.clone(),
+                    masks: c.masks.clone(),
+                    mask_scores: c.mask_scores.clone(),
+                    seg_issues: vec![],
+                    stopped: true,
+                };
+                fell_back = Some(k);
+            }
+        }
+        out.push(EnsembleOutput { prediction, candidates: cands, scores: sc, fell_back });
     }
     Ok(out)
 }

@@ -93,7 +93,7 @@ pub fn run<B: Backend>(
     let mut manifest = Manifest::new("predict", cfg)?;
     manifest.add_input(samples)?;
     manifest.add_input(model_dir.join(bundle::WEIGHTS_FILE))?;
-    let (mut n, mut issues) = (0usize, 0usize);
+    let (mut n, mut issues, mut n_fallbacks) = (0usize, 0usize, 0usize);
     let mut pending: Vec<Sample> = Vec::with_capacity(cfg.batch_size);
     let model_name = model.config().name.clone();
     let mut flush = |pending: &mut Vec<Sample>, writer: &mut ShardWriter<Prediction>, manifest: &mut Manifest| -> Result<()> {
@@ -112,6 +112,7 @@ pub fn run<B: Backend>(
             }
         }
         let items: Vec<(&image::RgbImage, &str)> = images.iter().zip(&keep).map(|(im, s)| (im, s.instruction.as_str())).collect();
+        let mut fallbacks: Vec<Option<usize>> = vec![None; keep.len()];
         let preds = if cfg.teacher_force {
             let forced: Vec<(&image::RgbImage, &str, &str)> =
                 images.iter().zip(&keep).map(|(im, s)| (im, s.instruction.as_str(), s.answer.as_str())).collect();
@@ -130,11 +131,16 @@ pub fn run<B: Backend>(
                 })
                 .collect()
         } else if let Some(e) = &cfg.ensemble {
-            crate::ensemble::predict(&predictor, &items, e)?.into_iter().map(|o| o.prediction).collect()
+            let outs = crate::ensemble::predict(&predictor, &items, e)?;
+            fallbacks = outs.iter().map(|o| o.fell_back).collect();
+            outs.into_iter().map(|o| o.prediction).collect()
         } else {
             predictor.predict(&items, &cfg.sampling)?
         };
-        for (s, p) in keep.iter().zip(preds) {
+        for ((s, p), fell_back) in keep.iter().zip(preds).zip(fallbacks) {
+            if fell_back.is_some() {
+                n_fallbacks += 1;
+            }
             let mut seg_issues = p.seg_issues.clone();
             let (masks, scores) = if p.answer.matches(SEG_TOKEN).count() == p.masks.len() {
                 (p.masks.iter().map(Rle::encode).collect(), p.mask_scores.clone())
@@ -160,6 +166,7 @@ pub fn run<B: Backend>(
                 "stopped": p.stopped,
                 "teacher_forced": cfg.teacher_force,
                 "ensemble_k": cfg.ensemble.as_ref().map(|e| e.k),
+                "ensemble_fallback": fell_back,
                 "seg_issues": seg_issues,
             });
             writer.write(Prediction {
@@ -190,6 +197,9 @@ pub fn run<B: Backend>(
     manifest.add_output(out, Some(rows as u64))?;
     manifest.count("predictions", n as u64);
     manifest.count("with_seg_issues", issues as u64);
+    if cfg.ensemble.as_ref().is_some_and(|e| e.fallback) {
+        manifest.count("ensemble_fallbacks", n_fallbacks as u64);
+    }
     manifest.time("seconds", t0);
     let mpath = popen_core::manifest::manifest_beside(out);
     manifest.write(&mpath)?;

@@ -317,3 +317,58 @@ fn sam_cache_serves_predict_and_ensemble_train() {
         assert!(d <= 1e-5, "{k}: max |diff| {d}");
     }
 }
+
+fn candidate(groups: usize, logprobs: &[f32]) -> ensemble::Candidate {
+    let m = popen_core::mask::Mask::zeros(2, 2);
+    ensemble::Candidate {
+        ids: vec![1; logprobs.len()],
+        logprobs: logprobs.to_vec(),
+        groups: (0..groups).map(|g| vec![g]).collect(),
+        f: vec![vec![0.0]; groups],
+        masks: vec![m; groups],
+        mask_scores: vec![0.5; groups],
+        answer: "a <seg>".into(),
+    }
+}
+
+/// The fallback's choice, by hand: the highest mean token log-probability among the candidates
+/// with groups (a group-less candidate never wins, however likely; ties keep the first).
+#[test]
+fn fallback_picks_the_likeliest_candidate_with_groups() {
+    let c = [candidate(0, &[-0.1, -0.1]), candidate(1, &[-1.0, -3.0]), candidate(2, &[-0.5, -2.5, -1.5]), candidate(1, &[-2.0, -1.0, -3.0])];
+    // Means: -, -2.0, -1.5, -2.0.
+    assert_eq!(ensemble::best_candidate(&c), Some(2));
+    assert_eq!(ensemble::best_candidate(&c[..2]), Some(1));
+    assert_eq!(ensemble::best_candidate(&c[..1]), None);
+    assert_eq!(ensemble::best_candidate(&[candidate(1, &[-1.0]), candidate(1, &[-1.0])]), Some(0));
+}
+
+/// With `fallback`, each record is y_tilde when it has usable groups, else the chosen
+/// candidate's own answer, ids and masks; without it, the refined output is kept as is.
+#[test]
+fn ensemble_fallback_outputs_y_tilde_or_the_chosen_candidate() {
+    let w = world();
+    let model_dev = Default::default();
+    let mut b = bundle::open::<B>(&w.model, &model_dev).unwrap();
+    let p = Predictor::new(&b.model, &mut b.tokenizer).unwrap();
+    let samples: Vec<Sample> = read_shard(&w.train).unwrap();
+    let images: Vec<image::RgbImage> = samples.iter().map(|s| s.decode_image().unwrap()).collect();
+    let items: Vec<(&image::RgbImage, &str)> = images.iter().zip(&samples).map(|(im, s)| (im, s.instruction.as_str())).collect();
+    let plain = ensemble::predict(&p, &items, &settings()).unwrap();
+    let fb = ensemble::predict(&p, &items, &EnsembleSettings { fallback: true, ..settings() }).unwrap();
+    for (a, o) in plain.iter().zip(&fb) {
+        assert!(a.fell_back.is_none());
+        match o.fell_back {
+            None => {
+                assert_eq!(o.prediction.answer, a.prediction.answer);
+                assert!(ensemble::best_candidate(&o.candidates).is_none() || (!o.prediction.masks.is_empty() && o.prediction.seg_issues.is_empty()));
+            }
+            Some(k) => {
+                assert!(a.prediction.masks.is_empty() || !a.prediction.seg_issues.is_empty());
+                assert_eq!(Some(k), ensemble::best_candidate(&o.candidates));
+                let c = &o.candidates[k];
+                assert_eq!((&o.prediction.answer, &o.prediction.ids, &o.prediction.masks), (&c.answer, &c.ids, &c.masks));
+            }
+        }
+    }
+}
