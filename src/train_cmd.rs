@@ -91,6 +91,10 @@ pub struct PredictArgs {
     /// one), output the candidate with the highest mean token log-probability instead.
     #[arg(long)]
     ensemble_fallback: bool,
+    /// Decode the refined answer token by token instead of checking the K answers as drafts
+    /// (same greedy ids up to rounding; for timing comparisons).
+    #[arg(long)]
+    ensemble_no_draft: bool,
     /// Folder where the frozen SAM encoder's image embeddings of a tiny-sam model are kept
     /// between runs (predicting several models of the pipeline on one split encodes once).
     #[arg(long)]
@@ -169,6 +173,7 @@ pub fn predict(a: PredictArgs) -> Result<()> {
             seed: a.ensemble_seed,
             max_new_tokens: a.max_new_tokens,
             fallback: a.ensemble_fallback,
+            draft: !a.ensemble_no_draft,
             ..Default::default()
         }),
         sam_cache: a.sam_cache.clone(),

@@ -1196,6 +1196,38 @@ impl<B: Backend> PixelLm<B> {
         )?)
     }
 
+    /// Greedy decoding of an assembled batch that checks `drafts[r]` (row r's candidate
+    /// continuations, preferred first) several tokens per forward
+    /// ([`crate::sampling::greedy_with_drafts`]): the ids [`Self::generate`] gives at
+    /// temperature 0, in fewer sequential forwards when a draft is right. Also returns the
+    /// number of forwards after the prefix.
+    pub fn generate_drafted(
+        &self,
+        asm: &Assembled<B>,
+        max_new_tokens: usize,
+        stop_ids: &[u32],
+        drafts: &[Vec<Vec<u32>>],
+    ) -> Result<(Vec<Generation<B>>, usize)> {
+        let rows: Vec<Vec<i64>> = asm
+            .lens
+            .iter()
+            .map(|&len| {
+                let pad = asm.width - len;
+                (0..asm.width).map(|j| (j as i64 - pad as i64).max(0)).collect()
+            })
+            .collect();
+        Ok(crate::sampling::greedy_with_drafts(
+            &self.llm,
+            asm.embeds.clone(),
+            asm.keep.clone(),
+            Some(&rows),
+            asm.gamma.clone(),
+            drafts,
+            max_new_tokens,
+            stop_ids,
+        )?)
+    }
+
     /// Token log-probs [b, L-1 -> aligned to L]: `logp[r, t]` = log p(token at t | < t) for
     /// text-token positions given as `targets[r] = (start, ids)`; returns one Vec per row.
     pub fn response_logprobs(

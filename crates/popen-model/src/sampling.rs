@@ -120,80 +120,8 @@ pub fn generate_at<B: Backend>(
 ) -> Result<Vec<Generation<B>>, LlamaError> {
     cfg.validate()?;
     let [b, s, h] = prefix.dims();
-    if prefix_keep.dims() != [b, s] {
-        return Err(LlamaError::Input(format!(
-            "generate: prefix_keep has shape {:?}, prefix is [{b}, {s}, {h}]",
-            prefix_keep.dims()
-        )));
-    }
-    if let Some(g) = &prefix_gamma {
-        if g.dims() != [b, s] {
-            return Err(LlamaError::Input(format!(
-                "generate: prefix_gamma has shape {:?}, prefix is [{b}, {s}, {h}]",
-                g.dims()
-            )));
-        }
-    }
     let device = prefix.device();
-    let keep_host: Vec<bool> = prefix_keep
-        .clone()
-        .int()
-        .into_data()
-        .convert::<i64>()
-        .into_vec::<i64>()
-        .map_err(|e| LlamaError::Input(format!("generate: reading prefix_keep: {e:?}")))?
-        .into_iter()
-        .map(|v| v != 0)
-        .collect();
-    if b > 0 && s > 0 {
-        if let Some(r) = (0..b).find(|&r| !keep_host[r * s + s - 1]) {
-            return Err(LlamaError::Input(format!(
-                "generate: prefix row {r} ends with padding; rows must be left-padded"
-            )));
-        }
-    }
-
-    // Per-row next position and the prefix positions: HF-style `cumsum(keep) - 1` by
-    // default (padding positions get 1: never seen), or the caller's.
-    let mut n_real = vec![0usize; b];
-    let mut pos = Vec::with_capacity(b * s);
-    match prefix_positions {
-        None => {
-            for r in 0..b {
-                for j in 0..s {
-                    if keep_host[r * s + j] {
-                        pos.push(n_real[r] as i64);
-                        n_real[r] += 1;
-                    } else {
-                        pos.push(1);
-                    }
-                }
-            }
-        }
-        Some(p) => {
-            if p.len() != b || p.iter().any(|row| row.len() != s) {
-                return Err(LlamaError::Input(format!(
-                    "generate: prefix positions must be [{b}][{s}]"
-                )));
-            }
-            for r in 0..b {
-                let mut next = 0i64;
-                for j in 0..s {
-                    let v = p[r][j];
-                    if keep_host[r * s + j] {
-                        if v < 0 {
-                            return Err(LlamaError::Input(format!(
-                                "generate: negative position {v} in row {r}"
-                            )));
-                        }
-                        next = next.max(v + 1);
-                    }
-                    pos.push(v.max(0));
-                }
-                n_real[r] = next as usize;
-            }
-        }
-    }
+    let (keep_host, n_real, pos) = prefix_positions_of(&prefix, &prefix_keep, prefix_positions, prefix_gamma.as_ref())?;
     let mut keep_rows: Vec<Vec<bool>> = (0..b)
         .map(|r| keep_host[r * s..(r + 1) * s].to_vec())
         .collect();
@@ -312,6 +240,252 @@ pub fn generate_at<B: Backend>(
             }
         })
         .collect())
+}
+
+/// Greedy decoding that checks drafts instead of decoding token by token: the same ids as
+/// [`generate_at`] with temperature 0 (up to floating-point rounding: several positions go
+/// through the model at once), in fewer sequential forwards when a draft is right.
+///
+/// `drafts[r]` holds row r's draft continuations, in order of preference (POPEN's refined
+/// answer y_tilde mostly repeats one of the K sampled answers). Each round feeds, per row,
+/// the last emitted token followed by the rest of the first draft that agrees with all the ids
+/// emitted so far (none: the token alone); the logits at every fed position give the greedy
+/// token there, and the draft tokens are accepted while they equal it. The first greedy token
+/// that differs is emitted and fed in the next round; the cache entries of the rejected draft
+/// tokens are masked out for good (their keys are never attended again). Stop ids end a row
+/// as in [`generate_at`]; every emitted id is fed once, so `hidden` is the same per token.
+///
+/// Returns the generations and the number of forwards after the prefix.
+#[allow(clippy::too_many_arguments)]
+pub fn greedy_with_drafts<B: Backend>(
+    model: &Llama<B>,
+    prefix: Tensor<B, 3>,
+    prefix_keep: Tensor<B, 2, Bool>,
+    prefix_positions: Option<&[Vec<i64>]>,
+    prefix_gamma: Option<Tensor<B, 2>>,
+    drafts: &[Vec<Vec<u32>>],
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+) -> Result<(Vec<Generation<B>>, usize), LlamaError> {
+    let [b, s, h] = prefix.dims();
+    if drafts.len() != b {
+        return Err(LlamaError::Input(format!("greedy_with_drafts: {} draft lists for {b} rows", drafts.len())));
+    }
+    let device = prefix.device();
+    let (keep_host, n_real, pos) = prefix_positions_of(&prefix, &prefix_keep, prefix_positions, prefix_gamma.as_ref())?;
+    let vocab = model.vocab_size();
+    let mut keep_rows: Vec<Vec<bool>> = (0..b).map(|r| keep_host[r * s..(r + 1) * s].to_vec()).collect();
+    let mut cache = model.new_cache();
+    let extras = AttnExtras {
+        positions: Some(Tensor::from_data(TensorData::new(pos, [b, s]), &device)),
+        key_keep: Some(prefix_keep),
+        gamma: prefix_gamma.clone(),
+    };
+    let hidden = model.forward_embeds(prefix, &extras, &mut cache)?;
+    let hidden_prefix = hidden.clone().narrow(1, s - 1, 1);
+    let mut gamma = prefix_gamma;
+
+    let host = |t: Tensor<B, 3>, what: &str| -> Result<Vec<f32>, LlamaError> {
+        t.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| LlamaError::Input(format!("greedy_with_drafts: reading {what}: {e:?}")))
+    };
+    let mut ids: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut logprobs: Vec<Vec<f32>> = vec![Vec::new(); b];
+    let mut hiddens: Vec<Vec<Tensor<B, 1>>> = (0..b).map(|_| Vec::new()).collect();
+    let mut stop_id: Vec<Option<u32>> = vec![None; b];
+    // The emitted token each row still has to feed.
+    let mut pending: Vec<Option<u32>> = vec![None; b];
+    // Emit the greedy token of `row` unless the row is full or it is a stop id.
+    let emit = |r: usize, row: &[f32], ids: &mut Vec<Vec<u32>>, logprobs: &mut Vec<Vec<f32>>, stop_id: &mut Vec<Option<u32>>| -> Result<Option<u32>, LlamaError> {
+        if ids[r].len() >= max_new_tokens {
+            return Ok(None);
+        }
+        if let Some(i) = row.iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
+            return Err(LlamaError::Input(format!("greedy_with_drafts: row {r}, token {}: logit of id {i} is {}", ids[r].len(), row[i])));
+        }
+        let t = argmax(row) as u32;
+        if stop_ids.contains(&t) {
+            stop_id[r] = Some(t);
+            return Ok(None);
+        }
+        ids[r].push(t);
+        logprobs[r].push(log_softmax_at(row, t as usize));
+        Ok(Some(t))
+    };
+    if max_new_tokens > 0 {
+        let lg = host(model.logits(hidden.narrow(1, s - 1, 1)), "logits")?;
+        for r in 0..b {
+            pending[r] = emit(r, &lg[r * vocab..(r + 1) * vocab], &mut ids, &mut logprobs, &mut stop_id)?;
+        }
+    }
+    let mut forwards = 0usize;
+    while pending.iter().any(Option::is_some) {
+        // Per row: the pending token, then the draft's next tokens (at most what the row may
+        // still emit after the pending one).
+        let blocks: Vec<Vec<u32>> = (0..b)
+            .map(|r| {
+                let Some(t) = pending[r] else { return vec![] };
+                let n = ids[r].len();
+                let room = max_new_tokens - n;
+                let rest = drafts[r].iter().find(|d| d.len() > n && d[..n] == ids[r][..]).map(|d| &d[n..]).unwrap_or(&[]);
+                std::iter::once(t).chain(rest.iter().copied().take(room)).collect()
+            })
+            .collect();
+        let width = blocks.iter().map(Vec::len).max().unwrap_or(0);
+        let offset = keep_rows[0].len();
+        let mut tokens = Vec::with_capacity(b * width);
+        let mut positions = Vec::with_capacity(b * width);
+        for (r, blk) in blocks.iter().enumerate() {
+            for j in 0..width {
+                let real = j < blk.len();
+                tokens.push(if real { blk[j] as i64 } else { 0 });
+                // The pending token is the row's (n - 1)-th emitted id.
+                positions.push(if real { (n_real[r] + ids[r].len() - 1 + j) as i64 } else { 1 });
+                keep_rows[r].push(real);
+            }
+        }
+        gamma = gamma.map(|g| Tensor::cat(vec![g, Tensor::zeros([b, width], &device)], 1));
+        let total = keep_rows[0].len();
+        let flat: Vec<bool> = keep_rows.iter().flatten().copied().collect();
+        let extras = AttnExtras {
+            positions: Some(Tensor::from_data(TensorData::new(positions, [b, width]), &device)),
+            key_keep: Some(Tensor::from_data(TensorData::new(flat, [b, total]), &device)),
+            gamma: gamma.clone(),
+        };
+        let tok = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [b, width]), &device);
+        let hid = model.forward_embeds(model.embed(tok), &extras, &mut cache)?;
+        forwards += 1;
+        let lg = host(model.logits(hid.clone()), "logits")?;
+        for (r, blk) in blocks.iter().enumerate() {
+            if blk.is_empty() {
+                continue;
+            }
+            pending[r] = None;
+            for j in 0..blk.len() {
+                // blk[j] was fed at j: keep its state, then read the greedy token after it.
+                hiddens[r].push(hid.clone().narrow(0, r, 1).narrow(1, j, 1).reshape([h]));
+                let at = (r * width + j) * vocab;
+                let next = emit(r, &lg[at..at + vocab], &mut ids, &mut logprobs, &mut stop_id)?;
+                match next {
+                    Some(t) if j + 1 < blk.len() && blk[j + 1] == t => continue, // the draft was right
+                    Some(t) => {
+                        pending[r] = Some(t);
+                        // The rest of the block followed a wrong draft: never attend to it.
+                        for k in j + 1..blk.len() {
+                            keep_rows[r][offset + k] = false;
+                        }
+                        break;
+                    }
+                    None => {
+                        for k in j + 1..blk.len() {
+                            keep_rows[r][offset + k] = false;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let gens = (0..b)
+        .map(|r| {
+            let n = ids[r].len();
+            let hidden = if n > 0 { Tensor::stack(std::mem::take(&mut hiddens[r]), 0) } else { Tensor::<B, 2>::zeros([0, h], &device) };
+            Generation {
+                prefix_last: hidden_prefix.clone().narrow(0, r, 1).reshape([h]),
+                ids: std::mem::take(&mut ids[r]),
+                logprobs: std::mem::take(&mut logprobs[r]),
+                hidden,
+                stopped: stop_id[r].is_some(),
+                stop_id: stop_id[r],
+            }
+        })
+        .collect();
+    Ok((gens, forwards))
+}
+
+/// The checks and positions both decoders start from: `prefix_keep` per row (host), each row's
+/// next position, and the prefix positions `[b * s]` (HF's `cumsum(keep) - 1`, or the
+/// caller's; padding entries 1).
+fn prefix_positions_of<B: Backend>(
+    prefix: &Tensor<B, 3>,
+    prefix_keep: &Tensor<B, 2, Bool>,
+    prefix_positions: Option<&[Vec<i64>]>,
+    prefix_gamma: Option<&Tensor<B, 2>>,
+) -> Result<(Vec<bool>, Vec<usize>, Vec<i64>), LlamaError> {
+    let [b, s, h] = prefix.dims();
+    if prefix_keep.dims() != [b, s] {
+        return Err(LlamaError::Input(format!(
+            "generate: prefix_keep has shape {:?}, prefix is [{b}, {s}, {h}]",
+            prefix_keep.dims()
+        )));
+    }
+    if let Some(g) = prefix_gamma {
+        if g.dims() != [b, s] {
+            return Err(LlamaError::Input(format!(
+                "generate: prefix_gamma has shape {:?}, prefix is [{b}, {s}, {h}]",
+                g.dims()
+            )));
+        }
+    }
+    let keep_host: Vec<bool> = prefix_keep
+        .clone()
+        .int()
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .map_err(|e| LlamaError::Input(format!("generate: reading prefix_keep: {e:?}")))?
+        .into_iter()
+        .map(|v| v != 0)
+        .collect();
+    if b > 0 && s > 0 {
+        if let Some(r) = (0..b).find(|&r| !keep_host[r * s + s - 1]) {
+            return Err(LlamaError::Input(format!(
+                "generate: prefix row {r} ends with padding; rows must be left-padded"
+            )));
+        }
+    }
+
+    // Per-row next position and the prefix positions: HF-style `cumsum(keep) - 1` by
+    // default (padding positions get 1: never seen), or the caller's.
+    let mut n_real = vec![0usize; b];
+    let mut pos = Vec::with_capacity(b * s);
+    match prefix_positions {
+        None => {
+            for r in 0..b {
+                for j in 0..s {
+                    if keep_host[r * s + j] {
+                        pos.push(n_real[r] as i64);
+                        n_real[r] += 1;
+                    } else {
+                        pos.push(1);
+                    }
+                }
+            }
+        }
+        Some(p) => {
+            if p.len() != b || p.iter().any(|row| row.len() != s) {
+                return Err(LlamaError::Input(format!(
+                    "generate: prefix positions must be [{b}][{s}]"
+                )));
+            }
+            for r in 0..b {
+                let mut next = 0i64;
+                for j in 0..s {
+                    let v = p[r][j];
+                    if keep_host[r * s + j] {
+                        if v < 0 {
+                            return Err(LlamaError::Input(format!(
+                                "generate: negative position {v} in row {r}"
+                            )));
+                        }
+                        next = next.max(v + 1);
+                    }
+                    pos.push(v.max(0));
+                }
+                n_real[r] = next as usize;
+            }
+        }
+    }
+    Ok((keep_host, n_real, pos))
 }
 
 /// `log_softmax(row)[i]`, in f64 (max-shifted log-sum-exp).

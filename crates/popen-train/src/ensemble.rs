@@ -59,11 +59,15 @@ pub struct EnsembleSettings {
     /// highest mean token log-probability (its text and masks) instead. A model too small to
     /// read K answers in context (the CPU demo's tiny LLM) otherwise returns broken y_tilde.
     pub fallback: bool,
+    /// Decode y_tilde by checking the K answers as drafts, several tokens per forward (the
+    /// same greedy ids up to floating-point rounding, fewer sequential steps: y_tilde mostly
+    /// repeats one of them). false = token by token.
+    pub draft: bool,
 }
 
 impl Default for EnsembleSettings {
     fn default() -> Self {
-        EnsembleSettings { k: 3, temperature: 0.7, top_p: 1.0, seed: 0, max_new_tokens: 96, gamma: true, fallback: false }
+        EnsembleSettings { k: 3, temperature: 0.7, top_p: 1.0, seed: 0, max_new_tokens: 96, gamma: true, fallback: false, draft: true }
     }
 }
 
@@ -374,7 +378,22 @@ pub fn refine<B: Backend>(
         .map(|(i, x)| text_rows(pred, x, i, &cands[i], s.gamma.then_some(scores[i].tau.as_slice())))
         .collect::<MResult<_>>()?;
     let asm = pred.model.assemble(&rows, Some(feats), Padding::Left)?;
-    let gens = pred.model.generate(&asm, &s.greedy(), &[pred.tokens.eos])?;
+    let gens = if s.draft {
+        // Drafts: the K answers, likeliest (mean token log-prob) first, each closed by EOS so
+        // that a y_tilde repeating one can also stop in the same forward.
+        let drafts: Vec<Vec<Vec<u32>>> = cands
+            .iter()
+            .map(|cs| {
+                let mut order: Vec<usize> = (0..cs.len()).collect();
+                let mean = |c: &Candidate| if c.logprobs.is_empty() { f32::NEG_INFINITY } else { c.logprobs.iter().sum::<f32>() / c.logprobs.len() as f32 };
+                order.sort_by(|&a, &b| mean(&cs[b]).total_cmp(&mean(&cs[a])));
+                order.iter().map(|&k| cs[k].ids.iter().copied().chain(std::iter::once(pred.tokens.eos)).collect()).collect()
+            })
+            .collect();
+        pred.model.generate_drafted(&asm, s.max_new_tokens, &[pred.tokens.eos], &drafts)?.0
+    } else {
+        pred.model.generate(&asm, &s.greedy(), &[pred.tokens.eos])?
+    };
     Ok(gens.into_iter().map(|g| (g.ids, g.logprobs, g.stopped)).collect())
 }
 

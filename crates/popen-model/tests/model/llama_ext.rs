@@ -828,3 +828,61 @@ fn broken_checkpoints_fail_listing_names() {
     let t = Llama::<B>::load(&tied, &file, &remap, &dev).unwrap();
     assert!(t.lm_head.is_none());
 }
+
+/// Greedy decoding that checks drafts (`greedy_with_drafts`) gives what plain greedy
+/// `generate` gives (the reference: itself matched to transformers' greedy `generate` in
+/// `fixture_greedy_matches_transformers_generate`), ids exactly, log-probs and fed hidden
+/// states to 1e-4, on the left-padded fixture batch with a gamma bias and with and without a
+/// stop id: with right drafts (the greedy answers), wrong ones, half-right ones, none, and a
+/// wrong one listed before a right one. A right draft takes 1 forward instead of one per token.
+#[test]
+fn greedy_with_drafts_equals_greedy() {
+    use popen_model::sampling::greedy_with_drafts;
+    let e = expected();
+    let p = padded_inputs(&e);
+    let model = load::<B>();
+    let (b, s) = (p.ids.len(), p.ids[0].len());
+    let vocab = model.vocab_size() as u32;
+    let n = 12;
+    let gamma = float2((0..b * s).map(|i| ((i * 7) % 5) as f32 * 0.1 - 0.2).collect(), b, s);
+    let greedy = |stop: &[u32]| {
+        generate(&model, model.embed(int2(&p.ids)), bool2(&p.keep), Some(gamma.clone()), &SamplingConfig { max_new_tokens: n, ..Default::default() }, stop).unwrap()
+    };
+    let free = greedy(&[]);
+    let stop = vec![free[0].ids[4]];
+    for stop in [vec![], stop] {
+        let want = greedy(&stop);
+        let right: Vec<Vec<u32>> = want.iter().map(|g| g.ids.clone()).collect();
+        let wrong: Vec<Vec<u32>> = right.iter().map(|ids| ids.iter().map(|&t| (t + 1) % vocab).collect()).collect();
+        let half: Vec<Vec<u32>> = right.iter().zip(&wrong).map(|(r, w)| r[..r.len() / 2].iter().chain(&w[r.len() / 2..]).copied().collect()).collect();
+        let cases: Vec<(&str, Vec<Vec<Vec<u32>>>)> = vec![
+            ("right", right.iter().map(|d| vec![d.clone()]).collect()),
+            ("wrong", wrong.iter().map(|d| vec![d.clone()]).collect()),
+            ("half", half.iter().map(|d| vec![d.clone()]).collect()),
+            ("none", vec![vec![]; b]),
+            ("wrong then right", wrong.iter().zip(&right).map(|(w, r)| vec![w.clone(), r.clone()]).collect()),
+        ];
+        for (name, drafts) in cases {
+            let (got, forwards) =
+                greedy_with_drafts(&model, model.embed(int2(&p.ids)), bool2(&p.keep), None, Some(gamma.clone()), &drafts, n, &stop).unwrap();
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.ids, w.ids, "{name}, stop {stop:?}, row {r}");
+                assert_eq!((g.stopped, g.stop_id), (w.stopped, w.stop_id), "{name}, row {r}");
+                for (a, c) in g.logprobs.iter().zip(&w.logprobs) {
+                    assert!((a - c).abs() <= 1e-4, "{name}, row {r}: log-prob {a} vs {c}");
+                }
+                assert_eq!(g.hidden.dims(), w.hidden.dims(), "{name}, row {r}");
+                let d = vec_of(g.hidden.clone()).iter().zip(vec_of(w.hidden.clone())).map(|(a, c)| (a - c).abs()).fold(0f32, f32::max);
+                assert!(d <= 1e-4, "{name}, row {r}: hidden differs by {d}");
+                let d = vec_of(g.prefix_last.clone()).iter().zip(vec_of(w.prefix_last.clone())).map(|(a, c)| (a - c).abs()).fold(0f32, f32::max);
+                assert!(d <= 1e-5, "{name}, row {r}: prefix state differs by {d}");
+            }
+            let longest = want.iter().map(|g| g.ids.len()).max().unwrap();
+            match name {
+                "right" | "wrong then right" => assert_eq!(forwards, 1, "{name}: every draft right, one forward"),
+                "wrong" | "none" => assert_eq!(forwards, longest, "{name}: one forward per token"),
+                _ => assert!(forwards < longest, "{name}: {forwards} forwards for {longest} tokens"),
+            }
+        }
+    }
+}
