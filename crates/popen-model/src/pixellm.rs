@@ -1177,14 +1177,7 @@ impl<B: Backend> PixelLm<B> {
         cfg: &SamplingConfig,
         stop_ids: &[u32],
     ) -> Result<Vec<Generation<B>>> {
-        let rows: Vec<Vec<i64>> = asm
-            .lens
-            .iter()
-            .map(|&len| {
-                let pad = asm.width - len;
-                (0..asm.width).map(|j| (j as i64 - pad as i64).max(0)).collect()
-            })
-            .collect();
+        let rows = left_padded_positions(asm);
         Ok(generate_at(
             &self.llm,
             asm.embeds.clone(),
@@ -1208,14 +1201,7 @@ impl<B: Backend> PixelLm<B> {
         stop_ids: &[u32],
         drafts: &[Vec<Vec<u32>>],
     ) -> Result<(Vec<Generation<B>>, usize)> {
-        let rows: Vec<Vec<i64>> = asm
-            .lens
-            .iter()
-            .map(|&len| {
-                let pad = asm.width - len;
-                (0..asm.width).map(|j| (j as i64 - pad as i64).max(0)).collect()
-            })
-            .collect();
+        let rows = left_padded_positions(asm);
         Ok(crate::sampling::greedy_with_drafts(
             &self.llm,
             asm.embeds.clone(),
@@ -1500,3 +1486,14 @@ pub fn saved_config(path: impl AsRef<Path>) -> Result<PixelLmConfig> {
     })
 }
 
+/// PixelLM's positions of a left-padded assembled batch: every position of the expanded row
+/// numbered (`arange`), the padding before it clamped to 0 (masked anyway).
+fn left_padded_positions<B: Backend>(asm: &Assembled<B>) -> Vec<Vec<i64>> {
+    asm.lens
+        .iter()
+        .map(|&len| {
+            let pad = asm.width - len;
+            (0..asm.width).map(|j| (j as i64 - pad as i64).max(0)).collect()
+        })
+        .collect()
+}

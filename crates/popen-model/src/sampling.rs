@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::llama::{AttnExtras, Llama, LlamaError};
+use crate::llama::{AttnExtras, KvCache, Llama, LlamaError};
 
 /// Decoding settings. Defaults: 64 new tokens, greedy (temperature 0), top_p 1, seed 0.
 /// There is no top-k: this equals transformers' sampling with `top_k=0` (its generation
@@ -119,26 +119,11 @@ pub fn generate_at<B: Backend>(
     stop_ids: &[u32],
 ) -> Result<Vec<Generation<B>>, LlamaError> {
     cfg.validate()?;
-    let [b, s, h] = prefix.dims();
+    let [b, _, h] = prefix.dims();
     let device = prefix.device();
-    let (keep_host, n_real, pos) = prefix_positions_of(&prefix, &prefix_keep, prefix_positions, prefix_gamma.as_ref())?;
-    let mut keep_rows: Vec<Vec<bool>> = (0..b)
-        .map(|r| keep_host[r * s..(r + 1) * s].to_vec())
-        .collect();
-    let keep_tensor = |rows: &[Vec<bool>]| {
-        let t = rows[0].len();
-        let flat: Vec<bool> = rows.iter().flatten().copied().collect();
-        Tensor::<B, 2, Bool>::from_data(TensorData::new(flat, [b, t]), &device)
-    };
-
-    let mut cache = model.new_cache();
-    let extras = AttnExtras {
-        positions: Some(Tensor::from_data(TensorData::new(pos, [b, s]), &device)),
-        key_keep: Some(prefix_keep),
-        gamma: prefix_gamma.clone(),
-    };
-    let hidden = model.forward_embeds(prefix, &extras, &mut cache)?;
-    let hidden_prefix = hidden.clone().narrow(1, s - 1, 1);
+    let Prefilled { mut keep_rows, n_real, mut cache, last: hidden_prefix } =
+        prefill(model, prefix, prefix_keep, prefix_positions, prefix_gamma.clone())?;
+    let keep_tensor = |rows: &[Vec<bool>]| keep_tensor(rows, &device);
     let mut gamma = prefix_gamma;
     let vocab = model.vocab_size();
 
@@ -156,7 +141,7 @@ pub fn generate_at<B: Backend>(
     let mut step_hidden: Vec<Tensor<B, 3>> = Vec::new();
 
     let mut logits = if cfg.max_new_tokens > 0 {
-        Some(model.logits(hidden.narrow(1, s - 1, 1)))
+        Some(model.logits(hidden_prefix.clone()))
     } else {
         None
     };
@@ -267,22 +252,14 @@ pub fn greedy_with_drafts<B: Backend>(
     max_new_tokens: usize,
     stop_ids: &[u32],
 ) -> Result<(Vec<Generation<B>>, usize), LlamaError> {
-    let [b, s, h] = prefix.dims();
+    let [b, _, h] = prefix.dims();
     if drafts.len() != b {
         return Err(LlamaError::Input(format!("greedy_with_drafts: {} draft lists for {b} rows", drafts.len())));
     }
     let device = prefix.device();
-    let (keep_host, n_real, pos) = prefix_positions_of(&prefix, &prefix_keep, prefix_positions, prefix_gamma.as_ref())?;
     let vocab = model.vocab_size();
-    let mut keep_rows: Vec<Vec<bool>> = (0..b).map(|r| keep_host[r * s..(r + 1) * s].to_vec()).collect();
-    let mut cache = model.new_cache();
-    let extras = AttnExtras {
-        positions: Some(Tensor::from_data(TensorData::new(pos, [b, s]), &device)),
-        key_keep: Some(prefix_keep),
-        gamma: prefix_gamma.clone(),
-    };
-    let hidden = model.forward_embeds(prefix, &extras, &mut cache)?;
-    let hidden_prefix = hidden.clone().narrow(1, s - 1, 1);
+    let Prefilled { mut keep_rows, n_real, mut cache, last: hidden_prefix } =
+        prefill(model, prefix, prefix_keep, prefix_positions, prefix_gamma.clone())?;
     let mut gamma = prefix_gamma;
 
     let host = |t: Tensor<B, 3>, what: &str| -> Result<Vec<f32>, LlamaError> {
@@ -312,7 +289,7 @@ pub fn greedy_with_drafts<B: Backend>(
         Ok(Some(t))
     };
     if max_new_tokens > 0 {
-        let lg = host(model.logits(hidden.narrow(1, s - 1, 1)), "logits")?;
+        let lg = host(model.logits(hidden_prefix.clone()), "logits")?;
         for r in 0..b {
             pending[r] = emit(r, &lg[r * vocab..(r + 1) * vocab], &mut ids, &mut logprobs, &mut stop_id)?;
         }
@@ -344,11 +321,9 @@ pub fn greedy_with_drafts<B: Backend>(
             }
         }
         gamma = gamma.map(|g| Tensor::cat(vec![g, Tensor::zeros([b, width], &device)], 1));
-        let total = keep_rows[0].len();
-        let flat: Vec<bool> = keep_rows.iter().flatten().copied().collect();
         let extras = AttnExtras {
             positions: Some(Tensor::from_data(TensorData::new(positions, [b, width]), &device)),
-            key_keep: Some(Tensor::from_data(TensorData::new(flat, [b, total]), &device)),
+            key_keep: Some(keep_tensor(&keep_rows, &device)),
             gamma: gamma.clone(),
         };
         let tok = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [b, width]), &device);
@@ -400,6 +375,43 @@ pub fn greedy_with_drafts<B: Backend>(
         })
         .collect();
     Ok((gens, forwards))
+}
+
+/// Both decoders after the prefix: the per-row key mask so far, each row's next position,
+/// the cache holding the prefix, and the final-normed state at its last position `[b, 1, h]`.
+struct Prefilled<B: Backend> {
+    keep_rows: Vec<Vec<bool>>,
+    n_real: Vec<usize>,
+    cache: KvCache<B>,
+    last: Tensor<B, 3>,
+}
+
+fn prefill<B: Backend>(
+    model: &Llama<B>,
+    prefix: Tensor<B, 3>,
+    prefix_keep: Tensor<B, 2, Bool>,
+    prefix_positions: Option<&[Vec<i64>]>,
+    prefix_gamma: Option<Tensor<B, 2>>,
+) -> Result<Prefilled<B>, LlamaError> {
+    let [b, s, _] = prefix.dims();
+    let device = prefix.device();
+    let (keep_host, n_real, pos) = prefix_positions_of(&prefix, &prefix_keep, prefix_positions, prefix_gamma.as_ref())?;
+    let keep_rows = (0..b).map(|r| keep_host[r * s..(r + 1) * s].to_vec()).collect();
+    let mut cache = model.new_cache();
+    let extras = AttnExtras {
+        positions: Some(Tensor::from_data(TensorData::new(pos, [b, s]), &device)),
+        key_keep: Some(prefix_keep),
+        gamma: prefix_gamma,
+    };
+    let hidden = model.forward_embeds(prefix, &extras, &mut cache)?;
+    Ok(Prefilled { keep_rows, n_real, cache, last: hidden.narrow(1, s - 1, 1) })
+}
+
+/// The key mask `[b, t]` of per-row keep flags (all rows of length t).
+fn keep_tensor<B: Backend>(rows: &[Vec<bool>], device: &B::Device) -> Tensor<B, 2, Bool> {
+    let (b, t) = (rows.len(), rows[0].len());
+    let flat: Vec<bool> = rows.iter().flatten().copied().collect();
+    Tensor::from_data(TensorData::new(flat, [b, t]), device)
 }
 
 /// The checks and positions both decoders start from: `prefix_keep` per row (host), each row's
