@@ -131,6 +131,24 @@ pub struct PixelLmConfig {
     /// in a frozen SAM decoder's prompt space by itself (the tiny-sam preset).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub seg_locator: usize,
+    /// Add the decoder's dense positional encoding (SAM's `get_dense_pe`, the space its point
+    /// prompts live in) to the SAM embedding before it is resized for the LLM (not in
+    /// PixelLM; models with `sam_encoder` only). TinyViT has no absolute position embedding,
+    /// so without it the LLM's image tokens do not say WHERE a feature is and an object's
+    /// embedding cannot carry a location into the frozen SAM decoder. CLIP's tokens carry
+    /// their ViT position embedding already. Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub llm_image_pe: bool,
+    /// Add a learned projection of each LLM image cell's pixels (`CELL_SUB`^2 RGB means,
+    /// `llm_pixel_proj`) to its image token (not in PixelLM; models with `sam_encoder`
+    /// only). SAM's embedding is made for boundaries and says little about colour, which
+    /// CLIP's tokens carry. Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub llm_image_pixels: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 fn is_zero(v: &usize) -> bool {
@@ -220,6 +238,12 @@ impl PixelLmConfig {
         if self.seg_token_num == 0 {
             return bad("seg_token_num must be at least 1".into());
         }
+        if self.llm_image_pe && self.sam_encoder.is_none() {
+            return bad("llm_image_pe needs sam_encoder (CLIP's tokens carry their own position embedding)".into());
+        }
+        if self.llm_image_pixels && self.sam_encoder.is_none() {
+            return bad("llm_image_pixels needs sam_encoder (CLIP's tokens carry colour already)".into());
+        }
         if self.out_dim != self.decoder.transformer_dim {
             return bad(format!(
                 "out_dim {} != decoder.transformer_dim {}",
@@ -307,6 +331,8 @@ impl PixelLmConfig {
             max_length: 512,
             sam_encoder: None,
             seg_locator: 0,
+            llm_image_pe: false,
+            llm_image_pixels: false,
         }
     }
 
@@ -388,6 +414,8 @@ impl PixelLmConfig {
             max_length: 512,
             sam_encoder: None,
             seg_locator: 0,
+            llm_image_pe: false,
+            llm_image_pixels: false,
         }
     }
 
@@ -450,6 +478,9 @@ impl PixelLmConfig {
                 key: LinearConfig::new(self.out_dim, self.seg_locator).init(device),
                 pixel_key: LinearConfig::new(3 * CELL_SUB * CELL_SUB, self.seg_locator).init(device),
             }),
+            llm_pixel_proj: self
+                .llm_image_pixels
+                .then(|| LinearConfig::new(3 * CELL_SUB * CELL_SUB, h).init(device)),
             cfg: self.clone(),
         })
     }
@@ -637,6 +668,8 @@ pub struct PixelLm<B: Backend> {
     pub seg_feedback: Option<Linear<B>>,
     /// See [`PixelLmConfig::seg_locator`].
     pub seg_locator: Option<SegLocator<B>>,
+    /// See [`PixelLmConfig::llm_image_pixels`]: `3 * CELL_SUB^2 -> H`.
+    pub llm_pixel_proj: Option<Linear<B>>,
     #[module(skip)]
     pub cfg: PixelLmConfig,
 }
@@ -810,7 +843,16 @@ impl<B: Backend> PixelLm<B> {
                     emb.dims()
                 ));
             }
-            (emb.clone(), vec![emb])
+            // The LLM's copy may carry SAM's dense positional encoding (`llm_image_pe`); the
+            // decoder's scale stays the plain embedding (its two-way transformer adds the PE to
+            // the keys itself).
+            let grid = if cfg.llm_image_pe {
+                let pe = self.decoder.prompt_encoder.get_dense_pe(); // [1, C, g, g]
+                emb.clone() + pe.expand(emb.dims())
+            } else {
+                emb.clone()
+            };
+            (grid, vec![emb])
         } else {
             let (Some(tower), Some(out_proj), Some(neck)) = (
                 &self.vision_tower,
@@ -858,7 +900,12 @@ impl<B: Backend> PixelLm<B> {
         let vdim = cfg.vision_width();
         let small = if lg == g { grid } else { resize_bilinear(grid, lg, lg) };
         let small = small.reshape([n, vdim, lg * lg]).swap_dims(1, 2);
-        let llm_tokens = self.mm_projector.forward(small);
+        let mut llm_tokens = self.mm_projector.forward(small);
+        if let Some(proj) = &self.llm_pixel_proj {
+            let v = cell_pixels(images, s, lg);
+            let px = Tensor::<B, 3>::from_data(TensorData::new(v, [n, lg * lg, 3 * CELL_SUB * CELL_SUB]), &device);
+            llm_tokens = llm_tokens + proj.forward(px);
+        }
         let cell_pixels = self.seg_locator.as_ref().map(|_| {
             let g = cfg.decoder.image_embedding_size;
             let v = cell_pixels(images, s, g);

@@ -118,6 +118,8 @@ fn llava_hf_fixture() {
         max_length: 128,
         sam_encoder: None,
         seg_locator: 0,
+        llm_image_pe: false,
+        llm_image_pixels: false,
     };
     let dev = Default::default();
     let (model, fresh) = pixellm::load::<B>(&cfg, &dir, Layout::LlavaHf, None, &dev).unwrap();
@@ -434,5 +436,80 @@ fn locator_prompts_are_sam_box_prompts_and_carry_gradients() {
     let gp = loc.pixel_key.weight.grad(&grads).expect("pixel key gradient");
     for g in [gq, gk, gp] {
         assert!(g.abs().sum().into_scalar() > 0.0);
+    }
+}
+
+/// `llm_image_pe` + `llm_image_pixels`: the LLM's image tokens are
+/// `mm_projector(bilinear(emb + dense_pe)) + llm_pixel_proj(cell pixels)`, built here by hand
+/// from the public parts (SAM's dense PE of the decoder's prompt encoder, `resize_bilinear`,
+/// `mm_projector`) and cell pixels computed by hand (4x4 sub-cell RGB means of each of the 7x7
+/// cells of 32 px: a constant image, and one whose red channel is 1 left of x = 112, so cell
+/// column 3 (x 96..128) has sub-columns 1, 1, 0, 0), while the decoder's scale stays the plain
+/// embedding. Without them the tokens are `mm_projector(bilinear(emb))`; a CLIP model
+/// refuses both.
+#[test]
+fn llm_image_pe_and_pixels_change_only_the_llm_tokens() {
+    let dev = Default::default();
+    let mut cfg = PixelLmConfig::tiny_sam(64);
+    cfg.llm_image_pe = true;
+    cfg.llm_image_pixels = true;
+    cfg.validate().unwrap();
+    let model = cfg.init::<B>(&dev).unwrap();
+    let s = cfg.image_size;
+    let g = cfg.decoder.image_embedding_size;
+    let lg = cfg.llm_image_grid;
+    assert_eq!((s, lg), (224, 7));
+    let mut constant = vec![0.0f32; 3 * s * s];
+    for (c, v) in [0.5f32, -1.0, 2.0].into_iter().enumerate() {
+        constant[c * s * s..(c + 1) * s * s].fill(v);
+    }
+    let mut split = vec![0.0f32; 3 * s * s];
+    for y in 0..s {
+        for x in 0..112 {
+            split[y * s + x] = 1.0;
+        }
+    }
+    let images: Vec<Preprocessed> = [constant, split]
+        .into_iter()
+        .map(|pixels| Preprocessed { pixels, resized_hw: (s, s), original_hw: (96, 96) })
+        .collect();
+    // Hand-computed cell pixels [2, 49, 48]: sub-cell k = ry * 4 + rx, value k * 3 + channel.
+    let mut px = vec![0.0f32; 2 * lg * lg * 48];
+    for cell in 0..lg * lg {
+        let cx = cell % lg;
+        for k in 0..16 {
+            let rx = k % 4;
+            let a = cell * 48 + k * 3;
+            px[a..a + 3].copy_from_slice(&[0.5, -1.0, 2.0]);
+            let red = if cx < 3 || (cx == 3 && rx < 2) { 1.0 } else { 0.0 };
+            px[lg * lg * 48 + a] = red;
+        }
+    }
+    let px = Tensor::<B, 3>::from_data(TensorData::new(px, [2, lg * lg, 48]), &dev);
+    let emb = Tensor::<B, 4>::random([2, 256, g, g], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
+    let feats = model.encode_images_with(&images, Some(emb.clone())).unwrap();
+    let projected = |grid: Tensor<B, 4>| {
+        let small = popen_model::sam::resize_bilinear(grid, lg, lg).reshape([2, 256, lg * lg]).swap_dims(1, 2);
+        model.mm_projector.forward(small)
+    };
+    let pe = model.decoder.prompt_encoder.get_dense_pe().expand([2, 256, g, g]);
+    let pixel_part = model.llm_pixel_proj.as_ref().expect("llm_pixel_proj").forward(px);
+    let got = vec3(feats.llm_tokens.clone());
+    assert!(max_rel(&got, &vec3(projected(emb.clone() + pe.clone()) + pixel_part.clone())) < 1e-5);
+    assert!(max_rel(&got, &vec3(projected(emb.clone() + pe) )) > 1e-2, "the pixels must change the tokens");
+    assert!(max_rel(&got, &vec3(projected(emb.clone()) + pixel_part)) > 1e-2, "the PE must change the tokens");
+    let scale: Vec<f32> = feats.scales[0].clone().into_data().to_vec().unwrap();
+    let plain: Vec<f32> = emb.into_data().to_vec().unwrap();
+    assert_eq!(scale, plain, "the decoder's scale is the plain embedding");
+
+    for flag in 0..2 {
+        let mut clip = PixelLmConfig::tiny(64);
+        if flag == 0 {
+            clip.llm_image_pe = true;
+        } else {
+            clip.llm_image_pixels = true;
+        }
+        let err = clip.validate().unwrap_err().to_string();
+        assert!(err.contains("needs sam_encoder"), "{err}");
     }
 }

@@ -139,6 +139,8 @@ impl Fixture {
             max_length: 128,
             sam_encoder: None,
             seg_locator: 0,
+            llm_image_pe: false,
+            llm_image_pixels: false,
         }
     }
 
