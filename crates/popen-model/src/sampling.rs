@@ -208,23 +208,36 @@ pub fn generate_at<B: Backend>(
 
     // Row r emitted at steps 0..len_r (a row emits every step until it stops).
     let all_hidden = (!step_hidden.is_empty()).then(|| Tensor::cat(step_hidden, 1));
-    Ok((0..b)
-        .map(|r| {
-            let n = ids[r].len();
-            let hidden = match &all_hidden {
-                Some(t) if n > 0 => t.clone().narrow(0, r, 1).narrow(1, 0, n).reshape([n, h]),
-                _ => Tensor::<B, 2>::zeros([0, h], &device),
-            };
-            Generation {
-                prefix_last: hidden_prefix.clone().narrow(0, r, 1).reshape([h]),
-                ids: std::mem::take(&mut ids[r]),
-                logprobs: std::mem::take(&mut logprobs[r]),
-                hidden,
-                stopped: stop_id[r].is_some(),
-                stop_id: stop_id[r],
-            }
+    Ok(generations(hidden_prefix, ids, logprobs, stop_id, |r, n| match &all_hidden {
+        Some(t) if n > 0 => t.clone().narrow(0, r, 1).narrow(1, 0, n).reshape([n, h]),
+        _ => Tensor::<B, 2>::zeros([0, h], &device),
+    }))
+}
+
+/// Both decoders' results: row r's ids, log-probs and stop, its prefix state
+/// (`hidden_prefix` `[b, 1, h]`) and `hidden(r, n)`, the `[n, h]` states of its n emitted
+/// tokens.
+fn generations<B: Backend>(
+    hidden_prefix: Tensor<B, 3>,
+    ids: Vec<Vec<u32>>,
+    logprobs: Vec<Vec<f32>>,
+    stop_id: Vec<Option<u32>>,
+    mut hidden: impl FnMut(usize, usize) -> Tensor<B, 2>,
+) -> Vec<Generation<B>> {
+    let h = hidden_prefix.dims()[2];
+    ids.into_iter()
+        .zip(logprobs)
+        .zip(stop_id)
+        .enumerate()
+        .map(|(r, ((ids, logprobs), stop_id))| Generation {
+            prefix_last: hidden_prefix.clone().narrow(0, r, 1).reshape([h]),
+            hidden: hidden(r, ids.len()),
+            ids,
+            logprobs,
+            stopped: stop_id.is_some(),
+            stop_id,
         })
-        .collect())
+        .collect()
 }
 
 /// Greedy decoding that checks drafts instead of decoding token by token: the same ids as
@@ -360,20 +373,9 @@ pub fn greedy_with_drafts<B: Backend>(
             }
         }
     }
-    let gens = (0..b)
-        .map(|r| {
-            let n = ids[r].len();
-            let hidden = if n > 0 { Tensor::stack(std::mem::take(&mut hiddens[r]), 0) } else { Tensor::<B, 2>::zeros([0, h], &device) };
-            Generation {
-                prefix_last: hidden_prefix.clone().narrow(0, r, 1).reshape([h]),
-                ids: std::mem::take(&mut ids[r]),
-                logprobs: std::mem::take(&mut logprobs[r]),
-                hidden,
-                stopped: stop_id[r].is_some(),
-                stop_id: stop_id[r],
-            }
-        })
-        .collect();
+    let gens = generations(hidden_prefix, ids, logprobs, stop_id, |r, n| {
+        if n > 0 { Tensor::stack(std::mem::take(&mut hiddens[r]), 0) } else { Tensor::<B, 2>::zeros([0, h], &device) }
+    });
     Ok((gens, forwards))
 }
 
