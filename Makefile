@@ -7,6 +7,7 @@ PYTHON  ?= python3
 SEED    ?= 0
 DATA_SEED ?= 0
 DATA    ?= data/synth
+SYNTH_CONFIG ?= pipelines/synth.toml
 OUT     ?= out/demo
 # Release build for stages that do real work; tests use the dev profile (deps optimized).
 POPEN   := target/release/popen
@@ -44,7 +45,7 @@ assets:
 	$(PYTHON) tools/assets.py
 
 data: build
-	$(POPEN) synth --config pipelines/synth.toml --seed $(DATA_SEED) --out $(DATA)
+	$(POPEN) synth --config $(SYNTH_CONFIG) --seed $(DATA_SEED) --out $(DATA)
 
 test: assets test-rust test-interop check-cuda
 

@@ -1,39 +1,35 @@
 //! `popen sft`, `popen dpo` and `popen predict`: thin front ends of popen-train.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use popen_core::shardspec::ShardSpec;
-use popen_train::config::Precision;
+use popen_train::config::{Precision, StageConfig};
 use popen_train::predict::PredictConfig;
 use popen_train::sft::{self, SftJob};
 use popen_train::SftConfig;
 
+/// The command-line fields every training stage (sft, dpo, ensemble-train) shares.
 #[derive(clap::Args)]
-pub struct SftArgs {
-    /// Stage config (TOML): every hyperparameter of PixelLM's recipe, see
-    /// pipelines/sft-tiny.toml. Without it, PixelLM's defaults (--print-config shows them).
+pub struct StageArgs {
+    /// Stage config (TOML: pipelines/sft-tiny.toml, dpo-tiny.toml, ensemble-tiny.toml and their
+    /// real-scale *-pixellm-7b.toml). Without it, the paper's / PixelLM's values
+    /// (--print-config shows them).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Model folder to start from (popen model-init / model-import).
-    #[arg(long)]
-    init: Option<PathBuf>,
-    /// Training samples shard.
-    #[arg(long)]
-    train: Option<PathBuf>,
-    /// Output folder: checkpoints/, metrics.jsonl, metrics.csv, loss.png, manifest.json and
-    /// the trained model folder model/.
+    /// Output folder: checkpoints/, metrics.jsonl, metrics.csv, loss.png, manifest.json (config,
+    /// inputs, counts, skipped records with reasons) and the trained model folder model/.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue from the newest checkpoint under --out (same data order, optimizer state).
     #[arg(long)]
     resume: bool,
     /// Folder where the frozen SAM encoder's image embeddings of a tiny-sam model are kept
-    /// between runs (keyed by the images, input size and encoder weights); without it they
-    /// are computed at every start.
+    /// between runs (keyed by the images, input size and encoder weights; the stages share
+    /// the files); without it they are computed at every start.
     #[arg(long)]
     sam_cache: Option<PathBuf>,
     /// Override the config's seed.
@@ -48,6 +44,67 @@ pub struct SftArgs {
     /// Print the effective config as TOML and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+impl StageArgs {
+    /// The effective config: the file or the defaults, with the overrides.
+    fn config<C: StageConfig>(&self) -> Result<C> {
+        Ok(C::load(self.config.as_deref(), self.seed, self.max_steps)?)
+    }
+}
+
+/// One training stage, runnable on any autodiff backend.
+trait StageRun {
+    type Report: serde::Serialize;
+    /// The command's name, for errors.
+    const NAME: &'static str;
+    /// Runs on `devices` (data-parallel replicas where the stage has them; else the first).
+    fn run<B: AutodiffBackend>(&self, devices: &[B::Device]) -> popen_train::Result<Self::Report>;
+}
+
+/// Runs a stage on the backend and precision asked for (`replicas` devices: threads sharing
+/// the CPU, or GPUs `0..replicas`) and prints its report as JSON.
+fn run_stage<R: StageRun>(stage: &R, backend: &str, precision: Precision, replicas: usize, out: &Path) -> Result<()> {
+    fn cpu<B: AutodiffBackend, R: StageRun>(stage: &R, replicas: usize) -> popen_train::Result<R::Report> {
+        stage.run::<B>(&vec![Default::default(); replicas.max(1)])
+    }
+    #[cfg(feature = "cuda")]
+    fn gpus<B: AutodiffBackend<Device = burn::backend::cuda::CudaDevice>, R: StageRun>(
+        stage: &R,
+        replicas: usize,
+    ) -> popen_train::Result<R::Report> {
+        stage.run::<B>(&(0..replicas.max(1)).map(burn::backend::cuda::CudaDevice::new).collect::<Vec<_>>())
+    }
+    let report = match (backend, precision) {
+        ("flex", Precision::F32) => cpu::<Autodiff<burn::backend::Flex>, R>(stage, replicas),
+        ("ndarray", Precision::F32) => cpu::<Autodiff<burn::backend::NdArray<f32>>, R>(stage, replicas),
+        #[cfg(feature = "cuda")]
+        ("cuda", Precision::F32) => gpus::<Autodiff<burn::backend::Cuda<f32, i32>>, R>(stage, replicas),
+        #[cfg(feature = "cuda")]
+        ("cuda", Precision::Bf16) => gpus::<Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>, R>(stage, replicas),
+        ("flex" | "ndarray", Precision::Bf16) => bail!(
+            "precision = \"bf16\" needs the cuda backend (--backend cuda); on CPU set precision = \"f32\" in the config"
+        ),
+        (other, _) => bail!(
+            "backend '{other}' is not available in this build (available: {})",
+            crate::backend::available().join(", ")
+        ),
+    }
+    .with_context(|| format!("{} into {}", R::NAME, out.display()))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct SftArgs {
+    /// Model folder to start from (popen model-init / model-import).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Training samples shard.
+    #[arg(long)]
+    train: Option<PathBuf>,
+    #[command(flatten)]
+    stage: StageArgs,
 }
 
 #[derive(clap::Args)]
@@ -101,65 +158,25 @@ pub struct PredictArgs {
     sam_cache: Option<PathBuf>,
 }
 
-fn sft_config(a: &SftArgs) -> Result<SftConfig> {
-    let mut cfg = match &a.config {
-        Some(p) => SftConfig::from_toml_file(p)?,
-        None => SftConfig::default(),
-    };
-    if let Some(s) = a.seed {
-        cfg.seed = s;
+impl StageRun for SftJob<'_> {
+    type Report = sft::SftReport;
+    const NAME: &'static str = "sft";
+    fn run<B: AutodiffBackend>(&self, devices: &[B::Device]) -> popen_train::Result<Self::Report> {
+        sft::run_on::<B>(self, devices)
     }
-    if let Some(m) = a.max_steps {
-        cfg.max_steps = m;
-    }
-    cfg.validate().map_err(|e| anyhow::anyhow!("config: {e}"))?;
-    Ok(cfg)
 }
 
 pub fn sft(a: SftArgs) -> Result<()> {
-    let cfg = sft_config(&a)?;
-    if a.print_config {
+    let cfg: SftConfig = a.stage.config()?;
+    if a.stage.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    let (Some(init), Some(train), Some(out)) = (&a.init, &a.train, &a.out) else {
+    let (Some(init), Some(train), Some(out)) = (&a.init, &a.train, &a.stage.out) else {
         bail!("popen sft needs --init MODEL_DIR, --train SHARD and --out DIR (see --help)");
     };
-    let job = SftJob { config: &cfg, init, train, out, resume: a.resume, progress: true, sam_cache: a.sam_cache.as_deref() };
-    let report = match (a.backend.as_str(), cfg.precision) {
-        ("flex", Precision::F32) => run_sft::<Autodiff<burn::backend::Flex>>(&job, &Default::default()),
-        ("ndarray", Precision::F32) => run_sft::<Autodiff<burn::backend::NdArray<f32>>>(&job, &Default::default()),
-        #[cfg(feature = "cuda")]
-        ("cuda", Precision::F32) => run_sft_on::<Autodiff<burn::backend::Cuda<f32, i32>>>(&job, &cuda_devices(cfg.devices)),
-        #[cfg(feature = "cuda")]
-        ("cuda", Precision::Bf16) => run_sft_on::<Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>>(&job, &cuda_devices(cfg.devices)),
-        ("flex" | "ndarray", Precision::Bf16) => bail!(
-            "precision = \"bf16\" needs the cuda backend (--backend cuda); on CPU set precision = \"f32\" in the config"
-        ),
-        (other, _) => bail!(
-            "backend '{other}' is not available in this build (available: {})",
-            crate::backend::available().join(", ")
-        ),
-    }?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
-}
-
-/// CPU backends: `devices` data-parallel replicas share the CPU (threads) on one device.
-fn run_sft<B: AutodiffBackend>(job: &SftJob, dev: &B::Device) -> Result<sft::SftReport> {
-    sft::run::<B>(job, dev).with_context(|| format!("sft into {}", job.out.display()))
-}
-
-/// Data parallelism over explicit devices (GPUs).
-#[cfg(feature = "cuda")]
-fn run_sft_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result<sft::SftReport> {
-    sft::run_on::<B>(job, devices).with_context(|| format!("sft into {}", job.out.display()))
-}
-
-/// GPUs `0..n` of the node (`devices` of the SFT config).
-#[cfg(feature = "cuda")]
-fn cuda_devices(n: usize) -> Vec<burn::backend::cuda::CudaDevice> {
-    (0..n.max(1)).map(burn::backend::cuda::CudaDevice::new).collect()
+    let job = SftJob { config: &cfg, init, train, out, resume: a.stage.resume, progress: true, sam_cache: a.stage.sam_cache.as_deref() };
+    run_stage(&job, &a.stage.backend, cfg.precision, cfg.devices, out)
 }
 
 pub fn predict(a: PredictArgs) -> Result<()> {
@@ -219,10 +236,6 @@ no_seg_loss, no_lambda, no_indicator, random_ps, one_phase; --print-config shows
 
 #[derive(clap::Args)]
 pub struct DpoArgs {
-    /// Stage config (TOML, see pipelines/dpo-tiny.toml and pipelines/dpo-pixellm-7b.toml).
-    /// Without it, the paper's values (--print-config shows them).
-    #[arg(long)]
-    config: Option<PathBuf>,
     /// The SFT model folder: the policy starts from it, and it is the reference the
     /// preference shards were collected with.
     #[arg(long)]
@@ -244,48 +257,26 @@ pub struct DpoArgs {
     /// The proposal shards collect-ps read (--proposals there), for the phase-1 indicator.
     #[arg(long, num_args = 1..)]
     proposals: Vec<PathBuf>,
-    /// Output folder (see above).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Continue from the newest checkpoint under --out (same data order, optimizer state).
-    #[arg(long)]
-    resume: bool,
-    /// Folder where the frozen SAM encoder's embeddings of the (clean and perturbed) images
-    /// of a tiny-sam model are kept between runs.
-    #[arg(long)]
-    sam_cache: Option<PathBuf>,
-    /// Override the config's seed.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Override the config's max_steps.
-    #[arg(long)]
-    max_steps: Option<usize>,
-    /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
-    #[arg(long, default_value = "flex")]
-    backend: String,
-    /// Print the effective config as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
+    #[command(flatten)]
+    stage: StageArgs,
+}
+
+impl StageRun for popen_train::dpo::DpoJob<'_> {
+    type Report = popen_train::dpo::DpoReport;
+    const NAME: &'static str = "dpo";
+    fn run<B: AutodiffBackend>(&self, devices: &[B::Device]) -> popen_train::Result<Self::Report> {
+        popen_train::dpo::run::<B>(self, &devices[0])
+    }
 }
 
 pub fn dpo(a: DpoArgs) -> Result<()> {
     use popen_train::dpo::{DpoConfig, DpoJob, ProposalSource};
-    let mut cfg = match &a.config {
-        Some(p) => DpoConfig::from_toml_file(p)?,
-        None => DpoConfig::default(),
-    };
-    if let Some(s) = a.seed {
-        cfg.seed = s;
-    }
-    if let Some(m) = a.max_steps {
-        cfg.max_steps = m;
-    }
-    cfg.validate().map_err(|e| anyhow::anyhow!("config: {e}"))?;
-    if a.print_config {
+    let cfg: DpoConfig = a.stage.config()?;
+    if a.stage.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    let (Some(init), Some(pt), Some(ps1), Some(ps2), Some(out)) = (&a.init, &a.pt, &a.ps_phase1, &a.ps_phase2, &a.out) else {
+    let (Some(init), Some(pt), Some(ps1), Some(ps2), Some(out)) = (&a.init, &a.pt, &a.ps_phase1, &a.ps_phase2, &a.stage.out) else {
         bail!("popen dpo needs --init MODEL_DIR, --pt PT.parquet, --ps-phase1 A.parquet, --ps-phase2 B.parquet and --out DIR (see --help)");
     };
     let proposals = match (&a.samples, a.proposals.is_empty()) {
@@ -301,30 +292,11 @@ pub fn dpo(a: DpoArgs) -> Result<()> {
         ps_phase2: ps2,
         proposals,
         out,
-        resume: a.resume,
+        resume: a.stage.resume,
         progress: true,
-        sam_cache: a.sam_cache.as_deref(),
+        sam_cache: a.stage.sam_cache.as_deref(),
     };
-    let run = |r: popen_train::Result<popen_train::dpo::DpoReport>| r.with_context(|| format!("dpo into {}", out.display()));
-    let report = match (a.backend.as_str(), cfg.precision) {
-        ("flex", Precision::F32) => run(popen_train::dpo::run::<Autodiff<burn::backend::Flex>>(&job, &Default::default())),
-        ("ndarray", Precision::F32) => run(popen_train::dpo::run::<Autodiff<burn::backend::NdArray<f32>>>(&job, &Default::default())),
-        #[cfg(feature = "cuda")]
-        ("cuda", Precision::F32) => run(popen_train::dpo::run::<Autodiff<burn::backend::Cuda<f32, i32>>>(&job, &Default::default())),
-        #[cfg(feature = "cuda")]
-        ("cuda", Precision::Bf16) => {
-            run(popen_train::dpo::run::<Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>>(&job, &Default::default()))
-        }
-        ("flex" | "ndarray", Precision::Bf16) => bail!(
-            "precision = \"bf16\" needs the cuda backend (--backend cuda); on CPU set precision = \"f32\" in the config"
-        ),
-        (other, _) => bail!(
-            "backend '{other}' is not available in this build (available: {})",
-            crate::backend::available().join(", ")
-        ),
-    }?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    run_stage(&job, &a.stage.backend, cfg.precision, 1, out)
 }
 
 /// `popen ensemble-train --help`.
@@ -344,80 +316,41 @@ continues exactly from the newest).";
 
 #[derive(clap::Args)]
 pub struct EnsembleTrainArgs {
-    /// Stage config (TOML, see pipelines/ensemble-tiny.toml and pipelines/ensemble-pixellm-7b.toml).
-    /// Without it, the paper's values (--print-config shows them).
-    #[arg(long)]
-    config: Option<PathBuf>,
     /// The DPO model folder (popen dpo's OUT/model); it must have p_hat (prompt_embeddings > 0).
     #[arg(long)]
     init: Option<PathBuf>,
     /// Training samples shard (with ground-truth answers and masks), e.g. data/synth/train.parquet.
     #[arg(long)]
     samples: Option<PathBuf>,
-    /// Output folder (see above).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Continue from the newest checkpoint under --out.
-    #[arg(long)]
-    resume: bool,
-    /// Override the config's seed.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Override the config's max_steps.
-    #[arg(long)]
-    max_steps: Option<usize>,
     /// Override the config's MiniLM folder.
     #[arg(long)]
     minilm: Option<PathBuf>,
-    /// Folder where the frozen SAM encoder's image embeddings of a tiny-sam model are kept
-    /// between runs (the same files as dpo's --sam-cache).
-    #[arg(long)]
-    sam_cache: Option<PathBuf>,
-    /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
-    #[arg(long, default_value = "flex")]
-    backend: String,
-    /// Print the effective config as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
+    #[command(flatten)]
+    stage: StageArgs,
+}
+
+impl StageRun for popen_train::ensemble_train::EnsembleJob<'_> {
+    type Report = popen_train::ensemble_train::EnsembleReport;
+    const NAME: &'static str = "ensemble-train";
+    fn run<B: AutodiffBackend>(&self, devices: &[B::Device]) -> popen_train::Result<Self::Report> {
+        popen_train::ensemble_train::run::<B>(self, &devices[0])
+    }
 }
 
 pub fn ensemble_train(a: EnsembleTrainArgs) -> Result<()> {
     use popen_train::ensemble_train::{EnsembleConfig, EnsembleJob};
-    let mut cfg = match &a.config {
-        Some(p) => EnsembleConfig::from_toml_file(p)?,
-        None => EnsembleConfig::default(),
-    };
-    if let Some(s) = a.seed {
-        cfg.seed = s;
-    }
-    if let Some(m) = a.max_steps {
-        cfg.max_steps = m;
-    }
+    let mut cfg: EnsembleConfig = a.stage.config()?;
     if let Some(m) = &a.minilm {
         cfg.minilm = m.clone();
+        cfg.validate().map_err(|e| anyhow::anyhow!("config: {e}"))?;
     }
-    cfg.validate().map_err(|e| anyhow::anyhow!("config: {e}"))?;
-    if a.print_config {
+    if a.stage.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    let (Some(init), Some(samples), Some(out)) = (&a.init, &a.samples, &a.out) else {
+    let (Some(init), Some(samples), Some(out)) = (&a.init, &a.samples, &a.stage.out) else {
         bail!("popen ensemble-train needs --init MODEL_DIR, --samples TRAIN.parquet and --out DIR (see --help)");
     };
-    let job = EnsembleJob { config: &cfg, init, samples, out, resume: a.resume, progress: true, sam_cache: a.sam_cache.as_deref() };
-    let run = |r: popen_train::Result<popen_train::ensemble_train::EnsembleReport>| {
-        r.with_context(|| format!("ensemble-train into {}", out.display()))
-    };
-    let report = match a.backend.as_str() {
-        "flex" => run(popen_train::ensemble_train::run::<Autodiff<burn::backend::Flex>>(&job, &Default::default())),
-        "ndarray" => run(popen_train::ensemble_train::run::<Autodiff<burn::backend::NdArray<f32>>>(&job, &Default::default())),
-        #[cfg(feature = "cuda")]
-        "cuda" => run(popen_train::ensemble_train::run::<Autodiff<burn::backend::Cuda<f32, i32>>>(&job, &Default::default())),
-        other => bail!(
-            "backend '{other}' is not available in this build (available: {})",
-            crate::backend::available().join(", ")
-        ),
-    }?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    let job = EnsembleJob { config: &cfg, init, samples, out, resume: a.stage.resume, progress: true, sam_cache: a.stage.sam_cache.as_deref() };
+    run_stage(&job, &a.stage.backend, Precision::F32, 1, out)
 }

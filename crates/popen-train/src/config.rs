@@ -3,6 +3,7 @@
 //! `pipelines/` (`sft-tiny.toml`, `sft-pixellm-7b.toml`) set them; `popen sft --print-config`
 //! prints the effective one.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -58,6 +59,16 @@ pub enum Precision {
     F32,
     /// bf16 weights and activations (the cuda backend; PixelLM trains in bf16).
     Bf16,
+}
+
+impl Precision {
+    /// The tensor dtype the model's parameters are kept in.
+    pub fn dtype(self) -> burn::tensor::DType {
+        match self {
+            Precision::F32 => burn::tensor::DType::F32,
+            Precision::Bf16 => burn::tensor::DType::BF16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,19 +170,6 @@ impl Default for SftConfig {
 }
 
 impl SftConfig {
-    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<SftConfig> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| crate::io_err(path, e))?;
-        let cfg: SftConfig =
-            toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
-        cfg.validate().map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
-        Ok(cfg)
-    }
-
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serializes")
-    }
-
     pub fn validate(&self) -> std::result::Result<(), String> {
         let pos = |name: &str, v: usize| if v == 0 { Err(format!("{name} must be > 0")) } else { Ok(()) };
         pos("batch_size", self.batch_size)?;
@@ -216,6 +214,67 @@ impl SftConfig {
         Ok(())
     }
 }
+
+/// What every training stage's config (SFT, DPO, ensemble) shares: it is read from TOML
+/// (unknown fields are errors), printed back by `--print-config`, checked, and its seed and
+/// step budget can be overridden from the command line.
+pub trait StageConfig: Serialize + DeserializeOwned + Default {
+    /// The stage's own checks (a message naming the field).
+    fn validate(&self) -> std::result::Result<(), String>;
+    fn seed_mut(&mut self) -> &mut u64;
+    fn max_steps_mut(&mut self) -> &mut usize;
+
+    /// Reads and checks a TOML file; errors name the file.
+    fn from_toml_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| crate::io_err(path, e))?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        cfg.validate().map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+
+    fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+
+    /// The effective config of a command line: the file (or the defaults), then the seed and
+    /// max_steps overrides, checked again.
+    fn load(path: Option<&Path>, seed: Option<u64>, max_steps: Option<usize>) -> Result<Self> {
+        let mut cfg = match path {
+            Some(p) => Self::from_toml_file(p)?,
+            None => Self::default(),
+        };
+        if let Some(s) = seed {
+            *cfg.seed_mut() = s;
+        }
+        if let Some(m) = max_steps {
+            *cfg.max_steps_mut() = m;
+        }
+        cfg.validate().map_err(TrainError::Config)?;
+        Ok(cfg)
+    }
+}
+
+/// Implements [`StageConfig`] for a config with `seed` and `max_steps` fields and an inherent
+/// `validate`.
+macro_rules! stage_config {
+    ($t:ty) => {
+        impl $crate::config::StageConfig for $t {
+            fn validate(&self) -> std::result::Result<(), String> {
+                <$t>::validate(self)
+            }
+            fn seed_mut(&mut self) -> &mut u64 {
+                &mut self.seed
+            }
+            fn max_steps_mut(&mut self) -> &mut usize {
+                &mut self.max_steps
+            }
+        }
+    };
+}
+pub(crate) use stage_config;
+
+stage_config!(SftConfig);
 
 /// The step-budget and AdamW/schedule knobs every training stage shares (SFT, DPO).
 pub(crate) struct OptimizerKnobs {

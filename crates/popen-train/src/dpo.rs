@@ -36,7 +36,6 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::TrainStep;
-use burn::tensor::DType;
 use popen_core::manifest::Manifest;
 use popen_core::mask::{Mask, Rle};
 use popen_core::shard::{read_shard, SegPref, TextPref};
@@ -58,6 +57,7 @@ use crate::loss;
 use crate::metrics::{plot_losses, MetricsLog, MetricsRow};
 use crate::params;
 use crate::sft::SftModel;
+use crate::stage;
 use crate::{io_err, schedule, Result, TrainError};
 
 /// Which score of the policy's median mask the phase-1 indicator compares with the
@@ -199,20 +199,9 @@ impl Default for DpoConfig {
     }
 }
 
+crate::config::stage_config!(DpoConfig);
+
 impl DpoConfig {
-    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<DpoConfig> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
-        let cfg: DpoConfig =
-            toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
-        cfg.validate().map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
-        Ok(cfg)
-    }
-
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serializes")
-    }
-
     /// Whether the stage reads P_t / P_s at all.
     pub fn uses_text(&self) -> bool {
         !self.ablation.no_text_loss
@@ -1136,20 +1125,13 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
     let cfg_json = serde_json::to_value(cfg).expect("config serializes");
 
     // The policy: the SFT model, decoder (and SAM encoder) frozen.
-    let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<B>(job.init, device)?;
-    let pcfg = model.config().clone();
-    let tokens = tokenizer.add_pixellm_tokens(pcfg.seg_group_len()).map_err(|e| TrainError::Data(e.to_string()))?;
-    let dtype = match cfg.precision {
-        Precision::F32 => DType::F32,
-        Precision::Bf16 => DType::BF16,
-    };
-    let model = params::select_trainable(model, cfg.trainable, &cfg.lora, device).map_err(TrainError::Config)?;
+    let stage::Opened { model, tokenizer, tokens, config: pcfg } = stage::open_init::<B>(job.init, device)?;
+    let dtype = cfg.precision.dtype();
     let mut freeze = cfg.freeze.clone();
     if !freeze.iter().any(|f| f == "decoder") {
         freeze.push("decoder".into());
     }
-    let model = params::freeze_modules(model, &freeze).map_err(TrainError::Config)?;
-    let model = SftModel { pixellm: model };
+    let model = stage::policy(model, cfg.trainable, &cfg.lora, &freeze, device)?;
 
     // Data.
     let ctx = Ctx {

@@ -31,7 +31,7 @@ use popen_model::infer::Predictor;
 use popen_model::minilm::SentenceEncoder;
 use popen_model::pixellm::{Padding, PixelLm};
 use popen_model::preprocess::Preprocessor;
-use crate::stage::SamMemo;
+use crate::stage::{self, SamMemo};
 use popen_model::tokenizer::{self, PixelLmTokens, Tokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -109,17 +109,9 @@ impl Default for EnsembleConfig {
     }
 }
 
+crate::config::stage_config!(EnsembleConfig);
+
 impl EnsembleConfig {
-    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<EnsembleConfig> {
-        let p = path.as_ref();
-        let s = std::fs::read_to_string(p).map_err(|e| io_err(p, e))?;
-        let c: EnsembleConfig = toml::from_str(&s).map_err(|e| TrainError::Config(format!("{}: {e}", p.display())))?;
-        c.validate().map_err(|e| TrainError::Config(format!("{}: {e}", p.display())))?;
-        Ok(c)
-    }
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serializes")
-    }
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.batch_size == 0 || self.checkpoint_every == 0 || self.log_every == 0 || self.keep_checkpoints == 0 {
             return Err("batch_size, checkpoint_every, log_every and keep_checkpoints must be > 0".into());
@@ -400,8 +392,7 @@ fn batch_loss<B: AutodiffBackend>(
 /// The loss of one fixed batch under `model` (tests, diagnostics): samples `ids` of the
 /// shard, the job's config. The same function the stage steps on.
 pub fn loss_of<B: AutodiffBackend>(job: &EnsembleJob, model: &PixelLm<B>, ids: &[usize], device: &B::Device) -> Result<f32> {
-    let bundle::Bundle { mut tokenizer, .. } = bundle::open::<B>(job.init, device)?;
-    let tokens = tokenizer.add_pixellm_tokens(model.config().seg_group_len()).map_err(|e| TrainError::Data(e.to_string()))?;
+    let stage::Opened { tokenizer, tokens, .. } = stage::open_init::<B>(job.init, device)?;
     let samples: Vec<Sample> = read_shard(job.samples)?;
     let minilm = load_minilm::<B::InnerBackend>(&job.config.minilm, device)?;
     let pre = Preprocessor::pixellm(model.config().image_size);
@@ -431,9 +422,7 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
     let cfg_json = serde_json::to_value(cfg).expect("config serializes");
     let minilm = load_minilm::<B::InnerBackend>(&cfg.minilm, device)?;
 
-    let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<B>(job.init, device)?;
-    let pcfg = model.config().clone();
-    let tokens = tokenizer.add_pixellm_tokens(pcfg.seg_group_len()).map_err(|e| TrainError::Data(e.to_string()))?;
+    let stage::Opened { model, tokenizer, tokens, config: pcfg } = stage::open_init::<B>(job.init, device)?;
     let model = SftModel { pixellm: only_prompt_trains(model, cfg.train_seg_feedback)? };
     let samples: Vec<Sample> = read_shard(job.samples)?;
     let samples: Vec<Sample> = samples.into_iter().filter(|s| !s.target_masks.is_empty() || !s.answer.is_empty()).collect();

@@ -13,7 +13,6 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::DType;
 use burn::train::{ItemLazy, TrainOutput, TrainStep};
 use popen_core::manifest::Manifest;
 use popen_core::mask::Mask;
@@ -23,12 +22,12 @@ use popen_model::preprocess::{Preprocessed, Preprocessor};
 use popen_model::tokenizer::Piece;
 use serde::Serialize;
 
-use crate::config::{Precision, SftConfig};
+use crate::config::SftConfig;
 use crate::data::{self, Example, Order};
 use crate::loss::{pixellm_loss, LossParts};
 use crate::metrics::{plot_losses, MetricsLog, StepMetrics};
 use crate::params;
-use crate::stage::Optim;
+use crate::stage::{self, Optim};
 use crate::{io_err, schedule, Result, TrainError};
 
 /// The trained module: PixelLM, wrapped so that burn-train's [`TrainStep`] can be
@@ -425,16 +424,9 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
     let cfg_json = serde_json::to_value(cfg).expect("config serializes");
 
     // Model and tokenizer.
-    let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<B>(job.init, device)?;
-    let pcfg = model.config().clone();
-    let tokens = tokenizer.add_pixellm_tokens(pcfg.seg_group_len()).map_err(|e| TrainError::Data(e.to_string()))?;
-    let dtype = match cfg.precision {
-        Precision::F32 => DType::F32,
-        Precision::Bf16 => DType::BF16,
-    };
-    let model = params::select_trainable(model, cfg.trainable, &cfg.lora, device).map_err(TrainError::Config)?;
-    let model = params::freeze_modules(model, &cfg.freeze).map_err(TrainError::Config)?;
-    let model = SftModel { pixellm: model };
+    let stage::Opened { model, tokenizer, tokens, config: pcfg } = stage::open_init::<B>(job.init, device)?;
+    let dtype = cfg.precision.dtype();
+    let model = stage::policy(model, cfg.trainable, &cfg.lora, &cfg.freeze, device)?;
 
     // Data.
     let samples = popen_core::shard::read_shard::<popen_core::shard::Sample>(job.train)?;

@@ -16,15 +16,45 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
 use burn::optim::Optimizer;
 use popen_model::bundle;
-use popen_model::pixellm::PixelLm;
+use popen_model::pixellm::{PixelLm, PixelLmConfig};
 use popen_model::preprocess::Preprocessor;
-use popen_model::tokenizer::Tokenizer;
+use popen_model::tokenizer::{PixelLmTokens, Tokenizer};
 use popen_model::weights::Checkpoint;
 
 use crate::checkpoint::{self, TrainState};
 use crate::params;
 use crate::sft::SftModel;
 use crate::{io_err, Result, TrainError};
+
+/// A stage's starting model folder, opened: the model, its tokenizer with PixelLM's tokens
+/// added, those tokens, and the model's config.
+pub struct Opened<B: Backend> {
+    pub model: PixelLm<B>,
+    pub tokenizer: Tokenizer,
+    pub tokens: PixelLmTokens,
+    pub config: PixelLmConfig,
+}
+
+/// Opens the model folder `init` (`popen model-init`, or an earlier stage's `out/model`).
+pub fn open_init<B: Backend>(init: &Path, device: &B::Device) -> Result<Opened<B>> {
+    let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<B>(init, device)?;
+    let config = model.config().clone();
+    let tokens = tokenizer.add_pixellm_tokens(config.seg_group_len()).map_err(|e| TrainError::Data(e.to_string()))?;
+    Ok(Opened { model, tokenizer, tokens, config })
+}
+
+/// The module a stage trains: `trainable`'s selection (LoRA adapters added when asked), then
+/// the `freeze` modules frozen on top.
+pub fn policy<B: AutodiffBackend>(
+    model: PixelLm<B>,
+    trainable: crate::config::Trainable,
+    lora: &crate::config::LoraConfig,
+    freeze: &[String],
+    device: &B::Device,
+) -> Result<SftModel<B>> {
+    let model = params::select_trainable(model, trainable, lora, device).map_err(TrainError::Config)?;
+    Ok(SftModel { pixellm: params::freeze_modules(model, freeze).map_err(TrainError::Config)? })
+}
 
 /// burn's AdamW over the trained module.
 pub type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, SftModel<B>, B>;

@@ -12,7 +12,7 @@ use popen_model::bundle;
 use popen_prefs::collect_ps::{self, AnnotationProposer, CollectPsConfig};
 use popen_prefs::collect_pt::{self, CollectPtConfig};
 use popen_prefs::select::Phase;
-use popen_train::config::{Precision, Trainable};
+use popen_train::config::{Precision, StageConfig, Trainable};
 use popen_train::dpo::{self, DpoConfig, DpoJob, ProposalSource};
 use popen_train::TrainError;
 use serde_json::Value;

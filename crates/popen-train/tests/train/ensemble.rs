@@ -13,6 +13,7 @@ use popen_model::bundle;
 use popen_model::infer::Predictor;
 use popen_model::pixellm::{Padding, Part, PixelLmConfig, Segment};
 use popen_train::ensemble::{self, EnsembleSettings};
+use popen_train::config::StageConfig;
 use popen_train::ensemble_train::{self, EnsembleConfig, EnsembleJob};
 use popen_train::TrainError;
 use serde_json::Value;
