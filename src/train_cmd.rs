@@ -1,4 +1,4 @@
-//! `popen sft`, `popen dpo` and `popen predict`: thin front ends of popen-train.
+//! `popen sft`, `popen dpo`, `popen ensemble-train` and `popen predict`: thin front ends of popen-train.
 
 use std::path::{Path, PathBuf};
 
