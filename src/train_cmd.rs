@@ -152,6 +152,11 @@ pub struct PredictArgs {
     /// (same greedy ids up to rounding; for timing comparisons).
     #[arg(long)]
     ensemble_no_draft: bool,
+    /// Re-read the chat prompt (image tokens and question) in each ensemble pass instead of
+    /// prefilling it once and continuing its KV cache (same results up to rounding; for timing
+    /// comparisons).
+    #[arg(long)]
+    ensemble_no_shared_prompt: bool,
     /// Folder where the frozen SAM encoder's image embeddings of a tiny-sam model are kept
     /// between runs (predicting several models of the pipeline on one split encodes once).
     #[arg(long)]
@@ -191,6 +196,7 @@ pub fn predict(a: PredictArgs) -> Result<()> {
             max_new_tokens: a.max_new_tokens,
             fallback: a.ensemble_fallback,
             draft: !a.ensemble_no_draft,
+            share_prompt: !a.ensemble_no_shared_prompt,
             ..Default::default()
         }),
         sam_cache: a.sam_cache.clone(),

@@ -44,7 +44,7 @@ use crate::llama::{AttnExtras, Llama, LlamaConfig, LlamaError};
 use crate::pixel_decoder::{MaskDecoderMultiScaleConfig, PixelDecoder};
 use crate::preprocess::Preprocessed;
 use crate::sam::{resize_bilinear, LayerNorm2d};
-use crate::sampling::{generate_at, Generation, SamplingConfig};
+use crate::sampling::{generate_at, Generation, Prefix, SamplingConfig};
 use crate::tiny_vit::{TinyVit, TinyVitConfig};
 use crate::weights::{self, Checkpoint, Remap, WeightsError};
 
@@ -1234,6 +1234,43 @@ impl<B: Backend> PixelLm<B> {
             cfg,
             stop_ids,
         )?)
+    }
+
+    /// The KV cache of a left-padded assembled batch (positions as [`Self::generate`]), for
+    /// decodes that share it ([`crate::sampling::Prefix`]).
+    pub fn prefill(&self, asm: &Assembled<B>) -> Result<Prefix<B>> {
+        let rows = left_padded_positions(asm);
+        Ok(crate::sampling::prefill(&self.llm, asm.embeds.clone(), asm.keep.clone(), Some(&rows), asm.gamma.clone())?)
+    }
+
+    /// `base` followed by the assembled `rows` (one per prefix row), their positions
+    /// continuing each row's: the same states as assembling each prefix row's pieces and
+    /// `rows[r]` as one sequence, without re-reading the prefix. Returns the longer prefix,
+    /// the new positions' final-normed states `[b, L, H]` and the extension's assembly
+    /// (`piece_starts` index those states). Left padding to decode from the result, right
+    /// padding for a teacher-forced pass.
+    pub fn extend(
+        &self,
+        base: &Prefix<B>,
+        rows: &[Vec<Part<B>>],
+        images: Option<&ImageFeatures<B>>,
+        padding: Padding,
+    ) -> Result<(Prefix<B>, Tensor<B, 3>, Assembled<B>)> {
+        if rows.len() != base.rows() {
+            return input(format!("extend: {} rows for a prefix of {}", rows.len(), base.rows()));
+        }
+        let asm = self.assemble(rows, images, padding)?;
+        let positions: Vec<Vec<i64>> = asm
+            .lens
+            .iter()
+            .zip(&base.next_pos)
+            .map(|(&len, &next)| {
+                let pad = if padding == Padding::Left { asm.width - len } else { 0 };
+                (0..asm.width).map(|j| next as i64 + (j as i64 - pad as i64).max(0)).collect()
+            })
+            .collect();
+        let (prefix, hidden) = base.extend(&self.llm, asm.embeds.clone(), asm.keep.clone(), &positions, asm.gamma.clone())?;
+        Ok((prefix, hidden, asm))
     }
 
     /// Greedy decoding of an assembled batch that checks `drafts[r]` (row r's candidate

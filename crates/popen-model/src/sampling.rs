@@ -119,10 +119,22 @@ pub fn generate_at<B: Backend>(
     stop_ids: &[u32],
 ) -> Result<Vec<Generation<B>>, LlamaError> {
     cfg.validate()?;
-    let [b, _, h] = prefix.dims();
-    let device = prefix.device();
-    let Prefilled { mut keep_rows, n_real, mut cache, last: hidden_prefix } =
-        prefill(model, prefix, prefix_keep, prefix_positions, prefix_gamma.clone())?;
+    let p = prefill(model, prefix, prefix_keep, prefix_positions, prefix_gamma)?;
+    generate_from(model, p, cfg, stop_ids)
+}
+
+/// [`generate_at`] continuing a [`Prefix`] already in the cache (POPEN's K samples share
+/// their question's prefill, and the refined answer's prefix extends it).
+pub fn generate_from<B: Backend>(
+    model: &Llama<B>,
+    prefix: Prefix<B>,
+    cfg: &SamplingConfig,
+    stop_ids: &[u32],
+) -> Result<Vec<Generation<B>>, LlamaError> {
+    cfg.validate()?;
+    let [b, _, h] = prefix.last.dims();
+    let device = prefix.last.device();
+    let Prefix { mut keep_rows, next_pos: n_real, mut cache, last: hidden_prefix, gamma: prefix_gamma } = prefix;
     let keep_tensor = |rows: &[Vec<bool>]| keep_tensor(rows, &device);
     let mut gamma = prefix_gamma;
     let vocab = model.vocab_size();
@@ -265,14 +277,29 @@ pub fn greedy_with_drafts<B: Backend>(
     max_new_tokens: usize,
     stop_ids: &[u32],
 ) -> Result<(Vec<Generation<B>>, usize), LlamaError> {
-    let [b, _, h] = prefix.dims();
+    let b = prefix.dims()[0];
     if drafts.len() != b {
         return Err(LlamaError::Input(format!("greedy_with_drafts: {} draft lists for {b} rows", drafts.len())));
     }
-    let device = prefix.device();
+    let p = prefill(model, prefix, prefix_keep, prefix_positions, prefix_gamma)?;
+    greedy_with_drafts_from(model, p, drafts, max_new_tokens, stop_ids)
+}
+
+/// [`greedy_with_drafts`] continuing a [`Prefix`] already in the cache.
+pub fn greedy_with_drafts_from<B: Backend>(
+    model: &Llama<B>,
+    prefix: Prefix<B>,
+    drafts: &[Vec<Vec<u32>>],
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+) -> Result<(Vec<Generation<B>>, usize), LlamaError> {
+    let [b, _, h] = prefix.last.dims();
+    if drafts.len() != b {
+        return Err(LlamaError::Input(format!("greedy_with_drafts: {} draft lists for {b} rows", drafts.len())));
+    }
+    let device = prefix.last.device();
     let vocab = model.vocab_size();
-    let Prefilled { mut keep_rows, n_real, mut cache, last: hidden_prefix } =
-        prefill(model, prefix, prefix_keep, prefix_positions, prefix_gamma.clone())?;
+    let Prefix { mut keep_rows, next_pos: n_real, mut cache, last: hidden_prefix, gamma: prefix_gamma } = prefix;
     let mut gamma = prefix_gamma;
 
     let host = |t: Tensor<B, 3>, what: &str| -> Result<Vec<f32>, LlamaError> {
@@ -379,22 +406,156 @@ pub fn greedy_with_drafts<B: Backend>(
     Ok((gens, forwards))
 }
 
-/// Both decoders after the prefix: the per-row key mask so far, each row's next position,
-/// the cache holding the prefix, and the final-normed state at its last position `[b, 1, h]`.
-struct Prefilled<B: Backend> {
-    keep_rows: Vec<Vec<bool>>,
-    n_real: Vec<usize>,
-    cache: KvCache<B>,
-    last: Tensor<B, 3>,
+/// A prefix in the KV cache, which the decoders continue ([`generate_from`],
+/// [`greedy_with_drafts_from`]) and [`Prefix::extend`] lengthens: POPEN's ensemble prefills
+/// the question once, repeats it for the K samples ([`Prefix::repeat_rows`]) and extends it
+/// with the K answers for the refined one, instead of re-reading the question in every pass.
+#[derive(Debug, Clone)]
+pub struct Prefix<B: Backend> {
+    /// The cached keys and values `[b, heads, t, head_dim]` per layer.
+    pub cache: KvCache<B>,
+    /// Per row, the keep flag of every cached position (false = padding, never attended).
+    pub keep_rows: Vec<Vec<bool>>,
+    /// Per row, the RoPE position of the next token (one past its largest real position).
+    pub next_pos: Vec<usize>,
+    /// `[b, t]` attention bias of the cached keys (Eq. 5), when any was given.
+    pub gamma: Option<Tensor<B, 2>>,
+    /// `[b, 1, h]`: the final-normed state at the last cached position.
+    pub last: Tensor<B, 3>,
 }
 
-fn prefill<B: Backend>(
+impl<B: Backend> Prefix<B> {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.keep_rows.len()
+    }
+
+    /// Number of cached positions (padding included).
+    pub fn len(&self) -> usize {
+        self.keep_rows.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each row `k` times in a row (row `r` becomes rows `r * k .. r * k + k`), as if the
+    /// batch had held `k` copies of every row: one prefill serves K samples.
+    pub fn repeat_rows(&self, k: usize) -> Self {
+        let b = self.rows();
+        let idx: Vec<i64> = (0..b as i64).flat_map(|r| std::iter::repeat_n(r, k)).collect();
+        let device = self.last.device();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [b * k]), &device);
+        let sel3 = |t: &Tensor<B, 3>| t.clone().select(0, idx.clone());
+        let layers = self
+            .cache
+            .layers
+            .iter()
+            .map(|l| crate::llama::LayerCache {
+                kv: l.kv.as_ref().map(|(kk, vv)| (kk.clone().select(0, idx.clone()), vv.clone().select(0, idx.clone()))),
+            })
+            .collect();
+        Prefix {
+            cache: KvCache { layers },
+            keep_rows: self.keep_rows.iter().flat_map(|r| std::iter::repeat_n(r.clone(), k)).collect(),
+            next_pos: self.next_pos.iter().flat_map(|&p| std::iter::repeat_n(p, k)).collect(),
+            gamma: self.gamma.as_ref().map(|g| g.clone().select(0, idx.clone())),
+            last: sel3(&self.last),
+        }
+    }
+
+    /// The prefix followed by `ext` (`[b, e, hidden]` input embeddings, `keep` `[b, e]`,
+    /// RoPE `positions[r][j]` absolute, padding entries ignored, optional `gamma` `[b, e]`):
+    /// one forward over the new positions against the cached ones. Returns the longer prefix
+    /// and the final-normed states of the new positions `[b, e, h]`. Generation continues
+    /// from the last position, so a prefix to decode from must end with a real position in
+    /// every row (left-pad `ext`); a teacher-forced pass may right-pad it.
+    pub fn extend(
+        &self,
+        model: &Llama<B>,
+        ext: Tensor<B, 3>,
+        keep: Tensor<B, 2, Bool>,
+        positions: &[Vec<i64>],
+        gamma: Option<Tensor<B, 2>>,
+    ) -> Result<(Self, Tensor<B, 3>), LlamaError> {
+        let [b, e, h] = ext.dims();
+        if b != self.rows() {
+            return Err(LlamaError::Input(format!("Prefix::extend: {b} rows for a prefix of {}", self.rows())));
+        }
+        if keep.dims() != [b, e] {
+            return Err(LlamaError::Input(format!("Prefix::extend: keep has shape {:?}, the extension is [{b}, {e}, {h}]", keep.dims())));
+        }
+        if positions.len() != b || positions.iter().any(|r| r.len() != e) {
+            return Err(LlamaError::Input(format!("Prefix::extend: positions must be [{b}][{e}]")));
+        }
+        if let Some(g) = &gamma {
+            if g.dims() != [b, e] {
+                return Err(LlamaError::Input(format!("Prefix::extend: gamma has shape {:?}, the extension is [{b}, {e}, {h}]", g.dims())));
+            }
+        }
+        let device = ext.device();
+        let keep_host = bool_rows(&keep, b, e)?;
+        let mut keep_rows = self.keep_rows.clone();
+        let mut next_pos = self.next_pos.clone();
+        let mut pos = Vec::with_capacity(b * e);
+        for r in 0..b {
+            for j in 0..e {
+                let (kp, v) = (keep_host[r][j], positions[r][j]);
+                if kp {
+                    if v < 0 {
+                        return Err(LlamaError::Input(format!("Prefix::extend: negative position {v} in row {r}")));
+                    }
+                    next_pos[r] = next_pos[r].max(v as usize + 1);
+                }
+                pos.push(v.max(0));
+                keep_rows[r].push(kp);
+            }
+        }
+        let t = self.len();
+        let full_gamma = match (&self.gamma, gamma) {
+            (None, None) => None,
+            (old, new) => Some(Tensor::cat(
+                vec![
+                    old.clone().unwrap_or_else(|| Tensor::zeros([b, t], &device)),
+                    new.unwrap_or_else(|| Tensor::zeros([b, e], &device)),
+                ],
+                1,
+            )),
+        };
+        let mut cache = self.cache.clone();
+        let extras = AttnExtras {
+            positions: Some(Tensor::from_data(TensorData::new(pos, [b, e]), &device)),
+            key_keep: Some(keep_tensor(&keep_rows, &device)),
+            gamma: full_gamma.clone(),
+        };
+        let hidden = model.forward_embeds(ext, &extras, &mut cache)?;
+        let last = if e > 0 { hidden.clone().narrow(1, e - 1, 1) } else { self.last.clone() };
+        Ok((Prefix { cache, keep_rows, next_pos, gamma: full_gamma, last }, hidden))
+    }
+}
+
+/// `[b, s]` bool tensor -> per-row host flags.
+fn bool_rows<B: Backend>(t: &Tensor<B, 2, Bool>, b: usize, s: usize) -> Result<Vec<Vec<bool>>, LlamaError> {
+    let flat: Vec<i64> = t
+        .clone()
+        .int()
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .map_err(|e| LlamaError::Input(format!("reading a key mask: {e:?}")))?;
+    Ok((0..b).map(|r| flat[r * s..(r + 1) * s].iter().map(|&v| v != 0).collect()).collect())
+}
+
+/// Run a prefix through the model into a fresh cache: [`generate_at`]'s first step, public so
+/// that several decodes can share it (see [`Prefix`]). Rows must be left-padded (each row's
+/// last position real); positions as in [`generate_at`].
+pub fn prefill<B: Backend>(
     model: &Llama<B>,
     prefix: Tensor<B, 3>,
     prefix_keep: Tensor<B, 2, Bool>,
     prefix_positions: Option<&[Vec<i64>]>,
     prefix_gamma: Option<Tensor<B, 2>>,
-) -> Result<Prefilled<B>, LlamaError> {
+) -> Result<Prefix<B>, LlamaError> {
     let [b, s, _] = prefix.dims();
     let device = prefix.device();
     let (keep_host, n_real, pos) = prefix_positions_of(&prefix, &prefix_keep, prefix_positions, prefix_gamma.as_ref())?;
@@ -403,10 +564,10 @@ fn prefill<B: Backend>(
     let extras = AttnExtras {
         positions: Some(Tensor::from_data(TensorData::new(pos, [b, s]), &device)),
         key_keep: Some(prefix_keep),
-        gamma: prefix_gamma,
+        gamma: prefix_gamma.clone(),
     };
     let hidden = model.forward_embeds(prefix, &extras, &mut cache)?;
-    Ok(Prefilled { keep_rows, n_real, cache, last: hidden.narrow(1, s - 1, 1) })
+    Ok(Prefix { keep_rows, next_pos: n_real, cache, gamma: prefix_gamma, last: hidden.narrow(1, s - 1, 1) })
 }
 
 /// The key mask `[b, t]` of per-row keep flags (all rows of length t).

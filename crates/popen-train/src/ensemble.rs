@@ -19,6 +19,13 @@
 //! Step 1 samples the K answers of every item of a batch in ONE `generate` call (rows
 //! `item * K + k`, KV cache, row `r` on RNG stream `r`); the text pass generates all items'
 //! `y_tilde` in one greedy call; the seg pass is one teacher-forced forward.
+//!
+//! All three passes start with the same chat prompt, and its keys and values do not depend
+//! on what follows (causal attention; gamma only biases the keys of later pieces). With
+//! [`EnsembleSettings::share_prompt`] (the default) the prompt is prefilled once per item
+//! ([`Questions`]): the K samples continue copies of its cache, the text pass and the seg
+//! pass extend it with their own pieces. The states equal re-reading the prompt in every pass
+//! up to floating-point rounding (test `shared_prompt_equals_rereading`).
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -26,7 +33,7 @@ use image::RgbImage;
 use popen_core::mask::Mask;
 use popen_model::infer::{binarize, Prediction, Predictor};
 use popen_model::pixellm::{ImageFeatures, Padding, Part, PixelLmError, Segment};
-use popen_model::sampling::SamplingConfig;
+use popen_model::sampling::{self, Prefix, SamplingConfig};
 use popen_model::tokenizer;
 use serde::{Deserialize, Serialize};
 
@@ -63,11 +70,15 @@ pub struct EnsembleSettings {
     /// same greedy ids up to floating-point rounding, fewer sequential steps: y_tilde mostly
     /// repeats one of them). false = token by token.
     pub draft: bool,
+    /// Prefill each item's chat prompt (image tokens and question) once and let the K samples,
+    /// the text pass and the seg pass continue its KV cache (the same states up to
+    /// floating-point rounding). false = every pass re-reads the prompt.
+    pub share_prompt: bool,
 }
 
 impl Default for EnsembleSettings {
     fn default() -> Self {
-        EnsembleSettings { k: 3, temperature: 0.7, top_p: 1.0, seed: 0, max_new_tokens: 96, gamma: true, fallback: false, draft: true }
+        EnsembleSettings { k: 3, temperature: 0.7, top_p: 1.0, seed: 0, max_new_tokens: 96, gamma: true, fallback: false, draft: true, share_prompt: true }
     }
 }
 
@@ -112,25 +123,97 @@ pub struct Scores {
     pub eta: Vec<Vec<f32>>,
 }
 
+/// A batch's questions (item `i` asks `instructions[i]` about image `i`) as the ensemble's
+/// passes start them: with `share_prompt`, the chat prompts prefilled once (left-padded, one
+/// row per item), which every pass continues; without, every pass re-reads them.
+pub struct Questions<'a, B: Backend> {
+    pub instructions: Vec<&'a str>,
+    pub prompt: Option<Prefix<B>>,
+}
+
+impl<'a, B: Backend> Questions<'a, B> {
+    pub fn new(pred: &Predictor<B>, feats: &ImageFeatures<B>, instructions: &[&'a str], share_prompt: bool) -> MResult<Self> {
+        let prompt = if share_prompt {
+            let rows: Vec<Vec<Part<B>>> = instructions.iter().enumerate().map(|(i, x)| pred.prompt_parts(x, i)).collect::<MResult<_>>()?;
+            Some(pred.model.prefill(&pred.model.assemble(&rows, Some(feats), Padding::Left)?)?)
+        } else {
+            None
+        };
+        Ok(Questions { instructions: instructions.to_vec(), prompt })
+    }
+
+    /// Per item, the chat prompt followed by `tail(i)`, as a prefix to decode from.
+    pub fn prefix(&self, pred: &Predictor<B>, feats: &ImageFeatures<B>, tail: impl Fn(usize) -> MResult<Vec<Part<B>>>) -> MResult<Prefix<B>> {
+        let tails: Vec<Vec<Part<B>>> = (0..self.instructions.len()).map(&tail).collect::<MResult<_>>()?;
+        match &self.prompt {
+            Some(p) if tails.iter().all(|t| !t.is_empty()) => Ok(pred.model.extend(p, &tails, None, Padding::Left)?.0),
+            Some(p) => Ok(p.clone()),
+            None => {
+                let rows = self.full_rows(pred, tails)?;
+                Ok(pred.model.prefill(&pred.model.assemble(&rows, Some(feats), Padding::Left)?)?)
+            }
+        }
+    }
+
+    /// Per item, the chat prompt followed by `tails[i]`, teacher-forced (right-padded): the
+    /// final-normed states of the tails' positions and the assembly whose `piece_starts`
+    /// index them, per row `[tail pieces]` (the prompt's pieces first when not shared).
+    pub fn forward(&self, pred: &Predictor<B>, feats: &ImageFeatures<B>, tails: Vec<Vec<Part<B>>>) -> MResult<(Tensor<B, 3>, Vec<Vec<usize>>)> {
+        match &self.prompt {
+            Some(p) => {
+                let (_, hidden, asm) = pred.model.extend(p, &tails, None, Padding::Right)?;
+                Ok((hidden, asm.piece_starts))
+            }
+            None => {
+                let n_tail: Vec<usize> = tails.iter().map(Vec::len).collect();
+                let rows = self.full_rows(pred, tails)?;
+                let asm = pred.model.assemble(&rows, Some(feats), Padding::Right)?;
+                let hidden = pred.model.forward_hidden(&asm)?;
+                let starts = asm.piece_starts.iter().zip(n_tail).map(|(st, n)| st[st.len() - n..].to_vec()).collect();
+                Ok((hidden, starts))
+            }
+        }
+    }
+
+    fn full_rows(&self, pred: &Predictor<B>, tails: Vec<Vec<Part<B>>>) -> MResult<Vec<Vec<Part<B>>>> {
+        self.instructions
+            .iter()
+            .zip(tails)
+            .enumerate()
+            .map(|(i, (x, t))| {
+                let mut r = pred.prompt_parts(x, i)?;
+                r.extend(t);
+                Ok(r)
+            })
+            .collect()
+    }
+}
+
 /// Step 1: K responses per item in one batched `generate` call, with each group's `f_k^n`
 /// and mask.
 pub fn sample_candidates<B: Backend>(
     pred: &Predictor<B>,
     feats: &ImageFeatures<B>,
-    instructions: &[&str],
+    questions: &Questions<'_, B>,
     s: &EnsembleSettings,
 ) -> MResult<Vec<Vec<Candidate>>> {
     let model = pred.model;
     let cfg = model.config();
-    let mut rows = Vec::with_capacity(instructions.len() * s.k);
-    for (i, instr) in instructions.iter().enumerate() {
-        let parts = pred.prompt_parts(instr, i)?;
-        for _ in 0..s.k {
-            rows.push(parts.clone());
+    let n_items = questions.instructions.len();
+    let prefix = match &questions.prompt {
+        Some(p) => p.repeat_rows(s.k),
+        None => {
+            let mut rows = Vec::with_capacity(n_items * s.k);
+            for (i, instr) in questions.instructions.iter().enumerate() {
+                let parts = pred.prompt_parts(instr, i)?;
+                for _ in 0..s.k {
+                    rows.push(parts.clone());
+                }
+            }
+            model.prefill(&model.assemble(&rows, Some(feats), Padding::Left)?)?
         }
-    }
-    let asm = model.assemble(&rows, Some(feats), Padding::Left)?;
-    let gens = model.generate(&asm, &s.sampling(), &[pred.tokens.eos])?;
+    };
+    let gens = sampling::generate_from(&model.llm, prefix, &s.sampling(), &[pred.tokens.eos]).map_err(PixelLmError::from)?;
     // Every row's groups at once: one seg_embeddings + one decoder call.
     let mut objects = Vec::new();
     let mut hidden_rows = Vec::new();
@@ -168,7 +251,7 @@ pub fn sample_candidates<B: Backend>(
     };
     let (masks, mask_scores) = masks;
     let (mut f_it, mut m_it, mut s_it) = (fs.into_iter(), masks.into_iter(), mask_scores.into_iter());
-    let mut out: Vec<Vec<Candidate>> = (0..instructions.len()).map(|_| Vec::with_capacity(s.k)).collect();
+    let mut out: Vec<Vec<Candidate>> = (0..n_items).map(|_| Vec::with_capacity(s.k)).collect();
     for ((r, g), groups) in gens.into_iter().enumerate().zip(scans) {
         let n = groups.len();
         let text = pred.tokenizer.decode(&g.ids, false).map_err(inp)?;
@@ -212,6 +295,13 @@ pub fn text_rows<B: Backend>(
     tau: Option<&[Vec<f32>]>,
 ) -> MResult<Vec<Part<B>>> {
     let mut parts = pred.prompt_parts(instruction, image)?;
+    parts.extend(answer_parts(pred, cands, tau));
+    Ok(parts)
+}
+
+/// [`text_rows`] after the chat prompt: the K answers (gamma from tau) and `p_hat`.
+pub fn answer_parts<B: Backend>(pred: &Predictor<B>, cands: &[Candidate], tau: Option<&[Vec<f32>]>) -> Vec<Part<B>> {
+    let mut parts = Vec::with_capacity(cands.len() + 1);
     for (k, c) in cands.iter().enumerate() {
         let mut ids = c.ids.clone();
         ids.push(pred.tokens.eos);
@@ -227,7 +317,7 @@ pub fn text_rows<B: Backend>(
     if pred.model.prompt_embeddings.is_some() {
         parts.push(Part::new(Segment::Prompt));
     }
-    Ok(parts)
+    parts
 }
 
 /// Step 5's input sequence for one item: the text rows without gamma, every `f_k^n` fed back
@@ -240,7 +330,14 @@ pub fn seg_rows<B: Backend>(
     eta: Option<&[Vec<f32>]>,
     y_tilde: &[u32],
 ) -> MResult<Vec<Part<B>>> {
-    let mut parts = text_rows(pred, instruction, image, cands, None)?;
+    let mut parts = pred.prompt_parts(instruction, image)?;
+    parts.extend(seg_tail(pred, cands, eta, y_tilde));
+    Ok(parts)
+}
+
+/// [`seg_rows`] after the chat prompt; y_tilde is the last piece.
+pub fn seg_tail<B: Backend>(pred: &Predictor<B>, cands: &[Candidate], eta: Option<&[Vec<f32>]>, y_tilde: &[u32]) -> Vec<Part<B>> {
+    let mut parts = answer_parts(pred, cands, None);
     let fs: Vec<&Vec<f32>> = cands.iter().flat_map(|c| c.f.iter()).collect();
     if !fs.is_empty() && pred.model.seg_feedback.is_some() {
         let d = fs[0].len();
@@ -258,7 +355,7 @@ pub fn seg_rows<B: Backend>(
     let mut ids = y_tilde.to_vec();
     ids.push(pred.tokens.eos);
     parts.push(Part::new(Segment::Tokens(ids)));
-    Ok(parts)
+    parts
 }
 
 /// What the ensemble produced for one item.
@@ -300,12 +397,13 @@ pub fn predict<B: Backend>(
     let pre = pred.preprocess(&images)?;
     let feats = pred.encode(&pre)?;
     let instrs: Vec<&str> = items.iter().map(|(_, i)| *i).collect();
-    let cands = sample_candidates(pred, &feats, &instrs, s)?;
+    let questions = Questions::new(pred, &feats, &instrs, s.share_prompt)?;
+    let cands = sample_candidates(pred, &feats, &questions, s)?;
     let scores: Vec<Scores> = cands.iter().map(|c| scores(pred, c)).collect::<MResult<_>>()?;
-    let refined = refine(pred, &feats, &instrs, &cands, &scores, s)?;
-    let (rows, starts) = seg_batch(pred, &instrs, &cands, &scores, &refined, s)?;
-    let asm = pred.model.assemble(&rows, Some(&feats), Padding::Right)?;
-    let hidden = pred.model.forward_hidden(&asm)?;
+    let refined = refine(pred, &feats, &questions, &cands, &scores, s)?;
+    let tails: Vec<Vec<Part<B>>> =
+        (0..items.len()).map(|i| seg_tail(pred, &cands[i], s.gamma.then_some(scores[i].eta.as_slice()), &refined[i].0)).collect();
+    let (hidden, piece_starts) = questions.forward(pred, &feats, tails)?;
     let mut objects = Vec::new();
     let mut per_row = Vec::new();
     let mut issues = Vec::new();
@@ -313,7 +411,7 @@ pub fn predict<B: Backend>(
         let scan = tokenizer::seg_groups(&g.0, &pred.tokens);
         issues.push(scan.issues.iter().map(|i| i.to_string()).collect::<Vec<_>>());
         per_row.push(scan.groups.len());
-        let st = asm.piece_starts[r][starts[r]];
+        let st = *piece_starts[r].last().expect("y_tilde is the last piece");
         for grp in scan.groups {
             objects.push((r, grp.iter().map(|p| p + st).collect::<Vec<_>>()));
         }
@@ -367,17 +465,12 @@ pub fn predict<B: Backend>(
 pub fn refine<B: Backend>(
     pred: &Predictor<B>,
     feats: &ImageFeatures<B>,
-    instrs: &[&str],
+    questions: &Questions<'_, B>,
     cands: &[Vec<Candidate>],
     scores: &[Scores],
     s: &EnsembleSettings,
 ) -> MResult<Vec<(Vec<u32>, Vec<f32>, bool)>> {
-    let rows: Vec<Vec<Part<B>>> = instrs
-        .iter()
-        .enumerate()
-        .map(|(i, x)| text_rows(pred, x, i, &cands[i], s.gamma.then_some(scores[i].tau.as_slice())))
-        .collect::<MResult<_>>()?;
-    let asm = pred.model.assemble(&rows, Some(feats), Padding::Left)?;
+    let prefix = questions.prefix(pred, feats, |i| Ok(answer_parts(pred, &cands[i], s.gamma.then_some(scores[i].tau.as_slice()))))?;
     let gens = if s.draft {
         // Drafts: the K answers, likeliest (mean token log-prob) first, each closed by EOS so
         // that a y_tilde repeating one can also stop in the same forward.
@@ -390,9 +483,9 @@ pub fn refine<B: Backend>(
                 order.iter().map(|&k| cs[k].ids.iter().copied().chain(std::iter::once(pred.tokens.eos)).collect()).collect()
             })
             .collect();
-        pred.model.generate_drafted(&asm, s.max_new_tokens, &[pred.tokens.eos], &drafts)?.0
+        sampling::greedy_with_drafts_from(&pred.model.llm, prefix, &drafts, s.max_new_tokens, &[pred.tokens.eos]).map_err(PixelLmError::from)?.0
     } else {
-        pred.model.generate(&asm, &s.greedy(), &[pred.tokens.eos])?
+        sampling::generate_from(&pred.model.llm, prefix, &s.greedy(), &[pred.tokens.eos]).map_err(PixelLmError::from)?
     };
     Ok(gens.into_iter().map(|g| (g.ids, g.logprobs, g.stopped)).collect())
 }

@@ -272,9 +272,10 @@ fn batch_loss<B: AutodiffBackend>(
     let vdev = inner.devices().into_iter().next().ok_or("the model has no parameters")?;
     let vemb = emb.clone().map(|(v, sh)| Tensor::<B::InnerBackend, 4>::from_data(TensorData::new(v, sh), &vdev));
     let vfeats = inner.encode_images_with(&preprocessed, vemb).map_err(e)?;
-    let cands: Vec<Vec<Candidate>> = ensemble::sample_candidates(&vp, &vfeats, &instrs, s).map_err(e)?;
+    let questions = ensemble::Questions::new(&vp, &vfeats, &instrs, s.share_prompt).map_err(e)?;
+    let cands: Vec<Vec<Candidate>> = ensemble::sample_candidates(&vp, &vfeats, &questions, s).map_err(e)?;
     let scores: Vec<Scores> = cands.iter().map(|c| ensemble::scores(&vp, c)).collect::<std::result::Result<_, _>>().map_err(e)?;
-    let refined = ensemble::refine(&vp, &vfeats, &instrs, &cands, &scores, s).map_err(e)?;
+    let refined = ensemble::refine(&vp, &vfeats, &questions, &cands, &scores, s).map_err(e)?;
 
     // 2. L_ti.
     let m = &model.pixellm;

@@ -886,3 +886,72 @@ fn greedy_with_drafts_equals_greedy() {
         }
     }
 }
+
+/// Decoding from a shared [`Prefix`] gives what one prefill of the whole input gives (the
+/// reference: `generate`, itself matched to transformers' greedy `generate` in
+/// `fixture_greedy_matches_transformers_generate`): the left-padded fixture batch with a
+/// gamma bias, prefilled without its last two columns, then [`Prefix::extend`]ed by them
+/// behind a masked column (a padding key in the middle of the cache), decodes the same ids
+/// (exactly), log-probs and fed states (1e-4) and prefix state (1e-5), by greedy `generate`
+/// and by `greedy_with_drafts`; [`Prefix::repeat_rows`] gives every row twice, as a batch
+/// holding each row twice does. Shape errors name the argument.
+#[test]
+fn shared_prefix_extend_and_repeat_equal_one_prefill() {
+    use popen_model::sampling::{generate_from, greedy_with_drafts_from, prefill, Prefix};
+    let e = expected();
+    let p = padded_inputs(&e);
+    let model = load::<B>();
+    let (b, s) = (p.ids.len(), p.ids[0].len());
+    assert!(p.keep.iter().all(|k| k[s - 3]), "every row needs 3 real tokens");
+    let n = 10;
+    let g: Vec<f32> = (0..b * s).map(|i| ((i * 7) % 5) as f32 * 0.1 - 0.2).collect();
+    let greedy = SamplingConfig { max_new_tokens: n, ..Default::default() };
+    let want = generate(&model, model.embed(int2(&p.ids)), bool2(&p.keep), Some(float2(g.clone(), b, s)), &greedy, &[]).unwrap();
+
+    let c = s - 2;
+    let cut = |rows: &[Vec<i64>], a: usize, z: usize| rows.iter().map(|r| r[a..z].to_vec()).collect::<Vec<_>>();
+    let base_keep: Vec<Vec<bool>> = p.keep.iter().map(|r| r[..c].to_vec()).collect();
+    let base_g: Vec<f32> = (0..b).flat_map(|r| g[r * s..r * s + c].to_vec()).collect();
+    let base = prefill(&model, model.embed(int2(&cut(&p.ids, 0, c))), bool2(&base_keep), None, Some(float2(base_g, b, c))).unwrap();
+    assert_eq!((base.rows(), base.len()), (b, c));
+    // The extension: a masked column (token 0, gamma 5: must not count), then the last two.
+    let ext_ids: Vec<Vec<i64>> = p.ids.iter().map(|r| [vec![0], r[c..].to_vec()].concat()).collect();
+    let ext_keep: Vec<Vec<bool>> = (0..b).map(|_| vec![false, true, true]).collect();
+    let ext_pos: Vec<Vec<i64>> = base.next_pos.iter().map(|&q| vec![99, q as i64, q as i64 + 1]).collect();
+    let ext_g: Vec<f32> = (0..b).flat_map(|r| [vec![5.0], g[r * s + c..r * s + s].to_vec()].concat()).collect();
+    let (ext, hidden) = base.extend(&model, model.embed(int2(&ext_ids)), bool2(&ext_keep), &ext_pos, Some(float2(ext_g, b, 3))).unwrap();
+    assert_eq!(hidden.dims()[..2], [b, 3]);
+    assert_eq!(ext.len(), c + 3);
+
+    let close = |got: &[Generation<B>], want: &[&Generation<B>], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (r, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(g.ids, w.ids, "{what}, row {r}");
+            for (a, c) in g.logprobs.iter().zip(&w.logprobs) {
+                assert!((a - c).abs() <= 1e-4, "{what}, row {r}: log-prob {a} vs {c}");
+            }
+            let d = vec_of(g.hidden.clone()).iter().zip(vec_of(w.hidden.clone())).map(|(a, c)| (a - c).abs()).fold(0f32, f32::max);
+            assert!(d <= 1e-4, "{what}, row {r}: hidden differs by {d}");
+            let d = vec_of(g.prefix_last.clone()).iter().zip(vec_of(w.prefix_last.clone())).map(|(a, c)| (a - c).abs()).fold(0f32, f32::max);
+            assert!(d <= 1e-5, "{what}, row {r}: prefix state differs by {d}");
+        }
+    };
+    let want_refs: Vec<&Generation<B>> = want.iter().collect();
+    close(&generate_from(&model, ext.clone(), &greedy, &[]).unwrap(), &want_refs, "extend + generate_from");
+    let drafts: Vec<Vec<Vec<u32>>> = want.iter().map(|w| vec![w.ids.clone()]).collect();
+    let (got, forwards) = greedy_with_drafts_from(&model, ext.clone(), &drafts, n, &[]).unwrap();
+    close(&got, &want_refs, "extend + greedy_with_drafts_from");
+    assert_eq!(forwards, 1, "right drafts: one forward");
+    let twice: Vec<&Generation<B>> = want.iter().flat_map(|w| [w, w]).collect();
+    let rep: Prefix<B> = ext.repeat_rows(2);
+    assert_eq!(rep.rows(), 2 * b);
+    close(&generate_from(&model, rep, &greedy, &[]).unwrap(), &twice, "repeat_rows(2)");
+
+    // Wrong shapes: errors, not panics.
+    let msg = base.extend(&model, model.embed(int2(&ext_ids)), bool2(&ext_keep[..1]), &ext_pos, None).unwrap_err().to_string();
+    assert!(msg.contains("keep"), "{msg}");
+    let msg = base.extend(&model, model.embed(int2(&ext_ids)), bool2(&ext_keep), &ext_pos[..1], None).unwrap_err().to_string();
+    assert!(msg.contains("positions"), "{msg}");
+    let msg = base.extend(&model, model.embed(int2(&ext_ids[..1])), bool2(&ext_keep[..1]), &ext_pos[..1], None).unwrap_err().to_string();
+    assert!(msg.contains("rows"), "{msg}");
+}

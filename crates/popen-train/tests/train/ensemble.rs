@@ -78,7 +78,8 @@ fn ensemble_text_pass_without_gamma_and_p_hat_is_a_plain_forward() {
     let feats = p.model.encode_images(&pre).unwrap();
     let instrs: Vec<&str> = samples[..2].iter().map(|s| s.instruction.as_str()).collect();
     let s = settings();
-    let cands = ensemble::sample_candidates(&p, &feats, &instrs, &s).unwrap();
+    let q = ensemble::Questions::new(&p, &feats, &instrs, s.share_prompt).unwrap();
+    let cands = ensemble::sample_candidates(&p, &feats, &q, &s).unwrap();
     assert_eq!(cands.len(), 2);
     assert!(cands.iter().all(|c| c.len() == 3));
     assert!(cands[0][0].ids != cands[0][1].ids || cands[0][1].ids != cands[0][2].ids, "K samples should differ at temperature 1");
@@ -371,5 +372,94 @@ fn ensemble_fallback_outputs_y_tilde_or_the_chosen_candidate() {
                 assert_eq!((&o.prediction.answer, &o.prediction.ids, &o.prediction.masks), (&c.answer, &c.ids, &c.masks));
             }
         }
+    }
+}
+
+/// `share_prompt` (the chat prompt prefilled once, its KV cache continued by the K samples,
+/// the text pass and the seg pass) computes what re-reading the prompt in every pass computes
+/// (the reference: the unshared passes, whose text pass equals a plain forward in
+/// `ensemble_text_pass_without_gamma_and_p_hat_is_a_plain_forward`): with p_hat, seg
+/// feedback and both gammas on, the same sampled ids (exactly), log-probs and f_k^n (1e-4),
+/// the same y_tilde, seg-pass states of y_tilde's piece (1e-4), and the same predictions.
+#[test]
+fn shared_prompt_equals_rereading() {
+    let w = world();
+    let dev = Default::default();
+    let mut b = bundle::open::<B>(&w.model, &dev).unwrap();
+    let p = Predictor::new(&b.model, &mut b.tokenizer).unwrap();
+    let samples: Vec<Sample> = read_shard(&w.train).unwrap();
+    let images: Vec<image::RgbImage> = samples[..3].iter().map(|s| s.decode_image().unwrap()).collect();
+    let pre = p.preprocess(&images.iter().collect::<Vec<_>>()).unwrap();
+    let feats = p.model.encode_images(&pre).unwrap();
+    let instrs: Vec<&str> = samples[..3].iter().map(|s| s.instruction.as_str()).collect();
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-4, "{what}: differs by {d}");
+    };
+    let s = settings();
+    let run = |share: bool| {
+        let q = ensemble::Questions::new(&p, &feats, &instrs, share).unwrap();
+        assert_eq!(q.prompt.is_some(), share);
+        let cands = ensemble::sample_candidates(&p, &feats, &q, &s).unwrap();
+        let scores: Vec<ensemble::Scores> = cands.iter().map(|c| ensemble::scores(&p, c).unwrap()).collect();
+        let refined = ensemble::refine(&p, &feats, &q, &cands, &scores, &s).unwrap();
+        let tails = (0..3).map(|i| ensemble::seg_tail(&p, &cands[i], Some(&scores[i].eta), &refined[i].0)).collect();
+        let (hidden, starts) = q.forward(&p, &feats, tails).unwrap();
+        // y_tilde's piece (+ </s>) states per item.
+        let h = hidden.dims()[2];
+        let states: Vec<Vec<f32>> = (0..3)
+            .map(|i| {
+                let st = *starts[i].last().unwrap();
+                vals(hidden.clone().narrow(0, i, 1).narrow(1, st, refined[i].0.len() + 1).reshape([refined[i].0.len() + 1, h]))
+            })
+            .collect();
+        (cands, refined, states)
+    };
+    let (ca, ra, sa) = run(true);
+    let (cb, rb, sb) = run(false);
+    let mut groups = 0;
+    for i in 0..3 {
+        for (k, (x, y)) in ca[i].iter().zip(&cb[i]).enumerate() {
+            assert_eq!(x.ids, y.ids, "item {i}, sample {k}");
+            close(&x.logprobs, &y.logprobs, &format!("item {i}, sample {k}: log-probs"));
+            assert_eq!(x.groups, y.groups);
+            groups += x.groups.len();
+            for (f, g) in x.f.iter().zip(&y.f) {
+                close(f, g, &format!("item {i}, sample {k}: f"));
+            }
+        }
+        assert_eq!(ra[i].0, rb[i].0, "item {i}: y_tilde");
+        close(&ra[i].1, &rb[i].1, &format!("item {i}: y_tilde log-probs"));
+        close(&sa[i], &sb[i], &format!("item {i}: seg-pass states"));
+    }
+    eprintln!("{groups} sampled seg groups compared");
+    // A random model seldom closes a seg group: give every candidate two f_k^n (and eta) by
+    // hand so that the seg pass feeds them back with gamma, and compare that pass.
+    let width = p.model.config().num_scales() * p.model.config().out_dim;
+    let mut fake = ca.clone();
+    for (i, cs) in fake.iter_mut().enumerate() {
+        for (k, c) in cs.iter_mut().enumerate() {
+            c.f = (0..2).map(|n| (0..width).map(|j| ((i * 31 + k * 7 + n * 3 + j) % 11) as f32 * 0.1 - 0.5).collect()).collect();
+        }
+    }
+    let eta: Vec<Vec<f32>> = (0..3).map(|k| vec![0.2 * k as f32 - 0.2, 0.5]).collect();
+    let seg = |share: bool| {
+        let q = ensemble::Questions::new(&p, &feats, &instrs, share).unwrap();
+        let tails = (0..3).map(|i| ensemble::seg_tail(&p, &fake[i], Some(&eta), &ra[i].0)).collect();
+        let (hidden, starts) = q.forward(&p, &feats, tails).unwrap();
+        (0..3).map(|i| vals(hidden.clone().narrow(0, i, 1).narrow(1, *starts[i].last().unwrap(), ra[i].0.len() + 1))).collect::<Vec<_>>()
+    };
+    let (fa, fb) = (seg(true), seg(false));
+    for i in 0..3 {
+        close(&fa[i], &fb[i], &format!("item {i}: seg pass with feedback"));
+    }
+    assert_ne!(fa[0], sa[0], "the fed-back f_k^n should change the states");
+    // The whole ensemble, both ways.
+    let items: Vec<(&image::RgbImage, &str)> = images.iter().zip(&instrs).map(|(im, x)| (im, *x)).collect();
+    let a = ensemble::predict(&p, &items, &s).unwrap();
+    let b = ensemble::predict(&p, &items, &EnsembleSettings { share_prompt: false, ..s.clone() }).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.prediction.answer, &x.prediction.ids, x.prediction.masks.len()), (&y.prediction.answer, &y.prediction.ids, y.prediction.masks.len()));
     }
 }
