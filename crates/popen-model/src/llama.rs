@@ -693,6 +693,39 @@ impl<B: Backend> Llama<B> {
         KvCache::new(self.num_layers())
     }
 
+    /// transformers' `resize_token_embeddings` for a larger vocabulary (as PixelLM does after
+    /// adding its `<seg>` / codebook / image tokens to a pretrained LLM's tokenizer): rows
+    /// `vocab_size()..vocab` of `embed_tokens`, and of an untied `lm_head`, are the mean of the
+    /// existing rows (transformers draws them around that mean; the mean alone keeps it
+    /// deterministic). Existing rows are unchanged; `vocab` below the current size is an error.
+    pub fn grow_vocab(mut self, vocab: usize) -> Result<Self, LlamaError> {
+        let old = self.vocab_size();
+        if vocab < old {
+            return input_err(format!("grow_vocab: {vocab} < the current vocabulary {old}"));
+        }
+        if vocab == old {
+            return Ok(self);
+        }
+        let extra = vocab - old;
+        let w = self.model.embed_tokens.weight.val();
+        let mean = w.clone().mean_dim(0); // [1, h]
+        let h = w.dims()[1];
+        let grown = Tensor::cat(vec![w, mean.expand([extra, h])], 0);
+        self.model.embed_tokens.weight = Param::from_tensor(grown);
+        if let Some(head) = self.lm_head.as_mut() {
+            let w = head.weight.val(); // [h, vocab]
+            let mean = w.clone().mean_dim(1); // [h, 1]
+            let grown = Tensor::cat(vec![w, mean.expand([h, extra])], 1);
+            head.weight = Param::from_tensor(grown);
+            if let Some(b) = head.bias.as_mut() {
+                let v = b.val();
+                let m = v.clone().mean().reshape([1]);
+                *b = Param::from_tensor(Tensor::cat(vec![v, m.expand([extra])], 0));
+            }
+        }
+        Ok(self)
+    }
+
     /// Token embeddings `[b, s, hidden]` of ids `[b, s]`. Ids must be < vocab (burn does not
     /// bounds-check every backend); [`Llama::ids_tensor`] checks them.
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
@@ -735,10 +768,12 @@ impl<B: Backend> Llama<B> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
+                // One [b * s, h] x [h, vocab] product: expanding the (vocabulary-sized)
+                // weight over the batch would copy it once per row.
                 let w = self.model.embed_tokens.weight.val(); // [vocab, hidden]
-                let [b, _, _] = hidden.dims();
-                let [v, h] = w.dims();
-                hidden.matmul(w.transpose().unsqueeze::<3>().expand([b, h, v]))
+                let [b, s, h] = hidden.dims();
+                let v = w.dims()[0];
+                hidden.reshape([b * s, h]).matmul(w.transpose()).reshape([b, s, v])
             }
         }
     }

@@ -14,7 +14,13 @@
 //! `ENS_BENCH_BACKEND`: flex (CPU, default) or cuda (build with `--features bench-cuda` and
 //! CUDARC_CUDA_VERSION=13000). `ENS_BENCH_PRESET`: tiny (default) or `1b`, the tiny model with
 //! a LLaMA of 2048 hidden, 16 layers, 32 heads (~0.8 B parameters in its blocks: the LLM's share of the
-//! time, as at real scale, dominates).
+//! time, as at real scale, dominates), or `smollm2`: the tiny model with the real pretrained
+//! SmolLM2-135M-Instruct as its LLM (`make assets`; its tokenizer plus PixelLM's tokens, the
+//! embedding grown as PixelLM grows it). A pretrained LM ends its answers and copies from its
+//! context, so its refined answer can repeat a sample and the drafts can pay off; the random
+//! presets never stop and never agree. Each row also reports the mean answer length and the
+//! whether the refined answer repeats a sample (`ENS_BENCH_TEMPERATURE`, default 0.7, sets the
+//! samples'; `ENS_BENCH_ITEMS`, default `1,4`, the batch sizes).
 
 use std::time::Instant;
 
@@ -58,8 +64,17 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
     let texts: Vec<String> = samples.iter().flat_map(|s| [s.instruction.clone(), s.answer.clone()]).collect();
     let mut tok = Tokenizer::train_tiny(texts.iter().map(String::as_str), 400, TINY_SPECIALS)?;
     let mut cfg = PixelLmConfig::tiny(512);
+    let mut smol = None;
     match preset {
         "tiny" => {}
+        "smollm2" => {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+            let g = popen_model::gguf::GgufFile::open(&path).map_err(|e| format!("{}: {e} (run make assets)", path.display()))?;
+            tok = Tokenizer::from_gguf(&g)?;
+            let llm = popen_model::llama::LlamaConfig::from_gguf(&g)?;
+            cfg.llm = llm.clone();
+            smol = Some((g, llm));
+        }
         "1b" => {
             cfg.llm.hidden_size = 2048;
             cfg.llm.intermediate_size = 5632;
@@ -71,13 +86,24 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
         other => return Err(format!("ENS_BENCH_PRESET={other}: tiny or 1b").into()),
     }
     tok.add_pixellm_tokens(cfg.seg_group_len())?;
-    let model = cfg.init::<B>(device)?;
+    if smol.is_some() {
+        cfg.llm.vocab_size = tok.vocab_size();
+    }
+    let mut model = cfg.init::<B>(device)?;
+    if let Some((g, llm)) = &smol {
+        model.llm = popen_model::llama::load_gguf::<B>(llm, g, device)?.grow_vocab(tok.vocab_size())?;
+    }
     let p = Predictor::new(&model, &mut tok)?;
     let images: Vec<image::RgbImage> = samples.iter().map(|s| s.decode_image()).collect::<Result<_, _>>()?;
     let greedy = SamplingConfig { max_new_tokens: max_new, ..Default::default() };
-    let ens = EnsembleSettings { k: 3, max_new_tokens: max_new, ..Default::default() };
+    let temperature: f32 = std::env::var("ENS_BENCH_TEMPERATURE").ok().map(|s| s.parse()).transpose()?.unwrap_or(0.7);
+    let ens = EnsembleSettings { k: 3, max_new_tokens: max_new, temperature, ..Default::default() };
     let mut rows = Vec::new();
-    for n in [1usize, 4] {
+    let sizes: Vec<usize> = match std::env::var("ENS_BENCH_ITEMS") {
+        Ok(v) => v.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>()?,
+        Err(_) => vec![1, 4],
+    };
+    for n in sizes {
         let items: Vec<(&image::RgbImage, &str)> = images[..n].iter().zip(&samples[..n]).map(|(im, s)| (im, s.instruction.as_str())).collect();
         let reread = EnsembleSettings { share_prompt: false, ..ens.clone() };
         let (mut plain, mut ens_reread, mut ens_shared) = (Vec::new(), Vec::new(), Vec::new());
@@ -100,6 +126,7 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
         }
         // Where the shared ensemble's time goes: its steps called one by one.
         let mut phases: Vec<Vec<f64>> = vec![Vec::new(); 6];
+        let (mut cand_len, mut tilde_len, mut repeats, mut count) = (0usize, 0usize, 0usize, 0usize);
         for it in 0..warmup + iters {
             let mut t = Instant::now();
             let mut lap = |k: usize, phases: &mut Vec<Vec<f64>>| {
@@ -119,6 +146,12 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
             let scores: Vec<ensemble::Scores> = cands.iter().map(|c| ensemble::scores(&p, c)).collect::<Result<_, _>>()?;
             let refined = ensemble::refine(&p, &feats, &q, &cands, &scores, &ens)?;
             lap(3, &mut phases);
+            for (cs, r) in cands.iter().zip(&refined) {
+                cand_len += cs.iter().map(|c| c.ids.len()).sum::<usize>();
+                tilde_len += r.0.len();
+                repeats += cs.iter().any(|c| c.ids == r.0) as usize;
+                count += 1;
+            }
             let tails = (0..n).map(|i| ensemble::seg_tail(&p, &cands[i], Some(&scores[i].eta), &refined[i].0)).collect();
             let (hidden, _) = q.forward(&p, &feats, tails)?;
             let _ = hidden.into_data();
@@ -127,6 +160,10 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
         let names = ["image encoding", "prompt prefill", "K samples (+ their masks)", "scores + refined answer", "seg pass (forward)"];
         let breakdown: Vec<String> = names.iter().zip(&phases).map(|(nm, v)| format!("{nm} {:.1} ms", median(v.clone()) * 1e3)).collect();
         eprintln!("{preset}, {n} item(s), shared ensemble by step: {}", breakdown.join(", "));
+        let (mean_cand, mean_tilde) = (cand_len as f64 / (count * 3).max(1) as f64, tilde_len as f64 / count.max(1) as f64);
+        eprintln!(
+            "{preset}, {n} item(s): mean sample length {mean_cand:.1} tokens, refined {mean_tilde:.1}; the refined answer repeats a sample in {repeats} of {count}"
+        );
         let (mp, mr, ms) = (median(plain), median(ens_reread), median(ens_shared));
         println!(
             "| {preset}, {n} item(s), {max_new} new tokens | {:.1} ms | {:.1} ms ({:.2}x) | {:.1} ms ({:.2}x) |",
@@ -137,7 +174,8 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
             ms / mp
         );
         rows.push(serde_json::json!({"preset": preset, "items": n, "max_new_tokens": max_new, "k": 3, "plain_ms": mp * 1e3,
-            "ensemble_reread_ms": mr * 1e3, "ratio_reread": mr / mp, "ensemble_ms": ms * 1e3, "ratio": ms / mp, "iters": iters,
+            "ensemble_reread_ms": mr * 1e3, "ratio_reread": mr / mp, "ensemble_ms": ms * 1e3, "ratio": ms / mp, "iters": iters, "temperature": temperature,
+            "mean_sample_tokens": mean_cand, "mean_refined_tokens": mean_tilde, "refined_repeats_a_sample": repeats, "refined_answers": count,
             "shared_steps_ms": names.iter().zip(&phases).map(|(nm, v)| (nm.to_string(), serde_json::json!(median(v.clone()) * 1e3))).collect::<serde_json::Map<_, _>>()}));
     }
     Ok(rows)

@@ -955,3 +955,51 @@ fn shared_prefix_extend_and_repeat_equal_one_prefill() {
     let msg = base.extend(&model, model.embed(int2(&ext_ids[..1])), bool2(&ext_keep[..1]), &ext_pos[..1], None).unwrap_err().to_string();
     assert!(msg.contains("rows"), "{msg}");
 }
+
+/// `grow_vocab` (transformers' `resize_token_embeddings` growing the vocabulary, new rows at
+/// the mean of the old ones): hand-checked on the fixture model, tied and untied. The logits
+/// of the old ids are unchanged, a new id's logit is `hidden . mean(rows)` (untied: of
+/// lm_head's columns), a new id embeds to the mean row; shrinking is an error.
+#[test]
+fn grow_vocab_keeps_old_logits_and_adds_mean_rows() {
+    let untied = load::<B>();
+    assert!(untied.lm_head.is_some());
+    let tied = Llama { model: untied.model.clone(), lm_head: None };
+    for model in [untied, tied] {
+        grow_vocab_case(model);
+    }
+}
+
+fn grow_vocab_case(model: Llama<B>) {
+    let old = model.vocab_size();
+    let ids = model.ids_tensor(&[vec![1, 2, 3]]).unwrap();
+    let hid = model.forward_embeds(model.embed(ids.clone()), &AttnExtras::default(), &mut model.new_cache()).unwrap();
+    let before = vec_of(model.logits(hid.clone()));
+    let h = model.hidden_size();
+    let rows = vec_of(model.model.embed_tokens.weight.val());
+    let mean: Vec<f32> = (0..h).map(|j| (0..old).map(|r| rows[r * h + j]).sum::<f32>() / old as f32).collect();
+    let head_mean: Option<Vec<f32>> = model.lm_head.as_ref().map(|l| {
+        let w = vec_of(l.weight.val()); // [h, vocab]
+        (0..h).map(|j| w[j * old..(j + 1) * old].iter().sum::<f32>() / old as f32).collect()
+    });
+    let hv = vec_of(hid.clone());
+    let big = model.clone().grow_vocab(old + 3).unwrap();
+    assert_eq!(big.vocab_size(), old + 3);
+    let after = vec_of(big.logits(big.forward_embeds(big.embed(ids), &AttnExtras::default(), &mut big.new_cache()).unwrap()));
+    let want_new = head_mean.as_ref().unwrap_or(&mean);
+    for t in 0..3 {
+        for v in 0..old {
+            assert!((after[t * (old + 3) + v] - before[t * old + v]).abs() <= 1e-5, "token {t}, id {v}");
+        }
+        let dot: f32 = (0..h).map(|j| hv[t * h + j] * want_new[j]).sum();
+        for v in old..old + 3 {
+            assert!((after[t * (old + 3) + v] - dot).abs() <= 1e-4, "token {t}, new id {v}: {} vs {dot}", after[t * (old + 3) + v]);
+        }
+    }
+    let e = vec_of(big.embed(big.ids_tensor(&[vec![old as u32 + 1]]).unwrap()));
+    for j in 0..h {
+        assert!((e[j] - mean[j]).abs() <= 1e-6);
+    }
+    let msg = model.clone().grow_vocab(old - 1).unwrap_err().to_string();
+    assert!(msg.contains("grow_vocab"), "{msg}");
+}
