@@ -536,14 +536,20 @@ impl<B: Backend> Prefix<B> {
 
 /// `[b, s]` bool tensor -> per-row host flags.
 fn bool_rows<B: Backend>(t: &Tensor<B, 2, Bool>, b: usize, s: usize) -> Result<Vec<Vec<bool>>, LlamaError> {
+    let flat = bool_flat(t, "Prefix::extend: keep")?;
+    Ok((0..b).map(|r| flat[r * s..(r + 1) * s].to_vec()).collect())
+}
+
+/// A bool tensor's flags on the host, row-major.
+fn bool_flat<B: Backend>(t: &Tensor<B, 2, Bool>, what: &str) -> Result<Vec<bool>, LlamaError> {
     let flat: Vec<i64> = t
         .clone()
         .int()
         .into_data()
         .convert::<i64>()
         .into_vec::<i64>()
-        .map_err(|e| LlamaError::Input(format!("reading a key mask: {e:?}")))?;
-    Ok((0..b).map(|r| flat[r * s..(r + 1) * s].iter().map(|&v| v != 0).collect()).collect())
+        .map_err(|e| LlamaError::Input(format!("reading {what}: {e:?}")))?;
+    Ok(flat.into_iter().map(|v| v != 0).collect())
 }
 
 /// Run a prefix through the model into a fresh cache: [`generate_at`]'s first step, public so
@@ -601,16 +607,7 @@ fn prefix_positions_of<B: Backend>(
             )));
         }
     }
-    let keep_host: Vec<bool> = prefix_keep
-        .clone()
-        .int()
-        .into_data()
-        .convert::<i64>()
-        .into_vec::<i64>()
-        .map_err(|e| LlamaError::Input(format!("generate: reading prefix_keep: {e:?}")))?
-        .into_iter()
-        .map(|v| v != 0)
-        .collect();
+    let keep_host = bool_flat(prefix_keep, "generate: prefix_keep")?;
     if b > 0 && s > 0 {
         if let Some(r) = (0..b).find(|&r| !keep_host[r * s + s - 1]) {
             return Err(LlamaError::Input(format!(
