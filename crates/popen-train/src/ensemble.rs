@@ -146,8 +146,8 @@ impl<'a, B: Backend> Questions<'a, B> {
     pub fn prefix(&self, pred: &Predictor<B>, feats: &ImageFeatures<B>, tail: impl Fn(usize) -> MResult<Vec<Part<B>>>) -> MResult<Prefix<B>> {
         let tails: Vec<Vec<Part<B>>> = (0..self.instructions.len()).map(&tail).collect::<MResult<_>>()?;
         match &self.prompt {
-            Some(p) if tails.iter().all(|t| !t.is_empty()) => Ok(pred.model.extend(p, &tails, None, Padding::Left)?.0),
-            Some(p) => Ok(p.clone()),
+            Some(p) if tails.iter().all(Vec::is_empty) => Ok(p.clone()),
+            Some(p) => Ok(pred.model.extend(p, &tails, None, Padding::Left)?.0),
             None => {
                 let rows = self.full_rows(pred, tails)?;
                 Ok(pred.model.prefill(&pred.model.assemble(&rows, Some(feats), Padding::Left)?)?)
