@@ -212,19 +212,27 @@ fn ensemble_train_moves_only_p_hat_and_resumes_exactly() {
     }
 }
 
-/// Steps on one fixed batch (batch = all 4 samples) lower that batch's loss as measured with
-/// the same candidates seed ([`ensemble_train::loss_of`]).
+/// One step lowers the loss of the batch it stepped on ([`ensemble_train::loss_of`] of the
+/// stage's step-0 batch, in the stage's order, so the same K candidates): Adam's first step
+/// moves each p_hat entry by ~lr against its gradient's sign, a descent direction, and at lr
+/// 1e-3 the second-order term is negligible. (Several steps draw fresh candidates per step,
+/// so the loss of one batch need not fall, whatever the random init: the old 3-step version
+/// of this test failed once in CI, 0.6921 -> 0.6938.)
 #[test]
 fn ensemble_train_steps_lower_the_loss_on_a_fixed_batch() {
     let w = world();
-    let c = EnsembleConfig { batch_size: 4, max_steps: 3, checkpoint_every: 3, ..cfg() };
+    let c = EnsembleConfig { batch_size: 4, max_steps: 1, checkpoint_every: 1, lr: 1e-3, ..cfg() };
     run_with(&c, "ens-fixed", None, false).unwrap();
     let job = EnsembleJob { config: &c, init: &w.model, samples: &w.train, out: &w.root.join("unused"), resume: false, progress: false, sam_cache: None };
     let dev = Default::default();
     let m0 = bundle::open::<AB>(&w.model, &dev).unwrap().model;
     let m1 = bundle::open::<AB>(&w.root.join("ens-fixed/model"), &dev).unwrap().model;
-    let l0 = ensemble_train::loss_of::<AB>(&job, &m0, &[0, 1, 2, 3], &dev).unwrap();
-    let l1 = ensemble_train::loss_of::<AB>(&job, &m1, &[0, 1, 2, 3], &dev).unwrap();
+    let idx = popen_train::data::Order { n: 4, batch_size: 4, seed: c.seed }.batch(0);
+    let l0 = ensemble_train::loss_of::<AB>(&job, &m0, &idx, &dev).unwrap();
+    let l1 = ensemble_train::loss_of::<AB>(&job, &m1, &idx, &dev).unwrap();
+    // The same batch and candidates the stage stepped on: its logged step-0 loss is l0.
+    let logged = metrics("ens-fixed")[0]["loss"].as_f64().unwrap() as f32;
+    assert!((logged - l0).abs() <= 1e-5, "the stage's step-0 loss {logged} is not loss_of's {l0}");
     eprintln!("fixed batch loss {l0} -> {l1}");
     assert!(l0.is_finite() && l1.is_finite());
     assert!(l1 < l0, "loss did not go down: {l0} -> {l1}");
