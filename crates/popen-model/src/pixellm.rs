@@ -1260,42 +1260,9 @@ impl<B: Backend> PixelLm<B> {
             return input(format!("extend: {} rows for a prefix of {}", rows.len(), base.rows()));
         }
         let asm = self.assemble(rows, images, padding)?;
-        let positions: Vec<Vec<i64>> = asm
-            .lens
-            .iter()
-            .zip(&base.next_pos)
-            .map(|(&len, &next)| {
-                let pad = if padding == Padding::Left { asm.width - len } else { 0 };
-                (0..asm.width).map(|j| next as i64 + (j as i64 - pad as i64).max(0)).collect()
-            })
-            .collect();
+        let positions = positions_from(&asm, padding, Some(&base.next_pos));
         let (prefix, hidden) = base.extend(&self.llm, asm.embeds.clone(), asm.keep.clone(), &positions, asm.gamma.clone())?;
         Ok((prefix, hidden, asm))
-    }
-
-    /// Greedy decoding of an assembled batch that checks `drafts[r]` (row r's candidate
-    /// continuations, preferred first) several tokens per forward
-    /// ([`crate::sampling::greedy_with_drafts`]): the ids [`Self::generate`] gives at
-    /// temperature 0, in fewer sequential forwards when a draft is right. Also returns the
-    /// number of forwards after the prefix.
-    pub fn generate_drafted(
-        &self,
-        asm: &Assembled<B>,
-        max_new_tokens: usize,
-        stop_ids: &[u32],
-        drafts: &[Vec<Vec<u32>>],
-    ) -> Result<(Vec<Generation<B>>, usize)> {
-        let rows = left_padded_positions(asm);
-        Ok(crate::sampling::greedy_with_drafts(
-            &self.llm,
-            asm.embeds.clone(),
-            asm.keep.clone(),
-            Some(&rows),
-            asm.gamma.clone(),
-            drafts,
-            max_new_tokens,
-            stop_ids,
-        )?)
     }
 
     /// Token log-probs [b, L-1 -> aligned to L]: `logp[r, t]` = log p(token at t | < t) for
@@ -1573,11 +1540,19 @@ pub fn saved_config(path: impl AsRef<Path>) -> Result<PixelLmConfig> {
 /// PixelLM's positions of a left-padded assembled batch: every position of the expanded row
 /// numbered (`arange`), the padding before it clamped to 0 (masked anyway).
 fn left_padded_positions<B: Backend>(asm: &Assembled<B>) -> Vec<Vec<i64>> {
+    positions_from(asm, Padding::Left, None)
+}
+
+/// The positions of an assembled batch padded on `padding`'s side, row `r` numbered from
+/// `start[r]` (0 without `start`); padding entries get a clamped value (masked anyway).
+fn positions_from<B: Backend>(asm: &Assembled<B>, padding: Padding, start: Option<&[usize]>) -> Vec<Vec<i64>> {
     asm.lens
         .iter()
-        .map(|&len| {
-            let pad = asm.width - len;
-            (0..asm.width).map(|j| (j as i64 - pad as i64).max(0)).collect()
+        .enumerate()
+        .map(|(r, &len)| {
+            let pad = if padding == Padding::Left { asm.width - len } else { 0 };
+            let from = start.map_or(0, |s| s[r]) as i64;
+            (0..asm.width).map(|j| from + (j as i64 - pad as i64).max(0)).collect()
         })
         .collect()
 }

@@ -446,7 +446,6 @@ impl<B: Backend> Prefix<B> {
         let idx: Vec<i64> = (0..b as i64).flat_map(|r| std::iter::repeat_n(r, k)).collect();
         let device = self.last.device();
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [b * k]), &device);
-        let sel3 = |t: &Tensor<B, 3>| t.clone().select(0, idx.clone());
         let layers = self
             .cache
             .layers
@@ -460,7 +459,7 @@ impl<B: Backend> Prefix<B> {
             keep_rows: self.keep_rows.iter().flat_map(|r| std::iter::repeat_n(r.clone(), k)).collect(),
             next_pos: self.next_pos.iter().flat_map(|&p| std::iter::repeat_n(p, k)).collect(),
             gamma: self.gamma.as_ref().map(|g| g.clone().select(0, idx.clone())),
-            last: sel3(&self.last),
+            last: self.last.clone().select(0, idx),
         }
     }
 
@@ -485,31 +484,17 @@ impl<B: Backend> Prefix<B> {
         if keep.dims() != [b, e] {
             return Err(LlamaError::Input(format!("Prefix::extend: keep has shape {:?}, the extension is [{b}, {e}, {h}]", keep.dims())));
         }
-        if positions.len() != b || positions.iter().any(|r| r.len() != e) {
-            return Err(LlamaError::Input(format!("Prefix::extend: positions must be [{b}][{e}]")));
-        }
         if let Some(g) = &gamma {
             if g.dims() != [b, e] {
                 return Err(LlamaError::Input(format!("Prefix::extend: gamma has shape {:?}, the extension is [{b}, {e}, {h}]", g.dims())));
             }
         }
         let device = ext.device();
-        let keep_host = bool_rows(&keep, b, e)?;
+        let keep_host = bool_flat(&keep, "Prefix::extend: keep")?;
+        let (pos, next_pos) = explicit_positions(&keep_host, positions, &self.next_pos, e, "Prefix::extend")?;
         let mut keep_rows = self.keep_rows.clone();
-        let mut next_pos = self.next_pos.clone();
-        let mut pos = Vec::with_capacity(b * e);
-        for r in 0..b {
-            for j in 0..e {
-                let (kp, v) = (keep_host[r][j], positions[r][j]);
-                if kp {
-                    if v < 0 {
-                        return Err(LlamaError::Input(format!("Prefix::extend: negative position {v} in row {r}")));
-                    }
-                    next_pos[r] = next_pos[r].max(v as usize + 1);
-                }
-                pos.push(v.max(0));
-                keep_rows[r].push(kp);
-            }
+        for (r, row) in keep_rows.iter_mut().enumerate() {
+            row.extend_from_slice(&keep_host[r * e..(r + 1) * e]);
         }
         let t = self.len();
         let full_gamma = match (&self.gamma, gamma) {
@@ -532,12 +517,6 @@ impl<B: Backend> Prefix<B> {
         let last = if e > 0 { hidden.clone().narrow(1, e - 1, 1) } else { self.last.clone() };
         Ok((Prefix { cache, keep_rows, next_pos, gamma: full_gamma, last }, hidden))
     }
-}
-
-/// `[b, s]` bool tensor -> per-row host flags.
-fn bool_rows<B: Backend>(t: &Tensor<B, 2, Bool>, b: usize, s: usize) -> Result<Vec<Vec<bool>>, LlamaError> {
-    let flat = bool_flat(t, "Prefix::extend: keep")?;
-    Ok((0..b).map(|r| flat[r * s..(r + 1) * s].to_vec()).collect())
 }
 
 /// A bool tensor's flags on the host, row-major.
@@ -634,30 +613,36 @@ fn prefix_positions_of<B: Backend>(
             }
         }
         Some(p) => {
-            if p.len() != b || p.iter().any(|row| row.len() != s) {
-                return Err(LlamaError::Input(format!(
-                    "generate: prefix positions must be [{b}][{s}]"
-                )));
-            }
-            for r in 0..b {
-                let mut next = 0i64;
-                for j in 0..s {
-                    let v = p[r][j];
-                    if keep_host[r * s + j] {
-                        if v < 0 {
-                            return Err(LlamaError::Input(format!(
-                                "generate: negative position {v} in row {r}"
-                            )));
-                        }
-                        next = next.max(v + 1);
-                    }
-                    pos.push(v.max(0));
-                }
-                n_real[r] = next as usize;
-            }
+            (pos, n_real) = explicit_positions(&keep_host, p, &vec![0; b], s, "generate: prefix")?;
         }
     }
     Ok((keep_host, n_real, pos))
+}
+
+/// Caller-given positions `p[r][j]` of `[b, s]` new positions with host keep flags (row-major):
+/// the flat positions (padding entries clamped to >= 0, never seen) and each row's next
+/// position, one past its largest real one (at least `start[r]`). Errors on a wrong shape or
+/// a negative real position, prefixed by `what`.
+fn explicit_positions(keep: &[bool], p: &[Vec<i64>], start: &[usize], s: usize, what: &str) -> Result<(Vec<i64>, Vec<usize>), LlamaError> {
+    let b = start.len();
+    if p.len() != b || p.iter().any(|row| row.len() != s) {
+        return Err(LlamaError::Input(format!("{what}: positions must be [{b}][{s}]")));
+    }
+    let mut next = start.to_vec();
+    let mut pos = Vec::with_capacity(b * s);
+    for r in 0..b {
+        for j in 0..s {
+            let v = p[r][j];
+            if keep[r * s + j] {
+                if v < 0 {
+                    return Err(LlamaError::Input(format!("{what}: negative position {v} in row {r}")));
+                }
+                next[r] = next[r].max(v as usize + 1);
+            }
+            pos.push(v.max(0));
+        }
+    }
+    Ok((pos, next))
 }
 
 /// `log_softmax(row)[i]`, in f64 (max-shifted log-sum-exp).

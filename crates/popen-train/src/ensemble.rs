@@ -142,9 +142,20 @@ impl<'a, B: Backend> Questions<'a, B> {
         Ok(Questions { instructions: instructions.to_vec(), prompt })
     }
 
-    /// Per item, the chat prompt followed by `tail(i)`, as a prefix to decode from.
-    pub fn prefix(&self, pred: &Predictor<B>, feats: &ImageFeatures<B>, tail: impl Fn(usize) -> MResult<Vec<Part<B>>>) -> MResult<Prefix<B>> {
-        let tails: Vec<Vec<Part<B>>> = (0..self.instructions.len()).map(&tail).collect::<MResult<_>>()?;
+    /// Per item, the chat prompt `k` times in a row (rows `item * k + j`), to sample from.
+    pub fn repeated(&self, pred: &Predictor<B>, feats: &ImageFeatures<B>, k: usize) -> MResult<Prefix<B>> {
+        match &self.prompt {
+            Some(p) => Ok(p.repeat_rows(k)),
+            None => {
+                let rows = self.full_rows(pred, vec![Vec::new(); self.instructions.len()])?;
+                let rows: Vec<Vec<Part<B>>> = rows.iter().flat_map(|r| std::iter::repeat_n(r.clone(), k)).collect();
+                Ok(pred.model.prefill(&pred.model.assemble(&rows, Some(feats), Padding::Left)?)?)
+            }
+        }
+    }
+
+    /// Per item, the chat prompt followed by `tails[i]`, as a prefix to decode from.
+    pub fn prefix(&self, pred: &Predictor<B>, feats: &ImageFeatures<B>, tails: Vec<Vec<Part<B>>>) -> MResult<Prefix<B>> {
         match &self.prompt {
             Some(p) if tails.iter().all(Vec::is_empty) => Ok(p.clone()),
             Some(p) => Ok(pred.model.extend(p, &tails, None, Padding::Left)?.0),
@@ -200,19 +211,7 @@ pub fn sample_candidates<B: Backend>(
     let model = pred.model;
     let cfg = model.config();
     let n_items = questions.instructions.len();
-    let prefix = match &questions.prompt {
-        Some(p) => p.repeat_rows(s.k),
-        None => {
-            let mut rows = Vec::with_capacity(n_items * s.k);
-            for (i, instr) in questions.instructions.iter().enumerate() {
-                let parts = pred.prompt_parts(instr, i)?;
-                for _ in 0..s.k {
-                    rows.push(parts.clone());
-                }
-            }
-            model.prefill(&model.assemble(&rows, Some(feats), Padding::Left)?)?
-        }
-    };
+    let prefix = questions.repeated(pred, feats, s.k)?;
     let gens = sampling::generate_from(&model.llm, prefix, &s.sampling(), &[pred.tokens.eos]).map_err(PixelLmError::from)?;
     // Every row's groups at once: one seg_embeddings + one decoder call.
     let mut objects = Vec::new();
@@ -470,7 +469,8 @@ pub fn refine<B: Backend>(
     scores: &[Scores],
     s: &EnsembleSettings,
 ) -> MResult<Vec<(Vec<u32>, Vec<f32>, bool)>> {
-    let prefix = questions.prefix(pred, feats, |i| Ok(answer_parts(pred, &cands[i], s.gamma.then_some(scores[i].tau.as_slice()))))?;
+    let tails = (0..cands.len()).map(|i| answer_parts(pred, &cands[i], s.gamma.then_some(scores[i].tau.as_slice()))).collect();
+    let prefix = questions.prefix(pred, feats, tails)?;
     let gens = if s.draft {
         // Drafts: the K answers, likeliest (mean token log-prob) first, each closed by EOS so
         // that a y_tilde repeating one can also stop in the same forward.
