@@ -28,6 +28,7 @@ pub struct MergeArgs {
 }
 
 pub fn merge(a: MergeArgs) -> Result<()> {
+    let _lock = popen_core::guard::claim_output(&a.out, &[])?;
     if !a.force && merge::stage_complete(&a.out) {
         println!("{} is complete (manifest beside it); --force merges again", a.out.display());
         return Ok(());

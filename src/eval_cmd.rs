@@ -148,6 +148,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     report.inputs.insert("lexicon".into(), a.lexicon.clone());
 
+    let mut inputs: Vec<(&str, &Path)> = vec![("--samples", &a.samples)];
+    if let Some(p) = &a.predictions {
+        inputs.push(("--predictions", p));
+    }
+    let _lock = popen_core::guard::claim_output(&a.out, &inputs)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut manifest = Manifest::new(
         "eval",

@@ -259,6 +259,9 @@ fn synth(a: SynthArgs) -> Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
+    // The whole benchmark locks the folder; a task of a job array locks its own part.
+    let claim = if a.shard.is_all() { a.out.clone() } else { PathBuf::from(format!("{}{}", a.out.display(), a.shard.suffix())) };
+    let _lock = popen_core::guard::claim_output(&claim, &[])?;
     let m = popen_data::synth::generate(&cfg, &a.out, a.shard)?;
     println!("{}", serde_json::to_string_pretty(&m.counts)?);
     Ok(())
@@ -269,6 +272,8 @@ fn import_muse(a: ImportMuseArgs) -> Result<()> {
         let stem = a.json.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         stem.strip_prefix("muse_").unwrap_or(&stem).to_string()
     });
+    let claim = if a.shard.is_all() { a.out.clone() } else { PathBuf::from(format!("{}{}", a.out.display(), a.shard.suffix())) };
+    let _lock = popen_core::guard::claim_output(&claim, &[("--json", &a.json), ("--images", &a.images)])?;
     let cfg = popen_data::muse::MuseImportConfig { json: a.json, images: a.images, split };
     let r = popen_data::muse::import(&cfg, &a.out, a.shard)?;
     println!(
@@ -303,6 +308,7 @@ fn show(a: ShowArgs) -> Result<()> {
             None => bail!("{}: has {row} rows, no row {}", a.shard.display(), a.index),
         }
     };
+    popen_core::guard::refuse_overlap(&a.out, &[("--shard", &a.shard)])?;
     let img = popen_data::render::overlay(&sample, a.scale)?;
     let png = popen_core::imageio::encode_png(&img)?;
     popen_core::shard::atomic_write(&a.out, &png)?;

@@ -204,6 +204,7 @@ pub fn tokenizer_tiny(a: TokenizerTinyArgs) -> Result<()> {
     let texts = corpus(&a.data)?;
     let mut tok = Tokenizer::train_tiny(texts.iter().map(String::as_str), a.vocab_size, TINY_SPECIALS)?;
     tok.add_pixellm_tokens(a.seg_tokens)?;
+    let _lock = popen_core::guard::claim_output(&a.out, &[("--data", &a.data)])?;
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -232,6 +233,7 @@ pub fn model_init(a: ModelInitArgs) -> Result<()> {
             a.config.display()
         ),
     };
+    let _lock = popen_core::guard::claim_output(&a.out, &[("--tokenizer", &a.tokenizer), ("--config", &a.config)])?;
     bundle::save(&a.out, &model, &tok)?;
     let counts = popen_model::weights::param_counts(&model);
     let total: usize = counts.values().sum();
@@ -266,6 +268,7 @@ pub fn model_import(a: ModelImportArgs) -> Result<()> {
             summarize(&fresh)
         );
     }
+    let _lock = popen_core::guard::claim_output(&a.out, &[("--checkpoint", &a.checkpoint), ("--tokenizer", &a.tokenizer)])?;
     bundle::save(&a.out, &b.model, &b.tokenizer)?;
     println!("{} -> {}", a.checkpoint.display(), a.out.display());
     Ok(())

@@ -2,7 +2,6 @@
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use popen_core::manifest::Manifest;
 use popen_core::shardspec::ShardSpec;
 use popen_prefs::collect_ps::{self, AnnotationProposer, CollectPsConfig};
 use popen_prefs::collect_pt::{self, CollectPtConfig};
@@ -95,7 +94,9 @@ pub fn collect_ps(mut a: CollectPsArgs) -> Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    let Some(out) = output_or_done(&a.out, &a.run.shard, a.run.force)? else { return Ok(()) };
+    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--samples", &a.samples), ("--model", &a.model)];
+    inputs.extend(a.proposals.iter().map(|p| ("--proposals", p.as_path())));
+    let (out, _lock) = claim_output(&a.out, &a.run.shard, a.run.force, &inputs)?;
     let report = match a.run.backend.as_str() {
         "flex" => run::<burn::backend::Flex>(&a, &cfg, &out, &Default::default()),
         "ndarray" => run::<burn::backend::NdArray<f32>>(&a, &cfg, &out, &Default::default()),
@@ -126,28 +127,30 @@ fn run<B: Backend>(a: &CollectPsArgs, cfg: &CollectPsConfig, out: &std::path::Pa
         .with_context(|| format!("collect-ps {} -> {}", a.samples.display(), out.display()))
 }
 
-/// The output path of this shard task; `None` when it and its manifest are already complete
-/// (a rerun of a finished task does nothing unless forced).
-pub(crate) fn output_or_done(out: &std::path::Path, shard: &ShardSpec, force: bool) -> Result<Option<PathBuf>> {
+/// This shard task's output path, claimed for this run: refused when it is one of `inputs`,
+/// locked against a second writer (the lock is held until the returned guard drops), temp
+/// files of killed runs cleared. `--force` discards the earlier result's manifest and the
+/// parts of a killed run, so the stage recomputes; otherwise the stage itself decides from
+/// its definition (config, inputs' hashes, model, shard) whether the output is complete.
+pub(crate) fn claim_output(
+    out: &std::path::Path,
+    shard: &ShardSpec,
+    force: bool,
+    inputs: &[(&str, &std::path::Path)],
+) -> Result<(PathBuf, popen_core::guard::OutputLock)> {
     let out = shard.output_path(out);
-    let mpath = popen_core::manifest::manifest_beside(&out);
-    if !force && out.is_file() && mpath.is_file() {
-        if let Ok(m) = Manifest::read(&mpath) {
-            if m.outputs_intact() {
-                println!("{} is complete (manifest {}); --force recomputes it", out.display(), mpath.display());
-                return Ok(None);
-            }
+    let lock = popen_core::guard::claim_output(&out, inputs)?;
+    if force {
+        let mpath = popen_core::manifest::manifest_beside(&out);
+        if mpath.is_file() {
+            std::fs::remove_file(&mpath).with_context(|| format!("removing {}", mpath.display()))?;
+        }
+        let parts = popen_core::shard::parts_dir(&out);
+        if parts.exists() {
+            std::fs::remove_dir_all(&parts).with_context(|| format!("removing {}", parts.display()))?;
         }
     }
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    // Parts of a killed run are resumed, unless forced to start over.
-    let parts = popen_core::shard::parts_dir(&out);
-    if force && parts.exists() {
-        std::fs::remove_dir_all(&parts).with_context(|| format!("removing {}", parts.display()))?;
-    }
-    Ok(Some(out))
+    Ok((out, lock))
 }
 
 #[derive(clap::Args)]
@@ -211,7 +214,7 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
         }
         other => bail!("corrector '{other}' is not available (available: offline, openai)"),
     };
-    let Some(out) = output_or_done(&a.out, &a.run.shard, a.run.force)? else { return Ok(()) };
+    let (out, _lock) = claim_output(&a.out, &a.run.shard, a.run.force, &[("--samples", &a.samples), ("--model", &a.model)])?;
     macro_rules! go {
         ($b:ty) => {
             collect_pt::run::<$b>(&a.model, &a.samples, &out, &cfg, corrector.as_ref(), &a.corrector, &lexicon, a.run.shard.clone(), true, &Default::default())

@@ -6,7 +6,7 @@ use burn::prelude::*;
 use popen_sam::stage::{self, ImageSource, SamMasksConfig};
 use std::path::{Path, PathBuf};
 
-use crate::prefs_cmd::{output_or_done, read_toml, RunArgs};
+use crate::prefs_cmd::{claim_output, read_toml, RunArgs};
 
 #[derive(clap::Args)]
 pub struct SamMasksArgs {
@@ -64,7 +64,11 @@ pub fn sam_masks(mut a: SamMasksArgs) -> Result<()> {
         _ => bail!("give --samples SHARD or --images FOLDER"),
     };
     let out_arg = a.out.clone().expect("clap requires --out");
-    let Some(out) = output_or_done(&out_arg, &a.run.shard, a.run.force)? else { return Ok(()) };
+    let input = match &source {
+        ImageSource::Samples(p) => ("--samples", p.as_path()),
+        ImageSource::Folder(p) => ("--images", p.as_path()),
+    };
+    let (out, _lock) = claim_output(&out_arg, &a.run.shard, a.run.force, &[input, ("--checkpoint", &cfg.checkpoint)])?;
     let report = match a.run.backend.as_str() {
         "flex" => run::<burn::backend::Flex>(&cfg, &source, &out, &a, &Default::default()),
         "ndarray" => run::<burn::backend::NdArray<f32>>(&cfg, &source, &out, &a, &Default::default()),

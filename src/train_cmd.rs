@@ -180,6 +180,7 @@ pub fn sft(a: SftArgs) -> Result<()> {
     let (Some(init), Some(train), Some(out)) = (&a.init, &a.train, &a.stage.out) else {
         bail!("popen sft needs --init MODEL_DIR, --train SHARD and --out DIR (see --help)");
     };
+    let _lock = popen_core::guard::claim_output(out, &[("--init", init), ("--train", train)])?;
     let job = SftJob { config: &cfg, init, train, out, resume: a.stage.resume, progress: true, sam_cache: a.stage.sam_cache.as_deref() };
     run_stage(&job, &a.stage.backend, cfg.precision, cfg.devices, out)
 }
@@ -220,6 +221,7 @@ fn predict_on<B: Backend>(a: &PredictArgs, cfg: &PredictConfig, dev: &B::Device)
     // Inside a Slurm job array the default 0/1 becomes the array task.
     let shard = a.shard.or_slurm()?;
     let out_path = shard.output_path(&out);
+    let _lock = popen_core::guard::claim_output(&out_path, &[("--model", &a.model), ("--samples", &a.samples)])?;
     popen_train::predict::run::<B>(&a.model, &a.samples, &out_path, cfg, shard, true, dev)
         .with_context(|| format!("predict {} -> {}", a.samples.display(), out_path.display()))
 }
@@ -302,6 +304,12 @@ pub fn dpo(a: DpoArgs) -> Result<()> {
         progress: true,
         sam_cache: a.stage.sam_cache.as_deref(),
     };
+    let mut inputs: Vec<(&str, &Path)> = vec![("--init", init), ("--pt", pt), ("--ps-phase1", ps1), ("--ps-phase2", ps2)];
+    if let Some(s) = &a.samples {
+        inputs.push(("--samples", s));
+    }
+    inputs.extend(a.proposals.iter().map(|p| ("--proposals", p.as_path())));
+    let _lock = popen_core::guard::claim_output(out, &inputs)?;
     run_stage(&job, &a.stage.backend, cfg.precision, 1, out)
 }
 
@@ -357,6 +365,7 @@ pub fn ensemble_train(a: EnsembleTrainArgs) -> Result<()> {
     let (Some(init), Some(samples), Some(out)) = (&a.init, &a.samples, &a.stage.out) else {
         bail!("popen ensemble-train needs --init MODEL_DIR, --samples TRAIN.parquet and --out DIR (see --help)");
     };
+    let _lock = popen_core::guard::claim_output(out, &[("--init", init), ("--samples", samples)])?;
     let job = EnsembleJob { config: &cfg, init, samples, out, resume: a.stage.resume, progress: true, sam_cache: a.stage.sam_cache.as_deref() };
     run_stage(&job, &a.stage.backend, Precision::F32, 1, out)
 }

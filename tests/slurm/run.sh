@@ -9,7 +9,8 @@
 # While collect-pt runs, one array task is killed mid-run and requeued (`scontrol requeue`,
 # Slurm's pre-emption path). Checks: the merged outputs equal the single-process files byte
 # for byte (cmp), the requeued task resumed its parts, a missing shard is named by
-# `popen merge`, and a second submit skips both complete stages.
+# `popen merge`, and a second submit's tasks and merges find their outputs complete (same
+# definition) and change nothing.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -94,10 +95,26 @@ cmp out/prefs/pt.parquet single/pt.parquet || fail "merged collect-pt differs fr
 cmp out/prefs/ps.parquet single/ps.parquet || fail "merged collect-ps differs from the single-process run"
 echo "slurm test: merged collect-pt ($(stat -c %s out/prefs/pt.parquet) B) and collect-ps ($(stat -c %s out/prefs/ps.parquet) B) equal the single-process files"
 
-# A rerun of the pipeline skips the complete stages (their manifests) and submits nothing.
+# A rerun of the pipeline resubmits the array stages (only a stage knows its definition):
+# every task finds its output complete for the same definition and does nothing, each merge
+# finds the merged file complete, and the files stay as they were.
 "$POPEN" cluster submit --config cluster.toml > resubmit.txt 2> resubmit.err
-[ ! -s resubmit.txt ] || fail "second submit submitted jobs: $(cat resubmit.txt)"
-[ "$(grep -c 'and its manifest are complete' resubmit.err)" = 2 ] || fail "second submit: $(cat resubmit.err)"
+[ "$(grep -c . resubmit.txt)" = 4 ] || fail "second submit: expected 2 arrays + 2 merges: $(cat resubmit.txt) $(cat resubmit.err)"
+for _ in $(seq 1 300); do
+    [ -z "$(squeue -h -o %i)" ] && break
+    sleep 1
+done
+[ -z "$(squeue -h -o %i)" ] || fail "resubmitted jobs still queued after 5 minutes"
+for stage in collect-pt collect-ps; do
+    job=$(awk -v s=$stage '$1 == s {print $2}' resubmit.txt)
+    n=$(grep -l 'is complete: same definition' out/logs/$stage-${job}_*.out 2>/dev/null | wc -l)
+    [ "$n" = 4 ] || fail "$stage resubmitted: $n of 4 tasks said complete: $(cat out/logs/$stage-${job}_*.out)"
+    m=$(awk -v s=$stage-merge '$1 == s {print $2}' resubmit.txt)
+    grep -q 'is complete' out/logs/$stage-merge-$m.out || fail "$stage-merge did not find the merged file complete: $(cat out/logs/$stage-merge-$m.out)"
+done
+cmp out/prefs/pt.parquet single/pt.parquet || fail "resubmit changed the merged collect-pt"
+cmp out/prefs/ps.parquet single/ps.parquet || fail "resubmit changed the merged collect-ps"
+echo "slurm test: resubmit: every task and merge found its output complete"
 
 # A missing shard is named.
 mv out/prefs/ps-00002-of-00004.parquet ps2.parquet

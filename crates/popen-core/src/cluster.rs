@@ -1,7 +1,9 @@
 //! Submitting the pipeline to Slurm (`popen cluster submit`): a TOML names the stages (an
 //! sbatch script each, the stages it waits for, job-array size or GPUs, resources) and the
 //! paths; [`plan`] turns it into sbatch calls chained with `--dependency=afterok`, skipping
-//! stages whose outputs are complete, and [`submit`] runs them.
+//! disabled stages and those whose `done` marker exists, and [`submit`] runs them. Stages
+//! with a Parquet `output` are always submitted; their tasks skip themselves when their
+//! output is complete for the same definition (see `popen_core::manifest::Definition`).
 //!
 //! A record-by-record stage (`array = N`) becomes an N-task job array (each task takes its
 //! `--shard I/N` from SLURM_ARRAY_TASK_ID/COUNT, `--requeue` so a pre-empted task reruns and
@@ -13,7 +15,6 @@
 //! plus STAGE_NAME, STAGE_OUT (`output`), STAGE_SAMPLES (`samples`), STAGE_TASKS (`array`).
 
 use crate::error::{CoreError, Result};
-use crate::shard::merge::{check_shards, stage_complete};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -89,8 +90,8 @@ pub struct StageConfig {
     pub array: Option<u32>,
     /// GPUs of the node for a training stage (one job, one node).
     pub gpus: Option<u32>,
-    /// The stage's Parquet output (sharded stages: the merged file); the stage is skipped
-    /// when it and its manifest are intact.
+    /// The stage's Parquet output (sharded stages: the merged file). The stage is always
+    /// submitted: its tasks skip an output that is complete for the same definition.
     pub output: Option<String>,
     /// Samples shard a sharded stage reads: the record order of the merge.
     pub samples: Option<String>,
@@ -210,13 +211,11 @@ pub fn plan(cfg: &ClusterConfig, vars: &BTreeMap<String, String>) -> Result<(Vec
         let output = s.output.as_deref().map(|o| expand(o, vars, &field("output"))).transpose()?;
         let samples = s.samples.as_deref().map(|o| expand(o, vars, &field("samples"))).transpose()?;
         let done = s.done.as_deref().map(|o| expand(o, vars, &field("done"))).transpose()?;
-        if let Some(out) = &output {
-            if stage_complete(Path::new(out)) {
-                skipped.push(Skipped { name: s.name.clone(), reason: format!("{out} and its manifest are complete") });
-                waits_for.insert(s.name.clone(), None);
-                continue;
-            }
-        }
+        // A stage with a Parquet `output` is always submitted: only the stage itself knows its
+        // definition (config, the inputs' hashes, the model, the shard), so its tasks decide
+        // (an output complete for the same definition is skipped in seconds, saying so) and
+        // its merge merges again only when a task shard changed. Judging by the files here
+        // would keep a stale output after a changed seed, config or input (issue 20).
         if let Some(done) = &done {
             if Path::new(done).exists() {
                 skipped.push(Skipped { name: s.name.clone(), reason: format!("{done} exists") });
@@ -259,20 +258,13 @@ pub fn plan(cfg: &ClusterConfig, vars: &BTreeMap<String, String>) -> Result<(Vec
         }
         match s.array {
             Some(n) => {
-                // Tasks whose shard is complete already are not resubmitted once all are.
-                let all_shards = output.as_deref().is_some_and(|o| check_shards(Path::new(o), n).is_ok());
-                let merge_after = if all_shards {
-                    skipped.push(Skipped { name: s.name.clone(), reason: format!("all {n} shards are complete; merging only") });
-                    after.clone()
-                } else {
-                    args.push(format!("--array=0-{}", n - 1));
-                    args.push("--requeue".into());
-                    args.push(format!("--output={log_dir}/{}-%A_%a.out", s.name));
-                    args.extend(d.extra.iter().cloned());
-                    args.push(s.script.clone());
-                    jobs.push(Job { name: s.name.clone(), args, env: env.clone(), after: after.clone() });
-                    vec![s.name.clone()]
-                };
+                args.push(format!("--array=0-{}", n - 1));
+                args.push("--requeue".into());
+                args.push(format!("--output={log_dir}/{}-%A_%a.out", s.name));
+                args.extend(d.extra.iter().cloned());
+                args.push(s.script.clone());
+                jobs.push(Job { name: s.name.clone(), args, env: env.clone(), after: after.clone() });
+                let merge_after = vec![s.name.clone()];
                 let merge = format!("{}-merge", s.name);
                 let mut margs = common;
                 margs[0] = format!("--job-name=popen-{merge}");

@@ -8,6 +8,7 @@
 //! - [`imageio`]: image bytes in and out, with errors that name the record.
 //! - [`progress`]: the shared progress-bar style.
 //! - [`chat`]: a blocking client for OpenAI-compatible chat-completion endpoints.
+//! - [`guard`]: output locks, refusing an output that is an input, stale temp files.
 //! - [`shardspec`]: `--shard I/N` selection for cluster job arrays.
 //! - [`cluster`]: the Slurm submission plan (`popen cluster submit`); merging a job array's
 //!   shards is [`shard::merge`].
@@ -15,6 +16,7 @@
 pub mod chat;
 pub mod cluster;
 pub mod error;
+pub mod guard;
 pub mod imageio;
 pub mod lexicon;
 pub mod manifest;

@@ -61,6 +61,10 @@ pub struct Manifest {
     /// The job-array task outputs this output was merged from (`popen merge`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub merged_from: Vec<FileEntry>,
+    /// The hash of everything that defines the output ([`Definition::hash`]): a rerun whose
+    /// definition hashes the same may skip the work; any other recomputes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<String>,
 }
 
 impl Manifest {
@@ -81,6 +85,7 @@ impl Manifest {
             skipped: Vec::new(),
             timings: BTreeMap::new(),
             merged_from: Vec::new(),
+            definition: None,
         })
     }
 
@@ -141,9 +146,35 @@ pub fn canonical_json(v: &serde_json::Value) -> String {
     serde_json::to_string(&sort(v)).expect("value serializes")
 }
 
-/// sha256 (hex) and size of a file, streamed.
+/// sha256 (hex) and size of a file, streamed. Memoized in the process by (path, size,
+/// modification time, inode): a stage that hashes its inputs for its definition and again
+/// for its manifest reads a large model file once.
 pub fn sha256_file(path: impl AsRef<Path>) -> Result<(String, u64)> {
+    use std::sync::{Mutex, OnceLock};
+    type Key = (PathBuf, u64, Option<std::time::SystemTime>, u64);
+    static MEMO: OnceLock<Mutex<std::collections::HashMap<Key, String>>> = OnceLock::new();
     let path = path.as_ref();
+    let meta = std::fs::metadata(path).map_err(|e| CoreError::io(path, e))?;
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let ino = 0u64;
+    let key: Key = (path.to_path_buf(), meta.len(), meta.modified().ok(), ino);
+    let memo = MEMO.get_or_init(Default::default);
+    if let Some(h) = memo.lock().expect("hash memo").get(&key) {
+        return Ok((h.clone(), meta.len()));
+    }
+    let (h, n) = sha256_file_uncached(path)?;
+    // A file written within the clock's resolution of our read could change unseen: only
+    // memoize files whose modification time is at least a second old.
+    let settled = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|d| d.as_secs() >= 1);
+    if settled && n == meta.len() {
+        memo.lock().expect("hash memo").insert(key, h.clone());
+    }
+    Ok((h, n))
+}
+
+fn sha256_file_uncached(path: &Path) -> Result<(String, u64)> {
     let mut f = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -167,6 +198,181 @@ pub fn manifest_beside(out: impl AsRef<Path>) -> PathBuf {
 /// Manifest path for a stage output folder.
 pub fn manifest_path(dir: impl AsRef<Path>) -> PathBuf {
     dir.as_ref().join(MANIFEST_FILE)
+}
+
+/// Bumped whenever a change to popen alters what a stage writes for the same config and
+/// inputs: outputs written by an older version are recomputed when their stage runs again.
+pub const OUTPUTS_VERSION: u32 = 1;
+
+/// Everything that defines a stage's output: the stage, its effective config (with the
+/// command-line overrides and the settings of helpers such as the corrector), the content of
+/// every input (sha256; a moved file with the same bytes defines the same output), the
+/// shard task and [`OUTPUTS_VERSION`]. A complete output whose manifest records the same
+/// [`hash`](Self::hash) is the result a rerun would compute; anything else is recomputed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Definition {
+    pub stage: String,
+    pub config: serde_json::Value,
+    pub inputs: Vec<FileEntry>,
+    pub shard: Option<String>,
+    /// Config paths (`config.part_records`) that change how a run works, not what it
+    /// writes: recorded in the manifest, left out of the hash.
+    pub ignored: Vec<String>,
+}
+
+impl Definition {
+    pub fn new(stage: &str, config: &impl Serialize) -> Result<Self> {
+        let config = serde_json::to_value(config)
+            .map_err(|e| CoreError::Invalid(format!("config of stage '{stage}' is not serializable: {e}")))?;
+        Ok(Definition { stage: stage.to_string(), config, inputs: Vec::new(), shard: None, ignored: Vec::new() })
+    }
+
+    /// Leaves config paths (dotted, e.g. `config.concurrency`) out of the hash: settings that
+    /// do not change the output (part sizes, concurrency).
+    pub fn ignoring(mut self, paths: &[&str]) -> Self {
+        self.ignored.extend(paths.iter().map(|p| p.to_string()));
+        self
+    }
+
+    /// The config without the ignored paths.
+    fn defining_config(&self) -> serde_json::Value {
+        let mut c = self.config.clone();
+        for path in &self.ignored {
+            let mut keys: Vec<&str> = path.split('.').collect();
+            let last = keys.pop().unwrap_or_default();
+            let mut at = Some(&mut c);
+            for k in keys {
+                at = at.and_then(|v| v.get_mut(k));
+            }
+            if let Some(serde_json::Value::Object(m)) = at {
+                m.remove(last);
+            }
+        }
+        c
+    }
+
+    /// Adds an input file (hashed now).
+    pub fn input(mut self, path: impl AsRef<Path>) -> Result<Self> {
+        self.inputs.push(FileEntry::of(path, None)?);
+        Ok(self)
+    }
+
+    /// The shard task (`I/N`; the whole input records none).
+    pub fn shard(mut self, shard: &crate::shardspec::ShardSpec) -> Self {
+        self.shard = (!shard.is_all()).then(|| shard.to_string());
+        self
+    }
+
+    /// sha256 of the canonical JSON of stage, outputs version, config, input hashes, shard.
+    pub fn hash(&self) -> String {
+        let v = serde_json::json!({
+            "stage": self.stage,
+            "outputs_version": OUTPUTS_VERSION,
+            "config": self.defining_config(),
+            "inputs": self.inputs.iter().map(|i| i.sha256.as_str()).collect::<Vec<_>>(),
+            "shard": self.shard,
+        });
+        hex::encode(Sha256::digest(canonical_json(&v).as_bytes()))
+    }
+
+    /// The manifest of a run of this definition (outputs, counts and timings to be added).
+    pub fn manifest(&self) -> Manifest {
+        let mut m = Manifest::new(&self.stage, &self.config).expect("a JSON value serializes");
+        m.inputs = self.inputs.clone();
+        m.shard = self.shard.clone();
+        m.definition = Some(self.hash());
+        m
+    }
+
+    /// What a rerun of this definition does with `out` and the manifest beside it
+    /// (`manifest`: that manifest's path).
+    pub fn freshness(&self, out: &Path, manifest: &Path) -> Freshness {
+        if !out.exists() || !manifest.is_file() {
+            return Freshness::Missing;
+        }
+        let old = match Manifest::read(manifest) {
+            Ok(m) => m,
+            Err(e) => return Freshness::Stale(format!("its manifest is unreadable ({e})")),
+        };
+        if !old.outputs_intact() {
+            return Freshness::Stale("the output no longer matches its manifest (changed or partly written)".into());
+        }
+        let hash = self.hash();
+        if old.definition.as_deref() == Some(hash.as_str()) {
+            return Freshness::Complete(hash);
+        }
+        Freshness::Stale(self.differences(&old))
+    }
+
+    /// Why `old` (a manifest of an earlier run) is not this definition, in words.
+    pub fn differences(&self, old: &Manifest) -> String {
+        let mut why = Vec::new();
+        if old.definition.is_none() {
+            why.push("its manifest records no definition (written by an older popen)".to_string());
+        }
+        if old.stage != self.stage {
+            why.push(format!("stage '{}' (now '{}')", old.stage, self.stage));
+        }
+        let mut keys = Vec::new();
+        json_differences("", &old.config, &self.config, &mut keys);
+        keys.retain(|k| !self.ignored.contains(k));
+        if !keys.is_empty() {
+            let n = keys.len();
+            keys.truncate(6);
+            why.push(format!(
+                "config {}{}",
+                keys.join(", "),
+                if n > keys.len() { format!(" and {} more", n - keys.len()) } else { String::new() }
+            ));
+        }
+        if old.inputs.len() != self.inputs.len() {
+            why.push(format!("{} inputs (now {})", old.inputs.len(), self.inputs.len()));
+        } else {
+            for (o, n) in old.inputs.iter().zip(&self.inputs) {
+                if o.sha256 != n.sha256 {
+                    why.push(format!("input {} changed", n.path));
+                }
+            }
+        }
+        if old.shard != self.shard {
+            let s = |x: &Option<String>| x.clone().unwrap_or_else(|| "all".into());
+            why.push(format!("shard {} (now {})", s(&old.shard), s(&self.shard)));
+        }
+        if why.is_empty() {
+            why.push(format!("written by a popen whose outputs differ (outputs version now {OUTPUTS_VERSION})"));
+        }
+        why.join("; ")
+    }
+}
+
+/// See [`Definition::freshness`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Freshness {
+    /// No output (or no manifest) yet.
+    Missing,
+    /// The output is intact and was computed from this definition (its hash).
+    Complete(String),
+    /// An output exists but is not this definition's result: why.
+    Stale(String),
+}
+
+/// Paths (`a.b[2]`) where two JSON values differ, in key order.
+fn json_differences(at: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value::Object;
+    match (a, b) {
+        (Object(x), Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                match (x.get(k), y.get(k)) {
+                    (Some(p), Some(q)) => json_differences(&path, p, q, out),
+                    _ => out.push(path),
+                }
+            }
+        }
+        _ if a != b => out.push(if at.is_empty() { "(whole)".to_string() } else { at.to_string() }),
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -198,5 +404,50 @@ mod tests {
         assert!(back.outputs_intact());
         std::fs::write(&out, b"abd").unwrap();
         assert!(!back.outputs_intact());
+    }
+
+    /// Hand-built cases: a rerun is complete only for the same config, input bytes, shard;
+    /// each difference is named.
+    #[test]
+    fn definition_freshness_names_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.bin");
+        std::fs::write(&input, b"one").unwrap();
+        let out = dir.path().join("out.bin");
+        let mpath = manifest_beside(&out);
+        let def = |seed: u64, phase: u8| {
+            Definition::new("st", &serde_json::json!({"config": {"seed": seed, "phase": phase}})).unwrap().input(&input).unwrap()
+        };
+        assert_eq!(def(0, 1).freshness(&out, &mpath), Freshness::Missing);
+        std::fs::write(&out, b"result").unwrap();
+        let mut m = def(0, 1).manifest();
+        m.add_output(&out, None).unwrap();
+        m.write(&mpath).unwrap();
+        assert!(matches!(def(0, 1).freshness(&out, &mpath), Freshness::Complete(_)));
+        // A setting that does not define the output (ignored) keeps it complete.
+        let part = |n: u64| {
+            Definition::new("st", &serde_json::json!({"config": {"seed": 0, "phase": 1, "part": n}}))
+                .unwrap()
+                .input(&input)
+                .unwrap()
+                .ignoring(&["config.part"])
+        };
+        assert_eq!(part(1).hash(), part(2).hash());
+        assert_eq!(part(1).hash(), def(0, 1).hash(), "an ignored key is as if absent");
+        let Freshness::Stale(why) = def(1, 2).freshness(&out, &mpath) else { panic!("seed and phase changed") };
+        assert!(why.contains("config.phase") && why.contains("config.seed"), "{why}");
+        let sharded = def(0, 1).shard(&crate::shardspec::ShardSpec::new(1, 4).unwrap());
+        let Freshness::Stale(why) = sharded.freshness(&out, &mpath) else { panic!("shard changed") };
+        assert!(why.contains("shard all (now 1/4)"), "{why}");
+        // Same path, other bytes (and an older mtime cannot fool the memo: new inode).
+        let tmp = dir.path().join("in.tmp");
+        std::fs::write(&tmp, b"two").unwrap();
+        std::fs::rename(&tmp, &input).unwrap();
+        let Freshness::Stale(why) = def(0, 1).freshness(&out, &mpath) else { panic!("input changed") };
+        assert!(why.contains("in.bin changed"), "{why}");
+        // The output itself edited after the run.
+        std::fs::write(&input, b"one").unwrap();
+        std::fs::write(&out, b"edited").unwrap();
+        assert!(matches!(def(0, 1).freshness(&out, &mpath), Freshness::Stale(w) if w.contains("no longer matches")));
     }
 }

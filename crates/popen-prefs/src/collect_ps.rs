@@ -28,6 +28,14 @@ use crate::{PrefsError, Result};
 pub trait MaskProposer {
     fn name(&self) -> &str;
     fn proposals(&self, sample: &Sample) -> Result<Vec<Mask>>;
+    /// What defines its proposals besides [`inputs`](Self::inputs) (the stage's definition).
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!(self.name())
+    }
+    /// Files its proposals come from (hashed into the stage's definition).
+    fn inputs(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }
 
 /// The image's own instance masks (the embedded benchmark and MUSE annotate every object).
@@ -53,17 +61,25 @@ impl MaskProposer for AnnotationProposer {
 /// proposals of another image size, is skipped with the reason.
 pub struct ShardProposer {
     by_id: std::collections::HashMap<String, popen_core::shard::ProposalSet>,
+    paths: Vec<PathBuf>,
 }
 
 impl ShardProposer {
     pub fn open(paths: &[impl AsRef<Path>]) -> Result<Self> {
-        Ok(ShardProposer { by_id: popen_core::shard::read_proposals(paths)? })
+        Ok(ShardProposer {
+            by_id: popen_core::shard::read_proposals(paths)?,
+            paths: paths.iter().map(|p| p.as_ref().to_path_buf()).collect(),
+        })
     }
 }
 
 impl MaskProposer for ShardProposer {
     fn name(&self) -> &str {
         "shard"
+    }
+
+    fn inputs(&self) -> Vec<PathBuf> {
+        self.paths.clone()
     }
 
     fn proposals(&self, sample: &Sample) -> Result<Vec<Mask>> {
@@ -90,6 +106,8 @@ impl MaskProposer for ShardProposer {
 pub struct SamProposer<B: burn::prelude::Backend> {
     predictor: std::cell::RefCell<popen_sam::model::SamPredictor<B>>,
     amg: popen_sam::amg::AmgConfig,
+    model: String,
+    checkpoint: PathBuf,
 }
 
 impl<B: burn::prelude::Backend> SamProposer<B> {
@@ -103,6 +121,8 @@ impl<B: burn::prelude::Backend> SamProposer<B> {
         Ok(SamProposer {
             predictor: std::cell::RefCell::new(popen_sam::model::SamPredictor::new(model, cfg_model, device)),
             amg: cfg.amg.clone(),
+            model: cfg.model.clone(),
+            checkpoint: cfg.checkpoint.clone(),
         })
     }
 }
@@ -110,6 +130,14 @@ impl<B: burn::prelude::Backend> SamProposer<B> {
 impl<B: burn::prelude::Backend> MaskProposer for SamProposer<B> {
     fn name(&self) -> &str {
         "sam"
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({"proposer": "sam", "model": self.model, "amg": self.amg})
+    }
+
+    fn inputs(&self) -> Vec<PathBuf> {
+        vec![self.checkpoint.clone()]
     }
 
     fn proposals(&self, sample: &Sample) -> Result<Vec<Mask>> {
@@ -185,6 +213,8 @@ impl CollectPsConfig {
 #[derive(Clone, Debug, Serialize)]
 pub struct CollectPsReport {
     pub output: PathBuf,
+    /// The output was already complete for this definition: nothing was computed.
+    pub up_to_date: bool,
     pub records: usize,
     pub skipped: usize,
     /// Teacher-forced perturbed images (all draws).
@@ -214,9 +244,13 @@ pub fn run<B: Backend>(
 ) -> Result<CollectPsReport> {
     cfg.validate()?;
     let t0 = Instant::now();
-    let config = serde_json::json!({"config": cfg, "proposer": proposer.name()});
-    let (bundle::Bundle { model, mut tokenizer, .. }, mut writer, mut manifest) =
-        crate::open_stage::<B, SegPref>("collect-ps", &config, model_dir, samples, out, cfg.part_records, |r| r.id.clone(), device)?;
+    let config = serde_json::json!({"config": cfg, "proposer": proposer.settings()});
+    let def = crate::stage_definition("collect-ps", &config, model_dir, samples, &proposer.inputs(), &shard)?;
+    let Some((bundle::Bundle { model, mut tokenizer, .. }, mut writer, mut manifest)) =
+        crate::open_stage::<B, SegPref>(&def, model_dir, out, cfg.part_records, |r| r.id.clone(), device)?
+    else {
+        return Ok(CollectPsReport { output: out.to_path_buf(), up_to_date: true, records: 0, skipped: 0, forwards: 0, seconds: 0.0 });
+    };
     let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
     let (mut records, mut skipped, mut forwards) = (0usize, 0usize, 0usize);
     for_each_taken_of(samples, &shard, cfg.max_samples, progress.then_some("collect-ps"), |s: Sample| -> Result<()> {
@@ -235,8 +269,8 @@ pub fn run<B: Backend>(
         }
         Ok(())
     })?;
-    crate::close_stage(writer, manifest, out, &[("records", records), ("skipped", skipped), ("forwards", forwards)], t0)?;
-    Ok(CollectPsReport { output: out.to_path_buf(), records, skipped, forwards, seconds: t0.elapsed().as_secs_f64() })
+    crate::close_stage(writer, manifest, out, |_| None, &[("skipped", skipped), ("forwards_this_run", forwards)], t0)?;
+    Ok(CollectPsReport { output: out.to_path_buf(), up_to_date: false, records, skipped, forwards, seconds: t0.elapsed().as_secs_f64() })
 }
 
 /// Why a sample has no record.

@@ -95,6 +95,8 @@ impl CollectPtConfig {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CollectPtReport {
     pub output: PathBuf,
+    /// The output was already complete for this definition: nothing was computed.
+    pub up_to_date: bool,
     pub records: usize,
     pub skipped: usize,
     /// Records per branch of SPEC 3.3.
@@ -124,9 +126,19 @@ pub fn run<B: Backend>(
 ) -> Result<CollectPtReport> {
     cfg.validate()?;
     let t0 = Instant::now();
-    let config = serde_json::json!({"config": cfg, "corrector": corrector_name, "lexicon": lexicon.kind});
-    let (bundle::Bundle { model, mut tokenizer, .. }, mut writer, mut manifest) =
-        crate::open_stage::<B, TextPref>("collect-pt", &config, model_dir, samples, out, cfg.part_records, |r| r.id.clone(), device)?;
+    let config = serde_json::json!({
+        "config": cfg,
+        "corrector": corrector_name,
+        "corrector_settings": corrector.settings(),
+        "lexicon": lexicon.kind,
+        "lexicon_sha256": lexicon.fingerprint(),
+    });
+    let def = crate::stage_definition("collect-pt", &config, model_dir, samples, &[], &shard)?;
+    let Some((bundle::Bundle { model, mut tokenizer, .. }, mut writer, mut manifest)) =
+        crate::open_stage::<B, TextPref>(&def, model_dir, out, cfg.part_records, |r| r.id.clone(), device)?
+    else {
+        return Ok(CollectPtReport { output: out.to_path_buf(), up_to_date: true, ..Default::default() });
+    };
     let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
     let mut report = CollectPtReport { output: out.to_path_buf(), ..Default::default() };
     let done = writer.done_ids().clone();
@@ -162,14 +174,7 @@ pub fn run<B: Backend>(
         Ok(())
     })?;
     flush(&mut window)?;
-    let counts = [
-        ("records", report.records),
-        ("skipped", report.skipped),
-        ("branch_model", report.model),
-        ("branch_resampled", report.resampled),
-        ("branch_injected", report.injected),
-    ];
-    crate::close_stage(writer, manifest, out, &counts, t0)?;
+    crate::close_stage(writer, manifest, out, |r: &TextPref| Some(format!("branch_{}", r.branch)), &[("skipped", report.skipped)], t0)?;
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
 }

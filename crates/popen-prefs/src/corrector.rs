@@ -98,6 +98,11 @@ pub trait Corrector {
     fn correct(&self, y: &str, truth: &Truth) -> Result<Correction>;
     /// A variant of the ground-truth answer with one or two object errors.
     fn inject_errors(&self, truth: &Truth, seed: u64) -> Result<String>;
+    /// What defines its corrections (model, prompts, ...; never a secret): part of the
+    /// collect-pt stage's definition, so a changed corrector recomputes the output.
+    fn settings(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// The deterministic corrector of the embedded benchmark (module documentation).
@@ -163,6 +168,10 @@ fn apply_edits(y: &str, mut edits: Vec<(Range<usize>, String)>) -> String {
 }
 
 impl Corrector for OfflineCorrector {
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({"kind": "offline", "lexicon_sha256": self.lexicon.fingerprint()})
+    }
+
     fn correct(&self, y: &str, truth: &Truth) -> Result<Correction> {
         let rewrite = |why: String| Correction {
             text: truth.answer.clone(),

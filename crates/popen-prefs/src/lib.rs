@@ -29,49 +29,94 @@ pub enum PrefsError {
 
 pub type Result<T, E = PrefsError> = std::result::Result<T, E>;
 
-/// What every collect stage opens first: the model folder, the resumable output writer and
-/// the manifest (config, the samples shard and the model weights as inputs). Records are
-/// committed every `part_records` beside the output (`<out>.parts/`): a killed run, rerun
-/// with the same config and inputs, skips the samples already written and ends with the
-/// same file (`popen_core::shard::ResumableWriter`; delete the parts, as `--force` does, to
-/// start over).
-pub(crate) fn open_stage<B: burn::prelude::Backend, R: popen_core::shard::Record>(
+/// The definition of a collect stage's output: its config (with the settings of the
+/// corrector or proposer), the samples, the model folder's weights, config and tokenizer,
+/// the `extra` inputs (proposal shards, a SAM checkpoint) and the shard task.
+pub fn stage_definition(
     stage: &str,
     config: &serde_json::Value,
     model_dir: &std::path::Path,
     samples: &std::path::Path,
+    extra: &[std::path::PathBuf],
+    shard: &popen_core::shardspec::ShardSpec,
+) -> Result<popen_core::manifest::Definition> {
+    use popen_model::bundle;
+    let mut def = popen_core::manifest::Definition::new(stage, config)?.input(samples)?;
+    for f in [bundle::WEIGHTS_FILE, bundle::CONFIG_FILE, bundle::TOKENIZER_FILE] {
+        let p = model_dir.join(f);
+        if p.is_file() || f == bundle::WEIGHTS_FILE {
+            def = def.input(p)?;
+        }
+    }
+    for p in extra {
+        def = def.input(p)?;
+    }
+    // Part sizes and request concurrency change how a run works, not what it writes.
+    Ok(def.shard(shard).ignoring(&["config.part_records", "config.concurrency", "config.max_skipped_fraction"]))
+}
+
+/// What every collect stage opens first, unless `out` is already this definition's complete
+/// result (then `None`, and a line saying so): the model folder, the resumable output writer
+/// and the manifest. Records are committed every `part_records` beside the output
+/// (`<out>.parts/`): a killed run, rerun with the same definition, skips the samples already
+/// written and ends with the same file (`popen_core::shard::ResumableWriter`); parts of
+/// another definition are discarded.
+#[allow(clippy::type_complexity)]
+pub(crate) fn open_stage<B: burn::prelude::Backend, R: popen_core::shard::Record>(
+    def: &popen_core::manifest::Definition,
+    model_dir: &std::path::Path,
     out: &std::path::Path,
     part_records: usize,
     id_of: fn(&R) -> String,
     device: &B::Device,
-) -> Result<(popen_model::bundle::Bundle<B>, popen_core::shard::ResumableWriter<R>, popen_core::manifest::Manifest)> {
+) -> Result<Option<(popen_model::bundle::Bundle<B>, popen_core::shard::ResumableWriter<R>, popen_core::manifest::Manifest)>> {
+    use popen_core::manifest::{manifest_beside, Freshness};
     use popen_model::bundle;
-    let b = bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
-    let mut manifest = popen_core::manifest::Manifest::new(stage, config)?;
-    manifest.add_input(samples)?;
-    manifest.add_input(model_dir.join(bundle::WEIGHTS_FILE))?;
-    let fingerprint = std::iter::once(manifest.config_hash.clone())
-        .chain(manifest.inputs.iter().map(|i| i.sha256.clone()))
-        .collect::<Vec<_>>()
-        .join("|");
-    let writer = popen_core::shard::ResumableWriter::<R>::open(out, &fingerprint, part_records, false, id_of)?;
-    if writer.resumed() > 0 {
-        manifest.count("resumed", writer.resumed() as u64);
+    match def.freshness(out, &manifest_beside(out)) {
+        Freshness::Complete(hash) => {
+            eprintln!(
+                "{} is complete: same definition {} (config, inputs, model, shard); nothing to do (--force recomputes it)",
+                out.display(),
+                &hash[..12]
+            );
+            return Ok(None);
+        }
+        Freshness::Stale(why) => eprintln!("{} exists but is not this run's result ({why}): recomputing", out.display()),
+        Freshness::Missing => {}
     }
-    Ok((b, writer, manifest))
+    let b = bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
+    let manifest = def.manifest();
+    let writer = popen_core::shard::ResumableWriter::<R>::open(out, &def.hash(), part_records, false, id_of)?;
+    Ok(Some((b, writer, manifest)))
 }
 
-/// Closes a collect stage: the shard (all parts), then its manifest with the named counts
-/// and the time.
+/// Closes a collect stage: the shard (all parts, resumed ones included), then its manifest:
+/// `records` = rows of the output, a count per key that `tally` gives each record (over
+/// every record, not only this run's), the `counts` of this run (skips are recomputed on
+/// resume, so this run's skip list is the whole list), `resumed` and the time.
 pub(crate) fn close_stage<R: popen_core::shard::Record>(
     writer: popen_core::shard::ResumableWriter<R>,
     mut manifest: popen_core::manifest::Manifest,
     out: &std::path::Path,
+    mut tally: impl FnMut(&R) -> Option<String>,
     counts: &[(&str, usize)],
     t0: std::time::Instant,
 ) -> Result<()> {
-    let rows = writer.finish()?;
+    let resumed = writer.resumed();
+    let mut keys: std::collections::BTreeMap<String, u64> = Default::default();
+    let rows = writer.finish_visit(|r| {
+        if let Some(k) = tally(r) {
+            *keys.entry(k).or_default() += 1;
+        }
+    })?;
     manifest.add_output(out, Some(rows as u64))?;
+    manifest.count("records", rows as u64);
+    if resumed > 0 {
+        manifest.count("resumed", resumed as u64);
+    }
+    for (name, n) in keys {
+        manifest.count(&name, n);
+    }
     for (name, n) in counts {
         manifest.count(name, *n as u64);
     }

@@ -204,6 +204,19 @@ fn write_cache(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 impl Corrector for OpenAiCorrector {
+    fn settings(&self) -> serde_json::Value {
+        let c = self.client.config();
+        serde_json::json!({
+            "kind": "openai",
+            "base_url": c.base_url,
+            "model": c.model,
+            "temperature": c.temperature,
+            "max_tokens": c.max_tokens,
+            "correction_prompt": self.correction,
+            "injection_prompt": self.injection,
+        })
+    }
+
     fn correct(&self, y: &str, truth: &Truth) -> Result<Correction> {
         let text = self.ask_parsed(&Self::prompt(&self.correction, y, truth), "Corrected answer:")?;
         let method = if text == y.split_whitespace().collect::<Vec<_>>().join(" ") { Method::Unchanged } else { Method::InPlace };

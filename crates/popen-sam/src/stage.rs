@@ -85,6 +85,8 @@ pub enum ImageSource {
 #[derive(Debug, Clone, Serialize)]
 pub struct SamMasksReport {
     pub output: PathBuf,
+    /// The output was already complete for this definition: nothing was computed.
+    pub up_to_date: bool,
     pub images: usize,
     pub resumed: usize,
     pub skipped: usize,
@@ -148,23 +150,38 @@ pub fn run<B: Backend>(
             if kind == SamKind::MobileSam { " (run `make assets`)" } else { "" }
         )));
     }
+    // The definition: config, checkpoint, input (the samples shard, or every photo of the
+    // folder), shard task. A complete output of the same definition is not recomputed.
+    let mut def = popen_core::manifest::Definition::new("sam-masks", cfg)?.input(&cfg.checkpoint)?;
+    match source {
+        ImageSource::Samples(p) => def = def.input(p)?,
+        ImageSource::Folder(d) => {
+            for f in list_images(d)? {
+                def = def.input(f)?;
+            }
+        }
+    }
+    let def = def.shard(shard).ignoring(&["chunk"]);
+    match def.freshness(out, &manifest_beside(out)) {
+        popen_core::manifest::Freshness::Complete(hash) => {
+            eprintln!(
+                "{} is complete: same definition {} (config, checkpoint, images, shard); nothing to do (--force recomputes it)",
+                out.display(),
+                &hash[..12]
+            );
+            return Ok(SamMasksReport { output: out.to_path_buf(), up_to_date: true, images: 0, resumed: 0, skipped: 0, masks: 0, seconds: 0.0 });
+        }
+        popen_core::manifest::Freshness::Stale(why) => {
+            eprintln!("{} exists but is not this run's result ({why}): recomputing", out.display())
+        }
+        popen_core::manifest::Freshness::Missing => {}
+    }
     let model = Sam::<B>::load(kind, &cfg.checkpoint, device)
         .map_err(|e| StageError::Model(format!("{}: {e}", cfg.checkpoint.display())))?;
     let mut predictor = SamPredictor::new(model, SamConfig::preset(kind), device);
     let config_json = serde_json::to_value(cfg).map_err(|e| StageError::Input(e.to_string()))?;
-    let mut manifest = Manifest::new("sam-masks", cfg)?;
-    if !shard.is_all() {
-        manifest.shard = Some(shard.to_string());
-    }
-    let input_path = match source {
-        ImageSource::Samples(p) | ImageSource::Folder(p) => p.clone(),
-    };
-    manifest.add_input(&cfg.checkpoint)?;
-    if let ImageSource::Samples(p) = source {
-        manifest.add_input(p)?;
-    }
-    let fingerprint = format!("{}|{}|{}", manifest.config_hash, input_path.display(), shard);
-    let mut writer = ResumableWriter::<ProposalSet>::open(out, &fingerprint, cfg.chunk, false, |r| r.id.clone())?;
+    let mut manifest = def.manifest();
+    let mut writer = ResumableWriter::<ProposalSet>::open(out, &def.hash(), cfg.chunk, false, |r| r.id.clone())?;
     let resumed = writer.resumed();
     let meta = serde_json::json!({"tool": "sam", "model": kind.name(), "amg": config_json["amg"]});
     let (mut images, mut skipped, mut masks_total) = (0usize, 0usize, 0usize);
@@ -211,16 +228,20 @@ pub fn run<B: Backend>(
             bar.finish();
         }
     }
-    let rows = writer.finish()?;
+    // Counts over every record of the output (resumed ones too), not only this run's.
+    let mut masks_all = 0usize;
+    let rows = writer.finish_visit(|r| masks_all += r.masks.len())?;
     manifest.add_output(out, Some(rows as u64))?;
     manifest.count("images", images as u64);
+    manifest.count("records", rows as u64);
     manifest.count("resumed", resumed as u64);
     manifest.count("skipped", skipped as u64);
-    manifest.count("masks", masks_total as u64);
+    manifest.count("masks", masks_all as u64);
     manifest.time("seconds", t0);
     manifest.write(manifest_beside(out))?;
     Ok(SamMasksReport {
         output: out.to_path_buf(),
+        up_to_date: false,
         images,
         resumed,
         skipped,

@@ -40,11 +40,19 @@ pub fn shard_outputs(out: &Path, count: u32) -> Result<Vec<ShardOutput>> {
         .collect()
 }
 
-/// True when `out` and its manifest exist and the manifest's outputs are intact: a rerun
-/// of the stage (or its merge) has nothing to do.
+/// True when `out` and its manifest exist, the manifest's outputs are intact and, for a
+/// merged output, every task shard it was merged from that is still on disk is the same
+/// file (a recomputed shard makes the merge stale): a rerun of the merge has nothing to do.
 pub fn stage_complete(out: &Path) -> bool {
     let m = manifest_beside(out);
-    out.is_file() && m.is_file() && Manifest::read(&m).map(|m| m.outputs_intact()).unwrap_or(false)
+    if !out.is_file() || !m.is_file() {
+        return false;
+    }
+    let Ok(m) = Manifest::read(&m) else { return false };
+    m.outputs_intact()
+        && m.merged_from.iter().all(|f| {
+            !Path::new(&f.path).exists() || crate::manifest::sha256_file(&f.path).is_ok_and(|(h, _)| h == f.sha256)
+        })
 }
 
 /// Checks that every task of an N-task array finished: each output file and its manifest
@@ -250,6 +258,9 @@ fn merged_manifest(out: &Path, shards: &[(ShardOutput, Manifest)], order: &[Stri
     m.timings = BTreeMap::new();
     m.skipped = Vec::new();
     m.merged_from = Vec::new();
+    // The tasks' definitions differ by their shard; the merged file is defined by its shards
+    // (`merged_from`), and a single-process run of the stage into this path recomputes.
+    m.definition = None;
     for (s, sm) in shards {
         for (k, v) in &sm.counts {
             *m.counts.entry(k.clone()).or_default() += v;

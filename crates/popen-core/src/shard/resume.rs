@@ -7,6 +7,10 @@
 //! `part-00000.parquet`, `part-00001.parquet`, ... each written atomically (temp + rename)
 //! by [`ShardWriter`]. [`ResumableWriter::finish`] concatenates the parts in order into
 //! `<out>` (atomically) and removes the folder.
+//!
+//! Parts written under another fingerprint (a changed config or input) are discarded with a
+//! warning: they are not this run's records. A run that fails before committing any part
+//! removes the folder it created, so nothing is left to block or confuse the next run.
 
 use super::{read_shard, Record, ShardWriter};
 use crate::error::{CoreError, Result};
@@ -23,6 +27,7 @@ pub struct ResumableWriter<T: Record> {
     done: HashSet<String>,
     resumed: usize,
     written: usize,
+    finished: bool,
 }
 
 /// `<out>.parts`.
@@ -38,8 +43,8 @@ fn part_path(dir: &Path, i: usize) -> PathBuf {
 
 impl<T: Record> ResumableWriter<T> {
     /// Opens (or starts) the parts of `out`. `fingerprint` identifies the configuration and
-    /// inputs: parts left by a run with a different one are refused (rerun with a fresh
-    /// output or remove the folder; `fresh` does that). `id_of` names a record, for
+    /// inputs: parts left by a run with a different one are discarded with a warning (they
+    /// hold another definition's records); `fresh` discards any. `id_of` names a record, for
     /// [`is_done`](Self::is_done). Every `chunk` records a part is committed.
     pub fn open(
         out: impl AsRef<Path>,
@@ -56,18 +61,22 @@ impl<T: Record> ResumableWriter<T> {
         std::fs::create_dir_all(&parts).map_err(|e| CoreError::io(&parts, e))?;
         let fp_path = parts.join("fingerprint");
         match std::fs::read_to_string(&fp_path) {
-            Ok(old) if old.trim() != fingerprint => {
-                return Err(CoreError::shard(
-                    &parts,
-                    format!(
-                        "holds parts of a run with another configuration (fingerprint {} != {}); \
-                         rerun with --force to start over",
-                        old.trim(),
-                        fingerprint
-                    ),
-                ))
+            Ok(old) if old.trim() == fingerprint => {}
+            Ok(old) => {
+                let n = count_parts(&parts);
+                if n > 0 {
+                    tracing::warn!(
+                        "{}: discarding {n} committed part(s) of a run with another definition \
+                         (fingerprint {} != {}): a changed config or input is recomputed",
+                        parts.display(),
+                        short(old.trim()),
+                        short(fingerprint)
+                    );
+                }
+                std::fs::remove_dir_all(&parts).map_err(|e| CoreError::io(&parts, e))?;
+                std::fs::create_dir_all(&parts).map_err(|e| CoreError::io(&parts, e))?;
+                super::atomic_write(&fp_path, fingerprint.as_bytes())?;
             }
-            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 super::atomic_write(&fp_path, fingerprint.as_bytes())?;
             }
@@ -92,6 +101,7 @@ impl<T: Record> ResumableWriter<T> {
             done,
             resumed,
             written: 0,
+            finished: false,
         })
     }
 
@@ -135,15 +145,23 @@ impl<T: Record> ResumableWriter<T> {
 
     /// Commits the rest, writes `<out>` from all parts in order, removes the parts; returns
     /// the row count of `<out>`.
-    pub fn finish(mut self) -> Result<usize> {
+    pub fn finish(self) -> Result<usize> {
+        self.finish_visit(|_| {})
+    }
+
+    /// [`finish`](Self::finish), showing `visit` every record of `<out>` (this run's and the
+    /// resumed ones), e.g. to count them for the manifest.
+    pub fn finish_visit(mut self, mut visit: impl FnMut(&T)) -> Result<usize> {
         self.commit()?;
         let mut w = ShardWriter::<T>::create(&self.out)?;
         for i in 0..self.next_part {
             for r in read_shard::<T>(part_path(&self.parts, i))? {
+                visit(&r);
                 w.write(r)?;
             }
         }
         let rows = w.finish()?;
+        self.finished = true;
         std::fs::remove_dir_all(&self.parts).map_err(|e| CoreError::io(&self.parts, e))?;
         Ok(rows)
     }
@@ -152,4 +170,21 @@ impl<T: Record> ResumableWriter<T> {
     pub fn written(&self) -> usize {
         self.written
     }
+}
+
+impl<T: Record> Drop for ResumableWriter<T> {
+    /// A run that ends (error or success) without any committed part leaves no folder behind.
+    fn drop(&mut self) {
+        if !self.finished && count_parts(&self.parts) == 0 {
+            let _ = std::fs::remove_dir_all(&self.parts);
+        }
+    }
+}
+
+fn count_parts(dir: &Path) -> usize {
+    (0..).take_while(|&i| part_path(dir, i).exists()).count()
+}
+
+fn short(fp: &str) -> String {
+    fp.chars().take(16).collect()
 }

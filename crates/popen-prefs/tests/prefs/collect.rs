@@ -152,6 +152,9 @@ fn collect_ps_end_to_end() {
     assert!(!popen_core::shard::parts_dir(&outk).exists());
     let mk = Manifest::read(manifest_beside(&outk)).unwrap();
     assert_eq!(mk.counts.get("resumed"), Some(&2));
+    // Issue 20 item 7: the resumed run's manifest counts every record of the output (the 2
+    // resumed ones too), not only the 2 this run computed.
+    assert_eq!(mk.counts.get("records"), Some(&(recs.len() as u64)), "{:?}", mk.counts);
     // Phase 1 with an impossible threshold: every sample is skipped after the cap, with the
     // reason in the manifest.
     let mut p1 = CollectPsConfig { phase: Phase::One, perturbations: 5, batch_size: 5, ..Default::default() };
