@@ -265,6 +265,10 @@ pub struct DpoArgs {
     /// The proposal shards collect-ps read (--proposals there), for the phase-1 indicator.
     #[arg(long, num_args = 1..)]
     proposals: Vec<PathBuf>,
+    /// Train even if a preference shard was collected with another model than --init (the
+    /// shards record their reference model; by default a mismatch is an error).
+    #[arg(long)]
+    allow_foreign_ref: bool,
     #[command(flatten)]
     stage: StageArgs,
 }
@@ -303,6 +307,7 @@ pub fn dpo(a: DpoArgs) -> Result<()> {
         resume: a.stage.resume,
         progress: true,
         sam_cache: a.stage.sam_cache.as_deref(),
+        allow_foreign_ref: a.allow_foreign_ref,
     };
     let mut inputs: Vec<(&str, &Path)> = vec![("--init", init), ("--pt", pt), ("--ps-phase1", ps1), ("--ps-phase2", ps2)];
     if let Some(s) = &a.samples {

@@ -65,6 +65,10 @@ pub struct Manifest {
     /// definition hashes the same may skip the work; any other recomputes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition: Option<String>,
+    /// Preference shards: the fingerprint of the model whose log-probs / embeddings they
+    /// store (also in the shard's metadata, `popen.reference_model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_model: Option<String>,
 }
 
 impl Manifest {
@@ -86,6 +90,7 @@ impl Manifest {
             timings: BTreeMap::new(),
             merged_from: Vec::new(),
             definition: None,
+            reference_model: None,
         })
     }
 
@@ -144,6 +149,11 @@ pub fn canonical_json(v: &serde_json::Value) -> String {
         }
     }
     serde_json::to_string(&sort(v)).expect("value serializes")
+}
+
+/// sha256 of bytes, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
 }
 
 /// sha256 (hex) and size of a file, streamed. Memoized in the process by (path, size,

@@ -49,6 +49,18 @@ pub fn save<B: Backend>(dir: &Path, model: &PixelLm<B>, tokenizer: &Tokenizer) -
     pixellm::save(model, dir.join(WEIGHTS_FILE))
 }
 
+/// The fingerprint of a model folder: sha256 over its config, weights and tokenizer
+/// (`popen-model/1`, then each file's sha256). The preference shards record the fingerprint
+/// of the model they were collected with, and `dpo` checks its `--init` against it.
+pub fn fingerprint(dir: &Path) -> Result<String> {
+    let mut text = String::from("popen-model/1");
+    for f in [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE] {
+        let (sha, _) = popen_core::manifest::sha256_file(dir.join(f)).map_err(|e| io_err(dir, e))?;
+        text.push_str(&format!("\n{f} {sha}"));
+    }
+    Ok(popen_core::manifest::sha256_hex(text.as_bytes()))
+}
+
 /// Open a model folder written by [`save`].
 pub fn open<B: Backend>(dir: &Path, device: &B::Device) -> Result<Bundle<B>> {
     let weights = dir.join(WEIGHTS_FILE);

@@ -85,8 +85,12 @@ pub(crate) fn open_stage<B: burn::prelude::Backend, R: popen_core::shard::Record
         Freshness::Missing => {}
     }
     let b = bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
-    let manifest = def.manifest();
-    let writer = popen_core::shard::ResumableWriter::<R>::open(out, &def.hash(), part_records, false, id_of)?;
+    // The reference model of the records (their log-probs / embeddings): `dpo` checks it.
+    let reference = bundle::fingerprint(model_dir).map_err(|e| PrefsError::Input(e.to_string()))?;
+    let mut manifest = def.manifest();
+    manifest.reference_model = Some(reference.clone());
+    let writer = popen_core::shard::ResumableWriter::<R>::open(out, &def.hash(), part_records, false, id_of)?
+        .with_metadata(vec![(popen_core::shard::REFERENCE_MODEL_KEY.to_string(), reference)]);
     Ok(Some((b, writer, manifest)))
 }
 

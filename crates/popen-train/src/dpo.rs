@@ -1076,6 +1076,47 @@ pub struct DpoJob<'a> {
     pub progress: bool,
     /// Folder keeping the SAM embeddings between runs (tiny-sam).
     pub sam_cache: Option<&'a Path>,
+    /// Train even when a preference shard records another reference model than `init`
+    /// (its log-probs / embeddings then belong to that model, not to the policy's start).
+    pub allow_foreign_ref: bool,
+}
+
+/// Checks that every preference shard was collected with `job.init` (the reference model
+/// of Eqs. 2-4 whose log-probs / embeddings the shards store): a shard recording another
+/// model's fingerprint is refused, naming both, unless `allow_foreign_ref`; a shard that
+/// records none (written before popen recorded it) gets a warning.
+fn check_reference(job: &DpoJob, shards: &[&Path]) -> Result<()> {
+    let init = popen_model::bundle::fingerprint(job.init).map_err(|e| TrainError::Data(e.to_string()))?;
+    for path in shards {
+        let meta = popen_core::shard::read_metadata(path)?;
+        match meta.get(popen_core::shard::REFERENCE_MODEL_KEY) {
+            Some(fp) if *fp == init => {}
+            Some(fp) if job.allow_foreign_ref => tracing::warn!(
+                "{}: collected with model {} but --init {} is {} (--allow-foreign-ref: training anyway)",
+                path.display(),
+                &fp[..fp.len().min(16)],
+                job.init.display(),
+                &init[..16]
+            ),
+            Some(fp) => {
+                return Err(TrainError::Data(format!(
+                    "{}: collected with model {} but --init {} is model {}: its reference log-probs and \
+                     embeddings belong to the other model. Pass the model collect-pt/collect-ps used as \
+                     --init, recollect with this one, or --allow-foreign-ref",
+                    path.display(),
+                    &fp[..fp.len().min(16)],
+                    job.init.display(),
+                    &init[..16]
+                )))
+            }
+            None => tracing::warn!(
+                "{}: records no reference model (collected by an older popen); cannot check it was --init {}",
+                path.display(),
+                job.init.display()
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// What `popen dpo` reports.
@@ -1126,6 +1167,14 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
 
     // The policy: the SFT model, decoder (and SAM encoder) frozen.
     let stage::Opened { model, tokenizer, tokens, config: pcfg } = stage::open_init::<B>(job.init, device)?;
+    let mut used: Vec<&Path> = Vec::new();
+    if cfg.uses_text() {
+        used.push(job.pt);
+    }
+    if cfg.uses_seg() {
+        used.extend([job.ps_phase1, job.ps_phase2]);
+    }
+    check_reference(job, &used)?;
     let dtype = cfg.precision.dtype();
     let mut freeze = cfg.freeze.clone();
     if !freeze.iter().any(|f| f == "decoder") {

@@ -217,7 +217,21 @@ fn merge_records<T: Record + Keyed>(out: &Path, shards: &[(ShardOutput, Manifest
         .iter()
         .map(|(s, _)| Ok(Stream { reader: ShardReader::<T>::open(&s.path)?, buf: VecDeque::new(), row: 0 }))
         .collect::<Result<Vec<_>>>()?;
-    let mut writer = ShardWriter::<T>::create(out)?;
+    // The tasks' file metadata (the reference model of preference shards) carries over; the
+    // tasks must agree on it, as a single process writes one.
+    let meta = |p: &Path| -> Result<Vec<(String, String)>> {
+        Ok(super::read_metadata(p)?.into_iter().filter(|(k, _)| k != super::KIND_KEY).collect())
+    };
+    let extra = meta(&shards[0].0.path)?;
+    for (s, _) in &shards[1..] {
+        if meta(&s.path)? != extra {
+            return Err(CoreError::shard(
+                &s.path,
+                format!("its file metadata differs from {}'s (another reference model?)", shards[0].0.path.display()),
+            ));
+        }
+    }
+    let mut writer = ShardWriter::<T>::create_with_metadata(out, &extra)?;
     for (pos, id) in order.iter().enumerate() {
         let s = &mut streams[pos % n];
         if s.peek()?.is_some_and(|r| r.key() == id) {

@@ -82,6 +82,12 @@ pub struct ShardWriter<T: Record> {
 
 impl<T: Record> ShardWriter<T> {
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
+        Self::create_with_metadata(path, &[])
+    }
+
+    /// [`create`](Self::create) with more key-value pairs in the file's metadata (after
+    /// `popen.kind`), e.g. [`REFERENCE_MODEL_KEY`].
+    pub fn create_with_metadata(path: impl AsRef<Path>, extra: &[(String, String)]) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
@@ -90,7 +96,11 @@ impl<T: Record> ShardWriter<T> {
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-            .set_key_value_metadata(Some(vec![KeyValue::new(KIND_KEY.to_string(), T::KIND.to_string())]))
+            .set_key_value_metadata(Some(
+                std::iter::once(KeyValue::new(KIND_KEY.to_string(), T::KIND.to_string()))
+                    .chain(extra.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())))
+                    .collect(),
+            ))
             .build();
         let writer = ArrowWriter::try_new(file, T::schema(), Some(props))
             .map_err(|e| CoreError::shard(&tmp, format!("cannot start Parquet writer: {e}")))?;
@@ -237,12 +247,24 @@ impl<T: Record> Iterator for ShardReader<T> {
 
 /// The record kind (`popen.kind` metadata) of a shard; `None` for files without it.
 pub fn read_kind(path: impl AsRef<Path>) -> Result<Option<String>> {
+    Ok(read_metadata(path)?.remove(KIND_KEY))
+}
+
+/// Key of a preference shard's metadata naming the model whose log-probs / embeddings it
+/// stores (`popen_model::bundle::fingerprint` of the collect stage's `--model`).
+pub const REFERENCE_MODEL_KEY: &str = "popen.reference_model";
+
+/// The key-value metadata of a shard's footer (`popen.kind`, [`REFERENCE_MODEL_KEY`], ...).
+pub fn read_metadata(path: impl AsRef<Path>) -> Result<std::collections::BTreeMap<String, String>> {
     let path = path.as_ref();
     let file = File::open(path).map_err(|e| CoreError::io(path, e))?;
     let builder = guard(path, None, || ParquetRecordBatchReaderBuilder::try_new(file))?
         .map_err(|e| CoreError::shard(path, format!("not a readable Parquet file: {e}")))?;
     let meta = builder.metadata().file_metadata();
-    Ok(meta.key_value_metadata().and_then(|kv| kv.iter().find(|k| k.key == KIND_KEY).and_then(|k| k.value.clone())))
+    Ok(meta
+        .key_value_metadata()
+        .map(|kv| kv.iter().filter_map(|k| k.value.clone().map(|v| (k.key.clone(), v))).collect())
+        .unwrap_or_default())
 }
 
 /// Counts the rows of a shard from its footer without reading the data.

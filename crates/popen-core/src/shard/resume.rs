@@ -28,6 +28,7 @@ pub struct ResumableWriter<T: Record> {
     resumed: usize,
     written: usize,
     finished: bool,
+    metadata: Vec<(String, String)>,
 }
 
 /// `<out>.parts`.
@@ -102,7 +103,14 @@ impl<T: Record> ResumableWriter<T> {
             resumed,
             written: 0,
             finished: false,
+            metadata: Vec::new(),
         })
+    }
+
+    /// Key-value metadata of the finished `<out>` (not of the parts).
+    pub fn with_metadata(mut self, kv: Vec<(String, String)>) -> Self {
+        self.metadata = kv;
+        self
     }
 
     /// Whether a committed part already holds the record named `id`.
@@ -153,7 +161,7 @@ impl<T: Record> ResumableWriter<T> {
     /// resumed ones), e.g. to count them for the manifest.
     pub fn finish_visit(mut self, mut visit: impl FnMut(&T)) -> Result<usize> {
         self.commit()?;
-        let mut w = ShardWriter::<T>::create(&self.out)?;
+        let mut w = ShardWriter::<T>::create_with_metadata(&self.out, &self.metadata)?;
         for i in 0..self.next_part {
             for r in read_shard::<T>(part_path(&self.parts, i))? {
                 visit(&r);

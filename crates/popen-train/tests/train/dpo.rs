@@ -100,6 +100,7 @@ fn run_with(c: &DpoConfig, name: &str, pt: Option<&Path>, ps1: Option<&Path>, ps
         resume,
         progress: false,
         sam_cache: None,
+        allow_foreign_ref: false,
     };
     dpo::run::<AB>(&job, &Default::default())
 }
@@ -425,9 +426,30 @@ fn dpo_bad_inputs_are_clear_errors() {
         resume: false,
         progress: false,
         sam_cache: None,
+        allow_foreign_ref: false,
     };
     let e = dpo::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("no-such-model"), "{e}");
+    // Issue 24 item 3: shards collected with another model than --init are refused, naming
+    // both (the world's shards record the world's model; this is a fresh random one).
+    let other = w.root.join("other-model");
+    if !other.exists() {
+        let (_, tok, mcfg) = super::small_world(&w.root.join("other-world"));
+        bundle::save(&other, &mcfg.init::<B>(&Default::default()).unwrap(), &tok).unwrap();
+    }
+    let out_f = w.root.join("foreign");
+    let fjob = DpoJob { init: &other, proposals: ProposalSource::Samples(&w.train), out: &out_f, ..job };
+    let e = dpo::run::<AB>(&fjob, &Default::default()).unwrap_err().to_string();
+    let fp = bundle::fingerprint(&w.model).unwrap();
+    assert!(e.contains("pt.parquet") && e.contains(&fp[..16]) && e.contains("other-model") && e.contains("--allow-foreign-ref"), "{e}");
+    let meta = popen_core::shard::read_metadata(&w.ps1).unwrap();
+    assert_eq!(meta.get(popen_core::shard::REFERENCE_MODEL_KEY), Some(&fp));
+    // ... and allowed with the flag: the run gets past the check (it fails later, on the
+    // other world's tokenizer, or trains: either way not on the reference).
+    let fjob = DpoJob { allow_foreign_ref: true, ..fjob };
+    if let Err(e) = dpo::run::<AB>(&fjob, &Default::default()) {
+        assert!(!e.to_string().contains("--allow-foreign-ref"), "{e}");
+    }
     // Phase 1's s-term indicator without proposals.
     let job = DpoJob { init: &w.model, ..job };
     let e = dpo::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
@@ -490,6 +512,7 @@ fn dpo_sam_model_caches_embeddings_and_keeps_frozen_parts() {
             resume: false,
             progress: false,
             sam_cache: Some(&cache),
+            allow_foreign_ref: false,
         };
         dpo::run::<AB>(&job, &Default::default()).unwrap()
     };
