@@ -35,7 +35,7 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value = "instances")]
     chair_truth: ChairTruthArg,
     /// Logit magnitude a binary mask stands for in PixelLM's matching cost.
-    #[arg(long, default_value_t = popen_eval::matching::DEFAULT_MATCH_LOGIT)]
+    #[arg(long, default_value_t = popen_eval::matching::DEFAULT_MATCH_LOGIT, value_parser = positive_finite)]
     match_logit: f64,
     /// Class-agnostic proposals (`popen sam-masks` shards) for the localization error: the
     /// other objects are the proposals that are not the target (IoU < 0.5) instead of the
@@ -67,6 +67,15 @@ pub struct EvalArgs {
     /// Retries of a judge request (transport errors, 429, 5xx).
     #[arg(long, default_value_t = 4)]
     judge_retries: u32,
+}
+
+/// A finite number > 0 (clap names the flag in its error).
+fn positive_finite(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a finite number > 0, got {v}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

@@ -96,3 +96,14 @@ fn eval_baselines_predictions_and_bad_shards() {
     let e = err(&["eval", "--samples", v, "--baseline", "nothing", "--lexicon", "/nonexistent/lex.json"]);
     assert!(e.contains("/nonexistent/lex.json"), "{e}");
 }
+
+/// `--match-logit` NaN, inf, 0 or a negative value is refused by the argument parser, with
+/// the flag named (before, NaN was accepted and every matching cost became NaN).
+#[test]
+fn eval_refuses_a_non_finite_or_non_positive_match_logit() {
+    for bad in ["NaN", "inf", "0", "-1"] {
+        let flag = format!("--match-logit={bad}");
+        let e = err(&["eval", "--samples", "no.parquet", "--baseline", "nothing", &flag]);
+        assert!(e.contains("--match-logit") && e.contains("finite number > 0"), "{bad}: {e}");
+    }
+}

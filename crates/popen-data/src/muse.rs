@@ -325,16 +325,34 @@ pub fn segmentation_to_rle(seg: &Value, height: u32, width: u32) -> std::result:
     }
 }
 
+/// A name from the JSON must stay inside `--images`: relative, without `..` (nor a root or
+/// drive prefix). `dir.join` of an absolute path would replace `dir`.
+fn inside_images(key: &str, name: &str) -> std::result::Result<(), String> {
+    use std::path::Component;
+    let p = Path::new(name);
+    if name.is_empty() {
+        return Err(format!("'{key}' is empty"));
+    }
+    if !p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Err(format!("'{key}' {name:?} is not a relative path inside the images folder (absolute, or with '..')"));
+    }
+    Ok(())
+}
+
 fn find_image(rec: &Value, dir: &Path) -> std::result::Result<PathBuf, String> {
     let mut candidates = Vec::new();
     if let Some(f) = rec.get("file_name").and_then(Value::as_str) {
+        inside_images("file_name", f)?;
         candidates.push(dir.join(f));
     }
     if let Some(u) = rec.get("coco_url").and_then(Value::as_str) {
         let base = u.rsplit('/').next().unwrap_or(u);
-        candidates.push(dir.join(base));
-        for sub in ["train2017", "val2017", "train2014"] {
-            candidates.push(dir.join(sub).join(base));
+        if !base.is_empty() {
+            inside_images("coco_url", base)?;
+            candidates.push(dir.join(base));
+            for sub in ["train2017", "val2017", "train2014"] {
+                candidates.push(dir.join(sub).join(base));
+            }
         }
     }
     if candidates.is_empty() {

@@ -185,3 +185,45 @@ fn unreadable_json_is_an_error_naming_the_file() {
     let e = import(&cfg, &dir.path().join("out"), ShardSpec::ALL).unwrap_err().to_string();
     assert!(e.contains("split name"), "{e}");
 }
+
+/// A `file_name` that is absolute or climbs out with `..` (and a `coco_url` whose last part is
+/// `..`) is skipped with the reason in the manifest, like any other bad record, instead of
+/// reading an image outside `--images` (`images.join("/abs")` is "/abs"). A plain relative
+/// name beside them still imports. Self-contained: a generated 8x6 PNG, no assets needed.
+#[test]
+fn file_names_outside_the_images_folder_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(images.join("sub")).unwrap();
+    let png = image::RgbImage::from_pixel(8, 6, image::Rgb([10, 200, 30]));
+    png.save(images.join("sub/in.png")).unwrap();
+    // The same photo outside the images folder: the old importer read it.
+    let outside = dir.path().join("outside.png");
+    png.save(&outside).unwrap();
+    let record = |file: Value| {
+        let seg = json!([[0.0, 0.0, 4.0, 0.0, 4.0, 3.0, 0.0, 3.0]]);
+        let ann = json!({"id": 1, "category_name": "box", "segmentation": seg});
+        let mut r = json!({"height": 6, "width": 8, "ann_list": [ann.clone()], "questions": ["Where is the box?"],
+                           "answers": [[ann]], "text_answers": ["the box {seg}"]});
+        if file.is_string() {
+            r["file_name"] = file;
+        } else {
+            r["coco_url"] = file["coco_url"].clone();
+        }
+        r
+    };
+    let records = vec![
+        record(json!("sub/in.png")),
+        record(json!(outside.to_str().unwrap())),
+        record(json!("sub/../../outside.png")),
+        record(json!("../outside.png")),
+        record(json!({"coco_url": "http://images.example/.."})),
+    ];
+    let (m, samples) = run(&records, &images, dir.path());
+    assert_eq!(samples.len(), 1, "only sub/in.png imports");
+    assert!(samples[0].id.starts_with("in-0-"), "{}", samples[0].id);
+    let reasons: Vec<String> = m.skipped.iter().map(|s| format!("{}: {}", s.record, s.reason)).collect();
+    assert_eq!(reasons.len(), 4, "{reasons:#?}");
+    assert!(reasons.iter().all(|r| r.contains("not a relative path inside the images folder")), "{reasons:#?}");
+    assert!(reasons[0].contains(outside.to_str().unwrap()), "{reasons:#?}");
+}

@@ -40,6 +40,20 @@ impl Default for EvalConfig {
     }
 }
 
+impl EvalConfig {
+    /// `match_logit` must be a finite number > 0: NaN makes every matching cost NaN, and 0 or
+    /// a negative value makes the cost ignore (or reward) the overlap.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.match_logit.is_finite() && self.match_logit > 0.0) {
+            return Err(EvalError::Invalid(format!(
+                "match_logit (--match-logit) must be a finite number > 0, got {}",
+                self.match_logit
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What [`evaluate`] scores.
 #[derive(Clone, Copy)]
 pub struct EvalInputs<'a> {
@@ -200,6 +214,7 @@ pub fn score_sample(
     lexicon: &Lexicon,
     proposals: Option<&[Rle]>,
 ) -> Result<SampleScores> {
+    cfg.validate()?;
     let id = sample.id.as_str();
     if let Err((field, msg)) = sample.validate() {
         return Err(EvalError::sample(id, format!("ground truth, field '{field}': {msg}")));
@@ -276,6 +291,7 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
 /// sample (`judge_error`, counted in `judge_failed`) and logged; every other problem is an
 /// error naming the sample.
 pub fn evaluate(cfg: &EvalConfig, inputs: EvalInputs<'_>) -> Result<Report> {
+    cfg.validate()?;
     let pairs = align(inputs.samples, inputs.predictions)?;
     let bar = popen_core::progress::bar(pairs.len() as u64, "eval");
     let mut samples = Vec::with_capacity(pairs.len());

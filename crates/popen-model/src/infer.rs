@@ -110,10 +110,10 @@ impl<'a, B: Backend> Predictor<'a, B> {
         })
     }
 
-    /// The prompt of one instruction as sequence parts (text, image, text).
+    /// The prompt of one instruction as sequence parts (text, image, text); the instruction
+    /// is read literally ([`Tokenizer::pixellm_prompt_pieces`]).
     pub fn prompt_parts(&self, instruction: &str, image: usize) -> Result<Vec<Part<B>>> {
-        let text = self.tokenizer.pixellm_prompt(instruction);
-        let pieces = self.tokenizer.encode_with_image(&text).map_err(tok_err)?;
+        let pieces = self.tokenizer.pixellm_prompt_pieces(instruction).map_err(tok_err)?;
         Ok(pieces
             .into_iter()
             .map(|p| match p {

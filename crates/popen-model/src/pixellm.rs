@@ -147,6 +147,76 @@ pub struct PixelLmConfig {
     pub llm_image_pixels: bool,
 }
 
+/// A model TOML must name only fields the model reads, in its sections as at the top level
+/// (`deny_unknown_fields`): a misspelt key would otherwise take the default silently. The
+/// section types mirror Hugging Face's `config.json` files and so ignore unknown keys when
+/// they read one (`LlamaConfig::from_file`, `ClipVisionConfig::from_file`); only the TOML is
+/// strict. Each section's known keys are the ones its `Deserialize` asks for.
+fn reject_unknown_section_keys(table: &toml::Table) -> std::result::Result<(), String> {
+    let sections: [(&str, Option<&'static [&'static str]>); 4] = [
+        ("llm", struct_fields::<LlamaConfig>()),
+        ("vision", struct_fields::<ClipVisionConfig>()),
+        ("decoder", struct_fields::<MaskDecoderMultiScaleConfig>()),
+        ("sam_encoder", struct_fields::<TinyVitConfig>()),
+    ];
+    for (section, known) in sections {
+        let (Some(toml::Value::Table(t)), Some(known)) = (table.get(section), known) else {
+            continue;
+        };
+        if let Some(key) = t.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(format!(
+                "unknown key `{key}` in [{section}], expected one of {}",
+                known.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The field names (aliases included) a derived `Deserialize` of a struct reads: serde hands
+/// them to `Deserializer::deserialize_struct`, which this probe records before it stops. None
+/// for a type that does not deserialize as a struct (e.g. one with `#[serde(flatten)]`).
+fn struct_fields<T: serde::de::DeserializeOwned>() -> Option<&'static [&'static str]> {
+    use serde::de::{Error, Visitor};
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("field probe")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+    struct Probe<'a>(&'a mut Option<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> std::result::Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> std::result::Result<V::Value, Stop> {
+            *self.0 = Some(fields);
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields = None;
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
+}
+
 fn is_false(v: &bool) -> bool {
     !*v
 }
@@ -276,6 +346,8 @@ impl PixelLmConfig {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(Box::new(e)))?;
         let cfg: PixelLmConfig = toml::from_str(&text).map_err(|e| err(Box::new(e)))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| err(Box::new(e)))?;
+        reject_unknown_section_keys(&table).map_err(|m| err(m.into()))?;
         cfg.validate()?;
         Ok(cfg)
     }

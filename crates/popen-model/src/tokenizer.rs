@@ -346,6 +346,27 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token ids of `text` read literally: the tokenizer's normalizer, pre-tokenizer and model
+    /// (BPE) only, never its added tokens, so `"<im_start>"`, `"[SEG0]"` or `"</s>"` written in
+    /// the text become the ordinary pieces of those characters and decode back to them. Text
+    /// without an added token's string gets the same ids as [`encode`](Tokenizer::encode)
+    /// (the same pipeline, which splits only at added tokens). No BOS.
+    pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>> {
+        use tokenizers::{Model, Normalizer, OffsetType, PreTokenizedString, PreTokenizer};
+        let err = |e: tokenizers::Error| self.op_err("encode_literal", e);
+        let mut pre = PreTokenizedString::from(text);
+        if let Some(n) = self.inner.get_normalizer() {
+            pre.normalize(|s| n.normalize(s)).map_err(err)?;
+        }
+        if let Some(p) = self.inner.get_pre_tokenizer() {
+            p.pre_tokenize(&mut pre).map_err(err)?;
+        }
+        let model = self.inner.get_model();
+        pre.tokenize(|s| model.tokenize(s.get())).map_err(err)?;
+        let enc = pre.into_encoding(None, 0, OffsetType::Byte).map_err(err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Text of `ids`; `skip_special` drops special tokens.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
@@ -899,11 +920,38 @@ impl Tokenizer {
     ///
     /// (`SeparatorStyle.TWO`: `system + " " + "USER: " + q + " " + "ASSISTANT:"`, no trailing
     /// space.) The text holds [`IMAGE_TOKEN`]: encode it with
-    /// [`encode_with_image`](Tokenizer::encode_with_image).
+    /// [`encode_with_image`](Tokenizer::encode_with_image), or better take
+    /// [`pixellm_prompt_pieces`](Tokenizer::pixellm_prompt_pieces), which reads the
+    /// instruction literally (this string alone cannot tell template from user text).
     pub fn pixellm_prompt(&self, instruction: &str) -> String {
         format!(
             "{LLAVA_V1_SYSTEM} USER: {IM_START_TOKEN}{IMAGE_TOKEN}{IM_END_TOKEN}\n{instruction} ASSISTANT:"
         )
+    }
+
+    /// [`pixellm_prompt`](Tokenizer::pixellm_prompt) as the model reads it, split at the image
+    /// like [`encode_with_image`](Tokenizer::encode_with_image), with the user's instruction
+    /// read literally ([`encode_literal`](Tokenizer::encode_literal)): what every training
+    /// and inference path feeds the model.
+    ///
+    /// **User text is literal.** An instruction is typed by a user (or comes from a data
+    /// set), so the text of a control token in it (`<im_start>`, `<image>`, `[SEG0]`, `</s>`,
+    /// any added token) stays text: it never becomes that token's id nor a second image. The
+    /// template around it (`<im_start><image><im_end>`) keeps its tokens, and so do the
+    /// answers the pipeline writes (`<seg>` expanded to `[SEGk]` groups, the closing EOS).
+    /// PixelLM's code tokenizes the whole conversation string, so a user's `[SEG0]` would
+    /// be the codebook token there; we deviate on purpose. An instruction without such text
+    /// gets exactly the ids of `encode_with_image(&pixellm_prompt(instruction))`: the
+    /// tokenizer splits at `<im_end>` anyway, and the rest is encoded by the same pipeline.
+    pub fn pixellm_prompt_pieces(&self, instruction: &str) -> Result<Vec<Piece>> {
+        let template = format!("{LLAVA_V1_SYSTEM} USER: {IM_START_TOKEN}{IMAGE_TOKEN}{IM_END_TOKEN}");
+        let mut pieces = self.encode_with_image(&template)?;
+        let user = self.encode_literal(&format!("\n{instruction} ASSISTANT:"))?;
+        match pieces.last_mut() {
+            Some(Piece::Tokens(ids)) => ids.extend(user),
+            _ => pieces.push(Piece::Tokens(user)),
+        }
+        Ok(pieces)
     }
 
     /// The whole training conversation: [`pixellm_prompt`](Tokenizer::pixellm_prompt), a space,

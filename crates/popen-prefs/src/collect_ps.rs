@@ -195,12 +195,11 @@ impl CollectPsConfig {
             return Err(PrefsError::Input("part_records must be >= 1".into()));
         }
         self.noise.validate()?;
-        if self.perturbations < self.select.phase2_top.max(3) {
+        self.select.validate()?;
+        if self.perturbations < self.select.phase2_top {
             return Err(PrefsError::Input(format!(
-                "perturbations ({}) must be at least {} (phase 2 chooses among the top {})",
-                self.perturbations,
-                self.select.phase2_top.max(3),
-                self.select.phase2_top
+                "perturbations ({}) must be at least select.phase2_top ({}): phase 2 chooses among the top phase2_top",
+                self.perturbations, self.select.phase2_top
             )));
         }
         if self.batch_size == 0 {

@@ -52,6 +52,20 @@ impl Default for SelectConfig {
     }
 }
 
+impl SelectConfig {
+    /// Phase 2 keeps three images (highest, median and lowest `b^i`) of its top
+    /// `phase2_top`, so fewer than 3 is refused rather than silently raised to 3.
+    pub fn validate(&self) -> Result<()> {
+        if self.phase2_top < 3 {
+            return Err(PrefsError::Input(format!(
+                "select.phase2_top must be at least 3 (phase 2 keeps 3 images of its top phase2_top), got {}",
+                self.phase2_top
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Curriculum phase of the preference data (`--phase 1|2`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -191,9 +205,10 @@ pub fn select_phase1(scored: &[Scored], cfg: &SelectConfig) -> Result<Option<Sel
 /// Phase 2 on one batch: among the `phase2_top` highest `s^i`, the highest, median and
 /// lowest `b^i`.
 pub fn select_phase2(scored: &[Scored], cfg: &SelectConfig) -> Result<Selection> {
+    cfg.validate()?;
     check(scored, 3)?;
     let s: Vec<f64> = scored.iter().map(|x| x.s).collect();
-    let top: Vec<usize> = order_desc(&s).into_iter().take(cfg.phase2_top.max(3)).collect();
+    let top: Vec<usize> = order_desc(&s).into_iter().take(cfg.phase2_top).collect();
     let b: Vec<f64> = top.iter().map(|&i| scored[i].b).collect();
     // Ties in b go to the better s (earlier in `top`).
     let by_b: Vec<usize> = order_desc(&b).into_iter().map(|k| top[k]).collect();

@@ -84,9 +84,10 @@ pub fn prepare(
     (out, skipped)
 }
 
-/// PixelLM's prompt for an instruction (llava_v1 conversation with `<image>`), as pieces.
+/// PixelLM's prompt for an instruction (llava_v1 conversation with `<image>`), as pieces;
+/// the instruction is read literally ([`Tokenizer::pixellm_prompt_pieces`]).
 pub fn prompt_pieces(tok: &Tokenizer, instruction: &str) -> Result<Vec<Piece>, String> {
-    tok.encode_with_image(&tok.pixellm_prompt(instruction)).map_err(|e| format!("instruction: {e}"))
+    tok.pixellm_prompt_pieces(instruction).map_err(|e| format!("instruction: {e}"))
 }
 
 /// An answer (our format, `<seg>` after each object) as the model reads it: " " + answer with

@@ -243,3 +243,30 @@ fn llm_judge_scores_and_failures() {
     let e = judge.score(&samples[0], "x").unwrap_err().to_string();
     assert!(e.contains("sample 'j0'") && e.contains(&dead) && e.contains("2 attempt(s)"), "{e}");
 }
+
+/// A match logit that is NaN, infinite, 0 or negative is refused, naming `match_logit` and
+/// its flag, by `evaluate` and by `score_sample`; before, NaN was accepted and turned every
+/// matching cost into NaN.
+#[test]
+fn match_logit_must_be_finite_and_positive() {
+    let (a, _) = two_objects();
+    let s = sample("s", 10, 10, &[("apple", a.clone(), 0)], &[("apple", a.clone())]);
+    let p = prediction("s", 10, 10, "the apple <seg>", vec![a.clone()]);
+    let lexicon = lex();
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, -10.0] {
+        let cfg = EvalConfig { match_logit: bad, ..EvalConfig::default() };
+        let inputs = EvalInputs {
+            samples: std::slice::from_ref(&s),
+            predictions: std::slice::from_ref(&p),
+            lexicon: &lexicon,
+            proposals: None,
+            judge: None,
+        };
+        let e = evaluate(&cfg, inputs).unwrap_err().to_string();
+        assert!(e.contains("match_logit") && e.contains("--match-logit"), "{bad}: {e}");
+        let e = score_sample(&cfg, &s, &p, &lexicon, None).unwrap_err().to_string();
+        assert!(e.contains("match_logit"), "{bad}: {e}");
+    }
+    let cfg = EvalConfig { match_logit: 3.0, ..EvalConfig::default() };
+    assert_eq!(score_sample(&cfg, &s, &p, &lexicon, None).unwrap().matched[0].iou, 1.0);
+}

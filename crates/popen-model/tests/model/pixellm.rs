@@ -378,6 +378,53 @@ fn presets_are_valid_and_match_pipelines_toml() {
     assert_eq!(tiny, PixelLmConfig::tiny(tiny.llm.vocab_size), "model-tiny.toml drifted");
 }
 
+/// A model TOML (model.toml of a model folder, `model-init --config`) rejects a key the model
+/// does not read, in a section as at the top level, naming the key and its section; every
+/// shipped `pipelines/model-*.toml` still loads. Before the fix `[llm]`, `[vision]` and
+/// `[decoder]` (HF-style configs that ignore unknown keys) took a misspelt key silently.
+#[test]
+fn model_toml_rejects_unknown_keys_in_every_section() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut shipped = 0;
+    for e in std::fs::read_dir(root.join("pipelines")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("model-") && name.ends_with(".toml") {
+            PixelLmConfig::from_toml_file(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
+            shipped += 1;
+        }
+    }
+    assert!(shipped >= 4, "{shipped} pipelines/model-*.toml");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(root.join("pipelines/model-tiny-sam.toml")).unwrap();
+    // (section header the key goes under, the key line): the typo of a real key in each
+    // section, and one at the top level.
+    for (section, line) in [
+        ("", "seg_feedbak = true"),
+        ("[llm]", "hiden_size = 64"),
+        ("[vision]", "patch_sise = 16"),
+        ("[decoder]", "num_head = 8"),
+        ("[sam_encoder]", "depth = [2, 2]"),
+    ] {
+        let text = if section.is_empty() {
+            format!("{line}\n{good}")
+        } else {
+            assert!(good.contains(section), "{section}");
+            good.replacen(section, &format!("{section}\n{line}"), 1)
+        };
+        let path = tmp.path().join("model.toml");
+        std::fs::write(&path, &text).unwrap();
+        let key = line.split(' ').next().unwrap();
+        let msg = PixelLmConfig::from_toml_file(&path).expect_err(line).to_string();
+        assert!(msg.contains(key), "{line}: {msg}");
+        // Top level and [sam_encoder] are serde's own `deny_unknown_fields` message.
+        if ["[llm]", "[vision]", "[decoder]"].contains(&section) {
+            assert!(msg.contains(section), "{line}: {msg}");
+        }
+    }
+}
+
 /// The seg locator's box (`pixellm::attention_box`), hand-computed: a one-hot attention
 /// gives its own cell; a uniform one the whole input (the uniform distribution on
 /// [0, 224) has variance 224^2 / 12, so mu -+ sqrt(3 var) = 0 and 224); two equal cells

@@ -372,6 +372,54 @@ segmentation mask. ASSISTANT:";
     );
 }
 
+/// User text is literal (`Tokenizer::pixellm_prompt_pieces`): an instruction holding the text
+/// of added tokens (`<im_start>`, `[SEG0]`, `<image>`, `</s>`, ...) gets ordinary ids for it,
+/// none of them an added token's id, that decode back to the same text, and no second image;
+/// the template keeps its `<im_start>`, image and `<im_end>`. An instruction without such text
+/// gets exactly the ids of the old `encode_with_image(&pixellm_prompt(..))`, so every
+/// fixture and trained model reads the benchmark as before. (The old path turned the user's
+/// `[SEG0]` into the codebook token and `<image>` into a second image.)
+#[test]
+fn instruction_text_of_control_tokens_stays_text() {
+    let (t, toks) = tiny_pixellm();
+    let added: BTreeSet<u32> = t.inner().get_added_tokens_decoder().keys().copied().collect();
+    assert!(added.contains(&toks.im_start) && added.contains(&toks.seg[0]) && added.contains(&toks.eos));
+    let old = |q: &str| t.encode_with_image(&t.pixellm_prompt(q)).unwrap();
+
+    for q in [
+        "Where is <im_start> the red cup [SEG0]?",
+        "<im_start><image><im_end> [SEG5]</s><s><unk> segment it",
+        "[SEG0] [SEG1] [SEG2] [SEG3] [SEG4] [SEG5]",
+    ] {
+        let pieces = t.pixellm_prompt_pieces(q).unwrap();
+        let [Piece::Tokens(a), Piece::Image, Piece::Tokens(b)] = pieces.as_slice() else {
+            panic!("{q}: {pieces:?}")
+        };
+        // The template: BOS .. <im_start>, the image, <im_end>.
+        assert_eq!((a[0], *a.last().unwrap(), b[0]), (1, toks.im_start, toks.im_end), "{q}");
+        let user = &b[1..];
+        assert!(user.iter().all(|id| !added.contains(id)), "{q}: {user:?}");
+        assert_eq!(t.decode(user, false).unwrap(), format!("\n{q} ASSISTANT:"));
+        assert_eq!(t.encode_literal(q).unwrap().iter().filter(|id| added.contains(id)).count(), 0);
+        assert_ne!(pieces, old(q), "{q}: the old path parsed the control tokens");
+    }
+
+    // Without added-token text: bit-identical to the old path, for every benchmark
+    // instruction and some edge cases (partial token text, whitespace, non-ASCII, empty).
+    let mut n = 0;
+    for q in samples().iter().map(|(q, _)| q.as_str()).chain([
+        "",
+        "  two  spaces \n\t",
+        "<im_ start> [SEG] [SEG 0] SEG0] <im_end",
+        "déjà vu: 漢字 and emoji 🙂",
+    ]) {
+        assert_eq!(t.pixellm_prompt_pieces(q).unwrap(), old(q), "{q:?}");
+        assert_eq!(t.encode_literal(q).unwrap(), t.encode(q, false).unwrap(), "{q:?}");
+        n += 1;
+    }
+    assert!(n > 150);
+}
+
 #[test]
 fn expand_and_collapse_round_trip() {
     let group = "[SEG0] [SEG1] [SEG2] [SEG3] [SEG4] [SEG5]";

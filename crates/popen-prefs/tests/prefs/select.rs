@@ -132,3 +132,27 @@ fn regeneration_is_capped_and_counted() {
     assert_eq!(calls, 1);
     assert!(matches!(out, Outcome::Selected { batch: 0, .. }));
 }
+
+/// `phase2_top` below 3 (0 in particular) is refused with the field named, by the collect-ps
+/// config and by phase 2 itself; before, it was silently raised to 3 and 0 was accepted.
+#[test]
+fn phase2_top_below_three_is_refused() {
+    let batch = vec![sc(&[0.9], &[0.1]), sc(&[0.4], &[0.5]), sc(&[-0.3], &[0.9])];
+    for top in [0, 1, 2] {
+        let cfg = SelectConfig { phase2_top: top, ..SelectConfig::default() };
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("phase2_top") && e.contains(&format!("got {top}")), "{e}");
+        let e = select_phase2(&batch, &cfg).unwrap_err().to_string();
+        assert!(e.contains("phase2_top"), "{e}");
+        let mut ps = popen_prefs::collect_ps::CollectPsConfig::default();
+        ps.select.phase2_top = top;
+        let e = ps.validate().unwrap_err().to_string();
+        assert!(e.contains("phase2_top"), "{e}");
+    }
+    // 3 (every image of a 3-image batch) and the default 5 are fine.
+    for top in [3, 5] {
+        let cfg = SelectConfig { phase2_top: top, ..SelectConfig::default() };
+        cfg.validate().unwrap();
+        assert_eq!(select_phase2(&batch, &cfg).unwrap().kept.len(), 3);
+    }
+}
