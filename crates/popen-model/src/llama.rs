@@ -399,6 +399,21 @@ impl LlamaConfig {
             Err(_) => g.get_str_array("tokenizer.ggml.tokens")?.len(),
         };
         let num_attention_heads = u("attention.head_count")?;
+        // llama.cpp's RoPE scaling (`rope.scaling.type`; llama3's as `rope_freqs.weight`
+        // factors) is not read: an error rather than plain RoPE.
+        let bad = |msg: String| LlamaError::Config {
+            path: g.path().display().to_string(),
+            msg,
+        };
+        let key = format!("{arch}.rope.scaling.type");
+        if let Ok(t) = g.get_str(&key).map(str::to_string) {
+            if t != "none" {
+                return Err(bad(format!("{key} {t:?} is not supported")));
+            }
+        }
+        if g.tensor_info("rope_freqs.weight").is_some() {
+            return Err(bad("rope_freqs.weight (RoPE frequency factors) is not supported".into()));
+        }
         let cfg = Self {
             vocab_size,
             hidden_size,
