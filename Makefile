@@ -13,7 +13,7 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv help test-slurm cluster-demo
+.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv check-refenv refenv-lock check-refenv-lock config-fixtures help test-slurm cluster-demo
 
 help:
 	@echo "make demo        the whole POPEN pipeline: benchmark -> SFT -> collect-pt/ps -> dpo -> ensemble-train -> eval ($(OUT))"
@@ -26,7 +26,8 @@ help:
 	@echo "make sam-masks   SAM automatic-mask proposals of $(SAM_SPLIT) into $(PREFS) (SAM_POINTS=$(SAM_POINTS))"
 	@echo "make sam-photos  SAM proposals + overlays of the real labelme photos into out/sam-photos"
 	@echo "make eval        gIoU/cIoU/CHAIR/boundary IoU/localization error of $(PRED) + baselines"
-	@echo "make test        Rust tests, interop checks (pyarrow/duckdb/pycocotools), cuda check"
+	@echo "make test        Rust tests, interop checks (pyarrow/duckdb/pycocotools), cuda check, reference pins lock"
+	@echo "make check-refenv  resolve tools/reference/requirements*.txt with pip --dry-run (needs PyPI)"
 	@echo "make test-slurm  collect stages as job arrays + merge on a real one-node Slurm (root; apt-get installs slurm-wlm, munge)"
 	@echo "make cluster-demo  submit the pipeline to Slurm (CLUSTER_CONFIG=$(CLUSTER_CONFIG); DRY_RUN=1 prints the sbatch calls)"
 	@echo "make data        generate the embedded benchmark into $(DATA) (SEED=$(SEED))"
@@ -47,7 +48,7 @@ assets:
 data: build
 	$(POPEN) synth --config $(SYNTH_CONFIG) --seed $(DATA_SEED) --out $(DATA)
 
-test: assets test-rust test-interop check-cuda
+test: assets test-rust test-interop check-cuda check-refenv-lock
 
 # The tests read data/assets (labelme photos); order holds under make -j too.
 test-rust test-interop: assets
@@ -232,6 +233,32 @@ REFENV ?= target/refenv
 refenv:
 	test -x $(REFENV)/bin/python || $(PYTHON) -m venv $(REFENV)
 	$(REFENV)/bin/pip install --disable-pip-version-check -q -r tools/reference/requirements.txt
+
+# The pins of tools/reference/requirements*.txt resolve (pip --dry-run in fresh virtual
+# environments; needs PyPI, installs nothing; see tools/reference/check_requirements.py).
+# refenv-lock also records the resolved sets in tools/reference/requirements.lock.json, which
+# check-refenv-lock (offline, ~1 s, part of `make test`) checks against the pins and itself.
+check-refenv:
+	$(PYTHON) tools/reference/check_requirements.py resolve
+
+refenv-lock:
+	$(PYTHON) tools/reference/check_requirements.py resolve --write-lock
+
+check-refenv-lock:
+	$(PYTHON) tools/reference/check_requirements.py lock
+
+# crates/popen-model/tests/fixtures/config_generations: the configs transformers 4.x
+# (requirements.txt's pins, without torch) and 5.x (requirements-tf5.txt) write.
+CFGENV4 ?= target/cfgenv4
+CFGENV5 ?= target/cfgenv5
+config-fixtures:
+	test -x $(CFGENV4)/bin/python || $(PYTHON) -m venv $(CFGENV4)
+	$(CFGENV4)/bin/pip install --disable-pip-version-check -q $$(grep -E '^(transformers|tokenizers|safetensors|numpy)==' tools/reference/requirements.txt tools/reference/requirements-masks.txt | cut -d: -f2)
+	test -x $(CFGENV5)/bin/python || $(PYTHON) -m venv $(CFGENV5)
+	$(CFGENV5)/bin/pip install --disable-pip-version-check -q -r tools/reference/requirements-tf5.txt
+	$(CFGENV4)/bin/python tools/reference/config_generations_fixture.py write
+	$(CFGENV5)/bin/python tools/reference/config_generations_fixture.py write
+	$(CFGENV5)/bin/python tools/reference/config_generations_fixture.py interpret
 
 # The tiny PixelLM step on CPU (Flex and NdArray) beside the same model in PyTorch
 # (docs/bench-model.md); ratios in the printed table.

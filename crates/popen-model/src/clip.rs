@@ -51,8 +51,9 @@ pub enum ClipError {
     Resize(String),
 }
 
-/// Activation of the MLP (`hidden_act` of Hugging Face's config).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Activation of the MLP (`hidden_act` of Hugging Face's config). Another value (`gelu_new`,
+/// `gelu_pytorch_tanh`, ...) is an error naming `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ClipActivation {
     /// `x * sigmoid(1.702 x)`: OpenAI CLIP checkpoints.
@@ -62,8 +63,40 @@ pub enum ClipActivation {
     Gelu,
 }
 
-/// Mirrors Hugging Face `CLIPVisionConfig` (field names and defaults of transformers 4.57,
-/// models/clip/configuration_clip.py); other fields of its `config.json` (`projection_dim`,
+impl<'de> Deserialize<'de> for ClipActivation {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        match name.as_str() {
+            "quick_gelu" => Ok(Self::QuickGelu),
+            "gelu" => Ok(Self::Gelu),
+            other => Err(serde::de::Error::custom(format!(
+                "hidden_act {other:?} is not supported (quick_gelu, gelu)"
+            ))),
+        }
+    }
+}
+
+/// `image_size` / `patch_size`: an integer (transformers 4.x) or, as transformers 5.x's
+/// `CLIPVisionConfig` also accepts, `[height, width]`, which must be square here.
+fn square_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        One(usize),
+        Two(Vec<usize>),
+    }
+    match Size::deserialize(d)? {
+        Size::One(n) => Ok(n),
+        Size::Two(v) if v.len() == 2 && v[0] == v[1] => Ok(v[0]),
+        Size::Two(v) => Err(serde::de::Error::custom(format!(
+            "image_size / patch_size {v:?}: only square [n, n] sizes are supported"
+        ))),
+    }
+}
+
+/// Mirrors Hugging Face `CLIPVisionConfig` (field names and defaults of transformers 4.57 and
+/// 5.x, models/clip/configuration_clip.py, which agree; 5.x may write `image_size` and
+/// `patch_size` as `[h, w]`); other fields of its `config.json` (`projection_dim`,
 /// `attention_dropout`, ...) are ignored because they do not change the vision tower's forward.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -73,7 +106,9 @@ pub struct ClipVisionConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_channels: usize,
+    #[serde(deserialize_with = "square_size")]
     pub image_size: usize,
+    #[serde(deserialize_with = "square_size")]
     pub patch_size: usize,
     pub layer_norm_eps: f64,
     pub hidden_act: ClipActivation,

@@ -18,6 +18,7 @@ pub mod clip;
 pub mod gguf;
 pub mod infer;
 pub mod llama;
+pub mod llava;
 pub mod lora;
 pub mod minilm;
 pub mod pixel_decoder;

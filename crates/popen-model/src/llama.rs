@@ -56,13 +56,19 @@ fn input_err<T>(msg: impl Into<String>) -> Result<T, LlamaError> {
 
 /// Mirrors the Hugging Face `config.json` of a `LlamaForCausalLM`.
 ///
-/// Deserializing reads an HF `config.json` directly: unknown fields (`model_type`, `mm_*` of
-/// LLaVA/PixelLM, `torch_dtype`, ...) are ignored, absent fields take `LlamaConfig`'s defaults
-/// in transformers (vocab 32000, hidden 4096, intermediate 11008, 32 layers, 32 heads,
-/// `num_key_value_heads` = heads, eps 1e-6, theta 10000, 2048 positions, untied). Settings this
-/// implementation does not compute (`rope_scaling`, `attention_bias`, `mlp_bias`, an activation
-/// other than silu, a `head_dim` other than hidden/heads) are rejected rather than silently
-/// ignored. Serializing writes the fields below, which transformers reads back.
+/// Deserializing reads an HF `config.json` directly, as written by either generation of
+/// transformers: 4.x spells the RoPE settings `rope_theta` and `rope_scaling` at the top level,
+/// 5.x nests them as `rope_parameters: {rope_type, rope_theta, factor, ...}`; both are read
+/// (a file carrying both spellings must agree). Unknown fields (`model_type`, `mm_*` of
+/// LLaVA/PixelLM, `torch_dtype`/`dtype`, ...) are ignored, absent fields take `LlamaConfig`'s
+/// defaults in transformers (the same in 4.x and 5.x: vocab 32000, hidden 4096, intermediate
+/// 11008, 32 layers, 32 heads, `num_key_value_heads` = heads, eps 1e-6, theta 10000, 2048
+/// positions, untied). RoPE types `default`, `linear` and `llama3` are computed
+/// ([`RopeScaling`]); settings this implementation does not compute (another `rope_type`, a
+/// `partial_rotary_factor` other than 1, `attention_bias`, `mlp_bias`, an activation other
+/// than silu, a `head_dim` other than hidden/heads) are errors naming the field, never silently
+/// ignored. Serializing writes the 4.x spelling of the fields below, which both generations of
+/// transformers read back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "HfLlamaConfig")]
 pub struct LlamaConfig {
@@ -76,9 +82,31 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    /// RoPE frequency scaling (`rope_type` other than `default`); `None`: plain RoPE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
 }
 
-/// The raw HF `config.json` fields, with transformers' defaults.
+/// The RoPE scalings of transformers' `ROPE_INIT_FUNCTIONS` that popen computes: each rescales
+/// the inverse frequencies once (no attention factor, no dependence on the sequence length).
+/// Serialized as transformers' dict (`{"rope_type": "linear", "factor": 2.0}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// `inv_freq / factor` (position interpolation).
+    Linear { factor: f64 },
+    /// Llama 3.1's: wavelengths above `original / low_freq_factor` divided by `factor`, below
+    /// `original / high_freq_factor` kept, smoothly interpolated in between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// The raw HF `config.json` fields of both transformers generations (defaults applied after
+/// the RoPE fields are reconciled, see [`LlamaConfig`]).
 #[derive(Deserialize)]
 struct HfLlamaConfig {
     #[serde(default = "hf::vocab_size")]
@@ -95,8 +123,9 @@ struct HfLlamaConfig {
     num_key_value_heads: Option<usize>,
     #[serde(default = "hf::rms_norm_eps")]
     rms_norm_eps: f64,
-    #[serde(default = "hf::rope_theta")]
-    rope_theta: f64,
+    /// 4.x (and 5.x's legacy input): top level.
+    #[serde(default)]
+    rope_theta: Option<f64>,
     #[serde(default = "hf::max_position_embeddings")]
     max_position_embeddings: usize,
     #[serde(default)]
@@ -107,8 +136,17 @@ struct HfLlamaConfig {
     attention_bias: bool,
     #[serde(default)]
     mlp_bias: bool,
+    /// 4.x: `{"type"|"rope_type": ..., "factor": ...}` or null.
     #[serde(default)]
     rope_scaling: Option<serde_json::Value>,
+    /// 5.x: `{"rope_type": ..., "rope_theta": ..., ...}`.
+    #[serde(default)]
+    rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    partial_rotary_factor: Option<f64>,
+    /// Phi-3 style top-level value; transformers 5 prefers it over the dict's.
+    #[serde(default)]
+    original_max_position_embeddings: Option<usize>,
     #[serde(default)]
     head_dim: Option<usize>,
 }
@@ -141,6 +179,119 @@ mod hf {
     }
 }
 
+/// The RoPE settings of either generation, reconciled the way transformers 5's
+/// `convert_rope_params_to_dict` / `standardize_rope_params` read them: the dict is
+/// `rope_scaling` (4.x) or `rope_parameters` (5.x); `rope_type` falls back to the legacy
+/// `type`, then `default`; `rope_theta` comes from the dict, else the top level, else 10000.
+/// Where transformers would silently prefer one of two differing spellings, this is an error.
+fn resolve_rope(r: &HfLlamaConfig) -> Result<(f64, Option<RopeScaling>), String> {
+    use serde_json::Value;
+    let present = |v: &Option<Value>| v.as_ref().filter(|v| !v.is_null()).cloned();
+    let (name, dict) = match (present(&r.rope_scaling), present(&r.rope_parameters)) {
+        (Some(s), Some(p)) if s != p => {
+            return Err(format!(
+                "rope_scaling {s} and rope_parameters {p} disagree (one of the two, please)"
+            ))
+        }
+        (Some(s), _) => ("rope_scaling", Some(s)),
+        (None, Some(p)) => ("rope_parameters", Some(p)),
+        (None, None) => ("rope_parameters", None),
+    };
+    let dict = match dict {
+        None => serde_json::Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(other) => return Err(format!("{name} must be an object, got {other}")),
+    };
+    if let Some((k, _)) = dict.iter().find(|(_, v)| v.is_object()) {
+        return Err(format!(
+            "{name}.{k}: RoPE parameters per layer type are not supported (LLaMA has one)"
+        ));
+    }
+    let num = |k: &str| -> Result<Option<f64>, String> {
+        match dict.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| format!("{name}.{k} must be a number, got {v}")),
+        }
+    };
+    let text = |k: &str| -> Result<Option<String>, String> {
+        match dict.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(format!("{name}.{k} must be a string, got {v}")),
+        }
+    };
+    let rope_type = match (text("rope_type")?, text("type")?) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!("{name}.rope_type {a:?} and {name}.type {b:?} disagree"))
+        }
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) => "default".to_string(),
+    };
+    let theta = match (num("rope_theta")?, r.rope_theta) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!("{name}.rope_theta {a} and rope_theta {b} disagree"))
+        }
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) => hf::rope_theta(),
+    };
+    let partial = num("partial_rotary_factor")?.or(r.partial_rotary_factor);
+    if let Some(p) = partial.filter(|&p| p != 1.0) {
+        return Err(format!(
+            "partial_rotary_factor {p} is not supported (LLaMA rotates the whole head)"
+        ));
+    }
+    let need = |k: &str| -> Result<f64, String> {
+        num(k)?.ok_or_else(|| format!("{name}.{k} is required for rope_type {rope_type:?}"))
+    };
+    let positive = |k: &str, v: f64| -> Result<f64, String> {
+        if v > 0.0 && v.is_finite() {
+            Ok(v)
+        } else {
+            Err(format!("{name}.{k} {v} must be positive"))
+        }
+    };
+    let scaling = match rope_type.as_str() {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear {
+            factor: positive("factor", need("factor")?)?,
+        }),
+        "llama3" => {
+            let low = positive("low_freq_factor", need("low_freq_factor")?)?;
+            let high = positive("high_freq_factor", need("high_freq_factor")?)?;
+            if high <= low {
+                return Err(format!(
+                    "{name}.high_freq_factor {high} must exceed low_freq_factor {low}"
+                ));
+            }
+            let original = match r.original_max_position_embeddings {
+                Some(o) => o as f64,
+                None => num("original_max_position_embeddings")?
+                    .unwrap_or(r.max_position_embeddings as f64),
+            };
+            if !(original >= 1.0 && original.fract() == 0.0) {
+                return Err(format!(
+                    "{name}.original_max_position_embeddings {original} must be a positive integer"
+                ));
+            }
+            Some(RopeScaling::Llama3 {
+                factor: positive("factor", need("factor")?)?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: original as usize,
+            })
+        }
+        other => {
+            return Err(format!(
+                "{name}.rope_type {other:?} is not supported (default, linear, llama3)"
+            ))
+        }
+    };
+    Ok((theta, scaling))
+}
+
 impl TryFrom<HfLlamaConfig> for LlamaConfig {
     type Error = String;
 
@@ -148,12 +299,13 @@ impl TryFrom<HfLlamaConfig> for LlamaConfig {
         if let Some(act) = r.hidden_act.as_deref().filter(|a| *a != "silu") {
             return Err(format!("hidden_act {act:?} is not supported (only silu)"));
         }
-        if r.attention_bias || r.mlp_bias {
-            return Err("attention_bias / mlp_bias are not supported".into());
+        if r.attention_bias {
+            return Err("attention_bias true is not supported".into());
         }
-        if let Some(s) = r.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            return Err(format!("rope_scaling {s} is not supported"));
+        if r.mlp_bias {
+            return Err("mlp_bias true is not supported".into());
         }
+        let (rope_theta, rope_scaling) = resolve_rope(&r)?;
         let cfg = LlamaConfig {
             vocab_size: r.vocab_size,
             hidden_size: r.hidden_size,
@@ -162,9 +314,10 @@ impl TryFrom<HfLlamaConfig> for LlamaConfig {
             num_attention_heads: r.num_attention_heads,
             num_key_value_heads: r.num_key_value_heads.unwrap_or(r.num_attention_heads),
             rms_norm_eps: r.rms_norm_eps,
-            rope_theta: r.rope_theta,
+            rope_theta,
             max_position_embeddings: r.max_position_embeddings,
             tie_word_embeddings: r.tie_word_embeddings,
+            rope_scaling,
         };
         cfg.check().map_err(|e| e.to_string())?;
         if let Some(hd) = r.head_dim.filter(|&hd| hd != cfg.head_dim()) {
@@ -192,6 +345,7 @@ impl Default for LlamaConfig {
             rope_theta: hf::rope_theta(),
             max_position_embeddings: hf::max_position_embeddings(),
             tie_word_embeddings: false,
+            rope_scaling: None,
         }
     }
 }
@@ -210,11 +364,17 @@ impl LlamaConfig {
             rope_theta: 10000.0,
             max_position_embeddings: 128,
             tie_word_embeddings: true,
+            rope_scaling: None,
         }
     }
 
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// The RoPE inverse frequencies this config computes ([`rope_inv_freq`]).
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        rope_inv_freq(self.head_dim(), self.rope_theta, self.rope_scaling.as_ref())
     }
 
     /// Read an HF `config.json` (see the type's docs for defaults and rejected settings).
@@ -239,6 +399,21 @@ impl LlamaConfig {
             Err(_) => g.get_str_array("tokenizer.ggml.tokens")?.len(),
         };
         let num_attention_heads = u("attention.head_count")?;
+        // llama.cpp's RoPE scaling (`rope.scaling.type`; llama3's as `rope_freqs.weight`
+        // factors) is not read: an error rather than plain RoPE.
+        let bad = |msg: String| LlamaError::Config {
+            path: g.path().display().to_string(),
+            msg,
+        };
+        let key = format!("{arch}.rope.scaling.type");
+        if let Ok(t) = g.get_str(&key).map(str::to_string) {
+            if t != "none" {
+                return Err(bad(format!("{key} {t:?} is not supported")));
+            }
+        }
+        if g.tensor_info("rope_freqs.weight").is_some() {
+            return Err(bad("rope_freqs.weight (RoPE frequency factors) is not supported".into()));
+        }
         let cfg = Self {
             vocab_size,
             hidden_size,
@@ -253,6 +428,7 @@ impl LlamaConfig {
                 .unwrap_or(10000.0),
             max_position_embeddings: u("context_length")?,
             tie_word_embeddings: g.tensor_info("output.weight").is_none(),
+            rope_scaling: None,
         };
         cfg.validate(&g.path().display().to_string())?;
         Ok(cfg)
@@ -323,6 +499,7 @@ impl LlamaConfig {
                     num_kv_heads: self.num_key_value_heads,
                     head_dim: hd,
                     rope_theta: self.rope_theta,
+                    rope_scaling: self.rope_scaling.clone(),
                 },
                 mlp: Mlp {
                     gate_proj: lin(self.hidden_size, self.intermediate_size),
@@ -423,6 +600,8 @@ pub struct Attention<B: Backend> {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub rope_theta: f64,
+    /// [`LlamaConfig::rope_scaling`] (the same in every layer).
+    pub rope_scaling: Option<RopeScaling>,
 }
 
 /// HF `rotate_half`: `[-x2, x1]` where `x1, x2` are the halves of the head dim.
@@ -433,19 +612,53 @@ fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     Tensor::cat(vec![x2.neg(), x1], 3)
 }
 
+/// RoPE inverse frequencies (`head_dim / 2` values) as transformers' `ROPE_INIT_FUNCTIONS`
+/// compute them (modeling_rope_utils.py): `theta^(-2i/d)`, then [`RopeScaling`]'s rescaling
+/// (linear: `/ factor`; llama3: by wavelength `2 pi / f` against `original / low_freq_factor`
+/// and `original / high_freq_factor`, smoothed in between). Computed in f64.
+pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| {
+            let f = theta.powf(-(2.0 * i as f64) / head_dim as f64);
+            match *scaling.unwrap_or(&RopeScaling::Linear { factor: 1.0 }) {
+                RopeScaling::Linear { factor } => f / factor,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor: lo,
+                    high_freq_factor: hi,
+                    original_max_position_embeddings: old,
+                } => {
+                    let old = old as f64;
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < old / hi {
+                        f
+                    } else if wavelen > old / lo {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
 /// RoPE cos/sin `[b, 1, s, head_dim]` for integer positions `[b, s]`, laid out as
 /// `concat(freqs, freqs)` and computed in f32 like HF's `LlamaRotaryEmbedding`
-/// (`inv_freq = theta^(-2i/d)`, angle = position * inv_freq).
+/// (angle = position * inv_freq, [`rope_inv_freq`]).
 fn rope_tables<B: Backend>(
     positions: Tensor<B, 2, Int>,
     head_dim: usize,
     theta: f64,
+    scaling: Option<&RopeScaling>,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let device = positions.device();
     let [b, s] = positions.dims();
     let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| theta.powf(-(2.0 * i as f64) / head_dim as f64) as f32)
+    let inv: Vec<f32> = rope_inv_freq(head_dim, theta, scaling)
+        .into_iter()
+        .map(|f| f as f32)
         .collect();
     let inv = Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), &device)
         .reshape([1, 1, half])
@@ -906,10 +1119,10 @@ impl<B: Backend> Llama<B> {
                 .reshape([1, s])
                 .expand([b, s]),
         };
-        let (head_dim, theta) = self.model.layers.first().map_or((2, 10000.0), |l| {
-            (l.self_attn.head_dim, l.self_attn.rope_theta)
+        let (head_dim, theta, scaling) = self.model.layers.first().map_or((2, 10000.0, None), |l| {
+            (l.self_attn.head_dim, l.self_attn.rope_theta, l.self_attn.rope_scaling.as_ref())
         });
-        let (cos, sin) = rope_tables(positions, head_dim, theta);
+        let (cos, sin) = rope_tables(positions, head_dim, theta, scaling);
 
         // Causal: query i (absolute cache index past + i) sees keys 0..=past + i.
         let causal: Vec<bool> = (0..s)
@@ -1178,6 +1391,7 @@ pub fn load_gguf<B: Backend>(
                     num_kv_heads: cfg.num_key_value_heads,
                     head_dim: hd,
                     rope_theta: cfg.rope_theta,
+                    rope_scaling: cfg.rope_scaling.clone(),
                 },
                 mlp: Mlp {
                     gate_proj: g,

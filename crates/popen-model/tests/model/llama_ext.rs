@@ -160,7 +160,7 @@ fn config_json_defaults_and_rejections() {
     let back: LlamaConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
     assert_eq!(back, cfg);
     for bad in [
-        r#"{"rope_scaling": {"type": "linear", "factor": 2.0}}"#,
+        r#"{"rope_scaling": {"type": "yarn", "factor": 2.0}}"#,
         r#"{"hidden_act": "gelu"}"#,
         r#"{"attention_bias": true}"#,
         r#"{"hidden_size": 30, "num_attention_heads": 4}"#,

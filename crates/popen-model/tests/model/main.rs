@@ -2,6 +2,7 @@
 
 mod common;
 mod clip;
+mod config_generations;
 mod gguf;
 mod llama;
 mod llama_ext;

@@ -87,17 +87,27 @@ fn prompt(image_index: usize) -> Vec<Part<B>> {
 /// `<image>` splice -> LLaMA reproduces its logits.
 #[test]
 fn llava_hf_fixture() {
+    let exp: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("llava").join("expected.json")).unwrap(),
+    )
+    .unwrap();
+    let llm: LlamaConfig = serde_json::from_value(exp["text_config"].clone()).unwrap();
+    let vision: ClipVisionConfig = serde_json::from_value(exp["vision_config"].clone()).unwrap();
+    check_llava_fixture(llm, vision, -2);
+}
+
+/// The LLaVA fixture's weights (tests/fixtures/llava) run with `llm` / `vision` / the feature
+/// layer read from some config reproduce transformers' logits.
+pub(crate) fn check_llava_fixture(llm: LlamaConfig, vision: ClipVisionConfig, feature_layer: isize) {
     let dir = fixture("llava");
     let exp: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let llm: LlamaConfig = serde_json::from_value(exp["text_config"].clone()).unwrap();
-    let vision: ClipVisionConfig = serde_json::from_value(exp["vision_config"].clone()).unwrap();
     let cfg = PixelLmConfig {
         name: "llava-fixture".into(),
         mm_projector_hidden: llm.hidden_size,
         llm,
         image_size: vision.image_size,
-        vision_select_layers: vec![-2, -3],
+        vision_select_layers: vec![feature_layer, -3],
         llm_image_grid: vision.image_size / vision.patch_size,
         seg_token_num: 1,
         out_dim: 16,
