@@ -207,7 +207,7 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
     }
     let lexicon = popen_core::lexicon::Lexicon::load(&a.lexicon).with_context(|| format!("loading the lexicon '{}'", a.lexicon))?;
     let corrector: Box<dyn popen_prefs::corrector::Corrector + Sync> = match a.corrector.as_str() {
-        "offline" => Box::new(OfflineCorrector::new(lexicon.clone())),
+        "offline" => Box::new(OfflineCorrector::new(lexicon.clone()).with_object_list(cfg.object_list)),
         "openai" => {
             let oc: popen_prefs::openai::OpenAiConfig = read_toml(a.openai_config.as_deref())?;
             Box::new(popen_prefs::openai::OpenAiCorrector::new(&oc)?)

@@ -8,6 +8,12 @@ The second form reads `SUB/report.json` under each eval folder for each row (def
 "SFT tiny model=model", "largest instance=baseline-largest", "nothing=baseline-nothing";
 the POPEN demo adds its stages) and prints mean +- standard deviation (sample std, n-1)
 over the seeds; a row missing from some seed folders is averaged over the others.
+
+Localization error: "loc. error p" is the paper's rate (share of all ground-truth objects,
+SPEC 10.20, report key `localization_error_rate`); "loc. error (matched)" is the share of
+matched pairs (`localization_error_rate_matched`), the only rate of reports written before
+issue 24, which stored it under `localization_error_rate`; for those, p is recomputed from
+the report's counts (localization_errors / target_objects).
 """
 import json
 import statistics
@@ -21,12 +27,22 @@ COLS = [
     ("chair_i", "C_I", 100),
     ("boundary_iou", "Boundary IoU", 100),
     ("localization_error_rate", "loc. error p", 100),
+    ("localization_error_rate_matched", "loc. error (matched)", 100),
 ]
 
 
 def metrics(path):
+    """The report's metrics; a report from before issue 24 (no
+    `localization_error_rate_matched`) gets both localization rates under their new names."""
     with open(path) as f:
-        return json.load(f)["metrics"]
+        r = json.load(f)
+    m = dict(r["metrics"])
+    if "localization_error_rate_matched" not in m:
+        c = r.get("counts", {})
+        m["localization_error_rate_matched"] = m.get("localization_error_rate")
+        t = c.get("target_objects", 0)
+        m["localization_error_rate"] = c["localization_errors"] / t if t and "localization_errors" in c else None
+    return m
 
 
 def fmt(v, scale):

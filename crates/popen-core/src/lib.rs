@@ -3,6 +3,7 @@
 //! - [`shard`]: the Parquet shard schemas (samples, predictions; preference records arrive
 //!   with their stages), atomic writes, readers that name file, row and column.
 //! - [`manifest`]: the small JSON manifest every stage writes beside its shards.
+//! - [`assign`]: the linear sum assignment (Hungarian) solver with SciPy's tie-breaking.
 //! - [`mask`]: binary masks, COCO RLE (bit-compatible with pycocotools), polygon
 //!   rasterization, IoU and Boundary IoU.
 //! - [`imageio`]: image bytes in and out, with errors that name the record.
@@ -13,6 +14,7 @@
 //! - [`cluster`]: the Slurm submission plan (`popen cluster submit`); merging a job array's
 //!   shards is [`shard::merge`].
 
+pub mod assign;
 pub mod chat;
 pub mod cluster;
 pub mod error;

@@ -1,9 +1,12 @@
 //! Boundary quality and target localization error of matched predictions (SPEC 8).
 //!
-//! Target localization error rate `p`: the share of predicted object masks matched to a
-//! ground truth whose IoU with it is low (`IoU_g < 0.75`) while they overlap another object
-//! (`IoU_o > 0.25`), `IoU_o` being the largest IoU with the masks of the image's other
-//! objects. The other objects are, by default, the sample's annotated instances except the
+//! Target localization error (paper, supplementary "target localization precision"; SPEC 8):
+//! a predicted object mask matched to a ground truth is an error when its IoU with it is low
+//! (`IoU_g < 0.75`) while it overlaps another object (`IoU_o > 0.25`), `IoU_o` being the
+//! largest IoU with the masks of the image's other objects. The rate `p` is "the proportion of
+//! such wrongly-located objects among all objects" of the split (SPEC 10.20): the report's
+//! `localization_error_rate` divides by every ground-truth target, an unmatched one included;
+//! `localization_error_rate_matched` (the definition before issue 24) by the matched pairs. The other objects are, by default, the sample's annotated instances except the
 //! matched target's own (`target_instances`); when class-agnostic proposals (SAM automatic
 //! masks) are given, they are the proposals that do not correspond to the target, i.e. whose
 //! IoU with the target mask is below 0.5 (SPEC 10.3). No other object gives `IoU_o = 0`.

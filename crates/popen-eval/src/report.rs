@@ -115,8 +115,17 @@ pub struct Metrics {
     pub chair_i: f64,
     /// Mean Boundary IoU over matched pairs.
     pub boundary_iou: Option<f64>,
-    /// Share of matched predictions that are localization errors.
+    /// Target localization error rate `p` as the paper defines it (SPEC 8, 10.20): the share
+    /// of *all* ground-truth target objects of the split whose matched prediction is a
+    /// localization error; an unmatched target counts in the denominator (it cannot be an
+    /// error). None without targets. Reports written before issue 24 held the share of matched
+    /// pairs under this name (now [`Metrics::localization_error_rate_matched`]).
     pub localization_error_rate: Option<f64>,
+    /// The share of *matched pairs* that are localization errors (this project's definition
+    /// before issue 24; `>= localization_error_rate`). None without matched pairs; absent
+    /// (None) in reports written before it existed.
+    #[serde(default)]
+    pub localization_error_rate_matched: Option<f64>,
     /// Mean judge scores over the judged samples.
     pub judge_accuracy: Option<f64>,
     pub judge_detail: Option<f64>,
@@ -350,7 +359,8 @@ pub fn aggregate(cfg: &EvalConfig, lexicon: &Lexicon, samples: Vec<SampleScores>
         chair_s: c.chair.c_s(),
         chair_i: c.chair.c_i(),
         boundary_iou: mean(all_matched().map(|m| m.boundary_iou)),
-        localization_error_rate: (c.matched_pairs > 0).then(|| c.localization_errors as f64 / c.matched_pairs as f64),
+        localization_error_rate: (c.target_objects > 0).then(|| c.localization_errors as f64 / c.target_objects as f64),
+        localization_error_rate_matched: (c.matched_pairs > 0).then(|| c.localization_errors as f64 / c.matched_pairs as f64),
         judge_accuracy: mean(samples.iter().filter_map(|s| s.judge.as_ref().map(|j| j.accuracy))),
         judge_detail: mean(samples.iter().filter_map(|s| s.judge.as_ref().map(|j| j.detail))),
     };
@@ -393,7 +403,8 @@ impl Report {
             ("CHAIR C_S % (lower is better)", pct(Some(m.chair_s))),
             ("CHAIR C_I % (lower is better)", pct(Some(m.chair_i))),
             ("Boundary IoU, matched pairs %", pct(m.boundary_iou)),
-            ("localization error rate p % (lower is better)", pct(m.localization_error_rate)),
+            ("localization error rate p, of all targets (paper) % (lower is better)", pct(m.localization_error_rate)),
+            ("localization error rate, of matched pairs % (lower is better)", pct(m.localization_error_rate_matched)),
             ("judge accuracy (1-10)", m.judge_accuracy.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into())),
             ("judge detailedness (1-10)", m.judge_detail.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into())),
         ];

@@ -50,6 +50,11 @@ pub struct CollectPtConfig {
     /// splits them (0 = all; the CPU demo's budget).
     #[serde(default)]
     pub max_samples: usize,
+    /// The objects a corrected answer may mention (SPEC 3.2, 10.19), for the offline
+    /// corrector: `answer` (the ground-truth answer's objects, the paper's) or `image` (every
+    /// annotated object). The OpenAI corrector's prompt lists the answer's targets.
+    #[serde(default)]
+    pub object_list: crate::corrector::ObjectList,
 }
 
 fn default_concurrency() -> usize {
@@ -68,6 +73,7 @@ impl Default for CollectPtConfig {
             part_records: crate::default_part_records(),
             concurrency: default_concurrency(),
             max_samples: 0,
+            object_list: Default::default(),
         }
     }
 }

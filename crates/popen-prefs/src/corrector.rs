@@ -7,10 +7,17 @@
 //! - **in place** when `y` has one `<seg>` per target: the mention right before the k-th
 //!   `<seg>` becomes target k's class name if it names another class, and a colour word
 //!   right before that mention becomes target k's colour if it differs; a mention without
-//!   `<seg>` must name a class of the image;
+//!   `<seg>` must name a class of the object list ([`ObjectList`]);
 //! - **rewrite** (`y_c = y_g`, the ground-truth answer) when the structure cannot be fixed in
 //!   place: another number of `<seg>`, a `<seg>` with no mention before it, or a mention of
-//!   an object absent from the image.
+//!   an object outside the object list.
+//!
+//! The object list follows the paper (SPEC 3.2 and 10.19; Appendix B: "the corrected answer
+//! should include only the objects in the object list", "the names of all objects in the
+//! ground-truth response"): by default the classes the ground-truth answer mentions (its
+//! targets and any other object it names), so an answer that also talks about another object
+//! of the image is corrected. [`ObjectList::Image`] (every annotated object of the image, the
+//! behaviour before issue 24) is the option.
 //!
 //! "No error" is `y_c == y`. Error injection (the paper's second prompt: one or two objects,
 //! no synonyms) swaps the class or the colour of one or two target mentions of `y_g`,
@@ -67,6 +74,35 @@ impl Truth {
     }
 }
 
+/// The objects a corrected answer may mention (SPEC 3.2, 10.19).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ObjectList {
+    /// The objects of the ground-truth answer: its targets' classes and every other class its
+    /// text mentions (the paper's prompt, Appendix B).
+    #[default]
+    Answer,
+    /// Every annotated object of the image (`Truth::instance_classes`); not the paper's.
+    Image,
+}
+
+impl Truth {
+    /// The classes of `list` (SPEC 10.19): [`ObjectList::Answer`] = the targets' classes and
+    /// the classes `lexicon` finds in the ground-truth answer; [`ObjectList::Image`] =
+    /// `instance_classes`.
+    pub fn object_list(&self, list: ObjectList, lexicon: &Lexicon) -> BTreeSet<String> {
+        match list {
+            ObjectList::Image => self.instance_classes.clone(),
+            ObjectList::Answer => self
+                .targets
+                .iter()
+                .map(|t| t.class.clone())
+                .chain(lexicon.mention_spans(&self.answer).into_iter().map(|(m, _)| m.class))
+                .collect(),
+        }
+    }
+}
+
 /// How `y_c` was made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -108,6 +144,7 @@ pub trait Corrector {
 /// The deterministic corrector of the embedded benchmark (module documentation).
 pub struct OfflineCorrector {
     lexicon: Lexicon,
+    object_list: ObjectList,
 }
 
 /// A target mention of an answer: the k-th `<seg>`'s object words and its colour word.
@@ -118,8 +155,15 @@ struct Attached {
 }
 
 impl OfflineCorrector {
+    /// With the paper's object list ([`ObjectList::Answer`]).
     pub fn new(lexicon: Lexicon) -> Self {
-        OfflineCorrector { lexicon }
+        OfflineCorrector { lexicon, object_list: ObjectList::default() }
+    }
+
+    /// Which objects an answer may mention (`CollectPtConfig::object_list`).
+    pub fn with_object_list(mut self, list: ObjectList) -> Self {
+        self.object_list = list;
+        self
     }
 
     /// Splits an answer into the mention attached to each `<seg>` and the free mentions.
@@ -169,7 +213,7 @@ fn apply_edits(y: &str, mut edits: Vec<(Range<usize>, String)>) -> String {
 
 impl Corrector for OfflineCorrector {
     fn settings(&self) -> serde_json::Value {
-        serde_json::json!({"kind": "offline", "lexicon_sha256": self.lexicon.fingerprint()})
+        serde_json::json!({"kind": "offline", "lexicon_sha256": self.lexicon.fingerprint(), "object_list": self.object_list})
     }
 
     fn correct(&self, y: &str, truth: &Truth) -> Result<Correction> {
@@ -185,8 +229,13 @@ impl Corrector for OfflineCorrector {
         if attached.len() != truth.targets.len() {
             return Ok(rewrite(format!("{} <seg> for {} targets", attached.len(), truth.targets.len())));
         }
-        if let Some(c) = free.iter().find(|c| !truth.instance_classes.contains(*c)) {
-            return Ok(rewrite(format!("mentions '{c}', which is not in the image")));
+        let allowed = truth.object_list(self.object_list, &self.lexicon);
+        if let Some(c) = free.iter().find(|c| !allowed.contains(*c)) {
+            let outside = match self.object_list {
+                ObjectList::Answer => "the ground-truth answer's objects",
+                ObjectList::Image => "the image",
+            };
+            return Ok(rewrite(format!("mentions '{c}', which is not in {outside}")));
         }
         let mut edits = Vec::new();
         let mut notes = Vec::new();

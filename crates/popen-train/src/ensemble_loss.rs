@@ -13,7 +13,11 @@
 //! L_ti = -mean_batch (1/K) sum_k log sigma( s * p(y~) * (cos(h~, h_g) - cos(h_k, h_g)) ),  p(y~) = exp(mean log p)
 //! L_si = -mean_batch (1/(K N)) sum_k sum_n log sigma( s * (softIoU(M~^n, M_g^n) - IoU(M_k^n, M_g^n)) )
 //! ```
-//! with `s = 10` (the paper's constant, [`SCALE`]).
+//! with `s = 10` (the paper's constant, [`SCALE`]). `M~^n` and `M_k^n` are the refined and the
+//! k-th response's masks paired with target n: by default by Hungarian matching on mask IoU,
+//! as the evaluator pairs predictions with targets (SPEC 10.17, [`Pairing`], [`si_sample`]),
+//! so an answer naming the right objects in another order is not scored as wrong; the n-th
+//! `<seg>` with the n-th target is the option [`Pairing::Positional`].
 //!
 //! The gamma of Eq. 5 enters the model through `popen_model::pixellm::Part::with_gamma` (a
 //! per-key bias, SPEC 10.6); the biased attention itself is `popen_model::llama`'s and is
@@ -21,6 +25,8 @@
 
 use burn::prelude::*;
 use burn::tensor::activation;
+use popen_core::mask::Mask;
+use serde::{Deserialize, Serialize};
 
 use crate::{Result, TrainError};
 
@@ -298,4 +304,112 @@ pub fn si_loss<B: Backend>(samples: Vec<SiSample<B>>, scale: f64) -> Result<Tens
         });
     }
     Ok(total.expect("at least one sample").div_scalar(count as f64))
+}
+
+/// How L_si pairs the `<seg>` groups of `y_tilde` and of each `y_k` with the ground-truth
+/// targets (SPEC 10.17; the paper's L_si writes `M~^n`, `M_k^n`, `M_g^n` without saying how
+/// an answer's n-th object meets the n-th target).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pairing {
+    /// Hungarian matching on mask IoU ([`pair_with_targets`]), each answer on its own: the
+    /// way the evaluator pairs predicted with ground-truth masks.
+    #[default]
+    Hungarian,
+    /// The n-th `<seg>` group with the n-th target (the behaviour before issue 24).
+    Positional,
+}
+
+/// For each of the `gts` targets, the index of the mask of `preds` paired with it (None: no
+/// mask left for it). [`Pairing::Hungarian`]: the assignment maximizing the total IoU
+/// (cost `1 - IoU`, `popen_core::mask::iou`, two empty masks = 1) solved by
+/// `popen_core::assign::linear_sum_assignment` (SciPy's algorithm and tie-breaking: with all
+/// IoUs equal, e.g. all 0, it keeps the positional pairs); `min(P, G)` targets are paired.
+/// [`Pairing::Positional`]: target n gets mask n when there is one.
+pub fn pair_with_targets(preds: &[Mask], gts: &[Mask], pairing: Pairing) -> Result<Vec<Option<usize>>> {
+    match pairing {
+        Pairing::Positional => Ok((0..gts.len()).map(|n| (n < preds.len()).then_some(n)).collect()),
+        Pairing::Hungarian => {
+            let mut cost = Vec::with_capacity(preds.len() * gts.len());
+            for (p, pm) in preds.iter().enumerate() {
+                for (g, gm) in gts.iter().enumerate() {
+                    let iou = popen_core::mask::iou(pm, gm).map_err(|e| TrainError::Data(format!("mask {p} vs target {g}: {e}")))?;
+                    cost.push(1.0 - iou);
+                }
+            }
+            let pairs = popen_core::assign::linear_sum_assignment(&cost, preds.len(), gts.len()).map_err(|e| TrainError::Data(e.to_string()))?;
+            let mut out = vec![None; gts.len()];
+            for (p, g) in pairs {
+                out[g] = Some(p);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// One sample's L_si terms ([`SiSample`]) from all its masks, paired by `pairing`:
+/// `refined_logits` = the decoder's logits [H, W] of every `<seg>` group of `y_tilde`
+/// (differentiable); `candidates[k]` = the K responses' 0/1 masks, one per group; `gts` the
+/// ground-truth targets. The refined groups are paired with the targets on their hard masks
+/// (logit > 0, i.e. probability > 0.5, what inference outputs); the terms run over the paired
+/// targets (`min(#groups, #targets)` of them, in target order). Each response is paired with
+/// the targets on its own; a target it leaves unpaired has an empty `M_k^n`. None when
+/// `y_tilde` has no group or the sample no target (no L_si term).
+pub fn si_sample<B: Backend>(
+    refined_logits: Vec<Tensor<B, 2>>,
+    candidates: &[&[Mask]],
+    gts: &[Mask],
+    pairing: Pairing,
+) -> Result<Option<SiSample<B>>> {
+    if refined_logits.is_empty() || gts.is_empty() {
+        return Ok(None);
+    }
+    let [h, w] = refined_logits[0].dims();
+    let sized = |m: &Mask| (m.height() as usize, m.width() as usize) == (h, w);
+    if let Some(m) = gts.iter().chain(candidates.iter().flat_map(|c| c.iter())).find(|m| !sized(m)) {
+        return data_err(format!("si_sample: a {}x{} mask for {h}x{w} logits", m.height(), m.width()));
+    }
+    if refined_logits.iter().any(|l| l.dims() != [h, w]) {
+        return data_err("si_sample: refined logits of different sizes".into());
+    }
+    let device = refined_logits[0].device();
+    let (targets, groups): (Vec<usize>, Vec<usize>) = match pairing {
+        Pairing::Positional => (0..refined_logits.len().min(gts.len())).map(|n| (n, n)).unzip(),
+        Pairing::Hungarian => {
+            let hard: Vec<Mask> = refined_logits
+                .iter()
+                .map(|l| {
+                    let v = l.clone().detach().into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+                    Mask::from_row_major(h as u32, w as u32, v.iter().map(|&x| (x > 0.0) as u8).collect())
+                        .map_err(|e| TrainError::Data(e.to_string()))
+                })
+                .collect::<Result<_>>()?;
+            pair_with_targets(&hard, gts, pairing)?.into_iter().enumerate().filter_map(|(t, g)| g.map(|g| (t, g))).unzip()
+        }
+    };
+    let n = targets.len();
+    let px = h * w;
+    let mut gt = Vec::with_capacity(n * px);
+    for &t in &targets {
+        gt.extend(gts[t].data().iter().map(|&b| b as f32));
+    }
+    let k = candidates.len();
+    let mut cm = vec![0f32; k * n * px];
+    for (kk, masks) in candidates.iter().enumerate() {
+        let paired = pair_with_targets(masks, gts, pairing)?;
+        for (nn, &t) in targets.iter().enumerate() {
+            if let Some(i) = paired[t] {
+                let o = (kk * n + nn) * px;
+                for (j, &b) in masks[i].data().iter().enumerate() {
+                    cm[o + j] = b as f32;
+                }
+            }
+        }
+    }
+    let picked: Vec<Tensor<B, 2>> = groups.iter().map(|&g| refined_logits[g].clone()).collect();
+    Ok(Some(SiSample {
+        refined_logits: Tensor::stack::<3>(picked, 0),
+        gt: Tensor::<B, 3>::from_data(TensorData::new(gt, [n, h, w]), &device),
+        candidates: Tensor::<B, 4>::from_data(TensorData::new(cm, [k, n, h, w]), &device),
+    }))
 }

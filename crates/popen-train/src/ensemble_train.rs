@@ -7,10 +7,13 @@
 //! 2. L_ti: teacher-force `y_tilde` after the text-pass prefix (gamma on) -> `p(y_tilde)` =
 //!    exp(mean log p) (the only gradient path, through `p_hat`); gains from MiniLM features of
 //!    `y_tilde`, each `y_k` and the ground-truth answer (all in shard format, `<seg>` markers);
-//! 3. L_si: the seg pass teacher-forced; `f_tilde` at y_tilde's n-th group -> mask logits at the
-//!    image size; soft IoU of sigmoid(logits) vs `M_g^n`, hard IoU of `M_k^n` (an answer with
-//!    fewer than n groups has an empty `M_k^n`); n runs over min(#groups of y_tilde, #targets);
-//!    a sample whose y_tilde has no group adds no L_si term.
+//! 3. L_si: the seg pass teacher-forced; `f_tilde` at each group of y_tilde -> mask logits at
+//!    the image size; y_tilde's groups and each y_k's masks are paired with the targets by
+//!    `si_pairing` (default: Hungarian matching on mask IoU, as the evaluator; SPEC 10.17;
+//!    [`ensemble_loss::si_sample`]); soft IoU of sigmoid(logits) vs `M_g^n`, hard IoU of
+//!    `M_k^n` (a target y_k leaves unpaired has an empty `M_k^n`); n runs over the
+//!    min(#groups of y_tilde, #targets) paired targets; a sample whose y_tilde has no group
+//!    adds no L_si term.
 //!
 //! `seg_feedback` (the Linear feeding `f_k^n` back, Eq. 6) stays frozen by default: SPEC 6 says
 //! only `p_hat` trains; `train_seg_feedback = true` unfreezes it (a fresh random projection in
@@ -37,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Decay;
 use crate::ensemble::{self, Candidate, EnsembleSettings, Scores};
-use crate::ensemble_loss::{self, SiSample};
+use crate::ensemble_loss;
 use crate::metrics::{plot_losses, MetricsLog, MetricsRow};
 use crate::sft::SftModel;
 use crate::{io_err, params, schedule, Result, TrainError};
@@ -71,6 +74,10 @@ pub struct EnsembleConfig {
     pub si_weight: f32,
     /// Also train the seg-feedback projection (SPEC: only p_hat; default false).
     pub train_seg_feedback: bool,
+    /// How L_si pairs the `<seg>` groups of y_tilde and y_k with the targets (SPEC 10.17):
+    /// `hungarian` (mask IoU, as the evaluator; default) or `positional` (n-th with n-th).
+    #[serde(default)]
+    pub si_pairing: ensemble_loss::Pairing,
     /// The all-MiniLM-L6-v2 folder (model.safetensors + tokenizer.json; `make assets`).
     pub minilm: PathBuf,
     pub checkpoint_every: usize,
@@ -100,6 +107,7 @@ impl Default for EnsembleConfig {
             ti_weight: 1.0,
             si_weight: 1.0,
             train_seg_feedback: false,
+            si_pairing: ensemble_loss::Pairing::Hungarian,
             minilm: PathBuf::from("data/assets/minilm"),
             checkpoint_every: 200,
             keep_checkpoints: 2,
@@ -320,14 +328,14 @@ fn batch_loss<B: AutodiffBackend>(
     let mut per = Vec::new();
     for (r, smp) in batch.iter().enumerate() {
         let scan = tokenizer::seg_groups(&refined[r].0, tokens);
-        let n = scan.groups.len().min(smp.target_masks.len());
+        // Every group: the pairing with the targets needs all of y_tilde's masks.
+        let n = if smp.target_masks.is_empty() { 0 } else { scan.groups.len() };
         let st = asm.piece_starts[r][last[r]];
         for g in scan.groups.into_iter().take(n) {
             objects.push((r, g.iter().map(|q| q + st).collect::<Vec<_>>()));
         }
         per.push(n);
     }
-    let device = hidden.device();
     let (mut si_samples, mut iou_r, mut iou_c) = (Vec::new(), Vec::new(), Vec::new());
     if !objects.is_empty() {
         let f = m.seg_embeddings(hidden, &objects).map_err(e)?;
@@ -341,30 +349,21 @@ fn batch_loss<B: AutodiffBackend>(
                 continue;
             }
             let [hh, ww] = lg[0].dims();
-            let mut gt = Vec::with_capacity(n * hh * ww);
-            for rle in &smp.target_masks[..n] {
+            let mut gts = Vec::with_capacity(smp.target_masks.len());
+            for rle in &smp.target_masks {
                 let mk = rle.decode().map_err(|e| format!("'{}': {e}", smp.id))?;
                 if (mk.height() as usize, mk.width() as usize) != (hh, ww) {
                     return Err(format!("'{}': target mask {}x{} vs image {hh}x{ww}", smp.id, mk.height(), mk.width()));
                 }
-                gt.extend(mk.data().iter().map(|&b| b as f32));
+                gts.push(mk);
             }
-            let k = cands[r].len();
-            let mut cm = vec![0f32; k * n * hh * ww];
-            for (kk, c) in cands[r].iter().enumerate() {
-                for (nn, mk) in c.masks.iter().take(n).enumerate() {
-                    let o = (kk * n + nn) * hh * ww;
-                    for (j, &b) in mk.data().iter().enumerate() {
-                        cm[o + j] = b as f32;
-                    }
-                }
-            }
-            let refined_logits = Tensor::stack::<3>(lg, 0);
-            let gt = Tensor::<B, 3>::from_data(TensorData::new(gt, [n, hh, ww]), &device);
-            let candidates = Tensor::<B, 4>::from_data(TensorData::new(cm, [k, n, hh, ww]), &device);
-            iou_r.extend(to_host(ensemble_loss::soft_iou(burn::tensor::activation::sigmoid(refined_logits.clone().detach()), gt.clone())));
-            iou_c.extend(ensemble_loss::hard_iou(candidates.clone(), gt.clone()).concat());
-            si_samples.push(SiSample { refined_logits, gt, candidates });
+            let cand_masks: Vec<&[popen_core::mask::Mask]> = cands[r].iter().map(|c| c.masks.as_slice()).collect();
+            let Some(si) = ensemble_loss::si_sample(lg, &cand_masks, &gts, cfg.si_pairing).map_err(|e| format!("'{}': {e}", smp.id))? else {
+                continue;
+            };
+            iou_r.extend(to_host(ensemble_loss::soft_iou(burn::tensor::activation::sigmoid(si.refined_logits.clone().detach()), si.gt.clone())));
+            iou_c.extend(ensemble_loss::hard_iou(si.candidates.clone(), si.gt.clone()).concat());
+            si_samples.push(si);
         }
     }
     let si_n = si_samples.len();

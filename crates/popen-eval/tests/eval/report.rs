@@ -54,6 +54,41 @@ fn localization_error_and_boundary_iou() {
     assert!(!r.matched[0].localization_error);
 }
 
+/// Issue 24 item 6: the rate `p` divides by all ground-truth objects (paper, supplementary:
+/// "among all objects"; SPEC 10.20), the matched-pair share is reported beside it.
+/// Hand-computed: sample "miss" has 2 targets (A, and C = the bottom half) and one prediction
+/// covering 10 px of A and all of the non-target B: matched to A (C has no overlap), a
+/// localization error (IoU_g 0.2, IoU_o 25/35 with B); C stays unmatched. Sample "ok" has 1
+/// target, predicted exactly. Errors 1, targets 3, matched pairs 2: p = 1/3, of matched = 1/2. (Before issue 24
+/// `localization_error_rate` was 1/2.)
+#[test]
+fn localization_error_rate_divides_by_all_targets() {
+    let (a, b) = two_objects();
+    let wrong = rect(10, 10, 0, 5, 3, 10);
+    let c = rect(10, 10, 5, 10, 0, 10);
+    let samples = vec![
+        sample("miss", 10, 10, &[("apple", a.clone(), 0), ("cup", c.clone(), 2)], &[("apple", a.clone()), ("box", b.clone()), ("cup", c.clone())]),
+        sample("ok", 10, 10, &[("apple", a.clone(), 0)], &[("apple", a.clone()), ("box", b.clone())]),
+    ];
+    let preds = vec![
+        prediction("miss", 10, 10, "the apple <seg>", vec![wrong]),
+        prediction("ok", 10, 10, "the apple <seg>", vec![a.clone()]),
+    ];
+    let lexicon = lex();
+    let r = evaluate(&EvalConfig::default(), EvalInputs { samples: &samples, predictions: &preds, lexicon: &lexicon, proposals: None, judge: None }).unwrap();
+    assert_eq!((r.counts.localization_errors, r.counts.target_objects, r.counts.matched_pairs), (1, 3, 2));
+    assert_eq!(r.metrics.localization_error_rate, Some(1.0 / 3.0));
+    assert_eq!(r.metrics.localization_error_rate_matched, Some(0.5));
+    let md = r.markdown();
+    assert!(md.contains("| localization error rate p, of all targets (paper) % (lower is better) | 33.33 |"), "{md}");
+    assert!(md.contains("| localization error rate, of matched pairs % (lower is better) | 50.00 |"), "{md}");
+    // A report written before the matched-pair field existed still reads (the field is None).
+    let mut v = serde_json::to_value(&r).unwrap();
+    v["metrics"].as_object_mut().unwrap().remove("localization_error_rate_matched");
+    let old: Report = serde_json::from_value(v).unwrap();
+    assert_eq!(old.metrics.localization_error_rate_matched, None);
+}
+
 #[test]
 fn baselines() {
     let (a, b) = two_objects();

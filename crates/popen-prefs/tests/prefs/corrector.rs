@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use popen_core::lexicon::Lexicon;
 use popen_data::synth::{generate_sample, lexicon, SynthConfig};
-use popen_prefs::corrector::{Corrector, Method, OfflineCorrector, TargetTruth, Truth};
+use popen_prefs::corrector::{Corrector, Method, ObjectList, OfflineCorrector, TargetTruth, Truth};
 
 fn lex() -> Lexicon {
     Lexicon::from_benchmark_json(&serde_json::to_string(&lexicon()).unwrap()).unwrap()
@@ -41,9 +41,9 @@ fn hand_built_cases() {
     let r = c.correct("I see it <seg>.", &t).unwrap();
     assert_eq!(r.method, Method::Rewrite);
     assert!(r.notes[0].contains("no object mention"), "{:?}", r.notes);
-    // A free mention of an object that is in the image is fine.
-    let r = c.correct("The banana <seg> is next to the key.", &t).unwrap();
-    assert_eq!(r.method, Method::Unchanged);
+    // A free mention of an object that is in the image but not in the ground-truth answer:
+    // see `object_list_is_the_ground_truth_answers` (this case expected Unchanged before
+    // issue 24, which is now the `ObjectList::Image` option).
     // Two targets, the second wrong.
     let t2 = truth(
         "the red ball <seg> and the blue cup <seg>",
@@ -56,7 +56,12 @@ fn hand_built_cases() {
 
 #[test]
 fn benchmark_answers_are_correct_and_injected_errors_are_fixed() {
-    let c = OfflineCorrector::new(lex());
+    for list in [ObjectList::Answer, ObjectList::Image] {
+        benchmark_properties(OfflineCorrector::new(lex()).with_object_list(list));
+    }
+}
+
+fn benchmark_properties(c: OfflineCorrector) {
     let l = lex();
     let cfg = SynthConfig::default();
     let (mut in_place, mut n) = (0, 0);
@@ -80,4 +85,44 @@ fn benchmark_answers_are_correct_and_injected_errors_are_fixed() {
         n += 1;
     }
     assert!(in_place * 2 > n, "most injected errors are fixed in place ({in_place} of {n})");
+}
+
+/// Issue 24 item 4 (SPEC 3.2, 10.19; paper Appendix B: "the corrected answer should include
+/// only the objects in the object list", the names of the objects of the ground-truth
+/// answer). Hand-built cases: the image holds a banana (the target), a key and a cup; the
+/// ground-truth answer names the banana and the cup.
+#[test]
+fn object_list_is_the_ground_truth_answers() {
+    let l = lex();
+    let t = truth("The yellow banana <seg> is next to the cup.", &[("banana", Some("yellow"))], &["banana", "key", "cup"]);
+    let want: BTreeSet<String> = ["banana", "cup"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(t.object_list(ObjectList::Answer, &l), want);
+    assert_eq!(t.object_list(ObjectList::Image, &l), t.instance_classes);
+    let paper = OfflineCorrector::new(l.clone());
+    let image = OfflineCorrector::new(l.clone()).with_object_list(ObjectList::Image);
+    // The key is in the image but not in the answer: an error by default (rewrite to y_g);
+    // the image-wide list (the behaviour before issue 24) accepts it.
+    let y = "The banana <seg> is next to the key.";
+    let r = paper.correct(y, &t).unwrap();
+    assert_eq!((r.method, r.text.as_str()), (Method::Rewrite, t.answer.as_str()), "{r:?}");
+    assert!(r.notes[0].contains("'key'") && r.notes[0].contains("ground-truth answer"), "{:?}", r.notes);
+    assert_eq!(image.correct(y, &t).unwrap().method, Method::Unchanged);
+    // A non-target object that the ground-truth answer itself names is fine under both.
+    for c in [&paper, &image] {
+        assert_eq!(c.correct("Here is the banana <seg>, near a mug.", &t).unwrap().method, Method::Unchanged);
+    }
+    // Absent from the image: an error under both.
+    for c in [&paper, &image] {
+        assert_eq!(c.correct("The banana <seg> is next to the hammer.", &t).unwrap().method, Method::Rewrite);
+    }
+    // The list is part of the corrector's settings (a changed list recomputes collect-pt).
+    assert_ne!(paper.settings(), image.settings());
+    // CollectPtConfig: the paper's list unless the TOML says otherwise.
+    use popen_prefs::collect_pt::CollectPtConfig;
+    assert_eq!(CollectPtConfig::default().object_list, ObjectList::Answer);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tiny: CollectPtConfig = toml::from_str(&std::fs::read_to_string(root.join("pipelines/collect-pt-tiny.toml")).unwrap()).unwrap();
+    assert_eq!(tiny.object_list, ObjectList::Answer);
+    let image_cfg: CollectPtConfig = toml::from_str("seed = 0\nmax_new_tokens = 8\nresample = 1\ntemperature = 1.0\ntop_p = 0.9\nmin_match = 3\nobject_list = \"image\"\n").unwrap();
+    assert_eq!(image_cfg.object_list, ObjectList::Image);
 }

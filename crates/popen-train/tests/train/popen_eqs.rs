@@ -372,3 +372,61 @@ fn scores_edge_cases() {
     assert!(ensemble_loss::token_scores(&[vec![0.5]], &[vec![0, 0]]).is_err());
     assert!(ensemble_loss::sentence_scores(&[vec![0.5]], &[vec![0]], &[vec![vec![3]]]).is_err());
 }
+
+/// Issue 24 item 5, SPEC 10.17: L_si pairs the `<seg>` groups of y_tilde and of each y_k with
+/// the targets by Hungarian matching on mask IoU (as the evaluator), not by position.
+/// Hand-computed on a 4x4 image, targets A (left half) and B (right half): y_tilde lists them
+/// as B, A (logits +-20), y_0 = [B, A], y_1 = [A, B].
+/// - Hungarian: every paired IoU is 1 (soft IoU 1 - O(e^-20)), each term -log sigma(0) = ln 2,
+///   L_si = ln 2.
+/// - Positional (the behaviour before issue 24, now the option): y_tilde's IoUs are 0; y_0's
+///   are 0 (terms ln 2), y_1's are 1 (terms -log sigma(-10) = softplus(10)), so
+///   L_si = (2 ln 2 + 2 softplus(10)) / 4.
+#[test]
+fn si_pairs_by_hungarian_matching_on_iou() {
+    use ensemble_loss::Pairing;
+    use popen_core::mask::Mask;
+    let a = Mask::from_fn(4, 4, |_, x| x < 2);
+    let b = Mask::from_fn(4, 4, |_, x| x >= 2);
+    let gts = vec![a.clone(), b.clone()];
+    let d = Default::default();
+    let logits = |m: &Mask| {
+        let v: Vec<f32> = m.data().iter().map(|&p| if p == 1 { 20.0 } else { -20.0 }).collect();
+        Tensor::<AB, 2>::from_data(TensorData::new(v, [4, 4]), &d).require_grad()
+    };
+    let refined = vec![logits(&b), logits(&a)];
+    let (y0, y1) = (vec![b.clone(), a.clone()], vec![a.clone(), b.clone()]);
+    let cands: Vec<&[Mask]> = vec![&y0, &y1];
+    let loss = |p: Pairing| {
+        let s = ensemble_loss::si_sample(refined.clone(), &cands, &gts, p).unwrap().unwrap();
+        ensemble_loss::si_loss(vec![s], ensemble_loss::SCALE).unwrap().into_scalar() as f64
+    };
+    let ln2 = std::f64::consts::LN_2;
+    let softplus10 = 10.0 + (-10.0f64).exp().ln_1p();
+    assert!((loss(Pairing::Hungarian) - ln2).abs() < 1e-5, "{}", loss(Pairing::Hungarian));
+    assert!((loss(Pairing::Positional) - (2.0 * ln2 + 2.0 * softplus10) / 4.0).abs() < 1e-5, "{}", loss(Pairing::Positional));
+    // The default (config and enum) is the paper-aligned Hungarian pairing.
+    assert_eq!(Pairing::default(), Pairing::Hungarian);
+    assert_eq!(popen_train::ensemble_train::EnsembleConfig::default().si_pairing, Pairing::Hungarian);
+    // The gradient reaches the refined logits through the Hungarian pairs.
+    let s = ensemble_loss::si_sample(refined.clone(), &cands, &gts, Pairing::Hungarian).unwrap().unwrap();
+    let g = ensemble_loss::si_loss(vec![s], ensemble_loss::SCALE).unwrap().backward();
+    assert!(refined.iter().all(|l| l.grad(&g).is_some()));
+
+    // pair_with_targets by hand: fewer masks than targets; all IoUs 0 keeps the positional
+    // pairs (SciPy's tie-breaking); a target a response leaves unpaired has an empty M_k^n.
+    let pair = ensemble_loss::pair_with_targets;
+    assert_eq!(pair(std::slice::from_ref(&b), &gts, Pairing::Hungarian).unwrap(), vec![None, Some(0)]);
+    assert_eq!(pair(std::slice::from_ref(&b), &gts, Pairing::Positional).unwrap(), vec![Some(0), None]);
+    assert_eq!(pair(&[b.clone(), a.clone()], &gts, Pairing::Hungarian).unwrap(), vec![Some(1), Some(0)]);
+    let (top, bottom) = (Mask::from_fn(4, 4, |y, _| y < 2), Mask::from_fn(4, 4, |y, _| y >= 2));
+    let far = vec![Mask::zeros(4, 4), Mask::zeros(4, 4)];
+    assert_eq!(pair(&far, &[top, bottom], Pairing::Hungarian).unwrap(), vec![Some(0), Some(1)]);
+    // y_2 = [B] only: target A gets an empty mask (hard IoU 0), B its own (1).
+    let y2 = vec![b.clone()];
+    let s = ensemble_loss::si_sample(refined.clone(), &[&y2[..]], &gts, Pairing::Hungarian).unwrap().unwrap();
+    assert_eq!(ensemble_loss::hard_iou(s.candidates, s.gt), vec![vec![0.0, 1.0]]);
+    // No group in y_tilde, or no target: no L_si term.
+    assert!(ensemble_loss::si_sample::<AB>(vec![], &cands, &gts, Pairing::Hungarian).unwrap().is_none());
+    assert!(ensemble_loss::si_sample(refined.clone(), &cands, &[], Pairing::Hungarian).unwrap().is_none());
+}
