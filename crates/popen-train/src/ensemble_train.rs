@@ -261,6 +261,7 @@ fn batch_loss<B: AutodiffBackend>(
     batch: &[&Sample],
     sam: Option<(&SamMemo, Vec<&str>)>,
     cfg: &EnsembleConfig,
+    decoder: Option<&PixelLm<B>>,
 ) -> std::result::Result<(Tensor<B, 1>, Stats), String> {
     let e = |x: popen_model::pixellm::PixelLmError| x.to_string();
     let images: Vec<image::RgbImage> = batch.iter().map(|s| s.decode_image().map_err(|e| format!("'{}': {e}", s.id))).collect::<std::result::Result<_, _>>()?;
@@ -269,8 +270,9 @@ fn batch_loss<B: AutodiffBackend>(
         images.iter().enumerate().map(|(i, im)| pre.apply(im).map_err(|e| format!("'{}': {e}", batch[i].id))).collect::<std::result::Result<_, _>>()?;
     let s = &cfg.ensemble;
 
-    // 1. No gradient: candidates, scores, y_tilde.
-    let inner = model.pixellm.valid();
+    // 1. No gradient: candidates, scores, y_tilde (decoded by `decoder` when given: the loss
+    // of one model on the answers another decoded).
+    let inner = decoder.unwrap_or(&model.pixellm).valid();
     // The frozen SAM encoder's embeddings (tiny-sam), once per image for the whole run.
     let emb = match sam {
         Some((memo, keys)) => Some(memo.batch(&inner, &preprocessed, &keys).map_err(|x| x.to_string())?),
@@ -398,7 +400,27 @@ pub fn loss_of<B: AutodiffBackend>(job: &EnsembleJob, model: &PixelLm<B>, ids: &
     let pre = Preprocessor::pixellm(model.config().image_size);
     let batch: Vec<&Sample> = ids.iter().map(|&i| &samples[i]).collect();
     let sm = SftModel { pixellm: model.clone() };
-    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, None, job.config).map_err(TrainError::Data)?;
+    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, None, job.config, None).map_err(TrainError::Data)?;
+    Ok(st.loss)
+}
+
+/// [`loss_of`] `model` on the candidates and y_tilde that `decoder` samples and decodes
+/// (y_tilde is a greedy decode through p_hat: after a step it may change, and with it the
+/// targets of L_ti; comparing losses before and after a step needs the same decode).
+pub fn loss_of_decoded_by<B: AutodiffBackend>(
+    job: &EnsembleJob,
+    model: &PixelLm<B>,
+    decoder: &PixelLm<B>,
+    ids: &[usize],
+    device: &B::Device,
+) -> Result<f32> {
+    let stage::Opened { tokenizer, tokens, .. } = stage::open_init::<B>(job.init, device)?;
+    let samples: Vec<Sample> = read_shard(job.samples)?;
+    let minilm = load_minilm::<B::InnerBackend>(&job.config.minilm, device)?;
+    let pre = Preprocessor::pixellm(model.config().image_size);
+    let batch: Vec<&Sample> = ids.iter().map(|&i| &samples[i]).collect();
+    let sm = SftModel { pixellm: model.clone() };
+    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, None, job.config, Some(decoder)).map_err(TrainError::Data)?;
     Ok(st.loss)
 }
 
@@ -465,7 +487,7 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         let mut scfg = cfg.clone();
         scfg.ensemble.seed = cfg.ensemble.seed.wrapping_add(step as u64);
         let ids = || batch.iter().map(|s| format!("'{}'", s.id)).collect::<Vec<_>>().join(", ");
-        let (loss, st) = batch_loss(&model, &tokenizer, &tokens, &pre, &minilm, &batch, sam_memo.as_ref().map(|m| (m, idx.iter().map(|&i| sam_keys[i].as_str()).collect())), &scfg)
+        let (loss, st) = batch_loss(&model, &tokenizer, &tokens, &pre, &minilm, &batch, sam_memo.as_ref().map(|m| (m, idx.iter().map(|&i| sam_keys[i].as_str()).collect())), &scfg, None)
             .map_err(|e| TrainError::Data(format!("step {step}: batch of {}: {e}", ids())))?;
         if !st.loss.is_finite() {
             return Err(TrainError::NonFiniteLoss {
