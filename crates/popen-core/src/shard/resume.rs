@@ -7,6 +7,12 @@
 //! `part-00000.parquet`, `part-00001.parquet`, ... each written atomically (temp + rename)
 //! by [`ShardWriter`]. [`ResumableWriter::finish`] concatenates the parts in order into
 //! `<out>` (atomically) and removes the folder.
+//!
+//! `runs` lists the first part of each run that opened the folder. A run writes its records
+//! in input order, but a rerun also computes the samples an earlier run skipped (a failed
+//! corrector request), which come before some resumed records in the input:
+//! [`ResumableWriter::finish_ordered`] merges the runs back into input order, holding one
+//! part per run in memory.
 
 use super::{read_shard, Record, ShardWriter};
 use crate::error::{CoreError, Result};
@@ -23,6 +29,8 @@ pub struct ResumableWriter<T: Record> {
     done: HashSet<String>,
     resumed: usize,
     written: usize,
+    /// First part of each run (this one last).
+    runs: Vec<usize>,
 }
 
 /// `<out>.parts`.
@@ -83,6 +91,19 @@ impl<T: Record> ResumableWriter<T> {
             }
             next_part += 1;
         }
+        let runs_path = parts.join("runs");
+        let mut runs: Vec<usize> = match std::fs::read_to_string(&runs_path) {
+            Ok(t) => t.split_whitespace().filter_map(|w| w.parse().ok()).filter(|&r| r < next_part).collect(),
+            Err(_) => Vec::new(),
+        };
+        if runs.first() != Some(&0) {
+            runs.insert(0, 0);
+        }
+        if runs.last() != Some(&next_part) {
+            runs.push(next_part);
+        }
+        let text: Vec<String> = runs.iter().map(|r| r.to_string()).collect();
+        super::atomic_write(&runs_path, text.join("\n").as_bytes())?;
         Ok(ResumableWriter {
             out,
             parts,
@@ -92,6 +113,7 @@ impl<T: Record> ResumableWriter<T> {
             done,
             resumed,
             written: 0,
+            runs,
         })
     }
 
@@ -120,7 +142,9 @@ impl<T: Record> ResumableWriter<T> {
         Ok(())
     }
 
-    fn commit(&mut self) -> Result<()> {
+    /// Commits the queued records as a part now (a stage that stops with an error keeps
+    /// its good records for the rerun to resume).
+    pub fn commit(&mut self) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -142,6 +166,53 @@ impl<T: Record> ResumableWriter<T> {
             for r in read_shard::<T>(part_path(&self.parts, i))? {
                 w.write(r)?;
             }
+        }
+        let rows = w.finish()?;
+        std::fs::remove_dir_all(&self.parts).map_err(|e| CoreError::io(&self.parts, e))?;
+        Ok(rows)
+    }
+
+    /// [`finish`](Self::finish) with the records in the order of `key` (a record's input
+    /// position; None is an error naming the file): the runs are merged, each already in
+    /// input order. Same file as `finish` when one run wrote every part.
+    pub fn finish_ordered(mut self, key: impl Fn(&T) -> Option<usize>) -> Result<usize> {
+        self.commit()?;
+        let mut bounds: Vec<usize> = self.runs.iter().copied().filter(|&r| r < self.next_part).collect();
+        bounds.dedup();
+        if bounds.len() <= 1 {
+            return self.finish();
+        }
+        bounds.push(self.next_part);
+        // Per run: its parts not yet read, and the records of the part being merged.
+        type Run = std::ops::Range<usize>;
+        let mut runs: Vec<(Run, std::collections::VecDeque<(usize, T)>)> =
+            bounds.windows(2).map(|w| (w[0]..w[1], Default::default())).collect();
+        // The next record of a run, loading its next part when the buffer is empty.
+        let parts_dir = self.parts.clone();
+        let fill = |run: &mut Run, q: &mut std::collections::VecDeque<(usize, T)>| -> Result<()> {
+            while q.is_empty() {
+                let Some(i) = run.next() else { return Ok(()) };
+                let path = part_path(&parts_dir, i);
+                for (row, r) in read_shard::<T>(&path)?.into_iter().enumerate() {
+                    let k = key(&r).ok_or_else(|| {
+                        CoreError::shard(&path, format!("row {row} is not a record of this input (resumed from another run?)"))
+                    })?;
+                    q.push_back((k, r));
+                }
+            }
+            Ok(())
+        };
+        for (run, q) in runs.iter_mut() {
+            fill(run, q)?;
+        }
+        let mut w = ShardWriter::<T>::create(&self.out)?;
+        loop {
+            let best = runs.iter().enumerate().filter_map(|(i, (_, q))| q.front().map(|(k, _)| (*k, i))).min();
+            let Some((_, i)) = best else { break };
+            let (run, q) = &mut runs[i];
+            let (_, r) = q.pop_front().expect("the run has a head");
+            w.write(r)?;
+            fill(run, q)?;
         }
         let rows = w.finish()?;
         std::fs::remove_dir_all(&self.parts).map_err(|e| CoreError::io(&self.parts, e))?;
