@@ -117,7 +117,6 @@ impl CollectPtConfig {
             return Err(PrefsError::Input("concurrency must be >= 1".into()));
         }
         crate::validate_fraction("max_skipped_fraction", self.max_skipped_fraction)
-
     }
 }
 

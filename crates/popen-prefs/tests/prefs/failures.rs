@@ -32,8 +32,9 @@ const SECRET: &str = "sk-proj-Failure7Test0Key1234";
 const KEY_VAR: &str = "POPEN_TEST_FAILURES_KEY";
 
 /// A loopback chat-completions server: each request gets `reply(prompt, authorization)`
-/// (status, body); it stops after `max` requests or 20 s without one. Returns the base URL
-/// and the request count.
+/// (status, body); it stops after `max` requests or 300 s without one (the model runs
+/// between requests: slow in a debug build on a busy machine). Returns the base URL and the
+/// request count.
 fn serve(max: usize, reply: impl Fn(&str, &str) -> (u16, String) + Send + 'static) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -42,7 +43,7 @@ fn serve(max: usize, reply: impl Fn(&str, &str) -> (u16, String) + Send + 'stati
     let c2 = count.clone();
     std::thread::spawn(move || {
         let mut idle = Instant::now();
-        while c2.load(Ordering::SeqCst) < max && idle.elapsed() < Duration::from_secs(20) {
+        while c2.load(Ordering::SeqCst) < max && idle.elapsed() < Duration::from_secs(300) {
             let mut s = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(_) => {
@@ -197,40 +198,54 @@ fn connection_refused_fails_fast() {
     assert_no_output(&out);
 }
 
-/// (c) + (d) A server that fails the error-injection requests of chosen samples with 500
-/// (echoing the key), and otherwise answers: corrections "unchanged" (so every sample ends
-/// in the injection branch), injections the quoted answer without its first word.
+/// (c) + (d) A server that knows each sample by the object list its prompts quote: it fails
+/// every request of the chosen samples with 500 (echoing the key), and answers the others'
+/// corrections with the sample's ground-truth answer (a valid `y_c` whatever the random
+/// model said) and their injections with the quoted answer minus its first word.
 /// - 1 of 4 samples failing (0.25 <= max_skipped_fraction 0.5): the run succeeds, 3
 ///   records, the skip listed in the manifest with HTTP 500 and the key redacted (the
 ///   manifest holds the key nowhere);
 /// - 3 of 4 failing (0.75 > 0.5): the run fails, no output, the good record (sample 3) is
-///   committed in the parts; a rerun against a healthy server resumes it, computes samples
-///   0-2, and writes all 4 records in input order (merged runs).
+///   committed in the parts; max_skipped_fraction 1 accepts the same failures; a rerun
+///   against a healthy server resumes sample 3, computes samples 0-2, and writes all 4
+///   records in input order (merged runs; plain concatenation would put sample 3 first).
 #[test]
 fn skipped_fraction_threshold_and_redacted_manifest() {
     let dir = tempfile::tempdir().unwrap();
     let (model, shard, samples) = world(dir.path());
+    // The object list of a sample as the prompts write it ("red cup, key").
+    let lex = lexicon();
+    let objects = |s: &popen_core::shard::Sample| -> String {
+        let t = Truth::from_sample(s, &lex);
+        let names: Vec<String> =
+            t.targets.iter().map(|t| t.colour.as_ref().map(|c| format!("{c} {}", t.class)).unwrap_or(t.class.clone())).collect();
+        names.join(", ")
+    };
+    let by_objects: std::collections::HashMap<String, String> =
+        samples.iter().map(|s| (objects(s), s.answer.clone())).collect();
+    assert_eq!(by_objects.len(), samples.len(), "the object lists tell the samples apart");
     let server = |failing: Vec<String>| {
+        let by_objects = by_objects.clone();
         serve(64, move |prompt, auth| {
-            let answer = quoted_answer(prompt);
+            let objs = prompt.split("\nObject list: ").nth(1).and_then(|r| r.lines().next()).unwrap_or("").trim().to_string();
+            if failing.contains(&objs) {
+                return (500, echo(auth, "upstream failure"));
+            }
             if prompt.contains("Modified answer:") {
-                if failing.iter().any(|f| f == answer) {
-                    return (500, echo(auth, "upstream failure"));
-                }
-                let rest: Vec<&str> = answer.split_whitespace().skip(1).collect();
+                let rest: Vec<&str> = quoted_answer(prompt).split_whitespace().skip(1).collect();
                 ok(format!("Modified answer: {}", rest.join(" ")))
             } else {
-                ok(format!("Corrected answer: {answer}"))
+                ok(format!("Corrected answer: {}", by_objects.get(&objs).expect("a known sample")))
             }
         })
     };
     let cfg = CollectPtConfig { max_new_tokens: 24, resample: 2, ..Default::default() };
 
-    let (url, _) = server(vec![samples[1].answer.clone()]);
+    let (url, _) = server(vec![objects(&samples[1])]);
     let c = corrector(&url, 1);
     let out = dir.path().join("under.parquet");
     let r = run_pt(&model, &shard, &out, &cfg, &c).unwrap();
-    assert_eq!((r.records, r.skipped, r.injected), (3, 1, 3), "{r:?}");
+    assert_eq!((r.records, r.skipped), (3, 1), "{r:?}");
     let text = std::fs::read_to_string(manifest_beside(&out)).unwrap();
     assert!(!text.contains(SECRET), "{text}");
     let m = Manifest::read(manifest_beside(&out)).unwrap();
@@ -240,7 +255,7 @@ fn skipped_fraction_threshold_and_redacted_manifest() {
     assert!(reason.contains("HTTP 500 after 2 attempt(s)") && reason.contains("upstream failure"), "{reason}");
     assert!(reason.contains("[REDACTED]"), "{reason}");
 
-    let (url, _) = server(samples[..3].iter().map(|s| s.answer.clone()).collect());
+    let (url, _) = server(samples[..3].iter().map(objects).collect());
     let c = corrector(&url, 1);
     let out = dir.path().join("over.parquet");
     let e = run_pt(&model, &shard, &out, &cfg, &c).unwrap_err().to_string();
@@ -252,7 +267,7 @@ fn skipped_fraction_threshold_and_redacted_manifest() {
     assert_eq!(kept.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![samples[3].id.as_str()]);
     // A threshold of 1 accepts the same failures.
     let lax = CollectPtConfig { max_skipped_fraction: 1.0, ..cfg.clone() };
-    let (url, _) = server(samples[..3].iter().map(|s| s.answer.clone()).collect());
+    let (url, _) = server(samples[..3].iter().map(objects).collect());
     let r = run_pt(&model, &shard, &dir.path().join("lax.parquet"), &lax, &corrector(&url, 1)).unwrap();
     assert_eq!((r.records, r.skipped), (1, 3));
 
