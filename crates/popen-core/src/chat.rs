@@ -7,7 +7,10 @@
 //! a minute);
 //! other statuses and malformed bodies fail at once. Every error names the endpoint, the
 //! number of attempts, the status and an excerpt of the body. The API key is sent as a
-//! bearer token and never appears in errors.
+//! bearer token and never appears in errors: every server text an error quotes (bodies,
+//! transport messages) goes through [`redact`] when the error is built, so no log line,
+//! manifest or returned error can carry it, even when the server echoes the request's
+//! `Authorization` header; a reply's content has the configured key removed too.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -17,8 +20,8 @@ pub const BODY_EXCERPT_CHARS: usize = 300;
 /// Longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// Where and how to call the endpoint.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// Where and how to call the endpoint. `Debug` shows the key as `[REDACTED]`.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatConfig {
     /// Base URL (`https://api.openai.com/v1`, `http://127.0.0.1:8000/v1`); a URL that already
     /// ends in `/chat/completions` is used as it is.
@@ -35,6 +38,21 @@ pub struct ChatConfig {
     pub backoff: Duration,
     pub temperature: Option<f64>,
     pub max_tokens: Option<u32>,
+}
+
+impl std::fmt::Debug for ChatConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatConfig")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| REDACTED))
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("backoff", &self.backoff)
+            .field("temperature", &self.temperature)
+            .field("max_tokens", &self.max_tokens)
+            .finish()
+    }
 }
 
 impl ChatConfig {
@@ -178,6 +196,116 @@ impl ChatError {
             _ => None,
         }
     }
+
+    /// The kind of failure, without anything request-specific: `HTTP 401`, `transport`
+    /// (connection refused, DNS, timeout: after the retries), `malformed response`,
+    /// `config`. Callers group failures by it and tell a systemic cause (every request gets
+    /// the same class) from per-request ones.
+    pub fn class(&self) -> String {
+        match self {
+            ChatError::Status { status, .. } => format!("HTTP {status}"),
+            ChatError::Transport { .. } => "transport".into(),
+            ChatError::Malformed { .. } => "malformed response".into(),
+            ChatError::Config(_) => "config".into(),
+        }
+    }
+}
+
+/// What [`redact`] puts in place of a secret.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// `text` without secrets, for every server text that is logged or recorded: each
+/// occurrence of `key` (the configured API key, when non-empty), the token after `Bearer `,
+/// the value of an `Authorization` header or field (`Authorization: Basic xyz`,
+/// `"authorization": "Bearer xyz"`, JSON-escaped quotes too; the scheme word is kept) and
+/// `sk-` tokens (8 or more of `[A-Za-z0-9_-]` after `sk-`, OpenAI's key shape) become
+/// [`REDACTED`]. Matching is ASCII case-insensitive and at word starts.
+pub fn redact(text: &str, key: Option<&str>) -> String {
+    let s = match key.map(str::trim).filter(|k| !k.is_empty()) {
+        Some(k) => text.replace(k, REDACTED),
+        None => text.to_string(),
+    };
+    let s = redact_after(&s, "bearer", false);
+    let s = redact_after(&s, "authorization", true);
+    redact_sk_tokens(&s)
+}
+
+/// A byte of a token (a key, a bearer token): printable ASCII but no quote, bracket or
+/// separator.
+fn token_byte(b: u8) -> bool {
+    b.is_ascii_graphic() && !b"\"'\\,;<>()[]{}`".contains(&b)
+}
+
+/// Length of the run of bytes from `at` that satisfy `f`.
+fn run_len(bytes: &[u8], at: usize, f: impl Fn(u8) -> bool) -> usize {
+    bytes[at.min(bytes.len())..].iter().take_while(|&&b| f(b)).count()
+}
+
+/// Replaces the token after each `word` (at a word start): after whitespace (`bearer`), or
+/// after a `:`/`=` separator with optional quotes and an optional scheme word (`header`).
+fn redact_after(s: &str, word: &str, header: bool) -> String {
+    let lower = s.to_ascii_lowercase();
+    let bytes = s.as_bytes();
+    let (mut out, mut last, mut i) = (String::with_capacity(s.len()), 0usize, 0usize);
+    let space = |b: u8| b == b' ' || b == b'\t';
+    let quote_or_space = |b: u8| matches!(b, b' ' | b'\t' | b'"' | b'\'' | b'\\');
+    while let Some(off) = lower[i..].find(word) {
+        let start = i + off;
+        let mut j = start + word.len();
+        i = j;
+        if start > 0 && bytes[start - 1].is_ascii_alphanumeric() {
+            continue;
+        }
+        if header {
+            j += run_len(bytes, j, quote_or_space);
+            if !matches!(bytes.get(j), Some(b':' | b'=')) {
+                continue;
+            }
+            j += 1;
+            j += run_len(bytes, j, quote_or_space);
+            let scheme = run_len(bytes, j, |b| b.is_ascii_alphabetic());
+            let gap = run_len(bytes, j + scheme, space);
+            if scheme > 0 && gap > 0 {
+                j += scheme + gap;
+            }
+        } else {
+            let gap = run_len(bytes, j, space);
+            if gap == 0 {
+                continue;
+            }
+            j += gap;
+        }
+        let t = j + run_len(bytes, j, token_byte);
+        if t > j {
+            out.push_str(&s[last..j]);
+            out.push_str(REDACTED);
+            last = t;
+        }
+        i = t.max(i);
+    }
+    out.push_str(&s[last..]);
+    out
+}
+
+/// Replaces `sk-` tokens (see [`redact`]).
+fn redact_sk_tokens(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let key_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    let (mut out, mut last, mut i) = (String::with_capacity(s.len()), 0usize, 0usize);
+    while let Some(off) = s[i..].find("sk-") {
+        let start = i + off;
+        let body = run_len(bytes, start + 3, key_byte);
+        i = start + 3;
+        if (start > 0 && key_byte(bytes[start - 1])) || body < 8 {
+            continue;
+        }
+        out.push_str(&s[last..start]);
+        out.push_str(REDACTED);
+        last = start + 3 + body;
+        i = last;
+    }
+    out.push_str(&s[last..]);
+    out
 }
 
 /// `s` cut to [`BODY_EXCERPT_CHARS`] characters, with a marker when cut.
@@ -246,6 +374,12 @@ impl ChatClient {
         &self.config
     }
 
+    /// [`redact`] with this client's key: for server texts a caller logs or records itself
+    /// (a reply it cannot parse).
+    pub fn redact(&self, text: &str) -> String {
+        redact(text, self.config.api_key.as_deref())
+    }
+
     /// Sends the messages and returns the first choice, retrying as the module says.
     pub fn complete(&self, messages: &[Message]) -> Result<ChatReply, ChatError> {
         let req = ChatRequest {
@@ -287,7 +421,7 @@ impl ChatClient {
             Ok(r) => r,
             Err(e) => {
                 return Attempt::Retry(
-                    ChatError::Transport { endpoint: endpoint.clone(), message: e.to_string(), attempts },
+                    ChatError::Transport { endpoint: endpoint.clone(), message: self.redact(&e.to_string()), attempts },
                     None,
                 )
             }
@@ -305,7 +439,7 @@ impl ChatClient {
                 return Attempt::Retry(
                     ChatError::Transport {
                         endpoint: endpoint.clone(),
-                        message: format!("HTTP {status}, reading the body: {e}"),
+                        message: self.redact(&format!("HTTP {status}, reading the body: {e}")),
                         attempts,
                     },
                     None,
@@ -313,11 +447,16 @@ impl ChatClient {
             }
         };
         if !(200..300).contains(&status) {
-            let err = ChatError::Status { endpoint: endpoint.clone(), status, body: excerpt(&text), attempts };
+            // Redacted before the excerpt is cut, so no partial key survives the cut.
+            let err = ChatError::Status { endpoint: endpoint.clone(), status, body: excerpt(&self.redact(&text)), attempts };
             return if status == 429 || status >= 500 { Attempt::Retry(err, retry_after) } else { Attempt::Fail(err) };
         }
         let malformed = |message: String| {
-            Attempt::Fail(ChatError::Malformed { endpoint: endpoint.clone(), message, body: excerpt(&text) })
+            Attempt::Fail(ChatError::Malformed {
+                endpoint: endpoint.clone(),
+                message: self.redact(&message),
+                body: excerpt(&self.redact(&text)),
+            })
         };
         let raw: RawResponse = match serde_json::from_str(&text) {
             Ok(r) => r,
@@ -325,6 +464,12 @@ impl ChatClient {
         };
         let Some(choice) = raw.choices.into_iter().next() else { return malformed("no choices".into()) };
         let Some(content) = choice.message.content else { return malformed("the first choice has no content".into()) };
+        // The content is data (an answer, a verdict): only the configured key itself is
+        // removed; the token patterns of `redact` could match ordinary words ("bearer of").
+        let content = match self.config.api_key.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
+            Some(k) if content.contains(k) => content.replace(k, REDACTED),
+            _ => content,
+        };
         Attempt::Done(ChatReply { content, model: raw.model, finish_reason: choice.finish_reason, usage: raw.usage, attempts })
     }
 }
@@ -372,7 +517,15 @@ mod tests {
                     }
                     buf.extend_from_slice(&chunk[..n]);
                 }
-                tx.send(String::from_utf8_lossy(&buf).into_owned()).ok();
+                let request = String::from_utf8_lossy(&buf).into_owned();
+                // `{auth}` in a canned body echoes the request's Authorization value (servers
+                // that quote the request headers in their error bodies).
+                let auth = request
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().starts_with("authorization:").then(|| l[14..].trim().to_string()))
+                    .unwrap_or_default();
+                let body = body.replace("{auth}", &auth);
+                tx.send(request).ok();
                 let reply = format!(
                     "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
@@ -470,5 +623,61 @@ mod tests {
             r#"{"role":"user","content":[{"type":"text","text":"look"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AA=="}}]}"#
         );
         assert!(excerpt(&"x".repeat(1000)).ends_with("... (1000 bytes)"));
+    }
+
+    /// Issue 20 item 3: the redaction rules on hand-written server texts (expected outputs
+    /// written by hand from the rules in `redact`'s documentation).
+    #[test]
+    fn redact_removes_keys_bearer_tokens_and_authorization_values() {
+        let key = Some("local-secret-42");
+        let cases = [
+            // the configured key anywhere, whatever its shape
+            ("bad key local-secret-42!", "bad key [REDACTED]!"),
+            // Bearer tokens, any case
+            ("got BEARER abc.def-ghi, rejected", "got BEARER [REDACTED], rejected"),
+            // header lines keep the scheme word
+            ("Authorization: Basic dXNlcjpwYXNz\r\nHost: x", "Authorization: Basic [REDACTED]\r\nHost: x"),
+            ("authorization=tok123 end", "authorization=[REDACTED] end"),
+            // JSON fields, plain and escaped inside a string
+            (r#"{"authorization":"Token zzz"}"#, r#"{"authorization":"Token [REDACTED]"}"#),
+            (r#"{"echo":"{\"Authorization\": \"Bearer q1w2\"}"}"#, r#"{"echo":"{\"Authorization\": \"Bearer [REDACTED]\"}"}"#),
+            // sk- tokens (8+ key characters), not short or embedded ones
+            ("key sk-proj-AbC123xyz_9 leaked", "key [REDACTED] leaked"),
+            ("task-sk-12345678 and sk-short stay", "task-sk-12345678 and sk-short stay"),
+            // ordinary words stay
+            ("Authorization failed; the bearer of bad news", "Authorization failed; the bearer [REDACTED] bad news"),
+            ("no secrets here", "no secrets here"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(redact(text, key), want, "{text}");
+        }
+        // The key is removed before the patterns, so a key that contains spaces or quotes goes too.
+        assert_eq!(redact("x 'my key' y", Some("'my key'")), "x [REDACTED] y");
+        assert_eq!(redact("abc", Some("")), "abc");
+        let mut cfg = ChatConfig::new("http://h", "m");
+        cfg.api_key = Some("local-secret-42".into());
+        assert!(!format!("{cfg:?}").contains("local-secret-42"));
+    }
+
+    /// Issue 20 item 3: a server that echoes the Authorization header in its 401 and 500
+    /// bodies (some proxies and mock servers do): the errors name the status and keep the
+    /// rest of the body, but neither the key nor the bearer token appear. The retry warnings
+    /// (`tracing::warn!("{e}; ...")`) print the same redacted error.
+    #[test]
+    fn echoed_authorization_never_reaches_an_error() {
+        let secret = "local-secret-42";
+        for (status, attempts) in [(401u16, 1u32), (500, 3)] {
+            let body = r#"{"error":"denied","request_headers":{"authorization":"{auth}"},"hint":"{auth}"}"#;
+            let (url, rx) = serve(vec![(status, body); attempts as usize]);
+            let mut cfg = config(&url);
+            cfg.api_key = Some(secret.into());
+            let e = ChatClient::new(cfg).unwrap().complete(&[Message::user("x")]).unwrap_err();
+            assert!(rx.recv().unwrap().contains(&format!("Bearer {secret}")), "the key was sent");
+            let s = e.to_string();
+            assert_eq!(e.status(), Some(status));
+            assert!(s.contains(&format!("HTTP {status} after {attempts} attempt(s)")) && s.contains("denied"), "{s}");
+            assert!(!s.contains(secret) && s.contains(REDACTED), "{s}");
+            assert_eq!(e.class(), format!("HTTP {status}"));
+        }
     }
 }

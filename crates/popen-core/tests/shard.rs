@@ -463,6 +463,52 @@ fn resumable_writer_resumes_after_a_kill_with_the_same_output() {
     assert_eq!(w.resumed(), 0);
 }
 
+/// Issue 20: a run that failed after skipping samples 0 and 2 (committed: 1, 3, 4) and the
+/// rerun that computes them: `finish_ordered` merges the two runs back into input order
+/// (0..5, the uninterrupted run's file); plain `finish` would concatenate 1, 3, 4, 0, 2.
+/// A record whose id is not in the input is an error.
+#[test]
+fn resumable_writer_merges_runs_into_input_order() {
+    use popen_core::shard::ResumableWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let id = |s: &Sample| s.id.clone();
+    let pos = |s: &Sample| (0..5).position(|i| sample(i).id == s.id);
+    let out = dir.path().join("out.parquet");
+    let mut w = ResumableWriter::open(&out, "cfg", 2, false, id).unwrap();
+    for i in [1, 3, 4] {
+        w.write(sample(i)).unwrap();
+    }
+    w.commit().unwrap();
+    drop(w);
+    let mut w = ResumableWriter::open(&out, "cfg", 2, false, id).unwrap();
+    assert_eq!(w.resumed(), 3);
+    for i in [0, 2] {
+        assert!(!w.is_done(&sample(i).id));
+        w.write(sample(i)).unwrap();
+    }
+    assert_eq!(w.finish_ordered(pos).unwrap(), 5);
+    let got: Vec<String> = read_shard::<Sample>(&out).unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(got, (0..5).map(|i| sample(i).id).collect::<Vec<_>>());
+    // One run: the same as `finish`.
+    let one = dir.path().join("one.parquet");
+    let mut w = ResumableWriter::open(&one, "cfg", 2, false, id).unwrap();
+    for i in 0..5 {
+        w.write(sample(i)).unwrap();
+    }
+    assert_eq!(w.finish_ordered(pos).unwrap(), 5);
+    assert_eq!(std::fs::read(&one).unwrap(), std::fs::read(&out).unwrap());
+    // An id outside the input.
+    let bad = dir.path().join("bad.parquet");
+    let mut w = ResumableWriter::open(&bad, "cfg", 2, false, id).unwrap();
+    w.write(sample(7)).unwrap();
+    w.commit().unwrap();
+    drop(w);
+    let mut w = ResumableWriter::open(&bad, "cfg", 2, false, id).unwrap();
+    w.write(sample(0)).unwrap();
+    let e = w.finish_ordered(pos).unwrap_err().to_string();
+    assert!(e.contains("not a record of this input"), "{e}");
+}
+
 #[test]
 fn slurm_job_array_supplies_the_shard() {
     use popen_core::shardspec::ShardSpec;

@@ -8,6 +8,11 @@
 //! the reference model's `f` and masks, the scores and `L_s^n`. Skipped samples are listed
 //! in the manifest with their reasons. Everything is a function of (stage seed, sample id),
 //! so `--shard I/N` splits and reruns give the same records.
+//!
+//! Two kinds of skips: the curriculum finding no pair (phase 1's extremes not reached after
+//! the regenerations) is an ordinary outcome of Algorithm 1; everything else (an image or
+//! mask that does not decode, no targets, missing proposals, a model error, an invalid
+//! record) is a failure. Only failures count toward `max_skipped_fraction`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -172,6 +177,14 @@ pub struct CollectPsConfig {
     /// splits them (0 = all; the CPU demo's budget).
     #[serde(default)]
     pub max_samples: usize,
+    /// The run fails (no output, no manifest; committed parts kept for the rerun) when more
+    /// than this fraction of its samples (records + skips, resumed records included) is
+    /// skipped by a failure: an undecodable image or mask, no targets, missing proposals, a
+    /// model error, an invalid record. Samples for which the curriculum selects no pair
+    /// (phase 1) are an ordinary outcome and do not count. 0 = any failure fails the run,
+    /// 1 = never. Default 0.5.
+    #[serde(default = "crate::default_max_skipped_fraction")]
+    pub max_skipped_fraction: f64,
 }
 
 impl Default for CollectPsConfig {
@@ -185,6 +198,7 @@ impl Default for CollectPsConfig {
             select: SelectConfig::default(),
             part_records: crate::default_part_records(),
             max_samples: 0,
+            max_skipped_fraction: crate::default_max_skipped_fraction(),
         }
     }
 }
@@ -205,7 +219,7 @@ impl CollectPsConfig {
         if self.batch_size == 0 {
             return Err(PrefsError::Input("batch_size must be > 0".into()));
         }
-        Ok(())
+        crate::validate_fraction("max_skipped_fraction", self.max_skipped_fraction)
     }
 }
 
@@ -216,6 +230,8 @@ pub struct CollectPsReport {
     pub up_to_date: bool,
     pub records: usize,
     pub skipped: usize,
+    /// Skips that were failures (the rest: the curriculum selected no pair).
+    pub failed: usize,
     /// Teacher-forced perturbed images (all draws).
     pub forwards: usize,
     pub seconds: f64,
@@ -248,11 +264,14 @@ pub fn run<B: Backend>(
     let Some((bundle::Bundle { model, mut tokenizer, .. }, mut writer, mut manifest)) =
         crate::open_stage::<B, SegPref>(&def, model_dir, out, cfg.part_records, |r| r.id.clone(), device)?
     else {
-        return Ok(CollectPsReport { output: out.to_path_buf(), up_to_date: true, records: 0, skipped: 0, forwards: 0, seconds: 0.0 });
+        return Ok(CollectPsReport { output: out.to_path_buf(), up_to_date: true, records: 0, skipped: 0, failed: 0, forwards: 0, seconds: 0.0 });
     };
     let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
-    let (mut records, mut skipped, mut forwards) = (0usize, 0usize, 0usize);
+    let (mut records, mut forwards) = (0usize, 0usize);
+    let mut ledger = crate::SkipLedger::new("collect-ps", cfg.max_skipped_fraction, 0);
+    let mut position = std::collections::HashMap::new();
     for_each_taken_of(samples, &shard, cfg.max_samples, progress.then_some("collect-ps"), |s: Sample| -> Result<()> {
+        position.insert(s.id.clone(), position.len());
         if writer.is_done(&s.id) {
             return Ok(());
         }
@@ -260,20 +279,45 @@ pub fn run<B: Backend>(
             Ok(r) => {
                 writer.write(r)?;
                 records += 1;
+                ledger.ok();
             }
-            Err(Skip(reason)) => {
-                manifest.skip(s.id.clone(), reason);
-                skipped += 1;
+            Err(Skip { reason, failure }) => {
+                let counts = failure.is_some();
+                ledger.skip(&mut manifest, &s.id, reason, failure.unwrap_or("no pair selected"), None, counts);
             }
         }
         Ok(())
     })?;
-    crate::close_stage(writer, manifest, out, |_| None, &[("skipped", skipped), ("forwards_this_run", forwards)], t0)?;
-    Ok(CollectPsReport { output: out.to_path_buf(), up_to_date: false, records, skipped, forwards, seconds: t0.elapsed().as_secs_f64() })
+    if let Err(e) = ledger.check_end(records + writer.resumed()) {
+        writer.commit()?;
+        return Err(e);
+    }
+    let (skipped, failed) = (ledger.skipped(), ledger.counted());
+    crate::close_stage(
+        writer,
+        manifest,
+        out,
+        |_| None,
+        &[("skipped", skipped), ("skipped_failures", failed), ("forwards_this_run", forwards)],
+        t0,
+        &position,
+        |r| &r.id,
+    )?;
+    Ok(CollectPsReport { output: out.to_path_buf(), up_to_date: false, records, skipped, failed, forwards, seconds: t0.elapsed().as_secs_f64() })
 }
 
-/// Why a sample has no record.
-struct Skip(String);
+/// Why a sample has no record: `failure` names the failing step (grouping key of
+/// `max_skipped_fraction`); None: the curriculum selected no pair (an ordinary outcome).
+struct Skip {
+    reason: String,
+    failure: Option<&'static str>,
+}
+
+impl Skip {
+    fn failure(what: &'static str, reason: String) -> Self {
+        Skip { reason, failure: Some(what) }
+    }
+}
 
 fn collect_one<B: Backend>(
     predictor: &Predictor<'_, B>,
@@ -282,16 +326,16 @@ fn collect_one<B: Backend>(
     proposer: &dyn MaskProposer,
     forwards: &mut usize,
 ) -> std::result::Result<SegPref, Skip> {
-    let skip = |what: &str, e: String| Skip(format!("{what}: {e}"));
+    let skip = |what: &'static str, e: String| Skip::failure(what, format!("{what}: {e}"));
     let image = s.decode_image().map_err(|e| skip("image", e.to_string()))?;
     let gt: Vec<Mask> = s
         .target_masks
         .iter()
         .enumerate()
-        .map(|(n, r)| r.decode().map_err(|e| skip(&format!("target mask {n}"), e.to_string())))
+        .map(|(n, r)| r.decode().map_err(|e| Skip::failure("target mask", format!("target mask {n}: {e}"))))
         .collect::<std::result::Result<_, _>>()?;
     if gt.is_empty() {
-        return Err(Skip("no targets: nothing to segment".into()));
+        return Err(Skip::failure("no targets", "no targets: nothing to segment".into()));
     }
     let proposals = proposer.proposals(s).map_err(|e| skip("proposals", e.to_string()))?;
     let targets = Targets::new(&gt, &proposals, &cfg.select).map_err(|e| skip("targets", e.to_string()))?;
@@ -329,7 +373,7 @@ fn collect_one<B: Backend>(
     .map_err(|e| skip("collect", e.to_string()))?;
     let (draw_no, sel, scored) = match outcome {
         Outcome::Selected { batch, selection, scored } => (batch, selection, scored),
-        Outcome::Skipped { reason, .. } => return Err(Skip(reason)),
+        Outcome::Skipped { reason, .. } => return Err(Skip { reason, failure: None }),
     };
     let d = kept_draws.pop().expect("the selected draw is kept");
     let n = gt.len();
@@ -376,7 +420,7 @@ fn collect_one<B: Backend>(
         rec.b_terms.extend(scored[k].b_terms.iter().map(|&x| x as f32));
     }
     if let Err((field, msg)) = rec.validate() {
-        return Err(Skip(format!("record field '{field}': {msg}")));
+        return Err(Skip::failure("record", format!("record field '{field}': {msg}")));
     }
     Ok(rec)
 }

@@ -9,6 +9,15 @@
 //! once to store the reference model's per-token log-probs, so the DPO stage needs no
 //! second model. One `text-pref/1` record per sample; skipped samples are listed in the
 //! manifest with the reason.
+//!
+//! Every skip of collect-pt is a failure (a corrector request, the model, the sample's
+//! data): error-free answers go to the injection branch, not to a skip. The run fails when
+//! more than `max_skipped_fraction` of the samples are skipped, when no sample made a
+//! record and every skip has one service cause, or early, after `fail_fast_after`
+//! consecutive samples failed with the same corrector error class (a bad key, a server that
+//! refuses connections, a spent quota): the error names the count and the most common
+//! reason once, and neither the output nor its manifest is written (see
+//! [`crate::SkipLedger`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -55,9 +64,26 @@ pub struct CollectPtConfig {
     /// annotated object). The OpenAI corrector's prompt lists the answer's targets.
     #[serde(default)]
     pub object_list: crate::corrector::ObjectList,
+    /// The run fails when more than this fraction of its samples (records + skips, resumed
+    /// records included) is skipped; every collect-pt skip is a failure (module doc).
+    /// 0 = any skip fails the run, 1 = never (except when nothing but one service error
+    /// happened). Default 0.5.
+    #[serde(default = "crate::default_max_skipped_fraction")]
+    pub max_skipped_fraction: f64,
+    /// Stop the run once this many consecutive samples (input order) failed with the same
+    /// corrector error class (`HTTP 401`, `HTTP 429` after the retries, `transport`, ...),
+    /// at the end of the window of `concurrency` samples that reached it, instead of
+    /// grinding through every sample. 0 = never. Default 8 (with the default concurrency:
+    /// the first window all failing).
+    #[serde(default = "default_fail_fast_after")]
+    pub fail_fast_after: usize,
 }
 
 fn default_concurrency() -> usize {
+    8
+}
+
+fn default_fail_fast_after() -> usize {
     8
 }
 
@@ -74,6 +100,8 @@ impl Default for CollectPtConfig {
             concurrency: default_concurrency(),
             max_samples: 0,
             object_list: Default::default(),
+            max_skipped_fraction: crate::default_max_skipped_fraction(),
+            fail_fast_after: default_fail_fast_after(),
         }
     }
 }
@@ -94,7 +122,7 @@ impl CollectPtConfig {
         if self.concurrency == 0 {
             return Err(PrefsError::Input("concurrency must be >= 1".into()));
         }
-        Ok(())
+        crate::validate_fraction("max_skipped_fraction", self.max_skipped_fraction)
     }
 }
 
@@ -148,7 +176,9 @@ pub fn run<B: Backend>(
     let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
     let mut report = CollectPtReport { output: out.to_path_buf(), ..Default::default() };
     let done = writer.done_ids().clone();
+    let mut ledger = crate::SkipLedger::new("collect-pt", cfg.max_skipped_fraction, cfg.fail_fast_after);
     let mut window: Vec<Sample> = Vec::new();
+    let mut position = std::collections::HashMap::new();
     let mut flush = |window: &mut Vec<Sample>| -> Result<()> {
         for (s, res) in window.iter().zip(collect_window(&predictor, window, cfg, corrector, lexicon)) {
             match res {
@@ -160,17 +190,27 @@ pub fn run<B: Backend>(
                     }
                     writer.write(r)?;
                     report.records += 1;
+                    ledger.ok();
                 }
                 Err(e) => {
-                    manifest.skip(s.id.clone(), e.to_string());
+                    // Grouped by the service class, else by the reason's lead ("model",
+                    // "corrector reply has no ..."): reasons carry sample-specific text.
+                    let reason = e.to_string();
+                    let group = e.service_class().map(str::to_string).unwrap_or_else(|| reason.split(": ").next().unwrap_or("").to_string());
+                    ledger.skip(&mut manifest, &s.id, reason, &group, e.service_class(), true);
                     report.skipped += 1;
                 }
             }
         }
         window.clear();
+        if let Some(e) = ledger.fail_fast() {
+            writer.commit()?;
+            return Err(e);
+        }
         Ok(())
     };
     for_each_taken_of(samples, &shard, cfg.max_samples, progress.then_some("collect-pt"), |s: Sample| -> Result<()> {
+        position.insert(s.id.clone(), position.len());
         if !done.contains(&s.id) {
             window.push(s);
         }
@@ -180,7 +220,12 @@ pub fn run<B: Backend>(
         Ok(())
     })?;
     flush(&mut window)?;
-    crate::close_stage(writer, manifest, out, |r: &TextPref| Some(format!("branch_{}", r.branch)), &[("skipped", report.skipped)], t0)?;
+    drop(flush);
+    if let Err(e) = ledger.check_end(report.records + writer.resumed()) {
+        writer.commit()?;
+        return Err(e);
+    }
+    crate::close_stage(writer, manifest, out, |r: &TextPref| Some(format!("branch_{}", r.branch)), &[("skipped", report.skipped)], t0, &position, |r| &r.id)?;
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
 }

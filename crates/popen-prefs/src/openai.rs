@@ -12,6 +12,9 @@
 //!   one a `Modified answer:` label); quotes that mark changes are removed. A reply that
 //!   cannot be parsed (a refusal, another format) is asked once more without the cache, then
 //!   the sample fails with the reply's excerpt (SPEC 10.13).
+//! - Failures of the endpoint are [`PrefsError::Service`] errors with the failure's class, so
+//!   collect-pt can stop early on a systemic cause; every server text they quote is
+//!   redacted ([`popen_core::chat::redact`]: the key, bearer tokens, Authorization values).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -178,7 +181,10 @@ impl OpenAiCorrector {
                 }
             }
         }
-        let reply = self.client.complete(&[Message::user(prompt)]).map_err(|e| PrefsError::Input(format!("corrector: {e}")))?;
+        let reply = self
+            .client
+            .complete(&[Message::user(prompt)])
+            .map_err(|e| PrefsError::Service { class: e.class(), message: format!("corrector: {e}") })?;
         if let Some(p) = &path {
             let body = serde_json::json!({"content": reply.content, "model": reply.model}).to_string();
             write_cache(p, body.as_bytes())?;
@@ -194,7 +200,10 @@ impl OpenAiCorrector {
         }
         let second = self.ask(prompt, true)?;
         parse_labelled(&second, label).ok_or_else(|| {
-            PrefsError::Input(format!("corrector reply has no '{label}' line (asked twice): {}", excerpt(&second)))
+            PrefsError::Input(format!(
+                "corrector reply has no '{label}' line (asked twice): {}",
+                excerpt(&self.client.redact(&second))
+            ))
         })
     }
 }

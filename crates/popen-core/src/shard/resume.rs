@@ -11,6 +11,11 @@
 //! Parts written under another fingerprint (a changed config or input) are discarded with a
 //! warning: they are not this run's records. A run that fails before committing any part
 //! removes the folder it created, so nothing is left to block or confuse the next run.
+//! `runs` lists the first part of each run that opened the folder. A run writes its records
+//! in input order, but a rerun also computes the samples an earlier run skipped (a failed
+//! corrector request), which come before some resumed records in the input:
+//! [`ResumableWriter::finish_ordered`] merges the runs back into input order, holding one
+//! part per run in memory.
 
 use super::{read_shard, Record, ShardWriter};
 use crate::error::{CoreError, Result};
@@ -29,6 +34,8 @@ pub struct ResumableWriter<T: Record> {
     written: usize,
     finished: bool,
     metadata: Vec<(String, String)>,
+    /// First part of each run (this one last).
+    runs: Vec<usize>,
 }
 
 /// `<out>.parts`.
@@ -93,6 +100,19 @@ impl<T: Record> ResumableWriter<T> {
             }
             next_part += 1;
         }
+        let runs_path = parts.join("runs");
+        let mut runs: Vec<usize> = match std::fs::read_to_string(&runs_path) {
+            Ok(t) => t.split_whitespace().filter_map(|w| w.parse().ok()).filter(|&r| r < next_part).collect(),
+            Err(_) => Vec::new(),
+        };
+        if runs.first() != Some(&0) {
+            runs.insert(0, 0);
+        }
+        if runs.last() != Some(&next_part) {
+            runs.push(next_part);
+        }
+        let text: Vec<String> = runs.iter().map(|r| r.to_string()).collect();
+        super::atomic_write(&runs_path, text.join("\n").as_bytes())?;
         Ok(ResumableWriter {
             out,
             parts,
@@ -104,6 +124,7 @@ impl<T: Record> ResumableWriter<T> {
             written: 0,
             finished: false,
             metadata: Vec::new(),
+            runs,
         })
     }
 
@@ -138,7 +159,9 @@ impl<T: Record> ResumableWriter<T> {
         Ok(())
     }
 
-    fn commit(&mut self) -> Result<()> {
+    /// Commits the queued records as a part now (a stage that stops with an error keeps
+    /// its good records for the rerun to resume).
+    pub fn commit(&mut self) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -167,6 +190,60 @@ impl<T: Record> ResumableWriter<T> {
                 visit(&r);
                 w.write(r)?;
             }
+        }
+        let rows = w.finish()?;
+        self.finished = true;
+        std::fs::remove_dir_all(&self.parts).map_err(|e| CoreError::io(&self.parts, e))?;
+        Ok(rows)
+    }
+
+    /// [`finish`](Self::finish) with the records in the order of `key` (a record's input
+    /// position; None is an error naming the file): the runs are merged, each already in
+    /// input order. Same file as `finish` when one run wrote every part.
+    pub fn finish_ordered(self, key: impl Fn(&T) -> Option<usize>) -> Result<usize> {
+        self.finish_ordered_visit(key, |_| {})
+    }
+
+    /// [`finish_ordered`](Self::finish_ordered), showing `visit` every record of `<out>`.
+    pub fn finish_ordered_visit(mut self, key: impl Fn(&T) -> Option<usize>, mut visit: impl FnMut(&T)) -> Result<usize> {
+        self.commit()?;
+        let mut bounds: Vec<usize> = self.runs.iter().copied().filter(|&r| r < self.next_part).collect();
+        bounds.dedup();
+        if bounds.len() <= 1 {
+            return self.finish_visit(visit);
+        }
+        bounds.push(self.next_part);
+        // Per run: its parts not yet read, and the records of the part being merged.
+        type Run = std::ops::Range<usize>;
+        let mut runs: Vec<(Run, std::collections::VecDeque<(usize, T)>)> =
+            bounds.windows(2).map(|w| (w[0]..w[1], Default::default())).collect();
+        // The next record of a run, loading its next part when the buffer is empty.
+        let parts_dir = self.parts.clone();
+        let fill = |run: &mut Run, q: &mut std::collections::VecDeque<(usize, T)>| -> Result<()> {
+            while q.is_empty() {
+                let Some(i) = run.next() else { return Ok(()) };
+                let path = part_path(&parts_dir, i);
+                for (row, r) in read_shard::<T>(&path)?.into_iter().enumerate() {
+                    let k = key(&r).ok_or_else(|| {
+                        CoreError::shard(&path, format!("row {row} is not a record of this input (resumed from another run?)"))
+                    })?;
+                    q.push_back((k, r));
+                }
+            }
+            Ok(())
+        };
+        for (run, q) in runs.iter_mut() {
+            fill(run, q)?;
+        }
+        let mut w = ShardWriter::<T>::create_with_metadata(&self.out, &self.metadata)?;
+        loop {
+            let best = runs.iter().enumerate().filter_map(|(i, (_, q))| q.front().map(|(k, _)| (*k, i))).min();
+            let Some((_, i)) = best else { break };
+            let (run, q) = &mut runs[i];
+            let (_, r) = q.pop_front().expect("the run has a head");
+            visit(&r);
+            w.write(r)?;
+            fill(run, q)?;
         }
         let rows = w.finish()?;
         self.finished = true;

@@ -18,7 +18,7 @@ use popen_prefs::select::Phase;
 
 type B = NdArray<f32>;
 
-fn world(dir: &std::path::Path) -> (PathBuf, PathBuf, Vec<Sample>) {
+pub(crate) fn world(dir: &std::path::Path) -> (PathBuf, PathBuf, Vec<Sample>) {
     let cfg = SynthConfig::default();
     let samples: Vec<Sample> = (0..4).map(|i| generate_sample(&cfg, "train", i).unwrap()).collect();
     let shard = dir.join("train.parquet");

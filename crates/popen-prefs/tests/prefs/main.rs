@@ -5,3 +5,4 @@ mod select;
 mod corrector;
 mod collect;
 mod openai;
+mod failures;
