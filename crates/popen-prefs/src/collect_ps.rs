@@ -229,7 +229,7 @@ pub fn run<B: Backend>(
                 records += 1;
             }
             Err(Skip(reason)) => {
-                manifest.skip(s.id.clone(), reason);
+                manifest.skip_warn(s.id.clone(), reason);
                 skipped += 1;
             }
         }

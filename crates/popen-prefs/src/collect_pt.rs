@@ -144,7 +144,7 @@ pub fn run<B: Backend>(
                     report.records += 1;
                 }
                 Err(e) => {
-                    manifest.skip(s.id.clone(), e.to_string());
+                    manifest.skip_warn(s.id.clone(), e.to_string());
                     report.skipped += 1;
                 }
             }
