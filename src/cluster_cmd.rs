@@ -13,8 +13,8 @@ pub struct MergeArgs {
     /// x-0000I-of-0000N.parquet); the merged file and x.manifest.json are written here.
     #[arg(long)]
     out: PathBuf,
-    /// Number of tasks N of the job array.
-    #[arg(long)]
+    /// Number of tasks N of the job array (>= 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     shards: u32,
     /// The samples shard the stage read (its record order).
     #[arg(long, required_unless_present = "images")]

@@ -108,6 +108,14 @@ impl Manifest {
         self.skipped.push(Skipped { record: record.into(), reason: reason.into() });
     }
 
+    /// [`Self::skip`] plus a warning line on stderr naming the stage, record and reason (a
+    /// skipped record is data the user expected in the output: say so as it happens).
+    pub fn skip_warn(&mut self, record: impl Into<String>, reason: impl Into<String>) {
+        let (record, reason) = (record.into(), reason.into());
+        tracing::warn!("{}: skipped record '{record}': {reason}", self.stage);
+        self.skip(record, reason);
+    }
+
     pub fn count(&mut self, name: &str, n: u64) {
         *self.counts.entry(name.to_string()).or_default() += n;
     }

@@ -646,6 +646,23 @@ fn merge_names_missing_stale_and_foreign_shards() {
     assert_eq!(merge_stage(&out, 4, &order).unwrap().rows, n);
 }
 
+/// Issue 20 item 4: `popen merge --shards 0` panicked (index 0 of no shards, merge.rs:164);
+/// now a clear error, as `--shard I/0` already was.
+#[test]
+fn merge_of_zero_shards_is_an_error_not_a_panic() {
+    use popen_core::shard::merge::{check_shards, merge_stage, shard_outputs};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pred.parquet");
+    let e = merge_stage(&out, 0, &["s0".to_string()]).unwrap_err().to_string();
+    assert!(e.contains("0 shards to merge") && e.contains("pred.parquet"), "{e}");
+    assert!(check_shards(&out, 0).is_err() && shard_outputs(&out, 0).is_err());
+    assert!(!out.exists());
+    // The spec parser refuses the other nonsensical counts.
+    for bad in ["0/0", "4/4", "5/4", "-1/4", "1/-4", "1", ""] {
+        assert!(bad.parse::<popen_core::shardspec::ShardSpec>().is_err(), "{bad}");
+    }
+}
+
 #[test]
 fn max_samples_spreads_over_the_file_and_shards_split_it() {
     use popen_core::shard::{for_each_taken_of, limited_positions};

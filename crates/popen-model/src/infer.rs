@@ -123,6 +123,44 @@ impl<'a, B: Backend> Predictor<'a, B> {
             .collect())
     }
 
+    /// Checks that the prompt of `instruction` fits the model BEFORE anything is allocated
+    /// for it (one 34,000-token instruction made a 7B batch allocate 148 GB of attention
+    /// scores): its text tokens (template + instruction, without image tokens) at most
+    /// [`PixelLmConfig::max_length`](crate::pixellm::PixelLmConfig::max_length) (PixelLM's
+    /// `model_max_length`, the text length it trains on), and its positions (text + image
+    /// tokens + POPEN's prompt embeddings) plus `new_tokens` to generate or force at most
+    /// the LLM's `max_position_embeddings`. Returns the prompt's positions; the error
+    /// message names the field and the limit.
+    pub fn check_prompt(&self, instruction: &str, new_tokens: usize) -> std::result::Result<usize, String> {
+        let cfg = self.model.config();
+        let text = self.tokenizer.pixellm_prompt(instruction);
+        let pieces = self.tokenizer.encode_with_image(&text).map_err(|e| format!("instruction: {e}"))?;
+        let mut text_tokens = 0usize;
+        let mut images = 0usize;
+        for p in &pieces {
+            match p {
+                tokenizer::Piece::Tokens(ids) => text_tokens += ids.len(),
+                tokenizer::Piece::Image => images += 1,
+            }
+        }
+        if text_tokens > cfg.max_length {
+            return Err(format!(
+                "instruction: prompt of {text_tokens} text tokens > the model's max_length {}",
+                cfg.max_length
+            ));
+        }
+        let positions = text_tokens + images * cfg.image_tokens() + cfg.prompt_embeddings;
+        let max = cfg.llm.max_position_embeddings;
+        if positions + new_tokens > max {
+            return Err(format!(
+                "instruction: prompt of {positions} positions ({text_tokens} text + {images} x {} image tokens) + \
+                 {new_tokens} new tokens > the model's max_position_embeddings {max}",
+                cfg.image_tokens()
+            ));
+        }
+        Ok(positions)
+    }
+
     /// The image features of preprocessed images, with the SAM embeddings from
     /// [`Self::sam`] when it has them.
     pub fn encode(&self, pre: &[Preprocessed]) -> Result<ImageFeatures<B>> {

@@ -1168,8 +1168,24 @@ impl<B: Backend> MaskDecoder<B> {
 /// Bilinear interpolation matrix `[out, in]` of PyTorch's `F.interpolate(mode="bilinear",
 /// align_corners=False)` along one axis (half-pixel centres, negative source clamped to 0,
 /// the upper neighbour clamped to the last pixel).
-pub fn interp_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
+///
+/// An empty source axis (`n_in == 0`, e.g. a 100000x1 image whose short side rounds to 0
+/// pixels at SAM's input size) has nothing to interpolate from: an error, not a panic.
+pub fn interp_matrix(n_in: usize, n_out: usize) -> Result<Vec<f32>> {
+    if n_in == 0 && n_out > 0 {
+        return shape_err(format!(
+            "bilinear resize of an empty axis (0 -> {n_out} pixels): the image has a side of 0 pixels at this size"
+        ));
+    }
+    Ok(bilinear_weights(n_in, n_out))
+}
+
+/// [`interp_matrix`] without the check: `n_in == 0` gives the (empty) `[n_out, 0]` matrix.
+fn bilinear_weights(n_in: usize, n_out: usize) -> Vec<f32> {
     let mut m = vec![0f32; n_out * n_in];
+    if n_in == 0 {
+        return m;
+    }
     let scale = n_in as f32 / n_out as f32;
     for o in 0..n_out {
         let src = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
@@ -1197,7 +1213,7 @@ pub fn resize_bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize) 
     // Both products broadcast the interpolation matrix (no per-channel copies of it).
     let x = if w != out_w {
         let mw = Tensor::<B, 2>::from_data(
-            TensorData::new(interp_matrix(w, out_w), [out_w, w]),
+            TensorData::new(bilinear_weights(w, out_w), [out_w, w]),
             &device,
         );
         x.reshape([b * c * h, w])
@@ -1208,7 +1224,7 @@ pub fn resize_bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize) 
     };
     if h != out_h {
         let mh = Tensor::<B, 2>::from_data(
-            TensorData::new(interp_matrix(h, out_h), [out_h, h]),
+            TensorData::new(bilinear_weights(h, out_h), [out_h, h]),
             &device,
         );
         mh.unsqueeze::<3>()
@@ -1244,6 +1260,23 @@ pub fn postprocess_masks<B: Backend>(
     let up = resize_bilinear(masks, input_size, input_size);
     let crop = up.slice([0..b, 0..c, 0..resized_hw.0, 0..resized_hw.1]);
     Ok(resize_bilinear(crop, original_hw.0, original_hw.1))
+}
+
+#[cfg(test)]
+mod interp_tests {
+    use super::*;
+
+    /// Issue 20 item 4: `interp_matrix(0, n)` panicked (`n_in - 1` underflow, the old
+    /// sam.rs:1179) for a 100000x1 image, whose short side rounds to 0 rows at 1024.
+    #[test]
+    fn interp_matrix_of_an_empty_axis_is_an_error() {
+        let e = interp_matrix(0, 1).unwrap_err().to_string();
+        assert!(e.contains("empty axis"), "{e}");
+        assert_eq!(interp_matrix(0, 0).unwrap(), Vec::<f32>::new());
+        // Reference (PyTorch bilinear, align_corners=False): 2 -> 4 is [1, 0], [.75, .25],
+        // [.25, .75], [0, 1].
+        assert_eq!(interp_matrix(2, 4).unwrap(), vec![1.0, 0.0, 0.75, 0.25, 0.25, 0.75, 0.0, 1.0]);
+    }
 }
 
 #[cfg(test)]

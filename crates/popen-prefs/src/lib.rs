@@ -138,7 +138,13 @@ impl SkipLedger {
             }
             None => self.streak = None,
         }
-        manifest.skip(id.to_string(), reason);
+        // A record's own problem is warned about as it happens; a service error (the same
+        // for every sample while the endpoint fails) is reported once, at the end.
+        if service_class.is_some() {
+            manifest.skip(id.to_string(), reason);
+        } else {
+            manifest.skip_warn(id.to_string(), reason);
+        }
     }
 
     pub(crate) fn skipped(&self) -> usize {

@@ -53,6 +53,56 @@ pub trait PromptModel {
     /// that image's size, row-major, point-major order (point 0's masks first), and their
     /// IoU predictions.
     fn predict_points(&mut self, points: &[[f64; 2]]) -> Result<PointMasks, AmgError>;
+
+    /// [`Self::predict_points`] with bounded memory: the logits of the masks whose IoU
+    /// prediction `wanted` accepts go to `sink` in pieces of at most `max_values` logits
+    /// (whole masks, or row bands of one mask when a mask is larger; at least one row),
+    /// mask after mask (point-major order), rows in order. Returns the batch's sizes and all
+    /// IoU predictions with `logits` empty. The default materializes [`Self::predict_points`]
+    /// and slices it; SAM's predictor upsamples piece by piece (memory bounded by the
+    /// budget, not by points x masks x the image's pixels).
+    fn predict_points_banded(
+        &mut self,
+        points: &[[f64; 2]],
+        max_values: usize,
+        wanted: &dyn Fn(f32) -> bool,
+        sink: &mut dyn FnMut(MaskRows<'_>) -> Result<(), AmgError>,
+    ) -> Result<PointMasks, AmgError> {
+        let out = self.predict_points(points)?;
+        check_point_masks(&out, points.len(), out.height, out.width)?;
+        let (h, w, k) = (out.height, out.width, out.masks_per_point);
+        let band = (max_values / w.max(1)).clamp(1, h.max(1));
+        for (m, &iou) in out.iou.iter().enumerate() {
+            if !wanted(iou) {
+                continue;
+            }
+            let mask = &out.logits[m * h * w..(m + 1) * h * w];
+            let mut r0 = 0;
+            while r0 < h {
+                let r1 = (r0 + band).min(h);
+                let logits = &mask[r0 * w..r1 * w];
+                sink(MaskRows { mask: m, point: m / k, iou, rows: r0..r1, width: w, height: h, logits })?;
+                r0 = r1;
+            }
+        }
+        Ok(PointMasks { logits: Vec::new(), ..out })
+    }
+}
+
+/// A piece of one mask's logits from [`PromptModel::predict_points_banded`]: rows `rows`
+/// (of `height`), `rows.len() * width` values, row-major.
+#[derive(Clone, Debug)]
+pub struct MaskRows<'a> {
+    /// The mask's index in the batch (point-major: point `mask / masks_per_point`).
+    pub mask: usize,
+    /// The prompt point's index in the batch.
+    pub point: usize,
+    /// Its predicted IoU.
+    pub iou: f32,
+    pub rows: std::ops::Range<usize>,
+    pub width: usize,
+    pub height: usize,
+    pub logits: &'a [f32],
 }
 
 /// Mask logits and IoU predictions for a batch of point prompts (see [`PromptModel`]).
@@ -124,6 +174,11 @@ pub struct AmgConfig {
     /// If > 0, holes and islands smaller than this many pixels are removed (then NMS is
     /// rerun).
     pub min_mask_region_area: u64,
+    /// Most MiB of f32 mask logits at the image's own size held at once (not a SAM
+    /// setting: the masks of a point batch are upsampled in groups, or one mask in row
+    /// bands, under it; the masks do not depend on it). SAM upsamples the whole batch at
+    /// once: 64 points x 3 masks x 4 bytes x pixels = 9.2 GB for a 12 MP photo.
+    pub mask_memory_mb: u64,
 }
 
 impl Default for AmgConfig {
@@ -142,6 +197,7 @@ impl Default for AmgConfig {
             crop_n_points_downscale_factor: 1,
             point_grids: None,
             min_mask_region_area: 0,
+            mask_memory_mb: 256,
         }
     }
 }
@@ -165,6 +221,7 @@ struct AmgConfigFile {
     crop_n_points_downscale_factor: usize,
     point_grids: Option<Vec<Vec<[f64; 2]>>>,
     min_mask_region_area: u64,
+    mask_memory_mb: u64,
 }
 
 /// A field that is present (possibly null) deserializes to `Some(..)`; absent ones get
@@ -192,6 +249,7 @@ impl Default for AmgConfigFile {
             crop_n_points_downscale_factor: c.crop_n_points_downscale_factor,
             point_grids: c.point_grids,
             min_mask_region_area: c.min_mask_region_area,
+            mask_memory_mb: c.mask_memory_mb,
         }
     }
 }
@@ -217,6 +275,7 @@ impl From<AmgConfigFile> for AmgConfig {
             crop_n_points_downscale_factor: f.crop_n_points_downscale_factor,
             point_grids: f.point_grids,
             min_mask_region_area: f.min_mask_region_area,
+            mask_memory_mb: f.mask_memory_mb,
         }
     }
 }
@@ -235,6 +294,9 @@ impl AmgConfig {
     pub fn layer_point_grids(&self) -> Result<Vec<Vec<[f64; 2]>>, AmgError> {
         if self.points_per_batch == 0 {
             return Err(config_err("points_per_batch must be > 0"));
+        }
+        if self.mask_memory_mb == 0 {
+            return Err(config_err("mask_memory_mb must be > 0"));
         }
         let unit = |name: &str, v: f64| {
             if (0.0..=1.0).contains(&v) {
@@ -473,36 +535,73 @@ fn scan_mask(
     offset: usize,
     stride: usize,
 ) -> Scan {
-    let (mut inter, mut union) = (0i32, 0i32);
-    let (mut top, mut bottom, mut left, mut right) = (usize::MAX, 0, usize::MAX, 0);
-    for y in 0..height {
-        let row = &logits[y * width..(y + 1) * width];
-        let dst = &mut out[offset + y * stride..offset + y * stride + width];
-        let (mut hi, mut lo, mut fg) = (0u32, 0u32, 0u32);
-        for (d, &v) in dst.iter_mut().zip(row) {
-            hi += (v > cut.high) as u32;
-            lo += (v > cut.low) as u32;
-            let b = (v > cut.mask) as u8;
-            fg += b as u32;
-            *d = b;
-        }
-        // torch .sum(-1, dtype=int16): each row's count wraps to int16.
-        inter = inter.wrapping_add(hi as u16 as i16 as i32);
-        union = union.wrapping_add(lo as u16 as i16 as i32);
-        if fg > 0 {
-            if top == usize::MAX {
-                top = y;
+    let mut s = ScanRows::default();
+    s.rows(logits, 0..height, width, cut, out, offset, stride);
+    s.finish()
+}
+
+/// [`scan_mask`] in row bands: the counts and box carried from band to band.
+struct ScanRows {
+    inter: i32,
+    union: i32,
+    top: usize,
+    bottom: usize,
+    left: usize,
+    right: usize,
+}
+
+impl Default for ScanRows {
+    fn default() -> Self {
+        ScanRows { inter: 0, union: 0, top: usize::MAX, bottom: 0, left: usize::MAX, right: 0 }
+    }
+}
+
+impl ScanRows {
+    /// Rows `rows` of the mask (`logits` holds exactly them).
+    #[allow(clippy::too_many_arguments)]
+    fn rows(
+        &mut self,
+        logits: &[f32],
+        rows: std::ops::Range<usize>,
+        width: usize,
+        cut: Cutoffs,
+        out: &mut [u8],
+        offset: usize,
+        stride: usize,
+    ) {
+        let ScanRows { inter, union, top, bottom, left, right } = self;
+        for (i, y) in rows.enumerate() {
+            let row = &logits[i * width..(i + 1) * width];
+            let dst = &mut out[offset + y * stride..offset + y * stride + width];
+            let (mut hi, mut lo, mut fg) = (0u32, 0u32, 0u32);
+            for (d, &v) in dst.iter_mut().zip(row) {
+                hi += (v > cut.high) as u32;
+                lo += (v > cut.low) as u32;
+                let b = (v > cut.mask) as u8;
+                fg += b as u32;
+                *d = b;
             }
-            bottom = y;
-            let first = dst.iter().position(|&b| b != 0).unwrap_or(0);
-            let last = dst.iter().rposition(|&b| b != 0).unwrap_or(0);
-            left = left.min(first);
-            right = right.max(last);
+            // torch .sum(-1, dtype=int16): each row's count wraps to int16.
+            *inter = inter.wrapping_add(hi as u16 as i16 as i32);
+            *union = union.wrapping_add(lo as u16 as i16 as i32);
+            if fg > 0 {
+                if *top == usize::MAX {
+                    *top = y;
+                }
+                *bottom = y;
+                let first = dst.iter().position(|&b| b != 0).unwrap_or(0);
+                let last = dst.iter().rposition(|&b| b != 0).unwrap_or(0);
+                *left = (*left).min(first);
+                *right = (*right).max(last);
+            }
         }
     }
-    let bbox =
-        (top != usize::MAX).then_some([left as u32, top as u32, right as u32, bottom as u32]);
-    Scan { intersection: inter, union, bbox }
+
+    fn finish(&self) -> Scan {
+        let bbox = (self.top != usize::MAX)
+            .then_some([self.left as u32, self.top as u32, self.right as u32, self.bottom as u32]);
+        Scan { intersection: self.inter, union: self.union, bbox }
+    }
 }
 
 /// SAM's stability score of one `height x width` logit mask: the IoU of the masks
@@ -845,42 +944,79 @@ fn process_crop(
     let stab_thresh = cfg.stability_score_thresh as f32;
     let orig_box = [0, 0, im_w, im_h];
     let (ch_us, cw_us, im_w_us) = (ch as usize, cw as usize, im_w as usize);
-    let hw = ch_us * cw_us;
     // The full-image binary mask; each mask rewrites the whole crop region, the rest stays 0.
     let mut full = Mask::zeros(im_h, im_w);
     let offset = y0 as usize * im_w_us + x0 as usize;
     let mut records = Vec::new();
+    let budget = (cfg.mask_memory_mb.saturating_mul(1 << 20) / 4).max(1) as usize;
+    let wanted = |iou: f32| cfg.pred_iou_thresh <= 0.0 || iou > iou_thresh; // NaN fails, as in torch
     for batch in points.chunks(cfg.points_per_batch) {
-        let out = model.predict_points(batch)?;
-        check_point_masks(&out, batch.len(), ch_us, cw_us)?;
-        let mpp = out.masks_per_point;
-        for (k, &iou) in out.iou.iter().enumerate() {
-            // NaN fails both filters, as in torch.
-            let iou_ok = cfg.pred_iou_thresh <= 0.0 || iou > iou_thresh;
-            if !iou_ok {
-                continue;
+        // The mask being scanned and the next row it expects.
+        let (mut current, mut next_row) = (usize::MAX, 0usize);
+        let mut scan = ScanRows::default();
+        let mut sink = |p: MaskRows<'_>| -> Result<(), AmgError> {
+            let fresh = p.mask != current;
+            if p.height != ch_us
+                || p.width != cw_us
+                || p.point >= batch.len()
+                || p.rows.start >= p.rows.end
+                || p.rows.end > ch_us
+                || p.logits.len() != p.rows.len() * cw_us
+                || p.rows.start != if fresh { 0 } else { next_row }
+                || (fresh && current != usize::MAX && next_row != ch_us)
+            {
+                return Err(AmgError::Model(format!(
+                    "predict_points_banded: piece rows {:?} of mask {} ({}x{}, {} values) out of order or \
+                     not of the {ch_us}x{cw_us} image",
+                    p.rows,
+                    p.mask,
+                    p.height,
+                    p.width,
+                    p.logits.len()
+                )));
             }
-            let logits = &out.logits[k * hw..(k + 1) * hw];
-            let scan = scan_mask(logits, ch_us, cw_us, cut, full.data_mut(), offset, im_w_us);
-            let stability = scan.intersection as f32 / scan.union as f32;
+            if fresh {
+                (current, scan) = (p.mask, ScanRows::default());
+            }
+            next_row = p.rows.end;
+            scan.rows(p.logits, p.rows.clone(), cw_us, cut, full.data_mut(), offset, im_w_us);
+            if next_row < ch_us {
+                return Ok(());
+            }
+            let done = scan.finish();
+            let stability = done.intersection as f32 / done.union as f32;
             let stable = cfg.stability_score_thresh <= 0.0 || stability >= stab_thresh;
             if !stable {
-                continue;
+                return Ok(());
             }
-            let bbox = scan.bbox.unwrap_or([0; 4]);
+            let bbox = done.bbox.unwrap_or([0; 4]);
             if is_box_near_crop_edge(bbox, crop.xyxy, orig_box, 20.0) {
-                continue;
+                return Ok(());
             }
             records.push(Record {
                 rle: Rle::encode(&full),
                 bbox,
-                iou,
+                iou: p.iou,
                 stability,
-                point: batch[k / mpp],
+                point: batch[p.point],
                 crop: crop.xyxy,
             });
+            Ok(())
+        };
+        let out = model.predict_points_banded(batch, budget, &wanted, &mut sink)?;
+        if current != usize::MAX && next_row != ch_us {
+            return Err(AmgError::Model(format!("predict_points_banded: mask {current} ended at row {next_row} of {ch_us}")));
         }
-        drop(out);
+        if out.height != ch_us || out.width != cw_us || out.masks_per_point == 0 || out.iou.len() != batch.len() * out.masks_per_point {
+            return Err(AmgError::Model(format!(
+                "predict_points_banded returned {} IoUs of {}x{} masks ({} per point) for {} points of a {ch_us}x{cw_us} image",
+                out.iou.len(),
+                out.height,
+                out.width,
+                out.masks_per_point,
+                batch.len()
+            )));
+        }
         tick(batch.len());
     }
     // Remove duplicates within this crop (boxes still in crop coordinates).

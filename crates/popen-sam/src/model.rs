@@ -22,7 +22,7 @@ use popen_model::sam::{
 use popen_model::weights::{apply_checkpoint, Checkpoint, WeightsError};
 use serde::{Deserialize, Serialize};
 
-use crate::amg::{AmgError, PointMasks, PromptModel};
+use crate::amg::{AmgError, MaskRows, PointMasks, PromptModel};
 use crate::tiny_vit::{TinyVit, TinyVitConfig};
 use crate::vit::{ImageEncoderViT, VitEncoderConfig};
 
@@ -216,9 +216,9 @@ pub fn preprocess_shape(h: usize, w: usize, target: usize) -> (usize, usize) {
 /// the padded `size`, keep the first `valid` rows, bilinear to `out` — composed into one
 /// linear map (the same numbers as the two resizes up to float summation order, without
 /// materializing the `size x size` logits).
-pub fn postprocess_matrix(low: usize, size: usize, valid: usize, out: usize) -> Vec<f32> {
-    let up = interp_matrix(low, size); // [size, low]
-    let down = interp_matrix(valid, out); // [out, valid]
+pub fn postprocess_matrix(low: usize, size: usize, valid: usize, out: usize) -> Result<Vec<f32>> {
+    let up = interp_matrix(low, size)?; // [size, low]
+    let down = interp_matrix(valid, out)?; // [out, valid]
     let mut m = vec![0f64; out * low];
     for o in 0..out {
         for v in 0..valid {
@@ -231,7 +231,7 @@ pub fn postprocess_matrix(low: usize, size: usize, valid: usize, out: usize) -> 
             }
         }
     }
-    m.into_iter().map(|x| x as f32).collect()
+    Ok(m.into_iter().map(|x| x as f32).collect())
 }
 
 impl<B: Backend> SamPredictor<B> {
@@ -257,6 +257,12 @@ impl<B: Backend> SamPredictor<B> {
         }
         let size = self.config.image_size;
         let (nh, nw) = preprocess_shape(h as usize, w as usize, size);
+        if nh == 0 || nw == 0 {
+            return Err(SamModelError::Image(format!(
+                "image {w}x{h} resizes to {nw}x{nh} at SAM's input size {size}: a side of 0 pixels \
+                 (aspect ratio too extreme)"
+            )));
+        }
         let resized = resize_pil(image, nw as u32, nh as u32, PilFilter::Bilinear);
         let (mean, std) = (self.config.pixel_mean, self.config.pixel_std);
         let mut data = vec![0f32; 3 * size * size];
@@ -284,19 +290,15 @@ impl<B: Backend> SamPredictor<B> {
         let original_hw = (image.height() as usize, image.width() as usize);
         let (lh, lw) = (4 * eh, 4 * ew);
         let size = self.config.image_size;
-        let mat = |low, valid, out| {
-            Tensor::<B, 2>::from_data(
-                TensorData::new(postprocess_matrix(low, size, valid, out), [out, low]),
+        let mat = |low, valid, out| -> Result<Tensor<B, 2>> {
+            Ok(Tensor::<B, 2>::from_data(
+                TensorData::new(postprocess_matrix(low, size, valid, out)?, [out, low]),
                 &self.device,
-            )
+            ))
         };
-        self.state = Some(ImageState {
-            embedding,
-            original_hw,
-            input_hw,
-            post_h: mat(lh, input_hw.0, original_hw.0),
-            post_w: mat(lw, input_hw.1, original_hw.1),
-        });
+        let post_h = mat(lh, input_hw.0, original_hw.0)?;
+        let post_w = mat(lw, input_hw.1, original_hw.1)?;
+        self.state = Some(ImageState { embedding, original_hw, input_hw, post_h, post_w });
         Ok(())
     }
 
@@ -312,6 +314,19 @@ impl<B: Backend> SamPredictor<B> {
     /// Answer `prompts` (all with the same number of points and all with or all without a
     /// box: they run as one batch). Coordinates are original-image pixels.
     pub fn predict(&self, prompts: &[Prompt], multimask: bool) -> Result<Prediction<B>> {
+        let (low_res, iou) = self.predict_low_res(prompts, multimask)?;
+        let st = self.state.as_ref().ok_or(SamModelError::NoImage)?;
+        let masks = self.postprocess(st, low_res.clone());
+        Ok(Prediction {
+            masks,
+            iou,
+            low_res,
+        })
+    }
+
+    /// [`Self::predict`] without the postprocessing: the decoder's low-resolution logits
+    /// `[n, k, 256, 256]` and the predicted IoUs `[n, k]` (see [`Self::postprocess_rows`]).
+    pub fn predict_low_res(&self, prompts: &[Prompt], multimask: bool) -> Result<(Tensor<B, 4>, Tensor<B, 2>)> {
         let st = self.state.as_ref().ok_or(SamModelError::NoImage)?;
         let n = prompts.len();
         if n == 0 {
@@ -373,19 +388,28 @@ impl<B: Backend> SamPredictor<B> {
             Tensor::<B, 2>::from_data(TensorData::new(v, [n, 4]), &self.device)
         });
         let (sparse, dense) = self.model.prompt_encoder.forward(points, boxes, None, None)?;
-        let (low_res, iou) = self.model.mask_decoder.forward(
+        Ok(self.model.mask_decoder.forward(
             st.embedding.clone(),
             self.model.prompt_encoder.get_dense_pe(),
             sparse,
             dense,
             multimask,
-        )?;
-        let masks = self.postprocess(st, low_res.clone());
-        Ok(Prediction {
-            masks,
-            iou,
-            low_res,
-        })
+        )?)
+    }
+
+    /// Rows `rows` of the original-size logits of low-resolution masks `low` `[m, lh, lw]`:
+    /// `[m, rows.len(), w]`, the same numbers as [`Self::predict`]'s masks (each output row
+    /// is its own linear map of the low-res mask), without the rows outside `rows`.
+    pub fn postprocess_rows(&self, low: Tensor<B, 3>, rows: std::ops::Range<usize>) -> Result<Tensor<B, 3>> {
+        let st = self.state.as_ref().ok_or(SamModelError::NoImage)?;
+        let [m, lh, lw] = low.dims();
+        let (oh, ow) = st.original_hw;
+        if rows.start >= rows.end || rows.end > oh {
+            return Err(SamModelError::Prompt(format!("rows {rows:?} of a {oh}-row image")));
+        }
+        let x = low.reshape([m * lh, lw]).matmul(st.post_w.clone().transpose()).reshape([m, lh, ow]);
+        let post_h = if rows == (0..oh) { st.post_h.clone() } else { st.post_h.clone().slice([rows.clone(), 0..lh]) };
+        Ok(post_h.unsqueeze::<3>().matmul(x))
     }
 
     fn postprocess(&self, st: &ImageState<B>, low: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -403,20 +427,77 @@ impl<B: Backend> SamPredictor<B> {
     }
 }
 
+fn point_prompts(points: &[[f64; 2]]) -> Vec<Prompt> {
+    points.iter().map(|p| Prompt { points: vec![*p], labels: vec![1], bbox: None }).collect()
+}
+
 impl<B: Backend> PromptModel for SamPredictor<B> {
+    /// The decoder runs once on the whole batch (its low-res output is small); only the
+    /// upsampling to the original size is split: groups of whole masks of at most
+    /// `max_values` logits, or row bands of one mask when a mask alone is larger. Memory is
+    /// then bounded by `max_values` (plus one mask's `256 x w` intermediate), not by
+    /// points x masks x the image's pixels.
+    fn predict_points_banded(
+        &mut self,
+        points: &[[f64; 2]],
+        max_values: usize,
+        wanted: &dyn Fn(f32) -> bool,
+        sink: &mut dyn FnMut(MaskRows<'_>) -> std::result::Result<(), AmgError>,
+    ) -> std::result::Result<PointMasks, AmgError> {
+        let model_err = |e: SamModelError| AmgError::Model(e.to_string());
+        let (low, iou) = self.predict_low_res(&point_prompts(points), true).map_err(model_err)?;
+        let [n, k, lh, lw] = low.dims();
+        let iou = iou
+            .into_data()
+            .into_vec::<f32>()
+            .map_err(|e| AmgError::Model(format!("IoU predictions: {e:?}")))?;
+        let (h, w) = self.original_hw().ok_or_else(|| model_err(SamModelError::NoImage))?;
+        let keep: Vec<usize> = (0..n * k).filter(|&i| wanted(iou[i])).collect();
+        let low = low.reshape([n * k, lh, lw]);
+        let device = self.device.clone();
+        let per_mask = h.max(lh) * w;
+        let to_vec = |t: Tensor<B, 3>| {
+            t.into_data().into_vec::<f32>().map_err(|e| AmgError::Model(format!("mask logits: {e:?}")))
+        };
+        let pick = |idx: &[usize]| {
+            let ids: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+            low.clone().select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [idx.len()]), &device))
+        };
+        if per_mask <= max_values {
+            let group = (max_values / per_mask).max(1);
+            for idx in keep.chunks(group) {
+                let logits = to_vec(self.postprocess_rows(pick(idx), 0..h).map_err(model_err)?)?;
+                for (j, &m) in idx.iter().enumerate() {
+                    let piece = &logits[j * h * w..(j + 1) * h * w];
+                    sink(MaskRows { mask: m, point: m / k, iou: iou[m], rows: 0..h, width: w, height: h, logits: piece })?;
+                }
+            }
+        } else {
+            let band = (max_values / w.max(1)).max(1);
+            for &m in &keep {
+                let one = pick(&[m]);
+                let mut r0 = 0;
+                while r0 < h {
+                    let r1 = (r0 + band).min(h);
+                    let logits = to_vec(self.postprocess_rows(one.clone(), r0..r1).map_err(model_err)?)?;
+                    sink(MaskRows { mask: m, point: m / k, iou: iou[m], rows: r0..r1, width: w, height: h, logits: &logits })?;
+                    r0 = r1;
+                }
+            }
+        }
+        Ok(PointMasks { height: h, width: w, masks_per_point: k, logits: Vec::new(), iou })
+    }
+
     fn set_image(&mut self, image: &RgbImage) -> std::result::Result<(), AmgError> {
-        SamPredictor::set_image(self, image).map_err(|e| AmgError::Model(e.to_string()))
+        SamPredictor::set_image(self, image).map_err(|e| match e {
+            // The image's fault (e.g. a side that rounds to 0 pixels): the caller may skip it.
+            SamModelError::Image(m) => AmgError::Image(m),
+            e => AmgError::Model(e.to_string()),
+        })
     }
 
     fn predict_points(&mut self, points: &[[f64; 2]]) -> std::result::Result<PointMasks, AmgError> {
-        let prompts: Vec<Prompt> = points
-            .iter()
-            .map(|p| Prompt {
-                points: vec![*p],
-                labels: vec![1],
-                bbox: None,
-            })
-            .collect();
+        let prompts = point_prompts(points);
         let pred = self
             .predict(&prompts, true)
             .map_err(|e| AmgError::Model(e.to_string()))?;

@@ -5,20 +5,24 @@
 //!
 //! Sharded (`--shard I/N` takes positions `pos % N == I`), resumable (records are committed
 //! every `chunk` images beside the output, see [`popen_core::shard::ResumableWriter`]; a
-//! rerun after a kill skips them and ends with the same file), and a corrupt image is
-//! skipped with its reason in the manifest, never a crash.
+//! rerun after a kill skips them and ends with the same file), and a corrupt image, or one
+//! outside `[limits]` ([`ImageLimits`]: checked from the header, before decoding) or that
+//! the generator cannot process, is skipped with its reason in the manifest and a warning
+//! on stderr, never a crash. Memory per image is bounded by `limits.max_pixels` and
+//! `amg.mask_memory_mb`, not by points x masks x pixels.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::prelude::*;
 use image::RgbImage;
+use popen_core::imageio::ImageLimits;
 use popen_core::manifest::{manifest_beside, Manifest};
 use popen_core::shard::{for_each_taken, ProposalSet, ResumableWriter, Sample};
 use popen_core::shardspec::ShardSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::amg::{generate, AmgConfig, AmgMask};
+use crate::amg::{generate, AmgConfig, AmgError, AmgMask};
 use crate::model::{Sam, SamConfig, SamKind, SamPredictor};
 
 /// Stage errors (the message names the file and record).
@@ -47,6 +51,8 @@ pub struct SamMasksConfig {
     pub chunk: usize,
     /// The automatic mask generator (SAM's defaults).
     pub amg: AmgConfig,
+    /// Per-image size and aspect limits; an image outside them is skipped.
+    pub limits: ImageLimits,
 }
 
 impl Default for SamMasksConfig {
@@ -56,6 +62,7 @@ impl Default for SamMasksConfig {
             checkpoint: PathBuf::from("data/assets/mobile_sam/mobile_sam.pt"),
             chunk: 8,
             amg: AmgConfig::default(),
+            limits: ImageLimits::default(),
         }
     }
 }
@@ -143,6 +150,8 @@ pub fn run<B: Backend>(
 ) -> Result<SamMasksReport> {
     let t0 = Instant::now();
     let kind = cfg.kind()?;
+    cfg.limits.validate().map_err(StageError::Input)?;
+    cfg.amg.validate().map_err(|e| StageError::Input(e.to_string()))?;
     if !cfg.checkpoint.is_file() {
         return Err(StageError::Input(format!(
             "SAM checkpoint {} not found{}",
@@ -194,12 +203,21 @@ pub fn run<B: Backend>(
             Ok(i) => i,
             Err(why) => {
                 skipped += 1;
-                m.skip(id, why);
+                m.skip_warn(id, why);
                 return Ok(());
             }
         };
-        let masks = generate(&mut predictor, &img, &cfg.amg, &mut |_, _| {})
-            .map_err(|e| StageError::Model(format!("record '{id}': {e}")))?;
+        let masks = match generate(&mut predictor, &img, &cfg.amg, &mut |_, _| {}) {
+            Ok(masks) => masks,
+            // The image's own fault (too small for the crops, a side of 0 pixels at SAM's
+            // input size): skip it; a model failure stops the run.
+            Err(e @ AmgError::Image(_)) => {
+                skipped += 1;
+                m.skip_warn(id, e.to_string());
+                return Ok(());
+            }
+            Err(e) => return Err(StageError::Model(format!("record '{id}': {e}"))),
+        };
         masks_total += masks.len();
         w.write(proposal_record(id, &img, &masks, meta.clone()))?;
         Ok(())
@@ -207,7 +225,8 @@ pub fn run<B: Backend>(
     match source {
         ImageSource::Samples(path) => {
             for_each_taken::<Sample, StageError>(path, shard, Some("sam-masks"), |s| {
-                let img = popen_core::imageio::decode_rgb(&s.image, Some(&s.id)).map_err(|e| e.to_string());
+                let img = popen_core::imageio::decode_rgb_limited(&s.image, Some(&s.id), &cfg.limits)
+                    .map_err(|e| e.to_string());
                 one(&s.id, img, &mut writer, &mut manifest)
             })?;
         }
@@ -222,7 +241,10 @@ pub fn run<B: Backend>(
                 let id = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 let img = std::fs::read(f)
                     .map_err(|e| format!("{}: {e}", f.display()))
-                    .and_then(|b| popen_core::imageio::decode_rgb(&b, Some(&f.display().to_string())).map_err(|e| e.to_string()));
+                    .and_then(|b| {
+                        popen_core::imageio::decode_rgb_limited(&b, Some(&f.display().to_string()), &cfg.limits)
+                            .map_err(|e| e.to_string())
+                    });
                 one(&id, img, &mut writer, &mut manifest)?;
             }
             bar.finish();

@@ -94,23 +94,15 @@ pub fn run<B: Backend>(
     manifest.add_input(samples)?;
     manifest.add_input(model_dir.join(bundle::WEIGHTS_FILE))?;
     let (mut n, mut issues, mut n_fallbacks) = (0usize, 0usize, 0usize);
-    let mut pending: Vec<Sample> = Vec::with_capacity(cfg.batch_size);
+    // Records validated one by one (image decodes within the limits, prompt fits the
+    // model) BEFORE batching: a bad record is skipped alone, its batch-mates still run.
+    let mut pending: Vec<(Sample, image::RgbImage)> = Vec::with_capacity(cfg.batch_size);
     let model_name = model.config().name.clone();
-    let mut flush = |pending: &mut Vec<Sample>, writer: &mut ShardWriter<Prediction>, manifest: &mut Manifest| -> Result<()> {
+    let mut flush = |pending: &mut Vec<(Sample, image::RgbImage)>, writer: &mut ShardWriter<Prediction>| -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
-        let mut images = Vec::with_capacity(pending.len());
-        let mut keep = Vec::with_capacity(pending.len());
-        for s in pending.drain(..) {
-            match s.decode_image() {
-                Ok(im) => {
-                    images.push(im);
-                    keep.push(s);
-                }
-                Err(e) => manifest.skip(s.id.clone(), e.to_string()),
-            }
-        }
+        let (keep, images): (Vec<Sample>, Vec<image::RgbImage>) = pending.drain(..).unzip();
         let items: Vec<(&image::RgbImage, &str)> = images.iter().zip(&keep).map(|(im, s)| (im, s.instruction.as_str())).collect();
         let mut fallbacks: Vec<Option<usize>> = vec![None; keep.len()];
         let preds = if cfg.teacher_force {
@@ -186,13 +178,35 @@ pub fn run<B: Backend>(
         Ok(())
     };
     for_each_taken(samples, &shard, progress.then_some("predict"), |s: Sample| -> Result<()> {
-        pending.push(s);
+        let image = match s.decode_image() {
+            Ok(im) => im,
+            Err(e) => {
+                manifest.skip_warn(s.id.clone(), e.to_string());
+                return Ok(());
+            }
+        };
+        let new_tokens = if cfg.teacher_force {
+            match predictor.answer_ids(&s.answer, model.config().seg_group_len()) {
+                Ok(ids) => ids.len(),
+                Err(e) => {
+                    manifest.skip_warn(s.id.clone(), format!("answer: {e}"));
+                    return Ok(());
+                }
+            }
+        } else {
+            cfg.sampling.max_new_tokens.max(cfg.ensemble.as_ref().map_or(0, |e| e.max_new_tokens))
+        };
+        if let Err(why) = predictor.check_prompt(&s.instruction, new_tokens) {
+            manifest.skip_warn(s.id.clone(), why);
+            return Ok(());
+        }
+        pending.push((s, image));
         if pending.len() == cfg.batch_size {
-            flush(&mut pending, &mut writer, &mut manifest)?;
+            flush(&mut pending, &mut writer)?;
         }
         Ok(())
     })?;
-    flush(&mut pending, &mut writer, &mut manifest)?;
+    flush(&mut pending, &mut writer)?;
     let rows = writer.finish()?;
     manifest.add_output(out, Some(rows as u64))?;
     manifest.count("predictions", n as u64);

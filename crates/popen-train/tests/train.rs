@@ -386,6 +386,64 @@ fn predict_writes_a_consistent_shard() {
     }
 }
 
+/// Issue 20 item 4: bad records are validated one by one before batching, skipped with
+/// their reason (manifest + stderr warning), and their batch-mates still predicted. Generated
+/// bad records: an instruction over the model's max_length and one whose prompt with the image
+/// tokens passes max_position_embeddings (old code: fed to the LLM as is; a 34,000-token one
+/// made a 7B batch allocate 148 GB), a 100000x1 image (old code: the whole batch failed in
+/// preprocessing), bytes that are no image. All six records in ONE batch.
+#[test]
+fn predict_skips_bad_records_alone() {
+    let w = world();
+    let samples = read_shard::<Sample>(&w.train).unwrap();
+    let mut long = samples[1].clone();
+    long.id = "long".into();
+    long.instruction = vec![long.instruction.as_str(); 120].join(" ");
+    // Under max_length in text (493 tokens) but over the positions with the image tokens.
+    let mut longish = samples[1].clone();
+    longish.id = "longish".into();
+    longish.instruction = vec![longish.instruction.as_str(); 60].join(" ");
+    let mut strip = samples[2].clone();
+    strip.id = "strip".into();
+    strip.image = popen_core::imageio::uniform_png(100_000, 1, 128).unwrap();
+    (strip.width, strip.height) = (100_000, 1);
+    strip.answer = "Nothing.".into();
+    strip.target_names.clear();
+    strip.target_masks.clear();
+    strip.target_instances.clear();
+    strip.instance_names.clear();
+    strip.instance_masks.clear();
+    let mut junk = samples[3].clone();
+    junk.id = "junk".into();
+    junk.image = b"\x89PNG\r\n\x1a\n truncated".to_vec();
+    let shard = w.root.join("bad-records.parquet");
+    write_shard(&shard, vec![samples[0].clone(), long, longish, strip, junk, samples[4].clone()]).unwrap();
+    let out = w.root.join("pred-bad.parquet");
+    let cfg = popen_train::predict::PredictConfig {
+        batch_size: 8,
+        sampling: popen_model::sampling::SamplingConfig { max_new_tokens: 4, ..Default::default() },
+        teacher_force: false,
+        ensemble: None,
+        sam_cache: None,
+    };
+    let one = popen_core::shardspec::ShardSpec::new(0, 1).unwrap();
+    let r = popen_train::predict::run::<B>(&w.model, &shard, &out, &cfg, one, false, &Default::default()).unwrap();
+    assert_eq!(r.predictions, 2);
+    let ids: Vec<String> = read_shard::<Prediction>(&out).unwrap().into_iter().map(|p| p.id).collect();
+    assert_eq!(ids, [samples[0].id.clone(), samples[4].id.clone()]);
+    let m = popen_core::manifest::Manifest::read(w.root.join("pred-bad.manifest.json")).unwrap();
+    let reasons: Vec<(&str, &str)> = m.skipped.iter().map(|s| (s.record.as_str(), s.reason.as_str())).collect();
+    assert_eq!(reasons.iter().map(|r| r.0).collect::<Vec<_>>(), ["long", "longish", "strip", "junk"]);
+    assert!(reasons[0].1.contains("instruction: prompt of") && reasons[0].1.contains("text tokens > the model's max_length 512"), "{reasons:?}");
+    assert!(reasons[1].1.contains("image tokens) + 4 new tokens > the model's max_position_embeddings 512"), "{reasons:?}");
+    assert!(reasons[2].1.contains("image 100000x1: aspect 100000 > max_aspect 20"), "{reasons:?}");
+    assert!(reasons[3].1.contains("corrupt"), "{reasons:?}");
+    // Teacher forcing counts the answer against the positions too (prompt + answer tokens).
+    let tf = popen_train::predict::PredictConfig { teacher_force: true, ..cfg };
+    let r = popen_train::predict::run::<B>(&w.model, &shard, &w.root.join("pred-bad-tf.parquet"), &tf, one, false, &Default::default()).unwrap();
+    assert_eq!(r.predictions, 2);
+}
+
 /// The gradient SFT relies on for the masks, d loss / d f through the pixel decoder and the
 /// postprocessing to the original image size, equals central finite differences (an
 /// independent reference: the forward pass alone). Checked on a random tiny model and a

@@ -30,6 +30,12 @@ pub struct ShardOutput {
 
 /// The N task outputs of stage output `out` (`ShardSpec::output_path` of each task).
 pub fn shard_outputs(out: &Path, count: u32) -> Result<Vec<ShardOutput>> {
+    if count == 0 {
+        return Err(CoreError::Invalid(format!(
+            "{}: 0 shards to merge; N is the job array's task count (>= 1), as in --shard I/N",
+            out.display()
+        )));
+    }
     (0..count)
         .map(|i| {
             let shard = ShardSpec::new(i, count)?;
@@ -169,7 +175,10 @@ impl Keyed for ProposalSet {
 /// task `p % N`'s). The record kind is read from the shard files.
 pub fn merge_stage(out: &Path, count: u32, order: &[String]) -> Result<MergeReport> {
     let shards = check_shards(out, count)?;
-    let kind = read_kind(&shards[0].0.path)?.unwrap_or_default();
+    let Some((first, _)) = shards.first() else {
+        return Err(CoreError::Invalid(format!("{}: no shards to merge", out.display())));
+    };
+    let kind = read_kind(&first.path)?.unwrap_or_default();
     let rows = match kind.as_str() {
         k if k == Prediction::KIND => merge_records::<Prediction>(out, &shards, order)?,
         k if k == TextPref::KIND => merge_records::<TextPref>(out, &shards, order)?,
