@@ -394,14 +394,7 @@ fn batch_loss<B: AutodiffBackend>(
 /// The loss of one fixed batch under `model` (tests, diagnostics): samples `ids` of the
 /// shard, the job's config. The same function the stage steps on.
 pub fn loss_of<B: AutodiffBackend>(job: &EnsembleJob, model: &PixelLm<B>, ids: &[usize], device: &B::Device) -> Result<f32> {
-    let stage::Opened { tokenizer, tokens, .. } = stage::open_init::<B>(job.init, device)?;
-    let samples: Vec<Sample> = read_shard(job.samples)?;
-    let minilm = load_minilm::<B::InnerBackend>(&job.config.minilm, device)?;
-    let pre = Preprocessor::pixellm(model.config().image_size);
-    let batch: Vec<&Sample> = ids.iter().map(|&i| &samples[i]).collect();
-    let sm = SftModel { pixellm: model.clone() };
-    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, None, job.config, None).map_err(TrainError::Data)?;
-    Ok(st.loss)
+    loss_with(job, model, None, ids, device)
 }
 
 /// [`loss_of`] `model` on the candidates and y_tilde that `decoder` samples and decodes
@@ -414,13 +407,23 @@ pub fn loss_of_decoded_by<B: AutodiffBackend>(
     ids: &[usize],
     device: &B::Device,
 ) -> Result<f32> {
+    loss_with(job, model, Some(decoder), ids, device)
+}
+
+fn loss_with<B: AutodiffBackend>(
+    job: &EnsembleJob,
+    model: &PixelLm<B>,
+    decoder: Option<&PixelLm<B>>,
+    ids: &[usize],
+    device: &B::Device,
+) -> Result<f32> {
     let stage::Opened { tokenizer, tokens, .. } = stage::open_init::<B>(job.init, device)?;
     let samples: Vec<Sample> = read_shard(job.samples)?;
     let minilm = load_minilm::<B::InnerBackend>(&job.config.minilm, device)?;
     let pre = Preprocessor::pixellm(model.config().image_size);
     let batch: Vec<&Sample> = ids.iter().map(|&i| &samples[i]).collect();
     let sm = SftModel { pixellm: model.clone() };
-    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, None, job.config, Some(decoder)).map_err(TrainError::Data)?;
+    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, None, job.config, decoder).map_err(TrainError::Data)?;
     Ok(st.loss)
 }
 
