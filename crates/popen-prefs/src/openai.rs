@@ -216,8 +216,9 @@ impl Corrector for OpenAiCorrector {
     fn settings(&self) -> serde_json::Value {
         let c = self.client.config();
         serde_json::json!({
+            // Not the base URL: the same model behind another endpoint (a fixed host, a new
+            // port) corrects the same way, and a rerun after an outage resumes its parts.
             "kind": "openai",
-            "base_url": c.base_url,
             "model": c.model,
             "temperature": c.temperature,
             "max_tokens": c.max_tokens,

@@ -420,8 +420,11 @@ fn model_toml_rejects_unknown_keys_in_every_section() {
         let text = if section.is_empty() {
             format!("{line}\n{good}")
         } else {
-            assert!(good.contains(section), "{section}");
-            good.replacen(section, &format!("{section}\n{line}"), 1)
+            // After the section's header line (the name also appears in comments).
+            let mut lines: Vec<&str> = good.lines().collect();
+            let at = lines.iter().position(|l| l.starts_with(section)).unwrap_or_else(|| panic!("no {section} header"));
+            lines.insert(at + 1, line);
+            lines.join("\n")
         };
         let path = tmp.path().join("model.toml");
         std::fs::write(&path, &text).unwrap();

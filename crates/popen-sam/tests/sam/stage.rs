@@ -109,7 +109,13 @@ fn sam_masks_skips_bad_records_and_reruns() {
     let dev = Default::default();
     let out = dir.path().join("sam.parquet");
     for attempt in 0..2 {
+        if attempt == 1 {
+            // The second attempt recomputes (as `--force` does: no manifest), so it meets the
+            // bad records again; a plain rerun of the complete output does nothing (below).
+            std::fs::remove_file(manifest_beside(&out)).unwrap();
+        }
         let r = run::<Cpu>(&cfg, &ImageSource::Samples(shard.clone()), &out, &ShardSpec::ALL, &dev).unwrap();
+        assert!(!r.up_to_date);
         assert_eq!((r.images, r.skipped), (5, 3), "attempt {attempt}");
         let ids: Vec<String> = read_shard::<ProposalSet>(&out).unwrap().into_iter().map(|p| p.id).collect();
         assert_eq!(ids, [good[0].id.clone(), good[1].id.clone()]);
@@ -120,6 +126,8 @@ fn sam_masks_skips_bad_records_and_reruns() {
         assert!(reasons[1].0 == "bad-1" && reasons[1].1.contains("100000000 pixels > max_pixels 67108864"), "{reasons:?}");
         assert!(reasons[2].0 == "bad-2" && reasons[2].1.contains("aspect 20.5 > max_aspect 20"), "{reasons:?}");
     }
+    let r = run::<Cpu>(&cfg, &ImageSource::Samples(shard.clone()), &out, &ShardSpec::ALL, &dev).unwrap();
+    assert!(r.up_to_date, "same definition: complete");
     // Limits off: the strip gets to SAM's preprocessing, an error there, not a panic.
     let strip_only = dir.path().join("strip.parquet");
     write_shard(&strip_only, vec![samples[1].clone()]).unwrap();
