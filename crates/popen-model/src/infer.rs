@@ -133,8 +133,9 @@ impl<'a, B: Backend> Predictor<'a, B> {
     /// message names the field and the limit.
     pub fn check_prompt(&self, instruction: &str, new_tokens: usize) -> std::result::Result<usize, String> {
         let cfg = self.model.config();
-        let text = self.tokenizer.pixellm_prompt(instruction);
-        let pieces = self.tokenizer.encode_with_image(&text).map_err(|e| format!("instruction: {e}"))?;
+        // The pieces inference encodes (the instruction literally: control-token text in it
+        // is text, not one more image).
+        let pieces = self.tokenizer.pixellm_prompt_pieces(instruction).map_err(|e| format!("instruction: {e}"))?;
         let mut text_tokens = 0usize;
         let mut images = 0usize;
         for p in &pieces {
