@@ -149,11 +149,10 @@ impl Lexicon {
     /// sha256 of the lexicon's content (kind, classes, forms, colours; sorted), for a stage's
     /// definition: the same words give the same hash whatever file they came from.
     pub fn fingerprint(&self) -> String {
-        use sha2::{Digest, Sha256};
         let forms: std::collections::BTreeMap<&String, &String> = self.forms.iter().collect();
         let colours: std::collections::BTreeSet<&String> = self.colours.iter().collect();
         let v = serde_json::json!({"kind": self.kind, "classes": self.classes, "forms": forms, "colours": colours});
-        hex::encode(Sha256::digest(crate::manifest::canonical_json(&v).as_bytes()))
+        crate::manifest::sha256_hex(crate::manifest::canonical_json(&v).as_bytes())
     }
 
     fn build(kind: &str, entries: Vec<(String, Vec<String>)>, colours: Vec<String>) -> Result<Lexicon> {

@@ -75,7 +75,7 @@ impl Manifest {
     pub fn new(stage: &str, config: &impl Serialize) -> Result<Self> {
         let config = serde_json::to_value(config)
             .map_err(|e| CoreError::Invalid(format!("config of stage '{stage}' is not serializable: {e}")))?;
-        let config_hash = hex::encode(Sha256::digest(canonical_json(&config).as_bytes()));
+        let config_hash = sha256_hex(canonical_json(&config).as_bytes());
         Ok(Manifest {
             stage: stage.to_string(),
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -290,7 +290,7 @@ impl Definition {
             "inputs": self.inputs.iter().map(|i| i.sha256.as_str()).collect::<Vec<_>>(),
             "shard": self.shard,
         });
-        hex::encode(Sha256::digest(canonical_json(&v).as_bytes()))
+        sha256_hex(canonical_json(&v).as_bytes())
     }
 
     /// The manifest of a run of this definition (outputs, counts and timings to be added).
@@ -320,6 +320,27 @@ impl Definition {
             return Freshness::Complete(hash);
         }
         Freshness::Stale(self.differences(&old))
+    }
+
+    /// [`freshness`](Self::freshness) of `out` (manifest beside it), said on stderr: true when
+    /// `out` is already this definition's complete result (nothing to do), false when the
+    /// stage must (re)compute it, after saying why an existing output is stale.
+    pub fn is_complete(&self, out: &Path) -> bool {
+        match self.freshness(out, &manifest_beside(out)) {
+            Freshness::Complete(hash) => {
+                eprintln!(
+                    "{} is complete: same definition {} (config, inputs, shard); nothing to do (--force recomputes it)",
+                    out.display(),
+                    &hash[..12]
+                );
+                true
+            }
+            Freshness::Stale(why) => {
+                eprintln!("{} exists but is not this run's result ({why}): recomputing", out.display());
+                false
+            }
+            Freshness::Missing => false,
+        }
     }
 
     /// Why `old` (a manifest of an earlier run) is not this definition, in words.

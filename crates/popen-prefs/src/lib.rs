@@ -239,19 +239,9 @@ pub(crate) fn open_stage<B: burn::prelude::Backend, R: popen_core::shard::Record
     id_of: fn(&R) -> String,
     device: &B::Device,
 ) -> Result<Option<(popen_model::bundle::Bundle<B>, popen_core::shard::ResumableWriter<R>, popen_core::manifest::Manifest)>> {
-    use popen_core::manifest::{manifest_beside, Freshness};
     use popen_model::bundle;
-    match def.freshness(out, &manifest_beside(out)) {
-        Freshness::Complete(hash) => {
-            eprintln!(
-                "{} is complete: same definition {} (config, inputs, model, shard); nothing to do (--force recomputes it)",
-                out.display(),
-                &hash[..12]
-            );
-            return Ok(None);
-        }
-        Freshness::Stale(why) => eprintln!("{} exists but is not this run's result ({why}): recomputing", out.display()),
-        Freshness::Missing => {}
+    if def.is_complete(out) {
+        return Ok(None);
     }
     let b = bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
     // The reference model of the records (their log-probs / embeddings): `dpo` checks it.

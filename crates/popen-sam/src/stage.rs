@@ -171,19 +171,8 @@ pub fn run<B: Backend>(
         }
     }
     let def = def.shard(shard).ignoring(&["chunk"]);
-    match def.freshness(out, &manifest_beside(out)) {
-        popen_core::manifest::Freshness::Complete(hash) => {
-            eprintln!(
-                "{} is complete: same definition {} (config, checkpoint, images, shard); nothing to do (--force recomputes it)",
-                out.display(),
-                &hash[..12]
-            );
-            return Ok(SamMasksReport { output: out.to_path_buf(), up_to_date: true, images: 0, resumed: 0, skipped: 0, masks: 0, seconds: 0.0 });
-        }
-        popen_core::manifest::Freshness::Stale(why) => {
-            eprintln!("{} exists but is not this run's result ({why}): recomputing", out.display())
-        }
-        popen_core::manifest::Freshness::Missing => {}
+    if def.is_complete(out) {
+        return Ok(SamMasksReport { output: out.to_path_buf(), up_to_date: true, images: 0, resumed: 0, skipped: 0, masks: 0, seconds: 0.0 });
     }
     let model = Sam::<B>::load(kind, &cfg.checkpoint, device)
         .map_err(|e| StageError::Model(format!("{}: {e}", cfg.checkpoint.display())))?;
