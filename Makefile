@@ -13,7 +13,7 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv check-refenv refenv-lock check-refenv-lock config-fixtures help test-slurm cluster-demo
+.PHONY: popen-ablations ablation-ensemble bench-cpu build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv check-refenv refenv-lock check-refenv-lock config-fixtures help test-slurm cluster-demo
 
 help:
 	@echo "make demo        the whole POPEN pipeline: benchmark -> SFT -> collect-pt/ps -> dpo -> ensemble-train -> eval ($(OUT))"
@@ -129,17 +129,19 @@ baseline: sft
 	$(MAKE) --no-print-directory predict eval
 	@echo "baseline: model in $(MODEL), predictions in $(PRED), reports and overlays in $(EVAL_OUT)"
 
-# The whole POPEN pipeline on the embedded benchmark (CPU, ~40 min on 2 cores): the SFT
+# The whole POPEN pipeline on the embedded benchmark (CPU, ~30 min on 2 cores): the SFT
 # baseline, then collect-pt -> collect-ps (phase 1, phase 2) -> dpo -> ensemble-train, each
 # model predicted and evaluated on $(SPLIT); prints the paper's Table-3 shape. Every stage is
 # resumable or skips complete outputs, so a killed demo continues when run again.
 # The collect stages take DEMO_PT_SAMPLES / DEMO_PS_SAMPLES train samples (their configs'
-# max_samples; 0 = all) and the ensemble predicts with K = $(ENSEMBLE_K), as the paper and with
-# --ensemble-fallback (the best candidate where y_tilde has no usable <seg> group).
+# max_samples; 0 = all) and the ensemble predicts with K = $(ENSEMBLE_K), as the paper. The
+# ensemble model is also predicted without the fed-back seg embeddings (the paper's "without
+# segmentation embedding ensemble" ablation: same model, one flag).
 DEMO_PT_SAMPLES ?= 96
 DEMO_PS_SAMPLES ?= 32
 ENSEMBLE_K ?= 3
-POPEN_ROWS = "SFT baseline=model" "POPEN w/o ensemble (dpo)=dpo" "POPEN (dpo + ensemble K=$(ENSEMBLE_K))=popen" "... ensemble with fallback (not in the paper)=popen-fallback" "largest instance=baseline-largest" "nothing=baseline-nothing"
+POPEN_ROWS = "SFT baseline=model" "POPEN w/o ensemble (dpo)=dpo" "POPEN (dpo + ensemble K=$(ENSEMBLE_K))=popen" "... w/o seg-embedding ensemble=popen-no-seg-feedback" "largest instance=baseline-largest" "nothing=baseline-nothing"
+POPEN_PAIRS = --paired model:dpo dpo:popen model:popen
 demo: baseline
 	$(MAKE) --no-print-directory collect-pt PT_FLAGS="--max-samples $(DEMO_PT_SAMPLES)"
 	$(MAKE) --no-print-directory collect-ps PHASE=1 PS_FLAGS="--max-samples $(DEMO_PS_SAMPLES)"
@@ -148,18 +150,38 @@ demo: baseline
 	$(MAKE) --no-print-directory predict eval-pred MODEL=$(OUT)/dpo/model PRED=$(OUT)/pred/$(SPLIT)-dpo.parquet EVAL_NAME=dpo
 	$(MAKE) --no-print-directory ensemble-train
 	$(MAKE) --no-print-directory predict eval-pred MODEL=$(OUT)/ensemble/model PRED=$(OUT)/pred/$(SPLIT)-popen.parquet EVAL_NAME=popen PREDICT_FLAGS="--ensemble $(ENSEMBLE_K)"
-	$(MAKE) --no-print-directory predict eval-pred MODEL=$(OUT)/ensemble/model PRED=$(OUT)/pred/$(SPLIT)-popen-fallback.parquet EVAL_NAME=popen-fallback PREDICT_FLAGS="--ensemble $(ENSEMBLE_K) --ensemble-fallback"
+	$(MAKE) --no-print-directory predict eval-pred MODEL=$(OUT)/ensemble/model PRED=$(OUT)/pred/$(SPLIT)-popen-no-seg-feedback.parquet EVAL_NAME=popen-no-seg-feedback PREDICT_FLAGS="--ensemble $(ENSEMBLE_K) --ensemble-no-seg-feedback"
 	@echo
 	@echo "POPEN on the embedded benchmark ($(SPLIT) split, seed $(SEED); reports in $(EVAL_OUT)):"
-	@$(PYTHON) tools/baseline_table.py --rows $(POPEN_ROWS) --seeds $(EVAL_OUT)
+	@$(PYTHON) tools/baseline_table.py --rows $(POPEN_ROWS) $(POPEN_PAIRS) --seeds $(EVAL_OUT)
 
-# The README's seed spread of the whole pipeline: the demo with SEED=0 (out/demo, `make demo`'s
-# own), 1 and 2 (out/popen-seed-1, -2); the benchmark stays DATA_SEED's. ~25 min per seed on 2
-# cores; a finished seed's stages are skipped when rerun (its predictions are recomputed).
+# The demo for seeds 0, 1, 2 (out/demo, out/popen-seed-1, out/popen-seed-2): the README's
+# table, mean ± std and the paired differences.
+POPEN_SEED_DIRS = out/demo/eval out/popen-seed-1/eval out/popen-seed-2/eval
 popen-seeds: build
 	$(MAKE) --no-print-directory demo SEED=0 OUT=out/demo
 	for s in 1 2; do $(MAKE) --no-print-directory demo SEED=$$s OUT=out/popen-seed-$$s || exit 1; done
-	$(PYTHON) tools/baseline_table.py --rows $(POPEN_ROWS) --seeds out/demo/eval out/popen-seed-1/eval out/popen-seed-2/eval
+	$(PYTHON) tools/baseline_table.py --rows $(POPEN_ROWS) $(POPEN_PAIRS) --seeds $(POPEN_SEED_DIRS)
+
+# The ablations of the levers (after popen-seeds, on its models; each row one run per seed):
+# the paper's stage 3 (no warm-up, only p_hat trains: SPEC 6; our tiny preset adapts the
+# model first, SPEC 10.18), the warm-up without training the feedback projection (SPEC
+# 10.16), the ensemble without gamma, and with --ensemble-fallback (not in the paper).
+ABLATION_ROWS = "POPEN (dpo + ensemble K=$(ENSEMBLE_K))=popen" "... paper's stage 3 (only p_hat, no warm-up)=popen-paper" "... feedback projection frozen=popen-frozen-feedback" "... w/o gamma=popen-no-gamma" "... with fallback (not in the paper)=popen-fallback" "POPEN w/o ensemble (dpo)=dpo"
+popen-ablations: build
+	for s in 0 1 2; do o=$$( [ $$s = 0 ] && echo out/demo || echo out/popen-seed-$$s ); \
+	  $(MAKE) --no-print-directory ablation-ensemble SEED=$$s OUT=$$o ABL=paper ABL_SET="--set adapt_steps=0 --set train_seg_feedback=false" || exit 1; \
+	  $(MAKE) --no-print-directory ablation-ensemble SEED=$$s OUT=$$o ABL=frozen-feedback ABL_SET="--set train_seg_feedback=false" || exit 1; \
+	  $(MAKE) --no-print-directory predict eval-pred SEED=$$s OUT=$$o MODEL=$$o/ensemble/model PRED=$$o/pred/$(SPLIT)-popen-no-gamma.parquet EVAL_NAME=popen-no-gamma PREDICT_FLAGS="--ensemble $(ENSEMBLE_K) --ensemble-no-gamma" || exit 1; \
+	  $(MAKE) --no-print-directory predict eval-pred SEED=$$s OUT=$$o MODEL=$$o/ensemble/model PRED=$$o/pred/$(SPLIT)-popen-fallback.parquet EVAL_NAME=popen-fallback PREDICT_FLAGS="--ensemble $(ENSEMBLE_K) --ensemble-fallback" || exit 1; \
+	done
+	$(PYTHON) tools/baseline_table.py --rows $(ABLATION_ROWS) --paired dpo:popen dpo:popen-paper popen-frozen-feedback:popen --seeds $(POPEN_SEED_DIRS)
+
+# One ensemble-train variant (ABL_SET: config overrides) into $(OUT)/ensemble-$(ABL), predicted
+# and evaluated as popen-$(ABL).
+ablation-ensemble: build assets
+	$(POPEN) ensemble-train --config $(ENSEMBLE_CONFIG) $(ABL_SET) --init $(OUT)/dpo/model --samples $(DATA)/train.parquet --out $(OUT)/ensemble-$(ABL) --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
+	$(MAKE) --no-print-directory predict eval-pred MODEL=$(OUT)/ensemble-$(ABL)/model PRED=$(OUT)/pred/$(SPLIT)-popen-$(ABL).parquet EVAL_NAME=popen-$(ABL) PREDICT_FLAGS="--ensemble $(ENSEMBLE_K)"
 
 # ---- preference data (issue 5) ----
 PS_CONFIG ?= pipelines/collect-ps-tiny.toml
@@ -187,7 +209,8 @@ DPO_PROPOSALS ?= --samples $(DATA)/train.parquet
 dpo: build
 	$(POPEN) dpo --config $(DPO_CONFIG) --init $(MODEL) --pt $(PREFS)/pt.parquet --ps-phase1 $(PREFS)/ps-phase1.parquet --ps-phase2 $(PREFS)/ps-phase2.parquet $(DPO_PROPOSALS) --out $(OUT)/dpo --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
 
-# POPEN stage 3 (SPEC 6): only p_hat trains (L_ti + L_si, MiniLM from make assets); resumable.
+# POPEN stage 3 (SPEC 6): L_ti + L_si on p_hat and the feedback projection (SPEC 10.16), after
+# the tiny preset's supervised warm-up (SPEC 10.18; MiniLM from make assets); resumable.
 # Then `popen predict --ensemble 3 --model $(OUT)/ensemble/model` is POPEN's inference.
 ENSEMBLE_CONFIG ?= pipelines/ensemble-tiny.toml
 ensemble-train: build assets
@@ -262,6 +285,14 @@ config-fixtures:
 
 # The tiny PixelLM step on CPU (Flex and NdArray) beside the same model in PyTorch
 # (docs/bench-model.md); ratios in the printed table.
+# Issue 21: popen against the PyTorch / transformers references on this CPU, in rounds, one
+# ratio table (tools/bench_cpu.py; results for docs/bench-cpu.md in target/bench-cpu).
+# BENCH_TINY= skips the tiny-model step (its cargo bench builds burn with other features).
+BENCH_ROUNDS ?= 3
+BENCH_TINY ?= $(CARGO) bench -p popen-model --bench tiny_model --features bench-flex
+bench-cpu: build refenv assets
+	$(PYTHON) tools/bench_cpu.py --python $(REFENV)/bin/python --popen $(POPEN) --rounds $(BENCH_ROUNDS) --tiny-bench "$(BENCH_TINY)"
+
 bench-model: refenv
 	$(REFENV)/bin/python tools/reference/bench_tiny_model.py
 	$(CARGO) bench -p popen-model --bench tiny_model --features bench-flex

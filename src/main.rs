@@ -59,6 +59,9 @@ enum Command {
     Infer(model_cmd::InferArgs),
     /// Per-token log-probabilities of a given answer (teacher forcing), as JSON.
     Score(model_cmd::ScoreArgs),
+    /// Time a LLaMA's prefill and greedy decoding with the KV cache (ms per token; the
+    /// workload of tools/reference/bench_decode.py, compared by `make bench-cpu`).
+    BenchDecode(model_cmd::BenchDecodeArgs),
     /// Supervised finetuning (PixelLM's recipe: text CE + mask BCE + DICE) of a model folder
     /// on a samples shard; resumable, checkpoints written atomically.
     Sft(train_cmd::SftArgs),
@@ -213,6 +216,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::ModelImport(a) => model_cmd::model_import(a),
         Command::Infer(a) => model_cmd::infer(a),
         Command::Score(a) => model_cmd::score(a),
+        Command::BenchDecode(a) => model_cmd::bench_decode(a),
         Command::Sft(a) => train_cmd::sft(a),
         Command::Dpo(a) => train_cmd::dpo(a),
         Command::EnsembleTrain(a) => train_cmd::ensemble_train(a),

@@ -418,3 +418,52 @@ fn score_on<B: Backend>(a: &ScoreArgs, dev: &B::Device) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct BenchDecodeArgs {
+    /// A LLaMA in GGUF (default: the SmolLM2-135M-Instruct of `make assets`), dequantized to f32.
+    #[arg(long, default_value = "data/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    gguf: PathBuf,
+    /// Batch sizes of the decode workload (comma-separated).
+    #[arg(long, default_value = "1,3", value_delimiter = ',')]
+    batch: Vec<usize>,
+    /// Prompt length of the decode workload.
+    #[arg(long, default_value_t = 128)]
+    prompt: usize,
+    /// Greedy tokens per decode (per-token time = (T(n) - T(1)) / (n - 1)).
+    #[arg(long, default_value_t = 33)]
+    new_tokens: usize,
+    /// Prompt length of the prefill workload (batch 1); 0 = skip it.
+    #[arg(long, default_value_t = 512)]
+    prefill: usize,
+    /// Timed iterations per workload (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Backend: flex (CPU), ndarray (CPU), or cuda in builds with the `cuda` feature.
+    #[arg(long, default_value = "flex")]
+    backend: String,
+}
+
+pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
+    on_backend!(a.backend.as_str(), bench_decode_on, &a)
+}
+
+fn bench_decode_on<B: Backend>(a: &BenchDecodeArgs, dev: &B::Device) -> Result<()> {
+    let g = popen_model::gguf::GgufFile::open(&a.gguf).with_context(|| format!("{} (run make assets)", a.gguf.display()))?;
+    let cfg = popen_model::llama::LlamaConfig::from_gguf(&g)?;
+    let model = popen_model::llama::load_gguf::<B>(&cfg, &g, dev)?;
+    let mut rows = Vec::new();
+    for &b in &a.batch {
+        rows.push(popen_model::bench::decode(&model, b, a.prompt, a.new_tokens, a.iters)?);
+    }
+    if a.prefill > 0 {
+        rows.push(popen_model::bench::prefill(&model, 1, a.prefill, a.iters)?);
+    }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let out: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| serde_json::json!({"workload": r.workload, "batch": r.batch, "prompt": r.prompt, "new_tokens": r.new_tokens, "ms": r.ms, "median_ms": r.median_ms()}))
+        .collect();
+    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"side": "popen", "backend": a.backend, "threads": threads, "model": a.gguf, "results": out}))?);
+    Ok(())
+}

@@ -38,6 +38,10 @@ pub struct StageArgs {
     /// Override the config's max_steps.
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Override any config key: --set KEY=VALUE, repeatable; KEY dotted (ensemble.k),
+    /// VALUE a TOML value (3, false, [1.0, 2.0], "text"). Unknown keys are errors.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
     #[arg(long, default_value = "flex")]
     backend: String,
@@ -49,7 +53,7 @@ pub struct StageArgs {
 impl StageArgs {
     /// The effective config: the file or the defaults, with the overrides.
     fn config<C: StageConfig>(&self) -> Result<C> {
-        Ok(C::load(self.config.as_deref(), self.seed, self.max_steps)?)
+        Ok(C::load_with(self.config.as_deref(), self.seed, self.max_steps, &self.set)?)
     }
 }
 
@@ -157,6 +161,13 @@ pub struct PredictArgs {
     /// comparisons).
     #[arg(long)]
     ensemble_no_shared_prompt: bool,
+    /// Ablation (the paper's "without segmentation embedding ensemble"): the seg pass reads the
+    /// K answers and p_hat but not their fed-back seg embeddings f_k^n.
+    #[arg(long)]
+    ensemble_no_seg_feedback: bool,
+    /// Ablation (the paper's "without gamma"): no attention biases from tau / eta.
+    #[arg(long)]
+    ensemble_no_gamma: bool,
     /// Folder where the frozen SAM encoder's image embeddings of a tiny-sam model are kept
     /// between runs (predicting several models of the pipeline on one split encodes once).
     #[arg(long)]
@@ -198,6 +209,8 @@ pub fn predict(a: PredictArgs) -> Result<()> {
             fallback: a.ensemble_fallback,
             draft: !a.ensemble_no_draft,
             share_prompt: !a.ensemble_no_shared_prompt,
+            seg_feedback: !a.ensemble_no_seg_feedback,
+            gamma: !a.ensemble_no_gamma,
             ..Default::default()
         }),
         sam_cache: a.sam_cache.clone(),

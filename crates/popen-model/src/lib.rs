@@ -14,6 +14,7 @@
 //! - [`minilm`]: BERT sentence encoder (all-MiniLM-L6-v2), POPEN's `h = BERT(y)` of `L_ti`.
 
 pub mod bundle;
+pub mod bench;
 pub mod clip;
 pub mod gguf;
 pub mod infer;

@@ -699,27 +699,25 @@ impl<B: Backend> Attention<B> {
         let (k, v) = cache.append(k, v);
         let total = k.dims()[2];
 
-        // GQA: each KV head serves h / kvh consecutive query heads (HF repeat_kv).
+        // GQA: each KV head serves h / kvh consecutive query heads (HF repeat_kv). Instead of
+        // repeating K and V (a strided copy of the whole cache per layer and step), the rep
+        // query heads of one KV head are stacked along the query axis: [b, kvh, rep * s, hd]
+        // against [b, kvh, total, hd] (the same dot products).
         let rep = h / kvh;
-        let expand = |t: Tensor<B, 4>| {
-            if rep == 1 {
-                t
-            } else {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([b, kvh, rep, total, hd])
-                    .reshape([b, h, total, hd])
-            }
+        let scores = q
+            .reshape([b, kvh, rep * s, hd])
+            .matmul(k.swap_dims(2, 3))
+            .div_scalar((hd as f64).sqrt())
+            .reshape([b, kvh, rep, s, total]);
+        let scores = match &inputs.gamma {
+            // [b, 1, 1, total] -> [b, 1, 1, 1, total]
+            Some(g) => scores + g.clone().unsqueeze_dim::<5>(1).expand([b, kvh, rep, s, total]),
+            None => scores,
         };
-        let k = expand(k);
-        let v = expand(v);
-
-        let mut scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
-        if let Some(g) = &inputs.gamma {
-            scores = scores + g.clone().expand([b, h, s, total]);
-        }
-        let scores = scores.mask_fill(inputs.mask.clone().expand([b, h, s, total]), MASKED);
-        let attn = softmax(scores, 3);
-        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, s, h * hd]);
+        // [b, 1, s, total] -> [b, 1, 1, s, total]
+        let mask = inputs.mask.clone().unsqueeze_dim::<5>(1).expand([b, kvh, rep, s, total]);
+        let attn = softmax(scores.mask_fill(mask, MASKED), 4).reshape([b, kvh, rep * s, total]);
+        let out = attn.matmul(v).reshape([b, h, s, hd]).swap_dims(1, 2).reshape([b, s, h * hd]);
         lora::apply(&self.o_proj, &self.o_lora, out)
     }
 }
@@ -1281,6 +1279,23 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+/// `[rows, cols]` row-major -> `[cols, rows]` row-major (blocked, for cache locality).
+pub fn transpose_host(d: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(d.len(), rows * cols, "transpose_host: {} values for {rows}x{cols}", d.len());
+    let mut t = vec![0f32; d.len()];
+    const BLK: usize = 32;
+    for r0 in (0..rows).step_by(BLK) {
+        for c0 in (0..cols).step_by(BLK) {
+            for r in r0..(r0 + BLK).min(rows) {
+                for c in c0..(c0 + BLK).min(cols) {
+                    t[c * rows + r] = d[r * cols + c];
+                }
+            }
+        }
+    }
+    t
+}
+
 /// Load a LLaMA from a llama.cpp GGUF. Every tensor `cfg` implies must be present with its
 /// HF shape; all problems are collected and reported together by HF name.
 pub fn load_gguf<B: Backend>(
@@ -1328,12 +1343,15 @@ pub fn load_gguf<B: Backend>(
             eps: cfg.rms_norm_eps,
         })
     };
-    // HF Linear weight is [out, in]; burn's is [in, out].
+    // HF Linear weight is [out, in]; burn's is [in, out]. Transposed on the host: a
+    // transposed view would be copied to a contiguous matrix by every matmul (Flex), which
+    // cost half of each decoding step.
     let linear = |d: Option<Vec<f32>>, out: usize, inp: usize| {
         d.map(|d| Linear {
-            weight: Param::from_tensor(
-                Tensor::<B, 2>::from_data(TensorData::new(d, [out, inp]), device).transpose(),
-            ),
+            weight: Param::from_tensor(Tensor::<B, 2>::from_data(
+                TensorData::new(transpose_host(&d, out, inp), [inp, out]),
+                device,
+            )),
             bias: None,
         })
     };

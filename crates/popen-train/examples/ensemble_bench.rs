@@ -152,7 +152,7 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
                 repeats += cs.iter().any(|c| c.ids == r.0) as usize;
                 count += 1;
             }
-            let tails = (0..n).map(|i| ensemble::seg_tail(&p, &cands[i], Some(&scores[i].eta), &refined[i].0)).collect();
+            let tails = (0..n).map(|i| ensemble::seg_tail(&p, &cands[i], Some(&scores[i].eta), &refined[i].0, true)).collect();
             let (hidden, _) = q.forward(&p, &feats, tails)?;
             let _ = hidden.into_data();
             lap(4, &mut phases);

@@ -240,10 +240,26 @@ pub trait StageConfig: Serialize + DeserializeOwned + Default {
     /// The effective config of a command line: the file (or the defaults), then the seed and
     /// max_steps overrides, checked again.
     fn load(path: Option<&Path>, seed: Option<u64>, max_steps: Option<usize>) -> Result<Self> {
+        Self::load_with(path, seed, max_steps, &[])
+    }
+
+    /// [`StageConfig::load`] with `--set KEY=VALUE` overrides applied to the TOML before it is
+    /// read: KEY is a dotted path (`ensemble.k`, `adapt_steps`), VALUE a TOML value (`3`,
+    /// `false`, `[1.0, 2.0]`, `"text"`; a bare word is a string). Unknown keys are errors,
+    /// as in the file.
+    fn load_with(path: Option<&Path>, seed: Option<u64>, max_steps: Option<usize>, sets: &[String]) -> Result<Self> {
         let mut cfg = match path {
             Some(p) => Self::from_toml_file(p)?,
             None => Self::default(),
         };
+        if !sets.is_empty() {
+            let mut v = toml::Value::try_from(&cfg).map_err(|e| TrainError::Config(e.to_string()))?;
+            for s in sets {
+                apply_set(&mut v, s).map_err(TrainError::Config)?;
+            }
+            let what = sets.iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" ");
+            cfg = v.try_into().map_err(|e| TrainError::Config(format!("{what}: {e}")))?;
+        }
         if let Some(s) = seed {
             *cfg.seed_mut() = s;
         }
@@ -253,6 +269,37 @@ pub trait StageConfig: Serialize + DeserializeOwned + Default {
         cfg.validate().map_err(TrainError::Config)?;
         Ok(cfg)
     }
+}
+
+/// One `KEY=VALUE` override of [`StageConfig::load_with`] on a config's TOML value.
+pub fn apply_set(root: &mut toml::Value, set: &str) -> std::result::Result<(), String> {
+    let Some((key, raw)) = set.split_once('=') else {
+        return Err(format!("--set {set}: expected KEY=VALUE"));
+    };
+    let key = key.trim();
+    let raw = raw.trim();
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if key.is_empty() || parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("--set {set}: empty key"));
+    }
+    let mut cur = root;
+    for (i, p) in parts.iter().enumerate() {
+        let table = cur.as_table_mut().ok_or_else(|| format!("--set {set}: '{}' is not a table", parts[..i].join(".")))?;
+        if i + 1 == parts.len() {
+            if !table.contains_key(*p) {
+                let known: Vec<&String> = table.keys().collect();
+                return Err(format!("--set {set}: unknown key '{key}' (keys here: {known:?})"));
+            }
+            table.insert(p.to_string(), value);
+            return Ok(());
+        }
+        cur = table.get_mut(*p).ok_or_else(|| format!("--set {set}: unknown key '{}'", parts[..=i].join(".")))?;
+    }
+    unreachable!("the loop returns at the last part")
 }
 
 /// Implements [`StageConfig`] for a config with `seed` and `max_steps` fields and an inherent

@@ -74,15 +74,34 @@ pub struct EnsembleSettings {
     /// the text pass and the seg pass continue its KV cache (the same states up to
     /// floating-point rounding). false = every pass re-reads the prompt.
     pub share_prompt: bool,
+    /// Feed every `f_k^n` back in the seg pass (Eq. 6, the default); false = the paper's
+    /// "without segmentation embedding ensemble" ablation: the seg pass reads the K answers
+    /// and p_hat but not their seg embeddings.
+    pub seg_feedback: bool,
 }
 
 impl Default for EnsembleSettings {
     fn default() -> Self {
-        EnsembleSettings { k: 3, temperature: 0.7, top_p: 1.0, seed: 0, max_new_tokens: 96, gamma: true, fallback: false, draft: true, share_prompt: true }
+        EnsembleSettings {
+            k: 3,
+            temperature: 0.7,
+            top_p: 1.0,
+            seed: 0,
+            max_new_tokens: 96,
+            gamma: true,
+            fallback: false,
+            draft: true,
+            share_prompt: true,
+            seg_feedback: true,
+        }
     }
 }
 
 impl EnsembleSettings {
+    /// The gamma biases of the seg pass's fed-back `f_k^n` (from eta), when gamma is on.
+    pub fn eta<'a>(&self, scores: &'a Scores) -> Option<&'a [Vec<f32>]> {
+        self.gamma.then_some(scores.eta.as_slice())
+    }
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.k == 0 {
             return Err("ensemble k must be >= 1".into());
@@ -328,17 +347,25 @@ pub fn seg_rows<B: Backend>(
     cands: &[Candidate],
     eta: Option<&[Vec<f32>]>,
     y_tilde: &[u32],
+    feedback: bool,
 ) -> MResult<Vec<Part<B>>> {
     let mut parts = pred.prompt_parts(instruction, image)?;
-    parts.extend(seg_tail(pred, cands, eta, y_tilde));
+    parts.extend(seg_tail(pred, cands, eta, y_tilde, feedback));
     Ok(parts)
 }
 
-/// [`seg_rows`] after the chat prompt; y_tilde is the last piece.
-pub fn seg_tail<B: Backend>(pred: &Predictor<B>, cands: &[Candidate], eta: Option<&[Vec<f32>]>, y_tilde: &[u32]) -> Vec<Part<B>> {
+/// [`seg_rows`] after the chat prompt; y_tilde is the last piece. `feedback` false leaves
+/// the `f_k^n` out ([`EnsembleSettings::seg_feedback`]).
+pub fn seg_tail<B: Backend>(
+    pred: &Predictor<B>,
+    cands: &[Candidate],
+    eta: Option<&[Vec<f32>]>,
+    y_tilde: &[u32],
+    feedback: bool,
+) -> Vec<Part<B>> {
     let mut parts = answer_parts(pred, cands, None);
     let fs: Vec<&Vec<f32>> = cands.iter().flat_map(|c| c.f.iter()).collect();
-    if !fs.is_empty() && pred.model.seg_feedback.is_some() {
+    if feedback && !fs.is_empty() && pred.model.seg_feedback.is_some() {
         let d = fs[0].len();
         let flat: Vec<f32> = fs.iter().flat_map(|v| v.iter().copied()).collect();
         let dev = pred.model.llm.model.embed_tokens.weight.device();
@@ -401,7 +428,7 @@ pub fn predict<B: Backend>(
     let scores: Vec<Scores> = cands.iter().map(|c| scores(pred, c)).collect::<MResult<_>>()?;
     let refined = refine(pred, &feats, &questions, &cands, &scores, s)?;
     let tails: Vec<Vec<Part<B>>> =
-        (0..items.len()).map(|i| seg_tail(pred, &cands[i], s.gamma.then_some(scores[i].eta.as_slice()), &refined[i].0)).collect();
+        (0..items.len()).map(|i| seg_tail(pred, &cands[i], s.eta(&scores[i]), &refined[i].0, s.seg_feedback)).collect();
     let (hidden, piece_starts) = questions.forward(pred, &feats, tails)?;
     let mut objects = Vec::new();
     let mut per_row = Vec::new();
@@ -502,7 +529,7 @@ pub fn seg_batch<B: Backend>(
     let mut rows = Vec::with_capacity(instrs.len());
     let mut last = Vec::with_capacity(instrs.len());
     for (i, x) in instrs.iter().enumerate() {
-        let r = seg_rows(pred, x, i, &cands[i], s.gamma.then_some(scores[i].eta.as_slice()), &refined[i].0)?;
+        let r = seg_rows(pred, x, i, &cands[i], s.eta(&scores[i]), &refined[i].0, s.seg_feedback)?;
         last.push(r.len() - 1);
         rows.push(r);
     }

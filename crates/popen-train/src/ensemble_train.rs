@@ -15,9 +15,13 @@
 //!    min(#groups of y_tilde, #targets) paired targets; a sample whose y_tilde has no group
 //!    adds no L_si term.
 //!
-//! `seg_feedback` (the Linear feeding `f_k^n` back, Eq. 6) stays frozen by default: SPEC 6 says
-//! only `p_hat` trains; `train_seg_feedback = true` unfreezes it (a fresh random projection in
-//! a model that never trained it is otherwise fixed noise; the option lets that be measured).
+//! `seg_feedback` (the Linear feeding `f_k^n` back, Eq. 6) trains with `p_hat` by default
+//! (SPEC 10.16: a projection that never trains cannot carry `f`; the paper is silent on it);
+//! `train_seg_feedback = false` keeps SPEC 6's "only p_hat".
+//!
+//! `adapt_steps` (SPEC 10.18, small models, off in the 7B config): a supervised warm-up
+//! before L_ti + L_si, in which the LLM side learns to write the ground truth after the K
+//! answers ([`adapt_trains`], `adapt_loss`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -72,8 +76,21 @@ pub struct EnsembleConfig {
     /// Weights of L_ti and L_si.
     pub ti_weight: f32,
     pub si_weight: f32,
-    /// Also train the seg-feedback projection (SPEC: only p_hat; default false).
+    /// Also train the seg-feedback projection that feeds `f_k^n` back (Eq. 6; SPEC 10.16:
+    /// a projection that never trains cannot carry `f`; default true, false = only p_hat).
     pub train_seg_feedback: bool,
+    /// Small-model adaptation (SPEC 10.18, not in the paper): the first `adapt_steps` steps
+    /// are a supervised warm-up in the ensemble layout: the K sampled answers (+ p_hat) in the
+    /// context, the ground-truth answer as the target of the text pass (cross-entropy) and
+    /// its masks as the targets of the seg pass (BCE + DICE from `f_tilde` at its groups).
+    /// During them the LLM side (LLM, projectors, text_hidden_fcs) trains too; the pixel
+    /// decoder and the image encoders stay frozen. After them, the paper's L_ti + L_si with
+    /// p_hat (+ the feedback projection) alone. 0 = the paper's setting.
+    #[serde(default)]
+    pub adapt_steps: usize,
+    /// Weights (cross-entropy, BCE, DICE) of the warm-up loss (PixelLM's 1, 2, 0.5).
+    #[serde(default = "default_adapt_weights")]
+    pub adapt_weights: [f32; 3],
     /// How L_si pairs the `<seg>` groups of y_tilde and y_k with the targets (SPEC 10.17):
     /// `hungarian` (mask IoU, as the evaluator; default) or `positional` (n-th with n-th).
     #[serde(default)]
@@ -106,7 +123,9 @@ impl Default for EnsembleConfig {
             scale: ensemble_loss::SCALE,
             ti_weight: 1.0,
             si_weight: 1.0,
-            train_seg_feedback: false,
+            train_seg_feedback: true,
+            adapt_steps: 0,
+            adapt_weights: default_adapt_weights(),
             si_pairing: ensemble_loss::Pairing::Hungarian,
             minilm: PathBuf::from("data/assets/minilm"),
             checkpoint_every: 200,
@@ -115,6 +134,10 @@ impl Default for EnsembleConfig {
             ensemble: EnsembleSettings::default(),
         }
     }
+}
+
+fn default_adapt_weights() -> [f32; 3] {
+    [1.0, 2.0, 0.5]
 }
 
 crate::config::stage_config!(EnsembleConfig);
@@ -129,6 +152,9 @@ impl EnsembleConfig {
         }
         if !(self.lr > 0.0) || !(self.scale > 0.0) {
             return Err("lr and scale must be > 0".into());
+        }
+        if self.adapt_weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)) {
+            return Err(format!("adapt_weights must be finite and >= 0, got {:?}", self.adapt_weights));
         }
         self.ensemble.validate()
     }
@@ -153,6 +179,13 @@ pub struct EnsembleStepMetrics {
     pub iou_refined: Option<f32>,
     pub iou_candidates: Option<f32>,
     pub si_samples: usize,
+    /// Warm-up steps (`adapt_steps`, SPEC 10.18): cross-entropy of the ground-truth answer
+    /// and mask loss (BCE + DICE, weighted) in the ensemble layout; then loss/ti and
+    /// loss/si are 0 / empty.
+    #[serde(rename = "adapt/ce", default)]
+    pub adapt_ce: Option<f32>,
+    #[serde(rename = "adapt/mask", default)]
+    pub adapt_mask: Option<f32>,
     pub grad_norm: f32,
     pub seconds: f64,
 }
@@ -166,11 +199,11 @@ impl MetricsRow for EnsembleStepMetrics {
         self.step
     }
     fn csv_header() -> &'static str {
-        "step,epoch,lr,loss,loss/ti,loss/si,p_tilde,text_gain,iou_refined,iou_candidates,si_samples,grad_norm,seconds"
+        "step,epoch,lr,loss,loss/ti,loss/si,p_tilde,text_gain,iou_refined,iou_candidates,si_samples,adapt/ce,adapt/mask,grad_norm,seconds"
     }
     fn csv_line(&self) -> String {
         format!(
-            "{},{:.4},{:.6e},{:.6},{:.6},{},{:.6},{:.6},{},{},{},{:.6},{:.3}\n",
+            "{},{:.4},{:.6e},{:.6},{:.6},{},{:.6},{:.6},{},{},{},{},{},{:.6},{:.3}\n",
             self.step,
             self.epoch,
             self.lr,
@@ -182,6 +215,8 @@ impl MetricsRow for EnsembleStepMetrics {
             opt(self.iou_refined),
             opt(self.iou_candidates),
             self.si_samples,
+            opt(self.adapt_ce),
+            opt(self.adapt_mask),
             self.grad_norm,
             self.seconds
         )
@@ -192,6 +227,8 @@ impl MetricsRow for EnsembleStepMetrics {
             ("loss", [0, 0, 0], pts(&|r| Some(r.loss))),
             ("L_ti", [200, 40, 40], pts(&|r| Some(r.loss_ti))),
             ("L_si", [40, 40, 200], pts(&|r| r.loss_si)),
+            ("warm-up CE", [40, 160, 40], pts(&|r| r.adapt_ce)),
+            ("warm-up mask", [160, 120, 0], pts(&|r| r.adapt_mask)),
         ]
     }
 }
@@ -235,6 +272,19 @@ pub fn only_prompt_trains<B: Backend>(mut m: PixelLm<B>, seg_feedback: bool) -> 
     Ok(m)
 }
 
+/// The warm-up's trainable set (`adapt_steps`, SPEC 10.18): p_hat, the feedback projection
+/// and the LLM side (LLM, projectors, neck, text_hidden_fcs); the pixel decoder and the
+/// image encoders (CLIP tower, SAM encoder) stay frozen.
+pub fn adapt_trains<B: Backend>(mut m: PixelLm<B>) -> Result<PixelLm<B>> {
+    if m.prompt_embeddings.is_none() {
+        return Err(TrainError::Config("the model has no p_hat (prompt_embeddings = 0 in its model.toml)".into()));
+    }
+    m.sam_encoder = m.sam_encoder.no_grad();
+    m.vision_tower = m.vision_tower.no_grad();
+    m.decoder = m.decoder.no_grad();
+    Ok(m)
+}
+
 struct Stats {
     loss: f32,
     ti: f32,
@@ -244,6 +294,7 @@ struct Stats {
     iou_r: Option<f32>,
     iou_c: Option<f32>,
     si_n: usize,
+    adapt: Option<(f32, f32)>,
 }
 
 fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -262,6 +313,7 @@ fn batch_loss<B: AutodiffBackend>(
     sam: Option<(&SamMemo, Vec<&str>)>,
     cfg: &EnsembleConfig,
     decoder: Option<&PixelLm<B>>,
+    adapting: bool,
 ) -> std::result::Result<(Tensor<B, 1>, Stats), String> {
     let e = |x: popen_model::pixellm::PixelLmError| x.to_string();
     let images: Vec<image::RgbImage> = batch.iter().map(|s| s.decode_image().map_err(|e| format!("'{}': {e}", s.id))).collect::<std::result::Result<_, _>>()?;
@@ -285,13 +337,17 @@ fn batch_loss<B: AutodiffBackend>(
     let questions = ensemble::Questions::new(&vp, &vfeats, &instrs, s.share_prompt).map_err(e)?;
     let cands: Vec<Vec<Candidate>> = ensemble::sample_candidates(&vp, &vfeats, &questions, s).map_err(e)?;
     let scores: Vec<Scores> = cands.iter().map(|c| ensemble::scores(&vp, c)).collect::<std::result::Result<_, _>>().map_err(e)?;
-    let refined = ensemble::refine(&vp, &vfeats, &questions, &cands, &scores, s).map_err(e)?;
 
-    // 2. L_ti.
     let m = &model.pixellm;
     let p = Predictor { model: m, tokenizer, tokens: tokens.clone(), preprocessor: pre.clone(), sam: None };
     let dev = m.devices().into_iter().next().ok_or("the model has no parameters")?;
     let feats = m.encode_images_with(&preprocessed, emb.map(|(v, sh)| Tensor::<B, 4>::from_data(TensorData::new(v, sh), &dev))).map_err(e)?;
+    if adapting {
+        return adapt_loss(&p, &feats, batch, &instrs, &cands, &scores, cfg);
+    }
+    let refined = ensemble::refine(&vp, &vfeats, &questions, &cands, &scores, s).map_err(e)?;
+
+    // 2. L_ti.
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     for (i, x) in instrs.iter().enumerate() {
@@ -387,14 +443,122 @@ fn batch_loss<B: AutodiffBackend>(
         iou_r: mean(&iou_r),
         iou_c: mean(&iou_c),
         si_n,
+        adapt: None,
     };
     Ok((loss, stats))
+}
+
+/// The warm-up loss of a batch (`adapt_steps`, SPEC 10.18): the ensemble's two passes with
+/// the ground-truth answer in place of `y_tilde`. Text pass (prompt, the K answers with gamma
+/// from tau, p_hat, answer): PixelLM's cross-entropy of the answer; seg pass (..., every
+/// `f_k^n` fed back with gamma from eta, answer): `f_tilde` at each ground-truth group ->
+/// mask logits -> BCE + DICE against its target mask (groups and targets in the answer's
+/// order, as SFT pairs them). Weighted by `adapt_weights`.
+fn adapt_loss<B: AutodiffBackend>(
+    p: &Predictor<B>,
+    feats: &popen_model::pixellm::ImageFeatures<B>,
+    batch: &[&Sample],
+    instrs: &[&str],
+    cands: &[Vec<Candidate>],
+    scores: &[Scores],
+    cfg: &EnsembleConfig,
+) -> std::result::Result<(Tensor<B, 1>, Stats), String> {
+    use popen_model::pixellm::{Part, Segment};
+    let e = |x: popen_model::pixellm::PixelLmError| x.to_string();
+    let m = p.model;
+    let s = &cfg.ensemble;
+    let dev = m.devices().into_iter().next().ok_or("the model has no parameters")?;
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut masks = Vec::with_capacity(batch.len());
+    for smp in batch {
+        let (ids, groups) = crate::data::answer_with_groups(p.tokenizer, &p.tokens, &smp.answer, m.config().seg_group_len())
+            .map_err(|x| format!("'{}': {x}", smp.id))?;
+        if groups.len() != smp.target_masks.len() {
+            return Err(format!("'{}': the answer has {} <seg> but the sample {} target masks", smp.id, groups.len(), smp.target_masks.len()));
+        }
+        let mk: Vec<popen_core::mask::Mask> =
+            smp.target_masks.iter().map(|r| r.decode().map_err(|x| format!("'{}': target mask: {x}", smp.id))).collect::<std::result::Result<_, _>>()?;
+        answers.push((ids, groups));
+        masks.push(mk);
+    }
+    // Text pass.
+    let mut rows = Vec::with_capacity(batch.len());
+    for (i, x) in instrs.iter().enumerate() {
+        let mut r = ensemble::text_rows(p, x, i, &cands[i], s.gamma.then_some(scores[i].tau.as_slice())).map_err(e)?;
+        r.push(Part::new(Segment::Tokens(answers[i].0.clone())));
+        rows.push(r);
+    }
+    let asm = m.assemble(&rows, Some(feats), Padding::Right).map_err(e)?;
+    let hidden = m.forward_hidden(&asm).map_err(e)?;
+    let tg: Vec<(usize, Vec<u32>)> = asm.piece_starts.iter().zip(&answers).map(|(st, a)| (*st.last().expect("parts"), a.0.clone())).collect();
+    let lp = m.response_logprobs(hidden, &tg).map_err(e)?;
+    let lens: Vec<usize> = answers.iter().map(|a| a.0.len()).collect();
+    // Seg pass: the answer without its EOS is y_tilde (seg_rows appends the EOS).
+    let mut rows = Vec::with_capacity(batch.len());
+    for (i, x) in instrs.iter().enumerate() {
+        let ids = &answers[i].0[..answers[i].0.len() - 1];
+        rows.push(ensemble::seg_rows(p, x, i, &cands[i], s.eta(&scores[i]), ids, s.seg_feedback).map_err(e)?);
+    }
+    let asm = m.assemble(&rows, Some(feats), Padding::Right).map_err(e)?;
+    let mut objects = Vec::new();
+    let mut gts = Vec::new();
+    for (r, (_, groups)) in answers.iter().enumerate() {
+        let st = *asm.piece_starts[r].last().expect("parts");
+        for (g, mk) in groups.iter().zip(&masks[r]) {
+            objects.push((r, g.iter().map(|q| q + st).collect::<Vec<_>>()));
+            gts.push(mk);
+        }
+    }
+    let mut pairs = Vec::with_capacity(objects.len());
+    if !objects.is_empty() {
+        let hidden = m.forward_hidden(&asm).map_err(e)?;
+        let f = m.seg_embeddings(hidden, &objects).map_err(e)?;
+        let idx: Vec<usize> = objects.iter().map(|o| o.0).collect();
+        let (logits, _) = m.decode_masks(feats, f, &idx).map_err(e)?;
+        for ((logit, mk), (r, _)) in logits.into_iter().zip(gts).zip(&objects) {
+            let [h, w] = logit.dims();
+            if (mk.height() as usize, mk.width() as usize) != (h, w) {
+                return Err(format!("'{}': target mask {}x{} vs image {h}x{w}", batch[*r].id, mk.height(), mk.width()));
+            }
+            let bits: Vec<f32> = mk.data().iter().map(|&v| f32::from(v)).collect();
+            pairs.push((logit, Tensor::<B, 2>::from_data(TensorData::new(bits, [h, w]), &dev)));
+        }
+    }
+    let [wc, wb, wd] = cfg.adapt_weights;
+    let parts = crate::loss::pixellm_loss(lp, &lens, pairs, (wc, wb, wd));
+    let ce = to_host(parts.ce.detach())[0];
+    let mask = to_host((parts.bce + parts.dice).detach())[0];
+    let stats = Stats {
+        loss: to_host(parts.total.clone().detach())[0],
+        ti: 0.0,
+        si: None,
+        p_tilde: 0.0,
+        gain: 0.0,
+        iou_r: None,
+        iou_c: None,
+        si_n: 0,
+        adapt: Some((ce, mask)),
+    };
+    Ok((parts.total, stats))
 }
 
 /// The loss of one fixed batch under `model` (tests, diagnostics): samples `ids` of the
 /// shard, the job's config. The same function the stage steps on.
 pub fn loss_of<B: AutodiffBackend>(job: &EnsembleJob, model: &PixelLm<B>, ids: &[usize], device: &B::Device) -> Result<f32> {
-    loss_with(job, model, None, ids, device)
+    loss_with(job, model, None, ids, device, false)
+}
+
+/// The warm-up loss (`adapt_steps`, SPEC 10.18) of one fixed batch under `model` (tests,
+/// diagnostics): the same function the stage's warm-up steps on.
+/// `decoder` samples the K candidates (None: `model` itself).
+pub fn adapt_loss_of<B: AutodiffBackend>(
+    job: &EnsembleJob,
+    model: &PixelLm<B>,
+    decoder: Option<&PixelLm<B>>,
+    ids: &[usize],
+    device: &B::Device,
+) -> Result<f32> {
+    loss_with(job, model, decoder, ids, device, true)
 }
 
 /// [`loss_of`] `model` on the candidates and y_tilde that `decoder` samples and decodes
@@ -407,7 +571,7 @@ pub fn loss_of_decoded_by<B: AutodiffBackend>(
     ids: &[usize],
     device: &B::Device,
 ) -> Result<f32> {
-    loss_with(job, model, Some(decoder), ids, device)
+    loss_with(job, model, Some(decoder), ids, device, false)
 }
 
 fn loss_with<B: AutodiffBackend>(
@@ -416,6 +580,7 @@ fn loss_with<B: AutodiffBackend>(
     decoder: Option<&PixelLm<B>>,
     ids: &[usize],
     device: &B::Device,
+    adapting: bool,
 ) -> Result<f32> {
     let stage::Opened { tokenizer, tokens, .. } = stage::open_init::<B>(job.init, device)?;
     let samples: Vec<Sample> = read_shard(job.samples)?;
@@ -423,7 +588,7 @@ fn loss_with<B: AutodiffBackend>(
     let pre = Preprocessor::pixellm(model.config().image_size);
     let batch: Vec<&Sample> = ids.iter().map(|&i| &samples[i]).collect();
     let sm = SftModel { pixellm: model.clone() };
-    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, None, job.config, decoder).map_err(TrainError::Data)?;
+    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, None, job.config, decoder, adapting).map_err(TrainError::Data)?;
     Ok(st.loss)
 }
 
@@ -448,7 +613,8 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
     let minilm = load_minilm::<B::InnerBackend>(&cfg.minilm, device)?;
 
     let stage::Opened { model, tokenizer, tokens, config: pcfg } = stage::open_init::<B>(job.init, device)?;
-    let model = SftModel { pixellm: only_prompt_trains(model, cfg.train_seg_feedback)? };
+    // The warm-up (adapt_steps) trains the LLM side too; the paper's steps p_hat alone.
+    let model = SftModel { pixellm: if cfg.adapt_steps > 0 { adapt_trains(model)? } else { only_prompt_trains(model, cfg.train_seg_feedback)? } };
     let samples: Vec<Sample> = read_shard(job.samples)?;
     let samples: Vec<Sample> = samples.into_iter().filter(|s| !s.target_masks.is_empty() || !s.answer.is_empty()).collect();
     if samples.is_empty() {
@@ -471,8 +637,19 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
     let crate::stage::Start { model, mut optim, step: start, resumed_from, last_checkpoint: mut last_ckpt } =
         crate::stage::start(out, job.resume, &cfg_json, model, optim, DType::F32, device)?;
     let mut model = model;
+    let adapt_steps = cfg.adapt_steps.min(total_steps);
+    if adapt_steps > 0 && start > adapt_steps {
+        model = SftModel { pixellm: only_prompt_trains(model.pixellm, cfg.train_seg_feedback)? };
+    }
     let (trainable, total_params) = params::count(&model);
-    tracing::info!("ensemble-train: {} samples, {total_steps} steps, {trainable} / {total_params} parameters train", samples.len());
+    if adapt_steps > 0 {
+        tracing::info!(
+            "ensemble-train: {} samples, {total_steps} steps: {adapt_steps} warm-up steps (ensemble layout -> ground truth, the LLM side trains: {trainable} / {total_params} parameters), then L_ti + L_si",
+            samples.len()
+        );
+    } else {
+        tracing::info!("ensemble-train: {} samples, {total_steps} steps, {trainable} / {total_params} parameters train", samples.len());
+    }
     let mut log: MetricsLog<EnsembleStepMetrics> = MetricsLog::open(out, start)?;
     let bar = job.progress.then(|| {
         let b = popen_core::progress::bar(total_steps as u64, "ensemble-train");
@@ -482,6 +659,12 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
     let mut last_loss = log.rows.last().map(|r| r.loss);
     for step in start..total_steps {
         let st_t = Instant::now();
+        if adapt_steps > 0 && step == adapt_steps {
+            model = SftModel { pixellm: only_prompt_trains(model.pixellm, cfg.train_seg_feedback)? };
+            let (t, _) = params::count(&model);
+            tracing::info!("ensemble-train: warm-up done at step {step}; L_ti + L_si train {t} parameters (p_hat{})", if cfg.train_seg_feedback { " + seg feedback" } else { "" });
+        }
+        let adapting = step < adapt_steps;
         B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let lr = schedule::lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay);
         let idx = order.batch(step);
@@ -490,7 +673,7 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         let mut scfg = cfg.clone();
         scfg.ensemble.seed = cfg.ensemble.seed.wrapping_add(step as u64);
         let ids = || batch.iter().map(|s| format!("'{}'", s.id)).collect::<Vec<_>>().join(", ");
-        let (loss, st) = batch_loss(&model, &tokenizer, &tokens, &pre, &minilm, &batch, sam_memo.as_ref().map(|m| (m, idx.iter().map(|&i| sam_keys[i].as_str()).collect())), &scfg, None)
+        let (loss, st) = batch_loss(&model, &tokenizer, &tokens, &pre, &minilm, &batch, sam_memo.as_ref().map(|m| (m, idx.iter().map(|&i| sam_keys[i].as_str()).collect())), &scfg, None, adapting)
             .map_err(|e| TrainError::Data(format!("step {step}: batch of {}: {e}", ids())))?;
         if !st.loss.is_finite() {
             return Err(TrainError::NonFiniteLoss {
@@ -518,6 +701,8 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
             iou_refined: st.iou_r,
             iou_candidates: st.iou_c,
             si_samples: st.si_n,
+            adapt_ce: st.adapt.map(|a| a.0),
+            adapt_mask: st.adapt.map(|a| a.1),
             grad_norm: norm,
             seconds: st_t.elapsed().as_secs_f64(),
         };

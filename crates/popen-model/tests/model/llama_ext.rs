@@ -1003,3 +1003,21 @@ fn grow_vocab_case(model: Llama<B>) {
     let msg = model.clone().grow_vocab(old - 1).unwrap_err().to_string();
     assert!(msg.contains("grow_vocab"), "{msg}");
 }
+
+/// `popen bench-decode` (`popen_model::bench`): the prompt formula is the one
+/// tools/reference/bench_decode.py uses (values by hand), and the workloads run and return one
+/// non-negative timing per iteration on a random tiny LLaMA.
+#[test]
+fn bench_decode_prompt_and_workloads() {
+    use popen_model::bench;
+    // i * 7919 + 13 mod (vocab - 200) + 100: 13 + 100, 7932 + 100, (15851 mod 800) + 100.
+    assert_eq!(bench::prompt_ids(3, 1000), vec![113, (7932 % 800) + 100, (15851 % 800) + 100]);
+    assert!(bench::prompt_ids(50, 1000).iter().all(|&i| (100..900).contains(&i)));
+    let model = LlamaConfig::tiny().init::<B>(&Default::default());
+    let d = bench::decode(&model, 2, 8, 4, 2).unwrap();
+    assert_eq!((d.batch, d.prompt, d.new_tokens, d.ms.len()), (2, 8, 4, 2));
+    assert!(d.ms.iter().all(|m| *m >= 0.0) && d.median_ms().is_finite());
+    let p = bench::prefill(&model, 1, 16, 2).unwrap();
+    assert_eq!((p.workload.as_str(), p.ms.len()), ("prefill b1 p16", 2));
+    assert!(bench::decode(&model, 1, 8, 1, 1).is_err(), "one new token cannot give a per-token time");
+}

@@ -175,7 +175,8 @@ fn metrics(name: &str) -> Vec<Value> {
 #[test]
 fn ensemble_train_moves_only_p_hat_and_resumes_exactly() {
     let w = world();
-    let c = cfg();
+    // SPEC 6's setting: only p_hat (the feedback projection frozen).
+    let c = EnsembleConfig { train_seg_feedback: false, ..cfg() };
     let a = run_with(&c, "ens-straight", None, false).unwrap();
     assert_eq!(a.steps, 2);
     assert_eq!(a.trainable_params, 10 * PixelLmConfig::tiny(512).llm.hidden_size);
@@ -210,6 +211,73 @@ fn ensemble_train_moves_only_p_hat_and_resumes_exactly() {
             assert_eq!(x[k], y[k], "{k}");
         }
     }
+}
+
+/// SPEC 10.16 / 10.18 (`adapt_steps`, `train_seg_feedback`): the warm-up steps train the LLM
+/// side, p_hat and the feedback projection but never the pixel decoder; after the warm-up
+/// only p_hat and the projection move (every other weight bitwise equal to the warm-up's
+/// end); metrics say which loss each step took; `--resume` from a checkpoint inside the
+/// warm-up and from one after it both end bitwise where the straight run ends.
+#[test]
+fn ensemble_train_warm_up_trains_the_llm_side_then_only_p_hat() {
+    let w = world();
+    let c = EnsembleConfig { adapt_steps: 1, max_steps: 3, decay: popen_train::config::Decay::Constant, ..cfg() };
+    let r = run_with(&c, "ens-adapt", None, false).unwrap();
+    assert_eq!(r.steps, 3);
+    let m = metrics("ens-adapt");
+    assert_eq!(m.len(), 3);
+    assert!(m[0]["adapt/ce"].as_f64().unwrap() > 0.0 && m[0]["adapt/mask"].as_f64().unwrap() > 0.0, "{}", m[0]);
+    assert_eq!(m[0]["loss/ti"].as_f64().unwrap(), 0.0);
+    for row in &m[1..] {
+        assert!(row["adapt/ce"].is_null() && row["loss/ti"].as_f64().unwrap().is_finite(), "{row}");
+    }
+    let before = weights_of(&w.model);
+    let dir = w.root.join("ens-adapt");
+    let after = weights_of(&dir.join("model"));
+    let changed: Vec<&String> = before.keys().filter(|k| before[*k] != after[*k]).collect();
+    assert!(changed.iter().any(|k| k.starts_with("llm.")), "the LLM did not train: {changed:?}");
+    assert!(changed.iter().any(|k| *k == "prompt_embeddings") && changed.iter().any(|k| k.starts_with("seg_feedback.")), "{changed:?}");
+    assert!(!changed.iter().any(|k| k.starts_with("decoder.")), "the pixel decoder moved: {changed:?}");
+    // The warm-up alone (same rates: constant decay, no warmup), then compare.
+    let c1 = EnsembleConfig { max_steps: 1, ..c.clone() };
+    run_with(&c1, "ens-adapt-1", None, false).unwrap();
+    let warm = weights_of(&w.root.join("ens-adapt-1/model"));
+    let moved: Vec<&String> = warm.keys().filter(|k| warm[*k] != after[*k]).collect();
+    assert!(!moved.is_empty() && moved.iter().all(|k| *k == "prompt_embeddings" || k.starts_with("seg_feedback.")), "after the warm-up: {moved:?}");
+    // Resumed inside the warm-up's end (checkpoint 1) and after it (checkpoint 2).
+    for keep in [1usize, 2] {
+        let name = format!("ens-adapt-resume-{keep}");
+        run_with(&c, &name, None, false).unwrap();
+        let d = w.root.join(&name);
+        for s in keep + 1..=3 {
+            std::fs::remove_dir_all(d.join(format!("checkpoints/step-{s:06}"))).unwrap();
+        }
+        std::fs::remove_dir_all(d.join("model")).unwrap();
+        let b = run_with(&c, &name, None, true).unwrap();
+        assert_eq!(b.resumed_from, Some(keep));
+        assert!(after == weights_of(&d.join("model")), "resume from step {keep} differs");
+    }
+}
+
+/// One warm-up step lowers its loss on the batch it stepped on, with the same K candidates
+/// (sampled by the step-0 model): the LLM side learns to write the ground truth after the K
+/// answers. Both the text (cross-entropy) and mask terms contribute.
+#[test]
+fn ensemble_warm_up_step_lowers_its_loss_on_a_fixed_batch() {
+    let w = world();
+    let c = EnsembleConfig { batch_size: 4, adapt_steps: 1, max_steps: 1, lr: 1e-3, ..cfg() };
+    run_with(&c, "ens-adapt-fixed", None, false).unwrap();
+    let job = EnsembleJob { config: &c, init: &w.model, samples: &w.train, out: &w.root.join("unused"), resume: false, progress: false, sam_cache: None };
+    let dev = Default::default();
+    let m0 = bundle::open::<AB>(&w.model, &dev).unwrap().model;
+    let m1 = bundle::open::<AB>(&w.root.join("ens-adapt-fixed/model"), &dev).unwrap().model;
+    let idx = popen_train::data::Order { n: 4, batch_size: 4, seed: c.seed }.batch(0);
+    let l0 = ensemble_train::adapt_loss_of::<AB>(&job, &m0, None, &idx, &dev).unwrap();
+    let logged = metrics("ens-adapt-fixed")[0]["loss"].as_f64().unwrap() as f32;
+    assert!((logged - l0).abs() <= 1e-5, "the stage's step-0 loss {logged} is not adapt_loss_of's {l0}");
+    let l1 = ensemble_train::adapt_loss_of::<AB>(&job, &m1, Some(&m0), &idx, &dev).unwrap();
+    eprintln!("warm-up loss {l0} -> {l1}");
+    assert!(l0.is_finite() && l1 < l0, "warm-up loss did not go down: {l0} -> {l1}");
 }
 
 /// One step lowers the loss of the batch it stepped on ([`ensemble_train::loss_of`] of the
@@ -272,8 +340,12 @@ fn ensemble_pipeline_configs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tiny = EnsembleConfig::from_toml_file(root.join("pipelines/ensemble-tiny.toml")).unwrap();
     assert_eq!(tiny.ensemble.k, 3);
+    // SPEC 10.18: the tiny preset adapts the small model with a warm-up; SPEC 10.16: the
+    // feedback projection trains at every scale.
+    assert!(tiny.adapt_steps > 0 && tiny.adapt_steps < tiny.max_steps && tiny.train_seg_feedback);
     let real = EnsembleConfig::from_toml_file(root.join("pipelines/ensemble-pixellm-7b.toml")).unwrap();
     assert_eq!(real, EnsembleConfig::default());
+    assert_eq!((real.adapt_steps, real.train_seg_feedback), (0, true));
     assert_eq!((real.lr, real.epochs, real.batch_size, real.warmup_steps, real.ensemble.k), (3e-4, 2, 16, 100, 3));
 }
 
@@ -415,7 +487,7 @@ fn shared_prompt_equals_rereading() {
         let cands = ensemble::sample_candidates(&p, &feats, &q, &s).unwrap();
         let scores: Vec<ensemble::Scores> = cands.iter().map(|c| ensemble::scores(&p, c).unwrap()).collect();
         let refined = ensemble::refine(&p, &feats, &q, &cands, &scores, &s).unwrap();
-        let tails = (0..3).map(|i| ensemble::seg_tail(&p, &cands[i], Some(&scores[i].eta), &refined[i].0)).collect();
+        let tails = (0..3).map(|i| ensemble::seg_tail(&p, &cands[i], Some(&scores[i].eta), &refined[i].0, true)).collect();
         let (hidden, starts) = q.forward(&p, &feats, tails).unwrap();
         // y_tilde's piece (+ </s>) states per item.
         let h = hidden.dims()[2];
@@ -457,7 +529,7 @@ fn shared_prompt_equals_rereading() {
     let eta: Vec<Vec<f32>> = (0..3).map(|k| vec![0.2 * k as f32 - 0.2, 0.5]).collect();
     let seg = |share: bool| {
         let q = ensemble::Questions::new(&p, &feats, &instrs, share).unwrap();
-        let tails = (0..3).map(|i| ensemble::seg_tail(&p, &fake[i], Some(&eta), &ra[i].0)).collect();
+        let tails = (0..3).map(|i| ensemble::seg_tail(&p, &fake[i], Some(&eta), &ra[i].0, true)).collect();
         let (hidden, starts) = q.forward(&p, &feats, tails).unwrap();
         (0..3).map(|i| vals(hidden.clone().narrow(0, i, 1).narrow(1, *starts[i].last().unwrap(), ra[i].0.len() + 1))).collect::<Vec<_>>()
     };
@@ -472,5 +544,52 @@ fn shared_prompt_equals_rereading() {
     let b = ensemble::predict(&p, &items, &EnsembleSettings { share_prompt: false, ..s.clone() }).unwrap();
     for (x, y) in a.iter().zip(&b) {
         assert_eq!((&x.prediction.answer, &x.prediction.ids, x.prediction.masks.len()), (&y.prediction.answer, &y.prediction.ids, y.prediction.masks.len()));
+    }
+}
+
+/// The "without segmentation embedding ensemble" ablation (`seg_feedback = false`,
+/// `predict --ensemble-no-seg-feedback`): the seg pass's tail is the K answers + p_hat +
+/// y_tilde without the fed-back `f_k^n`; with it, one SegFeedback piece of every group's f.
+#[test]
+fn seg_feedback_off_leaves_the_seg_embeddings_out() {
+    let w = world();
+    let dev = Default::default();
+    let mut b = bundle::open::<B>(&w.model, &dev).unwrap();
+    let p = Predictor::new(&b.model, &mut b.tokenizer).unwrap();
+    let d = b.model.config().num_scales() * b.model.config().out_dim;
+    let mut cands = vec![candidate(2, &[-0.1, -0.2]), candidate(1, &[-0.3])];
+    for c in &mut cands {
+        c.f = vec![vec![0.5; d]; c.groups.len()];
+    }
+    let fed = |on: bool| {
+        ensemble::seg_tail(&p, &cands, None, &[5, 6], on)
+            .iter()
+            .filter_map(|part| match &part.segment {
+                Segment::SegFeedback(t) => Some(t.dims()[0]),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(fed(true), vec![3]);
+    assert_eq!(fed(false), Vec::<usize>::new());
+    assert_eq!(ensemble::seg_tail(&p, &cands, None, &[5, 6], false).len(), cands.len() + 2, "K answers, p_hat, y_tilde");
+}
+
+/// `--set KEY=VALUE` (every training stage): top-level and dotted keys take TOML values, a
+/// bare word is a string, the result is validated, and unknown keys or bad values are errors
+/// naming the override.
+#[test]
+fn set_overrides_reach_nested_keys_and_unknown_keys_fail() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let file = root.join("pipelines/ensemble-tiny.toml");
+    let sets = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let c = EnsembleConfig::load_with(Some(&file), None, None, &sets(&["adapt_steps=0", "train_seg_feedback=false", "ensemble.k=2", "si_pairing=positional"])).unwrap();
+    assert_eq!((c.adapt_steps, c.train_seg_feedback, c.ensemble.k), (0, false, 2));
+    assert_eq!(c.si_pairing, popen_train::ensemble_loss::Pairing::Positional);
+    let base = EnsembleConfig::from_toml_file(&file).unwrap();
+    assert_eq!(EnsembleConfig { adapt_steps: 0, train_seg_feedback: false, ensemble: EnsembleSettings { k: 2, ..base.ensemble.clone() }, si_pairing: c.si_pairing, ..base }, c);
+    for (bad, want) in [("adapt_stepz=1", "adapt_stepz"), ("ensemble.kk=1", "ensemble.kk"), ("adapt_steps", "KEY=VALUE"), ("adapt_steps=-1", "--set adapt_steps=-1"), ("ensemble.k=0", "k must be")] {
+        let e = EnsembleConfig::load_with(Some(&file), None, None, &sets(&[bad])).unwrap_err().to_string();
+        assert!(e.contains(want), "{bad}: {e}");
     }
 }
