@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM
 
 
 def prompt_ids(n, vocab):
-    span = max(vocab - 200, 1)
-    return [(i * 7919 + 13) % span + 100 for i in range(n)]
+    offset, span = (100, vocab - 200) if vocab > 200 else (0, max(vocab, 1))
+    return [(i * 7919 + 13) % span + offset for i in range(n)]
 
 
 def main():

@@ -20,11 +20,12 @@ use serde::Serialize;
 use crate::llama::{Llama, LlamaError};
 use crate::sampling::{generate, SamplingConfig};
 
-/// The benchmark's prompt: `n` ids spread over the vocabulary (skipping the first 100, where
-/// special tokens live). tools/reference/bench_decode.py uses the same formula.
+/// The benchmark's prompt: `n` ids spread over the vocabulary (skipping the first and last
+/// 100 ids, where special tokens live, when the vocabulary has more than 200).
+/// tools/reference/bench_decode.py uses the same formula.
 pub fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
-    let span = vocab.saturating_sub(200).max(1);
-    (0..n).map(|i| ((i * 7919 + 13) % span + 100) as u32).collect()
+    let (offset, span) = if vocab > 200 { (100, vocab - 200) } else { (0, vocab.max(1)) };
+    (0..n).map(|i| ((i * 7919 + 13) % span + offset) as u32).collect()
 }
 
 /// Milliseconds of `generate` with `new_tokens` greedy tokens on `batch` copies of the prompt.

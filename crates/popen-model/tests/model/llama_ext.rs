@@ -1013,6 +1013,8 @@ fn bench_decode_prompt_and_workloads() {
     // i * 7919 + 13 mod (vocab - 200) + 100: 13 + 100, 7932 + 100, (15851 mod 800) + 100.
     assert_eq!(bench::prompt_ids(3, 1000), vec![113, (7932 % 800) + 100, (15851 % 800) + 100]);
     assert!(bench::prompt_ids(50, 1000).iter().all(|&i| (100..900).contains(&i)));
+    // A vocabulary of 200 or fewer ids is used whole: 13, 7932 mod 64, 15851 mod 64.
+    assert_eq!(bench::prompt_ids(3, 64), vec![13, 7932 % 64, 15851 % 64]);
     let model = LlamaConfig::tiny().init::<B>(&Default::default());
     let d = bench::decode(&model, 2, 8, 4, 2).unwrap();
     assert_eq!((d.batch, d.prompt, d.new_tokens, d.ms.len()), (2, 8, 4, 2));
