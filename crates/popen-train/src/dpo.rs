@@ -136,6 +136,12 @@ pub struct DpoConfig {
     pub seq_norm: SeqNorm,
     /// Eq. 4's beta_s (paper 10).
     pub beta_s: f64,
+    /// Not in the paper (0 = the paper's L_t): adds `chosen_nll` times the mean token
+    /// cross-entropy of the corrected answers y_c to L_t (DPO + NLL, as RPO), which keeps a
+    /// small model from lowering the likelihood of both answers until its text degrades
+    /// (the tiny preset; README "POPEN end to end").
+    #[serde(default)]
+    pub chosen_nll: f32,
     /// L_ce = bce_weight BCE + dice_weight DICE (PixelLM: 2.0, 0.5).
     pub bce_weight: f32,
     pub dice_weight: f32,
@@ -181,6 +187,7 @@ impl Default for DpoConfig {
             lambda: dpo_loss::LAMBDA,
             seq_norm: SeqNorm::Length,
             beta_s: dpo_loss::BETA_S,
+            chosen_nll: 0.0,
             bce_weight: 2.0,
             dice_weight: 0.5,
             phase1_score: Phase1Score::STerm,
@@ -705,6 +712,8 @@ fn vals<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 struct MicroStats {
     loss: f32,
     text: Option<dpo_loss::DpoMetrics>,
+    /// Mean token cross-entropy of y_c (before the `chosen_nll` weight), when that is on.
+    nll: Option<f32>,
     seg: Option<dpo_loss::SegDpoMetrics>,
     bce: f32,
     dice: f32,
@@ -720,7 +729,7 @@ fn text_loss<B: Backend>(
     images: &Images,
     pre: &Preprocessor,
     cfg: &DpoConfig,
-) -> Result<(Tensor<B, 1>, dpo_loss::DpoMetrics)> {
+) -> Result<(Tensor<B, 1>, dpo_loss::DpoMetrics, Option<f32>)> {
     let m = &model.pixellm;
     let device = m.llm.model.embed_tokens.weight.device();
     let wanted: Vec<usize> = items.iter().map(|t| t.image).collect();
@@ -749,6 +758,7 @@ fn text_loss<B: Backend>(
     let ch_c: Vec<Vec<usize>> = items.iter().map(|t| t.changed_chosen.clone()).collect();
     let ch_r: Vec<Vec<usize>> = items.iter().map(|t| t.changed_rejected.clone()).collect();
     let lambda = cfg.effective_lambda();
+    let nll = (cfg.chosen_nll > 0.0).then(|| crate::loss::text_ce(lp_c.clone(), &lens_c).0);
     let pc = dpo_loss::weighted_logp(lp_c, &lens_c, &ch_c, lambda, cfg.seq_norm)?;
     let pr = dpo_loss::weighted_logp(lp_r, &lens_r, &ch_r, lambda, cfg.seq_norm)?;
     let padded = |rows: Vec<&Vec<f32>>, max: usize| {
@@ -762,7 +772,13 @@ fn text_loss<B: Backend>(
     let rr =
         dpo_loss::weighted_logp(padded(items.iter().map(|t| &t.ref_rejected).collect(), max), &lens_r, &ch_r, lambda, cfg.seq_norm)?;
     let out = dpo_loss::text_dpo(pc, pr, rc, rr, cfg.beta_t)?;
-    Ok((out.loss, out.metrics))
+    match nll {
+        Some(n) => {
+            let v = vals(n.clone()).first().copied();
+            Ok((out.loss + n.mul_scalar(cfg.chosen_nll), out.metrics, v))
+        }
+        None => Ok((out.loss, out.metrics, None)),
+    }
 }
 
 /// L_s (Eq. 4 on the median images, with the indicator) and L_ce (BCE + DICE on the clean
@@ -918,9 +934,10 @@ fn micro_step<B: AutodiffBackend>(
     let mut total = Tensor::<B, 1>::zeros([1], &device);
     let mut st = MicroStats::default();
     if !text.is_empty() {
-        let (l, met) = text_loss(model, text, images, pre, cfg)?;
+        let (l, met, nll) = text_loss(model, text, images, pre, cfg)?;
         total = total + l;
         st.text = Some(met);
+        st.nll = nll;
         st.pairs = text.len();
     }
     if !seg.is_empty() {
@@ -954,7 +971,7 @@ pub struct DpoStepMetrics {
     pub step: usize,
     pub epoch: f64,
     pub lr: f64,
-    /// L_t + L_s + bce + dice (mean over the step's micro-batches).
+    /// L_t (+ chosen_nll x nll/chosen) + L_s + bce + dice (mean over the step's micro-batches).
     pub loss: f32,
     #[serde(rename = "loss/text")]
     pub loss_text: Option<f32>,
@@ -970,6 +987,10 @@ pub struct DpoStepMetrics {
     pub logps_chosen: Option<f32>,
     #[serde(rename = "logps/rejected")]
     pub logps_rejected: Option<f32>,
+    /// Mean token cross-entropy of y_c, added to the loss with weight `chosen_nll` (empty
+    /// when that is 0).
+    #[serde(rename = "nll/chosen", default)]
+    pub nll_chosen: Option<f32>,
     /// Eq. 4.
     #[serde(rename = "loss/seg")]
     pub loss_seg: Option<f32>,
@@ -998,7 +1019,7 @@ pub struct DpoStepMetrics {
     pub seconds: f64,
 }
 
-const DPO_CSV_HEADER: &str = "step,epoch,lr,loss,loss/text,rewards/chosen,rewards/rejected,rewards/accuracies,rewards/margins,logps/chosen,logps/rejected,loss/seg,seg/rewards_w,seg/rewards_l,seg/margins,seg/accuracies,seg/indicator_off,seg/targets,bce,dice,ps_phase,grad_norm,pairs,records,seconds";
+const DPO_CSV_HEADER: &str = "step,epoch,lr,loss,loss/text,rewards/chosen,rewards/rejected,rewards/accuracies,rewards/margins,logps/chosen,logps/rejected,nll/chosen,loss/seg,seg/rewards_w,seg/rewards_l,seg/margins,seg/accuracies,seg/indicator_off,seg/targets,bce,dice,ps_phase,grad_norm,pairs,records,seconds";
 
 fn opt(v: Option<f32>) -> String {
     v.map(|x| format!("{x:.6}")).unwrap_or_default()
@@ -1013,7 +1034,7 @@ impl MetricsRow for DpoStepMetrics {
     }
     fn csv_line(&self) -> String {
         format!(
-            "{},{:.4},{:.6e},{:.6},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{:.6},{},{},{:.3}\n",
+            "{},{:.4},{:.6e},{:.6},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{:.6},{},{},{:.3}\n",
             self.step,
             self.epoch,
             self.lr,
@@ -1025,6 +1046,7 @@ impl MetricsRow for DpoStepMetrics {
             opt(self.rewards_margins),
             opt(self.logps_chosen),
             opt(self.logps_rejected),
+            opt(self.nll_chosen),
             opt(self.loss_seg),
             opt(self.seg_reward_w),
             opt(self.seg_reward_l),
@@ -1467,6 +1489,7 @@ fn step_metrics(
         rewards_margins: mean(&|s| s.text.as_ref().map(|m| m.rewards_margins)),
         logps_chosen: mean(&|s| s.text.as_ref().map(|m| m.logps_chosen)),
         logps_rejected: mean(&|s| s.text.as_ref().map(|m| m.logps_rejected)),
+        nll_chosen: mean(&|s| s.nll),
         loss_seg: mean(&|s| s.seg.as_ref().map(|m| m.loss)),
         seg_reward_w: mean(&|s| s.seg.as_ref().map(|m| m.reward_w)),
         seg_reward_l: mean(&|s| s.seg.as_ref().map(|m| m.reward_l)),

@@ -221,7 +221,7 @@ fn dpo_resume_continues_exactly() {
     let phases: Vec<u64> = ma.iter().map(|r| r["ps_phase"].as_u64().unwrap()).collect();
     assert_eq!(phases, [1, 2]);
     let csv = std::fs::read_to_string(sa.join("metrics.csv")).unwrap();
-    assert!(csv.starts_with("step,epoch,lr,loss,loss/text,rewards/chosen,rewards/rejected,rewards/accuracies,rewards/margins,logps/chosen,logps/rejected,loss/seg"), "{csv}");
+    assert!(csv.starts_with("step,epoch,lr,loss,loss/text,rewards/chosen,rewards/rejected,rewards/accuracies,rewards/margins,logps/chosen,logps/rejected,nll/chosen,loss/seg"), "{csv}");
     let man: Value = serde_json::from_str(&std::fs::read_to_string(sa.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(man["stage"], "dpo");
     assert_eq!(man["counts"]["seg_records_phase1"], 4);
@@ -469,13 +469,41 @@ fn dpo_bad_inputs_are_clear_errors() {
 
 /// The configs under pipelines/ parse; the real-scale one is the paper's values (= the
 /// defaults).
+/// `chosen_nll` (DPO + NLL, not in the paper): at step 0 (the policy still equals the
+/// reference, the same batch) the logged loss is the paper's loss plus `chosen_nll` times the
+/// logged `nll/chosen`, the mean token cross-entropy of y_c (> 0); with 0 it is not logged.
+#[test]
+fn dpo_chosen_nll_adds_the_chosen_cross_entropy() {
+    let text_only = |w: f32| {
+        let mut c = cfg();
+        c.max_steps = 1;
+        c.batch_size = 4;
+        c.ablation.no_seg_loss = true;
+        c.bce_weight = 0.0;
+        c.dice_weight = 0.0;
+        c.chosen_nll = w;
+        c
+    };
+    run(&text_only(0.0), "nll-0");
+    run(&text_only(2.0), "nll-2");
+    let (a, b) = (&metrics("nll-0")[0], &metrics("nll-2")[0]);
+    assert!(a["nll/chosen"].is_null(), "{a}");
+    let nll = f(&b["nll/chosen"]);
+    assert!(nll > 0.0, "{b}");
+    assert!((f(&a["loss/text"]) - f(&b["loss/text"])).abs() < 1e-6, "the DPO term itself is unchanged");
+    assert!((f(&b["loss"]) - (f(&a["loss"]) + 2.0 * nll)).abs() < 1e-4, "{} vs {} + 2 x {nll}", f(&b["loss"]), f(&a["loss"]));
+}
+
 #[test]
 fn dpo_pipeline_configs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tiny = DpoConfig::from_toml_file(root.join("pipelines/dpo-tiny.toml")).unwrap();
     assert_eq!((tiny.precision, tiny.trainable), (Precision::F32, Trainable::Full));
+    // The tiny preset's DPO + NLL (not in the paper); the 7B config keeps the paper's L_t.
+    assert!(tiny.chosen_nll > 0.0);
     let real = DpoConfig::from_toml_file(root.join("pipelines/dpo-pixellm-7b.toml")).unwrap();
     assert_eq!(real, DpoConfig::default());
+    assert_eq!(real.chosen_nll, 0.0);
     assert_eq!((real.beta_t, real.lambda, real.beta_s, real.lr, real.batch_size, real.warmup_steps), (0.5, 5.0, 10.0, 3e-4, 16, 100));
 }
 
