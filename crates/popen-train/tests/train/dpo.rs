@@ -85,6 +85,13 @@ fn cfg() -> DpoConfig {
     }
 }
 
+/// One step of 4 pairs with L_t alone (no Eq. 4, no mask loss).
+fn text_only_one_step() -> DpoConfig {
+    let mut c = DpoConfig { max_steps: 1, batch_size: 4, bce_weight: 0.0, dice_weight: 0.0, ..cfg() };
+    c.ablation.no_seg_loss = true;
+    c
+}
+
 /// Runs the stage with `c` into `root/name` (the world's shards unless replaced).
 fn run_with(c: &DpoConfig, name: &str, pt: Option<&Path>, ps1: Option<&Path>, ps2: Option<&Path>, resume: bool) -> popen_train::Result<dpo::DpoReport> {
     let w = world();
@@ -288,14 +295,7 @@ fn dpo_ablation_switches() {
     assert!(f(&m[0]["bce"]) > 0.0 && f(&m[0]["loss/text"]) > 0.0);
     // no_lambda = lambda 1: at step 0 the policy is the reference, so its Eq. 3 values are
     // the shard's reference log-probs weighted with lambda 1 (5 without the switch).
-    let text_only = |c: &mut DpoConfig| {
-        one(c);
-        c.ablation.no_seg_loss = true;
-        c.bce_weight = 0.0;
-        c.dice_weight = 0.0;
-    };
-    let mut c5 = cfg();
-    text_only(&mut c5);
+    let c5 = text_only_one_step();
     let mut cn = c5.clone();
     cn.ablation.no_lambda = true;
     run(&c5, "abl-l5");
@@ -474,18 +474,8 @@ fn dpo_bad_inputs_are_clear_errors() {
 /// logged `nll/chosen`, the mean token cross-entropy of y_c (> 0); with 0 it is not logged.
 #[test]
 fn dpo_chosen_nll_adds_the_chosen_cross_entropy() {
-    let text_only = |w: f32| {
-        let mut c = cfg();
-        c.max_steps = 1;
-        c.batch_size = 4;
-        c.ablation.no_seg_loss = true;
-        c.bce_weight = 0.0;
-        c.dice_weight = 0.0;
-        c.chosen_nll = w;
-        c
-    };
-    run(&text_only(0.0), "nll-0");
-    run(&text_only(2.0), "nll-2");
+    run(&DpoConfig { chosen_nll: 0.0, ..text_only_one_step() }, "nll-0");
+    run(&DpoConfig { chosen_nll: 2.0, ..text_only_one_step() }, "nll-2");
     let (a, b) = (&metrics("nll-0")[0], &metrics("nll-2")[0]);
     assert!(a["nll/chosen"].is_null(), "{a}");
     let nll = f(&b["nll/chosen"]);

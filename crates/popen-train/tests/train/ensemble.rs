@@ -159,6 +159,17 @@ fn run_with(c: &EnsembleConfig, name: &str, init: Option<&Path>, resume: bool) -
     ensemble_train::run::<AB>(&job, &Default::default())
 }
 
+/// Runs `c` (one step on the 4 samples) into `root/name`: the init model, the stepped model
+/// and the step-0 batch's sample indices.
+fn one_step(c: &EnsembleConfig, name: &str) -> (popen_model::pixellm::PixelLm<AB>, popen_model::pixellm::PixelLm<AB>, Vec<usize>) {
+    let w = world();
+    run_with(c, name, None, false).unwrap();
+    let dev = Default::default();
+    let m0 = bundle::open::<AB>(&w.model, &dev).unwrap().model;
+    let m1 = bundle::open::<AB>(&w.root.join(name).join("model"), &dev).unwrap().model;
+    (m0, m1, popen_train::data::Order { n: 4, batch_size: 4, seed: c.seed }.batch(0))
+}
+
 fn weights_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
     let b = bundle::open::<B>(dir, &Default::default()).unwrap();
     popen_model::weights::named_tensors(&b.model).into_iter().map(|(n, _, t)| (n, t)).collect()
@@ -268,12 +279,9 @@ fn ensemble_train_warm_up_trains_the_llm_side_then_only_p_hat() {
 fn ensemble_warm_up_step_lowers_its_loss_on_a_fixed_batch() {
     let w = world();
     let c = EnsembleConfig { batch_size: 4, adapt_steps: 1, max_steps: 1, lr: 1e-4, ..cfg() };
-    run_with(&c, "ens-adapt-fixed", None, false).unwrap();
+    let (m0, m1, idx) = one_step(&c, "ens-adapt-fixed");
     let job = EnsembleJob { config: &c, init: &w.model, samples: &w.train, out: &w.root.join("unused"), resume: false, progress: false, sam_cache: None };
     let dev = Default::default();
-    let m0 = bundle::open::<AB>(&w.model, &dev).unwrap().model;
-    let m1 = bundle::open::<AB>(&w.root.join("ens-adapt-fixed/model"), &dev).unwrap().model;
-    let idx = popen_train::data::Order { n: 4, batch_size: 4, seed: c.seed }.batch(0);
     let l0 = ensemble_train::adapt_loss_of::<AB>(&job, &m0, None, &idx, &dev).unwrap();
     let logged = metrics("ens-adapt-fixed")[0]["loss"].as_f64().unwrap() as f32;
     assert!((logged - l0).abs() <= 1e-5, "the stage's step-0 loss {logged} is not adapt_loss_of's {l0}");
@@ -292,12 +300,9 @@ fn ensemble_warm_up_step_lowers_its_loss_on_a_fixed_batch() {
 fn ensemble_train_steps_lower_the_loss_on_a_fixed_batch() {
     let w = world();
     let c = EnsembleConfig { batch_size: 4, max_steps: 1, checkpoint_every: 1, lr: 1e-3, ..cfg() };
-    run_with(&c, "ens-fixed", None, false).unwrap();
+    let (m0, m1, idx) = one_step(&c, "ens-fixed");
     let job = EnsembleJob { config: &c, init: &w.model, samples: &w.train, out: &w.root.join("unused"), resume: false, progress: false, sam_cache: None };
     let dev = Default::default();
-    let m0 = bundle::open::<AB>(&w.model, &dev).unwrap().model;
-    let m1 = bundle::open::<AB>(&w.root.join("ens-fixed/model"), &dev).unwrap().model;
-    let idx = popen_train::data::Order { n: 4, batch_size: 4, seed: c.seed }.batch(0);
     let l0 = ensemble_train::loss_of::<AB>(&job, &m0, &idx, &dev).unwrap();
     // After the step, on the SAME candidates and y_tilde (decoded by the step-0 model): the
     // greedy y_tilde goes through p_hat, so m1's own decode may pick other tokens and the
