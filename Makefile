@@ -34,6 +34,9 @@ help:
 	@echo "make assets      fetch the pinned real weights/data of shared/ASSETS.md into data/assets"
 	@echo "make bench       mask-kernel benchmark against pycocotools"
 	@echo "make bench-sam   MobileSAM encoder + automatic generator timing (docs/bench-sam.md)"
+	@echo "make bench-cpu   popen against PyTorch/transformers on this CPU, same-round ratios (docs/bench-cpu.md; BENCH_TINY= skips the tiny step)"
+	@echo "make popen-seeds the demo for seeds 0, 1, 2 and the Table-3 table with paired differences"
+	@echo "make popen-ablations  the ensemble ablations (paper's stage 3, frozen projection, no gamma, fallback) on popen-seeds' models"
 
 build:
 	$(CARGO) build --release --bin popen
