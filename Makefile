@@ -170,7 +170,7 @@ popen-seeds: build
 # the paper's stage 3 (no warm-up, only p_hat trains: SPEC 6; our tiny preset adapts the
 # model first, SPEC 10.18), the warm-up without training the feedback projection (SPEC
 # 10.16), the ensemble without gamma, and with --ensemble-fallback (not in the paper).
-ABLATION_ROWS = "POPEN (dpo + ensemble K=$(ENSEMBLE_K))=popen" "... paper's stage 3 (only p_hat, no warm-up)=popen-paper" "... feedback projection frozen=popen-frozen-feedback" "... w/o gamma=popen-no-gamma" "... with fallback (not in the paper)=popen-fallback" "POPEN w/o ensemble (dpo)=dpo"
+ABLATION_ROWS = "POPEN (dpo + ensemble K=$(ENSEMBLE_K))=popen" "... paper's stage 3 (only p_hat, no warm-up)=popen-paper" "... feedback projection frozen after the warm-up=popen-frozen-feedback" "... w/o gamma=popen-no-gamma" "... with fallback (not in the paper)=popen-fallback" "POPEN w/o ensemble (dpo)=dpo"
 popen-ablations: build
 	for s in 0 1 2; do o=$$( [ $$s = 0 ] && echo out/demo || echo out/popen-seed-$$s ); \
 	  $(MAKE) --no-print-directory ablation-ensemble SEED=$$s OUT=$$o ABL=paper ABL_SET="--set adapt_steps=0 --set train_seg_feedback=false" || exit 1; \

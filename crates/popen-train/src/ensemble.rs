@@ -98,6 +98,10 @@ impl Default for EnsembleSettings {
 }
 
 impl EnsembleSettings {
+    /// The gamma biases of the text pass's K answers (from tau), when gamma is on.
+    pub fn tau<'a>(&self, scores: &'a Scores) -> Option<&'a [Vec<f32>]> {
+        self.gamma.then_some(scores.tau.as_slice())
+    }
     /// The gamma biases of the seg pass's fed-back `f_k^n` (from eta), when gamma is on.
     pub fn eta<'a>(&self, scores: &'a Scores) -> Option<&'a [Vec<f32>]> {
         self.gamma.then_some(scores.eta.as_slice())
@@ -496,7 +500,7 @@ pub fn refine<B: Backend>(
     scores: &[Scores],
     s: &EnsembleSettings,
 ) -> MResult<Vec<(Vec<u32>, Vec<f32>, bool)>> {
-    let tails = (0..cands.len()).map(|i| answer_parts(pred, &cands[i], s.gamma.then_some(scores[i].tau.as_slice()))).collect();
+    let tails = (0..cands.len()).map(|i| answer_parts(pred, &cands[i], s.tau(&scores[i]))).collect();
     let prefix = questions.prefix(pred, feats, tails)?;
     let gens = if s.draft {
         // Drafts: the K answers, likeliest (mean token log-prob) first, each closed by EOS so

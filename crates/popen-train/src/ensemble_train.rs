@@ -78,6 +78,8 @@ pub struct EnsembleConfig {
     pub si_weight: f32,
     /// Also train the seg-feedback projection that feeds `f_k^n` back (Eq. 6; SPEC 10.16:
     /// a projection that never trains cannot carry `f`; default true, false = only p_hat).
+    /// With `adapt_steps`, the projection trains during the warm-up either way (with the LLM
+    /// side); this switch applies to the L_ti + L_si steps after it.
     pub train_seg_feedback: bool,
     /// Small-model adaptation (SPEC 10.18, not in the paper): the first `adapt_steps` steps
     /// are a supervised warm-up in the ensemble layout: the K sampled answers (+ p_hat) in the
@@ -260,10 +262,15 @@ pub struct EnsembleReport {
     pub seconds: f64,
 }
 
+/// The stage's error for a model without `p_hat`.
+fn no_p_hat() -> TrainError {
+    TrainError::Config("the model has no p_hat (prompt_embeddings = 0 in its model.toml)".into())
+}
+
 /// Freezes everything but `p_hat` (and `seg_feedback` when asked).
 pub fn only_prompt_trains<B: Backend>(mut m: PixelLm<B>, seg_feedback: bool) -> Result<PixelLm<B>> {
     let Some(p) = m.prompt_embeddings.take() else {
-        return Err(TrainError::Config("the model has no p_hat (prompt_embeddings = 0 in its model.toml)".into()));
+        return Err(no_p_hat());
     };
     let fb = m.seg_feedback.take();
     let mut m = m.no_grad();
@@ -277,7 +284,7 @@ pub fn only_prompt_trains<B: Backend>(mut m: PixelLm<B>, seg_feedback: bool) -> 
 /// image encoders (CLIP tower, SAM encoder) stay frozen.
 pub fn adapt_trains<B: Backend>(mut m: PixelLm<B>) -> Result<PixelLm<B>> {
     if m.prompt_embeddings.is_none() {
-        return Err(TrainError::Config("the model has no p_hat (prompt_embeddings = 0 in its model.toml)".into()));
+        return Err(no_p_hat());
     }
     m.sam_encoder = m.sam_encoder.no_grad();
     m.vision_tower = m.vision_tower.no_grad();
@@ -351,7 +358,7 @@ fn batch_loss<B: AutodiffBackend>(
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     for (i, x) in instrs.iter().enumerate() {
-        let r = ensemble::text_rows(&p, x, i, &cands[i], s.gamma.then_some(scores[i].tau.as_slice())).map_err(e)?;
+        let r = ensemble::text_rows(&p, x, i, &cands[i], s.tau(&scores[i])).map_err(e)?;
         let mut ids = refined[i].0.clone();
         ids.push(tokens.eos);
         let mut r = r;
@@ -484,7 +491,7 @@ fn adapt_loss<B: AutodiffBackend>(
     // Text pass.
     let mut rows = Vec::with_capacity(batch.len());
     for (i, x) in instrs.iter().enumerate() {
-        let mut r = ensemble::text_rows(p, x, i, &cands[i], s.gamma.then_some(scores[i].tau.as_slice())).map_err(e)?;
+        let mut r = ensemble::text_rows(p, x, i, &cands[i], s.tau(&scores[i])).map_err(e)?;
         r.push(Part::new(Segment::Tokens(answers[i].0.clone())));
         rows.push(r);
     }
