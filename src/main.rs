@@ -54,6 +54,10 @@ enum Command {
     /// Convert a released checkpoint (PixelLM, LLaVA, HF LLaVA; safetensors, sharded or
     /// not) into a model folder. Missing, unexpected or mis-shaped tensors are errors.
     ModelImport(model_cmd::ModelImportArgs),
+    /// Write a model folder back in PixelLM's or transformers' LLaVA layout (config.json,
+    /// safetensors with their names, tokenizer files), for use outside popen.
+    #[command(long_about = model_cmd::MODEL_EXPORT_LONG_ABOUT)]
+    ModelExport(model_cmd::ModelExportArgs),
     /// Answer an instruction about an image: text with one mask per object (JSON), and an
     /// overlay PNG with --out.
     Infer(model_cmd::InferArgs),
@@ -214,6 +218,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::TokenizerTiny(a) => model_cmd::tokenizer_tiny(a),
         Command::ModelInit(a) => model_cmd::model_init(a),
         Command::ModelImport(a) => model_cmd::model_import(a),
+        Command::ModelExport(a) => model_cmd::model_export(a),
         Command::Infer(a) => model_cmd::infer(a),
         Command::Score(a) => model_cmd::score(a),
         Command::BenchDecode(a) => model_cmd::bench_decode(a),

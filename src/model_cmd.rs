@@ -85,6 +85,45 @@ pub struct ModelImportArgs {
     out: PathBuf,
 }
 
+pub const MODEL_EXPORT_LONG_ABOUT: &str = "\
+Write a model folder back in the key layout of PixelLM's code or of transformers' LLaVA, so a \
+POPEN-finetuned model can leave popen.
+
+--layout pixellm: model.safetensors with PixelLM's names (PixelLMForCausalLM's state dict \
+without the CLIP tower, as PixelLM's merge script writes it), vision_tower/ (the CLIP tower as \
+a CLIPVisionModel folder, saved at the model's input size), config.json (LLaMA fields and \
+PixelLM's settings), the tokenizer files and model.toml (popen's config). POPEN's own tensors \
+(p_hat, the seg-feedback projection) are stored as popen.* in the same file: PixelLM's loader \
+reports them unused, `popen model-import --layout pixellm` reads them back.
+
+--layout llava-hf: the LLaVA part (CLIP tower, projector, LLaMA) as transformers' \
+LlavaForConditionalGeneration.save_pretrained writes it, with its config.json and tokenizer \
+files; PixelLM's decoder side and POPEN's tensors cannot be held there and are listed as left \
+out. Needs a projector of LLaVA's shape (mm_projector_hidden = the LLM width).
+
+Models with parts neither code has (the tiny-sam preset's SAM image encoder, the seg locator) \
+are refused, naming the config field.
+
+Import back: popen model-import --layout pixellm --checkpoint OUT --config OUT/model.toml \
+--tokenizer OUT/tokenizer.json --out MODEL (OUT/vision_tower is found by itself).";
+
+#[derive(clap::Args)]
+pub struct ModelExportArgs {
+    /// popen model folder to export.
+    #[arg(long)]
+    model: PathBuf,
+    /// Target layout.
+    #[arg(long, value_parser = ["pixellm", "llava-hf"])]
+    layout: String,
+    /// llava-hf: the vocabulary id transformers' LLaVA replaces by image features
+    /// (config `image_token_index`). Default: the tokenizer's `<image>` token.
+    #[arg(long)]
+    image_token_id: Option<u32>,
+    /// Output folder (must not exist, or be empty).
+    #[arg(long)]
+    out: PathBuf,
+}
+
 #[derive(clap::Args)]
 pub struct SamplingArgs {
     /// Most tokens to generate.
@@ -252,14 +291,13 @@ pub fn model_import(a: ModelImportArgs) -> Result<()> {
     let cfg = PixelLmConfig::from_toml_file(&a.config)?;
     type B = burn::backend::NdArray<f32>;
     let dev = Default::default();
-    let (b, fresh) = bundle::open_foreign::<B>(
-        &cfg,
-        &a.checkpoint,
-        layout,
-        &a.tokenizer,
-        a.vision_tower.as_deref(),
-        &dev,
-    )?;
+    // A `model-export --layout pixellm` folder carries its tower in vision_tower/.
+    let beside = a.checkpoint.join("vision_tower");
+    let tower = a.vision_tower.clone().or_else(|| {
+        (layout == Layout::Pixellm && cfg.sam_encoder.is_none() && beside.join("model.safetensors").is_file())
+            .then_some(beside)
+    });
+    let (b, fresh) = bundle::open_foreign::<B>(&cfg, &a.checkpoint, layout, &a.tokenizer, tower.as_deref(), &dev)?;
     if !fresh.is_empty() {
         eprintln!(
             "note: {} tensor(s) the {} layout cannot hold start from their initialization: {}",
@@ -271,6 +309,60 @@ pub fn model_import(a: ModelImportArgs) -> Result<()> {
     let _lock = popen_core::guard::claim_output(&a.out, &[("--checkpoint", &a.checkpoint), ("--tokenizer", &a.tokenizer)])?;
     bundle::save(&a.out, &b.model, &b.tokenizer)?;
     println!("{} -> {}", a.checkpoint.display(), a.out.display());
+    Ok(())
+}
+
+pub fn model_export(a: ModelExportArgs) -> Result<()> {
+    use popen_model::export::{self, ExportLayout};
+    let layout = match a.layout.as_str() {
+        "pixellm" => ExportLayout::Pixellm,
+        "llava-hf" => ExportLayout::LlavaHf,
+        other => bail!("unknown layout '{other}' (pixellm, llava-hf)"),
+    };
+    if a.out.exists() && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("{}: exists and is not empty (model-export writes a new folder)", a.out.display());
+    }
+    type B = burn::backend::NdArray<f32>;
+    let b = bundle::open::<B>(&a.model, &Default::default())?;
+    // Refuse before anything is written.
+    export::check_exportable(b.model.config(), layout)?;
+    let _lock = popen_core::guard::claim_output(&a.out, &[("--model", &a.model)])?;
+    let name = a.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
+    let tmp = a.out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let image_token = a.image_token_id.or_else(|| b.tokenizer.token_to_id(popen_model::tokenizer::IMAGE_TOKEN));
+    let written = (|| -> Result<export::ExportReport> {
+        let mut r = export::export_weights(&b.model, &tmp, layout, image_token)?;
+        r.files.extend(export::export_tokenizer(&b.tokenizer, &tmp)?);
+        Ok(r)
+    })();
+    let report = match written {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if a.out.exists() {
+        std::fs::remove_dir(&a.out).with_context(|| format!("replacing the empty folder {}", a.out.display()))?;
+    }
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("moving {} to {}", tmp.display(), a.out.display()))?;
+    if !report.left_out.is_empty() {
+        eprintln!(
+            "note: the {} layout cannot hold {} tensor(s), left out: {}",
+            a.layout,
+            report.left_out.len(),
+            summarize(&report.left_out)
+        );
+    }
+    println!(
+        "{} -> {} ({} layout: {} tensors; {})",
+        a.model.display(),
+        a.out.display(),
+        a.layout,
+        report.tensors,
+        report.files.join(", ")
+    );
     Ok(())
 }
 

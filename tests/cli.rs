@@ -78,7 +78,7 @@ fn device_check_on_cpu() {
 #[test]
 fn help_explains_every_command() {
     let h = ok(&["--help"]);
-    for cmd in ["synth", "import-muse", "show", "inspect", "device", "model-config", "tokenizer-tiny", "model-init", "model-import", "infer", "score", "sft", "dpo", "predict", "eval"] {
+    for cmd in ["synth", "import-muse", "show", "inspect", "device", "model-config", "tokenizer-tiny", "model-init", "model-import", "model-export", "infer", "score", "sft", "dpo", "predict", "eval"] {
         assert!(h.contains(cmd), "{h}");
     }
     let h = ok(&["synth", "--help"]);
@@ -148,6 +148,28 @@ fn tiny_model_infer_and_score() {
     let out2 = ok(&["score", "--model", again.to_str().unwrap(), "--image", i, "--instruction", "Find the ball.", "--answer", "the ball <seg>."]);
     let v2: serde_json::Value = serde_json::from_str(&out2).unwrap();
     assert_eq!(v2["tokens"], v["tokens"]);
+    // model-export --layout pixellm, then model-import of the export: the same scores.
+    let exported = dir.path().join("exported");
+    let out = ok(&["model-export", "--model", m, "--layout", "pixellm", "--out", exported.to_str().unwrap()]);
+    assert!(out.contains("vision_tower/model.safetensors") && out.contains("config.json"), "{out}");
+    for f in ["config.json", "model.safetensors", "vision_tower/config.json", "tokenizer.json", "tokenizer_config.json", "model.toml"] {
+        assert!(exported.join(f).is_file(), "{f}");
+    }
+    let back = dir.path().join("back");
+    let ex = |f: &str| exported.join(f).to_str().unwrap().to_string();
+    ok(&[
+        "model-import", "--checkpoint", &ex(""), "--layout", "pixellm", "--config", &ex("model.toml"),
+        "--tokenizer", &ex("tokenizer.json"), "--out", back.to_str().unwrap(),
+    ]);
+    let out3 = ok(&["score", "--model", back.to_str().unwrap(), "--image", i, "--instruction", "Find the ball.", "--answer", "the ball <seg>."]);
+    let v3: serde_json::Value = serde_json::from_str(&out3).unwrap();
+    assert_eq!(v3["tokens"], v["tokens"]);
+    let e = err(&["model-export", "--model", m, "--layout", "pixellm", "--out", exported.to_str().unwrap()]);
+    assert!(e.contains("not empty"), "{e}");
+    let e = err(&["model-export", "--model", m, "--layout", "llava-hf", "--out", dir.path().join("hf").to_str().unwrap()]);
+    assert!(e.contains("mm_projector_hidden") || e.contains("--image-token-id"), "{e}");
+    assert!(!dir.path().join("hf").exists());
+
     let e = err(&[
         "model-import", "--checkpoint", tok.to_str().unwrap(), "--layout", "pixellm",
         "--config", cfg.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--out", again.to_str().unwrap(),

@@ -76,7 +76,7 @@ import clip_fixture as cf  # noqa: E402
 import pixellm_decoder_ref as dr  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OUT = os.path.join(ROOT, "crates/popen-model/tests/fixtures/pixellm")
+OUT = os.environ.get("PIXELLM_FIXTURE_OUT", os.path.join(ROOT, "crates/popen-model/tests/fixtures/pixellm"))
 
 PIXELLM_COMMIT = "c43c0aff64e0bf4ab65023667e58eb2329b54f7b"
 IMAGE_TOKEN_INDEX = -200
@@ -261,53 +261,9 @@ def seg_embeddings(glue, input_ids, hidden):
     return per_row, read_at
 
 
-def main():
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(2024)
-    if os.path.isdir(OUT):
-        shutil.rmtree(OUT)
-    os.makedirs(OUT)
-
-    # ---------------- models (f32 draws, saved as f32)
-    vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                            num_attention_heads=4, num_channels=3, image_size=CLIP_SIZE,
-                            patch_size=PATCH, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                            attn_implementation="eager")
-    tower = CLIPVisionModel(vcfg).eval()
-    vision_config = vcfg.to_dict()  # before the resize below edits the shared config
-    randomize_plain(tower, gen)
-    round_to(tower, torch.float16)
-    # As openai's CLIP releases: float16 (the loader converts to f32).
-    tower.half().save_pretrained(os.path.join(OUT, "clip"), safe_serialization=True)
-    tower.float()
-
-    lcfg = LlamaConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                       max_position_embeddings=128, bos_token_id=BOS, eos_token_id=EOS,
-                       pad_token_id=PAD, attn_implementation="eager")
-    llm = LlamaForCausalLM(lcfg).eval()
-    randomize_plain(llm, gen)
-    glue = Glue(vcfg.hidden_size, H, OUT_DIM, gen).eval()
-    round_to(llm, torch.bfloat16)
-    round_to(glue, torch.bfloat16)
-
-    # bfloat16 like PixelLM's (bf16-trained) checkpoints; also keeps the fixture small.
-    weights = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in llm.state_dict().items()}
-    weights.update({"model." + k: v.detach().to(torch.bfloat16).contiguous()
-                    for k, v in glue.state_dict().items()})
-    assert not any("vision_tower" in k for k in weights)
-    save_file(weights, os.path.join(OUT, "pixellm.safetensors"), metadata={"format": "pt"})
-
-    # PixelLM's load_model resize, then everything in float64.
-    cf.pixellm_resize_vision_tower(tower, IMAGE_SIZE)
-    tower = tower.double()
-    llm = llm.double()
-    glue = glue.double()
-    torch.set_default_dtype(torch.float64)  # decoder-ref modules create tensors by default dtype
-
-    # ---------------- inputs
+def build_inputs():
+    """The fixture's two images (raw and preprocessed as PixelLM's dataset does) and rows."""
+    torch.set_default_dtype(torch.float64)
     rng = np.random.default_rng(11)
     raw, pixels, resized_hw = [], [], []
     for (h, w) in ORIGINAL_HW:
@@ -327,7 +283,17 @@ def main():
     for i, r in enumerate(rows):
         input_ids[i, :len(r)] = torch.tensor(r)
         attention_mask[i, :len(r)] = 1
+    return raw, images, resized_hw, input_ids, attention_mask, rows
 
+
+def forward(tower, llm, glue, inputs):
+    """PixelLM's teacher-forced forward of the fixture rows, in float64 (the modules are
+    converted here; PixelLM's tower resize must already be applied)."""
+    tower = tower.double()
+    llm = llm.double()
+    glue = glue.double()
+    torch.set_default_dtype(torch.float64)  # decoder-ref modules create tensors by default dtype
+    raw, images, resized_hw, input_ids, attention_mask, rows = inputs
     with torch.no_grad():
         feats, embeds, mask, llm_tokens, llm_keep, vit_key = prepare_inputs(
             glue, llm, tower, input_ids, attention_mask, images, resized_hw)
@@ -379,6 +345,61 @@ def main():
                 post.append(pm0[j])
                 scores.append(score[j])
                 iou.append(ip[j, 0])
+    return {"feats": feats, "mask": mask, "llm_tokens": llm_tokens, "llm_keep": llm_keep,
+            "vit_key": vit_key, "hidden": hidden, "hidden_ar": hidden_ar, "lp": lp,
+            "lp_ar": lp_ar, "f": f, "f_ar": f_ar, "read_at": read_at, "starts": starts,
+            "scales_out": scales_out, "low": low, "post": post, "scores": scores, "iou": iou}
+
+
+def main():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(2024)
+    if os.path.isdir(OUT):
+        shutil.rmtree(OUT)
+    os.makedirs(OUT)
+
+    # ---------------- models (f32 draws, saved as f32)
+    vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                            num_attention_heads=4, num_channels=3, image_size=CLIP_SIZE,
+                            patch_size=PATCH, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                            attn_implementation="eager")
+    tower = CLIPVisionModel(vcfg).eval()
+    vision_config = vcfg.to_dict()  # before the resize below edits the shared config
+    randomize_plain(tower, gen)
+    round_to(tower, torch.float16)
+    # As openai's CLIP releases: float16 (the loader converts to f32).
+    tower.half().save_pretrained(os.path.join(OUT, "clip"), safe_serialization=True)
+    tower.float()
+
+    lcfg = LlamaConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       max_position_embeddings=128, bos_token_id=BOS, eos_token_id=EOS,
+                       pad_token_id=PAD, attn_implementation="eager")
+    llm = LlamaForCausalLM(lcfg).eval()
+    randomize_plain(llm, gen)
+    glue = Glue(vcfg.hidden_size, H, OUT_DIM, gen).eval()
+    round_to(llm, torch.bfloat16)
+    round_to(glue, torch.bfloat16)
+
+    # bfloat16 like PixelLM's (bf16-trained) checkpoints; also keeps the fixture small.
+    weights = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in llm.state_dict().items()}
+    weights.update({"model." + k: v.detach().to(torch.bfloat16).contiguous()
+                    for k, v in glue.state_dict().items()})
+    assert not any("vision_tower" in k for k in weights)
+    save_file(weights, os.path.join(OUT, "pixellm.safetensors"), metadata={"format": "pt"})
+
+    # PixelLM's load_model resize, then everything in float64.
+    cf.pixellm_resize_vision_tower(tower, IMAGE_SIZE)
+    inputs = build_inputs()
+    raw, images, resized_hw, input_ids, attention_mask, rows = inputs
+    r = forward(tower, llm, glue, inputs)
+    (feats, mask, llm_tokens, llm_keep, vit_key, hidden, hidden_ar, lp, lp_ar, f, f_ar, read_at,
+     starts, scales_out, low, post, scores, iou) = (
+        r[k] for k in ("feats", "mask", "llm_tokens", "llm_keep", "vit_key", "hidden",
+                       "hidden_ar", "lp", "lp_ar", "f", "f_ar", "read_at", "starts",
+                       "scales_out", "low", "post", "scores", "iou"))
 
     # ---------------- checks that keep the fixture meaningful
     for o, m in enumerate(post):

@@ -16,6 +16,7 @@
 pub mod bundle;
 pub mod bench;
 pub mod clip;
+pub mod export;
 pub mod gguf;
 pub mod infer;
 pub mod llama;

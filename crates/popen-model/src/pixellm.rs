@@ -1417,6 +1417,8 @@ impl Layout {
         match self {
             Layout::Native => Remap::none(),
             Layout::Pixellm => llava_common(Remap::none())
+                // POPEN's own tensors in a `model-export --layout pixellm` folder.
+                .prefix("popen.", "")
                 .prefix("model.out_mm_projector.0.", "out_mm_projector.linear_1.")
                 .prefix("model.out_mm_projector.2.", "out_mm_projector.linear_2.")
                 .prefix("model.image_feature_neck.0.", "image_feature_neck.conv_1.")
@@ -1445,13 +1447,14 @@ impl Layout {
         }
     }
 
-    /// The tensors of `model` this layout cannot hold, by name (they keep their
-    /// initialization; [`load`] returns them).
-    fn fresh_names<B: Backend>(self, model: &PixelLm<B>) -> Vec<String> {
+    /// The tensors of `model` this layout cannot hold and `ck` does not hold, by name (they
+    /// keep their initialization; [`load`] returns them). A `model-export` folder holds
+    /// POPEN's tensors as `popen.*`.
+    fn fresh_names<B: Backend>(self, model: &PixelLm<B>, ck: &Checkpoint) -> Vec<String> {
         weights::named_tensors(model)
             .into_iter()
             .map(|(n, _, _)| n)
-            .filter(|n| self.lacks(n))
+            .filter(|n| self.lacks(n) && !ck.tensors.contains_key(n))
             .collect()
     }
 
@@ -1493,14 +1496,16 @@ pub fn load<B: Backend>(
     if cfg.sam_encoder.is_some() {
         // No CLIP tower: the SAM encoder is one of the checkpoint's modules.
         let model = cfg.init(device)?;
-        let fresh = layout.fresh_names(&model);
+        let fresh = layout.fresh_names(&model, &ck);
         let model =
             weights::apply_checkpoint_keeping(model, &ck, DType::F32, false, &|n| layout.lacks(n))?;
         return Ok((model, fresh));
     }
     let tower_ck = ck.sub("vision_tower");
     ck.tensors.retain(|n, _| !n.starts_with("vision_tower."));
-    let tower = if !tower_ck.tensors.is_empty() {
+    // A tower at its own size, or already at `image_size` (a tower saved from a PixelLM
+    // model, e.g. `model-export`'s `vision_tower/`): the position table says which.
+    let at_size = |tower_ck: &Checkpoint| {
         let pos = tower_ck
             .tensors
             .get("vision_model.embeddings.position_embedding.weight")
@@ -1509,10 +1514,16 @@ pub fn load<B: Backend>(
         if pos == Some((cfg.image_size / cfg.vision.patch_size).pow(2) + 1) {
             tcfg.image_size = cfg.image_size;
         }
-        weights::apply_checkpoint(tcfg.init(device), &tower_ck, DType::F32, false)?
+        tcfg
+    };
+    let tower = if !tower_ck.tensors.is_empty() {
+        weights::apply_checkpoint(at_size(&tower_ck).init(device), &tower_ck, DType::F32, false)?
     } else if let Some(tp) = vision_tower {
-        crate::clip::load(&cfg.vision, tp, device)
-            .map_err(|e| PixelLmError::Vision(format!("{}: {e}", tp.display())))?
+        let vision = |e: &dyn std::fmt::Display| PixelLmError::Vision(format!("{}: {e}", tp.display()));
+        let tck = Checkpoint::open(tp).map_err(|e| vision(&e))?.remapped(&crate::clip::checkpoint_remap());
+        let tcfg = at_size(&tck);
+        tcfg.validate().map_err(|e| vision(&e))?;
+        weights::apply_checkpoint(tcfg.init(device), &tck, DType::F32, false).map_err(|e| vision(&e))?
     } else {
         return Err(PixelLmError::Config(format!(
             "{}: the checkpoint holds no vision tower (released PixelLM checkpoints leave it out): pass the CLIP checkpoint (--vision-tower)",
@@ -1527,7 +1538,7 @@ pub fn load<B: Backend>(
         tower
     };
     let model = cfg.init(device)?;
-    let fresh = layout.fresh_names(&model);
+    let fresh = layout.fresh_names(&model, &ck);
     let mut model = weights::apply_checkpoint_keeping(model, &ck, DType::F32, false, &|n| {
         n.starts_with("vision_tower.") || layout.lacks(n)
     })?;

@@ -3,6 +3,7 @@
 mod common;
 mod clip;
 mod config_generations;
+mod export;
 mod gguf;
 mod llama;
 mod llama_ext;

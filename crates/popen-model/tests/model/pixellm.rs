@@ -100,9 +100,18 @@ fn llava_hf_fixture() {
 /// layer read from some config reproduce transformers' logits.
 pub(crate) fn check_llava_fixture(llm: LlamaConfig, vision: ClipVisionConfig, feature_layer: isize) {
     let dir = fixture("llava");
-    let exp: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let cfg = PixelLmConfig {
+    let cfg = llava_fixture_config(llm, vision, feature_layer);
+    let dev = Default::default();
+    let (model, fresh) = pixellm::load::<B>(&cfg, &dir, Layout::LlavaHf, None, &dev).unwrap();
+    assert!(fresh.iter().any(|n| n.starts_with("text_hidden_fcs.")), "{fresh:?}");
+    assert!(!fresh.iter().any(|n| n.starts_with("llm.") || n.starts_with("mm_projector.")));
+    assert_llava_logits(&model);
+}
+
+/// The model config of the LLaVA fixture (a LLaVA projector: hidden = the LLM width; image
+/// grid = patch grid; PixelLM's parts small and fresh).
+pub(crate) fn llava_fixture_config(llm: LlamaConfig, vision: ClipVisionConfig, feature_layer: isize) -> PixelLmConfig {
+    PixelLmConfig {
         name: "llava-fixture".into(),
         mm_projector_hidden: llm.hidden_size,
         llm,
@@ -130,12 +139,15 @@ pub(crate) fn check_llava_fixture(llm: LlamaConfig, vision: ClipVisionConfig, fe
         seg_locator: 0,
         llm_image_pe: false,
         llm_image_pixels: false,
-    };
-    let dev = Default::default();
-    let (model, fresh) = pixellm::load::<B>(&cfg, &dir, Layout::LlavaHf, None, &dev).unwrap();
-    assert!(fresh.iter().any(|n| n.starts_with("text_hidden_fcs.")), "{fresh:?}");
-    assert!(!fresh.iter().any(|n| n.starts_with("llm.") || n.starts_with("mm_projector.")));
+    }
+}
 
+/// `model` reproduces transformers' logits and last hidden state of the LLaVA fixture
+/// (tests/fixtures/llava/expected.json).
+pub(crate) fn assert_llava_logits(model: &PixelLm<B>) {
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("llava").join("expected.json")).unwrap()).unwrap();
+    let cfg = model.config();
     let s = cfg.image_size;
     let pixels: Vec<f32> = exp["pixels"]
         .as_array()

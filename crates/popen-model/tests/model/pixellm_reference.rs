@@ -224,23 +224,41 @@ struct Run {
     asm: Assembled<B>,
 }
 
+/// The fixture's model config (popen's spelling of case.json).
+pub(crate) fn fixture_config() -> PixelLmConfig {
+    Fixture::load().config()
+}
+
+/// The fixture's files: PixelLM-layout weights and the separate CLIP tower.
+pub(crate) fn fixture_files() -> (PathBuf, PathBuf) {
+    (dir().join("pixellm.safetensors"), dir().join("clip"))
+}
+
+/// `model` (of [`fixture_config`], or with POPEN's additions on top) computes the
+/// reference's answer log-probs, seg embeddings, masks and mask scores.
+pub(crate) fn assert_matches_reference(model: PixelLm<B>) {
+    let r = run_on(model);
+    let hidden = r.model.forward_hidden(&r.asm).unwrap();
+    answer_logprobs(&r, hidden, "answer_logprobs");
+    seg_and_masks(&r);
+}
+
 fn run() -> Run {
-    let fx = Fixture::load();
-    let cfg = fx.config();
+    let cfg = fixture_config();
     let dev = Default::default();
-    let clip = dir().join("clip");
-    let (model, fresh) = pixellm::load::<B>(
-        &cfg,
-        dir().join("pixellm.safetensors"),
-        Layout::Pixellm,
-        Some(&clip),
-        &dev,
-    )
-    .expect("the PixelLM-layout fixture loads");
+    let (weights, clip) = fixture_files();
+    let (model, fresh) = pixellm::load::<B>(&cfg, weights, Layout::Pixellm, Some(&clip), &dev)
+        .expect("the PixelLM-layout fixture loads");
     assert!(
         fresh.is_empty(),
         "no POPEN additions configured, nothing fresh: {fresh:?}"
     );
+    run_on(model)
+}
+
+fn run_on(model: PixelLm<B>) -> Run {
+    let fx = Fixture::load();
+    let cfg = model.config().clone();
     let feats = model.encode_images(&fx.preprocessed(&cfg)).unwrap();
     let asm = model
         .assemble(&fx.rows(), Some(&feats), Padding::Right)
@@ -417,7 +435,10 @@ fn hidden_states_and_answer_logprobs_match() {
 /// fused low-res masks, masks at the original size and PixelLM's mask score.
 #[test]
 fn seg_embeddings_masks_and_scores_match() {
-    let r = run();
+    seg_and_masks(&run());
+}
+
+fn seg_and_masks(r: &Run) {
     let (_, objs) = objects(&r);
     let hidden = r.model.forward_hidden(&r.asm).unwrap();
     let f = r.model.seg_embeddings(hidden, &objs).unwrap();
