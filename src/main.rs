@@ -200,12 +200,29 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(popen_core::progress::interactive())
         .init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_text(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, each cause once: a cause whose text the message already holds
+/// (errors that format their source into their own message) is not repeated.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let m = c.to_string();
+        if !text.contains(&m) {
+            text.push_str(": ");
+            text.push_str(&m);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -265,7 +282,7 @@ fn synth(a: SynthArgs) -> Result<()> {
         cfg.height = v;
     }
     if a.print_config {
-        print!("{}", toml::to_string_pretty(&cfg)?);
+        print!("{}", popen_core::config_text::config_toml(&cfg)?);
         return Ok(());
     }
     // The whole benchmark locks the folder; a task of a job array locks its own part.

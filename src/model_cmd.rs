@@ -216,7 +216,7 @@ pub fn model_config(a: ModelConfigArgs) -> Result<()> {
         other => bail!("unknown preset '{other}' (tiny, tiny-sam, pixellm-7b, pixellm-13b)"),
     };
     cfg.validate()?;
-    print!("{}", toml::to_string_pretty(&cfg)?);
+    print!("{}", popen_core::config_text::config_toml(&cfg)?);
     Ok(())
 }
 

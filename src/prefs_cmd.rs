@@ -91,7 +91,7 @@ pub fn collect_ps(mut a: CollectPsArgs) -> Result<()> {
     a.run.shard = a.run.shard.or_slurm()?;
     let cfg = config(&a)?;
     if a.run.print_config {
-        print!("{}", toml::to_string_pretty(&cfg)?);
+        print!("{}", popen_core::config_text::config_toml(&cfg)?);
         return Ok(());
     }
     let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--samples", &a.samples), ("--model", &a.model)];
@@ -202,7 +202,7 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
     }
     cfg.validate()?;
     if a.run.print_config {
-        print!("{}", toml::to_string_pretty(&cfg)?);
+        print!("{}", popen_core::config_text::config_toml(&cfg)?);
         return Ok(());
     }
     let lexicon = popen_core::lexicon::Lexicon::load(&a.lexicon).with_context(|| format!("loading the lexicon '{}'", a.lexicon))?;

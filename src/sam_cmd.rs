@@ -55,7 +55,7 @@ pub fn sam_masks(mut a: SamMasksArgs) -> Result<()> {
     cfg.kind()?;
     cfg.amg.validate().context("generator settings ([amg] in the config)")?;
     if a.run.print_config {
-        print!("{}", toml::to_string_pretty(&cfg)?);
+        print!("{}", popen_core::config_text::config_toml(&cfg)?);
         return Ok(());
     }
     let source = match (&a.samples, &a.images) {

@@ -239,15 +239,29 @@ fn tiny_sft_predict_eval() {
     assert!(e.contains("bf16") && e.contains("cuda"), "{e}");
 
     let pred = d("pred/val.parquet");
-    let out = ok(&["predict", "--model", &d("sft/model"), "--samples", val.to_str().unwrap(), "--out", &pred, "--max-new-tokens", "8", "--backend", "ndarray", "--sam-cache", &d("sam-cache")]);
+    let pa = ["predict", "--model", &d("sft/model"), "--samples", val.to_str().unwrap(), "--out", &pred, "--max-new-tokens", "8", "--backend", "ndarray", "--sam-cache", &d("sam-cache")];
+    let o = common::popen(&pa);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("\"predictions\": 8"), "{out}");
+    // stderr is a pipe here, as in a batch job: no escape codes, progress as plain lines.
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
+    assert!(log.lines().any(|l| l.contains("predict") && l.contains("/8") && l.contains("eta")), "no progress line: {log}");
     let out = ok(&["eval", "--samples", val.to_str().unwrap(), "--predictions", &pred, "--lexicon", data.join("lexicon.json").to_str().unwrap(), "--out", &d("eval")]);
     assert!(out.contains("gIoU"), "{out}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval/report.json")).unwrap()).unwrap();
     assert!(report["metrics"]["ciou"].as_f64().is_some());
-    // A missing model folder names its path.
+    // A missing model folder names its path, once; so does a missing shard.
     let e = err(&["predict", "--model", &d("nope"), "--samples", val.to_str().unwrap(), "--out", &d("p2.parquet")]);
     assert!(e.contains("nope"), "{e}");
+    assert_eq!(e.matches("not a popen model folder").count(), 1, "{e}");
+    let e = err(&["eval", "--samples", &d("nope.parquet"), "--predictions", &pred, "--out", &d("e2")]);
+    assert!(e.contains("nope.parquet"), "{e}");
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+    // Printed configs show the values as written.
+    let c = ok(&["sft", "--config", "pipelines/sft-tiny.toml", "--print-config"]);
+    assert!(c.contains("beta1 = 0.9\n") && c.contains("beta2 = 0.95\n"), "{c}");
 }
 
 /// Issue 20, items 1, 5 and 6 through the binary (the hand-checked expectations are the

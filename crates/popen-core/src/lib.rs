@@ -17,6 +17,7 @@
 pub mod assign;
 pub mod chat;
 pub mod cluster;
+pub mod config_text;
 pub mod error;
 pub mod guard;
 pub mod imageio;

@@ -129,10 +129,34 @@ pub struct SftConfig {
     /// share of the masks, so the update equals one device's on the whole micro-batch.
     #[serde(default = "one")]
     pub devices: usize,
+    /// Ensemble-aware SFT (SPEC 10.18; not in PixelLM, for small models): the share of
+    /// training examples shown in the ensemble layout of POPEN's stage 3 (prompt, then
+    /// `ensemble_k` candidate answers each closed by `</s>`, then `p_hat`, then the ground
+    /// truth as the target), so the model learns to read K answers in its context before
+    /// `ensemble-train`. Candidates cost no sampling: each is the ground-truth answer with
+    /// probability `ensemble_truth`, else the answer to another question about the same
+    /// image (right objects, wrong question). Drawn per micro-batch from the seed (resume
+    /// is exact). 0 = off (PixelLM's SFT).
+    #[serde(default)]
+    pub ensemble_share: f64,
+    /// Candidate answers per ensemble-layout example (POPEN's K: 3).
+    #[serde(default = "three")]
+    pub ensemble_k: usize,
+    /// Probability that a candidate is the ground-truth answer.
+    #[serde(default = "point_four")]
+    pub ensemble_truth: f64,
 }
 
 fn one() -> usize {
     1
+}
+
+fn three() -> usize {
+    3
+}
+
+fn point_four() -> f64 {
+    0.4
 }
 
 impl Default for SftConfig {
@@ -165,6 +189,9 @@ impl Default for SftConfig {
             keep_checkpoints: 2,
             log_every: 10,
             devices: 1,
+            ensemble_share: 0.0,
+            ensemble_k: 3,
+            ensemble_truth: 0.4,
         }
     }
 }
@@ -179,6 +206,15 @@ impl SftConfig {
         pos("max_len", self.max_len)?;
         pos("keep_checkpoints", self.keep_checkpoints)?;
         pos("devices", self.devices)?;
+        if !(0.0..=1.0).contains(&self.ensemble_share) || !(0.0..=1.0).contains(&self.ensemble_truth) {
+            return Err(format!(
+                "ensemble_share ({}) and ensemble_truth ({}) must be in [0, 1]",
+                self.ensemble_share, self.ensemble_truth
+            ));
+        }
+        if self.ensemble_share > 0.0 {
+            pos("ensemble_k", self.ensemble_k)?;
+        }
         check_optimizer(OptimizerKnobs {
             epochs: self.epochs,
             max_steps: self.max_steps,
@@ -234,7 +270,7 @@ pub trait StageConfig: Serialize + DeserializeOwned + Default {
     }
 
     fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serializes")
+        popen_core::config_text::config_toml(self).expect("config serializes")
     }
 
     /// The effective config of a command line: the file (or the defaults), then the seed and

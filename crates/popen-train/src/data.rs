@@ -39,6 +39,9 @@ pub struct Example {
     /// has one (filled once by the trainer, [`crate::sft::cache_sam_embeddings`]; shared by
     /// the examples of one image).
     pub sam_embedding: Option<(std::sync::Arc<[f32]>, [usize; 3])>,
+    /// Candidate answers (ids, each closed by `</s>`) shown between the prompt and the
+    /// target in the ensemble layout ([`with_candidates`]); empty = PixelLM's layout.
+    pub candidates: Vec<Vec<u32>>,
 }
 
 impl Example {
@@ -152,7 +155,78 @@ fn prepare_one(
         masks: Vec::new(),
         seq_len,
         sam_embedding: None,
+        candidates: Vec::new(),
     })
+}
+
+/// For each example, the other examples about the same image (equal image bytes).
+pub fn siblings(examples: &[Example]) -> Vec<Vec<usize>> {
+    let mut by_image: std::collections::HashMap<&[u8], Vec<usize>> = std::collections::HashMap::new();
+    for (i, e) in examples.iter().enumerate() {
+        by_image.entry(e.image.as_slice()).or_default().push(i);
+    }
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| by_image[e.image.as_slice()].iter().copied().filter(|&j| j != i).collect())
+        .collect()
+}
+
+/// Ensemble-aware SFT (SPEC 10.18, [`crate::config::SftConfig::ensemble_share`]): which
+/// examples of micro-batch `m` (indices `idx`) are shown in the ensemble layout, and with
+/// which candidates. Returns, per index, `None` (PixelLM's layout) or a copy of the example
+/// with `candidates` set: `k` answers, each the example's own (ground-truth) answer with
+/// probability `truth`, else the answer of a random sibling (another question about the
+/// same image; the own answer when there is none). A pure function of (`seed`, `m`), so a
+/// resumed run draws the same. An example whose sequence would exceed `max_len` with the
+/// candidates and `extra` (p_hat) positions stays in PixelLM's layout.
+#[allow(clippy::too_many_arguments)]
+pub fn with_candidates(
+    examples: &[Example],
+    siblings: &[Vec<usize>],
+    idx: &[usize],
+    m: usize,
+    seed: u64,
+    share: f64,
+    k: usize,
+    truth: f64,
+    extra: usize,
+    max_len: usize,
+) -> Vec<Option<Example>> {
+    use rand::Rng;
+    if share <= 0.0 {
+        return vec![None; idx.len()];
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed.wrapping_mul(0x5851_F42D_4C95_7F2D) ^ (m as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xE45E,
+    );
+    idx.iter()
+        .map(|&i| {
+            if !rng.random_bool(share) {
+                return None;
+            }
+            let ex = &examples[i];
+            let cands: Vec<Vec<u32>> = (0..k)
+                .map(|_| {
+                    let own = rng.random_bool(truth);
+                    let sib = &siblings[i];
+                    if own || sib.is_empty() {
+                        ex.answer_ids.clone()
+                    } else {
+                        examples[sib[rng.random_range(0..sib.len())]].answer_ids.clone()
+                    }
+                })
+                .collect();
+            let added: usize = cands.iter().map(Vec::len).sum::<usize>() + extra;
+            if ex.seq_len + added > max_len {
+                return None;
+            }
+            let mut e = ex.clone();
+            e.seq_len += added;
+            e.candidates = cands;
+            Some(e)
+        })
+        .collect()
 }
 
 /// The data order: micro-batches of `batch_size` indices, a fresh permutation per epoch.

@@ -1312,7 +1312,8 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
     );
 
     let mut log: MetricsLog<DpoStepMetrics> = MetricsLog::open(out, start)?;
-    let bar = job.progress.then(|| {
+    // Without a terminal the step lines below (loss, ETA) are the progress.
+    let bar = (job.progress && popen_core::progress::interactive()).then(|| {
         let b = popen_core::progress::bar(total_steps as u64, "dpo");
         b.set_position(start as u64);
         b
@@ -1367,7 +1368,7 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
         last_loss = Some(row.loss);
         let done = step + 1;
         if done % cfg.log_every == 0 || done == total_steps || step == start {
-            if bar.as_ref().is_none_or(|b| b.is_hidden()) {
+            if bar.is_none() {
                 let per_step = run_t.elapsed().as_secs_f64() / (done - start) as f64;
                 tracing::info!(
                     "step {done}/{total_steps} loss {:.4} (text {} seg {} bce {:.4} dice {:.4}) margin {} indicator-off {} lr {lr:.2e} eta {:.0} s",

@@ -43,6 +43,9 @@ pub struct SftBatch {
     pub images: Vec<Preprocessed>,
     pub prompts: Vec<Vec<Piece>>,
     pub answers: Vec<Vec<u32>>,
+    /// Per sample, the candidate answers of the ensemble layout (empty: PixelLM's layout;
+    /// [`crate::data::with_candidates`]).
+    pub candidates: Vec<Vec<Vec<u32>>>,
     pub groups: Vec<Vec<Vec<usize>>>,
     /// Per sample, per object: (height, width, 0/1 pixels row-major).
     pub masks: Vec<Vec<(usize, usize, Vec<f32>)>>,
@@ -105,6 +108,14 @@ impl<B: Backend> SftModel<B> {
                         Piece::Image => Part::new(Segment::Image(i)),
                     })
                     .collect();
+                // The ensemble layout (ensemble::answer_parts without gamma): K answers, p_hat.
+                let cands = batch.candidates.get(i).map(Vec::as_slice).unwrap_or_default();
+                for c in cands {
+                    parts.push(Part::new(Segment::Tokens(c.clone())));
+                }
+                if !cands.is_empty() && m.prompt_embeddings.is_some() {
+                    parts.push(Part::new(Segment::Prompt));
+                }
                 parts.push(Part::new(Segment::Tokens(a.clone())));
                 parts
             })
@@ -221,6 +232,7 @@ pub fn make_batch(examples: &[&Example], pre: &Preprocessor, cfg: &SftConfig) ->
         images: Vec::with_capacity(examples.len()),
         prompts: Vec::new(),
         answers: Vec::new(),
+        candidates: Vec::new(),
         groups: Vec::new(),
         masks: Vec::new(),
         scale: 1.0 / cfg.grad_accum as f32,
@@ -244,6 +256,7 @@ pub fn make_batch(examples: &[&Example], pre: &Preprocessor, cfg: &SftConfig) ->
         b.images.push(pre.apply(&img).map_err(|e| TrainError::Data(format!("sample '{}': {e}", ex.id)))?);
         b.prompts.push(ex.prompt.clone());
         b.answers.push(ex.answer_ids.clone());
+        b.candidates.push(ex.candidates.clone());
         b.groups.push(ex.groups.clone());
         let masks: Vec<Mask> = ex.decode_masks().map_err(TrainError::Data)?;
         b.masks.push(
@@ -443,6 +456,8 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
     let pre = Preprocessor::pixellm(pcfg.image_size);
     cache_sam_embeddings(&model.pixellm, &mut examples, &pre, 8, job.progress, job.sam_cache)?;
     let order = Order { n: examples.len(), batch_size: cfg.batch_size, seed: cfg.seed };
+    let siblings = if cfg.ensemble_share > 0.0 { crate::data::siblings(&examples) } else { Vec::new() };
+    let p_hat = model.pixellm.config().prompt_embeddings;
     let total_micro = cfg.epochs.max(1) * order.batches_per_epoch();
     let mut total_steps = total_micro.div_ceil(cfg.grad_accum);
     if cfg.epochs == 0 || (cfg.max_steps > 0 && cfg.max_steps < total_steps) {
@@ -468,7 +483,8 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
     );
 
     let mut log: MetricsLog<StepMetrics> = MetricsLog::open(out, start)?;
-    let bar = job.progress.then(|| {
+    // Without a terminal the step lines below (loss, ETA) are the progress.
+    let bar = (job.progress && popen_core::progress::interactive()).then(|| {
         let b = popen_core::progress::bar(total_steps as u64, "sft");
         b.set_position(start as u64);
         b
@@ -489,7 +505,19 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
         for micro in 0..cfg.grad_accum {
             let m = step * cfg.grad_accum + micro;
             let idx = order.batch(m);
-            let exs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
+            let shown = crate::data::with_candidates(
+                &examples,
+                &siblings,
+                &idx,
+                m,
+                cfg.seed,
+                cfg.ensemble_share,
+                cfg.ensemble_k,
+                cfg.ensemble_truth,
+                p_hat,
+                cfg.max_len,
+            );
+            let exs: Vec<&Example> = idx.iter().zip(&shown).map(|(&i, e)| e.as_ref().unwrap_or(&examples[i])).collect();
             let out = if devices.len() > 1 {
                 parallel_step(&model, &exs, &pre, cfg, devices)
             } else {
@@ -547,7 +575,7 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
             })?;
             step_t = Instant::now();
             // Batch jobs have no terminal for the bar: a log line with the ETA instead.
-            if bar.as_ref().is_none_or(|b| b.is_hidden()) {
+            if bar.is_none() {
                 let per_step = run_t.elapsed().as_secs_f64() / (done - start) as f64;
                 tracing::info!(
                     "step {done}/{total_steps} loss {:.4} (ce {:.4} bce {:.4} dice {:.4}) lr {lr:.2e} grad-norm {norm:.3} eta {:.0} s",

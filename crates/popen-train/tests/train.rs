@@ -701,3 +701,124 @@ fn small_world(root: &Path) -> (PathBuf, Tokenizer, PixelLmConfig) {
     tok.add_pixellm_tokens(mcfg.seg_group_len()).unwrap();
     (train, tok, mcfg)
 }
+
+/// Ensemble-aware SFT (SPEC 10.18, `SftConfig::ensemble_share`): which examples are shown in
+/// the ensemble layout and with which candidates is a pure function of (seed, micro-batch);
+/// candidates are the example's own answer or a sibling's (same image); the SFT loss of such
+/// an example is the text CE of POPEN's stage-3 layout (`ensemble::text_rows`, without gamma,
+/// then the ground-truth answer: the warm-up's text pass); p_hat receives a gradient only from
+/// ensemble-layout examples; and a run with the option resumes exactly.
+#[test]
+fn sft_ensemble_layout_examples() {
+    use burn::train::TrainStep;
+    use popen_train::data::{self, Example};
+    let w = world();
+    let dev: burn::tensor::Device<AB> = Default::default();
+    let bundle::Bundle { model, mut tokenizer, .. } = bundle::open::<AB>(&w.model, &dev).unwrap();
+    let pcfg = model.config().clone();
+    assert!(pcfg.prompt_embeddings > 0);
+    let tokens = tokenizer.add_pixellm_tokens(pcfg.seg_group_len()).unwrap();
+    let samples = read_shard::<Sample>(&w.train).unwrap();
+    let (mut examples, _) = data::prepare(samples.clone(), &tokenizer, &tokens, pcfg.seg_group_len(), pcfg.image_tokens(), 512);
+    // Examples 0, 1 and 2 ask about one image (the benchmark asks several questions per
+    // image); the others have no sibling.
+    for i in [1, 2] {
+        examples[i].image = examples[0].image.clone();
+    }
+    let sib = data::siblings(&examples);
+    assert_eq!(sib[0], [1, 2]);
+    assert_eq!(sib[1], [0, 2]);
+    assert!(sib[3..].iter().all(Vec::is_empty));
+    let idx: Vec<usize> = (0..examples.len()).collect();
+    let draw = |m: usize, share: f64| data::with_candidates(&examples, &sib, &idx, m, 7, share, 3, 0.4, 10, 512);
+    assert!(draw(0, 0.0).iter().all(Option::is_none));
+    let a = draw(3, 1.0);
+    assert_eq!(
+        a.iter().map(|e| e.as_ref().map(|e| e.candidates.clone())).collect::<Vec<_>>(),
+        draw(3, 1.0).iter().map(|e| e.as_ref().map(|e| e.candidates.clone())).collect::<Vec<_>>(),
+        "the same (seed, micro-batch) draws the same"
+    );
+    let (mut own, mut other) = (0, 0);
+    for m in 0..4 {
+        for (i, e) in draw(m, 1.0).iter().enumerate().take(3) {
+            for c in &e.as_ref().unwrap().candidates {
+                if *c == examples[i].answer_ids {
+                    own += 1;
+                } else {
+                    assert!(sib[i].iter().any(|&j| examples[j].answer_ids == *c), "a candidate is a sibling's answer");
+                    other += 1;
+                }
+            }
+        }
+    }
+    for (i, e) in a.iter().enumerate() {
+        let e = e.as_ref().expect("share 1: every example in the ensemble layout");
+        assert_eq!(e.candidates.len(), 3);
+        if sib[i].is_empty() {
+            assert!(e.candidates.iter().all(|c| *c == examples[i].answer_ids), "no sibling: the own answer");
+        }
+        let added: usize = e.candidates.iter().map(Vec::len).sum();
+        assert_eq!(e.seq_len, examples[i].seq_len + added + 10);
+    }
+    assert!(own > 0 && other > 0, "own {own}, other {other}");
+    let halves: usize = (0..20).map(|m| draw(m, 0.5).iter().filter(|e| e.is_some()).count()).sum();
+    assert!((35..85).contains(&halves), "share 0.5 of 120 examples: {halves}");
+    // max_len: an example that would not fit stays in PixelLM's layout.
+    assert!(data::with_candidates(&examples, &sib, &idx, 3, 7, 1.0, 3, 0.4, 10, examples[0].seq_len).iter().all(Option::is_none));
+
+    // The SFT loss of an ensemble-layout example = the stage-3 text layout's CE.
+    let cfg = SftConfig { ce_weight: 1.0, ..small_cfg() };
+    let pre = popen_model::preprocess::Preprocessor::pixellm(pcfg.image_size);
+    let ens: &Example = a[0].as_ref().unwrap();
+    let sm = sft::SftModel { pixellm: model.clone() };
+    let parts = sm.loss(&sft::make_batch(&[ens], &pre, &cfg).unwrap()).unwrap();
+    let ce_sft = parts.ce.clone().into_scalar();
+    let plain = sm.loss(&sft::make_batch(&[&examples[0]], &pre, &cfg).unwrap()).unwrap().ce.into_scalar();
+    assert!((ce_sft - plain).abs() > 1e-4, "the candidates change the loss");
+    let pred = popen_model::infer::Predictor::new(&model, &mut tokenizer).unwrap();
+    let cands: Vec<popen_train::ensemble::Candidate> = ens
+        .candidates
+        .iter()
+        .map(|c| popen_train::ensemble::Candidate {
+            ids: c[..c.len() - 1].to_vec(),
+            logprobs: Vec::new(),
+            groups: Vec::new(),
+            f: Vec::new(),
+            masks: Vec::new(),
+            mask_scores: Vec::new(),
+            answer: String::new(),
+        })
+        .collect();
+    let mut row = popen_train::ensemble::text_rows(&pred, &samples[0].instruction, 0, &cands, None).unwrap();
+    row.push(popen_model::pixellm::Part::new(popen_model::pixellm::Segment::Tokens(ens.answer_ids.clone())));
+    let img = ens.decode_image().unwrap();
+    let feats = model.encode_images(&[pre.apply(&img).unwrap()]).unwrap();
+    let asm = model.assemble(&[row], Some(&feats), popen_model::pixellm::Padding::Right).unwrap();
+    let start = *asm.piece_starts[0].last().unwrap();
+    let hidden = model.forward_hidden(&asm).unwrap();
+    let lp = model.response_logprobs(hidden, &[(start, ens.answer_ids.clone())]).unwrap();
+    let ce_stage3 = -lp.mean().into_scalar();
+    assert!((ce_sft - ce_stage3).abs() < 1e-5, "SFT {ce_sft} vs stage-3 layout {ce_stage3}");
+
+    // p_hat learns from ensemble-layout examples only.
+    let p_id = model.prompt_embeddings.as_ref().unwrap().id;
+    let g_ens = sm.step(sft::make_batch(&[ens], &pre, &cfg).unwrap()).grads;
+    let g = g_ens.get::<B, 2>(p_id).expect("p_hat has a gradient");
+    assert!(g.abs().max().into_scalar() > 0.0);
+    let g_plain = sm.step(sft::make_batch(&[&examples[0]], &pre, &cfg).unwrap()).grads;
+    assert!(g_plain.get::<B, 2>(p_id).is_none_or(|g| g.abs().max().into_scalar() == 0.0));
+
+    // Resume is exact with the option on.
+    let c = SftConfig { ensemble_share: 0.5, max_steps: 4, ..small_cfg() };
+    let run = |out: &Path, resume: bool| {
+        let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out, resume, progress: false, sam_cache: None };
+        sft::run::<AB>(&job, &Default::default()).unwrap()
+    };
+    let (s, r) = (w.root.join("ens-straight"), w.root.join("ens-resumed"));
+    run(&s, false);
+    run(&r, false);
+    std::fs::remove_dir_all(r.join("checkpoints/step-000004")).unwrap();
+    std::fs::remove_dir_all(r.join("model")).unwrap();
+    assert_eq!(run(&r, true).resumed_from, Some(2));
+    assert_eq!(weights_of(&s.join("model")), weights_of(&r.join("model")));
+}
