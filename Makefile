@@ -13,7 +13,7 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: popen-ablations ablation-ensemble bench-cpu build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv check-refenv refenv-lock check-refenv-lock config-fixtures help test-slurm cluster-demo
+.PHONY: check-fmt popen-ablations ablation-ensemble bench-cpu build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv check-refenv refenv-lock check-refenv-lock config-fixtures help test-slurm cluster-demo
 
 help:
 	@echo "make demo        the whole POPEN pipeline: benchmark -> SFT -> collect-pt/ps -> dpo -> ensemble-train -> eval ($(OUT))"
@@ -51,7 +51,11 @@ assets:
 data: build
 	$(POPEN) synth --config $(SYNTH_CONFIG) --seed $(DATA_SEED) --out $(DATA)
 
-test: assets test-rust test-interop check-cuda check-refenv-lock
+test: assets check-fmt test-rust test-interop check-cuda check-refenv-lock
+
+# Formatting (rustfmt.toml) is checked, not applied: `cargo fmt --all` fixes it.
+check-fmt:
+	$(CARGO) fmt --all -- --check
 
 # The tests read data/assets (labelme photos); order holds under make -j too.
 test-rust test-interop: assets

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use popen_core::cluster::{self, ClusterConfig};
 use popen_core::shard::merge;
-use popen_core::shard::{ShardReader, Sample};
+use popen_core::shard::{Sample, ShardReader};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -83,7 +83,8 @@ pub fn cluster(c: ClusterCommand) -> Result<()> {
     }
     let ids = cluster::submit(&jobs, |job, args| {
         if a.dry_run {
-            let env: Vec<String> = job.env.iter().filter(|(k, _)| k.starts_with("STAGE_")).map(|(k, v)| format!("{k}={v}")).collect();
+            let env: Vec<String> =
+                job.env.iter().filter(|(k, _)| k.starts_with("STAGE_")).map(|(k, v)| format!("{k}={v}")).collect();
             println!("{} {} {}", env.join(" "), cfg.slurm.sbatch, args.join(" "));
             Ok(format!("<{}>", job.name))
         } else {

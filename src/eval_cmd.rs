@@ -142,7 +142,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     };
     let mut report = evaluate(
         &cfg,
-        EvalInputs { samples: &samples, predictions: &predictions, lexicon: &lexicon, proposals: proposals.as_ref(), judge: judge.as_ref() },
+        EvalInputs {
+            samples: &samples,
+            predictions: &predictions,
+            lexicon: &lexicon,
+            proposals: proposals.as_ref(),
+            judge: judge.as_ref(),
+        },
     )
     .with_context(|| match &a.predictions {
         Some(p) => format!("evaluating {} against {}", p.display(), a.samples.display()),
@@ -238,7 +244,8 @@ fn write_overlays(
     let mut written = Vec::new();
     for (kind, list) in [("best", &report.best), ("worst", &report.worst)] {
         for (k, r) in list.iter().take(n).enumerate() {
-            let (Some(s), Some(p), Some(sc)) = (by_id.get(r.id.as_str()), preds.get(r.id.as_str()), scores.get(r.id.as_str()))
+            let (Some(s), Some(p), Some(sc)) =
+                (by_id.get(r.id.as_str()), preds.get(r.id.as_str()), scores.get(r.id.as_str()))
             else {
                 continue;
             };
@@ -253,10 +260,7 @@ fn write_overlays(
 
 /// Ground-truth panel above prediction panel, both drawn by popen_data::render::overlay.
 fn compare(s: &Sample, p: &Prediction, sc: &popen_eval::SampleScores, scale: u32) -> Result<RgbImage> {
-    let gt = popen_data::render::overlay(
-        &Sample { id: format!("ground truth: {}", s.id), ..s.clone() },
-        scale,
-    )?;
+    let gt = popen_data::render::overlay(&Sample { id: format!("ground truth: {}", s.id), ..s.clone() }, scale)?;
     let names: Vec<String> = (0..p.masks.len())
         .map(|i| match sc.matched.iter().find(|m| m.pred == i) {
             Some(m) => format!("#{i}: target {} IoU {:.2}", m.gt, m.iou),
@@ -274,7 +278,8 @@ fn compare(s: &Sample, p: &Prediction, sc: &popen_eval::SampleScores, scale: u32
     };
     let pr = popen_data::render::overlay(&pred_view, scale)?;
     let gap = 8;
-    let mut out = RgbImage::from_pixel(gt.width().max(pr.width()), gt.height() + gap + pr.height(), Rgb([255, 255, 255]));
+    let mut out =
+        RgbImage::from_pixel(gt.width().max(pr.width()), gt.height() + gap + pr.height(), Rgb([255, 255, 255]));
     image::imageops::replace(&mut out, &gt, 0, 0);
     for x in 0..out.width() {
         out.put_pixel(x, gt.height() + gap / 2, Rgb([0, 0, 0]));

@@ -11,7 +11,7 @@ mod train_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use popen_core::shard::{ShardReader, Sample};
+use popen_core::shard::{Sample, ShardReader};
 use popen_core::shardspec::ShardSpec;
 use std::path::PathBuf;
 
@@ -286,7 +286,11 @@ fn synth(a: SynthArgs) -> Result<()> {
         return Ok(());
     }
     // The whole benchmark locks the folder; a task of a job array locks its own part.
-    let claim = if a.shard.is_all() { a.out.clone() } else { PathBuf::from(format!("{}{}", a.out.display(), a.shard.suffix())) };
+    let claim = if a.shard.is_all() {
+        a.out.clone()
+    } else {
+        PathBuf::from(format!("{}{}", a.out.display(), a.shard.suffix()))
+    };
     let _lock = popen_core::guard::claim_output(&claim, &[])?;
     let m = popen_data::synth::generate(&cfg, &a.out, a.shard)?;
     println!("{}", serde_json::to_string_pretty(&m.counts)?);
@@ -298,7 +302,11 @@ fn import_muse(a: ImportMuseArgs) -> Result<()> {
         let stem = a.json.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         stem.strip_prefix("muse_").unwrap_or(&stem).to_string()
     });
-    let claim = if a.shard.is_all() { a.out.clone() } else { PathBuf::from(format!("{}{}", a.out.display(), a.shard.suffix())) };
+    let claim = if a.shard.is_all() {
+        a.out.clone()
+    } else {
+        PathBuf::from(format!("{}{}", a.out.display(), a.shard.suffix()))
+    };
     let _lock = popen_core::guard::claim_output(&claim, &[("--json", &a.json), ("--images", &a.images)])?;
     let cfg = popen_data::muse::MuseImportConfig { json: a.json, images: a.images, split };
     let r = popen_data::muse::import(&cfg, &a.out, a.shard)?;

@@ -306,7 +306,8 @@ pub fn model_import(a: ModelImportArgs) -> Result<()> {
             summarize(&fresh)
         );
     }
-    let _lock = popen_core::guard::claim_output(&a.out, &[("--checkpoint", &a.checkpoint), ("--tokenizer", &a.tokenizer)])?;
+    let _lock =
+        popen_core::guard::claim_output(&a.out, &[("--checkpoint", &a.checkpoint), ("--tokenizer", &a.tokenizer)])?;
     bundle::save(&a.out, &b.model, &b.tokenizer)?;
     println!("{} -> {}", a.checkpoint.display(), a.out.display());
     Ok(())
@@ -368,10 +369,7 @@ pub fn model_export(a: ModelExportArgs) -> Result<()> {
 
 /// Names grouped by their first two path segments, for messages.
 fn summarize(names: &[String]) -> String {
-    let mut groups: Vec<String> = names
-        .iter()
-        .map(|n| n.split('.').take(2).collect::<Vec<_>>().join("."))
-        .collect();
+    let mut groups: Vec<String> = names.iter().map(|n| n.split('.').take(2).collect::<Vec<_>>().join(".")).collect();
     groups.dedup();
     groups.join(", ")
 }
@@ -417,7 +415,9 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
                 fallback: a.ensemble_fallback,
                 ..Default::default()
             };
-            let o = popen_train::ensemble::predict(&p, &[(&img, a.instruction.as_str())], &s)?.pop().expect("one output per item");
+            let o = popen_train::ensemble::predict(&p, &[(&img, a.instruction.as_str())], &s)?
+                .pop()
+                .expect("one output per item");
             candidates = serde_json::json!(o
                 .candidates
                 .iter()
@@ -426,10 +426,9 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
                 .collect::<Vec<_>>());
             o.prediction
         }
-        None => p
-            .predict(&[(&img, a.instruction.as_str())], &a.sampling.config())?
-            .pop()
-            .expect("one prediction per item"),
+        None => {
+            p.predict(&[(&img, a.instruction.as_str())], &a.sampling.config())?.pop().expect("one prediction per item")
+        }
         Some(answer) => {
             let f = p
                 .teacher_force(&[(&img, a.instruction.as_str(), answer.as_str())])?
@@ -467,12 +466,8 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
     });
     let text = serde_json::to_string_pretty(&json)?;
     if let Some(out) = &a.out {
-        let colored: Vec<_> = pred
-            .masks
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.clone(), popen_data::render::palette(i)))
-            .collect();
+        let colored: Vec<_> =
+            pred.masks.iter().enumerate().map(|(i, m)| (m.clone(), popen_data::render::palette(i))).collect();
         let overlay = popen_data::render::overlay_masks(&img, &colored, 1)?;
         popen_core::shard::atomic_write(out.join("overlay.png"), &popen_core::imageio::encode_png(&overlay)?)?;
         popen_core::shard::atomic_write(out.join("prediction.json"), text.as_bytes())?;
@@ -541,7 +536,8 @@ pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
 }
 
 fn bench_decode_on<B: Backend>(a: &BenchDecodeArgs, dev: &B::Device) -> Result<()> {
-    let g = popen_model::gguf::GgufFile::open(&a.gguf).with_context(|| format!("{} (run make assets)", a.gguf.display()))?;
+    let g = popen_model::gguf::GgufFile::open(&a.gguf)
+        .with_context(|| format!("{} (run make assets)", a.gguf.display()))?;
     let cfg = popen_model::llama::LlamaConfig::from_gguf(&g)?;
     let model = popen_model::llama::load_gguf::<B>(&cfg, &g, dev)?;
     let mut rows = Vec::new();
@@ -556,6 +552,11 @@ fn bench_decode_on<B: Backend>(a: &BenchDecodeArgs, dev: &B::Device) -> Result<(
         .iter()
         .map(|r| serde_json::json!({"workload": r.workload, "batch": r.batch, "prompt": r.prompt, "new_tokens": r.new_tokens, "ms": r.ms, "median_ms": r.median_ms()}))
         .collect();
-    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"side": "popen", "backend": a.backend, "threads": threads, "model": a.gguf, "results": out}))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(
+            &serde_json::json!({"side": "popen", "backend": a.backend, "threads": threads, "model": a.gguf, "results": out})
+        )?
+    );
     Ok(())
 }

@@ -111,7 +111,12 @@ pub fn collect_ps(mut a: CollectPsArgs) -> Result<()> {
     Ok(())
 }
 
-fn run<B: Backend>(a: &CollectPsArgs, cfg: &CollectPsConfig, out: &std::path::Path, dev: &B::Device) -> Result<collect_ps::CollectPsReport> {
+fn run<B: Backend>(
+    a: &CollectPsArgs,
+    cfg: &CollectPsConfig,
+    out: &std::path::Path,
+    dev: &B::Device,
+) -> Result<collect_ps::CollectPsReport> {
     let (shard_proposer, sam_proposer);
     let proposer: &dyn collect_ps::MaskProposer = if a.sam {
         let sam_cfg: popen_sam::stage::SamMasksConfig = read_toml(a.sam_config.as_deref())?;
@@ -205,7 +210,8 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
         print!("{}", popen_core::config_text::config_toml(&cfg)?);
         return Ok(());
     }
-    let lexicon = popen_core::lexicon::Lexicon::load(&a.lexicon).with_context(|| format!("loading the lexicon '{}'", a.lexicon))?;
+    let lexicon = popen_core::lexicon::Lexicon::load(&a.lexicon)
+        .with_context(|| format!("loading the lexicon '{}'", a.lexicon))?;
     let corrector: Box<dyn popen_prefs::corrector::Corrector + Sync> = match a.corrector.as_str() {
         "offline" => Box::new(OfflineCorrector::new(lexicon.clone()).with_object_list(cfg.object_list)),
         "openai" => {
@@ -214,10 +220,22 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
         }
         other => bail!("corrector '{other}' is not available (available: offline, openai)"),
     };
-    let (out, _lock) = claim_output(&a.out, &a.run.shard, a.run.force, &[("--samples", &a.samples), ("--model", &a.model)])?;
+    let (out, _lock) =
+        claim_output(&a.out, &a.run.shard, a.run.force, &[("--samples", &a.samples), ("--model", &a.model)])?;
     macro_rules! go {
         ($b:ty) => {
-            collect_pt::run::<$b>(&a.model, &a.samples, &out, &cfg, corrector.as_ref(), &a.corrector, &lexicon, a.run.shard.clone(), true, &Default::default())
+            collect_pt::run::<$b>(
+                &a.model,
+                &a.samples,
+                &out,
+                &cfg,
+                corrector.as_ref(),
+                &a.corrector,
+                &lexicon,
+                a.run.shard.clone(),
+                true,
+                &Default::default(),
+            )
         };
     }
     let report = match a.run.backend.as_str() {

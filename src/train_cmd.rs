@@ -192,7 +192,15 @@ pub fn sft(a: SftArgs) -> Result<()> {
         bail!("popen sft needs --init MODEL_DIR, --train SHARD and --out DIR (see --help)");
     };
     let _lock = popen_core::guard::claim_output(out, &[("--init", init), ("--train", train)])?;
-    let job = SftJob { config: &cfg, init, train, out, resume: a.stage.resume, progress: true, sam_cache: a.stage.sam_cache.as_deref() };
+    let job = SftJob {
+        config: &cfg,
+        init,
+        train,
+        out,
+        resume: a.stage.resume,
+        progress: true,
+        sam_cache: a.stage.sam_cache.as_deref(),
+    };
     run_stage(&job, &a.stage.backend, cfg.precision, cfg.devices, out)
 }
 
@@ -229,7 +237,11 @@ pub fn predict(a: PredictArgs) -> Result<()> {
     Ok(())
 }
 
-fn predict_on<B: Backend>(a: &PredictArgs, cfg: &PredictConfig, dev: &B::Device) -> Result<popen_train::predict::PredictReport> {
+fn predict_on<B: Backend>(
+    a: &PredictArgs,
+    cfg: &PredictConfig,
+    dev: &B::Device,
+) -> Result<popen_train::predict::PredictReport> {
     let out = a.out.clone();
     // Inside a Slurm job array the default 0/1 becomes the array task.
     let shard = a.shard.or_slurm()?;
@@ -301,7 +313,9 @@ pub fn dpo(a: DpoArgs) -> Result<()> {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    let (Some(init), Some(pt), Some(ps1), Some(ps2), Some(out)) = (&a.init, &a.pt, &a.ps_phase1, &a.ps_phase2, &a.stage.out) else {
+    let (Some(init), Some(pt), Some(ps1), Some(ps2), Some(out)) =
+        (&a.init, &a.pt, &a.ps_phase1, &a.ps_phase2, &a.stage.out)
+    else {
         bail!("popen dpo needs --init MODEL_DIR, --pt PT.parquet, --ps-phase1 A.parquet, --ps-phase2 B.parquet and --out DIR (see --help)");
     };
     let proposals = match (&a.samples, a.proposals.is_empty()) {
@@ -322,7 +336,8 @@ pub fn dpo(a: DpoArgs) -> Result<()> {
         sam_cache: a.stage.sam_cache.as_deref(),
         allow_foreign_ref: a.allow_foreign_ref,
     };
-    let mut inputs: Vec<(&str, &Path)> = vec![("--init", init), ("--pt", pt), ("--ps-phase1", ps1), ("--ps-phase2", ps2)];
+    let mut inputs: Vec<(&str, &Path)> =
+        vec![("--init", init), ("--pt", pt), ("--ps-phase1", ps1), ("--ps-phase2", ps2)];
     if let Some(s) = &a.samples {
         inputs.push(("--samples", s));
     }
@@ -384,6 +399,14 @@ pub fn ensemble_train(a: EnsembleTrainArgs) -> Result<()> {
         bail!("popen ensemble-train needs --init MODEL_DIR, --samples TRAIN.parquet and --out DIR (see --help)");
     };
     let _lock = popen_core::guard::claim_output(out, &[("--init", init), ("--samples", samples)])?;
-    let job = EnsembleJob { config: &cfg, init, samples, out, resume: a.stage.resume, progress: true, sam_cache: a.stage.sam_cache.as_deref() };
+    let job = EnsembleJob {
+        config: &cfg,
+        init,
+        samples,
+        out,
+        resume: a.stage.resume,
+        progress: true,
+        sam_cache: a.stage.sam_cache.as_deref(),
+    };
     run_stage(&job, &a.stage.backend, Precision::F32, 1, out)
 }

@@ -20,7 +20,11 @@ fn synth_is_deterministic_and_show_renders() {
     synth(&c, "8", "0/1");
     for split in ["train", "val", "test"] {
         let f = format!("{split}.parquet");
-        let (x, y, z) = (std::fs::read(a.join(&f)).unwrap(), std::fs::read(b.join(&f)).unwrap(), std::fs::read(c.join(&f)).unwrap());
+        let (x, y, z) = (
+            std::fs::read(a.join(&f)).unwrap(),
+            std::fs::read(b.join(&f)).unwrap(),
+            std::fs::read(c.join(&f)).unwrap(),
+        );
         assert_eq!(x, y, "{split}: same seed, different bytes");
         assert_ne!(x, z, "{split}: different seeds, same bytes");
     }
@@ -38,7 +42,8 @@ fn synth_is_deterministic_and_show_renders() {
 
     let e = err(&["show", "--shard", val.to_str().unwrap(), "--id", "nope", "--out", png.to_str().unwrap()]);
     assert!(e.contains("no sample with id 'nope'"), "{e}");
-    let e = err(&["show", "--shard", dir.path().join("missing.parquet").to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    let e =
+        err(&["show", "--shard", dir.path().join("missing.parquet").to_str().unwrap(), "--out", png.to_str().unwrap()]);
     assert!(e.contains("missing.parquet"), "{e}");
 }
 
@@ -78,7 +83,24 @@ fn device_check_on_cpu() {
 #[test]
 fn help_explains_every_command() {
     let h = ok(&["--help"]);
-    for cmd in ["synth", "import-muse", "show", "inspect", "device", "model-config", "tokenizer-tiny", "model-init", "model-import", "model-export", "infer", "score", "sft", "dpo", "predict", "eval"] {
+    for cmd in [
+        "synth",
+        "import-muse",
+        "show",
+        "inspect",
+        "device",
+        "model-config",
+        "tokenizer-tiny",
+        "model-init",
+        "model-import",
+        "model-export",
+        "infer",
+        "score",
+        "sft",
+        "dpo",
+        "predict",
+        "eval",
+    ] {
         assert!(h.contains(cmd), "{h}");
     }
     let h = ok(&["synth", "--help"]);
@@ -98,7 +120,11 @@ fn pipeline_config_names_every_synth_knob_with_its_default() {
     let text = std::fs::read_to_string(&cfg).unwrap();
     for line in defaults.lines().filter(|l| l.contains(" = ")) {
         let key = line.split(" = ").next().unwrap();
-        assert!(text.lines().any(|l| l.trim_start().starts_with(&format!("{key} "))), "{key} missing from {}", cfg.display());
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(&format!("{key} "))),
+            "{key} missing from {}",
+            cfg.display()
+        );
     }
 }
 
@@ -113,19 +139,37 @@ fn tiny_model_infer_and_score() {
     let model = dir.path().join("model");
     ok(&["tokenizer-tiny", "--data", data.to_str().unwrap(), "--out", tok.to_str().unwrap(), "--vocab-size", "400"]);
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/model-tiny.toml");
-    ok(&["model-init", "--config", cfg.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    ok(&[
+        "model-init",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
     let img = dir.path().join("img.png");
     image::RgbImage::from_fn(90, 60, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, 90])).save(&img).unwrap();
     let (m, i) = (model.to_str().unwrap(), img.to_str().unwrap());
 
-    let out = ok(&["infer", "--model", m, "--image", i, "--instruction", "Find the red ball.", "--max-new-tokens", "5"]);
+    let out =
+        ok(&["infer", "--model", m, "--image", i, "--instruction", "Find the red ball.", "--max-new-tokens", "5"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["token_logprobs"].as_array().unwrap().len(), 5, "{out}");
 
     let out_dir = dir.path().join("pred");
     let out = ok(&[
-        "infer", "--model", m, "--image", i, "--instruction", "Find the balls.",
-        "--answer", "the red ball <seg> and the blue ball <seg>.", "--out", out_dir.to_str().unwrap(),
+        "infer",
+        "--model",
+        m,
+        "--image",
+        i,
+        "--instruction",
+        "Find the balls.",
+        "--answer",
+        "the red ball <seg> and the blue ball <seg>.",
+        "--out",
+        out_dir.to_str().unwrap(),
     ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let masks = v["masks"].as_array().unwrap();
@@ -134,7 +178,8 @@ fn tiny_model_infer_and_score() {
     let png = image::open(out_dir.join("overlay.png")).unwrap();
     assert_eq!((png.width(), png.height()), (90, 60));
 
-    let out = ok(&["score", "--model", m, "--image", i, "--instruction", "Find the ball.", "--answer", "the ball <seg>."]);
+    let out =
+        ok(&["score", "--model", m, "--image", i, "--instruction", "Find the ball.", "--answer", "the ball <seg>."]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let toks = v["tokens"].as_array().unwrap();
     assert!(toks.len() >= 8 && toks.iter().all(|t| t["logprob"].as_f64().unwrap() < 0.0), "{out}");
@@ -142,43 +187,99 @@ fn tiny_model_infer_and_score() {
     // model-import of our own weights (native layout) gives the same model.
     let again = dir.path().join("again");
     ok(&[
-        "model-import", "--checkpoint", model.join("model.safetensors").to_str().unwrap(), "--layout", "native",
-        "--config", cfg.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--out", again.to_str().unwrap(),
+        "model-import",
+        "--checkpoint",
+        model.join("model.safetensors").to_str().unwrap(),
+        "--layout",
+        "native",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
     ]);
-    let out2 = ok(&["score", "--model", again.to_str().unwrap(), "--image", i, "--instruction", "Find the ball.", "--answer", "the ball <seg>."]);
+    let out2 = ok(&[
+        "score",
+        "--model",
+        again.to_str().unwrap(),
+        "--image",
+        i,
+        "--instruction",
+        "Find the ball.",
+        "--answer",
+        "the ball <seg>.",
+    ]);
     let v2: serde_json::Value = serde_json::from_str(&out2).unwrap();
     assert_eq!(v2["tokens"], v["tokens"]);
     // model-export --layout pixellm, then model-import of the export: the same scores.
     let exported = dir.path().join("exported");
     let out = ok(&["model-export", "--model", m, "--layout", "pixellm", "--out", exported.to_str().unwrap()]);
     assert!(out.contains("vision_tower/model.safetensors") && out.contains("config.json"), "{out}");
-    for f in ["config.json", "model.safetensors", "vision_tower/config.json", "tokenizer.json", "tokenizer_config.json", "model.toml"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "vision_tower/config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.toml",
+    ] {
         assert!(exported.join(f).is_file(), "{f}");
     }
     let back = dir.path().join("back");
     let ex = |f: &str| exported.join(f).to_str().unwrap().to_string();
     ok(&[
-        "model-import", "--checkpoint", &ex(""), "--layout", "pixellm", "--config", &ex("model.toml"),
-        "--tokenizer", &ex("tokenizer.json"), "--out", back.to_str().unwrap(),
+        "model-import",
+        "--checkpoint",
+        &ex(""),
+        "--layout",
+        "pixellm",
+        "--config",
+        &ex("model.toml"),
+        "--tokenizer",
+        &ex("tokenizer.json"),
+        "--out",
+        back.to_str().unwrap(),
     ]);
-    let out3 = ok(&["score", "--model", back.to_str().unwrap(), "--image", i, "--instruction", "Find the ball.", "--answer", "the ball <seg>."]);
+    let out3 = ok(&[
+        "score",
+        "--model",
+        back.to_str().unwrap(),
+        "--image",
+        i,
+        "--instruction",
+        "Find the ball.",
+        "--answer",
+        "the ball <seg>.",
+    ]);
     let v3: serde_json::Value = serde_json::from_str(&out3).unwrap();
     assert_eq!(v3["tokens"], v["tokens"]);
     let e = err(&["model-export", "--model", m, "--layout", "pixellm", "--out", exported.to_str().unwrap()]);
     assert!(e.contains("not empty"), "{e}");
-    let e = err(&["model-export", "--model", m, "--layout", "llava-hf", "--out", dir.path().join("hf").to_str().unwrap()]);
+    let e =
+        err(&["model-export", "--model", m, "--layout", "llava-hf", "--out", dir.path().join("hf").to_str().unwrap()]);
     assert!(e.contains("mm_projector_hidden") || e.contains("--image-token-id"), "{e}");
     assert!(!dir.path().join("hf").exists());
 
     let e = err(&[
-        "model-import", "--checkpoint", tok.to_str().unwrap(), "--layout", "pixellm",
-        "--config", cfg.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--out", again.to_str().unwrap(),
+        "model-import",
+        "--checkpoint",
+        tok.to_str().unwrap(),
+        "--layout",
+        "pixellm",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
     ]);
     assert!(e.contains("tokenizer.json") && e.contains("safetensors"), "{e}");
 
     let e = err(&["infer", "--model", dir.path().to_str().unwrap(), "--image", i, "--instruction", "x"]);
     assert!(e.contains("not a popen model folder"), "{e}");
-    let e = err(&["infer", "--model", m, "--image", dir.path().join("nope.png").to_str().unwrap(), "--instruction", "x"]);
+    let e =
+        err(&["infer", "--model", m, "--image", dir.path().join("nope.png").to_str().unwrap(), "--instruction", "x"]);
     assert!(e.contains("nope.png"), "{e}");
 }
 
@@ -204,7 +305,19 @@ fn tiny_sft_predict_eval() {
     let train = data.join("train.parquet");
     let val = data.join("val.parquet");
     let args = |resume: bool| {
-        let mut a = vec!["sft".to_string(), "--config".into(), d("sft.toml"), "--init".into(), d("init"), "--train".into(), train.to_str().unwrap().into(), "--out".into(), d("sft"), "--backend".into(), "ndarray".into()];
+        let mut a = vec![
+            "sft".to_string(),
+            "--config".into(),
+            d("sft.toml"),
+            "--init".into(),
+            d("init"),
+            "--train".into(),
+            train.to_str().unwrap().into(),
+            "--out".into(),
+            d("sft"),
+            "--backend".into(),
+            "ndarray".into(),
+        ];
         if resume {
             a.push("--resume".into());
         }
@@ -214,7 +327,15 @@ fn tiny_sft_predict_eval() {
     let out = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["steps"], 3, "{out}");
-    for f in ["model/model.safetensors", "metrics.jsonl", "metrics.csv", "loss.png", "manifest.json", "checkpoints/step-000002/state.json", "checkpoints/step-000003/optimizer.bin"] {
+    for f in [
+        "model/model.safetensors",
+        "metrics.jsonl",
+        "metrics.csv",
+        "loss.png",
+        "manifest.json",
+        "checkpoints/step-000002/state.json",
+        "checkpoints/step-000003/optimizer.bin",
+    ] {
         assert!(dir.path().join("sft").join(f).is_file(), "missing sft/{f}");
     }
     // Running again without --resume is refused; with it, nothing is left to do.
@@ -225,21 +346,58 @@ fn tiny_sft_predict_eval() {
     assert!(out.contains("\"resumed_from\": 3"), "{out}");
     // Phase 2 of the demo's SFT (pipelines/sft-tiny-decoder.toml, shortened): only the
     // decoder trains, from the phase-1 model.
-    let base = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/sft-tiny-decoder.toml")).unwrap();
+    let base =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/sft-tiny-decoder.toml")).unwrap();
     let mut cfg2: toml::Value = toml::from_str(&base).unwrap();
     cfg2["max_steps"] = toml::Value::Integer(2);
     std::fs::write(d("sft2.toml"), toml::to_string(&cfg2).unwrap()).unwrap();
-    let out = ok(&["sft", "--config", &d("sft2.toml"), "--init", &d("sft/model"), "--train", train.to_str().unwrap(), "--out", &d("sft2"), "--backend", "ndarray"]);
+    let out = ok(&[
+        "sft",
+        "--config",
+        &d("sft2.toml"),
+        "--init",
+        &d("sft/model"),
+        "--train",
+        train.to_str().unwrap(),
+        "--out",
+        &d("sft2"),
+        "--backend",
+        "ndarray",
+    ]);
     let v2: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v2["steps"], 2, "{out}");
     let (t1, t2) = (v["trainable_params"].as_u64().unwrap(), v2["trainable_params"].as_u64().unwrap());
     assert!(t2 > 0 && t2 < t1 / 2, "phase 2 trains the decoder alone: {t2} of phase 1's {t1} parameters");
     // bf16 on a CPU backend is a clear error.
-    let e = err(&["sft", "--config", "pipelines/sft-pixellm-7b.toml", "--init", &d("init"), "--train", train.to_str().unwrap(), "--out", &d("x")]);
+    let e = err(&[
+        "sft",
+        "--config",
+        "pipelines/sft-pixellm-7b.toml",
+        "--init",
+        &d("init"),
+        "--train",
+        train.to_str().unwrap(),
+        "--out",
+        &d("x"),
+    ]);
     assert!(e.contains("bf16") && e.contains("cuda"), "{e}");
 
     let pred = d("pred/val.parquet");
-    let pa = ["predict", "--model", &d("sft/model"), "--samples", val.to_str().unwrap(), "--out", &pred, "--max-new-tokens", "8", "--backend", "ndarray", "--sam-cache", &d("sam-cache")];
+    let pa = [
+        "predict",
+        "--model",
+        &d("sft/model"),
+        "--samples",
+        val.to_str().unwrap(),
+        "--out",
+        &pred,
+        "--max-new-tokens",
+        "8",
+        "--backend",
+        "ndarray",
+        "--sam-cache",
+        &d("sam-cache"),
+    ];
     let o = common::popen(&pa);
     assert!(o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
@@ -247,10 +405,24 @@ fn tiny_sft_predict_eval() {
     // stderr is a pipe here, as in a batch job: no escape codes, progress as plain lines.
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
-    assert!(log.lines().any(|l| l.contains("predict") && l.contains("/8") && l.contains("eta")), "no progress line: {log}");
-    let out = ok(&["eval", "--samples", val.to_str().unwrap(), "--predictions", &pred, "--lexicon", data.join("lexicon.json").to_str().unwrap(), "--out", &d("eval")]);
+    assert!(
+        log.lines().any(|l| l.contains("predict") && l.contains("/8") && l.contains("eta")),
+        "no progress line: {log}"
+    );
+    let out = ok(&[
+        "eval",
+        "--samples",
+        val.to_str().unwrap(),
+        "--predictions",
+        &pred,
+        "--lexicon",
+        data.join("lexicon.json").to_str().unwrap(),
+        "--out",
+        &d("eval"),
+    ]);
     assert!(out.contains("gIoU"), "{out}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval/report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval/report.json")).unwrap()).unwrap();
     assert!(report["metrics"]["ciou"].as_f64().is_some());
     // A missing model folder names its path, once; so does a missing shard.
     let e = err(&["predict", "--model", &d("nope"), "--samples", val.to_str().unwrap(), "--out", &d("p2.parquet")]);
@@ -277,17 +449,44 @@ fn reruns_recompute_what_changed_and_outputs_are_guarded() {
     let tok = d("tok/tokenizer.json");
     ok(&["tokenizer-tiny", "--data", data.to_str().unwrap(), "--out", &tok, "--vocab-size", "400"]);
     let mcfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/model-tiny.toml");
-    let init = |seed: &str| ok(&["model-init", "--config", mcfg.to_str().unwrap(), "--tokenizer", &tok, "--out", &d("init"), "--seed", seed]);
+    let init = |seed: &str| {
+        ok(&[
+            "model-init",
+            "--config",
+            mcfg.to_str().unwrap(),
+            "--tokenizer",
+            &tok,
+            "--out",
+            &d("init"),
+            "--seed",
+            seed,
+        ])
+    };
     init("0");
     let pscfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slurm/collect-ps.toml");
     let train = data.join("train.parquet");
     let out = d("prefs/ps.parquet");
     let model = d("init");
     let run = |extra: &[&str]| {
-        let mut a = vec!["collect-ps", "--config", pscfg.to_str().unwrap(), "--model", &model, "--samples", train.to_str().unwrap(), "--out", &out, "--max-samples", "2", "--backend", "ndarray"];
+        let mut a = vec![
+            "collect-ps",
+            "--config",
+            pscfg.to_str().unwrap(),
+            "--model",
+            &model,
+            "--samples",
+            train.to_str().unwrap(),
+            "--out",
+            &out,
+            "--max-samples",
+            "2",
+            "--backend",
+            "ndarray",
+        ];
         a.extend_from_slice(extra);
         let o = popen(&a);
-        let (so, se) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+        let (so, se) =
+            (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
         assert!(o.status.success(), "{a:?}:\n{so}{se}");
         let v: serde_json::Value = serde_json::from_str(&so).unwrap();
         (v["up_to_date"].as_bool().unwrap(), se)
@@ -323,16 +522,60 @@ fn reruns_recompute_what_changed_and_outputs_are_guarded() {
 
     // An output that is an input is refused, and the input survives.
     let before = std::fs::read(&train).unwrap();
-    let e = err(&["collect-ps", "--config", pscfg.to_str().unwrap(), "--model", &d("init"), "--samples", train.to_str().unwrap(), "--out", train.to_str().unwrap(), "--phase", "2"]);
+    let e = err(&[
+        "collect-ps",
+        "--config",
+        pscfg.to_str().unwrap(),
+        "--model",
+        &d("init"),
+        "--samples",
+        train.to_str().unwrap(),
+        "--out",
+        train.to_str().unwrap(),
+        "--phase",
+        "2",
+    ]);
     assert!(e.contains("is the input --samples"), "{e}");
     assert_eq!(std::fs::read(&train).unwrap(), before);
-    let e = err(&["sft", "--config", "pipelines/sft-tiny.toml", "--init", &d("init"), "--train", train.to_str().unwrap(), "--out", &d("init")]);
+    let e = err(&[
+        "sft",
+        "--config",
+        "pipelines/sft-tiny.toml",
+        "--init",
+        &d("init"),
+        "--train",
+        train.to_str().unwrap(),
+        "--out",
+        &d("init"),
+    ]);
     assert!(e.contains("--init"), "{e}");
 
     // Two processes on one output: the second fails at once naming the first; the first
     // finishes. (The first is held at its start by a lock-file watch: it runs long enough.)
-    let mut a = vec!["collect-ps", "--config", pscfg.to_str().unwrap(), "--model", &model, "--samples", train.to_str().unwrap(), "--out", &out, "--max-samples", "4", "--phase", "2", "--backend", "ndarray", "--force"];
-    let first = std::process::Command::new(env!("CARGO_BIN_EXE_popen")).args(&a).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut a = vec![
+        "collect-ps",
+        "--config",
+        pscfg.to_str().unwrap(),
+        "--model",
+        &model,
+        "--samples",
+        train.to_str().unwrap(),
+        "--out",
+        &out,
+        "--max-samples",
+        "4",
+        "--phase",
+        "2",
+        "--backend",
+        "ndarray",
+        "--force",
+    ];
+    let first = std::process::Command::new(env!("CARGO_BIN_EXE_popen"))
+        .args(&a)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let lock = dir.path().join("prefs/ps.parquet.lock");
     let t0 = std::time::Instant::now();
     while !lock.exists() && t0.elapsed().as_secs() < 60 {

@@ -26,8 +26,23 @@ fn eval_baselines_predictions_and_bad_shards() {
 
     // largest instance: report files, overlays, manifest, the table on stdout
     let big = tmp.path().join("big");
-    let out = ok(&["eval", "--samples", v, "--baseline", "largest-instance", "--lexicon", l, "--out", big.to_str().unwrap(), "--overlays", "2"]);
-    assert!(out.contains("| gIoU (PixelLM: mean over pairs) % |") && out.contains("| CHAIR C_I % (lower is better) |"), "{out}");
+    let out = ok(&[
+        "eval",
+        "--samples",
+        v,
+        "--baseline",
+        "largest-instance",
+        "--lexicon",
+        l,
+        "--out",
+        big.to_str().unwrap(),
+        "--overlays",
+        "2",
+    ]);
+    assert!(
+        out.contains("| gIoU (PixelLM: mean over pairs) % |") && out.contains("| CHAIR C_I % (lower is better) |"),
+        "{out}"
+    );
     let r = report(&big);
     assert_eq!(r["counts"]["samples"], 6);
     assert_eq!(r["counts"]["predicted_objects"], 6);
@@ -37,10 +52,14 @@ fn eval_baselines_predictions_and_bad_shards() {
     // the largest instance exists in the image: never a hallucination with instance truth
     assert_eq!(r["metrics"]["chair_s"], 0.0);
     assert!(big.join("report.md").is_file() && big.join("manifest.json").is_file());
-    let overlays: Vec<String> = std::fs::read_dir(big.join("overlays")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let overlays: Vec<String> = std::fs::read_dir(big.join("overlays"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert_eq!(overlays.iter().filter(|n| n.starts_with("best_")).count(), 2, "{overlays:?}");
     assert_eq!(overlays.iter().filter(|n| n.starts_with("worst_")).count(), 2, "{overlays:?}");
-    let png = image::open(big.join("overlays").join(overlays.iter().find(|n| n.starts_with("best_1_")).unwrap())).unwrap();
+    let png =
+        image::open(big.join("overlays").join(overlays.iter().find(|n| n.starts_with("best_1_")).unwrap())).unwrap();
     assert!(png.height() > 2 * 96 * 4, "{}x{}", png.width(), png.height());
     let m: Value = serde_json::from_str(&std::fs::read_to_string(big.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["stage"], "eval");
@@ -49,14 +68,38 @@ fn eval_baselines_predictions_and_bad_shards() {
     // the same answers as a predictions shard give the same numbers
     let pred = big.join("baseline-largest-instance.parquet");
     let again = tmp.path().join("again");
-    ok(&["eval", "--samples", v, "--predictions", pred.to_str().unwrap(), "--lexicon", l, "--out", again.to_str().unwrap(), "--overlays", "0"]);
+    ok(&[
+        "eval",
+        "--samples",
+        v,
+        "--predictions",
+        pred.to_str().unwrap(),
+        "--lexicon",
+        l,
+        "--out",
+        again.to_str().unwrap(),
+        "--overlays",
+        "0",
+    ]);
     let r2 = report(&again);
     assert_eq!(r2["metrics"], r["metrics"]);
     assert!(!again.join("overlays").exists());
 
     // nothing: every target pairs with an empty prediction
     let none = tmp.path().join("none");
-    ok(&["eval", "--samples", v, "--baseline", "nothing", "--lexicon", l, "--out", none.to_str().unwrap(), "--chair-truth", "targets"]);
+    ok(&[
+        "eval",
+        "--samples",
+        v,
+        "--baseline",
+        "nothing",
+        "--lexicon",
+        l,
+        "--out",
+        none.to_str().unwrap(),
+        "--chair-truth",
+        "targets",
+    ]);
     let r = report(&none);
     assert_eq!((r["metrics"]["giou"].as_f64(), r["metrics"]["ciou"].as_f64()), (Some(0.0), Some(0.0)));
     assert_eq!(r["counts"]["chair"]["mentions"], 0);
@@ -65,7 +108,19 @@ fn eval_baselines_predictions_and_bad_shards() {
     let table = tmp.path().join("chair_synonyms.txt");
     std::fs::write(&table, "ball, toy ball\napple\n").unwrap();
     let coco = tmp.path().join("coco");
-    ok(&["eval", "--samples", v, "--baseline", "largest-instance", "--lexicon", &format!("coco:{}", table.display()), "--out", coco.to_str().unwrap(), "--overlays", "0"]);
+    ok(&[
+        "eval",
+        "--samples",
+        v,
+        "--baseline",
+        "largest-instance",
+        "--lexicon",
+        &format!("coco:{}", table.display()),
+        "--out",
+        coco.to_str().unwrap(),
+        "--overlays",
+        "0",
+    ]);
     assert!(report(&coco)["lexicon"].as_str().unwrap().starts_with("coco (2 classes)"));
 
     // ids that do not match: the missing and the extra ids are named
@@ -77,17 +132,44 @@ fn eval_baselines_predictions_and_bad_shards() {
     bad.push(extra);
     let bad_path = tmp.path().join("bad.parquet");
     write_shard(&bad_path, bad).unwrap();
-    let e = err(&["eval", "--samples", v, "--predictions", bad_path.to_str().unwrap(), "--lexicon", l, "--out", tmp.path().join("x").to_str().unwrap()]);
+    let e = err(&[
+        "eval",
+        "--samples",
+        v,
+        "--predictions",
+        bad_path.to_str().unwrap(),
+        "--lexicon",
+        l,
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
     assert!(e.contains(&format!("1 sample(s) have no prediction: '{}'", samples[0].id)), "{e}");
     assert!(e.contains("1 prediction(s) have no sample: 'bogus-id'"), "{e}");
     assert!(e.contains("bad.parquet"), "{e}");
 
     // a prediction for an image of another size names the sample
     let mut sized = preds.clone();
-    sized[2] = Prediction { width: 64, height: 64, masks: vec![], mask_scores: vec![], answer: String::new(), ..sized[2].clone() };
+    sized[2] = Prediction {
+        width: 64,
+        height: 64,
+        masks: vec![],
+        mask_scores: vec![],
+        answer: String::new(),
+        ..sized[2].clone()
+    };
     let sized_path = tmp.path().join("sized.parquet");
     write_shard(&sized_path, sized).unwrap();
-    let e = err(&["eval", "--samples", v, "--predictions", sized_path.to_str().unwrap(), "--lexicon", l, "--out", tmp.path().join("y").to_str().unwrap()]);
+    let e = err(&[
+        "eval",
+        "--samples",
+        v,
+        "--predictions",
+        sized_path.to_str().unwrap(),
+        "--lexicon",
+        l,
+        "--out",
+        tmp.path().join("y").to_str().unwrap(),
+    ]);
     assert!(e.contains(&format!("sample '{}'", samples[2].id)) && e.contains("64x64"), "{e}");
 
     // neither predictions nor a baseline; a missing lexicon

@@ -9,7 +9,12 @@ pub fn popen(args: &[&str]) -> std::process::Output {
 /// Runs `popen args`, asserting success; returns stdout.
 pub fn ok(args: &[&str]) -> String {
     let o = popen(args);
-    assert!(o.status.success(), "popen {args:?} failed:\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "popen {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 

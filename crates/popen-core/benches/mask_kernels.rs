@@ -18,8 +18,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use popen_core::mask::{
-    boundary_iou, intersection_union, rle_from_coco_polygons, Mask, Rle,
-    DEFAULT_BOUNDARY_DILATION_RATIO,
+    boundary_iou, intersection_union, rle_from_coco_polygons, Mask, Rle, DEFAULT_BOUNDARY_DILATION_RATIO,
 };
 
 const H: u32 = 480;
@@ -184,9 +183,8 @@ fn fnv1a(acc: u64, bytes: &[u8]) -> u64 {
 }
 
 fn reference_results() -> Option<serde_json::Value> {
-    let path = std::env::var("MASK_BENCH_REFERENCE").unwrap_or_else(|_| {
-        format!("{}/../../target/bench-masks-pycocotools.json", env!("CARGO_MANIFEST_DIR"))
-    });
+    let path = std::env::var("MASK_BENCH_REFERENCE")
+        .unwrap_or_else(|_| format!("{}/../../target/bench-masks-pycocotools.json", env!("CARGO_MANIFEST_DIR")));
     let text = std::fs::read_to_string(&path).ok()?;
     eprintln!("reference timings: {path}");
     serde_json::from_str(&text).ok()
@@ -203,11 +201,8 @@ fn main() {
     let dt_mask: Vec<Mask> = dt_rle.iter().map(|r| r.decode().unwrap()).collect();
 
     let area: u64 = gt_rle.iter().chain(&dt_rle).map(Rle::area).sum();
-    let hash =
-        gt_str.iter().chain(&dt_str).fold(0xcbf2_9ce4_8422_2325, |h, s| fnv1a(h, s.as_bytes()));
-    println!(
-        "inputs: {N} gt + {N} dt objects on {H}x{W}; total area {area}; strings fnv1a {hash:016x}"
-    );
+    let hash = gt_str.iter().chain(&dt_str).fold(0xcbf2_9ce4_8422_2325, |h, s| fnv1a(h, s.as_bytes()));
+    println!("inputs: {N} gt + {N} dt objects on {H}x{W}; total area {area}; strings fnv1a {hash:016x}");
 
     let n = N as f64;
     let mut rows: Vec<(&str, &str, Option<f64>)> = Vec::new();
@@ -218,11 +213,7 @@ fn main() {
     });
     rows.push(("encode", "mask (row-major) → COCO RLE string", t.map(|t| t / n)));
     // Same measurement of ours, against pycocotools given a mask it needs no copy for.
-    rows.push((
-        "encode_fortran",
-        "… same, reference given a Fortran-ordered mask",
-        t.map(|t| t / n),
-    ));
+    rows.push(("encode_fortran", "… same, reference given a Fortran-ordered mask", t.map(|t| t / n)));
     let t = time_batch("encode_counts", || {
         for m in &gt_mask {
             black_box(Rle::encode(black_box(m)));
@@ -258,11 +249,7 @@ fn main() {
         let g: Vec<Rle> = gt_str.iter().map(|s| Rle::from_coco_string(H, W, s).unwrap()).collect();
         black_box(Rle::iou_matrix(&d, &g).unwrap());
     });
-    rows.push((
-        "iou_matrix",
-        "RLE IoU, 100×100 matrix from strings (per matrix)",
-        t.map(|t| t / 1.0),
-    ));
+    rows.push(("iou_matrix", "RLE IoU, 100×100 matrix from strings (per matrix)", t.map(|t| t / 1.0)));
     let t = time_batch("iou_pairs", || {
         for (d, g) in dt_str.iter().zip(&gt_str) {
             let d = Rle::from_coco_string(H, W, d).unwrap();
@@ -276,11 +263,7 @@ fn main() {
             black_box(rle_from_coco_polygons(black_box(p), H, W).unwrap().to_coco_string());
         }
     });
-    rows.push((
-        "polygon",
-        "polygons → RLE string (annToRLE: frPyObjects + merge)",
-        t.map(|t| t / n),
-    ));
+    rows.push(("polygon", "polygons → RLE string (annToRLE: frPyObjects + merge)", t.map(|t| t / n)));
     let t = time_batch("boundary_iou", || {
         for (g, d) in gt_mask.iter().zip(&dt_mask) {
             black_box(boundary_iou(g, d, DEFAULT_BOUNDARY_DILATION_RATIO).unwrap());

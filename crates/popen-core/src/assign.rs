@@ -23,21 +23,13 @@ use crate::error::{CoreError, Result};
 /// a forbidden pair, and a matrix with no complete assignment avoiding them is an error.
 pub fn linear_sum_assignment(cost: &[f64], rows: usize, cols: usize) -> Result<Vec<(usize, usize)>> {
     if cost.len() != rows * cols {
-        return Err(CoreError::Invalid(format!(
-            "assignment: {} costs for a {rows}x{cols} matrix",
-            cost.len()
-        )));
+        return Err(CoreError::Invalid(format!("assignment: {} costs for a {rows}x{cols} matrix", cost.len())));
     }
     if rows == 0 || cols == 0 {
         return Ok(Vec::new());
     }
     if let Some(i) = cost.iter().position(|c| c.is_nan() || *c == f64::NEG_INFINITY) {
-        return Err(CoreError::Invalid(format!(
-            "assignment: cost ({}, {}) is {}",
-            i / cols,
-            i % cols,
-            cost[i]
-        )));
+        return Err(CoreError::Invalid(format!("assignment: cost ({}, {}) is {}", i / cols, i % cols, cost[i])));
     }
     // The shortest-path search needs at least as many columns as rows.
     let transpose = cols < rows;
@@ -52,8 +44,9 @@ pub fn linear_sum_assignment(cost: &[f64], rows: usize, cols: usize) -> Result<V
     } else {
         (rows, cols, cost.to_vec())
     };
-    let col4row = solve(&c, nr, nc)
-        .ok_or_else(|| CoreError::Invalid(format!("assignment: the {rows}x{cols} cost matrix has no finite assignment")))?;
+    let col4row = solve(&c, nr, nc).ok_or_else(|| {
+        CoreError::Invalid(format!("assignment: the {rows}x{cols} cost matrix has no finite assignment"))
+    })?;
     let mut pairs: Vec<(usize, usize)> = if transpose {
         // rows of the transposed problem are our columns
         col4row.iter().enumerate().map(|(j, &i)| (i, j)).collect()

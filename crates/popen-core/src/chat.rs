@@ -388,7 +388,8 @@ impl ChatClient {
             temperature: self.config.temperature,
             max_tokens: self.config.max_tokens,
         };
-        let body = serde_json::to_string(&req).map_err(|e| ChatError::Config(format!("request does not serialize: {e}")))?;
+        let body =
+            serde_json::to_string(&req).map_err(|e| ChatError::Config(format!("request does not serialize: {e}")))?;
         let mut attempt = 1u32;
         loop {
             match self.attempt(&body, attempt) {
@@ -448,7 +449,8 @@ impl ChatClient {
         };
         if !(200..300).contains(&status) {
             // Redacted before the excerpt is cut, so no partial key survives the cut.
-            let err = ChatError::Status { endpoint: endpoint.clone(), status, body: excerpt(&self.redact(&text)), attempts };
+            let err =
+                ChatError::Status { endpoint: endpoint.clone(), status, body: excerpt(&self.redact(&text)), attempts };
             return if status == 429 || status >= 500 { Attempt::Retry(err, retry_after) } else { Attempt::Fail(err) };
         }
         let malformed = |message: String| {
@@ -470,7 +472,13 @@ impl ChatClient {
             Some(k) if content.contains(k) => content.replace(k, REDACTED),
             _ => content,
         };
-        Attempt::Done(ChatReply { content, model: raw.model, finish_reason: choice.finish_reason, usage: raw.usage, attempts })
+        Attempt::Done(ChatReply {
+            content,
+            model: raw.model,
+            finish_reason: choice.finish_reason,
+            usage: raw.usage,
+            attempts,
+        })
     }
 }
 
@@ -522,7 +530,9 @@ mod tests {
                 // that quote the request headers in their error bodies).
                 let auth = request
                     .lines()
-                    .find_map(|l| l.to_ascii_lowercase().starts_with("authorization:").then(|| l[14..].trim().to_string()))
+                    .find_map(|l| {
+                        l.to_ascii_lowercase().starts_with("authorization:").then(|| l[14..].trim().to_string())
+                    })
                     .unwrap_or_default();
                 let body = body.replace("{auth}", &auth);
                 tx.send(request).ok();
@@ -539,7 +549,12 @@ mod tests {
     const OK: &str = r#"{"model":"judge-1","choices":[{"message":{"role":"assistant","content":"Accuracy: 7"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":3}}"#;
 
     fn config(url: &str) -> ChatConfig {
-        ChatConfig { timeout: Duration::from_secs(5), retries: 2, backoff: Duration::from_millis(5), ..ChatConfig::new(url, "m") }
+        ChatConfig {
+            timeout: Duration::from_secs(5),
+            retries: 2,
+            backoff: Duration::from_millis(5),
+            ..ChatConfig::new(url, "m")
+        }
     }
 
     #[test]
@@ -574,7 +589,10 @@ mod tests {
         let e = ChatClient::new(config(&url)).unwrap().complete(&[Message::user("x")]).unwrap_err();
         assert_eq!(e.status(), Some(503));
         let s = e.to_string();
-        assert!(s.contains(&url) && s.contains("HTTP 503") && s.contains("3 attempt(s)") && s.contains("overloaded"), "{s}");
+        assert!(
+            s.contains(&url) && s.contains("HTTP 503") && s.contains("3 attempt(s)") && s.contains("overloaded"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -640,7 +658,10 @@ mod tests {
             ("authorization=tok123 end", "authorization=[REDACTED] end"),
             // JSON fields, plain and escaped inside a string
             (r#"{"authorization":"Token zzz"}"#, r#"{"authorization":"Token [REDACTED]"}"#),
-            (r#"{"echo":"{\"Authorization\": \"Bearer q1w2\"}"}"#, r#"{"echo":"{\"Authorization\": \"Bearer [REDACTED]\"}"}"#),
+            (
+                r#"{"echo":"{\"Authorization\": \"Bearer q1w2\"}"}"#,
+                r#"{"echo":"{\"Authorization\": \"Bearer [REDACTED]\"}"}"#,
+            ),
             // sk- tokens (8+ key characters), not short or embedded ones
             ("key sk-proj-AbC123xyz_9 leaked", "key [REDACTED] leaked"),
             ("task-sk-12345678 and sk-short stay", "task-sk-12345678 and sk-short stay"),

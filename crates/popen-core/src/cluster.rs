@@ -140,9 +140,9 @@ pub fn expand(s: &str, vars: &BTreeMap<String, String>, field: &str) -> Result<S
             return Err(CoreError::Invalid(format!("{field}: unclosed '{{' in '{s}'")));
         };
         let name = &rest[i + 1..i + j];
-        let v = vars.get(name).ok_or_else(|| {
-            CoreError::Invalid(format!("{field}: '{{{name}}}' in '{s}' is not a variable of [env]"))
-        })?;
+        let v = vars
+            .get(name)
+            .ok_or_else(|| CoreError::Invalid(format!("{field}: '{{{name}}}' in '{s}' is not a variable of [env]")))?;
         out.push_str(v);
         rest = &rest[i + j + 1..];
     }
@@ -243,7 +243,11 @@ pub fn plan(cfg: &ClusterConfig, vars: &BTreeMap<String, String>) -> Result<(Vec
         }
         let mut args = common.clone();
         let gpu = s.gpus.unwrap_or(0) > 0;
-        let partition = s.partition.clone().or_else(|| if gpu { d.gpu_partition.clone() } else { None }).or_else(|| d.partition.clone());
+        let partition = s
+            .partition
+            .clone()
+            .or_else(|| if gpu { d.gpu_partition.clone() } else { None })
+            .or_else(|| d.partition.clone());
         if let Some(p) = &partition {
             args.push(format!("--partition={p}"));
         }
@@ -305,7 +309,11 @@ pub fn sbatch_args(job: &Job, ids: &HashMap<String, String>) -> Result<Vec<Strin
     let deps = job
         .after
         .iter()
-        .map(|a| ids.get(a).cloned().ok_or_else(|| CoreError::Invalid(format!("job '{}' waits for '{a}', which has no job id", job.name))))
+        .map(|a| {
+            ids.get(a)
+                .cloned()
+                .ok_or_else(|| CoreError::Invalid(format!("job '{}' waits for '{a}', which has no job id", job.name)))
+        })
         .collect::<Result<Vec<_>>>()?;
     if !deps.is_empty() {
         // Before the script (the last argument).
@@ -355,7 +363,6 @@ pub fn sbatch(sbatch: &str, job: &Job, args: &[String]) -> Result<String> {
 mod tests {
     use super::*;
 
-
     fn parse(out: &Path) -> (ClusterConfig, BTreeMap<String, String>) {
         let cfg: ClusterConfig = serde_json::from_value(config_json()).unwrap();
         let vars = cfg.vars(|k| (k == "OUT").then(|| out.display().to_string()));
@@ -404,7 +411,8 @@ mod tests {
             if j.name == "collect" {
                 assert_eq!(args[args.len() - 2], "--dependency=afterok:1");
             }
-            Ok((["init", "collect", "collect-merge", "train"].iter().position(|n| *n == j.name).unwrap() + 1).to_string())
+            Ok((["init", "collect", "collect-merge", "train"].iter().position(|n| *n == j.name).unwrap() + 1)
+                .to_string())
         })
         .unwrap();
         assert_eq!(ids.len(), 4);

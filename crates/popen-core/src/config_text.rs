@@ -56,5 +56,4 @@ mod tests {
         let b: Back = toml::from_str(&t).unwrap();
         assert_eq!((b.beta1, b.eps), (0.9, 1e-8));
     }
-
 }

@@ -13,19 +13,11 @@ pub enum CoreError {
         source: std::io::Error,
     },
     #[error("{}", fmt_shard(path, *row, column.as_deref(), message))]
-    Shard {
-        path: PathBuf,
-        row: Option<usize>,
-        column: Option<String>,
-        message: String,
-    },
+    Shard { path: PathBuf, row: Option<usize>, column: Option<String>, message: String },
     #[error("invalid mask: {0}")]
     Mask(String),
     #[error("invalid image{}: {message}", context.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
-    Image {
-        context: Option<String>,
-        message: String,
-    },
+    Image { context: Option<String>, message: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -52,17 +44,7 @@ impl CoreError {
         CoreError::Shard { path: path.into(), row: None, column: None, message: message.into() }
     }
 
-    pub fn field(
-        path: impl Into<PathBuf>,
-        row: usize,
-        column: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        CoreError::Shard {
-            path: path.into(),
-            row: Some(row),
-            column: Some(column.into()),
-            message: message.into(),
-        }
+    pub fn field(path: impl Into<PathBuf>, row: usize, column: impl Into<String>, message: impl Into<String>) -> Self {
+        CoreError::Shard { path: path.into(), row: Some(row), column: Some(column.into()), message: message.into() }
     }
 }

@@ -201,7 +201,8 @@ impl Lexicon {
             words.extend(c.synonym_plurals.iter().cloned());
             entries.push((c.name.clone(), words));
         }
-        let lex = Lexicon::build("benchmark", entries, j.colours.into_iter().map(|c| c.name.to_ascii_lowercase()).collect())?;
+        let lex =
+            Lexicon::build("benchmark", entries, j.colours.into_iter().map(|c| c.name.to_ascii_lowercase()).collect())?;
         for (form, class) in &j.mention_forms {
             let got = lex.forms.get(&tokenize(form).join(" "));
             if got.map(String::as_str) != Some(class.as_str()) {
@@ -332,4 +333,3 @@ impl Lexicon {
         names.iter().flat_map(|n| self.mentions(n)).map(|m| m.class).collect()
     }
 }
-

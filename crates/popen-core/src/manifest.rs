@@ -455,7 +455,10 @@ mod tests {
         let out = dir.path().join("out.bin");
         let mpath = manifest_beside(&out);
         let def = |seed: u64, phase: u8| {
-            Definition::new("st", &serde_json::json!({"config": {"seed": seed, "phase": phase}})).unwrap().input(&input).unwrap()
+            Definition::new("st", &serde_json::json!({"config": {"seed": seed, "phase": phase}}))
+                .unwrap()
+                .input(&input)
+                .unwrap()
         };
         assert_eq!(def(0, 1).freshness(&out, &mpath), Freshness::Missing);
         std::fs::write(&out, b"result").unwrap();

@@ -24,7 +24,10 @@ pub fn bar(len: u64, label: &str) -> ProgressBar {
         ProgressBar::new(len)
     } else {
         let every = std::env::var("POPEN_PROGRESS_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(LOG_EVERY_SECS);
-        ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::term_like_with_hz(Box::new(LogLines::new(every, len)), 1))
+        ProgressBar::with_draw_target(
+            Some(len),
+            ProgressDrawTarget::term_like_with_hz(Box::new(LogLines::new(every, len)), 1),
+        )
     };
     bar.set_style(
         ProgressStyle::with_template("{msg} {prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
@@ -46,7 +49,11 @@ struct LogLines {
 
 impl LogLines {
     fn new(every_secs: u64, len: u64) -> LogLines {
-        LogLines { every: Duration::from_secs(every_secs), done: format!(" {len}/{len} "), last: Mutex::new((None, String::new())) }
+        LogLines {
+            every: Duration::from_secs(every_secs),
+            done: format!(" {len}/{len} "),
+            last: Mutex::new((None, String::new())),
+        }
     }
 
     fn emit(&self, line: &str) -> std::io::Result<()> {

@@ -108,9 +108,8 @@ impl From<ShardSpec> for String {
 impl FromStr for ShardSpec {
     type Err = CoreError;
     fn from_str(s: &str) -> Result<Self> {
-        let (i, n) = s
-            .split_once('/')
-            .ok_or_else(|| CoreError::Invalid(format!("shard '{s}': expected I/N, e.g. 0/4")))?;
+        let (i, n) =
+            s.split_once('/').ok_or_else(|| CoreError::Invalid(format!("shard '{s}': expected I/N, e.g. 0/4")))?;
         let parse = |v: &str| {
             v.trim().parse::<u32>().map_err(|_| CoreError::Invalid(format!("shard '{s}': '{v}' is not a number")))
         };

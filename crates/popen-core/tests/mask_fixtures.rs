@@ -16,9 +16,8 @@
 //! (they are computed by the same division, so in practice they are equal).
 
 use popen_core::mask::{
-    boundary_dilation, boundary_intersection_union, boundary_iou, intersection_union, iou,
-    mask_to_boundary, rle_from_bbox, rle_from_coco_polygons, rle_from_points,
-    rle_from_polygon, Mask, Rle,
+    boundary_dilation, boundary_intersection_union, boundary_iou, intersection_union, iou, mask_to_boundary,
+    rle_from_bbox, rle_from_coco_polygons, rle_from_points, rle_from_polygon, Mask, Rle,
 };
 use serde_json::Value;
 
@@ -160,10 +159,7 @@ fn iou_and_merge_match_pycocotools() {
                 .map(|v| Rle::encode(&masks[v.as_u64().unwrap() as usize]))
                 .collect();
             assert_eq!(Rle::merge(&sub).unwrap().to_coco_string(), str_of(&mg["union"]));
-            assert_eq!(
-                Rle::merge_intersect(&sub).unwrap().to_coco_string(),
-                str_of(&mg["intersection"])
-            );
+            assert_eq!(Rle::merge_intersect(&sub).unwrap().to_coco_string(), str_of(&mg["intersection"]));
         }
     }
     assert!(both_empty_pairs > 0, "the fixtures should exercise the empty-pair convention");
@@ -205,10 +201,7 @@ fn non_canonical_rles_match_pycocotools() {
             str_of(&o["intersect_with_half"]),
             "{c:?}"
         );
-        assert_eq!(
-            Rle::merge(&[rle.clone(), full]).unwrap().to_coco_string(),
-            str_of(&o["merge_with_full"])
-        );
+        assert_eq!(Rle::merge(&[rle.clone(), full]).unwrap().to_coco_string(), str_of(&o["merge_with_full"]));
         assert!(close(rle.iou(&half).unwrap(), o["iou_with_half"].as_f64().unwrap()), "{c:?}");
     }
 }
@@ -223,8 +216,7 @@ fn polygons_match_pycocotools() {
     for c in cases {
         let name = str_of(&c["name"]);
         let (h, w) = hw(c);
-        let polys: Vec<Vec<f64>> =
-            c["polygons"].as_array().unwrap().iter().map(repr_f64s).collect();
+        let polys: Vec<Vec<f64>> = c["polygons"].as_array().unwrap().iter().map(repr_f64s).collect();
         let merged = rle_from_coco_polygons(&polys, h, w).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(merged.to_coco_string(), str_of(&c["merged"]), "{name}: merged");
         assert_eq!(merged.area(), c["area"].as_u64().unwrap(), "{name}: area");
@@ -248,15 +240,9 @@ fn polygon_lists_pycocotools_rejects_are_errors() {
     let fx = load(POLYGONS_JSON);
     for c in fx["errors"].as_array().unwrap() {
         let (h, w) = hw(c);
-        let polys: Vec<Vec<f64>> =
-            c["polygons"].as_array().unwrap().iter().map(repr_f64s).collect();
+        let polys: Vec<Vec<f64>> = c["polygons"].as_array().unwrap().iter().map(repr_f64s).collect();
         let res = rle_from_coco_polygons(&polys, h, w);
-        assert!(
-            res.is_err(),
-            "{}: pycocotools raised {}",
-            str_of(&c["name"]),
-            str_of(&c["pycocotools_error"])
-        );
+        assert!(res.is_err(), "{}: pycocotools raised {}", str_of(&c["name"]), str_of(&c["pycocotools_error"]));
     }
 }
 
@@ -314,8 +300,7 @@ fn boundary_iou_matches_boundary_iou_api() {
     let fx = load(BOUNDARY_JSON);
     let mut nan_cases = 0;
     for c in fx["boundary_iou"].as_array().unwrap() {
-        let (a, b) =
-            (&masks[c["a"].as_u64().unwrap() as usize], &masks[c["b"].as_u64().unwrap() as usize]);
+        let (a, b) = (&masks[c["a"].as_u64().unwrap() as usize], &masks[c["b"].as_u64().unwrap() as usize]);
         let ratio = c["ratio"].as_f64().unwrap();
         let ours = boundary_iou(a, b, ratio).unwrap();
         match c["value"].as_f64() {

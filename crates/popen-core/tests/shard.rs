@@ -47,14 +47,18 @@ fn roundtrip_many_row_groups() {
     assert_eq!(count_rows(&p).unwrap(), 600);
     let back = read_shard::<Sample>(&p).unwrap();
     assert_eq!(back, rows);
-    assert_eq!(back[5].target_masks[1].decode().unwrap(), Rle::encode(&Mask::from_fn(12, 16, |y, x| y >= 4 && x >= 7)).decode().unwrap());
+    assert_eq!(
+        back[5].target_masks[1].decode().unwrap(),
+        Rle::encode(&Mask::from_fn(12, 16, |y, x| y >= 4 && x >= 7)).decode().unwrap()
+    );
     back[0].decode_image().unwrap();
     // Byte-identical output for identical input.
     let q = dir.path().join("again.parquet");
     write_shard(&q, rows).unwrap();
     assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(&q).unwrap());
     // No temp files left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(dir.path().join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");
 }
 
@@ -80,7 +84,13 @@ fn writer_refuses_inconsistent_records() {
     let mut bad = sample(1);
     bad.answer = "Only one <seg> here.".into();
     let e = w.write(bad).unwrap_err().to_string();
-    assert!(e.contains("x.parquet") && e.contains("row 1") && e.contains("'answer'") && e.contains("1 <seg> tokens but 2 target names"), "{e}");
+    assert!(
+        e.contains("x.parquet")
+            && e.contains("row 1")
+            && e.contains("'answer'")
+            && e.contains("1 <seg> tokens but 2 target names"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -138,7 +148,10 @@ fn bad_rle_and_wrong_mask_size_name_row_and_column() {
     rows[2].instance_masks[2] = Rle { height: 12, width: 16, counts: vec![100, 3] };
     write_unchecked(&p, &rows);
     let e = read_shard::<Sample>(&p).unwrap_err().to_string();
-    assert!(e.contains("bad.parquet, row 2, column 'instance_masks'") && e.contains("mask 2") && e.contains("sum to 103"), "{e}");
+    assert!(
+        e.contains("bad.parquet, row 2, column 'instance_masks'") && e.contains("mask 2") && e.contains("sum to 103"),
+        "{e}"
+    );
 
     // A mask of another size than the image, in row 3.
     let mut rows: Vec<Sample> = (0..4).map(sample).collect();
@@ -170,9 +183,8 @@ fn null_in_a_later_row_group_names_the_file_row() {
     let rows: Vec<Sample> = (0..300).map(sample).collect();
     let batch = Sample::to_batch(&rows).unwrap();
     // What pyarrow writes for a missing value: a nullable column with a null at row 290.
-    let instr: ArrayRef = Arc::new(StringArray::from(
-        (0..300).map(|i| if i == 290 { None } else { Some("q") }).collect::<Vec<_>>(),
-    ));
+    let instr: ArrayRef =
+        Arc::new(StringArray::from((0..300).map(|i| if i == 290 { None } else { Some("q") }).collect::<Vec<_>>()));
     let fields: Vec<Field> = batch
         .schema()
         .fields()
@@ -330,7 +342,12 @@ fn seg_pref_roundtrip_and_checks() {
     assert_eq!(back[0].f(1, 1), &[6.0, 6.5, 7.0, 7.5]);
     assert_eq!(back[0].ranking(1), &[0, 1, 2]);
     let cases: Vec<(Box<dyn Fn(&mut SegPref)>, &str)> = vec![
-        (Box::new(|r| { r.ref_f.pop(); }), "ref_f"),
+        (
+            Box::new(|r| {
+                r.ref_f.pop();
+            }),
+            "ref_f",
+        ),
         (Box::new(|r| r.rankings = vec![0, 1, 1, 0, 1, 2]), "rankings"),
         (Box::new(|r| r.noise_rect[2] = 17), "noise_rect"),
         (Box::new(|r| r.phase = 3), "phase"),
@@ -615,8 +632,14 @@ fn merge_names_missing_stale_and_foreign_shards() {
     std::fs::rename(&paths[2], dir.path().join("away.parquet")).unwrap();
     std::fs::remove_file(manifest_beside(&paths[3])).unwrap();
     let e = merge_stage(&out, 4, &order).unwrap_err().to_string();
-    assert!(e.contains("shard 2/4 (array task 2): output") && e.contains("pred-00002-of-00004.parquet is missing"), "{e}");
-    assert!(e.contains("shard 3/4 (array task 3): manifest") && e.contains("pred-00003-of-00004.manifest.json is missing"), "{e}");
+    assert!(
+        e.contains("shard 2/4 (array task 2): output") && e.contains("pred-00002-of-00004.parquet is missing"),
+        "{e}"
+    );
+    assert!(
+        e.contains("shard 3/4 (array task 3): manifest") && e.contains("pred-00003-of-00004.manifest.json is missing"),
+        "{e}"
+    );
     assert!(!out.exists(), "nothing is written when a shard is missing");
     std::fs::rename(dir.path().join("away.parquet"), &paths[2]).unwrap();
     write_task(&out, ShardSpec::new(3, 4).unwrap(), n, &[]);
@@ -669,7 +692,9 @@ fn max_samples_spreads_over_the_file_and_shards_split_it() {
     use popen_core::shardspec::ShardSpec;
     // Hand-computed: floor(k * 10 / 4) for k = 0..4.
     assert_eq!(limited_positions(10, 4).unwrap().into_iter().collect::<Vec<_>>(), vec![0, 2, 5, 7]);
-    assert!(limited_positions(10, 0).is_none() && limited_positions(10, 10).is_none() && limited_positions(3, 7).is_none());
+    assert!(
+        limited_positions(10, 0).is_none() && limited_positions(10, 10).is_none() && limited_positions(3, 7).is_none()
+    );
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("s.parquet");
     write_shard(&p, (0..10).map(sample).collect::<Vec<_>>()).unwrap();

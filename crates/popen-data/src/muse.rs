@@ -10,7 +10,7 @@
 
 use popen_core::manifest::Manifest;
 use popen_core::mask::{rle_from_coco_polygons, Rle};
-use popen_core::shard::{ShardWriter, Sample, SEG_TOKEN};
+use popen_core::shard::{Sample, ShardWriter, SEG_TOKEN};
 use popen_core::shardspec::ShardSpec;
 use popen_core::{CoreError, Result};
 use serde::{Deserialize, Serialize};
@@ -65,7 +65,12 @@ pub fn import(cfg: &MuseImportConfig, out_dir: &Path, shard: ShardSpec) -> Resul
     }
     let text = std::fs::read_to_string(&cfg.json).map_err(|e| CoreError::io(&cfg.json, e))?;
     let root: Value = serde_json::from_str(&text).map_err(|e| {
-        CoreError::Invalid(format!("{}: not valid JSON (line {}, column {}): {e}", cfg.json.display(), e.line(), e.column()))
+        CoreError::Invalid(format!(
+            "{}: not valid JSON (line {}, column {}): {e}",
+            cfg.json.display(),
+            e.line(),
+            e.column()
+        ))
     })?;
     let records = root
         .as_array()
@@ -165,7 +170,8 @@ fn import_record(rec: &Value, index: usize, cfg: &MuseImportConfig) -> std::resu
     };
     let image_path = find_image(rec, &cfg.images)?;
     let image = std::fs::read(&image_path).map_err(|e| format!("image {}: {e}", image_path.display()))?;
-    let decoded = popen_core::imageio::decode_rgb(&image, Some(&image_path.display().to_string())).map_err(|e| e.to_string())?;
+    let decoded =
+        popen_core::imageio::decode_rgb(&image, Some(&image_path.display().to_string())).map_err(|e| e.to_string())?;
     if decoded.width() != width || decoded.height() != height {
         return Err(format!(
             "image {} is {}x{} (w x h) but the record says {width}x{height}",
@@ -305,10 +311,7 @@ pub fn segmentation_to_rle(seg: &Value, height: u32, width: u32) -> std::result:
             let dims: Option<Vec<u64>> = size.iter().map(Value::as_u64).collect();
             let dims = dims.filter(|d| d.len() == 2).ok_or("RLE 'size' is not [h, w]")?;
             if dims[0] != height as u64 || dims[1] != width as u64 {
-                return Err(format!(
-                    "RLE size {}x{} differs from the image's {height}x{width}",
-                    dims[0], dims[1]
-                ));
+                return Err(format!("RLE size {}x{} differs from the image's {height}x{width}", dims[0], dims[1]));
             }
             match o.get("counts") {
                 Some(Value::String(s)) => Rle::from_coco_string(height, width, s).map_err(|e| e.to_string()),
@@ -334,7 +337,9 @@ fn inside_images(key: &str, name: &str) -> std::result::Result<(), String> {
         return Err(format!("'{key}' is empty"));
     }
     if !p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
-        return Err(format!("'{key}' {name:?} is not a relative path inside the images folder (absolute, or with '..')"));
+        return Err(format!(
+            "'{key}' {name:?} is not a relative path inside the images folder (absolute, or with '..')"
+        ));
     }
     Ok(())
 }
@@ -359,6 +364,9 @@ fn find_image(rec: &Value, dir: &Path) -> std::result::Result<PathBuf, String> {
         return Err("neither 'file_name' nor 'coco_url' is given".into());
     }
     candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-        format!("image not found (tried {})", candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))
+        format!(
+            "image not found (tried {})",
+            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        )
     })
 }

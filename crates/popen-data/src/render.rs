@@ -62,7 +62,9 @@ fn upscale(img: &RgbImage, scale: u32) -> RgbImage {
 /// Blends `fill` over the mask and draws its 1-px outline (on the upscaled grid).
 fn draw_mask(out: &mut RgbImage, m: &Mask, scale: u32, fill: Option<[u8; 3]>, outline: [u8; 3]) {
     let (w, h) = (out.width() as i64, out.height() as i64);
-    let on = |x: i64, y: i64| x >= 0 && y >= 0 && x < w && y < h && m.get((y / scale as i64) as u32, (x / scale as i64) as u32);
+    let on = |x: i64, y: i64| {
+        x >= 0 && y >= 0 && x < w && y < h && m.get((y / scale as i64) as u32, (x / scale as i64) as u32)
+    };
     for y in 0..h {
         for x in 0..w {
             if !on(x, y) {
@@ -95,7 +97,10 @@ pub fn overlay(sample: &Sample, scale: u32) -> Result<RgbImage> {
     // Large photos get a smaller factor so the picture stays under MAX_SIDE pixels wide.
     let fit = (MAX_SIDE / (2 * img.width().max(img.height()).max(1))).max(1);
     if scale > fit {
-        tracing::warn!("sample '{}': scale {scale} lowered to {fit} to keep the picture under {MAX_SIDE} px", sample.id);
+        tracing::warn!(
+            "sample '{}': scale {scale} lowered to {fit} to keep the picture under {MAX_SIDE} px",
+            sample.id
+        );
     }
     let scale = scale.min(fit);
     let decode = |field: &str, i: usize, r: &popen_core::mask::Rle| -> Result<Mask> {

@@ -14,11 +14,7 @@ use std::path::{Path, PathBuf};
 
 fn labelme() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/assets/labelme");
-    assert!(
-        dir.join("annotations.json").is_file(),
-        "{} is missing: run `make assets` first",
-        dir.display()
-    );
+    assert!(dir.join("annotations.json").is_file(), "{} is missing: run `make assets` first", dir.display());
     dir
 }
 
@@ -54,11 +50,19 @@ fn muse_records(coco: &Value) -> Vec<Value> {
         for c in cat_ids {
             let group: Vec<Value> = anns.iter().filter(|a| a["category_id"] == c).cloned().collect();
             qs.push(json!(format!("Where is every {} here?", cats[&c])));
-            texts.push(json!(group.iter().map(|_| format!("the {} {{seg}}", cats[&c])).collect::<Vec<_>>().join(" and ")));
+            texts.push(json!(group
+                .iter()
+                .map(|_| format!("the {} {{seg}}", cats[&c]))
+                .collect::<Vec<_>>()
+                .join(" and ")));
             ans.push(Value::Array(group));
         }
         qs.push(json!("Segment everything."));
-        texts.push(json!(anns.iter().map(|a| format!("a {} {{seg}}", a["category_name"].as_str().unwrap())).collect::<Vec<_>>().join(", ")));
+        texts.push(json!(anns
+            .iter()
+            .map(|a| format!("a {} {{seg}}", a["category_name"].as_str().unwrap()))
+            .collect::<Vec<_>>()
+            .join(", ")));
         ans.push(Value::Array(anns.clone()));
         out.push(json!({"file_name": img["file_name"], "height": img["height"], "width": img["width"],
                         "ann_list": anns, "questions": qs, "answers": ans, "text_answers": texts}));
@@ -92,7 +96,10 @@ fn imports_labelme_photos_with_pycocotools_areas() {
     assert_eq!(anns.len(), 12);
     let fixture: Value = serde_json::from_str(include_str!("fixtures/labelme_pycocotools.json")).unwrap();
     let mut checked = 0;
-    for (s, (r, q)) in samples.iter().zip(records.iter().flat_map(|r| (0..r["questions"].as_array().unwrap().len()).map(move |q| (r, q)))) {
+    for (s, (r, q)) in samples
+        .iter()
+        .zip(records.iter().flat_map(|r| (0..r["questions"].as_array().unwrap().len()).map(move |q| (r, q))))
+    {
         assert_eq!(s.width, r["width"].as_u64().unwrap() as u32);
         assert_eq!(s.seg_count(), s.target_names.len());
         assert!(!s.answer.contains("{seg}"));

@@ -304,7 +304,9 @@ fn print_stats() {
         let m = meta(s);
         *kinds.entry(m["template"].as_str().unwrap().into()).or_default() += 1;
         let v = m["variant"].as_str().unwrap();
-        *variants.entry(format!("{}:{}", m["template"].as_str().unwrap(), v.split(['/', ':']).next().unwrap())).or_default() += 1;
+        *variants
+            .entry(format!("{}:{}", m["template"].as_str().unwrap(), v.split(['/', ':']).next().unwrap()))
+            .or_default() += 1;
         *ntargets.entry(s.target_names.len()).or_default() += 1;
         *nobj.entry(s.instance_names.len()).or_default() += 1;
         for c in &s.instance_names {
@@ -328,7 +330,8 @@ fn questions_per_image_share_the_scene() {
     let mut distinct = 0;
     for k in 0..8 {
         let base = popen_data::synth::generate_sample(&one, "train", k).unwrap();
-        let qs: Vec<Sample> = (0..3).map(|j| popen_data::synth::generate_sample(&three, "train", 3 * k + j).unwrap()).collect();
+        let qs: Vec<Sample> =
+            (0..3).map(|j| popen_data::synth::generate_sample(&three, "train", 3 * k + j).unwrap()).collect();
         for q in &qs {
             assert_eq!(q.image, base.image, "scene {k}");
             assert_eq!(q.instance_masks, base.instance_masks);
@@ -337,7 +340,8 @@ fn questions_per_image_share_the_scene() {
         }
         assert_eq!(qs[0].instruction, base.instruction);
         assert_eq!(qs[0].answer, base.answer);
-        distinct += usize::from(qs[1].instruction != qs[0].instruction) + usize::from(qs[2].instruction != qs[0].instruction);
+        distinct +=
+            usize::from(qs[1].instruction != qs[0].instruction) + usize::from(qs[2].instruction != qs[0].instruction);
     }
     assert!(distinct >= 12, "later questions mostly differ from question 0: {distinct}/16");
     assert!(SynthConfig { questions_per_image: 0, ..SynthConfig::default() }.validate().is_err());

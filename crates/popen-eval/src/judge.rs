@@ -60,7 +60,8 @@ fn score_after(reply: &str, label: &str) -> Option<f64> {
     while let Some(pos) = low[from..].find(label) {
         let start = from + pos + label.len();
         from = start;
-        let mut rest = low[start..].trim_start_matches(|c: char| c.is_ascii_alphabetic() || c == ' ' || c == '*' || c == '_');
+        let mut rest =
+            low[start..].trim_start_matches(|c: char| c.is_ascii_alphabetic() || c == ' ' || c == '*' || c == '_');
         if let Some(r) = rest.strip_prefix([':', '-', '=']) {
             rest = r.trim_start_matches([' ', '*', '_']);
         }
@@ -97,7 +98,8 @@ impl Judge {
             visible_text(answer)
         );
         if self.send_image {
-            let mime = popen_core::imageio::sniff_format(&sample.image).map(|f| f.to_mime_type()).unwrap_or("image/png");
+            let mime =
+                popen_core::imageio::sniff_format(&sample.image).map(|f| f.to_mime_type()).unwrap_or("image/png");
             let url = format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(&sample.image));
             vec![Message::user_parts(vec![Part::ImageUrl { image_url: ImageUrl { url } }, Part::Text { text }])]
         } else {

@@ -24,4 +24,4 @@ pub use baseline::Baseline;
 pub use chair::{ChairTruth, Lexicon};
 pub use error::{EvalError, Result};
 pub use judge::{Judge, JudgeConfig};
-pub use report::{align, aggregate, evaluate, score_sample, EvalConfig, EvalInputs, Report, SampleScores};
+pub use report::{aggregate, align, evaluate, score_sample, EvalConfig, EvalInputs, Report, SampleScores};

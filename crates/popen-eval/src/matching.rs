@@ -214,7 +214,7 @@ mod tests {
         let p_a = rect(h, w, 6, 10, 5, 10); // 20 px, 16 on g1
         let p_b = rect(h, w, 0, 2, 0, 4); // 8 px inside g0
         let p_c = rect(h, w, 4, 6, 4, 6); // 4 px, overlaps nothing
-        // two predictions, two targets: a->g1, b->g0, listed by prediction index
+                                          // two predictions, two targets: a->g1, b->g0, listed by prediction index
         let pairs = match_masks(&[p_a.clone(), p_b.clone()], &[g0.clone(), g1.clone()], DEFAULT_MATCH_LOGIT).unwrap();
         assert_eq!(pairs.len(), 2);
         assert_eq!((pairs[0].pred, pairs[0].gt, pairs[0].intersection, pairs[0].union), (Some(0), Some(1), 16, 20));
@@ -228,7 +228,10 @@ mod tests {
         assert_eq!(pairs[1].iou, 0.0);
         // no prediction: each target pairs with an empty prediction
         let pairs = match_masks(&[], &[g0.clone(), g1.clone()], DEFAULT_MATCH_LOGIT).unwrap();
-        assert_eq!(pairs.iter().map(|p| (p.pred, p.gt, p.union)).collect::<Vec<_>>(), vec![(None, Some(0), 16), (None, Some(1), 16)]);
+        assert_eq!(
+            pairs.iter().map(|p| (p.pred, p.gt, p.union)).collect::<Vec<_>>(),
+            vec![(None, Some(0), 16), (None, Some(1), 16)]
+        );
         // empty target and empty prediction: union 0, IoU 1
         let e = Rle::empty(h, w).unwrap();
         let pairs = match_masks(std::slice::from_ref(&e), std::slice::from_ref(&e), DEFAULT_MATCH_LOGIT).unwrap();

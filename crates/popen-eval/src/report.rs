@@ -200,8 +200,10 @@ pub fn align<'a>(samples: &'a [Sample], predictions: &'a [Prediction]) -> Result
     if !dup.is_empty() {
         return Err(EvalError::Ids(format!("the predictions repeat sample ids: {}", some_ids(&dup))));
     }
-    let missing: Vec<&str> = samples.iter().filter(|s| !by_id.contains_key(s.id.as_str())).map(|s| s.id.as_str()).collect();
-    let extra: Vec<&str> = predictions.iter().filter(|p| !seen.contains(p.id.as_str())).map(|p| p.id.as_str()).collect();
+    let missing: Vec<&str> =
+        samples.iter().filter(|s| !by_id.contains_key(s.id.as_str())).map(|s| s.id.as_str()).collect();
+    let extra: Vec<&str> =
+        predictions.iter().filter(|p| !seen.contains(p.id.as_str())).map(|p| p.id.as_str()).collect();
     if !missing.is_empty() || !extra.is_empty() {
         let mut parts = Vec::new();
         if !missing.is_empty() {
@@ -360,7 +362,8 @@ pub fn aggregate(cfg: &EvalConfig, lexicon: &Lexicon, samples: Vec<SampleScores>
         chair_i: c.chair.c_i(),
         boundary_iou: mean(all_matched().map(|m| m.boundary_iou)),
         localization_error_rate: (c.target_objects > 0).then(|| c.localization_errors as f64 / c.target_objects as f64),
-        localization_error_rate_matched: (c.matched_pairs > 0).then(|| c.localization_errors as f64 / c.matched_pairs as f64),
+        localization_error_rate_matched: (c.matched_pairs > 0)
+            .then(|| c.localization_errors as f64 / c.matched_pairs as f64),
         judge_accuracy: mean(samples.iter().filter_map(|s| s.judge.as_ref().map(|j| j.accuracy))),
         judge_detail: mean(samples.iter().filter_map(|s| s.judge.as_ref().map(|j| j.detail))),
     };
@@ -431,7 +434,9 @@ impl Report {
             s.push_str(&format!("; judged {}, judge failed {}", c.judged, c.judge_failed));
         }
         s.push_str(".\n");
-        let list = |r: &[Ranked]| r.iter().map(|r| format!("`{}` ({:.1})", r.id, 100.0 * r.giou)).collect::<Vec<_>>().join(", ");
+        let list = |r: &[Ranked]| {
+            r.iter().map(|r| format!("`{}` ({:.1})", r.id, 100.0 * r.giou)).collect::<Vec<_>>().join(", ")
+        };
         if !self.best.is_empty() {
             s.push_str(&format!("\nBest by per-sample gIoU: {}\n\nWorst: {}\n", list(&self.best), list(&self.worst)));
         }

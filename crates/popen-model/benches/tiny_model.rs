@@ -92,11 +92,7 @@ fn workload(cfg: &PixelLmConfig) -> Workload {
                     }
                 }
             }
-            Preprocessed {
-                pixels,
-                resized_hw: (rh, rw),
-                original_hw: (h, w),
-            }
+            Preprocessed { pixels, resized_hw: (rh, rw), original_hw: (h, w) }
         })
         .collect();
     let rows = (0..ORIGINALS.len())
@@ -127,12 +123,7 @@ fn workload(cfg: &PixelLmConfig) -> Workload {
             }
         }
     }
-    Workload {
-        images,
-        rows,
-        target,
-        low_res,
-    }
+    Workload { images, rows, target, low_res }
 }
 
 /// `mean(max(x, 0) - x t + log(1 + exp(-|x|)))`: PyTorch's `binary_cross_entropy_with_logits`.
@@ -171,16 +162,9 @@ fn step<B: Backend>(
     lap(1);
     let hidden = model.forward_hidden(&asm)?;
     lap(2);
-    let starts: Vec<usize> = asm
-        .piece_starts
-        .iter()
-        .map(|p| p.last().copied().ok_or("row without pieces"))
-        .collect::<Result<_, _>>()?;
-    let targets: Vec<(usize, Vec<u32>)> = starts
-        .iter()
-        .zip(&w.rows)
-        .map(|(&s, row)| (s, row.2.clone()))
-        .collect();
+    let starts: Vec<usize> =
+        asm.piece_starts.iter().map(|p| p.last().copied().ok_or("row without pieces")).collect::<Result<_, _>>()?;
+    let targets: Vec<(usize, Vec<u32>)> = starts.iter().zip(&w.rows).map(|(&s, row)| (s, row.2.clone())).collect();
     let ce = model.response_logprobs(hidden.clone(), &targets)?.mean().neg();
     lap(3);
     let group = model.config().seg_group_len();
@@ -281,12 +265,7 @@ where
         let _value = loss.clone().into_scalar();
         let t_fwd = ms(t0);
         let grads = loss.backward();
-        let g = model
-            .text_hidden_fcs
-            .fc_1
-            .weight
-            .grad(&grads)
-            .ok_or("no gradient for text_hidden_fcs.fc_1.weight")?;
+        let g = model.text_hidden_fcs.fc_1.weight.grad(&grads).ok_or("no gradient for text_hidden_fcs.fc_1.weight")?;
         let _ = g.sum().into_scalar();
         drop(grads);
         let total = ms(t0);
@@ -296,11 +275,8 @@ where
             train_bwd.push(total - t_fwd);
         }
     }
-    let stages: serde_json::Map<String, Value> = STAGES
-        .iter()
-        .zip(&stage_ms)
-        .map(|(n, v)| (n.to_string(), stats(v)["median_ms"].clone()))
-        .collect();
+    let stages: serde_json::Map<String, Value> =
+        STAGES.iter().zip(&stage_ms).map(|(n, v)| (n.to_string(), stats(v)["median_ms"].clone())).collect();
     Ok(json!({
         "backend": name,
         "params": params,
@@ -363,9 +339,8 @@ fn main() -> Res<()> {
     let reference_path = std::env::var_os("TINY_BENCH_REFERENCE")
         .map(PathBuf::from)
         .unwrap_or_else(|| target_dir().join("bench-tiny-model-pytorch.json"));
-    let reference: Option<Value> = std::fs::read_to_string(&reference_path)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok());
+    let reference: Option<Value> =
+        std::fs::read_to_string(&reference_path).ok().and_then(|s| serde_json::from_str(&s).ok());
     let med = |v: &Value, k: &str| v[k]["median_ms"].as_f64();
 
     println!("\nPixelLM tiny step (batch 4, seq 113, 8 masks 64x64), median ms [p25-p75]:\n");

@@ -29,7 +29,12 @@ pub fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Milliseconds of `generate` with `new_tokens` greedy tokens on `batch` copies of the prompt.
-pub fn time_generate<B: Backend>(model: &Llama<B>, batch: usize, prompt: usize, new_tokens: usize) -> Result<f64, LlamaError> {
+pub fn time_generate<B: Backend>(
+    model: &Llama<B>,
+    batch: usize,
+    prompt: usize,
+    new_tokens: usize,
+) -> Result<f64, LlamaError> {
     let device = model.device();
     let ids: Vec<i64> = prompt_ids(prompt, model.vocab_size()).into_iter().map(i64::from).collect();
     let flat: Vec<i64> = (0..batch).flat_map(|_| ids.iter().copied()).collect();
@@ -59,7 +64,11 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
     let n = s.len();
-    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
 }
 
 impl DecodeTiming {
@@ -70,7 +79,13 @@ impl DecodeTiming {
 
 /// Decode workload: ms per greedy token after a `prompt`-token prompt, `batch` rows; `iters`
 /// timed iterations after one warm-up.
-pub fn decode<B: Backend>(model: &Llama<B>, batch: usize, prompt: usize, new_tokens: usize, iters: usize) -> Result<DecodeTiming, LlamaError> {
+pub fn decode<B: Backend>(
+    model: &Llama<B>,
+    batch: usize,
+    prompt: usize,
+    new_tokens: usize,
+    iters: usize,
+) -> Result<DecodeTiming, LlamaError> {
     if new_tokens < 2 {
         return Err(LlamaError::Input("bench decode needs new_tokens >= 2".into()));
     }
@@ -85,7 +100,12 @@ pub fn decode<B: Backend>(model: &Llama<B>, batch: usize, prompt: usize, new_tok
 }
 
 /// Prefill workload: ms of one forward over a `prompt`-token prompt (+ the first token).
-pub fn prefill<B: Backend>(model: &Llama<B>, batch: usize, prompt: usize, iters: usize) -> Result<DecodeTiming, LlamaError> {
+pub fn prefill<B: Backend>(
+    model: &Llama<B>,
+    batch: usize,
+    prompt: usize,
+    iters: usize,
+) -> Result<DecodeTiming, LlamaError> {
     time_generate(model, batch, prompt, 1)?;
     let ms = (0..iters).map(|_| time_generate(model, batch, prompt, 1)).collect::<Result<Vec<_>, _>>()?;
     Ok(DecodeTiming { workload: format!("prefill b{batch} p{prompt}"), batch, prompt, new_tokens: 1, ms })

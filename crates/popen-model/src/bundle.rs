@@ -41,11 +41,8 @@ pub fn save<B: Backend>(dir: &Path, model: &PixelLm<B>, tokenizer: &Tokenizer) -
     check_tokenizer(model.config(), tokenizer, dir)?;
     let toml = toml::to_string_pretty(model.config())
         .map_err(|e| PixelLmError::Config(format!("cannot write config as TOML: {e}")))?;
-    popen_core::shard::atomic_write(dir.join(CONFIG_FILE), toml.as_bytes())
-        .map_err(|e| io_err(dir, e))?;
-    tokenizer
-        .save(dir.join(TOKENIZER_FILE))
-        .map_err(|e| io_err(dir, e))?;
+    popen_core::shard::atomic_write(dir.join(CONFIG_FILE), toml.as_bytes()).map_err(|e| io_err(dir, e))?;
+    tokenizer.save(dir.join(TOKENIZER_FILE)).map_err(|e| io_err(dir, e))?;
     pixellm::save(model, dir.join(WEIGHTS_FILE))
 }
 
@@ -74,11 +71,7 @@ pub fn open<B: Backend>(dir: &Path, device: &B::Device) -> Result<Bundle<B>> {
     let tokenizer = Tokenizer::from_file(dir.join(TOKENIZER_FILE)).map_err(|e| io_err(dir, e))?;
     check_tokenizer(&cfg, &tokenizer, dir)?;
     let (model, _) = pixellm::load(&cfg, &weights, Layout::Native, None, device)?;
-    Ok(Bundle {
-        dir: dir.to_path_buf(),
-        model,
-        tokenizer,
-    })
+    Ok(Bundle { dir: dir.to_path_buf(), model, tokenizer })
 }
 
 /// Open a foreign checkpoint (a released PixelLM, LLaVA) with an explicit config and
@@ -92,24 +85,15 @@ pub fn open_foreign<B: Backend>(
     device: &B::Device,
 ) -> Result<(Bundle<B>, Vec<String>)> {
     let mut tok = Tokenizer::from_file(tokenizer).map_err(|e| io_err(tokenizer, e))?;
-    tok.add_pixellm_tokens(cfg.seg_group_len())
-        .map_err(|e| io_err(tokenizer, e))?;
+    tok.add_pixellm_tokens(cfg.seg_group_len()).map_err(|e| io_err(tokenizer, e))?;
     check_tokenizer(cfg, &tok, tokenizer)?;
     let (model, fresh) = pixellm::load(cfg, checkpoint, layout, vision_tower, device)?;
-    Ok((
-        Bundle {
-            dir: checkpoint.to_path_buf(),
-            model,
-            tokenizer: tok,
-        },
-        fresh,
-    ))
+    Ok((Bundle { dir: checkpoint.to_path_buf(), model, tokenizer: tok }, fresh))
 }
 
 /// The tokenizer must hold PixelLM's tokens and fit the model's vocabulary.
 pub fn check_tokenizer(cfg: &PixelLmConfig, tok: &Tokenizer, at: &Path) -> Result<()> {
-    let names = crate::tokenizer::seg_token_names(cfg.seg_group_len())
-        .map_err(|e| io_err(at, e))?;
+    let names = crate::tokenizer::seg_token_names(cfg.seg_group_len()).map_err(|e| io_err(at, e))?;
     let mut missing: Vec<String> = names
         .iter()
         .map(String::as_str)
@@ -121,11 +105,7 @@ pub fn check_tokenizer(cfg: &PixelLmConfig, tok: &Tokenizer, at: &Path) -> Resul
         missing.push("an EOS token".into());
     }
     if !missing.is_empty() {
-        return Err(PixelLmError::Input(format!(
-            "{}: tokenizer lacks {}",
-            at.display(),
-            missing.join(", ")
-        )));
+        return Err(PixelLmError::Input(format!("{}: tokenizer lacks {}", at.display(), missing.join(", "))));
     }
     if tok.vocab_size() > cfg.llm.vocab_size {
         return Err(PixelLmError::Input(format!(

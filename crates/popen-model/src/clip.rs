@@ -69,9 +69,7 @@ impl<'de> Deserialize<'de> for ClipActivation {
         match name.as_str() {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::Gelu),
-            other => Err(serde::de::Error::custom(format!(
-                "hidden_act {other:?} is not supported (quick_gelu, gelu)"
-            ))),
+            other => Err(serde::de::Error::custom(format!("hidden_act {other:?} is not supported (quick_gelu, gelu)"))),
         }
     }
 }
@@ -170,13 +168,9 @@ impl ClipVisionConfig {
     /// `vision_config` is used), as the openai/* repositories ship.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, ClipError> {
         let path = path.as_ref();
-        let err = |msg: String| ClipError::ConfigFile {
-            path: path.display().to_string(),
-            msg,
-        };
+        let err = |msg: String| ClipError::ConfigFile { path: path.display().to_string(), msg };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let mut v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
+        let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
         if let Some(vc) = v.get_mut("vision_config") {
             v = vc.take();
         }
@@ -209,9 +203,7 @@ impl ClipVisionConfig {
                 self.hidden_size, self.intermediate_size
             ));
         }
-        if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
-        {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -235,10 +227,7 @@ impl ClipVisionConfig {
             ));
         }
         if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
-            return bad(format!(
-                "layer_norm_eps {} must be positive and finite",
-                self.layer_norm_eps
-            ));
+            return bad(format!("layer_norm_eps {} must be positive and finite", self.layer_norm_eps));
         }
         Ok(())
     }
@@ -247,11 +236,7 @@ impl ClipVisionConfig {
     /// [`validate`](Self::validate) first: an invalid config panics in burn's constructors.
     pub fn init<B: Backend>(&self, device: &B::Device) -> ClipVisionModel<B> {
         let d = self.hidden_size;
-        let norm = || {
-            LayerNormConfig::new(d)
-                .with_epsilon(self.layer_norm_eps)
-                .init(device)
-        };
+        let norm = || LayerNormConfig::new(d).with_epsilon(self.layer_norm_eps).init(device);
         let lin = |i: usize, o: usize| LinearConfig::new(i, o).init(device);
         let layers = (0..self.num_hidden_layers)
             .map(|_| ClipEncoderLayer {
@@ -280,13 +265,10 @@ impl ClipVisionConfig {
                         burn::tensor::Distribution::Normal(0.0, 1.0),
                         device,
                     )),
-                    patch_embedding: Conv2dConfig::new(
-                        [self.num_channels, d],
-                        [self.patch_size, self.patch_size],
-                    )
-                    .with_stride([self.patch_size, self.patch_size])
-                    .with_bias(false)
-                    .init(device),
+                    patch_embedding: Conv2dConfig::new([self.num_channels, d], [self.patch_size, self.patch_size])
+                        .with_stride([self.patch_size, self.patch_size])
+                        .with_bias(false)
+                        .init(device),
                     position_embedding: EmbeddingConfig::new(self.num_positions(), d).init(device),
                 },
                 pre_layrnorm: norm(),
@@ -367,16 +349,11 @@ impl<B: Backend> ClipAttention<B> {
         let q = split(self.q_proj.forward(x.clone()));
         let k = split(self.k_proj.forward(x.clone()));
         let v = split(self.v_proj.forward(x));
-        let mut scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar((hd as f64).powf(-0.5));
+        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5));
         if let Some(bias) = key_bias {
             scores = scores + bias;
         }
-        let out = softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, n, d]);
+        let out = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, n, d]);
         self.out_proj.forward(out)
     }
 }
@@ -384,21 +361,14 @@ impl<B: Backend> ClipAttention<B> {
 impl<B: Backend> ClipMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.fc1.forward(x);
-        let x = if self.quick_gelu {
-            x.clone() * sigmoid(x.mul_scalar(1.702))
-        } else {
-            gelu(x)
-        };
+        let x = if self.quick_gelu { x.clone() * sigmoid(x.mul_scalar(1.702)) } else { gelu(x) };
         self.fc2.forward(x)
     }
 }
 
 impl<B: Backend> ClipEncoderLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>, key_bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
-        let x = x.clone()
-            + self
-                .self_attn
-                .forward(self.layer_norm1.forward(x), key_bias);
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), key_bias);
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
 }
@@ -416,10 +386,7 @@ impl<B: Backend> ClipVisionModel<B> {
         if (0..n).contains(&i) {
             Ok(i as usize)
         } else {
-            Err(ClipError::LayerIndex {
-                index,
-                num_layers: self.num_layers(),
-            })
+            Err(ClipError::LayerIndex { index, num_layers: self.num_layers() })
         }
     }
 
@@ -439,11 +406,7 @@ impl<B: Backend> ClipVisionModel<B> {
         // straight into `[b, patches, d]` (burn's conv2d is a scalar loop on NdArray).
         let conv = &e.patch_embedding;
         let (patches, [gh, gw]) = if is_patch_conv(conv) {
-            patch_conv2d_tokens(
-                pixel_values,
-                conv.weight.val(),
-                conv.bias.as_ref().map(|b| b.val()),
-            )
+            patch_conv2d_tokens(pixel_values, conv.weight.val(), conv.bias.as_ref().map(|b| b.val()))
         } else {
             let patches = conv.forward(pixel_values);
             let [_, d, gh, gw] = patches.dims();
@@ -484,10 +447,7 @@ impl<B: Backend> ClipVisionModel<B> {
         layers: &[isize],
         key_mask: Option<Tensor<B, 2, Bool>>,
     ) -> Result<Vec<Tensor<B, 3>>, ClipError> {
-        let want: Vec<usize> = layers
-            .iter()
-            .map(|&i| self.resolve_layer(i))
-            .collect::<Result<_, _>>()?;
+        let want: Vec<usize> = layers.iter().map(|&i| self.resolve_layer(i)).collect::<Result<_, _>>()?;
         let Some(&deepest) = want.iter().max() else {
             return Ok(Vec::new());
         };
@@ -513,16 +473,10 @@ impl<B: Backend> ClipVisionModel<B> {
             Some(m) => {
                 let [mb, mn] = m.dims();
                 if mb != b || mn != n {
-                    return Err(ClipError::Input(format!(
-                        "key mask is [{mb}, {mn}] but the sequence is [{b}, {n}]"
-                    )));
+                    return Err(ClipError::Input(format!("key mask is [{mb}, {mn}] but the sequence is [{b}, {n}]")));
                 }
                 let zeros = Tensor::<B, 2>::zeros([b, n], &h.device());
-                Some(
-                    zeros
-                        .mask_fill(m.bool_not(), f32::MIN)
-                        .reshape([b, 1, 1, n]),
-                )
+                Some(zeros.mask_fill(m.bool_not(), f32::MIN).reshape([b, 1, 1, n]))
             }
         };
         let mut states: Vec<Option<Tensor<B, 3>>> = vec![None; depth + 1];
@@ -540,10 +494,7 @@ impl<B: Backend> ClipVisionModel<B> {
 
     /// HF's `(last_hidden_state, pooler_output)`: the last layer's output `[b, 1 + N, d]`
     /// (no final norm) and `post_layernorm` of its CLS row `[b, d]`.
-    pub fn forward(
-        &self,
-        pixel_values: Tensor<B, 4>,
-    ) -> Result<(Tensor<B, 3>, Tensor<B, 2>), ClipError> {
+    pub fn forward(&self, pixel_values: Tensor<B, 4>) -> Result<(Tensor<B, 3>, Tensor<B, 2>), ClipError> {
         self.forward_masked(pixel_values, None)
     }
 
@@ -581,8 +532,7 @@ impl<B: Backend> ClipVisionModel<B> {
         let mut cfg = self.config.clone();
         let g = cfg.grid();
         cfg.image_size = new_image_size;
-        cfg.validate()
-            .map_err(|e| ClipError::Resize(e.to_string()))?;
+        cfg.validate().map_err(|e| ClipError::Resize(e.to_string()))?;
         let g2 = cfg.grid();
         let emb = self.vision_model.embeddings;
         let (id, weight, _) = emb.position_embedding.weight.consume();
@@ -605,13 +555,8 @@ impl<B: Backend> ClipVisionModel<B> {
             TensorData::new(resized, [g2 * g2 + 1, d]).convert_dtype(dtype),
             (&device, dtype),
         );
-        let position_embedding = Embedding {
-            weight: Param::initialized(id, new_weight),
-        };
-        self.vision_model.embeddings = ClipVisionEmbeddings {
-            position_embedding,
-            ..emb
-        };
+        let position_embedding = Embedding { weight: Param::initialized(id, new_weight) };
+        self.vision_model.embeddings = ClipVisionEmbeddings { position_embedding, ..emb };
         self.config = cfg;
         Ok(self)
     }
@@ -661,11 +606,7 @@ fn bilinear_axis(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
 /// `image_size`-px pixel mask to the `grid = image_size / patch_size` patch grid.
 /// From `encode_images` in PixelLM's model/llava/model/llava_arch.py (commit c43c0aff), which
 /// hard-codes `patch_size = 14`.
-pub fn patch_key_mask_values(
-    resized_hw: &[(usize, usize)],
-    image_size: usize,
-    patch_size: usize,
-) -> Vec<bool> {
+pub fn patch_key_mask_values(resized_hw: &[(usize, usize)], image_size: usize, patch_size: usize) -> Vec<bool> {
     let grid = image_size / patch_size.max(1);
     let src: Vec<usize> = (0..grid)
         .map(|o| {

@@ -228,9 +228,10 @@ pub fn export_weights<B: Backend>(
     }
     write_json(&dir.join("config.json"), &config)?;
     report.files.push("config.json".into());
-    let toml = toml::to_string_pretty(cfg)
-        .map_err(|e| PixelLmError::Config(format!("cannot write config as TOML: {e}")))?;
-    popen_core::shard::atomic_write(dir.join(crate::bundle::CONFIG_FILE), toml.as_bytes()).map_err(|e| io_err(dir, e))?;
+    let toml =
+        toml::to_string_pretty(cfg).map_err(|e| PixelLmError::Config(format!("cannot write config as TOML: {e}")))?;
+    popen_core::shard::atomic_write(dir.join(crate::bundle::CONFIG_FILE), toml.as_bytes())
+        .map_err(|e| io_err(dir, e))?;
     report.files.push(crate::bundle::CONFIG_FILE.into());
     Ok(report)
 }

@@ -47,57 +47,28 @@ pub enum GgufError {
     #[error("{path}: not a GGUF file: bad magic {found:02x?} (expected \"GGUF\")")]
     BadMagic { path: PathBuf, found: Vec<u8> },
     #[error("{path}: unsupported GGUF version {version} (supported: 2, 3 little-endian{hint})")]
-    UnsupportedVersion {
-        path: PathBuf,
-        version: u32,
-        hint: &'static str,
-    },
+    UnsupportedVersion { path: PathBuf, version: u32, hint: &'static str },
     #[error(
         "{path}: truncated header: reading {what} needs {need} bytes at offset {offset}, \
          but the file is {file_len} bytes"
     )]
-    Truncated {
-        path: PathBuf,
-        what: String,
-        offset: u64,
-        need: u64,
-        file_len: u64,
-    },
+    Truncated { path: PathBuf, what: String, offset: u64, need: u64, file_len: u64 },
     #[error(
         "{path}: tensor '{name}' (offset {start}, {size} bytes) extends past end of file \
          ({file_len} bytes)"
     )]
-    TensorPastEnd {
-        path: PathBuf,
-        name: String,
-        start: u64,
-        size: u64,
-        file_len: u64,
-    },
+    TensorPastEnd { path: PathBuf, name: String, start: u64, size: u64, file_len: u64 },
     #[error("{path}: tensor '{tensor}' has unknown ggml type id {type_id}")]
-    UnknownType {
-        path: PathBuf,
-        tensor: String,
-        type_id: u32,
-    },
+    UnknownType { path: PathBuf, tensor: String, type_id: u32 },
     #[error(
         "{path}: tensor '{tensor}' has ggml type {type_name} (id {type_id}), which tensor_f32 \
          does not dequantize (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
     )]
-    UnsupportedType {
-        path: PathBuf,
-        tensor: String,
-        type_name: &'static str,
-        type_id: u32,
-    },
+    UnsupportedType { path: PathBuf, tensor: String, type_name: &'static str, type_id: u32 },
     #[error("{path}: no tensor named '{name}'")]
     NoSuchTensor { path: PathBuf, name: String },
     #[error("{path}: metadata key '{key}': {msg}")]
-    Metadata {
-        path: PathBuf,
-        key: String,
-        msg: String,
-    },
+    Metadata { path: PathBuf, key: String, msg: String },
     #[error("{path}: invalid GGUF: {msg}")]
     Invalid { path: PathBuf, msg: String },
     #[error("bad shape: {0}")]
@@ -333,10 +304,7 @@ impl HeaderReader<'_> {
     }
 
     fn invalid(&self, msg: impl Into<String>) -> GgufError {
-        GgufError::Invalid {
-            path: self.path.to_path_buf(),
-            msg: msg.into(),
-        }
+        GgufError::Invalid { path: self.path.to_path_buf(), msg: msg.into() }
     }
 
     fn bytes(&mut self, n: u64, what: &str) -> Result<Vec<u8>> {
@@ -411,9 +379,7 @@ impl HeaderReader<'_> {
             8 => MetaValue::String(self.string(&what)?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(self.invalid(format!(
-                        "{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}"
-                    )));
+                    return Err(self.invalid(format!("{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}")));
                 }
                 let et = self.u32(&format!("{what} (array element type)"))?;
                 if et > 12 {
@@ -423,10 +389,9 @@ impl HeaderReader<'_> {
                 let min = Self::min_size(et);
                 let need = n.saturating_mul(min);
                 if need > self.remaining() {
-                    return Err(self.truncated(
-                        &format!("{what}: array of {n} elements (at least {min} bytes each)"),
-                        need,
-                    ));
+                    return Err(
+                        self.truncated(&format!("{what}: array of {n} elements (at least {min} bytes each)"), need)
+                    );
                 }
                 let mut v = Vec::with_capacity((n as usize).min(MAX_PREALLOC));
                 for _ in 0..n {
@@ -447,32 +412,18 @@ impl GgufFile {
     /// that every tensor lies inside the file.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
-        let mut r = HeaderReader {
-            r: BufReader::with_capacity(1 << 16, file),
-            pos: 0,
-            len: file_len,
-            path,
-        };
+        let mut r = HeaderReader { r: BufReader::with_capacity(1 << 16, file), pos: 0, len: file_len, path };
 
         let magic: [u8; 4] = if file_len >= 4 {
             r.array("magic")?
         } else {
-            return Err(GgufError::BadMagic {
-                path: path.to_path_buf(),
-                found: r.bytes(file_len, "magic")?,
-            });
+            return Err(GgufError::BadMagic { path: path.to_path_buf(), found: r.bytes(file_len, "magic")? });
         };
         if magic != GGUF_MAGIC {
-            return Err(GgufError::BadMagic {
-                path: path.to_path_buf(),
-                found: magic.to_vec(),
-            });
+            return Err(GgufError::BadMagic { path: path.to_path_buf(), found: magic.to_vec() });
         }
         let version = r.u32("version")?;
         if version != 2 && version != 3 {
@@ -483,11 +434,7 @@ impl GgufFile {
             } else {
                 ""
             };
-            return Err(GgufError::UnsupportedVersion {
-                path: path.to_path_buf(),
-                version,
-                hint,
-            });
+            return Err(GgufError::UnsupportedVersion { path: path.to_path_buf(), version, hint });
         }
         let n_tensors = r.u64("tensor count")?;
         let n_kv = r.u64("metadata key/value count")?;
@@ -533,9 +480,7 @@ impl GgufFile {
             let name = r.string(&format!("name of tensor #{i}"))?;
             let n_dims = r.u32(&format!("n_dims of tensor '{name}'"))?;
             if n_dims as usize > MAX_DIMS {
-                return Err(r.invalid(format!(
-                    "tensor '{name}' has {n_dims} dimensions (at most {MAX_DIMS})"
-                )));
+                return Err(r.invalid(format!("tensor '{name}' has {n_dims} dimensions (at most {MAX_DIMS})")));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for d in 0..n_dims {
@@ -572,15 +517,12 @@ impl GgufFile {
                 .checked_mul(ggml_type.type_size())
                 .ok_or_else(|| r.invalid(format!("tensor '{name}': byte size overflows")))?;
             if !rel.is_multiple_of(alignment) {
-                return Err(r.invalid(format!(
-                    "tensor '{name}': offset {rel} is not a multiple of the alignment {alignment}"
-                )));
+                return Err(
+                    r.invalid(format!("tensor '{name}': offset {rel} is not a multiple of the alignment {alignment}"))
+                );
             }
             let start = data_offset.checked_add(rel);
-            if start
-                .and_then(|s| s.checked_add(size))
-                .is_none_or(|end| end > file_len)
-            {
+            if start.and_then(|s| s.checked_add(size)).is_none_or(|end| end > file_len) {
                 return Err(GgufError::TensorPastEnd {
                     path: path.to_path_buf(),
                     name,
@@ -592,25 +534,10 @@ impl GgufFile {
             if by_name.insert(name.clone(), tensors.len()).is_some() {
                 return Err(r.invalid(format!("duplicate tensor name '{name}'")));
             }
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset: data_offset + rel,
-                size,
-            });
+            tensors.push(TensorInfo { name, dims, ggml_type, offset: data_offset + rel, size });
         }
 
-        Ok(GgufFile {
-            path: path.to_path_buf(),
-            version,
-            file_len,
-            alignment,
-            data_offset,
-            metadata,
-            tensors,
-            by_name,
-        })
+        Ok(GgufFile { path: path.to_path_buf(), version, file_len, alignment, data_offset, metadata, tensors, by_name })
     }
 
     pub fn path(&self) -> &Path {
@@ -665,8 +592,7 @@ impl GgufFile {
     /// Any integer type, as u64 (negative values are an error).
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.meta(key)?;
-        v.as_u64()
-            .ok_or_else(|| self.wrong_type(key, "a non-negative integer", v))
+        v.as_u64().ok_or_else(|| self.wrong_type(key, "a non-negative integer", v))
     }
 
     /// A FLOAT32 (or FLOAT64, narrowed) value.
@@ -693,20 +619,13 @@ impl GgufFile {
     }
 
     fn info_or_err(&self, name: &str) -> Result<&TensorInfo> {
-        self.tensor_info(name)
-            .ok_or_else(|| GgufError::NoSuchTensor {
-                path: self.path.clone(),
-                name: name.into(),
-            })
+        self.tensor_info(name).ok_or_else(|| GgufError::NoSuchTensor { path: self.path.clone(), name: name.into() })
     }
 
     /// The tensor's raw bytes as stored (any type), read from disk now.
     pub fn tensor_bytes(&self, name: &str) -> Result<Vec<u8>> {
         let info = self.info_or_err(name)?;
-        let io = |source| GgufError::Io {
-            path: self.path.clone(),
-            source,
-        };
+        let io = |source| GgufError::Io { path: self.path.clone(), source };
         let mut f = File::open(&self.path).map_err(io)?;
         // Guard against the file having shrunk since open().
         let len = f.metadata().map_err(io)?.len();
@@ -733,12 +652,7 @@ impl GgufFile {
         let t = info.ggml_type;
         if !matches!(
             t,
-            GgmlType::F32
-                | GgmlType::F16
-                | GgmlType::BF16
-                | GgmlType::Q8_0
-                | GgmlType::Q4_0
-                | GgmlType::Q4_1
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1
         ) {
             return Err(GgufError::UnsupportedType {
                 path: self.path.clone(),
@@ -748,10 +662,7 @@ impl GgufFile {
             });
         }
         let bytes = self.tensor_bytes(name)?;
-        Ok((
-            info.shape(),
-            dequantize(t, &bytes, info.n_elements() as usize),
-        ))
+        Ok((info.shape(), dequantize(t, &bytes, info.n_elements() as usize)))
     }
 
     /// Read a tensor of a llama.cpp LLaMA checkpoint as its Hugging Face `LlamaForCausalLM`
@@ -794,17 +705,11 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 fn dequantize(t: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
     match t {
-        GgmlType::F32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
+        GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16_at(c, 0))),
-        GgmlType::BF16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
-        ),
+        GgmlType::BF16 => {
+            out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
+        }
         // Block: f16 d, 32 x i8 q; x = q * d.
         GgmlType::Q8_0 => {
             for blk in bytes.chunks_exact(34) {

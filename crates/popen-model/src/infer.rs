@@ -85,9 +85,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
     pub fn new(model: &'a PixelLm<B>, tokenizer: &'a mut Tokenizer) -> Result<Self> {
         let cfg = model.config();
         let before = tokenizer.vocab_size();
-        let tokens = tokenizer
-            .add_pixellm_tokens(cfg.seg_group_len())
-            .map_err(tok_err)?;
+        let tokens = tokenizer.add_pixellm_tokens(cfg.seg_group_len()).map_err(tok_err)?;
         if tokenizer.vocab_size() != before {
             return Err(PixelLmError::Input(
                 "the tokenizer lacks PixelLM's tokens (<im_start>, <im_end>, [SEG*]); it must be the one saved with the model".into(),
@@ -101,13 +99,7 @@ impl<'a, B: Backend> Predictor<'a, B> {
                 cfg.llm.vocab_size
             )));
         }
-        Ok(Predictor {
-            model,
-            tokenizer,
-            tokens,
-            preprocessor: Preprocessor::pixellm(cfg.image_size),
-            sam: None,
-        })
+        Ok(Predictor { model, tokenizer, tokens, preprocessor: Preprocessor::pixellm(cfg.image_size), sam: None })
     }
 
     /// The prompt of one instruction as sequence parts (text, image, text); the instruction
@@ -176,39 +168,24 @@ impl<'a, B: Backend> Predictor<'a, B> {
         images
             .iter()
             .enumerate()
-            .map(|(i, im)| {
-                self.preprocessor
-                    .apply(im)
-                    .map_err(|e| PixelLmError::Input(format!("image {i}: {e}")))
-            })
+            .map(|(i, im)| self.preprocessor.apply(im).map_err(|e| PixelLmError::Input(format!("image {i}: {e}"))))
             .collect()
     }
 
     /// Answer a batch of (image, instruction) pairs.
-    pub fn predict(
-        &self,
-        items: &[(&RgbImage, &str)],
-        sampling: &SamplingConfig,
-    ) -> Result<Vec<Prediction>> {
+    pub fn predict(&self, items: &[(&RgbImage, &str)], sampling: &SamplingConfig) -> Result<Vec<Prediction>> {
         let images: Vec<&RgbImage> = items.iter().map(|(im, _)| *im).collect();
         let pre = self.preprocess(&images)?;
         let feats = self.encode(&pre)?;
-        let rows: Vec<Vec<Part<B>>> = items
-            .iter()
-            .enumerate()
-            .map(|(i, (_, instr))| self.prompt_parts(instr, i))
-            .collect::<Result<_>>()?;
+        let rows: Vec<Vec<Part<B>>> =
+            items.iter().enumerate().map(|(i, (_, instr))| self.prompt_parts(instr, i)).collect::<Result<_>>()?;
         let asm = self.model.assemble(&rows, Some(&feats), Padding::Left)?;
         let stop = [self.tokens.eos];
         let gens = self.model.generate(&asm, sampling, &stop)?;
         self.finish(&feats, gens)
     }
 
-    fn finish(
-        &self,
-        feats: &ImageFeatures<B>,
-        gens: Vec<crate::sampling::Generation<B>>,
-    ) -> Result<Vec<Prediction>> {
+    fn finish(&self, feats: &ImageFeatures<B>, gens: Vec<crate::sampling::Generation<B>>) -> Result<Vec<Prediction>> {
         let cfg = self.model.config();
         let mut out = Vec::with_capacity(gens.len());
         for (row, g) in gens.into_iter().enumerate() {
@@ -223,11 +200,8 @@ impl<'a, B: Backend> Predictor<'a, B> {
                 // generated token k, which is what seg_embeddings reads at "position - 1"
                 // when handed position k + 1.
                 let hidden = predicting_states(&g);
-                let objects: Vec<(usize, Vec<usize>)> = scan
-                    .groups
-                    .iter()
-                    .map(|pos| (0usize, pos.iter().map(|p| p + 1).collect()))
-                    .collect();
+                let objects: Vec<(usize, Vec<usize>)> =
+                    scan.groups.iter().map(|pos| (0usize, pos.iter().map(|p| p + 1).collect())).collect();
                 let f = self.model.seg_embeddings(hidden, &objects)?;
                 let idx = vec![row; objects.len()];
                 let (logits, _) = self.model.decode_masks(feats, f, &idx)?;
@@ -269,15 +243,11 @@ impl<'a, B: Backend> Predictor<'a, B> {
         let asm = self.model.assemble(&rows, Some(&feats), Padding::Right)?;
         let hidden = self.model.forward_hidden(&asm)?;
         let starts: Vec<usize> = asm.piece_starts.iter().map(|s| *s.last().expect("parts")).collect();
-        let targets: Vec<(usize, Vec<u32>)> =
-            starts.iter().zip(&answers).map(|(s, a)| (*s, a.clone())).collect();
+        let targets: Vec<(usize, Vec<u32>)> = starts.iter().zip(&answers).map(|(s, a)| (*s, a.clone())).collect();
         let lp = self.model.response_logprobs(hidden.clone(), &targets)?;
         let [_, max] = lp.dims();
-        let lp = lp
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .map_err(|e| PixelLmError::Input(format!("{e:?}")))?;
+        let lp =
+            lp.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| PixelLmError::Input(format!("{e:?}")))?;
         let mut objects = Vec::new();
         let mut per_row = Vec::with_capacity(items.len());
         for (r, ids) in answers.iter().enumerate() {
@@ -339,30 +309,17 @@ impl<'a, B: Backend> Predictor<'a, B> {
         let start = asm.piece_starts[0][parts.len() - 1];
         let hidden = self.model.forward_hidden(&asm)?;
         let lp = self.model.response_logprobs(hidden, &[(start, ids.clone())])?;
-        let logprobs = lp
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .map_err(|e| PixelLmError::Input(format!("{e:?}")))?;
-        let tokens = ids
-            .iter()
-            .map(|&i| self.tokenizer.id_to_token(i).unwrap_or_default())
-            .collect();
-        Ok(Scored {
-            ids,
-            tokens,
-            logprobs,
-        })
+        let logprobs =
+            lp.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| PixelLmError::Input(format!("{e:?}")))?;
+        let tokens = ids.iter().map(|&i| self.tokenizer.id_to_token(i).unwrap_or_default()).collect();
+        Ok(Scored { ids, tokens, logprobs })
     }
 
     /// Answer text (with `<seg>`) -> ids as PixelLM trains on them: " " + expanded answer +
     /// EOS (the conversation's `sep2`).
     pub fn answer_ids(&self, answer: &str, group: usize) -> Result<Vec<u32>> {
         let expanded = tokenizer::expand_seg(answer, group).map_err(tok_err)?;
-        let mut ids = self
-            .tokenizer
-            .encode(&format!(" {expanded}"), false)
-            .map_err(tok_err)?;
+        let mut ids = self.tokenizer.encode(&format!(" {expanded}"), false).map_err(tok_err)?;
         ids.push(self.tokens.eos);
         Ok(ids)
     }
@@ -385,10 +342,7 @@ pub fn binarize<B: Backend>(logits: Vec<Tensor<B, 2>>) -> Result<(Vec<Mask>, Vec
             .iter()
             .map(|&x| u8::from(x > 0.0))
             .collect();
-        masks.push(
-            Mask::from_row_major(hh as u32, ww as u32, bits)
-                .map_err(|e| PixelLmError::Decoder(e.to_string()))?,
-        );
+        masks.push(Mask::from_row_major(hh as u32, ww as u32, bits).map_err(|e| PixelLmError::Decoder(e.to_string()))?);
     }
     Ok((masks, scores))
 }
@@ -401,4 +355,3 @@ fn predicting_states<B: Backend>(g: &crate::sampling::Generation<B>) -> Tensor<B
     let [n, _] = all.dims();
     all.reshape([1, n, h])
 }
-

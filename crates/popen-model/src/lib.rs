@@ -13,8 +13,8 @@
 //! - [`pixellm`]: the assembled model.
 //! - [`minilm`]: BERT sentence encoder (all-MiniLM-L6-v2), POPEN's `h = BERT(y)` of `L_ti`.
 
-pub mod bundle;
 pub mod bench;
+pub mod bundle;
 pub mod clip;
 pub mod export;
 pub mod gguf;

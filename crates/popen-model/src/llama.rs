@@ -97,12 +97,7 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// Llama 3.1's: wavelengths above `original / low_freq_factor` divided by `factor`, below
     /// `original / high_freq_factor` kept, smoothly interpolated in between.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
 
 /// The raw HF `config.json` fields of both transformers generations (defaults applied after
@@ -189,9 +184,7 @@ fn resolve_rope(r: &HfLlamaConfig) -> Result<(f64, Option<RopeScaling>), String>
     let present = |v: &Option<Value>| v.as_ref().filter(|v| !v.is_null()).cloned();
     let (name, dict) = match (present(&r.rope_scaling), present(&r.rope_parameters)) {
         (Some(s), Some(p)) if s != p => {
-            return Err(format!(
-                "rope_scaling {s} and rope_parameters {p} disagree (one of the two, please)"
-            ))
+            return Err(format!("rope_scaling {s} and rope_parameters {p} disagree (one of the two, please)"))
         }
         (Some(s), _) => ("rope_scaling", Some(s)),
         (None, Some(p)) => ("rope_parameters", Some(p)),
@@ -203,17 +196,12 @@ fn resolve_rope(r: &HfLlamaConfig) -> Result<(f64, Option<RopeScaling>), String>
         Some(other) => return Err(format!("{name} must be an object, got {other}")),
     };
     if let Some((k, _)) = dict.iter().find(|(_, v)| v.is_object()) {
-        return Err(format!(
-            "{name}.{k}: RoPE parameters per layer type are not supported (LLaMA has one)"
-        ));
+        return Err(format!("{name}.{k}: RoPE parameters per layer type are not supported (LLaMA has one)"));
     }
     let num = |k: &str| -> Result<Option<f64>, String> {
         match dict.get(k) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| format!("{name}.{k} must be a number, got {v}")),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("{name}.{k} must be a number, got {v}")),
         }
     };
     let text = |k: &str| -> Result<Option<String>, String> {
@@ -224,24 +212,18 @@ fn resolve_rope(r: &HfLlamaConfig) -> Result<(f64, Option<RopeScaling>), String>
         }
     };
     let rope_type = match (text("rope_type")?, text("type")?) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(format!("{name}.rope_type {a:?} and {name}.type {b:?} disagree"))
-        }
+        (Some(a), Some(b)) if a != b => return Err(format!("{name}.rope_type {a:?} and {name}.type {b:?} disagree")),
         (Some(a), _) | (None, Some(a)) => a,
         (None, None) => "default".to_string(),
     };
     let theta = match (num("rope_theta")?, r.rope_theta) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(format!("{name}.rope_theta {a} and rope_theta {b} disagree"))
-        }
+        (Some(a), Some(b)) if a != b => return Err(format!("{name}.rope_theta {a} and rope_theta {b} disagree")),
         (Some(a), _) | (None, Some(a)) => a,
         (None, None) => hf::rope_theta(),
     };
     let partial = num("partial_rotary_factor")?.or(r.partial_rotary_factor);
     if let Some(p) = partial.filter(|&p| p != 1.0) {
-        return Err(format!(
-            "partial_rotary_factor {p} is not supported (LLaMA rotates the whole head)"
-        ));
+        return Err(format!("partial_rotary_factor {p} is not supported (LLaMA rotates the whole head)"));
     }
     let need = |k: &str| -> Result<f64, String> {
         num(k)?.ok_or_else(|| format!("{name}.{k} is required for rope_type {rope_type:?}"))
@@ -255,26 +237,19 @@ fn resolve_rope(r: &HfLlamaConfig) -> Result<(f64, Option<RopeScaling>), String>
     };
     let scaling = match rope_type.as_str() {
         "default" => None,
-        "linear" => Some(RopeScaling::Linear {
-            factor: positive("factor", need("factor")?)?,
-        }),
+        "linear" => Some(RopeScaling::Linear { factor: positive("factor", need("factor")?)? }),
         "llama3" => {
             let low = positive("low_freq_factor", need("low_freq_factor")?)?;
             let high = positive("high_freq_factor", need("high_freq_factor")?)?;
             if high <= low {
-                return Err(format!(
-                    "{name}.high_freq_factor {high} must exceed low_freq_factor {low}"
-                ));
+                return Err(format!("{name}.high_freq_factor {high} must exceed low_freq_factor {low}"));
             }
             let original = match r.original_max_position_embeddings {
                 Some(o) => o as f64,
-                None => num("original_max_position_embeddings")?
-                    .unwrap_or(r.max_position_embeddings as f64),
+                None => num("original_max_position_embeddings")?.unwrap_or(r.max_position_embeddings as f64),
             };
             if !(original >= 1.0 && original.fract() == 0.0) {
-                return Err(format!(
-                    "{name}.original_max_position_embeddings {original} must be a positive integer"
-                ));
+                return Err(format!("{name}.original_max_position_embeddings {original} must be a positive integer"));
             }
             Some(RopeScaling::Llama3 {
                 factor: positive("factor", need("factor")?)?,
@@ -283,11 +258,7 @@ fn resolve_rope(r: &HfLlamaConfig) -> Result<(f64, Option<RopeScaling>), String>
                 original_max_position_embeddings: original as usize,
             })
         }
-        other => {
-            return Err(format!(
-                "{name}.rope_type {other:?} is not supported (default, linear, llama3)"
-            ))
-        }
+        other => return Err(format!("{name}.rope_type {other:?} is not supported (default, linear, llama3)")),
     };
     Ok((theta, scaling))
 }
@@ -380,10 +351,7 @@ impl LlamaConfig {
     /// Read an HF `config.json` (see the type's docs for defaults and rejected settings).
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, LlamaError> {
         let path = path.as_ref();
-        let bad = |msg: String| LlamaError::Config {
-            path: path.display().to_string(),
-            msg,
-        };
+        let bad = |msg: String| LlamaError::Config { path: path.display().to_string(), msg };
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
     }
@@ -401,10 +369,7 @@ impl LlamaConfig {
         let num_attention_heads = u("attention.head_count")?;
         // llama.cpp's RoPE scaling (`rope.scaling.type`; llama3's as `rope_freqs.weight`
         // factors) is not read: an error rather than plain RoPE.
-        let bad = |msg: String| LlamaError::Config {
-            path: g.path().display().to_string(),
-            msg,
-        };
+        let bad = |msg: String| LlamaError::Config { path: g.path().display().to_string(), msg };
         let key = format!("{arch}.rope.scaling.type");
         if let Ok(t) = g.get_str(&key).map(str::to_string) {
             if t != "none" {
@@ -422,10 +387,7 @@ impl LlamaConfig {
             num_attention_heads,
             num_key_value_heads: u("attention.head_count_kv").unwrap_or(num_attention_heads),
             rms_norm_eps: g.get_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"))? as f64,
-            rope_theta: g
-                .get_f32(&format!("{arch}.rope.freq_base"))
-                .map(|v| v as f64)
-                .unwrap_or(10000.0),
+            rope_theta: g.get_f32(&format!("{arch}.rope.freq_base")).map(|v| v as f64).unwrap_or(10000.0),
             max_position_embeddings: u("context_length")?,
             tie_word_embeddings: g.tensor_info("output.weight").is_none(),
             rope_scaling: None,
@@ -435,10 +397,7 @@ impl LlamaConfig {
     }
 
     fn validate(&self, path: &str) -> Result<(), LlamaError> {
-        self.check().map_err(|msg| LlamaError::Config {
-            path: path.to_string(),
-            msg,
-        })
+        self.check().map_err(|msg| LlamaError::Config { path: path.to_string(), msg })
     }
 
     /// Shape consistency of the config (every size positive, heads divide evenly, even head dim).
@@ -446,19 +405,13 @@ impl LlamaConfig {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
             return Err("vocab_size, hidden_size and intermediate_size must be positive".into());
         }
-        if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
-        {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.num_key_value_heads == 0
-            || !self
-                .num_attention_heads
-                .is_multiple_of(self.num_key_value_heads)
-        {
+        if self.num_key_value_heads == 0 || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(format!(
                 "num_attention_heads {} not divisible by num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
@@ -468,10 +421,7 @@ impl LlamaConfig {
             return Err(format!("head_dim {} is odd", self.head_dim()));
         }
         if !(self.rms_norm_eps >= 0.0 && self.rope_theta > 0.0) {
-            return Err(format!(
-                "rms_norm_eps {} / rope_theta {} out of range",
-                self.rms_norm_eps, self.rope_theta
-            ));
+            return Err(format!("rms_norm_eps {} / rope_theta {} out of range", self.rms_norm_eps, self.rope_theta));
         }
         Ok(())
     }
@@ -479,10 +429,8 @@ impl LlamaConfig {
     /// Random weights (burn's default initialisers); norms start at 1.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Llama<B> {
         let lin = |i: usize, o: usize| LinearConfig::new(i, o).with_bias(false).init(device);
-        let norm = || RmsNorm {
-            weight: Param::from_tensor(Tensor::ones([self.hidden_size], device)),
-            eps: self.rms_norm_eps,
-        };
+        let norm =
+            || RmsNorm { weight: Param::from_tensor(Tensor::ones([self.hidden_size], device)), eps: self.rms_norm_eps };
         let hd = self.head_dim();
         let layers = (0..self.num_hidden_layers)
             .map(|_| DecoderLayer {
@@ -534,9 +482,7 @@ pub struct RmsNorm<B: Backend> {
 impl<B: Backend> RmsNorm<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         // Backends here are f32; the reduction stays in f32 as in HF (which upcasts).
-        let inv = (x.clone().powf_scalar(2.0).mean_dim(2) + self.eps)
-            .sqrt()
-            .recip();
+        let inv = (x.clone().powf_scalar(2.0).mean_dim(2) + self.eps).sqrt().recip();
         x * inv * self.weight.val().unsqueeze::<3>()
     }
 }
@@ -560,11 +506,7 @@ pub struct AttnExtras<B: Backend> {
 
 impl<B: Backend> Default for AttnExtras<B> {
     fn default() -> Self {
-        Self {
-            positions: None,
-            key_keep: None,
-            gamma: None,
-        }
+        Self { positions: None, key_keep: None, gamma: None }
     }
 }
 
@@ -656,13 +598,9 @@ fn rope_tables<B: Backend>(
     let device = positions.device();
     let [b, s] = positions.dims();
     let half = head_dim / 2;
-    let inv: Vec<f32> = rope_inv_freq(head_dim, theta, scaling)
-        .into_iter()
-        .map(|f| f as f32)
-        .collect();
-    let inv = Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), &device)
-        .reshape([1, 1, half])
-        .expand([b, s, half]);
+    let inv: Vec<f32> = rope_inv_freq(head_dim, theta, scaling).into_iter().map(|f| f as f32).collect();
+    let inv =
+        Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), &device).reshape([1, 1, half]).expand([b, s, half]);
     let ang = positions.float().reshape([b, s, 1]).expand([b, s, half]) * inv;
     let ang = Tensor::cat(vec![ang.clone(), ang], 2).unsqueeze_dim::<4>(1);
     (ang.clone().cos(), ang.sin())
@@ -675,23 +613,12 @@ fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4
 
 impl<B: Backend> Attention<B> {
     /// `x`: [batch, seq, hidden]; `cache`: this layer's (k, v), [batch, kv_heads, past, head_dim].
-    fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        inputs: &AttnInputs<B>,
-        cache: &mut LayerCache<B>,
-    ) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, inputs: &AttnInputs<B>, cache: &mut LayerCache<B>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = lora::apply(&self.q_proj, &self.q_lora, x.clone())
-            .reshape([b, s, h, hd])
-            .swap_dims(1, 2);
-        let k = lora::apply(&self.k_proj, &self.k_lora, x.clone())
-            .reshape([b, s, kvh, hd])
-            .swap_dims(1, 2);
-        let v = lora::apply(&self.v_proj, &self.v_lora, x)
-            .reshape([b, s, kvh, hd])
-            .swap_dims(1, 2);
+        let q = lora::apply(&self.q_proj, &self.q_lora, x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2);
+        let k = lora::apply(&self.k_proj, &self.k_lora, x.clone()).reshape([b, s, kvh, hd]).swap_dims(1, 2);
+        let v = lora::apply(&self.v_proj, &self.v_lora, x).reshape([b, s, kvh, hd]).swap_dims(1, 2);
 
         let q = apply_rope(q, &inputs.cos, &inputs.sin);
         let k = apply_rope(k, &inputs.cos, &inputs.sin);
@@ -751,16 +678,8 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        inputs: &AttnInputs<B>,
-        cache: &mut LayerCache<B>,
-    ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), inputs, cache);
+    fn forward(&self, x: Tensor<B, 3>, inputs: &AttnInputs<B>, cache: &mut LayerCache<B>) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), inputs, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -813,9 +732,7 @@ pub struct KvCache<B: Backend> {
 
 impl<B: Backend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: (0..num_layers).map(|_| LayerCache { kv: None }).collect(),
-        }
+        Self { layers: (0..num_layers).map(|_| LayerCache { kv: None }).collect() }
     }
 
     /// Number of positions already cached.
@@ -833,14 +750,9 @@ impl<B: Backend> KvCache<B> {
 /// `logits`: `[b, s, vocab]`, `targets`: `[b, s]` (ids < vocab; the caller aligns them, i.e.
 /// `targets[:, i]` is the token predicted by `logits[:, i]`). Returns `[b, s]`. Stable
 /// (max-shifted log-sum-exp) and differentiable w.r.t. `logits`.
-pub fn token_logprobs<B: Backend>(
-    logits: Tensor<B, 3>,
-    targets: Tensor<B, 2, Int>,
-) -> Tensor<B, 2> {
+pub fn token_logprobs<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
     let [b, s, _] = logits.dims();
-    log_softmax(logits, 2)
-        .gather(2, targets.reshape([b, s, 1]))
-        .reshape([b, s])
+    log_softmax(logits, 2).gather(2, targets.reshape([b, s, 1])).reshape([b, s])
 }
 
 /// `x[r, idx[r, i], :]`: `[b, s, h]` gathered at `[b, n]` row-wise indices -> `[b, n, h]`.
@@ -873,15 +785,8 @@ impl<B: Backend> Llama<B> {
         let path = path.as_ref();
         cfg.validate(&path.display().to_string())?;
         let mut ck = weights::Checkpoint::open(path)?.remapped(remap);
-        ck.tensors.retain(|n, _| {
-            !(is_rotary_buffer(n) || (cfg.tie_word_embeddings && n == "lm_head.weight"))
-        });
-        Ok(weights::apply_checkpoint(
-            cfg.init(device),
-            &ck,
-            DType::F32,
-            false,
-        )?)
+        ck.tensors.retain(|n, _| !(is_rotary_buffer(n) || (cfg.tie_word_embeddings && n == "lm_head.weight")));
+        Ok(weights::apply_checkpoint(cfg.init(device), &ck, DType::F32, false)?)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -950,17 +855,11 @@ impl<B: Backend> Llama<B> {
             return input_err("empty id batch");
         }
         if let Some(r) = rows.iter().position(|r| r.len() != len) {
-            return input_err(format!(
-                "id row {r} has length {}, row 0 has {len}",
-                rows[r].len()
-            ));
+            return input_err(format!("id row {r} has length {}, row 0 has {len}", rows[r].len()));
         }
         self.check_ids(rows)?;
         let data: Vec<i64> = rows.iter().flatten().map(|&t| t as i64).collect();
-        Ok(Tensor::from_data(
-            TensorData::new(data, [rows.len(), len]),
-            &self.device(),
-        ))
+        Ok(Tensor::from_data(TensorData::new(data, [rows.len(), len]), &self.device()))
     }
 
     fn check_ids(&self, rows: &[Vec<u32>]) -> Result<(), LlamaError> {
@@ -991,11 +890,7 @@ impl<B: Backend> Llama<B> {
 
     /// Token-level forward: `tokens` [batch, seq] continuing the positions already in `cache`
     /// (empty for a prefill). Returns logits [batch, seq, vocab] and appends this step's K/V.
-    pub fn forward(
-        &self,
-        tokens: Tensor<B, 2, Int>,
-        cache: &mut KvCache<B>,
-    ) -> Result<Tensor<B, 3>, LlamaError> {
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>, LlamaError> {
         self.forward_with(tokens, &AttnExtras::default(), cache)
     }
 
@@ -1068,10 +963,7 @@ impl<B: Backend> Llama<B> {
     ) -> Result<AttnInputs<B>, LlamaError> {
         let [b, s, h] = embeds.dims();
         if h != self.hidden_size() {
-            return input_err(format!(
-                "embeddings have width {h}, the model's hidden size is {}",
-                self.hidden_size()
-            ));
+            return input_err(format!("embeddings have width {h}, the model's hidden size is {}", self.hidden_size()));
         }
         if b == 0 || s == 0 {
             return input_err(format!("empty input [{b}, {s}, {h}]"));
@@ -1103,19 +995,13 @@ impl<B: Backend> Llama<B> {
         let total = past + s;
         let device = embeds.device();
         let shape_err = |name: &str, got: Vec<usize>, want: [usize; 2]| {
-            input_err(format!(
-                "AttnExtras.{name} has shape {got:?}, expected {want:?}"
-            ))
+            input_err(format!("AttnExtras.{name} has shape {got:?}, expected {want:?}"))
         };
 
         let positions = match &extras.positions {
-            Some(p) if p.dims() != [b, s] => {
-                return shape_err("positions", p.dims().to_vec(), [b, s])
-            }
+            Some(p) if p.dims() != [b, s] => return shape_err("positions", p.dims().to_vec(), [b, s]),
             Some(p) => p.clone(),
-            None => Tensor::<B, 1, Int>::arange(past as i64..total as i64, &device)
-                .reshape([1, s])
-                .expand([b, s]),
+            None => Tensor::<B, 1, Int>::arange(past as i64..total as i64, &device).reshape([1, s]).expand([b, s]),
         };
         let (head_dim, theta, scaling) = self.model.layers.first().map_or((2, 10000.0, None), |l| {
             (l.self_attn.head_dim, l.self_attn.rope_theta, l.self_attn.rope_scaling.as_ref())
@@ -1123,37 +1009,23 @@ impl<B: Backend> Llama<B> {
         let (cos, sin) = rope_tables(positions, head_dim, theta, scaling);
 
         // Causal: query i (absolute cache index past + i) sees keys 0..=past + i.
-        let causal: Vec<bool> = (0..s)
-            .flat_map(|i| (0..total).map(move |j| j > past + i))
-            .collect();
-        let mut mask =
-            Tensor::<B, 2, Bool>::from_data(TensorData::new(causal, [s, total]), &device)
-                .reshape([1, 1, s, total])
-                .expand([b, 1, s, total]);
+        let causal: Vec<bool> = (0..s).flat_map(|i| (0..total).map(move |j| j > past + i)).collect();
+        let mut mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(causal, [s, total]), &device)
+            .reshape([1, 1, s, total])
+            .expand([b, 1, s, total]);
         if let Some(keep) = &extras.key_keep {
             if keep.dims() != [b, total] {
                 return shape_err("key_keep", keep.dims().to_vec(), [b, total]);
             }
-            let pad = keep
-                .clone()
-                .bool_not()
-                .reshape([b, 1, 1, total])
-                .expand([b, 1, s, total]);
+            let pad = keep.clone().bool_not().reshape([b, 1, 1, total]).expand([b, 1, s, total]);
             mask = mask.bool_or(pad);
         }
         let gamma = match &extras.gamma {
-            Some(g) if g.dims() != [b, total] => {
-                return shape_err("gamma", g.dims().to_vec(), [b, total])
-            }
+            Some(g) if g.dims() != [b, total] => return shape_err("gamma", g.dims().to_vec(), [b, total]),
             Some(g) => Some(g.clone().reshape([b, 1, 1, total])),
             None => None,
         };
-        Ok(AttnInputs {
-            cos,
-            sin,
-            mask,
-            gamma,
-        })
+        Ok(AttnInputs { cos, sin, mask, gamma })
     }
 
     /// Teacher-forced per-token log-probabilities with gradients: row `r` is
@@ -1175,9 +1047,7 @@ impl<B: Backend> Llama<B> {
             ));
         }
         if let Some(r) = prompt_ids.iter().position(Vec::is_empty) {
-            return input_err(format!(
-                "score: prompt {r} is empty (nothing predicts its first response token)"
-            ));
+            return input_err(format!("score: prompt {r} is empty (nothing predicts its first response token)"));
         }
         self.check_ids(prompt_ids)?;
         self.check_ids(response_ids)?;
@@ -1185,10 +1055,7 @@ impl<B: Backend> Llama<B> {
         if rmax == 0 {
             return input_err("score: every response is empty");
         }
-        let len = (0..b)
-            .map(|r| prompt_ids[r].len() + response_ids[r].len())
-            .max()
-            .unwrap_or(0);
+        let len = (0..b).map(|r| prompt_ids[r].len() + response_ids[r].len()).max().unwrap_or(0);
         let (mut ids, mut keep) = (Vec::with_capacity(b * len), Vec::with_capacity(b * len));
         let (mut idx, mut tgt, mut m) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..b {
@@ -1210,10 +1077,7 @@ impl<B: Backend> Llama<B> {
         let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [b, rmax]), &device);
         let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(tgt, [b, rmax]), &device);
         let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(m, [b, rmax]), &device);
-        let extras = AttnExtras {
-            key_keep: Some(keep),
-            ..Default::default()
-        };
+        let extras = AttnExtras { key_keep: Some(keep), ..Default::default() };
         let hidden = self.forward_embeds(self.embed(ids), &extras, &mut self.new_cache())?;
         let logits = self.logits(gather_positions(hidden, idx));
         let lp = token_logprobs(logits, tgt).mask_fill(mask.clone().bool_not(), 0.0);
@@ -1222,15 +1086,8 @@ impl<B: Backend> Llama<B> {
 
     /// [`Llama::score_tensor`] as plain numbers: one `Vec` per row, of that row's response
     /// length (empty responses give empty rows).
-    pub fn score(
-        &self,
-        prompt_ids: &[Vec<u32>],
-        response_ids: &[Vec<u32>],
-    ) -> Result<Vec<Vec<f32>>, LlamaError> {
-        if !prompt_ids.is_empty()
-            && response_ids.len() == prompt_ids.len()
-            && response_ids.iter().all(Vec::is_empty)
-        {
+    pub fn score(&self, prompt_ids: &[Vec<u32>], response_ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, LlamaError> {
+        if !prompt_ids.is_empty() && response_ids.len() == prompt_ids.len() && response_ids.iter().all(Vec::is_empty) {
             self.check_ids(prompt_ids)?;
             return Ok(vec![Vec::new(); prompt_ids.len()]);
         }
@@ -1241,22 +1098,13 @@ impl<B: Backend> Llama<B> {
             .convert::<f32>()
             .into_vec::<f32>()
             .map_err(|e| LlamaError::Input(format!("score: reading log-probs: {e:?}")))?;
-        Ok(response_ids
-            .iter()
-            .enumerate()
-            .map(|(r, q)| v[r * rmax..r * rmax + q.len()].to_vec())
-            .collect())
+        Ok(response_ids.iter().enumerate().map(|(r, q)| v[r * rmax..r * rmax + q.len()].to_vec()).collect())
     }
 
     /// Greedy decoding of one prompt: up to `max_new` new tokens, stopping after emitting any
     /// id in `stop` (which is included, unlike [`crate::sampling::Generation::ids`]). Returns
     /// the new ids only. Runs [`crate::sampling::generate`] at temperature 0.
-    pub fn greedy(
-        &self,
-        prompt_ids: &[u32],
-        max_new: usize,
-        stop: &[u32],
-    ) -> Result<Vec<u32>, LlamaError> {
+    pub fn greedy(&self, prompt_ids: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>, LlamaError> {
         if prompt_ids.is_empty() || max_new == 0 {
             return Ok(Vec::new());
         }
@@ -1265,11 +1113,7 @@ impl<B: Backend> Llama<B> {
             TensorData::new(vec![true; prompt_ids.len()], [1, prompt_ids.len()]),
             &self.device(),
         );
-        let cfg = SamplingConfig {
-            max_new_tokens: max_new,
-            temperature: 0.0,
-            ..Default::default()
-        };
+        let cfg = SamplingConfig { max_new_tokens: max_new, temperature: 0.0, ..Default::default() };
         let g = generate(self, self.embed(ids), keep, None, &cfg, stop)?
             .pop()
             .ok_or_else(|| LlamaError::Input("generate returned no row".into()))?;
@@ -1298,22 +1142,15 @@ pub fn transpose_host(d: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Load a LLaMA from a llama.cpp GGUF. Every tensor `cfg` implies must be present with its
 /// HF shape; all problems are collected and reported together by HF name.
-pub fn load_gguf<B: Backend>(
-    cfg: &LlamaConfig,
-    g: &GgufFile,
-    device: &B::Device,
-) -> Result<Llama<B>, LlamaError> {
+pub fn load_gguf<B: Backend>(cfg: &LlamaConfig, g: &GgufFile, device: &B::Device) -> Result<Llama<B>, LlamaError> {
     let path = g.path().display().to_string();
     cfg.validate(&path)?;
     let hd = cfg.head_dim();
     let (hs, is) = (cfg.hidden_size, cfg.intermediate_size);
 
     // HF name -> GGUF name, for every tensor in the file that has an HF counterpart.
-    let by_hf: std::collections::HashMap<String, String> = g
-        .tensors()
-        .iter()
-        .filter_map(|t| crate::gguf::llama_hf_name(&t.name).map(|hf| (hf, t.name.clone())))
-        .collect();
+    let by_hf: std::collections::HashMap<String, String> =
+        g.tensors().iter().filter_map(|t| crate::gguf::llama_hf_name(&t.name).map(|hf| (hf, t.name.clone()))).collect();
 
     let mut problems = Vec::new();
     // Reads an HF tensor of the expected row-major shape, or records why not.
@@ -1335,14 +1172,8 @@ pub fn load_gguf<B: Backend>(
         }
     };
 
-    let vec1 =
-        |d: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(d.clone(), [d.len()]), device);
-    let norm = |d: Option<Vec<f32>>| {
-        d.map(|d| RmsNorm {
-            weight: Param::from_tensor(vec1(d)),
-            eps: cfg.rms_norm_eps,
-        })
-    };
+    let vec1 = |d: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(d.clone(), [d.len()]), device);
+    let norm = |d: Option<Vec<f32>>| d.map(|d| RmsNorm { weight: Param::from_tensor(vec1(d)), eps: cfg.rms_norm_eps });
     // HF Linear weight is [out, in]; burn's is [in, out]. Transposed on the host: a
     // transposed view would be copied to a contiguous matrix by every matmul (Flex), which
     // cost half of each decoding step.
@@ -1360,22 +1191,10 @@ pub fn load_gguf<B: Backend>(
     let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let q = read(
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![cfg.num_attention_heads * hd, hs],
-        );
-        let k = read(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![cfg.num_key_value_heads * hd, hs],
-        );
-        let v = read(
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![cfg.num_key_value_heads * hd, hs],
-        );
-        let o = read(
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![hs, cfg.num_attention_heads * hd],
-        );
+        let q = read(format!("{p}.self_attn.q_proj.weight"), vec![cfg.num_attention_heads * hd, hs]);
+        let k = read(format!("{p}.self_attn.k_proj.weight"), vec![cfg.num_key_value_heads * hd, hs]);
+        let v = read(format!("{p}.self_attn.v_proj.weight"), vec![cfg.num_key_value_heads * hd, hs]);
+        let o = read(format!("{p}.self_attn.o_proj.weight"), vec![hs, cfg.num_attention_heads * hd]);
         let gate = read(format!("{p}.mlp.gate_proj.weight"), vec![is, hs]);
         let up = read(format!("{p}.mlp.up_proj.weight"), vec![is, hs]);
         let down = read(format!("{p}.mlp.down_proj.weight"), vec![hs, is]);
@@ -1392,9 +1211,7 @@ pub fn load_gguf<B: Backend>(
             norm(n1),
             norm(n2),
         );
-        if let (Some(q), Some(k), Some(v), Some(o), Some(g), Some(u), Some(d), Some(n1), Some(n2)) =
-            parts
-        {
+        if let (Some(q), Some(k), Some(v), Some(o), Some(g), Some(u), Some(d), Some(n1), Some(n2)) = parts {
             layers.push(DecoderLayer {
                 self_attn: Attention {
                     q_proj: q,
@@ -1411,25 +1228,15 @@ pub fn load_gguf<B: Backend>(
                     rope_theta: cfg.rope_theta,
                     rope_scaling: cfg.rope_scaling.clone(),
                 },
-                mlp: Mlp {
-                    gate_proj: g,
-                    up_proj: u,
-                    down_proj: d,
-                    gate_lora: None,
-                    up_lora: None,
-                    down_lora: None,
-                },
+                mlp: Mlp { gate_proj: g, up_proj: u, down_proj: d, gate_lora: None, up_lora: None, down_lora: None },
                 input_layernorm: n1,
                 post_attention_layernorm: n2,
             });
         }
     }
     let final_norm = read("model.norm.weight".into(), vec![hs]);
-    let lm_head = if cfg.tie_word_embeddings {
-        None
-    } else {
-        Some(read("lm_head.weight".into(), vec![cfg.vocab_size, hs]))
-    };
+    let lm_head =
+        if cfg.tie_word_embeddings { None } else { Some(read("lm_head.weight".into(), vec![cfg.vocab_size, hs])) };
 
     if !problems.is_empty() {
         return Err(LlamaError::Tensors { path, problems });
@@ -1438,10 +1245,7 @@ pub fn load_gguf<B: Backend>(
     Ok(Llama {
         model: LlamaModel {
             embed_tokens: Embedding {
-                weight: Param::from_tensor(Tensor::from_data(
-                    TensorData::new(embed, [cfg.vocab_size, hs]),
-                    device,
-                )),
+                weight: Param::from_tensor(Tensor::from_data(TensorData::new(embed, [cfg.vocab_size, hs]), device)),
             },
             layers,
             norm: norm(final_norm).expect("checked"),

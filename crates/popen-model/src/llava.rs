@@ -43,14 +43,9 @@ fn default_vision() -> ClipVisionConfig {
 impl LlavaHfConfig {
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, LlavaConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| LlavaConfigError {
-            path: path.display().to_string(),
-            msg: e.to_string(),
-        })?;
-        Self::from_json_str(&text).map_err(|msg| LlavaConfigError {
-            path: path.display().to_string(),
-            msg,
-        })
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| LlavaConfigError { path: path.display().to_string(), msg: e.to_string() })?;
+        Self::from_json_str(&text).map_err(|msg| LlavaConfigError { path: path.display().to_string(), msg })
     }
 
     pub fn from_json_str(text: &str) -> Result<Self, String> {
@@ -68,9 +63,9 @@ impl LlavaHfConfig {
             match get(k) {
                 None => Ok(()),
                 Some(Value::String(s)) if ok.contains(&s.as_str()) => Ok(()),
-                Some(other) => Err(format!(
-                    "{k} {other} is not supported (only {ok:?}; transformers' default {default:?})"
-                )),
+                Some(other) => {
+                    Err(format!("{k} {other} is not supported (only {ok:?}; transformers' default {default:?})"))
+                }
             }
         };
         str_setting("projector_hidden_act", "gelu", &["gelu"])?;
@@ -82,11 +77,7 @@ impl LlavaHfConfig {
             None => -2,
             Some(Value::Array(a)) if a.len() == 1 && a[0].is_i64() => a[0].as_i64().unwrap() as isize,
             Some(x) if x.is_i64() => x.as_i64().unwrap() as isize,
-            Some(other) => {
-                return Err(format!(
-                    "vision_feature_layer {other} is not supported (one layer index)"
-                ))
-            }
+            Some(other) => return Err(format!("vision_feature_layer {other} is not supported (one layer index)")),
         };
         let image_token_index = match (get("image_token_index"), get("image_token_id")) {
             (Some(a), Some(b)) if a != b => {
@@ -125,8 +116,7 @@ impl LlavaHfConfig {
             Some(vc) => {
                 // LlavaConfig builds the tower from `vision_config` over CLIPVisionConfig's own
                 // defaults, not over the ViT-L default it uses when the whole dict is absent.
-                let c: ClipVisionConfig =
-                    serde_json::from_value(vc).map_err(|e| format!("vision_config: {e}"))?;
+                let c: ClipVisionConfig = serde_json::from_value(vc).map_err(|e| format!("vision_config: {e}"))?;
                 c.validate().map_err(|e| format!("vision_config: {e}"))?;
                 c
             }
@@ -138,11 +128,6 @@ impl LlavaHfConfig {
                 "vision_feature_layer {vision_feature_layer} is out of range for {layers} vision layers"
             ));
         }
-        Ok(Self {
-            text,
-            vision,
-            image_token_index,
-            vision_feature_layer,
-        })
+        Ok(Self { text, vision, image_token_index, vision_feature_layer })
     }
 }

@@ -27,10 +27,8 @@ pub struct Lora<B: Backend> {
 impl<B: Backend> Lora<B> {
     pub fn new(d_in: usize, d_out: usize, r: usize, alpha: f32, dropout: f64, device: &B::Device) -> Self {
         let lora_a = LinearConfig::new(d_in, r).with_bias(false).init(device);
-        let lora_b = LinearConfig::new(r, d_out)
-            .with_bias(false)
-            .with_initializer(burn::nn::Initializer::Zeros)
-            .init(device);
+        let lora_b =
+            LinearConfig::new(r, d_out).with_bias(false).with_initializer(burn::nn::Initializer::Zeros).init(device);
         Lora { lora_a, lora_b, dropout: DropoutConfig::new(dropout).init(), scale: alpha as f64 / r as f64 }
     }
 

@@ -152,13 +152,9 @@ impl BertConfig {
     /// Read a Hugging Face `config.json` of a BERT model.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let err = |msg: String| BertError::File {
-            path: path.to_path_buf(),
-            msg,
-        };
+        let err = |msg: String| BertError::File { path: path.to_path_buf(), msg };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let cfg: Self =
-            serde_json::from_str(&text).map_err(|e| err(format!("not a BERT config: {e}")))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| err(format!("not a BERT config: {e}")))?;
         cfg.validate().map_err(|e| err(e.to_string()))?;
         Ok(cfg)
     }
@@ -168,16 +164,13 @@ impl BertConfig {
     pub fn from_checkpoint(ck: &Checkpoint, num_attention_heads: usize) -> Result<Self> {
         let ck = bert_checkpoint(ck.clone());
         let shape = |name: &str| -> Result<&[usize]> {
-            ck.tensors
-                .get(name)
-                .map(|t| t.shape.as_slice())
-                .ok_or_else(|| {
-                    BertError::Config(format!(
-                        "{}: no tensor {} (not a BERT checkpoint?)",
-                        ck.source,
-                        checkpoint_name(name)
-                    ))
-                })
+            ck.tensors.get(name).map(|t| t.shape.as_slice()).ok_or_else(|| {
+                BertError::Config(format!(
+                    "{}: no tensor {} (not a BERT checkpoint?)",
+                    ck.source,
+                    checkpoint_name(name)
+                ))
+            })
         };
         let dims2 = |name: &str| -> Result<[usize; 2]> {
             match shape(name)? {
@@ -194,10 +187,7 @@ impl BertConfig {
         let [type_vocab_size, _] = dims2("embeddings.token_type_embeddings.weight")?;
         let [intermediate_size, _] = dims2("encoder.layer.0.intermediate.dense.weight")?;
         let num_hidden_layers = (0..)
-            .take_while(|i| {
-                ck.tensors
-                    .contains_key(&format!("encoder.layer.{i}.intermediate.dense.weight"))
-            })
+            .take_while(|i| ck.tensors.contains_key(&format!("encoder.layer.{i}.intermediate.dense.weight")))
             .count();
         let cfg = Self {
             vocab_size,
@@ -222,9 +212,7 @@ impl BertConfig {
                 self.hidden_size, self.intermediate_size, self.vocab_size
             ));
         }
-        if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
-        {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -237,10 +225,7 @@ impl BertConfig {
             ));
         }
         if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
-            return bad(format!(
-                "layer_norm_eps {} must be positive and finite",
-                self.layer_norm_eps
-            ));
+            return bad(format!("layer_norm_eps {} must be positive and finite", self.layer_norm_eps));
         }
         if self.position_embedding_type != "absolute" {
             return bad(format!(
@@ -255,11 +240,7 @@ impl BertConfig {
     /// [`validate`](Self::validate) first: an invalid config panics in burn's constructors.
     pub fn init<B: Backend>(&self, device: &B::Device) -> BertModel<B> {
         let d = self.hidden_size;
-        let norm = || {
-            LayerNormConfig::new(d)
-                .with_epsilon(self.layer_norm_eps)
-                .init(device)
-        };
+        let norm = || LayerNormConfig::new(d).with_epsilon(self.layer_norm_eps).init(device);
         let lin = |i: usize, o: usize| LinearConfig::new(i, o).init(device);
         let layer = (0..self.num_hidden_layers)
             .map(|_| BertLayer {
@@ -271,26 +252,16 @@ impl BertConfig {
                         num_heads: self.num_attention_heads,
                         head_dim: self.head_dim(),
                     },
-                    output: BertAddNorm {
-                        dense: lin(d, d),
-                        layer_norm: norm(),
-                    },
+                    output: BertAddNorm { dense: lin(d, d), layer_norm: norm() },
                 },
-                intermediate: BertIntermediate {
-                    dense: lin(d, self.intermediate_size),
-                    act: self.hidden_act,
-                },
-                output: BertAddNorm {
-                    dense: lin(self.intermediate_size, d),
-                    layer_norm: norm(),
-                },
+                intermediate: BertIntermediate { dense: lin(d, self.intermediate_size), act: self.hidden_act },
+                output: BertAddNorm { dense: lin(self.intermediate_size, d), layer_norm: norm() },
             })
             .collect();
         BertModel {
             embeddings: BertEmbeddings {
                 word_embeddings: EmbeddingConfig::new(self.vocab_size, d).init(device),
-                position_embeddings: EmbeddingConfig::new(self.max_position_embeddings, d)
-                    .init(device),
+                position_embeddings: EmbeddingConfig::new(self.max_position_embeddings, d).init(device),
                 token_type_embeddings: EmbeddingConfig::new(self.type_vocab_size, d).init(device),
                 layer_norm: norm(),
             },
@@ -371,16 +342,11 @@ impl<B: Backend> BertSelfAttention<B> {
         let q = split(self.query.forward(x.clone()));
         let k = split(self.key.forward(x.clone()));
         let v = split(self.value.forward(x));
-        let mut scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar((hd as f64).powf(-0.5));
+        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5));
         if let Some(bias) = key_bias {
             scores = scores + bias;
         }
-        softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, n, d])
+        softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, n, d])
     }
 }
 
@@ -437,9 +403,7 @@ impl<B: Backend> BertModel<B> {
             if dims == [b, n] {
                 Ok(())
             } else {
-                Err(BertError::Input(format!(
-                    "{what} is {dims:?} but input_ids is [{b}, {n}]"
-                )))
+                Err(BertError::Input(format!("{what} is {dims:?} but input_ids is [{b}, {n}]")))
             }
         };
         if let Some(t) = &token_type_ids {
@@ -451,23 +415,12 @@ impl<B: Backend> BertModel<B> {
         let device = input_ids.device();
         let e = &self.embeddings;
         let d = self.config.hidden_size;
-        let token_type_ids =
-            token_type_ids.unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([b, n], &device));
-        let pos = e
-            .position_embeddings
-            .weight
-            .val()
-            .narrow(0, 0, n)
-            .reshape([1, n, d]);
-        let x = e.word_embeddings.forward(input_ids)
-            + e.token_type_embeddings.forward(token_type_ids)
-            + pos;
+        let token_type_ids = token_type_ids.unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([b, n], &device));
+        let pos = e.position_embeddings.weight.val().narrow(0, 0, n).reshape([1, n, d]);
+        let x = e.word_embeddings.forward(input_ids) + e.token_type_embeddings.forward(token_type_ids) + pos;
         let mut h = e.layer_norm.forward(x);
-        let bias = attention_mask.map(|m| {
-            Tensor::<B, 2>::zeros([b, n], &device)
-                .mask_fill(m.bool_not(), f32::MIN)
-                .reshape([b, 1, 1, n])
-        });
+        let bias = attention_mask
+            .map(|m| Tensor::<B, 2>::zeros([b, n], &device).mask_fill(m.bool_not(), f32::MIN).reshape([b, 1, 1, n]));
         for layer in &self.encoder.layer {
             h = layer.forward(h, bias.clone());
         }
@@ -573,39 +526,25 @@ fn check_names_and_shapes<B: Backend>(model: &BertModel<B>, ck: &Checkpoint) -> 
         }
     }
     for name in ck.tensors.keys().filter(|n| !want.contains_key(*n)) {
-        problems.push(format!(
-            "unexpected {} (the model has no such tensor)",
-            checkpoint_name(name)
-        ));
+        problems.push(format!("unexpected {} (the model has no such tensor)", checkpoint_name(name)));
     }
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(BertError::Weights(WeightsError::Mismatch {
-            source_desc: ck.source.clone(),
-            problems,
-        }))
+        Err(BertError::Weights(WeightsError::Mismatch { source_desc: ck.source.clone(), problems }))
     }
 }
 
 /// Build a [`BertModel`] for `cfg` and load the checkpoint at `path` (safetensors file or
 /// folder, see [`Checkpoint::open`]) strictly: every tensor of the model must be present with
 /// its shape, and every checkpoint tensor but those [`checkpoint_remap`] skips must be used.
-pub fn load_bert<B: Backend>(
-    cfg: &BertConfig,
-    path: impl AsRef<Path>,
-    device: &B::Device,
-) -> Result<BertModel<B>> {
+pub fn load_bert<B: Backend>(cfg: &BertConfig, path: impl AsRef<Path>, device: &B::Device) -> Result<BertModel<B>> {
     cfg.validate()?;
     let ck = bert_checkpoint(Checkpoint::open(path)?);
     load_bert_from(cfg, &ck, device)
 }
 
-fn load_bert_from<B: Backend>(
-    cfg: &BertConfig,
-    ck: &Checkpoint,
-    device: &B::Device,
-) -> Result<BertModel<B>> {
+fn load_bert_from<B: Backend>(cfg: &BertConfig, ck: &Checkpoint, device: &B::Device) -> Result<BertModel<B>> {
     let model = cfg.init::<B>(device);
     check_names_and_shapes(&model, ck)?;
     Ok(weights::apply_checkpoint(model, ck, DType::F32, false)?)
@@ -638,8 +577,7 @@ impl<B: Backend> SentenceEncoder<B> {
         let dir = dir.as_ref();
         let missing = |p: &Path| BertError::File {
             path: p.to_path_buf(),
-            msg: "missing (run `make assets`: it fetches all-MiniLM-L6-v2 into data/assets/minilm)"
-                .into(),
+            msg: "missing (run `make assets`: it fetches all-MiniLM-L6-v2 into data/assets/minilm)".into(),
         };
         let wfile = weights_file(dir);
         if !wfile.is_file() {
@@ -659,29 +597,17 @@ impl<B: Backend> SentenceEncoder<B> {
         let model = load_bert_from(&cfg, &ck, device)?;
         let st_file = dir.join("sentence_bert_config.json");
         let max_seq_length = if st_file.is_file() {
-            let err = |msg: String| BertError::File {
-                path: st_file.clone(),
-                msg,
-            };
+            let err = |msg: String| BertError::File { path: st_file.clone(), msg };
             let text = std::fs::read_to_string(&st_file).map_err(|e| err(e.to_string()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
-            v["max_seq_length"]
-                .as_u64()
-                .ok_or_else(|| err("no integer max_seq_length".into()))? as usize
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
+            v["max_seq_length"].as_u64().ok_or_else(|| err("no integer max_seq_length".into()))? as usize
         } else {
             MINILM_MAX_SEQ_LENGTH
         };
-        let tokenizer =
-            tokenizers::Tokenizer::from_file(&tok_file).map_err(|e| BertError::Tokenizer {
-                path: tok_file.clone(),
-                msg: e.to_string(),
-            })?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok_file)
+            .map_err(|e| BertError::Tokenizer { path: tok_file.clone(), msg: e.to_string() })?;
         Self::new(model, tokenizer, max_seq_length, device).map_err(|e| match e {
-            BertError::TokenizerSetup(msg) => BertError::Tokenizer {
-                path: tok_file,
-                msg,
-            },
+            BertError::TokenizerSetup(msg) => BertError::Tokenizer { path: tok_file, msg },
             e => e,
         })
     }
@@ -720,13 +646,7 @@ impl<B: Backend> SentenceEncoder<B> {
                 direction: tokenizers::TruncationDirection::Right,
             }))
             .map_err(|e| BertError::TokenizerSetup(e.to_string()))?;
-        Ok(Self {
-            model,
-            tokenizer,
-            max_seq_length,
-            batch_size: DEFAULT_BATCH_SIZE,
-            device: device.clone(),
-        })
+        Ok(Self { model, tokenizer, max_seq_length, batch_size: DEFAULT_BATCH_SIZE, device: device.clone() })
     }
 
     /// Sentences per forward pass (at least 1); the embeddings do not depend on it.
@@ -791,10 +711,8 @@ impl<B: Backend> SentenceEncoder<B> {
                 }
             }
             let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, len]), &self.device);
-            let types =
-                Tensor::<B, 2, Int>::from_data(TensorData::new(types, [b, len]), &self.device);
-            let mask =
-                Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [b, len]), &self.device);
+            let types = Tensor::<B, 2, Int>::from_data(TensorData::new(types, [b, len]), &self.device);
+            let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [b, len]), &self.device);
             let h = self.model.forward(ids, Some(types), Some(mask.clone()))?;
             rows.push(l2_normalize(mean_pool(h, mask)));
         }

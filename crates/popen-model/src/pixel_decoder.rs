@@ -29,10 +29,9 @@ use burn::tensor::{DType, Int, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::sam::{
-    conv_transpose_2x2, hyper_masks, output_tokens, postprocess_masks as sam_postprocess,
-    resize_bilinear, seq_forward, seq_forward_tokens, LayerNorm2d, Mlp, PositionEmbeddingRandom,
-    PromptEncoder, PromptEncoderConfig, SamActivation, SamError, SeqLayer, TwoWayTransformer,
-    TwoWayTransformerConfig,
+    conv_transpose_2x2, hyper_masks, output_tokens, postprocess_masks as sam_postprocess, resize_bilinear, seq_forward,
+    seq_forward_tokens, LayerNorm2d, Mlp, PositionEmbeddingRandom, PromptEncoder, PromptEncoderConfig, SamActivation,
+    SamError, SeqLayer, TwoWayTransformer, TwoWayTransformerConfig,
 };
 use crate::weights::{apply_checkpoint, Checkpoint, WeightsError};
 
@@ -195,8 +194,7 @@ impl MaskDecoderMultiScaleConfig {
             ))
             .into());
         }
-        if d < 8 || !d.is_multiple_of(8) || self.image_embedding_size == 0 || self.low_res_size == 0
-        {
+        if d < 8 || !d.is_multiple_of(8) || self.image_embedding_size == 0 || self.low_res_size == 0 {
             return Err(SamError::Config(format!(
                 "transformer_dim {d} must be a positive multiple of 8; image_embedding_size \
                  and low_res_size must be positive"
@@ -225,27 +223,13 @@ impl MaskDecoderMultiScaleConfig {
                 SeqLayer::Gelu(Gelu::new()),
             ],
             pe1: PositionEmbeddingRandom::new(d / 2, None, device),
-            output_hypernetworks_mlps: (0..m)
-                .map(|_| Mlp::new(d, d, d / 8, 3, false, device))
-                .collect(),
-            iou_prediction_head: Mlp::new(
-                d,
-                self.iou_head_hidden_dim,
-                m,
-                self.iou_head_depth,
-                false,
-                device,
-            ),
+            output_hypernetworks_mlps: (0..m).map(|_| Mlp::new(d, d, d / 8, 3, false, device)).collect(),
+            iou_prediction_head: Mlp::new(d, self.iou_head_hidden_dim, m, self.iou_head_depth, false, device),
             level_embed: EmbeddingConfig::new(self.num_scales, d).init(device),
             transformer_dim: d,
             num_multimask_outputs: self.num_multimask_outputs,
         };
-        Ok(PixelDecoder {
-            prompt_encoder,
-            mask_decoder,
-            num_scales: self.num_scales,
-            low_res_size: self.low_res_size,
-        })
+        Ok(PixelDecoder { prompt_encoder, mask_decoder, num_scales: self.num_scales, low_res_size: self.low_res_size })
     }
 }
 
@@ -296,10 +280,7 @@ impl<B: Backend> MaskDecoderMultiScale<B> {
         let [sb, _, sd] = sparse.dims();
         let [db, dd, dh, dw] = dense.dims();
         if level >= self.transformer.len() {
-            return input_err(format!(
-                "level {level} but the decoder has {} scales",
-                self.transformer.len()
-            ));
+            return input_err(format!("level {level} but the decoder has {} scales", self.transformer.len()));
         }
         if c != d || sb != b || sd != d || (db != b && db != 1) || [dd, dh, dw] != [d, h, w] {
             return input_err(format!(
@@ -310,20 +291,8 @@ impl<B: Backend> MaskDecoderMultiScale<B> {
                 dense.dims()
             ));
         }
-        let src = if level > 0 {
-            self.upsample_source(src)
-        } else {
-            src
-        };
-        self.run_level(
-            src,
-            image_pe,
-            sparse,
-            dense,
-            multimask_output,
-            level,
-            previous_masks,
-        )
+        let src = if level > 0 { self.upsample_source(src) } else { src };
+        self.run_level(src, image_pe, sparse, dense, multimask_output, level, previous_masks)
     }
 
     /// `upsample_2x` (ConvTranspose x2, LayerNorm2d, GELU): the source features of levels
@@ -351,18 +320,12 @@ impl<B: Backend> MaskDecoderMultiScale<B> {
         let [b, _, h, w] = src.dims();
         let tokens = output_tokens(&self.iou_token, &self.mask_tokens, sparse);
         // `[1, 1, d]`, broadcast over prompts and tokens.
-        let level_row = self
-            .level_embed
-            .weight
-            .val()
-            .slice([level..level + 1, 0..d])
-            .reshape([1, 1, d]);
+        let level_row = self.level_embed.weight.val().slice([level..level + 1, 0..d]).reshape([1, 1, d]);
         let tokens = tokens + level_row;
 
         let (src, pos) = if level > 0 {
-            let prev = previous_masks.ok_or_else(|| {
-                DecoderError::Input(format!("level {level} needs the previous level's masks"))
-            })?;
+            let prev = previous_masks
+                .ok_or_else(|| DecoderError::Input(format!("level {level} needs the previous level's masks")))?;
             let [pb, _, ph, pw] = prev.dims();
             if pb != b || (ph, pw) != (h, w) {
                 return input_err(format!(
@@ -390,19 +353,10 @@ impl<B: Backend> MaskDecoderMultiScale<B> {
         // unused hypernetworks do not influence token 0, so only the kept ones are run.
         let k = if multimask_output { m } else { 1 };
         let hyper: Vec<_> = (0..k)
-            .map(|i| {
-                self.output_hypernetworks_mlps[i].forward(hs.clone().slice([
-                    0..b,
-                    1 + i..2 + i,
-                    0..d,
-                ]))
-            })
+            .map(|i| self.output_hypernetworks_mlps[i].forward(hs.clone().slice([0..b, 1 + i..2 + i, 0..d])))
             .collect();
         let masks = hyper_masks(Tensor::cat(hyper, 1), upscaled);
-        let iou = self
-            .iou_prediction_head
-            .forward(iou_token_out)
-            .slice([0..b, 0..k]);
+        let iou = self.iou_prediction_head.forward(iou_token_out).slice([0..b, 0..k]);
         Ok((masks, iou))
     }
 }
@@ -446,15 +400,10 @@ impl<B: Backend> PixelDecoder<B> {
             .map(str::to_string)
             .ok_or_else(|| WeightsError::Mismatch {
                 source_desc: ck.source.clone(),
-                problems: vec![format!(
-                    "no tensor named [prefix.]{key}: not a PixelLM decoder checkpoint"
-                )],
+                problems: vec![format!("no tensor named [prefix.]{key}: not a PixelLM decoder checkpoint")],
             })?;
         let mut sub = Checkpoint {
-            source: format!(
-                "{} [{prefix}prompt_encoder.*, {prefix}mask_decoder.*]",
-                ck.source
-            ),
+            source: format!("{} [{prefix}prompt_encoder.*, {prefix}mask_decoder.*]", ck.source),
             metadata: ck.metadata.clone(),
             tensors: Default::default(),
         };
@@ -503,10 +452,7 @@ impl<B: Backend> PixelDecoder<B> {
         let [g, _] = self.prompt_encoder.image_embedding_size;
         let l_n = self.num_scales;
         if image_embeddings.len() != l_n {
-            return input_err(format!(
-                "image_embeddings has {} scales, the decoder has {l_n}",
-                image_embeddings.len()
-            ));
+            return input_err(format!("image_embeddings has {} scales, the decoder has {l_n}", image_embeddings.len()));
         }
         let n_images = image_embeddings[0].dims()[0];
         for (l, e) in image_embeddings.iter().enumerate() {
@@ -519,21 +465,13 @@ impl<B: Backend> PixelDecoder<B> {
         }
         let [n, sl, sd] = seg_embeddings.dims();
         if sl != l_n || sd != d {
-            return input_err(format!(
-                "seg_embeddings is {:?}, expected [n_objects, {l_n}, {d}]",
-                [n, sl, sd]
-            ));
+            return input_err(format!("seg_embeddings is {:?}, expected [n_objects, {l_n}, {d}]", [n, sl, sd]));
         }
         if image_index.len() != n {
-            return input_err(format!(
-                "image_index has {} entries for {n} objects",
-                image_index.len()
-            ));
+            return input_err(format!("image_index has {} entries for {n} objects", image_index.len()));
         }
         if let Some((o, &i)) = image_index.iter().enumerate().find(|(_, &i)| i >= n_images) {
-            return input_err(format!(
-                "image_index[{o}] = {i} but there are {n_images} images"
-            ));
+            return input_err(format!("image_index[{o}] = {i} but there are {n_images} images"));
         }
         if let Some(e) = &prompts {
             let [en, _, ed] = e.dims();
@@ -552,10 +490,7 @@ impl<B: Backend> PixelDecoder<B> {
         // One object per image, in image order: the gather is the identity.
         let identity = n == n_images && image_index.iter().enumerate().all(|(o, &i)| o == i);
         let idx = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(
-                image_index.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-                [n],
-            ),
+            TensorData::new(image_index.iter().map(|&i| i as i64).collect::<Vec<_>>(), [n]),
             &device,
         );
         // prompt_encoder(text_embeds=seg) gives sparse = seg, dense = no_mask_embed (the same
@@ -568,30 +503,15 @@ impl<B: Backend> PixelDecoder<B> {
         let mut iou_last = None;
         for (l, emb) in image_embeddings.iter().enumerate() {
             // Per image first (upsampling for l > 0), then gathered per object.
-            let src = if l > 0 {
-                self.mask_decoder.upsample_source(emb.clone())
-            } else {
-                emb.clone()
-            };
-            let src = if identity {
-                src
-            } else {
-                src.select(0, idx.clone())
-            };
+            let src = if l > 0 { self.mask_decoder.upsample_source(emb.clone()) } else { emb.clone() };
+            let src = if identity { src } else { src.select(0, idx.clone()) };
             let sparse = seg_embeddings.clone().slice([0..n, l..l + 1, 0..d]);
             let sparse = match &prompts {
                 Some(e) => e.clone(),
                 None => sparse,
             };
-            let (masks, iou) = self.mask_decoder.run_level(
-                src,
-                image_pe.clone(),
-                sparse,
-                dense.clone(),
-                false,
-                l,
-                prev.take(),
-            )?;
+            let (masks, iou) =
+                self.mask_decoder.run_level(src, image_pe.clone(), sparse, dense.clone(), false, l, prev.take())?;
             let term = resize_bilinear(masks.clone(), s, s) * scalar;
             low = Some(match low {
                 Some(acc) => acc + term,
@@ -603,10 +523,7 @@ impl<B: Backend> PixelDecoder<B> {
         let (Some(low), Some(iou)) = (low, iou_last) else {
             return input_err("the decoder has no scales".into());
         };
-        Ok(DecoderOutput {
-            low_res_masks: low.reshape([n, s, s]),
-            iou_predictions: iou.reshape([n]),
-        })
+        Ok(DecoderOutput { low_res_masks: low.reshape([n, s, s]), iou_predictions: iou.reshape([n]) })
     }
 }
 
@@ -622,12 +539,7 @@ pub fn postprocess_masks<B: Backend>(
     original_hw: (usize, usize),
 ) -> Result<Tensor<B, 3>> {
     let [n, h, w] = low_res.dims();
-    let out = sam_postprocess(
-        low_res.reshape([n, 1, h, w]),
-        input_size,
-        resized_hw,
-        original_hw,
-    )?;
+    let out = sam_postprocess(low_res.reshape([n, 1, h, w]), input_size, resized_hw, original_hw)?;
     Ok(out.reshape([n, original_hw.0, original_hw.1]))
 }
 

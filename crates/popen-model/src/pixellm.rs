@@ -283,15 +283,11 @@ impl PixelLmConfig {
         let n = self.vision.num_hidden_layers as isize;
         for &l in self.vision_select_layers.iter().filter(|_| self.sam_encoder.is_none()) {
             if l < -(n + 1) || l > n {
-                return bad(format!(
-                    "vision_select_layers has {l}, outside the tower's {} hidden states",
-                    n + 1
-                ));
+                return bad(format!("vision_select_layers has {l}, outside the tower's {} hidden states", n + 1));
             }
         }
         if self.sam_encoder.is_none()
-            && (self.vision.patch_size == 0
-                || !self.image_size.is_multiple_of(self.vision.patch_size))
+            && (self.vision.patch_size == 0 || !self.image_size.is_multiple_of(self.vision.patch_size))
         {
             return bad(format!(
                 "image_size {} is not a multiple of patch_size {}",
@@ -445,10 +441,7 @@ impl PixelLmConfig {
 
     /// PixelLM-7B: LLaVA-7B (LLaMA, H 4096) + CLIP ViT-L/14-336 run at 448.
     pub fn pixellm_7b() -> PixelLmConfig {
-        let llm = LlamaConfig {
-            vocab_size: 32000 + 3 + 6,
-            ..LlamaConfig::default()
-        };
+        let llm = LlamaConfig { vocab_size: 32000 + 3 + 6, ..LlamaConfig::default() };
         Self::pixellm(llm, "pixellm-7b")
     }
 
@@ -502,10 +495,9 @@ impl PixelLmConfig {
         let neck_dim = self.decoder.transformer_dim;
         let clip = self.sam_encoder.is_none();
         let sam_encoder = match &self.sam_encoder {
-            Some(t) => Some(
-                t.init(device)
-                    .map_err(|e| PixelLmError::Config(format!("{}: sam_encoder: {e}", self.name)))?,
-            ),
+            Some(t) => {
+                Some(t.init(device).map_err(|e| PixelLmError::Config(format!("{}: sam_encoder: {e}", self.name)))?)
+            }
             None => None,
         };
         Ok(PixelLm {
@@ -515,9 +507,7 @@ impl PixelLmConfig {
             mm_projector: Projector::new(v, self.mm_projector_hidden, h, device),
             out_mm_projector: clip.then(|| Projector::new(v, self.mm_projector_hidden, h, device)),
             image_feature_neck: clip.then(|| FeatureNeck {
-                conv_1: Conv2dConfig::new([h, neck_dim], [1, 1])
-                    .with_bias(false)
-                    .init(device),
+                conv_1: Conv2dConfig::new([h, neck_dim], [1, 1]).with_bias(false).init(device),
                 norm_1: LayerNorm2d::new(neck_dim, device),
                 conv_2: Conv2dConfig::new([neck_dim, neck_dim], [3, 3])
                     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
@@ -550,9 +540,7 @@ impl PixelLmConfig {
                 key: LinearConfig::new(self.out_dim, self.seg_locator).init(device),
                 pixel_key: LinearConfig::new(3 * CELL_SUB * CELL_SUB, self.seg_locator).init(device),
             }),
-            llm_pixel_proj: self
-                .llm_image_pixels
-                .then(|| LinearConfig::new(3 * CELL_SUB * CELL_SUB, h).init(device)),
+            llm_pixel_proj: self.llm_image_pixels.then(|| LinearConfig::new(3 * CELL_SUB * CELL_SUB, h).init(device)),
             cfg: self.clone(),
         })
     }
@@ -694,8 +682,7 @@ pub fn attention_box<B: Backend>(a: Tensor<B, 2>, g: usize, input_size: usize) -
             centers.push(((i as f64 + 0.5) * cell) as f32);
         }
     }
-    let centers = Tensor::<B, 2>::from_data(TensorData::new(centers, [g * g, 2]), &device)
-        .unsqueeze::<3>(); // [1, g*g, 2]
+    let centers = Tensor::<B, 2>::from_data(TensorData::new(centers, [g * g, 2]), &device).unsqueeze::<3>(); // [1, g*g, 2]
     let mu = a.clone().matmul(centers.clone().expand([n, g * g, 2])); // [n, 1, 2]
     let dev2 = (centers - mu.clone()).powi_scalar(2); // [n, g*g, 2]
     let var = a.matmul(dev2).add_scalar(cell * cell / 12.0); // [n, 1, 2]
@@ -788,16 +775,10 @@ pub struct Part<B: Backend> {
 
 impl<B: Backend> Part<B> {
     pub fn new(segment: Segment<B>) -> Self {
-        Part {
-            segment,
-            gamma: None,
-        }
+        Part { segment, gamma: None }
     }
     pub fn with_gamma(segment: Segment<B>, gamma: Vec<f32>) -> Self {
-        Part {
-            segment,
-            gamma: Some(gamma),
-        }
+        Part { segment, gamma: Some(gamma) }
     }
 }
 
@@ -870,11 +851,7 @@ impl<B: Backend> PixelLm<B> {
 
     /// [`Self::encode_images`], with the SAM embeddings of these images already computed
     /// ([`Self::sam_embeddings`]; ignored by a CLIP model).
-    pub fn encode_images_with(
-        &self,
-        images: &[Preprocessed],
-        sam: Option<Tensor<B, 4>>,
-    ) -> Result<ImageFeatures<B>> {
+    pub fn encode_images_with(&self, images: &[Preprocessed], sam: Option<Tensor<B, 4>>) -> Result<ImageFeatures<B>> {
         let cfg = &self.cfg;
         self.check_images(images)?;
         let n = images.len();
@@ -910,10 +887,7 @@ impl<B: Backend> PixelLm<B> {
             };
             let want = [n, self.cfg.vision_width(), g, g];
             if emb.dims() != want {
-                return input(format!(
-                    "SAM embeddings are {:?}, expected {want:?}",
-                    emb.dims()
-                ));
+                return input(format!("SAM embeddings are {:?}, expected {want:?}", emb.dims()));
             }
             // The LLM's copy may carry SAM's dense positional encoding (`llm_image_pe`); the
             // decoder's scale stays the plain embedding (its two-way transformer adds the PE to
@@ -926,23 +900,18 @@ impl<B: Backend> PixelLm<B> {
             };
             (grid, vec![emb])
         } else {
-            let (Some(tower), Some(out_proj), Some(neck)) = (
-                &self.vision_tower,
-                &self.out_mm_projector,
-                &self.image_feature_neck,
-            ) else {
+            let (Some(tower), Some(out_proj), Some(neck)) =
+                (&self.vision_tower, &self.out_mm_projector, &self.image_feature_neck)
+            else {
                 return Err(PixelLmError::Config(format!(
                     "{}: no vision tower (a CLIP model needs vision_tower, out_mm_projector \
                      and image_feature_neck)",
                     cfg.name
                 )));
             };
-            let pixels = crate::preprocess::to_tensor::<B>(images, &device)
-                .map_err(|e| PixelLmError::Input(e.to_string()))?;
-            let vit_keep = Tensor::<B, 2, Bool>::from_data(
-                TensorData::new(vit_keep, [n, g * g + 1]),
-                &device,
-            );
+            let pixels =
+                crate::preprocess::to_tensor::<B>(images, &device).map_err(|e| PixelLmError::Input(e.to_string()))?;
+            let vit_keep = Tensor::<B, 2, Bool>::from_data(TensorData::new(vit_keep, [n, g * g + 1]), &device);
             let hs = tower
                 .forward_hidden_states_masked(pixels, &cfg.vision_select_layers, Some(vit_keep))
                 .map_err(|e| PixelLmError::Vision(e.to_string()))?;
@@ -988,10 +957,7 @@ impl<B: Backend> PixelLm<B> {
             llm_tokens,
             llm_keep,
             scales,
-            sizes: images
-                .iter()
-                .map(|im| (im.resized_hw, im.original_hw))
-                .collect(),
+            sizes: images.iter().map(|im| (im.resized_hw, im.original_hw)).collect(),
         })
     }
 
@@ -1043,26 +1009,19 @@ impl<B: Backend> PixelLm<B> {
                 let l = self.piece_len(&p.segment)?;
                 if let Some(g) = &p.gamma {
                     if g.len() != l {
-                        return input(format!(
-                            "row {r} piece {j}: gamma has {} values for {l} positions",
-                            g.len()
-                        ));
+                        return input(format!("row {r} piece {j}: gamma has {} values for {l} positions", g.len()));
                     }
                 }
                 match &p.segment {
                     Segment::Tokens(ids) => {
                         if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
-                            return input(format!(
-                                "row {r} piece {j}: token id {bad} >= vocab size {vocab}"
-                            ));
+                            return input(format!("row {r} piece {j}: token id {bad} >= vocab size {vocab}"));
                         }
                     }
                     Segment::Image(i) => {
                         let n = images.map(|f| f.sizes.len()).unwrap_or(0);
                         if *i >= n {
-                            return input(format!(
-                                "row {r} piece {j}: image {i} but {n} images were encoded"
-                            ));
+                            return input(format!("row {r} piece {j}: image {i} but {n} images were encoded"));
                         }
                     }
                     _ => {}
@@ -1104,14 +1063,8 @@ impl<B: Backend> PixelLm<B> {
                         let e = f.llm_tokens.clone().slice([*i..*i + 1, 0..t, 0..h]).reshape([t, h]);
                         (e, Some(f.llm_keep[i * t..(i + 1) * t].to_vec()))
                     }
-                    Segment::Prompt => (
-                        self.prompt_embeddings.as_ref().expect("checked").val(),
-                        None,
-                    ),
-                    Segment::SegFeedback(t) => (
-                        self.seg_feedback.as_ref().expect("checked").forward(t.clone()),
-                        None,
-                    ),
+                    Segment::Prompt => (self.prompt_embeddings.as_ref().expect("checked").val(), None),
+                    Segment::SegFeedback(t) => (self.seg_feedback.as_ref().expect("checked").forward(t.clone()), None),
                 };
                 for k in 0..l {
                     keep[r * width + pos + k] = piece_keep.as_ref().map(|v| v[k]).unwrap_or(true);
@@ -1145,8 +1098,7 @@ impl<B: Backend> PixelLm<B> {
         Ok(Assembled {
             embeds: Tensor::cat(row_embeds, 0),
             keep: Tensor::from_data(TensorData::new(keep, [b, width]), &device),
-            gamma: any_gamma
-                .then(|| Tensor::from_data(TensorData::new(gamma, [b, width]), &device)),
+            gamma: any_gamma.then(|| Tensor::from_data(TensorData::new(gamma, [b, width]), &device)),
             positions: Tensor::from_data(TensorData::new(positions, [b, width]), &device),
             lens,
             piece_starts,
@@ -1169,11 +1121,7 @@ impl<B: Backend> PixelLm<B> {
     /// `seg_group_len` positions of its codebook tokens in row `row`), the PixelLM
     /// embedding [n_objects, scales, out_dim] (see the module docs for the one-position
     /// shift and the per-scale averaging).
-    pub fn seg_embeddings(
-        &self,
-        hidden: Tensor<B, 3>,
-        objects: &[(usize, Vec<usize>)],
-    ) -> Result<Tensor<B, 3>> {
+    pub fn seg_embeddings(&self, hidden: Tensor<B, 3>, objects: &[(usize, Vec<usize>)]) -> Result<Tensor<B, 3>> {
         let [b, l, h] = hidden.dims();
         let group = self.cfg.seg_group_len();
         let (scales, seg_num, out) = (self.cfg.num_scales(), self.cfg.seg_token_num, self.cfg.out_dim);
@@ -1186,10 +1134,7 @@ impl<B: Backend> PixelLm<B> {
                 return input(format!("object {o}: row {row} of a batch of {b}"));
             }
             if pos.len() != group {
-                return input(format!(
-                    "object {o}: {} codebook positions, expected {group}",
-                    pos.len()
-                ));
+                return input(format!("object {o}: {} codebook positions, expected {group}", pos.len()));
             }
             for &p in pos {
                 if p == 0 || p >= l {
@@ -1290,22 +1235,9 @@ impl<B: Backend> PixelLm<B> {
 
     /// Sample answers for left-padded rows (see [`crate::sampling::generate_at`]), with
     /// the same positions as [`PixelLm::assemble`] gives (PixelLM's arange).
-    pub fn generate(
-        &self,
-        asm: &Assembled<B>,
-        cfg: &SamplingConfig,
-        stop_ids: &[u32],
-    ) -> Result<Vec<Generation<B>>> {
+    pub fn generate(&self, asm: &Assembled<B>, cfg: &SamplingConfig, stop_ids: &[u32]) -> Result<Vec<Generation<B>>> {
         let rows = left_padded_positions(asm);
-        Ok(generate_at(
-            &self.llm,
-            asm.embeds.clone(),
-            asm.keep.clone(),
-            Some(&rows),
-            asm.gamma.clone(),
-            cfg,
-            stop_ids,
-        )?)
+        Ok(generate_at(&self.llm, asm.embeds.clone(), asm.keep.clone(), Some(&rows), asm.gamma.clone(), cfg, stop_ids)?)
     }
 
     /// The KV cache of a left-padded assembled batch (positions as [`Self::generate`]), for
@@ -1333,17 +1265,14 @@ impl<B: Backend> PixelLm<B> {
         }
         let asm = self.assemble(rows, images, padding)?;
         let positions = positions_from(&asm, padding, Some(&base.next_pos));
-        let (prefix, hidden) = base.extend(&self.llm, asm.embeds.clone(), asm.keep.clone(), &positions, asm.gamma.clone())?;
+        let (prefix, hidden) =
+            base.extend(&self.llm, asm.embeds.clone(), asm.keep.clone(), &positions, asm.gamma.clone())?;
         Ok((prefix, hidden, asm))
     }
 
     /// Token log-probs [b, L-1 -> aligned to L]: `logp[r, t]` = log p(token at t | < t) for
     /// text-token positions given as `targets[r] = (start, ids)`; returns one Vec per row.
-    pub fn response_logprobs(
-        &self,
-        hidden: Tensor<B, 3>,
-        targets: &[(usize, Vec<u32>)],
-    ) -> Result<Tensor<B, 2>> {
+    pub fn response_logprobs(&self, hidden: Tensor<B, 3>, targets: &[(usize, Vec<u32>)]) -> Result<Tensor<B, 2>> {
         let [b, l, _h] = hidden.dims();
         if targets.len() != b {
             return input(format!("{} targets for a batch of {b}", targets.len()));
@@ -1358,10 +1287,7 @@ impl<B: Backend> PixelLm<B> {
         let mut tgt = Vec::with_capacity(b * max);
         for (r, (start, ids)) in targets.iter().enumerate() {
             if *start == 0 || start + ids.len() > l {
-                return input(format!(
-                    "row {r}: response at {start}..{} does not fit 1..{l}",
-                    start + ids.len()
-                ));
+                return input(format!("row {r}: response at {start}..{} does not fit 1..{l}", start + ids.len()));
             }
             for k in 0..max {
                 let kk = k.min(ids.len().saturating_sub(1));
@@ -1431,9 +1357,9 @@ impl Layout {
                 .prefix("model.prompt_encoder.", "decoder.prompt_encoder.")
                 .prefix("model.", "llm.model.")
                 .prefix("lm_head.", "llm.lm_head."),
-            Layout::Llava => llava_common(Remap::none())
-                .prefix("model.", "llm.model.")
-                .prefix("lm_head.", "llm.lm_head."),
+            Layout::Llava => {
+                llava_common(Remap::none()).prefix("model.", "llm.model.").prefix("lm_head.", "llm.lm_head.")
+            }
             Layout::LlavaHf => Remap::none()
                 .drop("*rotary_emb.inv_freq")
                 .prefix("model.vision_tower.", "vision_tower.")
@@ -1497,8 +1423,7 @@ pub fn load<B: Backend>(
         // No CLIP tower: the SAM encoder is one of the checkpoint's modules.
         let model = cfg.init(device)?;
         let fresh = layout.fresh_names(&model, &ck);
-        let model =
-            weights::apply_checkpoint_keeping(model, &ck, DType::F32, false, &|n| layout.lacks(n))?;
+        let model = weights::apply_checkpoint_keeping(model, &ck, DType::F32, false, &|n| layout.lacks(n))?;
         return Ok((model, fresh));
     }
     let tower_ck = ck.sub("vision_tower");
@@ -1506,10 +1431,7 @@ pub fn load<B: Backend>(
     // A tower at its own size, or already at `image_size` (a tower saved from a PixelLM
     // model, e.g. `model-export`'s `vision_tower/`): the position table says which.
     let at_size = |tower_ck: &Checkpoint| {
-        let pos = tower_ck
-            .tensors
-            .get("vision_model.embeddings.position_embedding.weight")
-            .map(|t| t.shape[0]);
+        let pos = tower_ck.tensors.get("vision_model.embeddings.position_embedding.weight").map(|t| t.shape[0]);
         let mut tcfg = cfg.vision.clone();
         if pos == Some((cfg.image_size / cfg.vision.patch_size).pow(2) + 1) {
             tcfg.image_size = cfg.image_size;
@@ -1531,9 +1453,7 @@ pub fn load<B: Backend>(
         )));
     };
     let tower = if tower.config.image_size != cfg.image_size {
-        tower
-            .with_image_size(cfg.image_size)
-            .map_err(|e| PixelLmError::Vision(e.to_string()))?
+        tower.with_image_size(cfg.image_size).map_err(|e| PixelLmError::Vision(e.to_string()))?
     } else {
         tower
     };
@@ -1574,8 +1494,7 @@ impl<B: Backend> PixelLm<B> {
         let mut ck = Checkpoint::open(path.as_ref())?.remapped(&remap);
         ck.tensors.retain(|n, _| {
             !n.ends_with(".num_batches_tracked")
-                && !(drop_head
-                    && (n.starts_with("sam_encoder.head.") || n.starts_with("sam_encoder.norm_head.")))
+                && !(drop_head && (n.starts_with("sam_encoder.head.") || n.starts_with("sam_encoder.norm_head.")))
         });
         let sam_part = |n: &str| {
             (n.starts_with("sam_encoder.") || n.starts_with("decoder."))
@@ -1583,13 +1502,10 @@ impl<B: Backend> PixelLm<B> {
                 && !n.starts_with("decoder.mask_decoder.pe1.")
                 && !n.starts_with("decoder.mask_decoder.level_embed.")
         };
-        let mut model = weights::apply_checkpoint_keeping(self, &ck, DType::F32, false, &|n| {
-            !sam_part(n)
-        })?;
+        let mut model = weights::apply_checkpoint_keeping(self, &ck, DType::F32, false, &|n| !sam_part(n))?;
         let lvl = model.decoder.mask_decoder.level_embed.weight.val();
         let (dims, device) = (lvl.dims(), lvl.device());
-        model.decoder.mask_decoder.level_embed.weight =
-            Param::from_tensor(Tensor::zeros(dims, &device));
+        model.decoder.mask_decoder.level_embed.weight = Param::from_tensor(Tensor::zeros(dims, &device));
         Ok(model)
     }
 }
@@ -1599,10 +1515,7 @@ impl<B: Backend> PixelLm<B> {
 pub fn save<B: Backend>(model: &PixelLm<B>, path: impl AsRef<Path>) -> Result<()> {
     let mut meta = std::collections::BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    meta.insert(
-        "popen.config".to_string(),
-        serde_json::to_string(&model.cfg).expect("config serializes"),
-    );
+    meta.insert("popen.config".to_string(), serde_json::to_string(&model.cfg).expect("config serializes"));
     weights::save(model, path, &meta)?;
     Ok(())
 }
@@ -1614,10 +1527,8 @@ pub fn saved_config(path: impl AsRef<Path>) -> Result<PixelLmConfig> {
     let text = ck.metadata.get("popen.config").ok_or_else(|| {
         PixelLmError::Config(format!("{}: no popen.config metadata (not a popen checkpoint)", path.display()))
     })?;
-    serde_json::from_str(text).map_err(|e| PixelLmError::ConfigFile {
-        path: path.display().to_string(),
-        source: Box::new(e),
-    })
+    serde_json::from_str(text)
+        .map_err(|e| PixelLmError::ConfigFile { path: path.display().to_string(), source: Box::new(e) })
 }
 
 /// PixelLM's positions of a left-padded assembled batch: every position of the expanded row

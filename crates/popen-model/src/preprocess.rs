@@ -53,13 +53,7 @@ pub enum PreprocessError {
         "image {width}x{height} is too elongated: resizing its longest side to {size} gives a \
          {new_w}x{new_h} image"
     )]
-    Degenerate {
-        width: u32,
-        height: u32,
-        size: usize,
-        new_w: usize,
-        new_h: usize,
-    },
+    Degenerate { width: u32, height: u32, size: usize, new_w: usize, new_h: usize },
     #[error("batch: {0}")]
     Batch(String),
 }
@@ -127,9 +121,7 @@ fn coeffs(in_size: usize, out_size: usize, filter: PilFilter) -> Vec<Taps> {
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
             let n = xmax.saturating_sub(xmin);
-            let w: Vec<f64> = (0..n)
-                .map(|x| filter.eval((x as f64 + xmin as f64 - center + 0.5) * ss))
-                .collect();
+            let w: Vec<f64> = (0..n).map(|x| filter.eval((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
             let total: f64 = w.iter().sum();
             let one = (1u32 << PRECISION_BITS) as f64;
             let weights = w
@@ -143,10 +135,7 @@ fn coeffs(in_size: usize, out_size: usize, filter: PilFilter) -> Vec<Taps> {
                     }
                 })
                 .collect();
-            Taps {
-                start: xmin,
-                weights,
-            }
+            Taps { start: xmin, weights }
         })
         .collect()
 }
@@ -250,11 +239,7 @@ impl Preprocessed {
 impl Preprocessor {
     /// PixelLM's settings: ImageNet mean/std in 0-255, output `size x size` (448 in PixelLM).
     pub fn pixellm(size: usize) -> Self {
-        Self {
-            size,
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
-        }
+        Self { size, mean: IMAGENET_MEAN, std: IMAGENET_STD }
     }
 
     /// SAM's `ResizeLongestSide.get_preprocess_shape`: `(int(h*s + 0.5), int(w*s + 0.5))`
@@ -269,34 +254,19 @@ impl Preprocessor {
     /// gigantic (> [`MAX_INPUT_PIXELS`]) or degenerate (a side rounds to 0) inputs and on a
     /// `size` outside `1..=MAX_SIZE`.
     pub fn plan(&self, height: usize, width: usize) -> Result<(usize, usize), PreprocessError> {
-        let (w32, h32) = (
-            u32::try_from(width).unwrap_or(u32::MAX),
-            u32::try_from(height).unwrap_or(u32::MAX),
-        );
+        let (w32, h32) = (u32::try_from(width).unwrap_or(u32::MAX), u32::try_from(height).unwrap_or(u32::MAX));
         if width == 0 || height == 0 {
-            return Err(PreprocessError::Empty {
-                width: w32,
-                height: h32,
-            });
+            return Err(PreprocessError::Empty { width: w32, height: h32 });
         }
         if width as u64 * height as u64 > MAX_INPUT_PIXELS {
-            return Err(PreprocessError::TooLarge {
-                width: w32,
-                height: h32,
-            });
+            return Err(PreprocessError::TooLarge { width: w32, height: h32 });
         }
         if self.size == 0 || self.size > MAX_SIZE {
             return Err(PreprocessError::BadSize(self.size));
         }
         let (nh, nw) = self.resized_hw(height, width);
         if nh == 0 || nw == 0 {
-            return Err(PreprocessError::Degenerate {
-                width: w32,
-                height: h32,
-                size: self.size,
-                new_w: nw,
-                new_h: nh,
-            });
+            return Err(PreprocessError::Degenerate { width: w32, height: h32, size: self.size, new_w: nw, new_h: nh });
         }
         Ok((nh, nw))
     }
@@ -314,19 +284,12 @@ impl Preprocessor {
                 pixels[c * s * s + y * s + x] = (p[c] as f32 - self.mean[c]) / self.std[c];
             }
         }
-        Ok(Preprocessed {
-            pixels,
-            resized_hw: (nh, nw),
-            original_hw: (height as usize, width as usize),
-        })
+        Ok(Preprocessed { pixels, resized_hw: (nh, nw), original_hw: (height as usize, width as usize) })
     }
 }
 
 /// Stack preprocessed images into `[batch, 3, size, size]`. All must share one size.
-pub fn to_tensor<B: Backend>(
-    batch: &[Preprocessed],
-    device: &B::Device,
-) -> Result<Tensor<B, 4>, PreprocessError> {
+pub fn to_tensor<B: Backend>(batch: &[Preprocessed], device: &B::Device) -> Result<Tensor<B, 4>, PreprocessError> {
     let Some(first) = batch.first() else {
         return Err(PreprocessError::Batch("no images".into()));
     };
@@ -342,8 +305,5 @@ pub fn to_tensor<B: Backend>(
         }
         data.extend_from_slice(&p.pixels);
     }
-    Ok(Tensor::from_data(
-        TensorData::new(data, [batch.len(), 3, s, s]),
-        device,
-    ))
+    Ok(Tensor::from_data(TensorData::new(data, [batch.len(), 3, s, s]), device))
 }

@@ -18,10 +18,7 @@
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
-use burn::nn::{
-    Embedding, EmbeddingConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-    PaddingConfig2d,
-};
+use burn::nn::{Embedding, EmbeddingConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid, softmax};
 use burn::tensor::ops::PadMode;
@@ -139,13 +136,7 @@ pub fn seq_forward_tokens<B: Backend>(
 ) -> Tensor<B, 4> {
     match layers.split_first() {
         Some((SeqLayer::ConvTranspose(m), rest)) if is_patch_conv_transpose(m) => {
-            let x = patch_conv_transpose2d_tokens(
-                tokens,
-                h,
-                w,
-                m.weight.val(),
-                m.bias.as_ref().map(|b| b.val()),
-            );
+            let x = patch_conv_transpose2d_tokens(tokens, h, w, m.weight.val(), m.bias.as_ref().map(|b| b.val()));
             seq_forward(rest, x)
         }
         _ => {
@@ -161,20 +152,13 @@ pub fn is_patch_conv<B: Backend>(m: &Conv2d<B>) -> bool {
     m.kernel_size == m.stride
         && m.dilation == [1, 1]
         && m.groups == 1
-        && matches!(
-            m.padding,
-            PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0)
-        )
+        && matches!(m.padding, PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0))
 }
 
 /// Whether a `ConvTranspose2d` is non-overlapping (kernel == stride, no padding, no output
 /// padding, no dilation, one group): each input pixel writes its own `kh x kw` output block.
 pub fn is_patch_conv_transpose<B: Backend>(m: &ConvTranspose2d<B>) -> bool {
-    m.kernel_size == m.stride
-        && m.padding == [0, 0]
-        && m.padding_out == [0, 0]
-        && m.dilation == [1, 1]
-        && m.groups == 1
+    m.kernel_size == m.stride && m.padding == [0, 0] && m.padding_out == [0, 0] && m.dilation == [1, 1] && m.groups == 1
 }
 
 /// `m.forward(x)` as matrix products where that is possible (same numbers up to float
@@ -216,28 +200,17 @@ pub fn im2col_conv2d<B: Backend>(
     let [cout, cin, kh, kw] = weight.dims();
     let (hp, wp) = (h + top + bottom, w + left + right);
     let (oh, ow) = ((hp + 1).saturating_sub(kh), (wp + 1).saturating_sub(kw));
-    let x = if pad == [0; 4] {
-        x
-    } else {
-        x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
-    };
+    let x = if pad == [0; 4] { x } else { x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0)) };
     if kh == 1 && kw == 1 {
         return patch_conv2d(x, weight, bias);
     }
     let cols: Vec<Tensor<B, 5>> = (0..kh)
         .flat_map(|ki| (0..kw).map(move |kj| (ki, kj)))
-        .map(|(ki, kj)| {
-            x.clone()
-                .slice([0..b, 0..c, ki..ki + oh, kj..kj + ow])
-                .unsqueeze_dim::<5>(2)
-        })
+        .map(|(ki, kj)| x.clone().slice([0..b, 0..c, ki..ki + oh, kj..kj + ow]).unsqueeze_dim::<5>(2))
         .collect();
     // [b, c, kh*kw, oh, ow]: rows in the weight's (c, ki, kj) order.
     let cols = Tensor::cat(cols, 2).reshape([b, c * kh * kw, oh * ow]);
-    let y = weight
-        .reshape([cout, cin * kh * kw])
-        .unsqueeze::<3>()
-        .matmul(cols);
+    let y = weight.reshape([cout, cin * kh * kw]).unsqueeze::<3>().matmul(cols);
     let y = match bias {
         Some(bias) => y + bias.reshape([1, cout, 1]),
         None => y,
@@ -247,10 +220,7 @@ pub fn im2col_conv2d<B: Backend>(
 
 /// `m.forward(x)`, through [`patch_conv_transpose2d`] when `m` is non-overlapping, burn's
 /// transposed convolution otherwise.
-pub fn conv_transpose2d_forward<B: Backend>(
-    m: &ConvTranspose2d<B>,
-    x: Tensor<B, 4>,
-) -> Tensor<B, 4> {
+pub fn conv_transpose2d_forward<B: Backend>(m: &ConvTranspose2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     if is_patch_conv_transpose(m) {
         patch_conv_transpose2d(x, m.weight.val(), m.bias.as_ref().map(|b| b.val()))
     } else {
@@ -264,17 +234,11 @@ pub fn conv_transpose2d_forward<B: Backend>(
 fn patches_cf<B: Backend>(x: Tensor<B, 4>, kh: usize, kw: usize) -> (Tensor<B, 3>, [usize; 2]) {
     let [b, c, h, w] = x.dims();
     let (gh, gw) = (h / kh, w / kw);
-    let x = if gh * kh != h || gw * kw != w {
-        x.slice([0..b, 0..c, 0..gh * kh, 0..gw * kw])
-    } else {
-        x
-    };
+    let x = if gh * kh != h || gw * kw != w { x.slice([0..b, 0..c, 0..gh * kh, 0..gw * kw]) } else { x };
     let p = if kh == 1 && kw == 1 {
         x.reshape([b, c, gh * gw])
     } else {
-        x.reshape([b, c, gh, kh, gw, kw])
-            .permute([0, 1, 3, 5, 2, 4])
-            .reshape([b, c * kh * kw, gh * gw])
+        x.reshape([b, c, gh, kh, gw, kw]).permute([0, 1, 3, 5, 2, 4]).reshape([b, c * kh * kw, gh * gw])
     };
     (p, [gh, gw])
 }
@@ -282,18 +246,11 @@ fn patches_cf<B: Backend>(x: Tensor<B, 4>, kh: usize, kw: usize) -> (Tensor<B, 3
 /// Patch convolution (`Conv2d` with kernel == stride, no padding) as a matrix product:
 /// `out[b, o, i, j] = sum_{c, ki, kj} x[b, c, i*kh + ki, j*kw + kj] * W[o, c, ki, kj] + bias[o]`.
 /// `weight`: `[c_out, c_in, kh, kw]` (PyTorch's layout). Returns `[b, c_out, h / kh, w / kw]`.
-pub fn patch_conv2d<B: Backend>(
-    x: Tensor<B, 4>,
-    weight: Tensor<B, 4>,
-    bias: Option<Tensor<B, 1>>,
-) -> Tensor<B, 4> {
+pub fn patch_conv2d<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 4> {
     let [b, _, _, _] = x.dims();
     let [cout, cin, kh, kw] = weight.dims();
     let (p, [gh, gw]) = patches_cf(x, kh, kw);
-    let y = weight
-        .reshape([cout, cin * kh * kw])
-        .unsqueeze::<3>()
-        .matmul(p);
+    let y = weight.reshape([cout, cin * kh * kw]).unsqueeze::<3>().matmul(p);
     let y = match bias {
         Some(bias) => y + bias.reshape([1, cout, 1]),
         None => y,
@@ -311,21 +268,9 @@ pub fn patch_conv2d_tokens<B: Backend>(
     let [b, c, h, w] = x.dims();
     let [cout, cin, kh, kw] = weight.dims();
     let (gh, gw) = (h / kh, w / kw);
-    let x = if gh * kh != h || gw * kw != w {
-        x.slice([0..b, 0..c, 0..gh * kh, 0..gw * kw])
-    } else {
-        x
-    };
-    let p = x
-        .reshape([b, c, gh, kh, gw, kw])
-        .permute([0, 2, 4, 1, 3, 5])
-        .reshape([b, gh * gw, c * kh * kw]);
-    let y = p.matmul(
-        weight
-            .reshape([cout, cin * kh * kw])
-            .transpose()
-            .unsqueeze::<3>(),
-    );
+    let x = if gh * kh != h || gw * kw != w { x.slice([0..b, 0..c, 0..gh * kh, 0..gw * kw]) } else { x };
+    let p = x.reshape([b, c, gh, kh, gw, kw]).permute([0, 2, 4, 1, 3, 5]).reshape([b, gh * gw, c * kh * kw]);
+    let y = p.matmul(weight.reshape([cout, cin * kh * kw]).transpose().unsqueeze::<3>());
     let y = match bias {
         Some(bias) => y + bias.reshape([1, 1, cout]),
         None => y,
@@ -360,10 +305,7 @@ pub fn patch_conv_transpose2d_tokens<B: Backend>(
     let [cin, cout, kh, kw] = weight.dims();
     let y = tokens.matmul(weight.reshape([cin, cout * kh * kw]).unsqueeze::<3>());
     // [b, h, w, o, ki, kj] -> [b, o, h, ki, w, kj]: the one copy (the pixel shuffle).
-    let y = y
-        .reshape([b, h, w, cout, kh, kw])
-        .permute([0, 3, 1, 4, 2, 5])
-        .reshape([b, cout, h * kh, w * kw]);
+    let y = y.reshape([b, h, w, cout, kh, kw]).permute([0, 3, 1, 4, 2, 5]).reshape([b, cout, h * kh, w * kw]);
     match bias {
         Some(bias) => y + bias.reshape([1, cout, 1, 1]),
         None => y,
@@ -372,25 +314,12 @@ pub fn patch_conv_transpose2d_tokens<B: Backend>(
 
 /// `ConvTranspose2d(cin, cout, kernel_size=2, stride=2)` as a sequential entry.
 pub fn conv_transpose_2x2<B: Backend>(cin: usize, cout: usize, device: &B::Device) -> SeqLayer<B> {
-    SeqLayer::ConvTranspose(
-        ConvTranspose2dConfig::new([cin, cout], [2, 2])
-            .with_stride([2, 2])
-            .init(device),
-    )
+    SeqLayer::ConvTranspose(ConvTranspose2dConfig::new([cin, cout], [2, 2]).with_stride([2, 2]).init(device))
 }
 
 /// `Conv2d(cin, cout, kernel_size=k, stride=k)` (SAM's mask downscaling) as a sequential entry.
-pub fn conv_kxk_stride_k<B: Backend>(
-    cin: usize,
-    cout: usize,
-    k: usize,
-    device: &B::Device,
-) -> SeqLayer<B> {
-    SeqLayer::Conv(
-        Conv2dConfig::new([cin, cout], [k, k])
-            .with_stride([k, k])
-            .init(device),
-    )
+pub fn conv_kxk_stride_k<B: Backend>(cin: usize, cout: usize, k: usize, device: &B::Device) -> SeqLayer<B> {
+    SeqLayer::Conv(Conv2dConfig::new([cin, cout], [k, k]).with_stride([k, k]).init(device))
 }
 
 /// `MLPBlock` of SAM's common.py: `lin2(act(lin1(x)))`.
@@ -429,16 +358,9 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// Fails when `num_heads` does not divide `embedding_dim / downsample_rate`.
-    pub fn new(
-        embedding_dim: usize,
-        num_heads: usize,
-        downsample_rate: usize,
-        device: &B::Device,
-    ) -> Result<Self> {
+    pub fn new(embedding_dim: usize, num_heads: usize, downsample_rate: usize, device: &B::Device) -> Result<Self> {
         if downsample_rate == 0 || num_heads == 0 {
-            return Err(SamError::Config(
-                "attention num_heads and downsample_rate must be positive".into(),
-            ));
+            return Err(SamError::Config("attention num_heads and downsample_rate must be positive".into()));
         }
         let internal = embedding_dim / downsample_rate;
         if internal == 0 || !internal.is_multiple_of(num_heads) {
@@ -498,8 +420,7 @@ impl<B: Backend> TwoWayAttentionBlock<B> {
         key_pe: Tensor<B, 3>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let queries = if self.skip_first_layer_pe {
-            self.self_attn
-                .forward(queries.clone(), queries.clone(), queries)
+            self.self_attn.forward(queries.clone(), queries.clone(), queries)
         } else {
             let q = queries.clone() + query_pe.clone();
             queries.clone() + self.self_attn.forward(q.clone(), q, queries)
@@ -516,10 +437,7 @@ impl<B: Backend> TwoWayAttentionBlock<B> {
 
         let q = queries.clone() + query_pe;
         let k = keys.clone() + key_pe;
-        let keys = keys
-            + self
-                .cross_attn_image_to_token
-                .forward(k, q, queries.clone());
+        let keys = keys + self.cross_attn_image_to_token.forward(k, q, queries.clone());
         let keys = self.norm4.forward(keys);
         (queries, keys)
     }
@@ -581,12 +499,7 @@ impl TwoWayTransformerConfig {
             .collect::<Result<Vec<_>>>()?;
         Ok(TwoWayTransformer {
             layers,
-            final_attn_token_to_image: Attention::new(
-                d,
-                self.num_heads,
-                self.attention_downsample_rate,
-                device,
-            )?,
+            final_attn_token_to_image: Attention::new(d, self.num_heads, self.attention_downsample_rate, device)?,
             norm_final_attn: ln(),
             embedding_dim: d,
         })
@@ -622,16 +535,10 @@ impl<B: Backend> TwoWayTransformer<B> {
             ));
         }
         if (pb != b && pb != 1) || pc != c || ph != h || pw != w {
-            return shape_err(format!(
-                "image_pe is {:?}, expected [{b} or 1, {c}, {h}, {w}]",
-                [pb, pc, ph, pw]
-            ));
+            return shape_err(format!("image_pe is {:?}, expected [{b} or 1, {c}, {h}, {w}]", [pb, pc, ph, pw]));
         }
         if qb != b || qc != c || n == 0 {
-            return shape_err(format!(
-                "point_embedding is {:?}, expected [{b}, n >= 1, {c}]",
-                [qb, n, qc]
-            ));
+            return shape_err(format!("point_embedding is {:?}, expected [{b}, n >= 1, {c}]", [qb, n, qc]));
         }
         let keys = image_embedding.reshape([b, c, h * w]).swap_dims(1, 2);
         // `[pb, h*w, c]`; a batch-1 encoding broadcasts in the additions below.
@@ -661,11 +568,8 @@ impl<B: Backend> PositionEmbeddingRandom<B> {
     /// `scale * N(0, 1)` like PyTorch (scale 1 when `None` or <= 0).
     pub fn new(num_pos_feats: usize, scale: Option<f64>, device: &B::Device) -> Self {
         let scale = scale.filter(|s| *s > 0.0).unwrap_or(1.0);
-        let g = Tensor::<B, 2>::random([2, num_pos_feats], Distribution::Normal(0.0, 1.0), device)
-            * scale;
-        Self {
-            positional_encoding_gaussian_matrix: Param::from_tensor(g).set_require_grad(false),
-        }
+        let g = Tensor::<B, 2>::random([2, num_pos_feats], Distribution::Normal(0.0, 1.0), device) * scale;
+        Self { positional_encoding_gaussian_matrix: Param::from_tensor(g).set_require_grad(false) }
     }
 
     /// Channels of the encoding (`2 * num_pos_feats`).
@@ -702,11 +606,7 @@ impl<B: Backend> PositionEmbeddingRandom<B> {
 
     /// Encode pixel coordinates `[b, n, 2]` (x, y) of an image of `image_hw` = (h, w):
     /// `[b, n, channels]`.
-    pub fn forward_with_coords(
-        &self,
-        coords: Tensor<B, 3>,
-        image_hw: (usize, usize),
-    ) -> Tensor<B, 3> {
+    pub fn forward_with_coords(&self, coords: Tensor<B, 3>, image_hw: (usize, usize)) -> Tensor<B, 3> {
         let device = coords.device();
         let inv = Tensor::<B, 1>::from_data(
             TensorData::new(vec![1.0 / image_hw.1 as f32, 1.0 / image_hw.0 as f32], [2]),
@@ -736,18 +636,11 @@ impl<B: Backend> Mlp<B> {
         let layers = (0..num_layers)
             .map(|i| {
                 let n = if i == 0 { input_dim } else { hidden_dim };
-                let k = if i + 1 == num_layers {
-                    output_dim
-                } else {
-                    hidden_dim
-                };
+                let k = if i + 1 == num_layers { output_dim } else { hidden_dim };
                 LinearConfig::new(n, k).init(device)
             })
             .collect();
-        Self {
-            layers,
-            sigmoid_output,
-        }
+        Self { layers, sigmoid_output }
     }
 
     pub fn forward<const D: usize>(&self, mut x: Tensor<B, D>) -> Tensor<B, D> {
@@ -780,22 +673,14 @@ pub struct PromptEncoderConfig {
 
 impl Default for PromptEncoderConfig {
     fn default() -> Self {
-        Self {
-            embed_dim: 256,
-            image_embedding_size: (64, 64),
-            input_image_size: (1024, 1024),
-            mask_in_chans: 16,
-        }
+        Self { embed_dim: 256, image_embedding_size: (64, 64), input_image_size: (1024, 1024), mask_in_chans: 16 }
     }
 }
 
 impl PromptEncoderConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<PromptEncoder<B>> {
         if self.embed_dim < 2 || !self.embed_dim.is_multiple_of(2) {
-            return Err(SamError::Config(format!(
-                "prompt encoder embed_dim {} must be even",
-                self.embed_dim
-            )));
+            return Err(SamError::Config(format!("prompt encoder embed_dim {} must be even", self.embed_dim)));
         }
         if self.mask_in_chans < 4 || !self.mask_in_chans.is_multiple_of(4) {
             return Err(SamError::Config(format!(
@@ -856,11 +741,7 @@ impl<B: Backend> PromptEncoder<B> {
     /// The dense prompt used when there is no mask input: `no_mask_embed` broadcast to
     /// `[bs, embed_dim, h, w]`.
     pub fn no_mask_dense(&self, bs: usize, h: usize, w: usize) -> Tensor<B, 4> {
-        self.no_mask_embed
-            .weight
-            .val()
-            .reshape([1, self.embed_dim, 1, 1])
-            .expand([bs, self.embed_dim, h, w])
+        self.no_mask_embed.weight.val().reshape([1, self.embed_dim, 1, 1]).expand([bs, self.embed_dim, h, w])
     }
 
     /// Box prompts `[n, 4]` (x0, y0, x1, y1 in input pixels, the frame of
@@ -894,17 +775,8 @@ impl<B: Backend> PromptEncoder<B> {
         let row = |e: &Embedding<B>| Self::embed_weight(e).reshape([1, 1, d]).expand([b, n, d]);
         let pad_mask = expand(labels.clone().equal_elem(-1.0));
         let pe = pe.mask_where(pad_mask, row(&self.not_a_point_embed));
-        let neg = labels
-            .clone()
-            .equal_elem(0.0)
-            .float()
-            .reshape([b, n, 1])
-            .expand([b, n, d]);
-        let pos = labels
-            .equal_elem(1.0)
-            .float()
-            .reshape([b, n, 1])
-            .expand([b, n, d]);
+        let neg = labels.clone().equal_elem(0.0).float().reshape([b, n, 1]).expand([b, n, d]);
+        let pos = labels.equal_elem(1.0).float().reshape([b, n, 1]).expand([b, n, d]);
         pe + neg * row(&self.point_embeddings[0]) + pos * row(&self.point_embeddings[1])
     }
 
@@ -912,14 +784,9 @@ impl<B: Backend> PromptEncoder<B> {
         let [b, _] = boxes.dims();
         let d = self.embed_dim;
         let [ih, iw] = self.input_image_size;
-        let corners = self
-            .pe_layer
-            .forward_with_coords((boxes + 0.5).reshape([b, 2, 2]), (ih, iw));
+        let corners = self.pe_layer.forward_with_coords((boxes + 0.5).reshape([b, 2, 2]), (ih, iw));
         let add = Tensor::cat(
-            vec![
-                Self::embed_weight(&self.point_embeddings[2]),
-                Self::embed_weight(&self.point_embeddings[3]),
-            ],
+            vec![Self::embed_weight(&self.point_embeddings[2]), Self::embed_weight(&self.point_embeddings[3])],
             0,
         );
         corners + add.reshape([1, 2, d]).expand([b, 2, d])
@@ -967,29 +834,17 @@ impl<B: Backend> PromptEncoder<B> {
         if let Some(t) = text_embeds {
             let [tb, _, td] = t.dims();
             if tb != bs || td != d {
-                return shape_err(format!(
-                    "text_embeds {:?}, expected [{bs}, t, {d}]",
-                    t.dims()
-                ));
+                return shape_err(format!("text_embeds {:?}, expected [{bs}, t, {d}]", t.dims()));
             }
             parts.push(t);
         }
         let parts: Vec<_> = parts.into_iter().filter(|p| p.dims()[1] > 0).collect();
-        let sparse = if parts.is_empty() {
-            Tensor::zeros([bs, 0, d], &device)
-        } else {
-            Tensor::cat(parts, 1)
-        };
+        let sparse = if parts.is_empty() { Tensor::zeros([bs, 0, d], &device) } else { Tensor::cat(parts, 1) };
         let [h, w] = self.image_embedding_size;
         let dense = match masks {
             Some(m) => {
                 if m.dims() != [bs, 1, 4 * h, 4 * w] {
-                    return shape_err(format!(
-                        "masks {:?}, expected [{bs}, 1, {}, {}]",
-                        m.dims(),
-                        4 * h,
-                        4 * w
-                    ));
+                    return shape_err(format!("masks {:?}, expected [{bs}, 1, {}, {}]", m.dims(), 4 * h, 4 * w));
                 }
                 seq_forward(&self.mask_downscaling, m)
             }
@@ -1043,17 +898,8 @@ impl MaskDecoderConfig {
                 conv_transpose_2x2(d / 4, d / 8, device),
                 SeqLayer::Gelu(Gelu::new()),
             ],
-            output_hypernetworks_mlps: (0..m)
-                .map(|_| Mlp::new(d, d, d / 8, 3, false, device))
-                .collect(),
-            iou_prediction_head: Mlp::new(
-                d,
-                self.iou_head_hidden_dim,
-                m,
-                self.iou_head_depth,
-                false,
-                device,
-            ),
+            output_hypernetworks_mlps: (0..m).map(|_| Mlp::new(d, d, d / 8, 3, false, device)).collect(),
+            iou_prediction_head: Mlp::new(d, self.iou_head_hidden_dim, m, self.iou_head_depth, false, device),
             transformer_dim: d,
             num_multimask_outputs: self.num_multimask_outputs,
         })
@@ -1094,15 +940,10 @@ pub(crate) fn output_tokens<B: Backend>(
 
 /// Masks from the upscaled image embedding `[b, c, H, W]` and the hypernetwork outputs of
 /// the selected mask tokens `[b, k, c]`: `[b, k, H, W]`.
-pub(crate) fn hyper_masks<B: Backend>(
-    hyper_in: Tensor<B, 3>,
-    upscaled: Tensor<B, 4>,
-) -> Tensor<B, 4> {
+pub(crate) fn hyper_masks<B: Backend>(hyper_in: Tensor<B, 3>, upscaled: Tensor<B, 4>) -> Tensor<B, 4> {
     let [b, c, h, w] = upscaled.dims();
     let k = hyper_in.dims()[1];
-    hyper_in
-        .matmul(upscaled.reshape([b, c, h * w]))
-        .reshape([b, k, h, w])
+    hyper_in.matmul(upscaled.reshape([b, c, h * w])).reshape([b, k, h, w])
 }
 
 /// Broadcast a `[1, c, h, w]` image tensor to `b` (SAM's `repeat_interleave` over the
@@ -1212,24 +1053,14 @@ pub fn resize_bilinear<B: Backend>(x: Tensor<B, 4>, out_h: usize, out_w: usize) 
     let device = x.device();
     // Both products broadcast the interpolation matrix (no per-channel copies of it).
     let x = if w != out_w {
-        let mw = Tensor::<B, 2>::from_data(
-            TensorData::new(bilinear_weights(w, out_w), [out_w, w]),
-            &device,
-        );
-        x.reshape([b * c * h, w])
-            .matmul(mw.transpose())
-            .reshape([b, c, h, out_w])
+        let mw = Tensor::<B, 2>::from_data(TensorData::new(bilinear_weights(w, out_w), [out_w, w]), &device);
+        x.reshape([b * c * h, w]).matmul(mw.transpose()).reshape([b, c, h, out_w])
     } else {
         x
     };
     if h != out_h {
-        let mh = Tensor::<B, 2>::from_data(
-            TensorData::new(bilinear_weights(h, out_h), [out_h, h]),
-            &device,
-        );
-        mh.unsqueeze::<3>()
-            .matmul(x.reshape([b * c, h, out_w]))
-            .reshape([b, c, out_h, out_w])
+        let mh = Tensor::<B, 2>::from_data(TensorData::new(bilinear_weights(h, out_h), [out_h, h]), &device);
+        mh.unsqueeze::<3>().matmul(x.reshape([b * c, h, out_w])).reshape([b, c, out_h, out_w])
     } else {
         x
     }
@@ -1297,10 +1128,7 @@ mod tests {
     fn assert_close(what: &str, a: Vec<f32>, b: Vec<f32>) {
         assert_eq!(a.len(), b.len(), "{what}: lengths");
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-4 * y.abs().max(1.0),
-                "{what}[{i}]: {x} vs {y}"
-            );
+            assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "{what}[{i}]: {x} vs {y}");
         }
     }
 
@@ -1326,9 +1154,7 @@ mod tests {
         assert_close(what, values(a.clone().inner()), values(b.clone().inner()));
         let ga = (a * probe.clone()).sum().backward();
         let gb = (b * probe).sum().backward();
-        let grad4 = |g: &<Ad as AutodiffBackend>::Gradients, t: &Tensor<Ad, 4>| {
-            values(t.grad(g).expect("grad"))
-        };
+        let grad4 = |g: &<Ad as AutodiffBackend>::Gradients, t: &Tensor<Ad, 4>| values(t.grad(g).expect("grad"));
         assert_close(&format!("{what} d/dx"), grad4(&ga, &x), grad4(&gb, &x));
         for (name, p) in params(module) {
             assert_close(&format!("{what} d/d{name}"), grad4(&ga, &p), grad4(&gb, &p));
@@ -1345,13 +1171,8 @@ mod tests {
     #[test]
     fn patch_conv_transpose_matches_burn() {
         let dev = Default::default();
-        for (cin, cout, k, hw, bias) in
-            [(6, 3, [2, 2], [4, 5], true), (4, 4, [3, 2], [2, 3], false)]
-        {
-            let m = ConvTranspose2dConfig::new([cin, cout], k)
-                .with_stride(k)
-                .with_bias(bias)
-                .init::<Ad>(&dev);
+        for (cin, cout, k, hw, bias) in [(6, 3, [2, 2], [4, 5], true), (4, 4, [3, 2], [2, 3], false)] {
+            let m = ConvTranspose2dConfig::new([cin, cout], k).with_stride(k).with_bias(bias).init::<Ad>(&dev);
             assert!(is_patch_conv_transpose(&m));
             let x = rand4([2, cin, hw[0], hw[1]], &dev);
             check(
@@ -1369,9 +1190,7 @@ mod tests {
     #[test]
     fn patch_conv_transpose_tokens_matches_nchw() {
         let dev = Default::default();
-        let m = ConvTranspose2dConfig::new([5, 3], [2, 2])
-            .with_stride([2, 2])
-            .init::<Ad>(&dev);
+        let m = ConvTranspose2dConfig::new([5, 3], [2, 2]).with_stride([2, 2]).init::<Ad>(&dev);
         let layers = vec![SeqLayer::ConvTranspose(m), SeqLayer::Gelu(Gelu::new())];
         let x = rand4([2, 5, 3, 4], &dev);
         let tokens = x.clone().reshape([2, 5, 12]).swap_dims(1, 2);
@@ -1384,15 +1203,10 @@ mod tests {
     fn patch_conv_matches_burn() {
         let dev = Default::default();
         // The last case has a remainder (9 = 2 * 4 + 1), which a strided conv drops.
-        for (cin, cout, k, hw, bias) in [
-            (3, 4, [2, 2], [4, 6], true),
-            (2, 5, [1, 1], [3, 3], true),
-            (3, 4, [4, 4], [9, 8], false),
-        ] {
-            let m = Conv2dConfig::new([cin, cout], k)
-                .with_stride(k)
-                .with_bias(bias)
-                .init::<Ad>(&dev);
+        for (cin, cout, k, hw, bias) in
+            [(3, 4, [2, 2], [4, 6], true), (2, 5, [1, 1], [3, 3], true), (3, 4, [4, 4], [9, 8], false)]
+        {
+            let m = Conv2dConfig::new([cin, cout], k).with_stride(k).with_bias(bias).init::<Ad>(&dev);
             assert!(is_patch_conv(&m));
             let x = rand4([2, cin, hw[0], hw[1]], &dev);
             check(
@@ -1405,8 +1219,7 @@ mod tests {
                 |m| m.bias.as_ref().map(|b| b.val()),
             );
             // The token layout is the NCHW result flattened channels-last.
-            let (t, [gh, gw]) =
-                patch_conv2d_tokens(x.clone(), m.weight.val(), m.bias.as_ref().map(|b| b.val()));
+            let (t, [gh, gw]) = patch_conv2d_tokens(x.clone(), m.weight.val(), m.bias.as_ref().map(|b| b.val()));
             let nchw = m.forward(x);
             assert_eq!([gh, gw], [nchw.dims()[2], nchw.dims()[3]]);
             assert_close(
@@ -1427,10 +1240,7 @@ mod tests {
             ([2, 3], PaddingConfig2d::Valid, true),
             ([1, 1], PaddingConfig2d::Explicit(1, 0, 0, 1), false),
         ] {
-            let m = Conv2dConfig::new([3, 4], k)
-                .with_padding(pad)
-                .with_bias(bias)
-                .init::<Ad>(&dev);
+            let m = Conv2dConfig::new([3, 4], k).with_padding(pad).with_bias(bias).init::<Ad>(&dev);
             check(
                 "im2col conv",
                 &m,
@@ -1448,9 +1258,7 @@ mod tests {
         let dev = Default::default();
         let c = Conv2dConfig::new([2, 2], [3, 3]).init::<NdArray>(&dev);
         assert!(!is_patch_conv(&c));
-        let t = ConvTranspose2dConfig::new([2, 2], [3, 3])
-            .with_stride([2, 2])
-            .init::<NdArray>(&dev);
+        let t = ConvTranspose2dConfig::new([2, 2], [3, 3]).with_stride([2, 2]).init::<NdArray>(&dev);
         assert!(!is_patch_conv_transpose(&t));
     }
 }

@@ -32,12 +32,7 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self {
-            max_new_tokens: 64,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-        }
+        Self { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0 }
     }
 }
 
@@ -50,10 +45,7 @@ impl SamplingConfig {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(LlamaError::Input(format!(
-                "sampling top_p {} must be in (0, 1]",
-                self.top_p
-            )));
+            return Err(LlamaError::Input(format!("sampling top_p {} must be in (0, 1]", self.top_p)));
         }
         Ok(())
     }
@@ -152,11 +144,7 @@ pub fn generate_from<B: Backend>(
     let mut active = vec![true; b];
     let mut step_hidden: Vec<Tensor<B, 3>> = Vec::new();
 
-    let mut logits = if cfg.max_new_tokens > 0 {
-        Some(model.logits(hidden_prefix.clone()))
-    } else {
-        None
-    };
+    let mut logits = if cfg.max_new_tokens > 0 { Some(model.logits(hidden_prefix.clone())) } else { None };
     for step in 0..cfg.max_new_tokens {
         let Some(lg) = logits.take() else { break };
         let lg: Vec<f32> = lg
@@ -188,24 +176,14 @@ pub fn generate_from<B: Backend>(
             break;
         }
         // Feed the emitted tokens back; stopped rows get a masked padding token.
-        let positions: Vec<i64> = (0..b)
-            .map(|r| {
-                if fed[r] {
-                    (n_real[r] + ids[r].len() - 1) as i64
-                } else {
-                    1
-                }
-            })
-            .collect();
+        let positions: Vec<i64> =
+            (0..b).map(|r| if fed[r] { (n_real[r] + ids[r].len() - 1) as i64 } else { 1 }).collect();
         for (r, k) in keep_rows.iter_mut().enumerate() {
             k.push(fed[r]);
         }
         gamma = gamma.map(|g| Tensor::cat(vec![g, Tensor::zeros([b, 1], &device)], 1));
         let extras = AttnExtras {
-            positions: Some(Tensor::from_data(
-                TensorData::new(positions, [b, 1]),
-                &device,
-            )),
+            positions: Some(Tensor::from_data(TensorData::new(positions, [b, 1]), &device)),
             key_keep: Some(keep_tensor(&keep_rows)),
             gamma: gamma.clone(),
         };
@@ -303,7 +281,10 @@ pub fn greedy_with_drafts_from<B: Backend>(
     let mut gamma = prefix_gamma;
 
     let host = |t: Tensor<B, 3>, what: &str| -> Result<Vec<f32>, LlamaError> {
-        t.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| LlamaError::Input(format!("greedy_with_drafts: reading {what}: {e:?}")))
+        t.into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| LlamaError::Input(format!("greedy_with_drafts: reading {what}: {e:?}")))
     };
     let mut ids: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut logprobs: Vec<Vec<f32>> = vec![Vec::new(); b];
@@ -312,12 +293,21 @@ pub fn greedy_with_drafts_from<B: Backend>(
     // The emitted token each row still has to feed.
     let mut pending: Vec<Option<u32>> = vec![None; b];
     // Emit the greedy token of `row` unless the row is full or it is a stop id.
-    let emit = |r: usize, row: &[f32], ids: &mut Vec<Vec<u32>>, logprobs: &mut Vec<Vec<f32>>, stop_id: &mut Vec<Option<u32>>| -> Result<Option<u32>, LlamaError> {
+    let emit = |r: usize,
+                row: &[f32],
+                ids: &mut Vec<Vec<u32>>,
+                logprobs: &mut Vec<Vec<f32>>,
+                stop_id: &mut Vec<Option<u32>>|
+     -> Result<Option<u32>, LlamaError> {
         if ids[r].len() >= max_new_tokens {
             return Ok(None);
         }
         if let Some(i) = row.iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
-            return Err(LlamaError::Input(format!("greedy_with_drafts: row {r}, token {}: logit of id {i} is {}", ids[r].len(), row[i])));
+            return Err(LlamaError::Input(format!(
+                "greedy_with_drafts: row {r}, token {}: logit of id {i} is {}",
+                ids[r].len(),
+                row[i]
+            )));
         }
         let t = argmax(row) as u32;
         if stop_ids.contains(&t) {
@@ -343,7 +333,8 @@ pub fn greedy_with_drafts_from<B: Backend>(
                 let Some(t) = pending[r] else { return vec![] };
                 let n = ids[r].len();
                 let room = max_new_tokens - n;
-                let rest = drafts[r].iter().find(|d| d.len() > n && d[..n] == ids[r][..]).map(|d| &d[n..]).unwrap_or(&[]);
+                let rest =
+                    drafts[r].iter().find(|d| d.len() > n && d[..n] == ids[r][..]).map(|d| &d[n..]).unwrap_or(&[]);
                 std::iter::once(t).chain(rest.iter().copied().take(room)).collect()
             })
             .collect();
@@ -401,7 +392,11 @@ pub fn greedy_with_drafts_from<B: Backend>(
         }
     }
     let gens = generations(hidden_prefix, ids, logprobs, stop_id, |r, n| {
-        if n > 0 { Tensor::stack(std::mem::take(&mut hiddens[r]), 0) } else { Tensor::<B, 2>::zeros([0, h], &device) }
+        if n > 0 {
+            Tensor::stack(std::mem::take(&mut hiddens[r]), 0)
+        } else {
+            Tensor::<B, 2>::zeros([0, h], &device)
+        }
     });
     Ok((gens, forwards))
 }
@@ -451,7 +446,10 @@ impl<B: Backend> Prefix<B> {
             .layers
             .iter()
             .map(|l| crate::llama::LayerCache {
-                kv: l.kv.as_ref().map(|(kk, vv)| (kk.clone().select(0, idx.clone()), vv.clone().select(0, idx.clone()))),
+                kv: l
+                    .kv
+                    .as_ref()
+                    .map(|(kk, vv)| (kk.clone().select(0, idx.clone()), vv.clone().select(0, idx.clone()))),
             })
             .collect();
         Prefix {
@@ -482,11 +480,17 @@ impl<B: Backend> Prefix<B> {
             return Err(LlamaError::Input(format!("Prefix::extend: {b} rows for a prefix of {}", self.rows())));
         }
         if keep.dims() != [b, e] {
-            return Err(LlamaError::Input(format!("Prefix::extend: keep has shape {:?}, the extension is [{b}, {e}, {h}]", keep.dims())));
+            return Err(LlamaError::Input(format!(
+                "Prefix::extend: keep has shape {:?}, the extension is [{b}, {e}, {h}]",
+                keep.dims()
+            )));
         }
         if let Some(g) = &gamma {
             if g.dims() != [b, e] {
-                return Err(LlamaError::Input(format!("Prefix::extend: gamma has shape {:?}, the extension is [{b}, {e}, {h}]", g.dims())));
+                return Err(LlamaError::Input(format!(
+                    "Prefix::extend: gamma has shape {:?}, the extension is [{b}, {e}, {h}]",
+                    g.dims()
+                )));
             }
         }
         let device = ext.device();
@@ -623,7 +627,13 @@ fn prefix_positions_of<B: Backend>(
 /// the flat positions (padding entries clamped to >= 0, never seen) and each row's next
 /// position, one past its largest real one (at least `start[r]`). Errors on a wrong shape or
 /// a negative real position, prefixed by `what`.
-fn explicit_positions(keep: &[bool], p: &[Vec<i64>], start: &[usize], s: usize, what: &str) -> Result<(Vec<i64>, Vec<usize>), LlamaError> {
+fn explicit_positions(
+    keep: &[bool],
+    p: &[Vec<i64>],
+    start: &[usize],
+    s: usize,
+    what: &str,
+) -> Result<(Vec<i64>, Vec<usize>), LlamaError> {
     let b = start.len();
     if p.len() != b || p.iter().any(|row| row.len() != s) {
         return Err(LlamaError::Input(format!("{what}: positions must be [{b}][{s}]")));
@@ -648,12 +658,7 @@ fn explicit_positions(keep: &[bool], p: &[Vec<i64>], start: &[usize], s: usize, 
 /// `log_softmax(row)[i]`, in f64 (max-shifted log-sum-exp).
 fn log_softmax_at(row: &[f32], i: usize) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + row
-            .iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
+    let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
     (row[i] as f64 - lse) as f32
 }
 

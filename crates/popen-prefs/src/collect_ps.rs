@@ -264,7 +264,15 @@ pub fn run<B: Backend>(
     let Some((bundle::Bundle { model, mut tokenizer, .. }, mut writer, mut manifest)) =
         crate::open_stage::<B, SegPref>(&def, model_dir, out, cfg.part_records, |r| r.id.clone(), device)?
     else {
-        return Ok(CollectPsReport { output: out.to_path_buf(), up_to_date: true, records: 0, skipped: 0, failed: 0, forwards: 0, seconds: 0.0 });
+        return Ok(CollectPsReport {
+            output: out.to_path_buf(),
+            up_to_date: true,
+            records: 0,
+            skipped: 0,
+            failed: 0,
+            forwards: 0,
+            seconds: 0.0,
+        });
     };
     let predictor = Predictor::new(&model, &mut tokenizer).map_err(|e| PrefsError::Input(format!("model: {e}")))?;
     let (mut records, mut forwards) = (0usize, 0usize);
@@ -303,7 +311,15 @@ pub fn run<B: Backend>(
         &position,
         |r| &r.id,
     )?;
-    Ok(CollectPsReport { output: out.to_path_buf(), up_to_date: false, records, skipped, failed, forwards, seconds: t0.elapsed().as_secs_f64() })
+    Ok(CollectPsReport {
+        output: out.to_path_buf(),
+        up_to_date: false,
+        records,
+        skipped,
+        failed,
+        forwards,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 /// Why a sample has no record: `failure` names the failing step (grouping key of

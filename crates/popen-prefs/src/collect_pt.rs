@@ -111,7 +111,12 @@ impl CollectPtConfig {
         if self.part_records == 0 {
             return Err(PrefsError::Input("part_records must be >= 1".into()));
         }
-        let s = SamplingConfig { max_new_tokens: self.max_new_tokens, temperature: self.temperature, top_p: self.top_p, seed: 0 };
+        let s = SamplingConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: 0,
+        };
         s.validate().map_err(|e| PrefsError::Input(e.to_string()))?;
         if self.temperature <= 0.0 {
             return Err(PrefsError::Input("temperature must be > 0 (resampling needs sampling)".into()));
@@ -196,7 +201,10 @@ pub fn run<B: Backend>(
                     // Grouped by the service class, else by the reason's lead ("model",
                     // "corrector reply has no ..."): reasons carry sample-specific text.
                     let reason = e.to_string();
-                    let group = e.service_class().map(str::to_string).unwrap_or_else(|| reason.split(": ").next().unwrap_or("").to_string());
+                    let group = e
+                        .service_class()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| reason.split(": ").next().unwrap_or("").to_string());
                     ledger.skip(&mut manifest, &s.id, reason, &group, e.service_class(), true);
                     report.skipped += 1;
                 }
@@ -225,7 +233,16 @@ pub fn run<B: Backend>(
         writer.commit()?;
         return Err(e);
     }
-    crate::close_stage(writer, manifest, out, |r: &TextPref| Some(format!("branch_{}", r.branch)), &[("skipped", report.skipped)], t0, &position, |r| &r.id)?;
+    crate::close_stage(
+        writer,
+        manifest,
+        out,
+        |r: &TextPref| Some(format!("branch_{}", r.branch)),
+        &[("skipped", report.skipped)],
+        t0,
+        &position,
+        |r| &r.id,
+    )?;
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -254,8 +271,7 @@ fn collect_window<B: Backend>(
             Ok((image, Truth::from_sample(s, lexicon), first, None))
         })
         .collect();
-    let jobs: Vec<usize> =
-        (0..firsts.len()).filter(|&i| matches!(&firsts[i], Ok((_, _, p, _)) if usable(p))).collect();
+    let jobs: Vec<usize> = (0..firsts.len()).filter(|&i| matches!(&firsts[i], Ok((_, _, p, _)) if usable(p))).collect();
     let corrections = parallel_map(&jobs, cfg.concurrency, |&i| match &firsts[i] {
         Ok((_, truth, p, _)) => corrector.correct(&p.answer, truth),
         Err(_) => unreachable!("only successful greedy answers are corrected"),
@@ -265,11 +281,7 @@ fn collect_window<B: Backend>(
             g.3 = Some(c);
         }
     }
-    window
-        .iter()
-        .zip(firsts)
-        .map(|(s, g)| g.and_then(|g| collect_one(predictor, s, g, cfg, corrector)))
-        .collect()
+    window.iter().zip(firsts).map(|(s, g)| g.and_then(|g| collect_one(predictor, s, g, cfg, corrector))).collect()
 }
 
 /// `f` over `items` on up to `threads` scoped threads; results in input order.
@@ -346,10 +358,13 @@ fn collect_one<B: Backend>(
     let y_ids = predictor.answer_ids(&y, group).map_err(model_err)?;
     let y_c_ids = predictor.answer_ids(&y_c, group).map_err(model_err)?;
     let (l_y, l_yc) = changed_positions(&y_ids, &y_c_ids, cfg.min_match);
-    let forced = predictor.teacher_force(&[(&image, instr, y.as_str()), (&image, instr, y_c.as_str())]).map_err(model_err)?;
+    let forced =
+        predictor.teacher_force(&[(&image, instr, y.as_str()), (&image, instr, y_c.as_str())]).map_err(model_err)?;
     let (lp_y, lp_yc) = (forced[0].logprobs.clone(), forced[1].logprobs.clone());
     if lp_y.len() != y_ids.len() || lp_yc.len() != y_c_ids.len() {
-        return Err(PrefsError::Input("teacher forcing returned log-probs of another length than the answer ids".into()));
+        return Err(PrefsError::Input(
+            "teacher forcing returned log-probs of another length than the answer ids".into(),
+        ));
     }
     let to_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
     let to_i32u = |v: &[usize]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();

@@ -57,7 +57,8 @@ impl Truth {
     /// lexicon does not know is kept as written), colours from the benchmark generator's
     /// `meta.instances[target_instances[k]].colour` when present.
     pub fn from_sample(sample: &Sample, lexicon: &Lexicon) -> Truth {
-        let class = |name: &str| lexicon.class_of(name).map(str::to_string).unwrap_or_else(|| name.to_ascii_lowercase());
+        let class =
+            |name: &str| lexicon.class_of(name).map(str::to_string).unwrap_or_else(|| name.to_ascii_lowercase());
         let meta: serde_json::Value = serde_json::from_str(&sample.meta).unwrap_or(serde_json::Value::Null);
         let colour_of = |inst: i32| -> Option<String> {
             let i = usize::try_from(inst).ok()?;
@@ -264,7 +265,8 @@ impl Corrector for OfflineCorrector {
             return Err(PrefsError::Input(format!("ground-truth answer {y:?} names no target to alter")));
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let classes: Vec<&String> = self.lexicon.classes.iter().filter(|c| !truth.instance_classes.contains(*c)).collect();
+        let classes: Vec<&String> =
+            self.lexicon.classes.iter().filter(|c| !truth.instance_classes.contains(*c)).collect();
         let colours = self.lexicon.colour_words();
         let n = if attached.len() > 1 { rng.random_range(1..=2) } else { 1 };
         let mut order: Vec<usize> = (0..attached.len()).collect();

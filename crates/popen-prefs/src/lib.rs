@@ -169,7 +169,8 @@ impl SkipLedger {
     /// The end-of-run rule; `records` = records of this run plus resumed ones.
     pub(crate) fn check_end(&self, records: usize) -> Result<()> {
         let total = records + self.skipped;
-        let all_one_service = records == 0 && self.skipped > 0 && self.service == self.skipped && self.groups.len() == 1;
+        let all_one_service =
+            records == 0 && self.skipped > 0 && self.service == self.skipped && self.groups.len() == 1;
         let too_many = self.counted > 0 && self.counted as f64 > self.max_fraction * total as f64;
         if !(too_many || all_one_service) {
             return Ok(());
@@ -181,7 +182,8 @@ impl SkipLedger {
             .max_by(|a, b| a.1 .0.cmp(&b.1 .0).then_with(|| b.0.cmp(a.0)))
             .expect("a counted skip has a group");
         let others = self.groups.len() - 1;
-        let others = if others > 0 { format!(" ({others} other cause(s) in the manifest's skip list)") } else { String::new() };
+        let others =
+            if others > 0 { format!(" ({others} other cause(s) in the manifest's skip list)") } else { String::new() };
         let why = if too_many {
             format!("{:.1}% > max_skipped_fraction {}", 100.0 * self.counted as f64 / total as f64, self.max_fraction)
         } else {
@@ -221,7 +223,12 @@ pub fn stage_definition(
         def = def.input(p)?;
     }
     // Part sizes and request concurrency change how a run works, not what it writes.
-    Ok(def.shard(shard).ignoring(&["config.part_records", "config.concurrency", "config.max_skipped_fraction", "config.fail_fast_after"]))
+    Ok(def.shard(shard).ignoring(&[
+        "config.part_records",
+        "config.concurrency",
+        "config.max_skipped_fraction",
+        "config.fail_fast_after",
+    ]))
 }
 
 /// What every collect stage opens first, unless `out` is already this definition's complete
@@ -238,12 +245,15 @@ pub(crate) fn open_stage<B: burn::prelude::Backend, R: popen_core::shard::Record
     part_records: usize,
     id_of: fn(&R) -> String,
     device: &B::Device,
-) -> Result<Option<(popen_model::bundle::Bundle<B>, popen_core::shard::ResumableWriter<R>, popen_core::manifest::Manifest)>> {
+) -> Result<
+    Option<(popen_model::bundle::Bundle<B>, popen_core::shard::ResumableWriter<R>, popen_core::manifest::Manifest)>,
+> {
     use popen_model::bundle;
     if def.is_complete(out) {
         return Ok(None);
     }
-    let b = bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
+    let b =
+        bundle::open::<B>(model_dir, device).map_err(|e| PrefsError::Input(format!("{}: {e}", model_dir.display())))?;
     // The reference model of the records (their log-probs / embeddings): `dpo` checks it.
     let reference = bundle::fingerprint(model_dir).map_err(|e| PrefsError::Input(e.to_string()))?;
     let mut manifest = def.manifest();

@@ -112,13 +112,18 @@ pub fn parse_labelled(reply: &str, label: &str) -> Option<String> {
         *off += l.len() + 1;
         Some((start, l))
     });
-    let (start, line) = at.into_iter().find(|(_, l)| l.trim_start().trim_start_matches(['*', '#', ' ']).starts_with(&want))?;
+    let (start, line) =
+        at.into_iter().find(|(_, l)| l.trim_start().trim_start_matches(['*', '#', ' ']).starts_with(&want))?;
     let lead = line.len() - line.trim_start().trim_start_matches(['*', '#', ' ']).len();
     let mut text = reply[start + lead + label.len()..].to_string();
     if let Some(cut) = text.to_lowercase().find("\noriginal answer:") {
         text.truncate(cut);
     }
-    let cleaned: String = text.trim_start_matches([':', '*', ' ']).chars().filter(|c| !matches!(c, '"' | '\u{201c}' | '\u{201d}')).collect();
+    let cleaned: String = text
+        .trim_start_matches([':', '*', ' '])
+        .chars()
+        .filter(|c| !matches!(c, '"' | '\u{201c}' | '\u{201d}'))
+        .collect();
     let cleaned = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");
     (!cleaned.is_empty()).then_some(cleaned)
 }
@@ -126,9 +131,10 @@ pub fn parse_labelled(reply: &str, label: &str) -> Option<String> {
 impl OpenAiCorrector {
     pub fn new(cfg: &OpenAiConfig) -> Result<Self> {
         let api_key = match &cfg.api_key_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
-                PrefsError::Input(format!("the corrector's API key variable {var} is not set"))
-            })?),
+            Some(var) => Some(
+                std::env::var(var)
+                    .map_err(|_| PrefsError::Input(format!("the corrector's API key variable {var} is not set")))?,
+            ),
             None => None,
         };
         let chat = ChatConfig {
@@ -176,7 +182,10 @@ impl OpenAiCorrector {
         let path = self.cache_path(prompt);
         if let (Some(p), false) = (&path, fresh) {
             if let Ok(text) = std::fs::read_to_string(p) {
-                if let Some(c) = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v["content"].as_str().map(String::from)) {
+                if let Some(c) = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["content"].as_str().map(String::from))
+                {
                     return Ok(c);
                 }
             }
@@ -229,7 +238,11 @@ impl Corrector for OpenAiCorrector {
 
     fn correct(&self, y: &str, truth: &Truth) -> Result<Correction> {
         let text = self.ask_parsed(&Self::prompt(&self.correction, y, truth), "Corrected answer:")?;
-        let method = if text == y.split_whitespace().collect::<Vec<_>>().join(" ") { Method::Unchanged } else { Method::InPlace };
+        let method = if text == y.split_whitespace().collect::<Vec<_>>().join(" ") {
+            Method::Unchanged
+        } else {
+            Method::InPlace
+        };
         let text = if method == Method::Unchanged { y.to_string() } else { text };
         Ok(Correction { text, method, notes: vec!["openai".into()] })
     }

@@ -52,16 +52,26 @@ fn main() {
                         sx += x as f64;
                         sy += y as f64;
                         sm += 1.0;
-                        x0 = x0.min(x as f64); y0 = y0.min(y as f64); x1 = x1.max(x as f64 + 1.0); y1 = y1.max(y as f64 + 1.0);
+                        x0 = x0.min(x as f64);
+                        y0 = y0.min(y as f64);
+                        x1 = x1.max(x as f64 + 1.0);
+                        y1 = y1.max(y as f64 + 1.0);
                     }
                 }
             }
-            if sm == 0.0 { continue; }
+            if sm == 0.0 {
+                continue;
+            }
             let pt = Prompt { points: vec![[sx / sm, sy / sm]], labels: vec![1], bbox: None };
             let bx = Prompt { points: vec![], labels: vec![], bbox: Some([x0, y0, x1, y1]) };
             let iou_of = |t: Tensor<B, 2>| -> f64 {
                 let v = t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
-                let pm = popen_core::mask::Mask::from_row_major(h as u32, w as u32, v.iter().map(|&x| u8::from(x > 0.0)).collect()).unwrap();
+                let pm = popen_core::mask::Mask::from_row_major(
+                    h as u32,
+                    w as u32,
+                    v.iter().map(|&x| u8::from(x > 0.0)).collect(),
+                )
+                .unwrap();
                 popen_core::mask::iou(&pm, &m).unwrap()
             };
             let r = p.predict(&[pt.clone()], false).unwrap();
@@ -72,7 +82,9 @@ fn main() {
             let mut oracle = 0f64;
             for k in 0..3 {
                 let v = iou_of(r.masks.clone().slice([0..1, k..k + 1, 0..h, 0..w]).reshape([h, w]));
-                if k == best { s[1] += v; }
+                if k == best {
+                    s[1] += v;
+                }
                 oracle = oracle.max(v);
             }
             s[2] += oracle;
@@ -82,5 +94,11 @@ fn main() {
         }
     }
     let c = cnt as f64;
-    println!("size {size}: {cnt} targets: point single {:.3}, point multimask best-pred {:.3}, oracle {:.3}, box {:.3}", s[0] / c, s[1] / c, s[2] / c, s[3] / c);
+    println!(
+        "size {size}: {cnt} targets: point single {:.3}, point multimask best-pred {:.3}, oracle {:.3}, box {:.3}",
+        s[0] / c,
+        s[1] / c,
+        s[2] / c,
+        s[3] / c
+    );
 }

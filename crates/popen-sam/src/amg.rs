@@ -226,9 +226,7 @@ struct AmgConfigFile {
 
 /// A field that is present (possibly null) deserializes to `Some(..)`; absent ones get
 /// the container default (`None`).
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -316,16 +314,10 @@ impl AmgConfig {
             )));
         }
         if !self.mask_threshold.is_finite() {
-            return Err(config_err(format!(
-                "mask_threshold must be finite, got {}",
-                self.mask_threshold
-            )));
+            return Err(config_err(format!("mask_threshold must be finite, got {}", self.mask_threshold)));
         }
         if !(0.0..1.0).contains(&self.crop_overlap_ratio) {
-            return Err(config_err(format!(
-                "crop_overlap_ratio must be in [0, 1), got {}",
-                self.crop_overlap_ratio
-            )));
+            return Err(config_err(format!("crop_overlap_ratio must be in [0, 1), got {}", self.crop_overlap_ratio)));
         }
         if self.crop_n_layers > MAX_CROP_LAYERS {
             return Err(config_err(format!(
@@ -349,8 +341,7 @@ impl AmgConfig {
                 }
                 let mut grids = Vec::with_capacity(self.crop_n_layers + 1);
                 for layer in 0..=self.crop_n_layers {
-                    let n_layer =
-                        layer_points_per_side(n, self.crop_n_points_downscale_factor, layer);
+                    let n_layer = layer_points_per_side(n, self.crop_n_points_downscale_factor, layer);
                     if n_layer == 0 {
                         return Err(config_err(format!(
                             "crop layer {layer} gets no points: points_per_side {n} / \
@@ -376,9 +367,7 @@ impl AmgConfig {
                         return Err(config_err(format!("point_grids[{i}] is empty")));
                     }
                     if let Some(p) = g.iter().find(|p| !p.iter().all(|v| (0.0..=1.0).contains(v))) {
-                        return Err(config_err(format!(
-                            "point_grids[{i}] has point {p:?} outside [0, 1]"
-                        )));
+                        return Err(config_err(format!("point_grids[{i}] has point {p:?} outside [0, 1]")));
                     }
                 }
                 Ok(grids.clone())
@@ -465,9 +454,8 @@ pub fn generate_crop_boxes(
     let (im_h, im_w) = (height as i64, width as i64);
     let short_side = im_h.min(im_w);
     let mut boxes = vec![CropBox { xyxy: [0, 0, width, height], layer: 0 }];
-    let crop_len = |orig: i64, n: i64, overlap: i64| -> i64 {
-        ((overlap * (n - 1) + orig) as f64 / n as f64).ceil() as i64
-    };
+    let crop_len =
+        |orig: i64, n: i64, overlap: i64| -> i64 { ((overlap * (n - 1) + orig) as f64 / n as f64).ceil() as i64 };
     for i_layer in 0..n_layers {
         let n = 1i64 << (i_layer + 1);
         // Python: int(overlap_ratio * short_side * (2 / n_crops_per_side)), left to right.
@@ -486,10 +474,7 @@ pub fn generate_crop_boxes(
                         i_layer + 1
                     )));
                 }
-                boxes.push(CropBox {
-                    xyxy: [x0 as u32, y0 as u32, x1 as u32, y1 as u32],
-                    layer: i_layer + 1,
-                });
+                boxes.push(CropBox { xyxy: [x0 as u32, y0 as u32, x1 as u32, y1 as u32], layer: i_layer + 1 });
             }
         }
     }
@@ -598,8 +583,12 @@ impl ScanRows {
     }
 
     fn finish(&self) -> Scan {
-        let bbox = (self.top != usize::MAX)
-            .then_some([self.left as u32, self.top as u32, self.right as u32, self.bottom as u32]);
+        let bbox = (self.top != usize::MAX).then_some([
+            self.left as u32,
+            self.top as u32,
+            self.right as u32,
+            self.bottom as u32,
+        ]);
         Scan { intersection: self.inter, union: self.union, bbox }
     }
 }
@@ -607,24 +596,10 @@ impl ScanRows {
 /// SAM's stability score of one `height x width` logit mask: the IoU of the masks
 /// thresholded at `mask_threshold + offset` and `mask_threshold - offset`, i.e.
 /// `count(> thr + offset) / count(> thr - offset)` (NaN when both are 0).
-pub fn stability_score(
-    logits: &[f32],
-    height: usize,
-    width: usize,
-    mask_threshold: f64,
-    offset: f64,
-) -> f32 {
+pub fn stability_score(logits: &[f32], height: usize, width: usize, mask_threshold: f64, offset: f64) -> f32 {
     assert_eq!(logits.len(), height * width, "stability_score: logits are not height x width");
     let mut scratch = vec![0u8; logits.len()];
-    let s = scan_mask(
-        logits,
-        height,
-        width,
-        Cutoffs::new(mask_threshold, offset),
-        &mut scratch,
-        0,
-        width,
-    );
+    let s = scan_mask(logits, height, width, Cutoffs::new(mask_threshold, offset), &mut scratch, 0, width);
     s.intersection as f32 / s.union as f32
 }
 
@@ -656,19 +631,9 @@ pub fn mask_to_box(mask: &Mask) -> [u32; 4] {
 /// of `crop_box` that is not also (within `atol`) an edge of `orig_box` (both `xyxy` in
 /// image pixels). Coordinate `k` of the uncropped box is compared with coordinate `k` of
 /// each box.
-pub fn is_box_near_crop_edge(
-    box_xyxy: [u32; 4],
-    crop_box: [u32; 4],
-    orig_box: [u32; 4],
-    atol: f64,
-) -> bool {
+pub fn is_box_near_crop_edge(box_xyxy: [u32; 4], crop_box: [u32; 4], orig_box: [u32; 4], atol: f64) -> bool {
     let (x0, y0) = (crop_box[0] as f64, crop_box[1] as f64);
-    let b = [
-        box_xyxy[0] as f64 + x0,
-        box_xyxy[1] as f64 + y0,
-        box_xyxy[2] as f64 + x0,
-        box_xyxy[3] as f64 + y0,
-    ];
+    let b = [box_xyxy[0] as f64 + x0, box_xyxy[1] as f64 + y0, box_xyxy[2] as f64 + x0, box_xyxy[3] as f64 + y0];
     (0..4).any(|k| {
         let near_crop = (b[k] - crop_box[k] as f64).abs() <= atol;
         let near_image = (b[k] - orig_box[k] as f64).abs() <= atol;
@@ -778,18 +743,15 @@ pub fn remove_small_regions(mask: Mask, area_thresh: u64, mode: RegionMode) -> (
         return (mask, false);
     }
     let out: Vec<u8> = match mode {
-        RegionMode::Holes => data
-            .iter()
-            .zip(&labels)
-            .map(|(&v, &l)| (v != 0 || (l != 0 && small[l as usize - 1])) as u8)
-            .collect(),
+        RegionMode::Holes => {
+            data.iter().zip(&labels).map(|(&v, &l)| (v != 0 || (l != 0 && small[l as usize - 1])) as u8).collect()
+        }
         RegionMode::Islands => {
             let mut keep: Vec<bool> = small.iter().map(|&s| !s).collect();
             if !keep.iter().any(|&k| k) {
                 // All too small: keep the largest (the first in OpenCV's label order).
-                let best = (0..sizes.len())
-                    .max_by(|&a, &b| sizes[a].cmp(&sizes[b]).then(keys[b].cmp(&keys[a])))
-                    .unwrap_or(0);
+                let best =
+                    (0..sizes.len()).max_by(|&a, &b| sizes[a].cmp(&sizes[b]).then(keys[b].cmp(&keys[a]))).unwrap_or(0);
                 keep[best] = true;
             }
             labels.iter().map(|&l| (l != 0 && keep[l as usize - 1]) as u8).collect()
@@ -834,9 +796,7 @@ pub fn generate(
         return Err(AmgError::Image(format!("empty {w}x{h} image")));
     }
     if w as u64 * h as u64 > u32::MAX as u64 {
-        return Err(AmgError::Image(format!(
-            "a {w}x{h} image has more pixels than COCO RLE can describe"
-        )));
+        return Err(AmgError::Image(format!("a {w}x{h} image has more pixels than COCO RLE can describe")));
     }
     let crops = generate_crop_boxes(h, w, cfg.crop_n_layers, cfg.crop_overlap_ratio)?;
     let total: usize = crops.iter().map(|c| grids[c.layer].len()).sum();
@@ -864,11 +824,8 @@ pub fn generate(
         records = select(records, &keep);
     }
     if cfg.min_mask_region_area > 0 {
-        records = postprocess_small_regions(
-            records,
-            cfg.min_mask_region_area,
-            cfg.box_nms_thresh.max(cfg.crop_nms_thresh),
-        )?;
+        records =
+            postprocess_small_regions(records, cfg.min_mask_region_area, cfg.box_nms_thresh.max(cfg.crop_nms_thresh))?;
     }
     Ok(records
         .into_iter()
@@ -889,18 +846,10 @@ pub fn generate(
 }
 
 /// Checks a model answer for `n` points against the crop's size.
-fn check_point_masks(
-    out: &PointMasks,
-    n: usize,
-    height: usize,
-    width: usize,
-) -> Result<(), AmgError> {
+fn check_point_masks(out: &PointMasks, n: usize, height: usize, width: usize) -> Result<(), AmgError> {
     let bad = |msg: String| Err(AmgError::Model(msg));
     if out.height != height || out.width != width {
-        return bad(format!(
-            "predict_points returned {}x{} masks for a {height}x{width} image",
-            out.height, out.width
-        ));
+        return bad(format!("predict_points returned {}x{} masks for a {height}x{width} image", out.height, out.width));
     }
     if out.masks_per_point == 0 {
         return bad("predict_points returned 0 masks per point".into());
@@ -1005,9 +954,15 @@ fn process_crop(
         };
         let out = model.predict_points_banded(batch, budget, &wanted, &mut sink)?;
         if current != usize::MAX && next_row != ch_us {
-            return Err(AmgError::Model(format!("predict_points_banded: mask {current} ended at row {next_row} of {ch_us}")));
+            return Err(AmgError::Model(format!(
+                "predict_points_banded: mask {current} ended at row {next_row} of {ch_us}"
+            )));
         }
-        if out.height != ch_us || out.width != cw_us || out.masks_per_point == 0 || out.iou.len() != batch.len() * out.masks_per_point {
+        if out.height != ch_us
+            || out.width != cw_us
+            || out.masks_per_point == 0
+            || out.iou.len() != batch.len() * out.masks_per_point
+        {
             return Err(AmgError::Model(format!(
                 "predict_points_banded returned {} IoUs of {}x{} masks ({} per point) for {} points of a {ch_us}x{cw_us} image",
                 out.iou.len(),

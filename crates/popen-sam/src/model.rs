@@ -16,9 +16,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 use image::RgbImage;
 use popen_model::preprocess::{resize_pil, PilFilter};
-use popen_model::sam::{
-    interp_matrix, MaskDecoder, MaskDecoderConfig, PromptEncoder, PromptEncoderConfig, SamError,
-};
+use popen_model::sam::{interp_matrix, MaskDecoder, MaskDecoderConfig, PromptEncoder, PromptEncoderConfig, SamError};
 use popen_model::weights::{apply_checkpoint, Checkpoint, WeightsError};
 use serde::{Deserialize, Serialize};
 
@@ -117,10 +115,9 @@ impl SamConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Sam<B>> {
         let image_encoder = match &self.encoder {
             EncoderConfig::TinyVit(c) => ImageEncoder::TinyVit(c.init(device)?),
-            EncoderConfig::Vit(c) => ImageEncoder::Vit(
-                c.init(device)
-                    .map_err(|e| SamModelError::Sam(SamError::Config(e.to_string())))?,
-            ),
+            EncoderConfig::Vit(c) => {
+                ImageEncoder::Vit(c.init(device).map_err(|e| SamModelError::Sam(SamError::Config(e.to_string())))?)
+            }
         };
         Ok(Sam {
             image_encoder,
@@ -236,12 +233,7 @@ pub fn postprocess_matrix(low: usize, size: usize, valid: usize, out: usize) -> 
 
 impl<B: Backend> SamPredictor<B> {
     pub fn new(model: Sam<B>, config: SamConfig, device: &B::Device) -> Self {
-        Self {
-            model,
-            config,
-            device: device.clone(),
-            state: None,
-        }
+        Self { model, config, device: device.clone(), state: None }
     }
 
     pub fn device(&self) -> &B::Device {
@@ -268,8 +260,7 @@ impl<B: Backend> SamPredictor<B> {
         let mut data = vec![0f32; 3 * size * size];
         for (x, y, p) in resized.enumerate_pixels() {
             for c in 0..3 {
-                data[c * size * size + y as usize * size + x as usize] =
-                    (p.0[c] as f32 - mean[c]) / std[c];
+                data[c * size * size + y as usize * size + x as usize] = (p.0[c] as f32 - mean[c]) / std[c];
             }
         }
         let t = Tensor::from_data(TensorData::new(data, [1, 3, size, size]), &self.device);
@@ -317,11 +308,7 @@ impl<B: Backend> SamPredictor<B> {
         let (low_res, iou) = self.predict_low_res(prompts, multimask)?;
         let st = self.state.as_ref().ok_or(SamModelError::NoImage)?;
         let masks = self.postprocess(st, low_res.clone());
-        Ok(Prediction {
-            masks,
-            iou,
-            low_res,
-        })
+        Ok(Prediction { masks, iou, low_res })
     }
 
     /// [`Self::predict`] without the postprocessing: the decoder's low-resolution logits
@@ -356,9 +343,7 @@ impl<B: Backend> SamPredictor<B> {
                 return Err(SamModelError::Prompt(format!("prompt {i}: non-finite coordinate")));
             }
             if let Some(l) = p.labels.iter().find(|l| !matches!(l, 0 | 1)) {
-                return Err(SamModelError::Prompt(format!(
-                    "prompt {i}: label {l} (1 = foreground, 0 = background)"
-                )));
+                return Err(SamModelError::Prompt(format!("prompt {i}: label {l} (1 = foreground, 0 = background)")));
             }
         }
         // ResizeLongestSide.apply_coords: scale x by new_w / old_w, y by new_h / old_h.
@@ -370,8 +355,7 @@ impl<B: Backend> SamPredictor<B> {
                 .iter()
                 .flat_map(|p| p.points.iter().flat_map(|[x, y]| [(x * sx) as f32, (y * sy) as f32]))
                 .collect();
-            let labels: Vec<f32> =
-                prompts.iter().flat_map(|p| p.labels.iter().map(|&l| l as f32)).collect();
+            let labels: Vec<f32> = prompts.iter().flat_map(|p| p.labels.iter().map(|&l| l as f32)).collect();
             (
                 Tensor::<B, 3>::from_data(TensorData::new(coords, [n, np, 2]), &self.device),
                 Tensor::<B, 2>::from_data(TensorData::new(labels, [n, np]), &self.device),
@@ -415,15 +399,8 @@ impl<B: Backend> SamPredictor<B> {
     fn postprocess(&self, st: &ImageState<B>, low: Tensor<B, 4>) -> Tensor<B, 4> {
         let [n, k, lh, lw] = low.dims();
         let (oh, ow) = st.original_hw;
-        let x = low
-            .reshape([n * k * lh, lw])
-            .matmul(st.post_w.clone().transpose())
-            .reshape([n * k, lh, ow]);
-        st.post_h
-            .clone()
-            .unsqueeze::<3>()
-            .matmul(x)
-            .reshape([n, k, oh, ow])
+        let x = low.reshape([n * k * lh, lw]).matmul(st.post_w.clone().transpose()).reshape([n * k, lh, ow]);
+        st.post_h.clone().unsqueeze::<3>().matmul(x).reshape([n, k, oh, ow])
     }
 }
 
@@ -447,10 +424,7 @@ impl<B: Backend> PromptModel for SamPredictor<B> {
         let model_err = |e: SamModelError| AmgError::Model(e.to_string());
         let (low, iou) = self.predict_low_res(&point_prompts(points), true).map_err(model_err)?;
         let [n, k, lh, lw] = low.dims();
-        let iou = iou
-            .into_data()
-            .into_vec::<f32>()
-            .map_err(|e| AmgError::Model(format!("IoU predictions: {e:?}")))?;
+        let iou = iou.into_data().into_vec::<f32>().map_err(|e| AmgError::Model(format!("IoU predictions: {e:?}")))?;
         let (h, w) = self.original_hw().ok_or_else(|| model_err(SamModelError::NoImage))?;
         let keep: Vec<usize> = (0..n * k).filter(|&i| wanted(iou[i])).collect();
         let low = low.reshape([n * k, lh, lw]);
@@ -469,7 +443,15 @@ impl<B: Backend> PromptModel for SamPredictor<B> {
                 let logits = to_vec(self.postprocess_rows(pick(idx), 0..h).map_err(model_err)?)?;
                 for (j, &m) in idx.iter().enumerate() {
                     let piece = &logits[j * h * w..(j + 1) * h * w];
-                    sink(MaskRows { mask: m, point: m / k, iou: iou[m], rows: 0..h, width: w, height: h, logits: piece })?;
+                    sink(MaskRows {
+                        mask: m,
+                        point: m / k,
+                        iou: iou[m],
+                        rows: 0..h,
+                        width: w,
+                        height: h,
+                        logits: piece,
+                    })?;
                 }
             }
         } else {
@@ -480,7 +462,15 @@ impl<B: Backend> PromptModel for SamPredictor<B> {
                 while r0 < h {
                     let r1 = (r0 + band).min(h);
                     let logits = to_vec(self.postprocess_rows(one.clone(), r0..r1).map_err(model_err)?)?;
-                    sink(MaskRows { mask: m, point: m / k, iou: iou[m], rows: r0..r1, width: w, height: h, logits: &logits })?;
+                    sink(MaskRows {
+                        mask: m,
+                        point: m / k,
+                        iou: iou[m],
+                        rows: r0..r1,
+                        width: w,
+                        height: h,
+                        logits: &logits,
+                    })?;
                     r0 = r1;
                 }
             }
@@ -498,26 +488,12 @@ impl<B: Backend> PromptModel for SamPredictor<B> {
 
     fn predict_points(&mut self, points: &[[f64; 2]]) -> std::result::Result<PointMasks, AmgError> {
         let prompts = point_prompts(points);
-        let pred = self
-            .predict(&prompts, true)
-            .map_err(|e| AmgError::Model(e.to_string()))?;
+        let pred = self.predict(&prompts, true).map_err(|e| AmgError::Model(e.to_string()))?;
         let [_, k, h, w] = pred.masks.dims();
-        let logits = pred
-            .masks
-            .into_data()
-            .into_vec::<f32>()
-            .map_err(|e| AmgError::Model(format!("mask logits: {e:?}")))?;
-        let iou = pred
-            .iou
-            .into_data()
-            .into_vec::<f32>()
-            .map_err(|e| AmgError::Model(format!("IoU predictions: {e:?}")))?;
-        Ok(PointMasks {
-            height: h,
-            width: w,
-            masks_per_point: k,
-            logits,
-            iou,
-        })
+        let logits =
+            pred.masks.into_data().into_vec::<f32>().map_err(|e| AmgError::Model(format!("mask logits: {e:?}")))?;
+        let iou =
+            pred.iou.into_data().into_vec::<f32>().map_err(|e| AmgError::Model(format!("IoU predictions: {e:?}")))?;
+        Ok(PointMasks { height: h, width: w, masks_per_point: k, logits, iou })
     }
 }

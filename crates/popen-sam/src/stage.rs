@@ -103,8 +103,8 @@ pub struct SamMasksReport {
 
 /// The folder's photos in name order.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir)
-        .map_err(|e| StageError::Input(format!("{}: cannot list images: {e}", dir.display())))?;
+    let rd =
+        std::fs::read_dir(dir).map_err(|e| StageError::Input(format!("{}: cannot list images: {e}", dir.display())))?;
     let mut files: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -172,7 +172,15 @@ pub fn run<B: Backend>(
     }
     let def = def.shard(shard).ignoring(&["chunk"]);
     if def.is_complete(out) {
-        return Ok(SamMasksReport { output: out.to_path_buf(), up_to_date: true, images: 0, resumed: 0, skipped: 0, masks: 0, seconds: 0.0 });
+        return Ok(SamMasksReport {
+            output: out.to_path_buf(),
+            up_to_date: true,
+            images: 0,
+            resumed: 0,
+            skipped: 0,
+            masks: 0,
+            seconds: 0.0,
+        });
     }
     let model = Sam::<B>::load(kind, &cfg.checkpoint, device)
         .map_err(|e| StageError::Model(format!("{}: {e}", cfg.checkpoint.display())))?;
@@ -183,7 +191,11 @@ pub fn run<B: Backend>(
     let resumed = writer.resumed();
     let meta = serde_json::json!({"tool": "sam", "model": kind.name(), "amg": config_json["amg"]});
     let (mut images, mut skipped, mut masks_total) = (0usize, 0usize, 0usize);
-    let mut one = |id: &str, img: std::result::Result<RgbImage, String>, w: &mut ResumableWriter<ProposalSet>, m: &mut Manifest| -> Result<()> {
+    let mut one = |id: &str,
+                   img: std::result::Result<RgbImage, String>,
+                   w: &mut ResumableWriter<ProposalSet>,
+                   m: &mut Manifest|
+     -> Result<()> {
         images += 1;
         if w.is_done(id) {
             return Ok(());
@@ -228,12 +240,10 @@ pub fn run<B: Backend>(
                     continue;
                 }
                 let id = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                let img = std::fs::read(f)
-                    .map_err(|e| format!("{}: {e}", f.display()))
-                    .and_then(|b| {
-                        popen_core::imageio::decode_rgb_limited(&b, Some(&f.display().to_string()), &cfg.limits)
-                            .map_err(|e| e.to_string())
-                    });
+                let img = std::fs::read(f).map_err(|e| format!("{}: {e}", f.display())).and_then(|b| {
+                    popen_core::imageio::decode_rgb_limited(&b, Some(&f.display().to_string()), &cfg.limits)
+                        .map_err(|e| e.to_string())
+                });
                 one(&id, img, &mut writer, &mut manifest)?;
             }
             bar.finish();

@@ -38,9 +38,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Int, TensorData};
-use popen_model::sam::{
-    im2col_conv2d, patch_conv2d_tokens, LayerNorm2d, MlpBlock, SamActivation, SeqLayer,
-};
+use popen_model::sam::{im2col_conv2d, patch_conv2d_tokens, LayerNorm2d, MlpBlock, SamActivation, SeqLayer};
 use popen_model::weights::{apply_checkpoint, Checkpoint, WeightsError};
 use serde::{Deserialize, Serialize};
 
@@ -162,10 +160,7 @@ impl VitEncoderConfig {
             ));
         }
         if !self.embed_dim.is_multiple_of(self.num_heads) {
-            return bad(format!(
-                "num_heads {} must divide embed_dim {}",
-                self.num_heads, self.embed_dim
-            ));
+            return bad(format!("num_heads {} must divide embed_dim {}", self.num_heads, self.embed_dim));
         }
         if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_dim() == 0 {
             return bad(format!(
@@ -174,10 +169,7 @@ impl VitEncoderConfig {
             ));
         }
         if let Some(i) = self.global_attn_indexes.iter().find(|&&i| i >= self.depth) {
-            return bad(format!(
-                "global_attn_indexes contains {i}, but there are only {} blocks",
-                self.depth
-            ));
+            return bad(format!("global_attn_indexes contains {i}, but there are only {} blocks", self.depth));
         }
         Ok(())
     }
@@ -196,11 +188,7 @@ impl VitEncoderConfig {
         for i in 0..self.depth {
             let qkv = 3 * c * c + if self.qkv_bias { 3 * c } else { 0 };
             let proj = c * c + c;
-            let rel = if self.use_rel_pos {
-                2 * (2 * self.attn_input_size(i) - 1) * hd
-            } else {
-                0
-            };
+            let rel = if self.use_rel_pos { 2 * (2 * self.attn_input_size(i) - 1) * hd } else { 0 };
             let norms = 4 * c;
             let mlp = c * m + m + m * c + c;
             n += qkv + proj + rel + norms + mlp;
@@ -216,24 +204,15 @@ impl VitEncoderConfig {
         let c = self.embed_dim;
         let g = self.grid_size();
         let hd = c / self.num_heads;
-        let norm = || {
-            LayerNormConfig::new(c)
-                .with_epsilon(LAYER_NORM_EPS)
-                .init(device)
-        };
+        let norm = || LayerNormConfig::new(c).with_epsilon(LAYER_NORM_EPS).init(device);
         let blocks = (0..self.depth)
             .map(|i| {
                 let s = self.attn_input_size(i);
-                let rel = || {
-                    self.use_rel_pos
-                        .then(|| Param::from_tensor(Tensor::zeros([2 * s - 1, hd], device)))
-                };
+                let rel = || self.use_rel_pos.then(|| Param::from_tensor(Tensor::zeros([2 * s - 1, hd], device)));
                 VitBlock {
                     norm1: norm(),
                     attn: VitAttention {
-                        qkv: LinearConfig::new(c, 3 * c)
-                            .with_bias(self.qkv_bias)
-                            .init(device),
+                        qkv: LinearConfig::new(c, 3 * c).with_bias(self.qkv_bias).init(device),
                         proj: LinearConfig::new(c, c).init(device),
                         rel_pos_h: rel(),
                         rel_pos_w: rel(),
@@ -241,21 +220,13 @@ impl VitEncoderConfig {
                     },
                     norm2: norm(),
                     mlp: MlpBlock::new(c, self.mlp_dim(), SamActivation::Gelu, device),
-                    window_size: if self.is_windowed(i) {
-                        self.window_size
-                    } else {
-                        0
-                    },
+                    window_size: if self.is_windowed(i) { self.window_size } else { 0 },
                 }
             })
             .collect();
         let o = self.out_chans;
         let neck = vec![
-            SeqLayer::Conv(
-                Conv2dConfig::new([c, o], [1, 1])
-                    .with_bias(false)
-                    .init(device),
-            ),
+            SeqLayer::Conv(Conv2dConfig::new([c, o], [1, 1]).with_bias(false).init(device)),
             SeqLayer::Norm(LayerNorm2d::new(o, device)),
             SeqLayer::Conv(
                 Conv2dConfig::new([o, o], [3, 3])
@@ -268,13 +239,9 @@ impl VitEncoderConfig {
         let p = self.patch_size;
         Ok(ImageEncoderViT {
             patch_embed: PatchEmbed {
-                proj: Conv2dConfig::new([self.in_chans, c], [p, p])
-                    .with_stride([p, p])
-                    .init(device),
+                proj: Conv2dConfig::new([self.in_chans, c], [p, p]).with_stride([p, p]).init(device),
             },
-            pos_embed: self
-                .use_abs_pos
-                .then(|| Param::from_tensor(Tensor::zeros([1, g, g, c], device))),
+            pos_embed: self.use_abs_pos.then(|| Param::from_tensor(Tensor::zeros([1, g, g, c], device))),
             blocks,
             neck,
             patch_size: p,
@@ -292,11 +259,8 @@ impl<B: Backend> PatchEmbed<B> {
     /// `[b, c_in, H, W]` -> channels-last `[b, H / p, W / p, embed_dim]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let b = x.dims()[0];
-        let (tokens, [gh, gw]) = patch_conv2d_tokens(
-            x,
-            self.proj.weight.val(),
-            self.proj.bias.as_ref().map(|b| b.val()),
-        );
+        let (tokens, [gh, gw]) =
+            patch_conv2d_tokens(x, self.proj.weight.val(), self.proj.bias.as_ref().map(|b| b.val()));
         let c = tokens.dims()[2];
         tokens.reshape([b, gh, gw, c])
     }
@@ -320,16 +284,13 @@ impl<B: Backend> VitAttention<B> {
         let (nh, n) = (self.num_heads, h * w);
         let hd = c / nh;
         // [b, n, 3, nh, hd] -> three [b * nh, n, hd].
-        let qkv = self
-            .qkv
-            .forward(x.reshape([b, n, c]))
-            .reshape([b, n, 3, nh, hd]);
+        let qkv = self.qkv.forward(x.reshape([b, n, c])).reshape([b, n, 3, nh, hd]);
         let part = |i: usize| {
-            qkv.clone()
-                .slice([0..b, 0..n, i..i + 1, 0..nh, 0..hd])
-                .reshape([b, n, nh, hd])
-                .swap_dims(1, 2)
-                .reshape([b * nh, n, hd])
+            qkv.clone().slice([0..b, 0..n, i..i + 1, 0..nh, 0..hd]).reshape([b, n, nh, hd]).swap_dims(1, 2).reshape([
+                b * nh,
+                n,
+                hd,
+            ])
         };
         let (q, k, v) = (part(0), part(1), part(2));
         let scale = (hd as f64).powf(-0.5);
@@ -338,10 +299,7 @@ impl<B: Backend> VitAttention<B> {
             attn = add_decomposed_rel_pos(attn, q, rh.val(), rw.val(), [h, w], [h, w]);
         }
         let y = softmax(attn, 2).matmul(v); // [b * nh, n, hd]
-        let y = y
-            .reshape([b, nh, h, w, hd])
-            .permute([0, 2, 3, 1, 4])
-            .reshape([b, h, w, c]);
+        let y = y.reshape([b, nh, h, w, hd]).permute([0, 2, 3, 1, 4]).reshape([b, h, w, c]);
         self.proj.forward(y)
     }
 }
@@ -469,12 +427,7 @@ impl<B: Backend> ImageEncoderViT<B> {
 
 /// `x` with `before` / `after` zeros along `dim`, in `x`'s own float type (burn's `pad`
 /// makes them in the device default type, which bf16/f16 tensors on Flex refuse).
-fn zero_pad<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
-    dim: usize,
-    before: usize,
-    after: usize,
-) -> Tensor<B, D> {
+fn zero_pad<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize, before: usize, after: usize) -> Tensor<B, D> {
     if before == 0 && after == 0 {
         return x;
     }
@@ -501,10 +454,12 @@ pub fn window_partition<B: Backend>(x: Tensor<B, 4>, ws: usize) -> (Tensor<B, 4>
     let (ph, pw) = ((ws - h % ws) % ws, (ws - w % ws) % ws);
     let (hp, wp) = (h + ph, w + pw);
     let x = zero_pad(zero_pad(x, 1, 0, ph), 2, 0, pw);
-    let windows = x
-        .reshape([b, hp / ws, ws, wp / ws, ws, c])
-        .permute([0, 1, 3, 2, 4, 5])
-        .reshape([b * (hp / ws) * (wp / ws), ws, ws, c]);
+    let windows = x.reshape([b, hp / ws, ws, wp / ws, ws, c]).permute([0, 1, 3, 2, 4, 5]).reshape([
+        b * (hp / ws) * (wp / ws),
+        ws,
+        ws,
+        c,
+    ]);
     (windows, [hp, wp])
 }
 
@@ -519,10 +474,7 @@ pub fn window_unpartition<B: Backend>(
     let [h, w] = hw;
     let [nwb, _, _, c] = windows.dims();
     let b = nwb / ((hp / ws) * (wp / ws));
-    let x = windows
-        .reshape([b, hp / ws, wp / ws, ws, ws, c])
-        .permute([0, 1, 3, 2, 4, 5])
-        .reshape([b, hp, wp, c]);
+    let x = windows.reshape([b, hp / ws, wp / ws, ws, ws, c]).permute([0, 1, 3, 2, 4, 5]).reshape([b, hp, wp, c]);
     if hp > h || wp > w {
         x.slice([0..b, 0..h, 0..w, 0..c])
     } else {
@@ -567,11 +519,7 @@ pub fn rel_pos_indices(q_size: usize, k_size: usize) -> Vec<i64> {
 /// `get_rel_pos`: the relative-position embeddings `[q_size, k_size, c]` of a table
 /// `rel_pos` `[len, c]`, which is first resized (linear, align_corners=False) to
 /// `2 * max(q_size, k_size) - 1` rows when it has another length.
-pub fn get_rel_pos<B: Backend>(
-    q_size: usize,
-    k_size: usize,
-    rel_pos: Tensor<B, 2>,
-) -> Tensor<B, 3> {
+pub fn get_rel_pos<B: Backend>(q_size: usize, k_size: usize, rel_pos: Tensor<B, 2>) -> Tensor<B, 3> {
     let [len, c] = rel_pos.dims();
     let max_rel = 2 * q_size.max(k_size) - 1;
     let device = rel_pos.device();
@@ -586,10 +534,8 @@ pub fn get_rel_pos<B: Backend>(
     } else {
         rel_pos
     };
-    let idx = Tensor::<B, 1, Int>::from_data(
-        TensorData::new(rel_pos_indices(q_size, k_size), [q_size * k_size]),
-        &device,
-    );
+    let idx =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(rel_pos_indices(q_size, k_size), [q_size * k_size]), &device);
     table.select(0, idx).reshape([q_size, k_size, c])
 }
 
@@ -624,8 +570,7 @@ pub fn add_decomposed_rel_pos<B: Backend>(
         .matmul(rw.swap_dims(1, 2))
         .reshape([qw, b, qh, kw])
         .permute([1, 2, 0, 3]);
-    let attn = attn.reshape([b, qh, qw, kh, kw])
-        + rel_h.reshape([b, qh, qw, kh, 1])
-        + rel_w.reshape([b, qh, qw, 1, kw]);
+    let attn =
+        attn.reshape([b, qh, qw, kh, kw]) + rel_h.reshape([b, qh, qw, kh, 1]) + rel_w.reshape([b, qh, qw, 1, kw]);
     attn.reshape([b, qh * qw, kh * kw])
 }

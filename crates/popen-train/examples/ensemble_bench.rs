@@ -46,9 +46,17 @@ fn main() -> Res<()> {
         "flex" => run::<burn::backend::Flex>(&preset, &Default::default())?,
         #[cfg(feature = "bench-cuda")]
         "cuda" => run::<burn::backend::Cuda<f32, i32>>(&preset, &Default::default())?,
-        other => return Err(format!("ENS_BENCH_BACKEND={other}: not in this build (flex; cuda with --features bench-cuda)").into()),
+        other => {
+            return Err(
+                format!("ENS_BENCH_BACKEND={other}: not in this build (flex; cuda with --features bench-cuda)").into()
+            )
+        }
     };
-    let name = if (backend.as_str(), preset.as_str()) == ("flex", "tiny") { String::new() } else { format!("-{backend}-{preset}") };
+    let name = if (backend.as_str(), preset.as_str()) == ("flex", "tiny") {
+        String::new()
+    } else {
+        format!("-{backend}-{preset}")
+    };
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../target/bench-ensemble{name}.json"));
     std::fs::write(&out, serde_json::to_string_pretty(&rows)?)?;
     eprintln!("wrote {}", out.display());
@@ -60,7 +68,8 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
     let iters: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
     let max_new: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(24);
     let warmup: usize = std::env::var("ENS_BENCH_WARMUP").ok().map(|s| s.parse()).transpose()?.unwrap_or(1);
-    let samples: Vec<_> = (0..4).map(|i| generate_sample(&SynthConfig::default(), "val", i)).collect::<Result<_, _>>()?;
+    let samples: Vec<_> =
+        (0..4).map(|i| generate_sample(&SynthConfig::default(), "val", i)).collect::<Result<_, _>>()?;
     let texts: Vec<String> = samples.iter().flat_map(|s| [s.instruction.clone(), s.answer.clone()]).collect();
     let mut tok = Tokenizer::train_tiny(texts.iter().map(String::as_str), 400, TINY_SPECIALS)?;
     let mut cfg = PixelLmConfig::tiny(512);
@@ -68,8 +77,10 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
     match preset {
         "tiny" => {}
         "smollm2" => {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-            let g = popen_model::gguf::GgufFile::open(&path).map_err(|e| format!("{}: {e} (run make assets)", path.display()))?;
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../data/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+            let g = popen_model::gguf::GgufFile::open(&path)
+                .map_err(|e| format!("{}: {e} (run make assets)", path.display()))?;
             tok = Tokenizer::from_gguf(&g)?;
             let llm = popen_model::llama::LlamaConfig::from_gguf(&g)?;
             cfg.llm = llm.clone();
@@ -104,7 +115,8 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
         Err(_) => vec![1, 4],
     };
     for n in sizes {
-        let items: Vec<(&image::RgbImage, &str)> = images[..n].iter().zip(&samples[..n]).map(|(im, s)| (im, s.instruction.as_str())).collect();
+        let items: Vec<(&image::RgbImage, &str)> =
+            images[..n].iter().zip(&samples[..n]).map(|(im, s)| (im, s.instruction.as_str())).collect();
         let reread = EnsembleSettings { share_prompt: false, ..ens.clone() };
         let (mut plain, mut ens_reread, mut ens_shared) = (Vec::new(), Vec::new(), Vec::new());
         for it in 0..warmup + iters {
@@ -143,7 +155,8 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
             lap(1, &mut phases);
             let cands = ensemble::sample_candidates(&p, &feats, &q, &ens)?;
             lap(2, &mut phases);
-            let scores: Vec<ensemble::Scores> = cands.iter().map(|c| ensemble::scores(&p, c)).collect::<Result<_, _>>()?;
+            let scores: Vec<ensemble::Scores> =
+                cands.iter().map(|c| ensemble::scores(&p, c)).collect::<Result<_, _>>()?;
             let refined = ensemble::refine(&p, &feats, &q, &cands, &scores, &ens)?;
             lap(3, &mut phases);
             for (cs, r) in cands.iter().zip(&refined) {
@@ -152,15 +165,24 @@ fn run<B: Backend>(preset: &str, device: &B::Device) -> Res<Vec<serde_json::Valu
                 repeats += cs.iter().any(|c| c.ids == r.0) as usize;
                 count += 1;
             }
-            let tails = (0..n).map(|i| ensemble::seg_tail(&p, &cands[i], Some(&scores[i].eta), &refined[i].0, true)).collect();
+            let tails =
+                (0..n).map(|i| ensemble::seg_tail(&p, &cands[i], Some(&scores[i].eta), &refined[i].0, true)).collect();
             let (hidden, _) = q.forward(&p, &feats, tails)?;
             let _ = hidden.into_data();
             lap(4, &mut phases);
         }
-        let names = ["image encoding", "prompt prefill", "K samples (+ their masks)", "scores + refined answer", "seg pass (forward)"];
-        let breakdown: Vec<String> = names.iter().zip(&phases).map(|(nm, v)| format!("{nm} {:.1} ms", median(v.clone()) * 1e3)).collect();
+        let names = [
+            "image encoding",
+            "prompt prefill",
+            "K samples (+ their masks)",
+            "scores + refined answer",
+            "seg pass (forward)",
+        ];
+        let breakdown: Vec<String> =
+            names.iter().zip(&phases).map(|(nm, v)| format!("{nm} {:.1} ms", median(v.clone()) * 1e3)).collect();
         eprintln!("{preset}, {n} item(s), shared ensemble by step: {}", breakdown.join(", "));
-        let (mean_cand, mean_tilde) = (cand_len as f64 / (count * 3).max(1) as f64, tilde_len as f64 / count.max(1) as f64);
+        let (mean_cand, mean_tilde) =
+            (cand_len as f64 / (count * 3).max(1) as f64, tilde_len as f64 / count.max(1) as f64);
         eprintln!(
             "{preset}, {n} item(s): mean sample length {mean_cand:.1} tokens, refined {mean_tilde:.1}; the refined answer repeats a sample in {repeats} of {count}"
         );

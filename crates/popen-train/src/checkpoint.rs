@@ -67,7 +67,8 @@ pub fn latest(root: &Path) -> Result<Option<(PathBuf, TrainState)>> {
 pub fn read_state(dir: &Path) -> Result<TrainState> {
     let p = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path: p, message: format!("unreadable state: {e}") })
+    serde_json::from_str(&text)
+        .map_err(|e| TrainError::Checkpoint { path: p, message: format!("unreadable state: {e}") })
 }
 
 /// Writes a checkpoint atomically: `write_tensors(tmp_dir)` writes the model and optimizer

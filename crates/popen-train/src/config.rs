@@ -324,7 +324,8 @@ pub fn apply_set(root: &mut toml::Value, set: &str) -> std::result::Result<(), S
     }
     let mut cur = root;
     for (i, p) in parts.iter().enumerate() {
-        let table = cur.as_table_mut().ok_or_else(|| format!("--set {set}: '{}' is not a table", parts[..i].join(".")))?;
+        let table =
+            cur.as_table_mut().ok_or_else(|| format!("--set {set}: '{}' is not a table", parts[..i].join(".")))?;
         if i + 1 == parts.len() {
             if !table.contains_key(*p) {
                 let known: Vec<&String> = table.keys().collect();

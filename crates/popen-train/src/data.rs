@@ -50,7 +50,11 @@ impl Example {
     }
 
     pub fn decode_masks(&self) -> Result<Vec<Mask>, String> {
-        self.masks.iter().enumerate().map(|(i, m)| m.decode().map_err(|e| format!("sample '{}': target mask {i}: {e}", self.id))).collect()
+        self.masks
+            .iter()
+            .enumerate()
+            .map(|(i, m)| m.decode().map_err(|e| format!("sample '{}': target mask {i}: {e}", self.id)))
+            .collect()
     }
 }
 
@@ -137,12 +141,19 @@ fn prepare_one(
     let prompt = prompt_pieces(tok, &s.instruction)?;
     let (answer_ids, groups) = answer_with_groups(tok, tokens, &s.answer, group_len)?;
     if groups.len() != s.target_masks.len() {
-        return Err(format!("answer has {} seg groups but the sample has {} target masks", groups.len(), s.target_masks.len()));
+        return Err(format!(
+            "answer has {} seg groups but the sample has {} target masks",
+            groups.len(),
+            s.target_masks.len()
+        ));
     }
     let prompt_len = prompt_len(&prompt, image_tokens);
     let seq_len = prompt_len + answer_ids.len();
     if seq_len > max_len {
-        return Err(format!("{seq_len} tokens (prompt {prompt_len} + answer {}) exceed max_len {max_len}", answer_ids.len()));
+        return Err(format!(
+            "{seq_len} tokens (prompt {prompt_len} + answer {}) exceed max_len {max_len}",
+            answer_ids.len()
+        ));
     }
     Ok(Example {
         id: s.id.clone(),
@@ -198,7 +209,9 @@ pub fn with_candidates(
         return vec![None; idx.len()];
     }
     let mut rng = ChaCha8Rng::seed_from_u64(
-        seed.wrapping_mul(0x5851_F42D_4C95_7F2D) ^ (m as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xE45E,
+        seed.wrapping_mul(0x5851_F42D_4C95_7F2D)
+            ^ (m as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ 0xE45E,
     );
     idx.iter()
         .map(|&i| {

@@ -266,7 +266,10 @@ impl DpoConfig {
             }
             for t in &self.lora.targets {
                 if !params::LORA_TARGETS.contains(&t.as_str()) {
-                    return Err(format!("lora.targets: unknown projection '{t}' (one of {})", params::LORA_TARGETS.join(", ")));
+                    return Err(format!(
+                        "lora.targets: unknown projection '{t}' (one of {})",
+                        params::LORA_TARGETS.join(", ")
+                    ));
                 }
             }
         }
@@ -296,7 +299,8 @@ struct ImageSrc {
 
 impl ImageSrc {
     fn decode(&self) -> Result<image::RgbImage> {
-        let img = popen_core::imageio::decode_rgb(&self.bytes, Some(&self.label)).map_err(|e| TrainError::Data(e.to_string()))?;
+        let img = popen_core::imageio::decode_rgb(&self.bytes, Some(&self.label))
+            .map_err(|e| TrainError::Data(e.to_string()))?;
         match &self.recipe {
             None => Ok(img),
             Some(r) => r.apply(&img).map_err(|e| TrainError::Data(format!("{}: {e}", self.label))),
@@ -443,7 +447,12 @@ struct Ctx<'a> {
     cfg: &'a DpoConfig,
 }
 
-fn prepare_text(path: &Path, ctx: &Ctx, images: &mut Images, skipped: &mut Vec<Skipped>) -> Result<(Vec<TextItem>, usize)> {
+fn prepare_text(
+    path: &Path,
+    ctx: &Ctx,
+    images: &mut Images,
+    skipped: &mut Vec<Skipped>,
+) -> Result<(Vec<TextItem>, usize)> {
     let recs = read_shard::<TextPref>(path)?;
     let n = recs.len();
     let mut out = Vec::with_capacity(n);
@@ -461,7 +470,11 @@ fn prepare_text(path: &Path, ctx: &Ctx, images: &mut Images, skipped: &mut Vec<S
         let pl = data::prompt_len(&prompt, ctx.image_tokens);
         let longest = chosen.len().max(rejected.len());
         if pl + longest > ctx.cfg.max_len {
-            skipped.push(skip(format!("{} tokens (prompt {pl} + answer {longest}) exceed max_len {}", pl + longest, ctx.cfg.max_len)));
+            skipped.push(skip(format!(
+                "{} tokens (prompt {pl} + answer {longest}) exceed max_len {}",
+                pl + longest,
+                ctx.cfg.max_len
+            )));
             continue;
         }
         let image = images.add(&r.image, None, format!("P_t record '{}'", r.id));
@@ -571,7 +584,12 @@ fn prepare_seg(
         }
         let pl = data::prompt_len(&prompt, ctx.image_tokens);
         if pl + answer.len() > ctx.cfg.max_len {
-            skipped.push(skip(format!("{} tokens (prompt {pl} + answer {}) exceed max_len {}", pl + answer.len(), answer.len(), ctx.cfg.max_len)));
+            skipped.push(skip(format!(
+                "{} tokens (prompt {pl} + answer {}) exceed max_len {}",
+                pl + answer.len(),
+                answer.len(),
+                ctx.cfg.max_len
+            )));
             continue;
         }
         let proposals_of = if needs_proposals {
@@ -589,13 +607,20 @@ fn prepare_seg(
         };
         let clean = images.add(&r.image, None, format!("P_s record '{}'", r.id));
         let d = ctx.f_dim;
-        let (mut f_w, mut f_m, mut f_l) = (Vec::with_capacity(nt * d), Vec::with_capacity(nt * d), Vec::with_capacity(nt * d));
+        let (mut f_w, mut f_m, mut f_l) =
+            (Vec::with_capacity(nt * d), Vec::with_capacity(nt * d), Vec::with_capacity(nt * d));
         let mut medians: Vec<usize> = Vec::new();
         let mut median_kept: Vec<usize> = Vec::new();
         let mut median_of = Vec::with_capacity(nt);
         let mut ref_best = Vec::with_capacity(nt);
         let targets_masks: Option<Vec<Mask>> = if phase == 1 && ctx.cfg.phase1_score == Phase1Score::Iou {
-            Some(r.target_masks.iter().map(|m| m.decode()).collect::<std::result::Result<_, _>>().map_err(|e| err("target_masks", e.to_string()))?)
+            Some(
+                r.target_masks
+                    .iter()
+                    .map(|m| m.decode())
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|e| err("target_masks", e.to_string()))?,
+            )
         } else {
             None
         };
@@ -768,9 +793,20 @@ fn text_loss<B: Backend>(
         }
         Tensor::<B, 2>::from_data(TensorData::new(v, [rows.len(), max]), &device)
     };
-    let rc = dpo_loss::weighted_logp(padded(items.iter().map(|t| &t.ref_chosen).collect(), max), &lens_c, &ch_c, lambda, cfg.seq_norm)?;
-    let rr =
-        dpo_loss::weighted_logp(padded(items.iter().map(|t| &t.ref_rejected).collect(), max), &lens_r, &ch_r, lambda, cfg.seq_norm)?;
+    let rc = dpo_loss::weighted_logp(
+        padded(items.iter().map(|t| &t.ref_chosen).collect(), max),
+        &lens_c,
+        &ch_c,
+        lambda,
+        cfg.seq_norm,
+    )?;
+    let rr = dpo_loss::weighted_logp(
+        padded(items.iter().map(|t| &t.ref_rejected).collect(), max),
+        &lens_r,
+        &ch_r,
+        lambda,
+        cfg.seq_norm,
+    )?;
     let out = dpo_loss::text_dpo(pc, pr, rc, rr, cfg.beta_t)?;
     match nll {
         Some(n) => {
@@ -816,7 +852,7 @@ fn seg_loss<B: Backend>(
             for &img in &it.medians {
                 rm.push(rows.len());
                 rows.push(rows_of::<B>(&it.prompt, bi.slot[&img], &it.answer));
-                    }
+            }
             row_median.push(rm);
         }
     }
@@ -843,13 +879,21 @@ fn seg_loss<B: Backend>(
         let mut o = 0;
         for it in items {
             for (t, rle) in it.targets.iter().enumerate() {
-                let gt = rle.decode().map_err(|e| TrainError::Data(format!("P_s record '{}': target mask {t}: {e}", it.id)))?;
+                let gt = rle
+                    .decode()
+                    .map_err(|e| TrainError::Data(format!("P_s record '{}': target mask {t}: {e}", it.id)))?;
                 let (h, w) = (gt.height() as usize, gt.width() as usize);
                 let [lh, lw] = logits[o].dims();
                 if (lh, lw) != (h, w) {
-                    return Err(TrainError::Data(format!("P_s record '{}': target {t}: mask logits are {lh}x{lw}, the target {h}x{w}", it.id)));
+                    return Err(TrainError::Data(format!(
+                        "P_s record '{}': target {t}: mask logits are {lh}x{lw}, the target {h}x{w}",
+                        it.id
+                    )));
                 }
-                let tgt = Tensor::<B, 2>::from_data(TensorData::new(gt.data().iter().map(|&v| f32::from(v)).collect::<Vec<f32>>(), [h, w]), &device);
+                let tgt = Tensor::<B, 2>::from_data(
+                    TensorData::new(gt.data().iter().map(|&v| f32::from(v)).collect::<Vec<f32>>(), [h, w]),
+                    &device,
+                );
                 bce = bce + loss::bce_mean(logits[o].clone(), tgt.clone());
                 dice = dice + loss::dice(logits[o].clone(), tgt);
                 o += 1;
@@ -880,15 +924,28 @@ fn seg_loss<B: Backend>(
     } else {
         let (logits, _) = m.decode_masks(&feats, f_theta.clone().detach(), &obj_img)?;
         let (masks, _) = popen_model::infer::binarize(logits)?;
-        let sel = SelectConfig { same_object_iou: cfg.same_object_iou, boundary_dilation: cfg.boundary_dilation, ..SelectConfig::default() };
+        let sel = SelectConfig {
+            same_object_iou: cfg.same_object_iou,
+            boundary_dilation: cfg.boundary_dilation,
+            ..SelectConfig::default()
+        };
         let mut scores = Vec::with_capacity(tn);
         let mut o = 0;
         for it in items {
             let nt = it.targets.len();
             let derr = |e: String| TrainError::Data(format!("P_s record '{}': {e}", it.id));
-            let gt: Vec<Mask> = it.targets.iter().map(|r| r.decode()).collect::<std::result::Result<_, _>>().map_err(|e| derr(e.to_string()))?;
+            let gt: Vec<Mask> = it
+                .targets
+                .iter()
+                .map(|r| r.decode())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| derr(e.to_string()))?;
             let props: Vec<Mask> = match (&it.proposals, it.phase, cfg.phase1_score) {
-                (Some(p), 1, Phase1Score::STerm) => p.iter().map(|r| r.decode()).collect::<std::result::Result<_, _>>().map_err(|e| derr(e.to_string()))?,
+                (Some(p), 1, Phase1Score::STerm) => p
+                    .iter()
+                    .map(|r| r.decode())
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|e| derr(e.to_string()))?,
                 _ => Vec::new(),
             };
             let targets = Targets::new(&gt, &props, &sel).map_err(|e| derr(e.to_string()))?;
@@ -1216,7 +1273,8 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
     };
     let mut images = Images::default();
     let mut skipped = Vec::new();
-    let (text, n_pt) = if cfg.uses_text() { prepare_text(job.pt, &ctx, &mut images, &mut skipped)? } else { (Vec::new(), 0) };
+    let (text, n_pt) =
+        if cfg.uses_text() { prepare_text(job.pt, &ctx, &mut images, &mut skipped)? } else { (Vec::new(), 0) };
     let needs_props = !cfg.ablation.no_seg_loss && !cfg.ablation.no_indicator && cfg.phase1_score == Phase1Score::STerm;
     let (seg1, n_ps1, seg2, n_ps2) = if cfg.uses_seg() {
         let (a, na) = prepare_seg(job.ps_phase1, 1, &ctx, &mut images, &mut skipped, &job.proposals, needs_props)?;
@@ -1285,7 +1343,13 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
     } else if cfg.ablation.one_phase || seg[0].is_empty() || seg[1].is_empty() {
         let mut all = pool(0);
         all.extend(pool(1));
-        let phase = if seg[0].is_empty() { 2 } else if seg[1].is_empty() { 1 } else { 0 };
+        let phase = if seg[0].is_empty() {
+            2
+        } else if seg[1].is_empty() {
+            1
+        } else {
+            0
+        };
         SegPlan { pools: vec![(all.clone(), mk_order(all.len(), 0x5EC0), phase)], switch: 0 }
     } else {
         SegPlan {
@@ -1335,7 +1399,12 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
             phase = ph;
             let s_items: Vec<&SegItem> = s_idx.iter().map(|&(k, i)| &seg[k][i]).collect();
             let ids = || {
-                t_items.iter().map(|t| format!("P_t '{}'", t.id)).chain(s_items.iter().map(|s| format!("P_s '{}'", s.id))).collect::<Vec<_>>().join(", ")
+                t_items
+                    .iter()
+                    .map(|t| format!("P_t '{}'", t.id))
+                    .chain(s_items.iter().map(|s| format!("P_s '{}'", s.id)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             let (grads, st) = micro_step(&model, &t_items, &s_items, &images, &pre, cfg)
                 .map_err(|e| TrainError::Data(format!("step {step}: batch of {}: {e}", ids())))?;
@@ -1364,7 +1433,8 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
             });
         }
         model = model.optimize(&mut optim, lr, grads);
-        let row = step_metrics(step, lr, norm, phase, &stats, per_epoch, cfg.grad_accum, step_t.elapsed().as_secs_f64());
+        let row =
+            step_metrics(step, lr, norm, phase, &stats, per_epoch, cfg.grad_accum, step_t.elapsed().as_secs_f64());
         last_loss = Some(row.loss);
         let done = step + 1;
         if done % cfg.log_every == 0 || done == total_steps || step == start {
@@ -1390,7 +1460,16 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
             b.set_prefix(format!("loss {:.4} lr {:.2e}", row.loss, lr));
         }
         if done % cfg.checkpoint_every == 0 || done == total_steps {
-            let p = crate::stage::write_checkpoint(out, &model, &optim, done, cfg.grad_accum, &cfg_json, cfg.keep_checkpoints, last_loss)?;
+            let p = crate::stage::write_checkpoint(
+                out,
+                &model,
+                &optim,
+                done,
+                cfg.grad_accum,
+                &cfg_json,
+                cfg.keep_checkpoints,
+                last_loss,
+            )?;
             last_ckpt = p.display().to_string();
             plot_losses(&log.rows, &out.join("loss.png"))?;
         }

@@ -156,7 +156,8 @@ pub fn text_dpo<B: Backend>(
     beta: f64,
 ) -> Result<TextDpo<B>> {
     let b = policy_chosen.dims()[0];
-    for (name, t) in [("policy_rejected", &policy_rejected), ("ref_chosen", &ref_chosen), ("ref_rejected", &ref_rejected)]
+    for (name, t) in
+        [("policy_rejected", &policy_rejected), ("ref_chosen", &ref_chosen), ("ref_rejected", &ref_rejected)]
     {
         if t.dims()[0] != b {
             return data_err(format!("text_dpo: {name} has {} rows, policy_chosen {b}", t.dims()[0]));
@@ -283,7 +284,8 @@ pub fn seg_dpo<B: Backend>(input: SegDpoInput<'_, B>, beta: f64) -> Result<SegDp
     let weights = Tensor::<B, 1>::from_data(TensorData::new(weights, [t]), &device);
 
     let ft = concat_scales(f_theta_m);
-    let (fw, fm, fl) = (concat_scales(f_ref_w).detach(), concat_scales(f_ref_m).detach(), concat_scales(f_ref_l).detach());
+    let (fw, fm, fl) =
+        (concat_scales(f_ref_w).detach(), concat_scales(f_ref_m).detach(), concat_scales(f_ref_l).detach());
     let r_w = (cosine_rows(ft.clone(), fw.clone()) - cosine_rows(fm.clone(), fw)).mul_scalar(beta);
     let r_l = (cosine_rows(ft, fl.clone()) - cosine_rows(fm, fl)).mul_scalar(beta);
     let loss = (activation::log_sigmoid(r_w.clone() - r_l.clone()) * weights).sum().neg();

@@ -113,7 +113,12 @@ impl EnsembleSettings {
         self.sampling().validate().map_err(|e| e.to_string())
     }
     pub fn sampling(&self) -> SamplingConfig {
-        SamplingConfig { max_new_tokens: self.max_new_tokens, temperature: self.temperature, top_p: self.top_p, seed: self.seed }
+        SamplingConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
     }
     fn greedy(&self) -> SamplingConfig {
         SamplingConfig { max_new_tokens: self.max_new_tokens, temperature: 0.0, top_p: 1.0, seed: self.seed }
@@ -155,9 +160,15 @@ pub struct Questions<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Questions<'a, B> {
-    pub fn new(pred: &Predictor<B>, feats: &ImageFeatures<B>, instructions: &[&'a str], share_prompt: bool) -> MResult<Self> {
+    pub fn new(
+        pred: &Predictor<B>,
+        feats: &ImageFeatures<B>,
+        instructions: &[&'a str],
+        share_prompt: bool,
+    ) -> MResult<Self> {
         let prompt = if share_prompt {
-            let rows: Vec<Vec<Part<B>>> = instructions.iter().enumerate().map(|(i, x)| pred.prompt_parts(x, i)).collect::<MResult<_>>()?;
+            let rows: Vec<Vec<Part<B>>> =
+                instructions.iter().enumerate().map(|(i, x)| pred.prompt_parts(x, i)).collect::<MResult<_>>()?;
             Some(pred.model.prefill(&pred.model.assemble(&rows, Some(feats), Padding::Left)?)?)
         } else {
             None
@@ -178,7 +189,12 @@ impl<'a, B: Backend> Questions<'a, B> {
     }
 
     /// Per item, the chat prompt followed by `tails[i]`, as a prefix to decode from.
-    pub fn prefix(&self, pred: &Predictor<B>, feats: &ImageFeatures<B>, tails: Vec<Vec<Part<B>>>) -> MResult<Prefix<B>> {
+    pub fn prefix(
+        &self,
+        pred: &Predictor<B>,
+        feats: &ImageFeatures<B>,
+        tails: Vec<Vec<Part<B>>>,
+    ) -> MResult<Prefix<B>> {
         match &self.prompt {
             Some(p) if tails.iter().all(Vec::is_empty) => Ok(p.clone()),
             Some(p) => Ok(pred.model.extend(p, &tails, None, Padding::Left)?.0),
@@ -192,7 +208,12 @@ impl<'a, B: Backend> Questions<'a, B> {
     /// Per item, the chat prompt followed by `tails[i]`, teacher-forced (right-padded): the
     /// final-normed states of the tails' positions and the assembly whose `piece_starts`
     /// index them, per row `[tail pieces]` (the prompt's pieces first when not shared).
-    pub fn forward(&self, pred: &Predictor<B>, feats: &ImageFeatures<B>, tails: Vec<Vec<Part<B>>>) -> MResult<(Tensor<B, 3>, Vec<Vec<usize>>)> {
+    pub fn forward(
+        &self,
+        pred: &Predictor<B>,
+        feats: &ImageFeatures<B>,
+        tails: Vec<Vec<Part<B>>>,
+    ) -> MResult<(Tensor<B, 3>, Vec<Vec<usize>>)> {
         match &self.prompt {
             Some(p) => {
                 let (_, hidden, asm) = pred.model.extend(p, &tails, None, Padding::Right)?;
@@ -235,7 +256,8 @@ pub fn sample_candidates<B: Backend>(
     let cfg = model.config();
     let n_items = questions.instructions.len();
     let prefix = questions.repeated(pred, feats, s.k)?;
-    let gens = sampling::generate_from(&model.llm, prefix, &s.sampling(), &[pred.tokens.eos]).map_err(PixelLmError::from)?;
+    let gens =
+        sampling::generate_from(&model.llm, prefix, &s.sampling(), &[pred.tokens.eos]).map_err(PixelLmError::from)?;
     // Every row's groups at once: one seg_embeddings + one decoder call.
     let mut objects = Vec::new();
     let mut hidden_rows = Vec::new();
@@ -268,7 +290,8 @@ pub fn sample_candidates<B: Backend>(
         let (logits, _) = model.decode_masks(feats, f.clone(), &idx)?;
         let masks = binarize(logits)?;
         let [n, sc, d] = f.dims();
-        let fv = f.reshape([n, sc * d]).into_data().convert::<f32>().into_vec::<f32>().map_err(|e| inp(format!("{e:?}")))?;
+        let fv =
+            f.reshape([n, sc * d]).into_data().convert::<f32>().into_vec::<f32>().map_err(|e| inp(format!("{e:?}")))?;
         (fv.chunks(sc * d).map(<[f32]>::to_vec).collect::<Vec<_>>(), masks)
     };
     let (masks, mask_scores) = masks;
@@ -297,8 +320,12 @@ pub fn scores<B: Backend>(pred: &Predictor<B>, cands: &[Candidate]) -> MResult<S
     let probs: Vec<Vec<f32>> = cands.iter().map(|c| c.logprobs.iter().map(|l| l.exp()).collect()).collect();
     let mut sents = Vec::with_capacity(cands.len());
     for c in cands {
-        let pieces: Vec<String> =
-            c.ids.iter().map(|&i| pred.tokenizer.decode(&[i], false)).collect::<std::result::Result<_, _>>().map_err(inp)?;
+        let pieces: Vec<String> = c
+            .ids
+            .iter()
+            .map(|&i| pred.tokenizer.decode(&[i], false))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(inp)?;
         sents.push(sentence_ids(&pieces));
     }
     let groups: Vec<Vec<Vec<usize>>> = cands.iter().map(|c| c.groups.clone()).collect();
@@ -402,7 +429,13 @@ pub struct EnsembleOutput {
 /// complete seg group and a mask per group, the highest mean token log-probability (first on
 /// ties); None when no candidate has one.
 pub fn best_candidate(cands: &[Candidate]) -> Option<usize> {
-    let mean = |c: &Candidate| if c.logprobs.is_empty() { f32::NEG_INFINITY } else { c.logprobs.iter().sum::<f32>() / c.logprobs.len() as f32 };
+    let mean = |c: &Candidate| {
+        if c.logprobs.is_empty() {
+            f32::NEG_INFINITY
+        } else {
+            c.logprobs.iter().sum::<f32>() / c.logprobs.len() as f32
+        }
+    };
     let mut best: Option<(usize, f32)> = None;
     for (k, c) in cands.iter().enumerate() {
         if c.groups.is_empty() || c.masks.len() != c.groups.len() {
@@ -509,12 +542,23 @@ pub fn refine<B: Backend>(
             .iter()
             .map(|cs| {
                 let mut order: Vec<usize> = (0..cs.len()).collect();
-                let mean = |c: &Candidate| if c.logprobs.is_empty() { f32::NEG_INFINITY } else { c.logprobs.iter().sum::<f32>() / c.logprobs.len() as f32 };
+                let mean = |c: &Candidate| {
+                    if c.logprobs.is_empty() {
+                        f32::NEG_INFINITY
+                    } else {
+                        c.logprobs.iter().sum::<f32>() / c.logprobs.len() as f32
+                    }
+                };
                 order.sort_by(|&a, &b| mean(&cs[b]).total_cmp(&mean(&cs[a])));
-                order.iter().map(|&k| cs[k].ids.iter().copied().chain(std::iter::once(pred.tokens.eos)).collect()).collect()
+                order
+                    .iter()
+                    .map(|&k| cs[k].ids.iter().copied().chain(std::iter::once(pred.tokens.eos)).collect())
+                    .collect()
             })
             .collect();
-        sampling::greedy_with_drafts_from(&pred.model.llm, prefix, &drafts, s.max_new_tokens, &[pred.tokens.eos]).map_err(PixelLmError::from)?.0
+        sampling::greedy_with_drafts_from(&pred.model.llm, prefix, &drafts, s.max_new_tokens, &[pred.tokens.eos])
+            .map_err(PixelLmError::from)?
+            .0
     } else {
         sampling::generate_from(&pred.model.llm, prefix, &s.greedy(), &[pred.tokens.eos]).map_err(PixelLmError::from)?
     };

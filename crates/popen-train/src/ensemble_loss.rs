@@ -72,9 +72,8 @@ pub fn sentence_ids<S: AsRef<str>>(pieces: &[S]) -> Vec<usize> {
 /// Min-max normalization to [-1, 1]: `2 (v - min) / (max - min) - 1`; all values equal
 /// (or a single value) -> 0 (no preference), empty -> empty (SPEC 10.7).
 pub fn minmax_signed(values: &[f32]) -> Vec<f32> {
-    let (lo, hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
-        (lo.min(v as f64), hi.max(v as f64))
-    });
+    let (lo, hi) =
+        values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v as f64), hi.max(v as f64)));
     if values.is_empty() || hi <= lo {
         return vec![0.0; values.len()];
     }
@@ -195,7 +194,12 @@ pub struct TiLoss<B: Backend> {
 /// `logprobs` [b, max]: the token log-probs of each refined response `y~` (differentiable),
 /// `lens[r]` valid entries; `p(y~) = exp(mean log p)` (SPEC 10.8) is the only differentiable
 /// part. `gains[r]` = [`sentence_gains`] of row r (K may differ between rows).
-pub fn ti_loss<B: Backend>(logprobs: Tensor<B, 2>, lens: &[usize], gains: &[Vec<f32>], scale: f64) -> Result<TiLoss<B>> {
+pub fn ti_loss<B: Backend>(
+    logprobs: Tensor<B, 2>,
+    lens: &[usize],
+    gains: &[Vec<f32>],
+    scale: f64,
+) -> Result<TiLoss<B>> {
     let [b, max] = logprobs.dims();
     if lens.len() != b || gains.len() != b || b == 0 {
         return data_err(format!("ti_loss: {b} rows, {} lengths, {} gain rows", lens.len(), gains.len()));
@@ -255,7 +259,11 @@ pub fn hard_iou<B: Backend>(masks: Tensor<B, 4>, gt: Tensor<B, 3>) -> Vec<Vec<f3
                         inter += (a && b) as usize;
                         union += (a || b) as usize;
                     }
-                    if union == 0 { 1.0 } else { inter as f32 / union as f32 }
+                    if union == 0 {
+                        1.0
+                    } else {
+                        inter as f32 / union as f32
+                    }
                 })
                 .collect()
         })
@@ -333,11 +341,13 @@ pub fn pair_with_targets(preds: &[Mask], gts: &[Mask], pairing: Pairing) -> Resu
             let mut cost = Vec::with_capacity(preds.len() * gts.len());
             for (p, pm) in preds.iter().enumerate() {
                 for (g, gm) in gts.iter().enumerate() {
-                    let iou = popen_core::mask::iou(pm, gm).map_err(|e| TrainError::Data(format!("mask {p} vs target {g}: {e}")))?;
+                    let iou = popen_core::mask::iou(pm, gm)
+                        .map_err(|e| TrainError::Data(format!("mask {p} vs target {g}: {e}")))?;
                     cost.push(1.0 - iou);
                 }
             }
-            let pairs = popen_core::assign::linear_sum_assignment(&cost, preds.len(), gts.len()).map_err(|e| TrainError::Data(e.to_string()))?;
+            let pairs = popen_core::assign::linear_sum_assignment(&cost, preds.len(), gts.len())
+                .map_err(|e| TrainError::Data(e.to_string()))?;
             let mut out = vec![None; gts.len()];
             for (p, g) in pairs {
                 out[g] = Some(p);
@@ -384,7 +394,11 @@ pub fn si_sample<B: Backend>(
                         .map_err(|e| TrainError::Data(e.to_string()))
                 })
                 .collect::<Result<_>>()?;
-            pair_with_targets(&hard, gts, pairing)?.into_iter().enumerate().filter_map(|(t, g)| g.map(|g| (t, g))).unzip()
+            pair_with_targets(&hard, gts, pairing)?
+                .into_iter()
+                .enumerate()
+                .filter_map(|(t, g)| g.map(|g| (t, g)))
+                .unzip()
         }
     };
     let n = targets.len();

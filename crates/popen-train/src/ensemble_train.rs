@@ -26,6 +26,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::stage::{self, SamMemo};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -38,7 +39,6 @@ use popen_model::infer::Predictor;
 use popen_model::minilm::SentenceEncoder;
 use popen_model::pixellm::{Padding, PixelLm};
 use popen_model::preprocess::Preprocessor;
-use crate::stage::{self, SamMemo};
 use popen_model::tokenizer::{self, PixelLmTokens, Tokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -224,7 +224,9 @@ impl MetricsRow for EnsembleStepMetrics {
         )
     }
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)> {
-        let pts = |f: &dyn Fn(&Self) -> Option<f32>| rows.iter().filter_map(|r| f(r).map(|v| (r.step as f64, v as f64))).collect();
+        let pts = |f: &dyn Fn(&Self) -> Option<f32>| {
+            rows.iter().filter_map(|r| f(r).map(|v| (r.step as f64, v as f64))).collect()
+        };
         vec![
             ("loss", [0, 0, 0], pts(&|r| Some(r.loss))),
             ("L_ti", [200, 40, 40], pts(&|r| Some(r.loss_ti))),
@@ -323,10 +325,16 @@ fn batch_loss<B: AutodiffBackend>(
     adapting: bool,
 ) -> std::result::Result<(Tensor<B, 1>, Stats), String> {
     let e = |x: popen_model::pixellm::PixelLmError| x.to_string();
-    let images: Vec<image::RgbImage> = batch.iter().map(|s| s.decode_image().map_err(|e| format!("'{}': {e}", s.id))).collect::<std::result::Result<_, _>>()?;
+    let images: Vec<image::RgbImage> = batch
+        .iter()
+        .map(|s| s.decode_image().map_err(|e| format!("'{}': {e}", s.id)))
+        .collect::<std::result::Result<_, _>>()?;
     let instrs: Vec<&str> = batch.iter().map(|s| s.instruction.as_str()).collect();
-    let preprocessed: Vec<_> =
-        images.iter().enumerate().map(|(i, im)| pre.apply(im).map_err(|e| format!("'{}': {e}", batch[i].id))).collect::<std::result::Result<_, _>>()?;
+    let preprocessed: Vec<_> = images
+        .iter()
+        .enumerate()
+        .map(|(i, im)| pre.apply(im).map_err(|e| format!("'{}': {e}", batch[i].id)))
+        .collect::<std::result::Result<_, _>>()?;
     let s = &cfg.ensemble;
 
     // 1. No gradient: candidates, scores, y_tilde (decoded by `decoder` when given: the loss
@@ -343,12 +351,15 @@ fn batch_loss<B: AutodiffBackend>(
     let vfeats = inner.encode_images_with(&preprocessed, vemb).map_err(e)?;
     let questions = ensemble::Questions::new(&vp, &vfeats, &instrs, s.share_prompt).map_err(e)?;
     let cands: Vec<Vec<Candidate>> = ensemble::sample_candidates(&vp, &vfeats, &questions, s).map_err(e)?;
-    let scores: Vec<Scores> = cands.iter().map(|c| ensemble::scores(&vp, c)).collect::<std::result::Result<_, _>>().map_err(e)?;
+    let scores: Vec<Scores> =
+        cands.iter().map(|c| ensemble::scores(&vp, c)).collect::<std::result::Result<_, _>>().map_err(e)?;
 
     let m = &model.pixellm;
     let p = Predictor { model: m, tokenizer, tokens: tokens.clone(), preprocessor: pre.clone(), sam: None };
     let dev = m.devices().into_iter().next().ok_or("the model has no parameters")?;
-    let feats = m.encode_images_with(&preprocessed, emb.map(|(v, sh)| Tensor::<B, 4>::from_data(TensorData::new(v, sh), &dev))).map_err(e)?;
+    let feats = m
+        .encode_images_with(&preprocessed, emb.map(|(v, sh)| Tensor::<B, 4>::from_data(TensorData::new(v, sh), &dev)))
+        .map_err(e)?;
     if adapting {
         return adapt_loss(&p, &feats, batch, &instrs, &cands, &scores, cfg);
     }
@@ -368,7 +379,8 @@ fn batch_loss<B: AutodiffBackend>(
     }
     let asm = m.assemble(&rows, Some(&feats), Padding::Right).map_err(e)?;
     let hidden = m.forward_hidden(&asm).map_err(e)?;
-    let tg: Vec<(usize, Vec<u32>)> = asm.piece_starts.iter().zip(&targets).map(|(st, t)| (*st.last().expect("parts"), t.clone())).collect();
+    let tg: Vec<(usize, Vec<u32>)> =
+        asm.piece_starts.iter().zip(&targets).map(|(st, t)| (*st.last().expect("parts"), t.clone())).collect();
     let lp = m.response_logprobs(hidden, &tg).map_err(e)?;
     let group = m.config().seg_group_len();
     let answer_of = |ids: &[u32]| -> std::result::Result<String, String> {
@@ -423,10 +435,15 @@ fn batch_loss<B: AutodiffBackend>(
                 gts.push(mk);
             }
             let cand_masks: Vec<&[popen_core::mask::Mask]> = cands[r].iter().map(|c| c.masks.as_slice()).collect();
-            let Some(si) = ensemble_loss::si_sample(lg, &cand_masks, &gts, cfg.si_pairing).map_err(|e| format!("'{}': {e}", smp.id))? else {
+            let Some(si) = ensemble_loss::si_sample(lg, &cand_masks, &gts, cfg.si_pairing)
+                .map_err(|e| format!("'{}': {e}", smp.id))?
+            else {
                 continue;
             };
-            iou_r.extend(to_host(ensemble_loss::soft_iou(burn::tensor::activation::sigmoid(si.refined_logits.clone().detach()), si.gt.clone())));
+            iou_r.extend(to_host(ensemble_loss::soft_iou(
+                burn::tensor::activation::sigmoid(si.refined_logits.clone().detach()),
+                si.gt.clone(),
+            )));
             iou_c.extend(ensemble_loss::hard_iou(si.candidates.clone(), si.gt.clone()).concat());
             si_samples.push(si);
         }
@@ -478,13 +495,22 @@ fn adapt_loss<B: AutodiffBackend>(
     let mut answers = Vec::with_capacity(batch.len());
     let mut masks = Vec::with_capacity(batch.len());
     for smp in batch {
-        let (ids, groups) = crate::data::answer_with_groups(p.tokenizer, &p.tokens, &smp.answer, m.config().seg_group_len())
-            .map_err(|x| format!("'{}': {x}", smp.id))?;
+        let (ids, groups) =
+            crate::data::answer_with_groups(p.tokenizer, &p.tokens, &smp.answer, m.config().seg_group_len())
+                .map_err(|x| format!("'{}': {x}", smp.id))?;
         if groups.len() != smp.target_masks.len() {
-            return Err(format!("'{}': the answer has {} <seg> but the sample {} target masks", smp.id, groups.len(), smp.target_masks.len()));
+            return Err(format!(
+                "'{}': the answer has {} <seg> but the sample {} target masks",
+                smp.id,
+                groups.len(),
+                smp.target_masks.len()
+            ));
         }
-        let mk: Vec<popen_core::mask::Mask> =
-            smp.target_masks.iter().map(|r| r.decode().map_err(|x| format!("'{}': target mask: {x}", smp.id))).collect::<std::result::Result<_, _>>()?;
+        let mk: Vec<popen_core::mask::Mask> = smp
+            .target_masks
+            .iter()
+            .map(|r| r.decode().map_err(|x| format!("'{}': target mask: {x}", smp.id)))
+            .collect::<std::result::Result<_, _>>()?;
         answers.push((ids, groups));
         masks.push(mk);
     }
@@ -497,7 +523,8 @@ fn adapt_loss<B: AutodiffBackend>(
     }
     let asm = m.assemble(&rows, Some(feats), Padding::Right).map_err(e)?;
     let hidden = m.forward_hidden(&asm).map_err(e)?;
-    let tg: Vec<(usize, Vec<u32>)> = asm.piece_starts.iter().zip(&answers).map(|(st, a)| (*st.last().expect("parts"), a.0.clone())).collect();
+    let tg: Vec<(usize, Vec<u32>)> =
+        asm.piece_starts.iter().zip(&answers).map(|(st, a)| (*st.last().expect("parts"), a.0.clone())).collect();
     let lp = m.response_logprobs(hidden, &tg).map_err(e)?;
     let lens: Vec<usize> = answers.iter().map(|a| a.0.len()).collect();
     // Seg pass: the answer without its EOS is y_tilde (seg_rows appends the EOS).
@@ -551,7 +578,12 @@ fn adapt_loss<B: AutodiffBackend>(
 
 /// The loss of one fixed batch under `model` (tests, diagnostics): samples `ids` of the
 /// shard, the job's config. The same function the stage steps on.
-pub fn loss_of<B: AutodiffBackend>(job: &EnsembleJob, model: &PixelLm<B>, ids: &[usize], device: &B::Device) -> Result<f32> {
+pub fn loss_of<B: AutodiffBackend>(
+    job: &EnsembleJob,
+    model: &PixelLm<B>,
+    ids: &[usize],
+    device: &B::Device,
+) -> Result<f32> {
     loss_with(job, model, None, ids, device, false)
 }
 
@@ -595,7 +627,8 @@ fn loss_with<B: AutodiffBackend>(
     let pre = Preprocessor::pixellm(model.config().image_size);
     let batch: Vec<&Sample> = ids.iter().map(|&i| &samples[i]).collect();
     let sm = SftModel { pixellm: model.clone() };
-    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, None, job.config, decoder, adapting).map_err(TrainError::Data)?;
+    let (_, st) = batch_loss(&sm, &tokenizer, &tokens, &pre, &minilm, &batch, None, job.config, decoder, adapting)
+        .map_err(TrainError::Data)?;
     Ok(st.loss)
 }
 
@@ -621,9 +654,16 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
 
     let stage::Opened { model, tokenizer, tokens, config: pcfg } = stage::open_init::<B>(job.init, device)?;
     // The warm-up (adapt_steps) trains the LLM side too; the paper's steps p_hat alone.
-    let model = SftModel { pixellm: if cfg.adapt_steps > 0 { adapt_trains(model)? } else { only_prompt_trains(model, cfg.train_seg_feedback)? } };
+    let model = SftModel {
+        pixellm: if cfg.adapt_steps > 0 {
+            adapt_trains(model)?
+        } else {
+            only_prompt_trains(model, cfg.train_seg_feedback)?
+        },
+    };
     let samples: Vec<Sample> = read_shard(job.samples)?;
-    let samples: Vec<Sample> = samples.into_iter().filter(|s| !s.target_masks.is_empty() || !s.answer.is_empty()).collect();
+    let samples: Vec<Sample> =
+        samples.into_iter().filter(|s| !s.target_masks.is_empty() || !s.answer.is_empty()).collect();
     if samples.is_empty() {
         return Err(TrainError::Data(format!("{}: no samples", job.samples.display())));
     }
@@ -655,7 +695,10 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
             samples.len()
         );
     } else {
-        tracing::info!("ensemble-train: {} samples, {total_steps} steps, {trainable} / {total_params} parameters train", samples.len());
+        tracing::info!(
+            "ensemble-train: {} samples, {total_steps} steps, {trainable} / {total_params} parameters train",
+            samples.len()
+        );
     }
     let mut log: MetricsLog<EnsembleStepMetrics> = MetricsLog::open(out, start)?;
     let bar = job.progress.then(|| {
@@ -669,7 +712,10 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         if adapt_steps > 0 && step == adapt_steps {
             model = SftModel { pixellm: only_prompt_trains(model.pixellm, cfg.train_seg_feedback)? };
             let (t, _) = params::count(&model);
-            tracing::info!("ensemble-train: warm-up done at step {step}; L_ti + L_si train {t} parameters (p_hat{})", if cfg.train_seg_feedback { " + seg feedback" } else { "" });
+            tracing::info!(
+                "ensemble-train: warm-up done at step {step}; L_ti + L_si train {t} parameters (p_hat{})",
+                if cfg.train_seg_feedback { " + seg feedback" } else { "" }
+            );
         }
         let adapting = step < adapt_steps;
         B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
@@ -680,8 +726,19 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         let mut scfg = cfg.clone();
         scfg.ensemble.seed = cfg.ensemble.seed.wrapping_add(step as u64);
         let ids = || batch.iter().map(|s| format!("'{}'", s.id)).collect::<Vec<_>>().join(", ");
-        let (loss, st) = batch_loss(&model, &tokenizer, &tokens, &pre, &minilm, &batch, sam_memo.as_ref().map(|m| (m, idx.iter().map(|&i| sam_keys[i].as_str()).collect())), &scfg, None, adapting)
-            .map_err(|e| TrainError::Data(format!("step {step}: batch of {}: {e}", ids())))?;
+        let (loss, st) = batch_loss(
+            &model,
+            &tokenizer,
+            &tokens,
+            &pre,
+            &minilm,
+            &batch,
+            sam_memo.as_ref().map(|m| (m, idx.iter().map(|&i| sam_keys[i].as_str()).collect())),
+            &scfg,
+            None,
+            adapting,
+        )
+        .map_err(|e| TrainError::Data(format!("step {step}: batch of {}: {e}", ids())))?;
         if !st.loss.is_finite() {
             return Err(TrainError::NonFiniteLoss {
                 step,
@@ -693,7 +750,12 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let norm = params::clip_global_norm::<B, _>(&model, &mut grads, cfg.grad_clip);
         if !norm.is_finite() {
-            return Err(TrainError::NonFiniteLoss { step, value: norm, parts: "the gradient norm is not finite".into(), last_checkpoint: last_ckpt });
+            return Err(TrainError::NonFiniteLoss {
+                step,
+                value: norm,
+                parts: "the gradient norm is not finite".into(),
+                last_checkpoint: last_ckpt,
+            });
         }
         model = burn::optim::Optimizer::step(&mut optim, lr, model, grads);
         let row = EnsembleStepMetrics {
@@ -723,7 +785,16 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
             b.set_prefix(format!("loss {:.4} lr {:.2e}", row.loss, lr));
         }
         if done % cfg.checkpoint_every == 0 || done == total_steps {
-            let p = crate::stage::write_checkpoint(out, &model, &optim, done, 1, &cfg_json, cfg.keep_checkpoints, last_loss)?;
+            let p = crate::stage::write_checkpoint(
+                out,
+                &model,
+                &optim,
+                done,
+                1,
+                &cfg_json,
+                cfg.keep_checkpoints,
+                last_loss,
+            )?;
             last_ckpt = p.display().to_string();
             plot_losses(&log.rows, &out.join("loss.png"))?;
         }

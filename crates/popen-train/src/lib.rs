@@ -16,8 +16,8 @@ pub mod data;
 pub mod dpo;
 pub mod dpo_loss;
 pub mod ensemble;
-pub mod ensemble_train;
 pub mod ensemble_loss;
+pub mod ensemble_train;
 pub mod loss;
 pub mod metrics;
 pub mod params;
@@ -47,7 +47,9 @@ pub enum TrainError {
         "step {step}: the loss is {value} (ce {ce}, bce {bce}, dice {dice}); training stopped, the last good checkpoint is {last_checkpoint}"
     )]
     NonFinite { step: usize, value: f32, ce: f32, bce: f32, dice: f32, last_checkpoint: String },
-    #[error("step {step}: the loss is {value} ({parts}); training stopped, the last good checkpoint is {last_checkpoint}")]
+    #[error(
+        "step {step}: the loss is {value} ({parts}); training stopped, the last good checkpoint is {last_checkpoint}"
+    )]
     NonFiniteLoss { step: usize, value: f32, parts: String, last_checkpoint: String },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },

@@ -79,8 +79,16 @@ pub fn assign_ids<B: Backend, M: Module<B>>(module: M, ids: &BTreeMap<String, u6
 }
 
 /// Top-level modules that `freeze` may name.
-pub const FREEZABLE: [&str; 8] =
-    ["llm", "vision_tower", "mm_projector", "out_mm_projector", "image_feature_neck", "text_hidden_fcs", "decoder", "seg_locator"];
+pub const FREEZABLE: [&str; 8] = [
+    "llm",
+    "vision_tower",
+    "mm_projector",
+    "out_mm_projector",
+    "image_feature_neck",
+    "text_hidden_fcs",
+    "decoder",
+    "seg_locator",
+];
 
 /// Freezes the named top-level modules ([`FREEZABLE`]).
 pub fn freeze_modules<B: Backend>(mut model: PixelLm<B>, names: &[String]) -> Result<PixelLm<B>, String> {
@@ -171,7 +179,11 @@ pub fn scale_grads<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut Gra
 }
 
 /// Global-norm clipping; returns the norm before clipping.
-pub fn clip_global_norm<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut GradientsParams, max_norm: f32) -> f32 {
+pub fn clip_global_norm<B: AutodiffBackend, M: Module<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    max_norm: f32,
+) -> f32 {
     let norm = grad_norm::<B, M>(module, grads);
     if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
         scale_grads::<B, M>(module, grads, max_norm / (norm + 1e-6));

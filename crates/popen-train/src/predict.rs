@@ -98,85 +98,87 @@ pub fn run<B: Backend>(
     // model) BEFORE batching: a bad record is skipped alone, its batch-mates still run.
     let mut pending: Vec<(Sample, image::RgbImage)> = Vec::with_capacity(cfg.batch_size);
     let model_name = model.config().name.clone();
-    let mut flush = |pending: &mut Vec<(Sample, image::RgbImage)>, writer: &mut ShardWriter<Prediction>| -> Result<()> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let (keep, images): (Vec<Sample>, Vec<image::RgbImage>) = pending.drain(..).unzip();
-        let items: Vec<(&image::RgbImage, &str)> = images.iter().zip(&keep).map(|(im, s)| (im, s.instruction.as_str())).collect();
-        let mut fallbacks: Vec<Option<usize>> = vec![None; keep.len()];
-        let preds = if cfg.teacher_force {
-            let forced: Vec<(&image::RgbImage, &str, &str)> =
-                images.iter().zip(&keep).map(|(im, s)| (im, s.instruction.as_str(), s.answer.as_str())).collect();
-            predictor
-                .teacher_force(&forced)?
-                .into_iter()
-                .zip(&keep)
-                .map(|(f, s)| popen_model::infer::Prediction {
-                    answer: s.answer.clone(),
-                    ids: f.ids,
-                    logprobs: f.logprobs,
-                    masks: f.masks,
-                    mask_scores: f.mask_scores,
-                    seg_issues: vec![],
-                    stopped: true,
-                })
-                .collect()
-        } else if let Some(e) = &cfg.ensemble {
-            let outs = crate::ensemble::predict(&predictor, &items, e)?;
-            fallbacks = outs.iter().map(|o| o.fell_back).collect();
-            outs.into_iter().map(|o| o.prediction).collect()
-        } else {
-            predictor.predict(&items, &cfg.sampling)?
+    let mut flush =
+        |pending: &mut Vec<(Sample, image::RgbImage)>, writer: &mut ShardWriter<Prediction>| -> Result<()> {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let (keep, images): (Vec<Sample>, Vec<image::RgbImage>) = pending.drain(..).unzip();
+            let items: Vec<(&image::RgbImage, &str)> =
+                images.iter().zip(&keep).map(|(im, s)| (im, s.instruction.as_str())).collect();
+            let mut fallbacks: Vec<Option<usize>> = vec![None; keep.len()];
+            let preds = if cfg.teacher_force {
+                let forced: Vec<(&image::RgbImage, &str, &str)> =
+                    images.iter().zip(&keep).map(|(im, s)| (im, s.instruction.as_str(), s.answer.as_str())).collect();
+                predictor
+                    .teacher_force(&forced)?
+                    .into_iter()
+                    .zip(&keep)
+                    .map(|(f, s)| popen_model::infer::Prediction {
+                        answer: s.answer.clone(),
+                        ids: f.ids,
+                        logprobs: f.logprobs,
+                        masks: f.masks,
+                        mask_scores: f.mask_scores,
+                        seg_issues: vec![],
+                        stopped: true,
+                    })
+                    .collect()
+            } else if let Some(e) = &cfg.ensemble {
+                let outs = crate::ensemble::predict(&predictor, &items, e)?;
+                fallbacks = outs.iter().map(|o| o.fell_back).collect();
+                outs.into_iter().map(|o| o.prediction).collect()
+            } else {
+                predictor.predict(&items, &cfg.sampling)?
+            };
+            for ((s, p), fell_back) in keep.iter().zip(preds).zip(fallbacks) {
+                if fell_back.is_some() {
+                    n_fallbacks += 1;
+                }
+                let mut seg_issues = p.seg_issues.clone();
+                let (masks, scores) = if p.answer.matches(SEG_TOKEN).count() == p.masks.len() {
+                    (p.masks.iter().map(Rle::encode).collect(), p.mask_scores.clone())
+                } else {
+                    seg_issues.push(format!(
+                        "{} masks for {} {SEG_TOKEN} in the answer: masks dropped",
+                        p.masks.len(),
+                        p.answer.matches(SEG_TOKEN).count()
+                    ));
+                    (vec![], vec![])
+                };
+                let answer = if masks.is_empty() && p.answer.contains(SEG_TOKEN) {
+                    // Keep counts consistent: a "<seg>" left without its mask is text, not a target.
+                    p.answer.replace(SEG_TOKEN, "<seg?>")
+                } else {
+                    p.answer.clone()
+                };
+                if !seg_issues.is_empty() {
+                    issues += 1;
+                }
+                let meta = serde_json::json!({
+                    "model": model_name,
+                    "stopped": p.stopped,
+                    "teacher_forced": cfg.teacher_force,
+                    "ensemble_k": cfg.ensemble.as_ref().map(|e| e.k),
+                    "ensemble_fallback": fell_back,
+                    "seg_issues": seg_issues,
+                });
+                writer.write(Prediction {
+                    id: s.id.clone(),
+                    split: s.split.clone(),
+                    width: s.width,
+                    height: s.height,
+                    answer,
+                    masks,
+                    mask_scores: scores,
+                    token_ids: p.ids.iter().map(|&i| i as i32).collect(),
+                    token_logprobs: p.logprobs.clone(),
+                    meta: meta.to_string(),
+                })?;
+                n += 1;
+            }
+            Ok(())
         };
-        for ((s, p), fell_back) in keep.iter().zip(preds).zip(fallbacks) {
-            if fell_back.is_some() {
-                n_fallbacks += 1;
-            }
-            let mut seg_issues = p.seg_issues.clone();
-            let (masks, scores) = if p.answer.matches(SEG_TOKEN).count() == p.masks.len() {
-                (p.masks.iter().map(Rle::encode).collect(), p.mask_scores.clone())
-            } else {
-                seg_issues.push(format!(
-                    "{} masks for {} {SEG_TOKEN} in the answer: masks dropped",
-                    p.masks.len(),
-                    p.answer.matches(SEG_TOKEN).count()
-                ));
-                (vec![], vec![])
-            };
-            let answer = if masks.is_empty() && p.answer.contains(SEG_TOKEN) {
-                // Keep counts consistent: a "<seg>" left without its mask is text, not a target.
-                p.answer.replace(SEG_TOKEN, "<seg?>")
-            } else {
-                p.answer.clone()
-            };
-            if !seg_issues.is_empty() {
-                issues += 1;
-            }
-            let meta = serde_json::json!({
-                "model": model_name,
-                "stopped": p.stopped,
-                "teacher_forced": cfg.teacher_force,
-                "ensemble_k": cfg.ensemble.as_ref().map(|e| e.k),
-                "ensemble_fallback": fell_back,
-                "seg_issues": seg_issues,
-            });
-            writer.write(Prediction {
-                id: s.id.clone(),
-                split: s.split.clone(),
-                width: s.width,
-                height: s.height,
-                answer,
-                masks,
-                mask_scores: scores,
-                token_ids: p.ids.iter().map(|&i| i as i32).collect(),
-                token_logprobs: p.logprobs.clone(),
-                meta: meta.to_string(),
-            })?;
-            n += 1;
-        }
-        Ok(())
-    };
     for_each_taken(samples, &shard, progress.then_some("predict"), |s: Sample| -> Result<()> {
         let image = match s.decode_image() {
             Ok(im) => im,
@@ -217,5 +219,10 @@ pub fn run<B: Backend>(
     manifest.time("seconds", t0);
     let mpath = popen_core::manifest::manifest_beside(out);
     manifest.write(&mpath)?;
-    Ok(PredictReport { output: out.to_path_buf(), predictions: n, with_seg_issues: issues, seconds: t0.elapsed().as_secs_f64() })
+    Ok(PredictReport {
+        output: out.to_path_buf(),
+        predictions: n,
+        with_seg_issues: issues,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }

@@ -90,10 +90,8 @@ impl<B: Backend> SftModel<B> {
     pub fn loss(&self, batch: &SftBatch) -> std::result::Result<LossParts<B>, String> {
         let m = &self.pixellm;
         let device = self.device();
-        let sam = batch
-            .sam
-            .as_ref()
-            .map(|(v, shape)| Tensor::<B, 4>::from_data(TensorData::new(v.clone(), *shape), &device));
+        let sam =
+            batch.sam.as_ref().map(|(v, shape)| Tensor::<B, 4>::from_data(TensorData::new(v.clone(), *shape), &device));
         let feats = m.encode_images_with(&batch.images, sam).map_err(|e| e.to_string())?;
         let rows: Vec<Vec<Part<B>>> = batch
             .prompts
@@ -141,8 +139,10 @@ impl<B: Backend> SftModel<B> {
             let idx: Vec<usize> = objects.iter().map(|o| o.0).collect();
             let (logits, _, points) = m.decode_masks_located(&feats, f, &idx).map_err(|e| e.to_string())?;
             if let (Some((_, attention)), true) = (points, batch.locate_weight > 0.0) {
-                locate = Some(locate_loss(attention, &gts, &idx, &feats.sizes, m.config().decoder.input_image_size)
-                    .mul_scalar(batch.locate_weight));
+                locate = Some(
+                    locate_loss(attention, &gts, &idx, &feats.sizes, m.config().decoder.input_image_size)
+                        .mul_scalar(batch.locate_weight),
+                );
             }
             for (o, (logit, (h, w, bits))) in logits.into_iter().zip(gts).enumerate() {
                 let [lh, lw] = logit.dims();
@@ -217,7 +217,14 @@ impl<B: AutodiffBackend> TrainStep for SftModel<B> {
             .convert::<f32>()
             .into_vec::<f32>()
             .unwrap_or_else(|_| vec![f32::NAN; 4]);
-        let stats = StepStats { loss: vals[0], ce: vals[1], bce: vals[2], dice: vals[3], tokens: parts.tokens, masks: parts.masks };
+        let stats = StepStats {
+            loss: vals[0],
+            ce: vals[1],
+            bce: vals[2],
+            dice: vals[3],
+            tokens: parts.tokens,
+            masks: parts.masks,
+        };
         if !vals.iter().all(|v| v.is_finite()) {
             return TrainOutput { grads: GradientsParams::new(), item: StepOutput(Ok(stats)) };
         }
@@ -240,7 +247,8 @@ pub fn make_batch(examples: &[&Example], pre: &Preprocessor, cfg: &SftConfig) ->
         locate_weight: cfg.locate_weight,
         sam: None,
     };
-    let cached: Option<Vec<&(std::sync::Arc<[f32]>, [usize; 3])>> = examples.iter().map(|e| e.sam_embedding.as_ref()).collect();
+    let cached: Option<Vec<&(std::sync::Arc<[f32]>, [usize; 3])>> =
+        examples.iter().map(|e| e.sam_embedding.as_ref()).collect();
     if let Some(cached) = cached.filter(|c| !c.is_empty()) {
         let [c, h, w] = cached[0].1;
         if cached.iter().all(|e| e.1 == [c, h, w]) {
@@ -313,7 +321,9 @@ pub fn cache_sam_embeddings<B: Backend>(
         h.update((img.len() as u64).to_le_bytes());
         h.update(img);
     };
-    let Some((shared, shape)) = crate::stage::sam_embeddings_cached(model, unique.len(), &decode, &key, pre, batch, progress, cache_dir)? else {
+    let Some((shared, shape)) =
+        crate::stage::sam_embeddings_cached(model, unique.len(), &decode, &key, pre, batch, progress, cache_dir)?
+    else {
         return Ok(());
     };
     // One shared copy per distinct image, whatever the number of questions about it.
@@ -340,38 +350,43 @@ pub fn parallel_step<B: AutodiffBackend>(
     let per = exs.len().div_ceil(devices.len()).max(1);
     let tokens_all: usize = exs.iter().map(|e| e.answer_ids.len()).sum();
     let masks_all: usize = exs.iter().map(|e| e.groups.len()).sum();
-    let results: Vec<std::result::Result<(GradientsParams, [f32; 4], usize, usize), String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = exs
-            .chunks(per)
-            .zip(devices)
-            .map(|(chunk, dev)| {
-                s.spawn(move || {
-                    let m = model.clone().fork(dev);
-                    let batch = make_batch(chunk, pre, cfg).map_err(|e| e.to_string())?;
-                    let parts = m.loss(&batch)?;
-                    let tokens: usize = chunk.iter().map(|e| e.answer_ids.len()).sum();
-                    let masks: usize = chunk.iter().map(|e| e.groups.len()).sum();
-                    let wc = tokens as f64 / tokens_all.max(1) as f64;
-                    let wm = masks as f64 / masks_all.max(1) as f64;
-                    let (ce, bce, dice) = (parts.ce.mul_scalar(wc), parts.bce.mul_scalar(wm), parts.dice.mul_scalar(wm));
-                    let total = ce.clone() + bce.clone() + dice.clone();
-                    let v = Tensor::cat(vec![total.clone(), ce, bce, dice], 0)
-                        .into_data()
-                        .convert::<f32>()
-                        .into_vec::<f32>()
-                        .map_err(|e| format!("loss values: {e:?}"))?;
-                    let vals = [v[0], v[1], v[2], v[3]];
-                    if !vals.iter().all(|x| x.is_finite()) {
-                        return Ok((GradientsParams::new(), vals, parts.tokens, parts.masks));
-                    }
-                    let grads = total.mul_scalar(batch.scale).backward();
-                    let grads = GradientsParams::from_grads(grads, &m).to_device(main, &m);
-                    Ok((grads, vals, parts.tokens, parts.masks))
+    let results: Vec<std::result::Result<(GradientsParams, [f32; 4], usize, usize), String>> =
+        std::thread::scope(|s| {
+            let handles: Vec<_> = exs
+                .chunks(per)
+                .zip(devices)
+                .map(|(chunk, dev)| {
+                    s.spawn(move || {
+                        let m = model.clone().fork(dev);
+                        let batch = make_batch(chunk, pre, cfg).map_err(|e| e.to_string())?;
+                        let parts = m.loss(&batch)?;
+                        let tokens: usize = chunk.iter().map(|e| e.answer_ids.len()).sum();
+                        let masks: usize = chunk.iter().map(|e| e.groups.len()).sum();
+                        let wc = tokens as f64 / tokens_all.max(1) as f64;
+                        let wm = masks as f64 / masks_all.max(1) as f64;
+                        let (ce, bce, dice) =
+                            (parts.ce.mul_scalar(wc), parts.bce.mul_scalar(wm), parts.dice.mul_scalar(wm));
+                        let total = ce.clone() + bce.clone() + dice.clone();
+                        let v = Tensor::cat(vec![total.clone(), ce, bce, dice], 0)
+                            .into_data()
+                            .convert::<f32>()
+                            .into_vec::<f32>()
+                            .map_err(|e| format!("loss values: {e:?}"))?;
+                        let vals = [v[0], v[1], v[2], v[3]];
+                        if !vals.iter().all(|x| x.is_finite()) {
+                            return Ok((GradientsParams::new(), vals, parts.tokens, parts.masks));
+                        }
+                        let grads = total.mul_scalar(batch.scale).backward();
+                        let grads = GradientsParams::from_grads(grads, &m).to_device(main, &m);
+                        Ok((grads, vals, parts.tokens, parts.masks))
+                    })
                 })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a data-parallel worker panicked".into()))).collect()
-    });
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("a data-parallel worker panicked".into())))
+                .collect()
+        });
     let mut acc = GradientsAccumulator::<SftModel<B>>::new();
     let mut stats = StepStats::default();
     for r in results {
@@ -444,7 +459,8 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
     // Data.
     let samples = popen_core::shard::read_shard::<popen_core::shard::Sample>(job.train)?;
     let n_samples = samples.len();
-    let (examples, skipped) = data::prepare(samples, &tokenizer, &tokens, pcfg.seg_group_len(), pcfg.image_tokens(), cfg.max_len);
+    let (examples, skipped) =
+        data::prepare(samples, &tokenizer, &tokens, pcfg.seg_group_len(), pcfg.image_tokens(), cfg.max_len);
     if examples.is_empty() {
         return Err(TrainError::Data(format!(
             "{}: none of its {n_samples} samples can be used ({})",
@@ -491,7 +507,16 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
     });
     let mut last_loss = log.rows.last().map(|r| r.loss);
     let write_ckpt = |model: &SftModel<B>, optim: &Optim<B>, step: usize, last_loss: Option<f32>| -> Result<PathBuf> {
-        crate::stage::write_checkpoint(out, model, optim, step, cfg.grad_accum, &cfg_json, cfg.keep_checkpoints, last_loss)
+        crate::stage::write_checkpoint(
+            out,
+            model,
+            optim,
+            step,
+            cfg.grad_accum,
+            &cfg_json,
+            cfg.keep_checkpoints,
+            last_loss,
+        )
     };
 
     let mut step_t = Instant::now();
@@ -528,10 +553,12 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
             };
             let (grads, stats) = match out {
                 Ok(v) => v,
-                Err(e) => return Err(TrainError::Data(format!(
-                    "step {step}: batch of samples {}: {e}",
-                    exs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(", ")
-                ))),
+                Err(e) => {
+                    return Err(TrainError::Data(format!(
+                        "step {step}: batch of samples {}: {e}",
+                        exs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(", ")
+                    )))
+                }
             };
             if !stats.loss.is_finite() {
                 return Err(TrainError::NonFinite {
@@ -554,7 +581,14 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
         let mut grads = acc.grads();
         let norm = params::clip_global_norm::<B, _>(&model, &mut grads, cfg.grad_clip);
         if !norm.is_finite() {
-            return Err(TrainError::NonFinite { step, value: norm, ce: sum.ce, bce: sum.bce, dice: sum.dice, last_checkpoint: last_ckpt });
+            return Err(TrainError::NonFinite {
+                step,
+                value: norm,
+                ce: sum.ce,
+                bce: sum.bce,
+                dice: sum.dice,
+                last_checkpoint: last_ckpt,
+            });
         }
         model = model.optimize(&mut optim, lr, grads);
         last_loss = Some(sum.loss);

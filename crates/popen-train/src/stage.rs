@@ -10,11 +10,11 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::AdamWConfig;
+use burn::optim::Optimizer;
 use burn::prelude::*;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
-use burn::optim::Optimizer;
 use popen_model::bundle;
 use popen_model::pixellm::{PixelLm, PixelLmConfig};
 use popen_model::preprocess::Preprocessor;
@@ -91,7 +91,8 @@ pub fn start<B: AutodiffBackend>(
         if checkpoint::latest(out)?.is_some() {
             return Err(TrainError::Checkpoint {
                 path: out.join("checkpoints"),
-                message: "holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out".into(),
+                message: "holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out"
+                    .into(),
             });
         }
         return Ok(Start { model, optim, step: 0, resumed_from: None, last_checkpoint: "none".into() });
@@ -124,7 +125,13 @@ pub fn start<B: AutodiffBackend>(
         .map_err(|e| TrainError::Checkpoint { path: opt_path, message: format!("optimizer state: {e}") })?;
     let optim = optim.load_record(rec);
     tracing::info!("resuming from {} (step {})", dir.display(), state.step);
-    Ok(Start { model, optim, step: state.step, resumed_from: Some(state.step), last_checkpoint: dir.display().to_string() })
+    Ok(Start {
+        model,
+        optim,
+        step: state.step,
+        resumed_from: Some(state.step),
+        last_checkpoint: dir.display().to_string(),
+    })
 }
 
 /// Writes the checkpoint of `step` optimizer steps (`grad_accum` micro-batches each) under
@@ -141,7 +148,8 @@ pub fn write_checkpoint<B: AutodiffBackend>(
     last_loss: Option<f32>,
 ) -> Result<PathBuf> {
     let ids = params::float_params(model).into_iter().map(|(n, (id, _, _))| (n, id.val())).collect();
-    let state = TrainState { step, micro_batches: step * grad_accum, config: config.clone(), param_ids: ids, last_loss };
+    let state =
+        TrainState { step, micro_batches: step * grad_accum, config: config.clone(), param_ids: ids, last_loss };
     checkpoint::write(out, &state, keep, |dir| {
         popen_model::pixellm::save(&model.pixellm, dir.join(checkpoint::MODEL_FILE))?;
         BinFileRecorder::<FullPrecisionSettings>::new()
@@ -256,7 +264,10 @@ fn compute_sam_embeddings<B: Backend>(
             return Err(TrainError::Data(format!("SAM embeddings are {:?} per image, expected {shape:?}", [c, h, w])));
         }
         flat.extend(
-            emb.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| TrainError::Data(format!("SAM embeddings: {e:?}")))?,
+            emb.into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .map_err(|e| TrainError::Data(format!("SAM embeddings: {e:?}")))?,
         );
         if let Some(b) = &bar {
             b.inc(chunk.len() as u64);
@@ -372,7 +383,8 @@ impl<B: Backend> popen_model::infer::SamSource<B> for SamMemo {
             })
             .collect();
         let ks: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let (v, shape) = self.batch(model, images, &ks).map_err(|e| popen_model::pixellm::PixelLmError::Input(e.to_string()))?;
+        let (v, shape) =
+            self.batch(model, images, &ks).map_err(|e| popen_model::pixellm::PixelLmError::Input(e.to_string()))?;
         let Some(device) = model.devices().into_iter().next() else { return Ok(None) };
         Ok(Some(Tensor::from_data(TensorData::new(v, shape), &device)))
     }
@@ -415,9 +427,16 @@ pub fn sam_embedding_of<B: Backend>(
                 .ok_or_else(|| TrainError::Data("the model has no SAM encoder".into()))?;
             let [_, cc, h, w] = emb.dims();
             if [cc, h, w] != shape {
-                return Err(TrainError::Data(format!("SAM embeddings are {:?} per image, expected {shape:?}", [cc, h, w])));
+                return Err(TrainError::Data(format!(
+                    "SAM embeddings are {:?} per image, expected {shape:?}",
+                    [cc, h, w]
+                )));
             }
-            let v = emb.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| TrainError::Data(format!("SAM embeddings: {e:?}")))?;
+            let v = emb
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .map_err(|e| TrainError::Data(format!("SAM embeddings: {e:?}")))?;
             if let Some(f) = &file {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 let d = f.parent().unwrap_or(Path::new("."));

@@ -219,8 +219,13 @@ fn small_cfg() -> SftConfig {
 
 fn weights_of(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let ck = popen_model::weights::Checkpoint::open(dir.join("model.safetensors")).unwrap();
-    let m: popen_model::pixellm::PixelLm<B> =
-        popen_model::weights::apply_checkpoint(PixelLmConfig::from_toml_file(dir.join("model.toml")).unwrap().init(&Default::default()).unwrap(), &ck, burn::tensor::DType::F32, false).unwrap();
+    let m: popen_model::pixellm::PixelLm<B> = popen_model::weights::apply_checkpoint(
+        PixelLmConfig::from_toml_file(dir.join("model.toml")).unwrap().init(&Default::default()).unwrap(),
+        &ck,
+        burn::tensor::DType::F32,
+        false,
+    )
+    .unwrap();
     popen_model::weights::named_tensors(&m).into_iter().map(|(n, _, t)| (n, t)).collect()
 }
 
@@ -231,7 +236,8 @@ fn sft_resume_continues_exactly() {
     let run = |out: &Path, resume: bool, max_steps: usize| {
         let mut c = cfg.clone();
         c.max_steps = max_steps;
-        let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out, resume, progress: false, sam_cache: None };
+        let job =
+            sft::SftJob { config: &c, init: &w.model, train: &w.train, out, resume, progress: false, sam_cache: None };
         sft::run::<AB>(&job, &Default::default())
     };
     // Straight through: 4 steps.
@@ -259,8 +265,16 @@ fn sft_resume_continues_exactly() {
         assert_eq!(va, vb, "{na} differs after resume");
     }
     // The metrics of the resumed run line up with the straight one.
-    let la: Vec<Value> = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let lb: Vec<Value> = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let la: Vec<Value> = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let lb: Vec<Value> = std::fs::read_to_string(b.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(la.len(), lb.len());
     for (x, y) in la.iter().zip(&lb) {
         assert_eq!(x["loss"], y["loss"]);
@@ -269,7 +283,15 @@ fn sft_resume_continues_exactly() {
     // A different config refuses to resume.
     let mut c2 = cfg.clone();
     c2.lr = 5e-4;
-    let job = sft::SftJob { config: &c2, init: &w.model, train: &w.train, out: &b, resume: true, progress: false, sam_cache: None };
+    let job = sft::SftJob {
+        config: &c2,
+        init: &w.model,
+        train: &w.train,
+        out: &b,
+        resume: true,
+        progress: false,
+        sam_cache: None,
+    };
     let e = sft::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("different config"), "{e}");
 }
@@ -282,7 +304,15 @@ fn sft_lora_trains_adapters_and_saves_plain_layout() {
     cfg.grad_accum = 1;
     cfg.trainable = Trainable::Lora;
     let out = w.root.join("lora");
-    let job = sft::SftJob { config: &cfg, init: &w.model, train: &w.train, out: &out, resume: false, progress: false, sam_cache: None };
+    let job = sft::SftJob {
+        config: &cfg,
+        init: &w.model,
+        train: &w.train,
+        out: &out,
+        resume: false,
+        progress: false,
+        sam_cache: None,
+    };
     let r = sft::run::<AB>(&job, &Default::default()).unwrap();
     assert!(r.trainable_params < r.total_params / 2, "{r:?}");
     // The saved model is a plain PixelLM folder (adapters merged) and loads as one.
@@ -312,7 +342,15 @@ fn nan_loss_stops_and_names_the_last_checkpoint() {
     bundle::save(&dir, &b.model, &b.tokenizer).unwrap();
     let cfg = small_cfg();
     let out = w.root.join("nan");
-    let job = sft::SftJob { config: &cfg, init: &dir, train: &w.train, out: &out, resume: false, progress: false, sam_cache: None };
+    let job = sft::SftJob {
+        config: &cfg,
+        init: &dir,
+        train: &w.train,
+        out: &out,
+        resume: false,
+        progress: false,
+        sam_cache: None,
+    };
     match sft::run::<AB>(&job, &Default::default()) {
         Err(TrainError::NonFinite { step, last_checkpoint, .. }) => {
             assert_eq!(step, 0);
@@ -329,13 +367,29 @@ fn bad_inputs_are_clear_errors() {
     let cfg = small_cfg();
     let missing = w.root.join("no-such-model");
     let out = w.root.join("err");
-    let job = sft::SftJob { config: &cfg, init: &missing, train: &w.train, out: &out, resume: false, progress: false, sam_cache: None };
+    let job = sft::SftJob {
+        config: &cfg,
+        init: &missing,
+        train: &w.train,
+        out: &out,
+        resume: false,
+        progress: false,
+        sam_cache: None,
+    };
     let e = sft::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("no-such-model"), "{e}");
     // Every sample too long: nothing to train on, with the reason.
     let mut c = cfg.clone();
     c.max_len = 16;
-    let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out: &out, resume: false, progress: false, sam_cache: None };
+    let job = sft::SftJob {
+        config: &c,
+        init: &w.model,
+        train: &w.train,
+        out: &out,
+        resume: false,
+        progress: false,
+        sam_cache: None,
+    };
     let e = sft::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("exceed max_len 16"), "{e}");
     // Invalid configs name the field.
@@ -359,7 +413,16 @@ fn predict_writes_a_consistent_shard() {
         ensemble: None,
         sam_cache: None,
     };
-    let r = popen_train::predict::run::<B>(&w.model, &w.train, &out, &cfg, popen_core::shardspec::ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
+    let r = popen_train::predict::run::<B>(
+        &w.model,
+        &w.train,
+        &out,
+        &cfg,
+        popen_core::shardspec::ShardSpec::new(0, 1).unwrap(),
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(r.predictions, 6);
     let preds = read_shard::<Prediction>(&out).unwrap();
     let samples = read_shard::<Sample>(&w.train).unwrap();
@@ -372,12 +435,30 @@ fn predict_writes_a_consistent_shard() {
     assert!(w.root.join("pred.manifest.json").is_file());
     // Half of the samples with --shard 1/2.
     let out2 = w.root.join("pred-1.parquet");
-    let r2 = popen_train::predict::run::<B>(&w.model, &w.train, &out2, &cfg, popen_core::shardspec::ShardSpec::new(1, 2).unwrap(), false, &Default::default()).unwrap();
+    let r2 = popen_train::predict::run::<B>(
+        &w.model,
+        &w.train,
+        &out2,
+        &cfg,
+        popen_core::shardspec::ShardSpec::new(1, 2).unwrap(),
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(r2.predictions, 3);
     // Oracle text: the ground-truth answers, one mask per target, log-probs of every token.
     let out3 = w.root.join("pred-tf.parquet");
     let tf = popen_train::predict::PredictConfig { teacher_force: true, ..cfg };
-    popen_train::predict::run::<B>(&w.model, &w.train, &out3, &tf, popen_core::shardspec::ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
+    popen_train::predict::run::<B>(
+        &w.model,
+        &w.train,
+        &out3,
+        &tf,
+        popen_core::shardspec::ShardSpec::new(0, 1).unwrap(),
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     for (p, s) in read_shard::<Prediction>(&out3).unwrap().iter().zip(&samples) {
         assert_eq!(p.answer, s.answer);
         assert_eq!(p.masks.len(), s.target_masks.len());
@@ -434,13 +515,29 @@ fn predict_skips_bad_records_alone() {
     let m = popen_core::manifest::Manifest::read(w.root.join("pred-bad.manifest.json")).unwrap();
     let reasons: Vec<(&str, &str)> = m.skipped.iter().map(|s| (s.record.as_str(), s.reason.as_str())).collect();
     assert_eq!(reasons.iter().map(|r| r.0).collect::<Vec<_>>(), ["long", "longish", "strip", "junk"]);
-    assert!(reasons[0].1.contains("instruction: prompt of") && reasons[0].1.contains("text tokens > the model's max_length 512"), "{reasons:?}");
-    assert!(reasons[1].1.contains("image tokens) + 4 new tokens > the model's max_position_embeddings 512"), "{reasons:?}");
+    assert!(
+        reasons[0].1.contains("instruction: prompt of")
+            && reasons[0].1.contains("text tokens > the model's max_length 512"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].1.contains("image tokens) + 4 new tokens > the model's max_position_embeddings 512"),
+        "{reasons:?}"
+    );
     assert!(reasons[2].1.contains("image 100000x1: aspect 100000 > max_aspect 20"), "{reasons:?}");
     assert!(reasons[3].1.contains("corrupt"), "{reasons:?}");
     // Teacher forcing counts the answer against the positions too (prompt + answer tokens).
     let tf = popen_train::predict::PredictConfig { teacher_force: true, ..cfg };
-    let r = popen_train::predict::run::<B>(&w.model, &shard, &w.root.join("pred-bad-tf.parquet"), &tf, one, false, &Default::default()).unwrap();
+    let r = popen_train::predict::run::<B>(
+        &w.model,
+        &shard,
+        &w.root.join("pred-bad-tf.parquet"),
+        &tf,
+        one,
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(r.predictions, 2);
 }
 
@@ -461,7 +558,8 @@ fn mask_path_gradient_matches_finite_differences() {
     let (sc, od) = (m.config().num_scales(), m.config().out_dim);
     let n = sc * od;
     let f0: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 / 11.0 - 1.0) * 1.5).collect();
-    let weights = |h: usize, wd: usize| -> Vec<f32> { (0..h * wd).map(|i| ((i * 7919 % 101) as f32 / 50.0) - 1.0).collect() };
+    let weights =
+        |h: usize, wd: usize| -> Vec<f32> { (0..h * wd).map(|i| ((i * 7919 % 101) as f32 / 50.0) - 1.0).collect() };
     let loss_of = |fv: &[f32], grad: bool| -> (f64, Vec<f32>) {
         let mut f = Tensor::<AB, 3>::from_data(TensorData::new(fv.to_vec(), [1, sc, od]), &dev);
         if grad {
@@ -489,7 +587,12 @@ fn mask_path_gradient_matches_finite_differences() {
         c[k] -= eps;
         let fd = (loss_of(&a, false).0 - loss_of(&c, false).0) / (2.0 * eps as f64);
         let tol = 0.03 * gmax as f64 + 0.02 * fd.abs();
-        assert!((g[k] as f64 - fd).abs() <= tol, "f[{k}] (scale {}): autodiff {} vs finite differences {fd}", k / od, g[k]);
+        assert!(
+            (g[k] as f64 - fd).abs() <= tol,
+            "f[{k}] (scale {}): autodiff {} vs finite differences {fd}",
+            k / od,
+            g[k]
+        );
         checked += 1;
     }
     assert!(checked >= 16);
@@ -551,7 +654,15 @@ fn sft_sam_encoder_frozen_cached_and_decoder_freezable() {
     let cache = dir.path().join("sam-cache");
     let cfg = SftConfig { freeze: vec!["decoder".into()], ..small_cfg() };
     let run = |out: &Path| {
-        let job = sft::SftJob { config: &cfg, init: &init, train: &train, out, resume: false, progress: false, sam_cache: Some(&cache) };
+        let job = sft::SftJob {
+            config: &cfg,
+            init: &init,
+            train: &train,
+            out,
+            resume: false,
+            progress: false,
+            sam_cache: Some(&cache),
+        };
         sft::run::<AB>(&job, &Default::default()).unwrap()
     };
     let a = dir.path().join("a");
@@ -571,7 +682,10 @@ fn sft_sam_encoder_frozen_cached_and_decoder_freezable() {
         }
     }
     assert!(changed.iter().all(|n| !n.starts_with("sam_encoder.") && !n.starts_with("decoder.")), "{changed:?}");
-    assert!(changed.iter().any(|n| n.starts_with("llm.")) && changed.iter().any(|n| n.starts_with("text_hidden_fcs.")), "{changed:?}");
+    assert!(
+        changed.iter().any(|n| n.starts_with("llm.")) && changed.iter().any(|n| n.starts_with("text_hidden_fcs.")),
+        "{changed:?}"
+    );
     // Second run: embeddings read from the cache; same result.
     let b = dir.path().join("b");
     run(&b);
@@ -608,7 +722,14 @@ fn sft_data_parallel_equals_one_device() {
     let pcfg = model.config().clone();
     let tokens = tokenizer.add_pixellm_tokens(pcfg.seg_group_len()).unwrap();
     let samples = read_shard::<Sample>(&w.train).unwrap();
-    let (examples, _) = popen_train::data::prepare(samples, &tokenizer, &tokens, pcfg.seg_group_len(), pcfg.image_tokens(), cfg.max_len);
+    let (examples, _) = popen_train::data::prepare(
+        samples,
+        &tokenizer,
+        &tokens,
+        pcfg.seg_group_len(),
+        pcfg.image_tokens(),
+        cfg.max_len,
+    );
     let exs: Vec<&popen_train::data::Example> = examples.iter().take(4).collect();
     let pre = popen_model::preprocess::Preprocessor::pixellm(pcfg.image_size);
     let model = sft::SftModel { pixellm: model };
@@ -646,12 +767,25 @@ fn sft_data_parallel_equals_one_device() {
     // Through the trainer: the same losses with 2 devices as with 1.
     let run = |devices: usize, out: &Path| {
         let c = SftConfig { devices, ..cfg.clone() };
-        let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out, resume: false, progress: false, sam_cache: None };
+        let job = sft::SftJob {
+            config: &c,
+            init: &w.model,
+            train: &w.train,
+            out,
+            resume: false,
+            progress: false,
+            sam_cache: None,
+        };
         sft::run::<AB>(&job, &Default::default()).unwrap()
     };
     let r1 = run(1, &w.root.join("dp-1"));
     let r2 = run(2, &w.root.join("dp-2"));
-    assert!((r1.final_loss.unwrap() - r2.final_loss.unwrap()).abs() < 1e-4, "{:?} vs {:?}", r1.final_loss, r2.final_loss);
+    assert!(
+        (r1.final_loss.unwrap() - r2.final_loss.unwrap()).abs() < 1e-4,
+        "{:?} vs {:?}",
+        r1.final_loss,
+        r2.final_loss
+    );
     // A config asking for 0 devices is refused.
     assert!(SftConfig { devices: 0, ..small_cfg() }.validate().unwrap_err().contains("devices"));
 }
@@ -719,7 +853,8 @@ fn sft_ensemble_layout_examples() {
     assert!(pcfg.prompt_embeddings > 0);
     let tokens = tokenizer.add_pixellm_tokens(pcfg.seg_group_len()).unwrap();
     let samples = read_shard::<Sample>(&w.train).unwrap();
-    let (mut examples, _) = data::prepare(samples.clone(), &tokenizer, &tokens, pcfg.seg_group_len(), pcfg.image_tokens(), 512);
+    let (mut examples, _) =
+        data::prepare(samples.clone(), &tokenizer, &tokens, pcfg.seg_group_len(), pcfg.image_tokens(), 512);
     // Examples 0, 1 and 2 ask about one image (the benchmark asks several questions per
     // image); the others have no sibling.
     for i in [1, 2] {
@@ -764,7 +899,9 @@ fn sft_ensemble_layout_examples() {
     let halves: usize = (0..20).map(|m| draw(m, 0.5).iter().filter(|e| e.is_some()).count()).sum();
     assert!((35..85).contains(&halves), "share 0.5 of 120 examples: {halves}");
     // max_len: an example that would not fit stays in PixelLM's layout.
-    assert!(data::with_candidates(&examples, &sib, &idx, 3, 7, 1.0, 3, 0.4, 10, examples[0].seq_len).iter().all(Option::is_none));
+    assert!(data::with_candidates(&examples, &sib, &idx, 3, 7, 1.0, 3, 0.4, 10, examples[0].seq_len)
+        .iter()
+        .all(Option::is_none));
 
     // The SFT loss of an ensemble-layout example = the stage-3 text layout's CE.
     let cfg = SftConfig { ce_weight: 1.0, ..small_cfg() };
@@ -811,7 +948,8 @@ fn sft_ensemble_layout_examples() {
     // Resume is exact with the option on.
     let c = SftConfig { ensemble_share: 0.5, max_steps: 4, ..small_cfg() };
     let run = |out: &Path, resume: bool| {
-        let job = sft::SftJob { config: &c, init: &w.model, train: &w.train, out, resume, progress: false, sam_cache: None };
+        let job =
+            sft::SftJob { config: &c, init: &w.model, train: &w.train, out, resume, progress: false, sam_cache: None };
         sft::run::<AB>(&job, &Default::default()).unwrap()
     };
     let (s, r) = (w.root.join("ens-straight"), w.root.join("ens-resumed"));

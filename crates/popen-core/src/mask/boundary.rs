@@ -43,9 +43,7 @@ fn for_each_run(row: &[u8], mut f: impl FnMut(usize, usize)) {
     let mut i = 0;
     let word = super::word;
     loop {
-        while i + 32 <= n
-            && word(row, i) | word(row, i + 8) | word(row, i + 16) | word(row, i + 24) == 0
-        {
+        while i + 32 <= n && word(row, i) | word(row, i + 8) | word(row, i + 16) | word(row, i + 24) == 0 {
             i += 32;
         }
         while i + 8 <= n && word(row, i) == 0 {
@@ -58,9 +56,7 @@ fn for_each_run(row: &[u8], mut f: impl FnMut(usize, usize)) {
             return;
         }
         let s = i;
-        while i + 32 <= n
-            && word(row, i) & word(row, i + 8) & word(row, i + 16) & word(row, i + 24) == ONES
-        {
+        while i + 32 <= n && word(row, i) & word(row, i + 8) & word(row, i + 16) & word(row, i + 24) == ONES {
             i += 32;
         }
         while i + 8 <= n && word(row, i) == ONES {
@@ -279,9 +275,7 @@ mod tests {
             }
             cur = next;
         }
-        Mask::from_fn(h as u32, w as u32, |y, x| {
-            mask.get(y, x) && cur[(y as usize + 1) * pw + x as usize + 1] == 0
-        })
+        Mask::from_fn(h as u32, w as u32, |y, x| mask.get(y, x) && cur[(y as usize + 1) * pw + x as usize + 1] == 0)
     }
 
     #[test]
@@ -296,11 +290,7 @@ mod tests {
                 (s >> 33) % 100 < density
             });
             for ratio in [0.0, 0.02, 0.05, 0.1] {
-                assert_eq!(
-                    mask_to_boundary(&m, ratio),
-                    reference(&m, ratio),
-                    "case {case} ratio {ratio}"
-                );
+                assert_eq!(mask_to_boundary(&m, ratio), reference(&m, ratio), "case {case} ratio {ratio}");
             }
         }
     }

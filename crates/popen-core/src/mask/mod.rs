@@ -24,8 +24,7 @@ pub mod ops;
 pub mod polygon;
 
 pub use boundary::{
-    boundary_dilation, boundary_intersection_union, boundary_iou, mask_to_boundary,
-    DEFAULT_BOUNDARY_DILATION_RATIO,
+    boundary_dilation, boundary_intersection_union, boundary_iou, mask_to_boundary, DEFAULT_BOUNDARY_DILATION_RATIO,
 };
 pub use ops::{intersection_union, iou, iou_from_counts};
 pub use polygon::{rle_from_bbox, rle_from_coco_polygons, rle_from_points, rle_from_polygon};
@@ -64,10 +63,7 @@ impl Mask {
     pub fn from_row_major(height: u32, width: u32, mut data: Vec<u8>) -> Result<Self> {
         let n = height as usize * width as usize;
         if data.len() != n {
-            return Err(CoreError::Mask(format!(
-                "{} bytes for a {height}x{width} mask (expected {n})",
-                data.len()
-            )));
+            return Err(CoreError::Mask(format!("{} bytes for a {height}x{width} mask (expected {n})", data.len())));
         }
         // In place: callers hand over decoded model outputs of several MB.
         for v in data.iter_mut() {
@@ -147,13 +143,7 @@ fn word(bytes: &[u8], i: usize) -> u64 {
 /// Records the pixels where a 32-pixel block differs from the block above (XOR words,
 /// one byte per pixel). Kept out of line so that the scanning loop stays in registers.
 #[inline(never)]
-fn record_changes(
-    x0: usize,
-    y: usize,
-    d: [u64; 4],
-    pts: &mut Vec<(u32, u32)>,
-    per_col: &mut [u32],
-) {
+fn record_changes(x0: usize, y: usize, d: [u64; 4], pts: &mut Vec<(u32, u32)>, per_col: &mut [u32]) {
     for (j, mut dj) in d.into_iter().enumerate() {
         while dj != 0 {
             let x = x0 + j * 8 + (dj.trailing_zeros() / 8) as usize;
@@ -175,9 +165,8 @@ impl Rle {
     /// The all-background RLE, as pycocotools encodes an empty mask (`[h*w]`).
     pub fn empty(height: u32, width: u32) -> Result<Rle> {
         let n = height as u64 * width as u64;
-        let n = u32::try_from(n).map_err(|_| {
-            CoreError::Mask(format!("a {height}x{width} mask does not fit COCO RLE's 32-bit runs"))
-        })?;
+        let n = u32::try_from(n)
+            .map_err(|_| CoreError::Mask(format!("a {height}x{width} mask does not fit COCO RLE's 32-bit runs")))?;
         Ok(Rle { height, width, counts: vec![n] })
     }
 
@@ -550,10 +539,7 @@ mod tests {
 
     #[test]
     fn fast_encode_decode_match_naive() {
-        for (i, &(h, w)) in [(1, 1), (1, 9), (9, 1), (7, 8), (8, 7), (17, 33), (64, 64), (3, 100)]
-            .iter()
-            .enumerate()
-        {
+        for (i, &(h, w)) in [(1, 1), (1, 9), (9, 1), (7, 8), (8, 7), (17, 33), (64, 64), (3, 100)].iter().enumerate() {
             for density in [0, 3, 50, 97, 100] {
                 let m = lcg_mask(h, w, i as u64 * 31 + density, density);
                 let r = Rle::encode(&m);

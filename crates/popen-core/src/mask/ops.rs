@@ -76,10 +76,7 @@ pub(crate) fn count_and_or(a: &[u8], b: &[u8]) -> (u64, u64) {
 }
 
 fn size_mismatch(what: &str, a: (u32, u32), b: (u32, u32)) -> CoreError {
-    CoreError::Mask(format!(
-        "{what} of masks of different sizes: {}x{} vs {}x{} (height x width)",
-        a.0, a.1, b.0, b.1
-    ))
+    CoreError::Mask(format!("{what} of masks of different sizes: {}x{} vs {}x{} (height x width)", a.0, a.1, b.0, b.1))
 }
 
 /// `(|A ∩ B|, |A ∪ B|)` of two decoded masks of the same size.
@@ -129,10 +126,7 @@ impl Iterator for OnesRuns<'_> {
 
 /// Overlap of two sorted lists of disjoint intervals: a two-pointer sweep, O(runs).
 #[inline]
-fn overlap(
-    mut a: impl Iterator<Item = (u64, u64)>,
-    mut b: impl Iterator<Item = (u64, u64)>,
-) -> u64 {
+fn overlap(mut a: impl Iterator<Item = (u64, u64)>, mut b: impl Iterator<Item = (u64, u64)>) -> u64 {
     let mut inter = 0u64;
     let (mut ra, mut rb) = (a.next(), b.next());
     while let (Some((s1, e1)), Some((s2, e2))) = (ra, rb) {
@@ -409,10 +403,7 @@ mod tests {
         let r = Rle::encode(&e);
         assert_eq!(r.iou(&r).unwrap(), 1.0);
         assert_eq!(r.intersection_union(&r).unwrap(), (0, 0));
-        assert_eq!(
-            Rle::iou_matrix(std::slice::from_ref(&r), std::slice::from_ref(&r)).unwrap(),
-            vec![1.0]
-        );
+        assert_eq!(Rle::iou_matrix(std::slice::from_ref(&r), std::slice::from_ref(&r)).unwrap(), vec![1.0]);
         assert_eq!(r.to_bbox().unwrap(), [0.0; 4]);
         let one = Rle::encode(&m(5, 6, &["......", "..#...", "......", "......", "......"]));
         assert_eq!(r.iou(&one).unwrap(), 0.0);
@@ -442,10 +433,7 @@ mod tests {
         let bad = Rle { height: 2, width: 2, counts: vec![1, 1] };
         assert!(good.iou(&bad).unwrap_err().to_string().contains("sum to 2"));
         assert!(bad.to_bbox().is_err());
-        assert!(Rle::merge(&[good.clone(), bad.clone()])
-            .unwrap_err()
-            .to_string()
-            .contains("RLE 1"));
+        assert!(Rle::merge(&[good.clone(), bad.clone()]).unwrap_err().to_string().contains("RLE 1"));
         assert!(Rle::merge(&[]).unwrap_err().to_string().contains("zero RLEs"));
         assert!(Rle::iou_matrix(&[good], &[bad]).is_err());
     }

@@ -67,11 +67,7 @@ impl Edge {
     #[inline]
     fn point(&self, t: i64) -> (i64, i64) {
         if self.flat {
-            let v = if self.n == 0 {
-                c_int(f64::NAN)
-            } else {
-                (self.ys as f64 + self.s * t as f64 + 0.5) as i64
-            };
+            let v = if self.n == 0 { c_int(f64::NAN) } else { (self.ys as f64 + self.s * t as f64 + 0.5) as i64 };
             (t + self.xs, v)
         } else {
             ((self.xs as f64 + self.s * t as f64 + 0.5) as i64, t + self.ys)
@@ -192,9 +188,7 @@ impl Boundary {
 
 fn check_canvas(h: u32, w: u32) -> Result<()> {
     if h as u64 * w as u64 > u32::MAX as u64 {
-        return Err(CoreError::Mask(format!(
-            "a {h}x{w} canvas does not fit COCO RLE's 32-bit positions"
-        )));
+        return Err(CoreError::Mask(format!("a {h}x{w} canvas does not fit COCO RLE's 32-bit positions")));
     }
     Ok(())
 }
@@ -310,10 +304,7 @@ fn runs_from_boundary(pts: Vec<(u32, u32)>, h: u32, w: u32) -> Vec<u32> {
 /// [`rle_from_coco_polygons`] to reproduce that on existing annotation files).
 pub fn rle_from_polygon(xy: &[f64], h: u32, w: u32) -> Result<Rle> {
     if !xy.len().is_multiple_of(2) {
-        return Err(CoreError::Mask(format!(
-            "polygon has {} values; expected x, y pairs",
-            xy.len()
-        )));
+        return Err(CoreError::Mask(format!("polygon has {} values; expected x, y pairs", xy.len())));
     }
     rle_from_points(&pairs(xy), h, w)
 }
@@ -365,10 +356,7 @@ pub fn rle_from_coco_polygons(polygons: &[Vec<f64>], h: u32, w: u32) -> Result<R
     let rles = polygons
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            rle_from_points(&pairs(p), h, w)
-                .map_err(|e| super::context(e, format_args!("polygon {i}")))
-        })
+        .map(|(i, p)| rle_from_points(&pairs(p), h, w).map_err(|e| super::context(e, format_args!("polygon {i}"))))
         .collect::<Result<Vec<_>>>()?;
     Rle::merge(&rles)
 }
@@ -397,8 +385,7 @@ mod tests {
                 std::mem::swap(&mut xs, &mut xe);
                 std::mem::swap(&mut ys, &mut ye);
             }
-            let s =
-                if dx >= dy { (ye - ys) as f64 / dx as f64 } else { (xe - xs) as f64 / dy as f64 };
+            let s = if dx >= dy { (ye - ys) as f64 / dx as f64 } else { (xe - xs) as f64 / dy as f64 };
             if dx >= dy {
                 for d in 0..=dx {
                     let t = if flip { dx - d } else { d };
@@ -507,8 +494,7 @@ mod tests {
     fn bad_polygons_are_errors() {
         let e = rle_from_polygon(&[1.0, 2.0, 3.0], 4, 4).unwrap_err().to_string();
         assert!(e.contains("3 values"), "{e}");
-        let e =
-            rle_from_polygon(&[1.0, f64::NAN, 3.0, 4.0, 0.0, 0.0], 4, 4).unwrap_err().to_string();
+        let e = rle_from_polygon(&[1.0, f64::NAN, 3.0, 4.0, 0.0, 0.0], 4, 4).unwrap_err().to_string();
         assert!(e.contains("point 0"), "{e}");
         assert!(rle_from_polygon(&[1.0, 1.0, 1e300, 4.0, 0.0, 0.0], 4, 4).is_err());
         assert!(rle_from_polygon(&[1.0, 1.0, 2.0, 4.0, 0.0, 0.0], 70000, 70000).is_err());
@@ -518,13 +504,9 @@ mod tests {
         assert!(e.contains("rle_from_bbox"), "{e}");
         assert!(rle_from_coco_polygons(&[vec![1.0, 1.0]], 4, 4).is_err());
         assert!(rle_from_coco_polygons(&[vec![]], 4, 4).is_err());
-        let e = rle_from_coco_polygons(
-            &[vec![0.0, 0.0, 3.0, 0.0, 3.0, 3.0], vec![f64::INFINITY; 6]],
-            4,
-            4,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = rle_from_coco_polygons(&[vec![0.0, 0.0, 3.0, 0.0, 3.0, 3.0], vec![f64::INFINITY; 6]], 4, 4)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("polygon 1"), "{e}");
     }
 
@@ -533,14 +515,8 @@ mod tests {
         assert_eq!(rle_from_polygon(&[], 4, 5).unwrap().counts, vec![20]);
         assert_eq!(rle_from_polygon(&[1.0, 1.0], 4, 5).unwrap().counts, vec![20]);
         assert_eq!(rle_from_polygon(&[1.0, 1.0, 3.0, 2.0], 4, 5).unwrap().counts, vec![20]);
-        assert_eq!(
-            rle_from_polygon(&[0.0, 0.0, 3.0, 0.0, 3.0, 3.0], 0, 5).unwrap().counts,
-            vec![0]
-        );
-        assert_eq!(
-            rle_from_polygon(&[0.0, 0.0, 3.0, 0.0, 3.0, 3.0], 5, 0).unwrap().counts,
-            vec![0]
-        );
+        assert_eq!(rle_from_polygon(&[0.0, 0.0, 3.0, 0.0, 3.0, 3.0], 0, 5).unwrap().counts, vec![0]);
+        assert_eq!(rle_from_polygon(&[0.0, 0.0, 3.0, 0.0, 3.0, 3.0], 5, 0).unwrap().counts, vec![0]);
         // Odd trailing value dropped by the COCO reader, like frPoly.
         let a = rle_from_coco_polygons(&[vec![0.0, 0.0, 3.0, 0.0, 3.0, 3.0, 9.0]], 4, 4).unwrap();
         let b = rle_from_polygon(&[0.0, 0.0, 3.0, 0.0, 3.0, 3.0], 4, 4).unwrap();

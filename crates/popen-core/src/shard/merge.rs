@@ -10,9 +10,7 @@
 //! per input record, with the input's id (samples: the sample id; photo folders: the file
 //! stem). A record the task skipped leaves a gap, which the id match absorbs.
 
-use super::{
-    read_kind, Prediction, ProposalSet, Record, SegPref, ShardReader, ShardWriter, TextPref,
-};
+use super::{read_kind, Prediction, ProposalSet, Record, SegPref, ShardReader, ShardWriter, TextPref};
 use crate::error::{CoreError, Result};
 use crate::manifest::{manifest_beside, FileEntry, Manifest};
 use crate::shardspec::ShardSpec;
@@ -71,7 +69,11 @@ pub fn check_shards(out: &Path, count: u32) -> Result<Vec<(ShardOutput, Manifest
         let task = format!("shard {} (array task {})", s.shard, s.shard.index);
         if !s.path.is_file() {
             let parts = super::parts_dir(&s.path);
-            let hint = if parts.is_dir() { format!("; {} holds the parts of an unfinished run", parts.display()) } else { String::new() };
+            let hint = if parts.is_dir() {
+                format!("; {} holds the parts of an unfinished run", parts.display())
+            } else {
+                String::new()
+            };
             problems.push(format!("{task}: output {} is missing{hint}", s.path.display()));
             continue;
         }
@@ -271,7 +273,13 @@ fn merge_records<T: Record + Keyed>(out: &Path, shards: &[(ShardOutput, Manifest
 
 /// The stage manifest of the merged output: the tasks' stage, config and inputs; counts and
 /// timings summed; skipped records in input order; the task outputs under `merged_from`.
-fn merged_manifest(out: &Path, shards: &[(ShardOutput, Manifest)], order: &[String], rows: usize, t0: Instant) -> Result<Manifest> {
+fn merged_manifest(
+    out: &Path,
+    shards: &[(ShardOutput, Manifest)],
+    order: &[String],
+    rows: usize,
+    t0: Instant,
+) -> Result<Manifest> {
     let m0 = &shards[0].1;
     let mut m = m0.clone();
     m.tool_version = env!("CARGO_PKG_VERSION").to_string();

@@ -18,23 +18,22 @@ mod textpref;
 pub use prediction::Prediction;
 pub use proposal::{read_proposals, ProposalSet};
 pub use resume::{parts_dir, ResumableWriter};
+pub use sample::{Sample, SEG_TOKEN};
 pub use segpref::{SegPref, SEG_PREF_KEPT};
 pub use textpref::{TextPref, TEXT_PREF_BRANCHES};
-pub use sample::{Sample, SEG_TOKEN};
 
 use crate::error::{CoreError, Result};
 use crate::mask::Rle;
 use arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, Int32Array, ListArray, RecordBatch, StringArray, StructArray,
-    UInt32Array,
+    Array, ArrayRef, AsArray, BinaryArray, Int32Array, ListArray, RecordBatch, StringArray, StructArray, UInt32Array,
 };
 use arrow::buffer::OffsetBuffer;
-use arrow::datatypes::{DataType, Field, Fields, SchemaRef, UInt32Type, UInt64Type, Int32Type, Float32Type};
+use arrow::datatypes::{DataType, Field, Fields, Float32Type, Int32Type, SchemaRef, UInt32Type, UInt64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
 use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -140,9 +139,8 @@ impl<T: Record> ShardWriter<T> {
     pub fn finish(mut self) -> Result<usize> {
         self.flush()?;
         let w = self.writer.take().expect("writer open until finish");
-        let file = w
-            .into_inner()
-            .map_err(|e| CoreError::shard(&self.tmp, format!("cannot finish Parquet file: {e}")))?;
+        let file =
+            w.into_inner().map_err(|e| CoreError::shard(&self.tmp, format!("cannot finish Parquet file: {e}")))?;
         file.sync_all().map_err(|e| CoreError::io(&self.tmp, e))?;
         drop(file);
         rename_into_place(&self.tmp, &self.path)?;
@@ -201,9 +199,7 @@ impl<T: Record> ShardReader<T> {
             .and_then(|kv| kv.iter().find(|k| k.key == KIND_KEY).and_then(|k| k.value.clone()));
         match kind.as_deref() {
             Some(k) if k == T::KIND => {}
-            Some(k) => {
-                return Err(CoreError::shard(&path, format!("holds '{k}' records, expected '{}'", T::KIND)))
-            }
+            Some(k) => return Err(CoreError::shard(&path, format!("holds '{k}' records, expected '{}'", T::KIND))),
             // Files written by other tools (pyarrow, duckdb) are accepted if the columns fit.
             None => {}
         }
@@ -308,7 +304,9 @@ fn types_compatible(a: &DataType, b: &DataType) -> bool {
         (DataType::List(x), DataType::List(y)) => types_compatible(x.data_type(), y.data_type()),
         (DataType::Struct(x), DataType::Struct(y)) => {
             x.len() == y.len()
-                && x.iter().zip(y.iter()).all(|(p, q)| p.name() == q.name() && types_compatible(p.data_type(), q.data_type()))
+                && x.iter()
+                    .zip(y.iter())
+                    .all(|(p, q)| p.name() == q.name() && types_compatible(p.data_type(), q.data_type()))
         }
         _ => a == b,
     }
@@ -338,7 +336,8 @@ fn create_tmp(path: &Path) -> Result<(PathBuf, File)> {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     loop {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = path.with_file_name(format!(".{name}.tmp-{}-{nanos:x}-{n}", std::process::id()));
         match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
@@ -379,9 +378,7 @@ pub fn atomic_write_with(
     }
     let (tmp, f) = create_tmp(path)?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    let res = fill(&mut w)
-        .and_then(|_| w.into_inner().map_err(|e| e.into_error()))
-        .and_then(|f| f.sync_all());
+    let res = fill(&mut w).and_then(|_| w.into_inner().map_err(|e| e.into_error())).and_then(|f| f.sync_all());
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
         return Err(CoreError::io(&tmp, e));
@@ -395,7 +392,12 @@ pub fn atomic_write_with(
 
 /// Every mask of `field` has the image's size and valid RLE runs; the error names the field
 /// and the mask's index.
-pub(crate) fn check_masks(field: &str, masks: &[Rle], height: u32, width: u32) -> std::result::Result<(), (String, String)> {
+pub(crate) fn check_masks(
+    field: &str,
+    masks: &[Rle],
+    height: u32,
+    width: u32,
+) -> std::result::Result<(), (String, String)> {
     for (i, m) in masks.iter().enumerate() {
         if m.height != height || m.width != width {
             return Err((

@@ -4,9 +4,7 @@
 use super::{list_field, rle_struct_field, Columns, Record, RleListBuilder, SEG_TOKEN};
 use crate::error::{CoreError, Result};
 use crate::mask::Rle;
-use arrow::array::{
-    ArrayRef, Float32Builder, Int32Builder, ListBuilder, RecordBatch, StringBuilder, UInt32Builder,
-};
+use arrow::array::{ArrayRef, Float32Builder, Int32Builder, ListBuilder, RecordBatch, StringBuilder, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -96,7 +94,8 @@ impl Record for Prediction {
     }
 
     fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
-        let f32_list = || ListBuilder::new(Float32Builder::new()).with_field(Field::new("item", DataType::Float32, false));
+        let f32_list =
+            || ListBuilder::new(Float32Builder::new()).with_field(Field::new("item", DataType::Float32, false));
         let mut id = StringBuilder::new();
         let mut split = StringBuilder::new();
         let mut width = UInt32Builder::new();
@@ -104,7 +103,8 @@ impl Record for Prediction {
         let mut answer = StringBuilder::new();
         let mut masks = RleListBuilder::new();
         let mut mask_scores = f32_list();
-        let mut token_ids = ListBuilder::new(Int32Builder::new()).with_field(Field::new("item", DataType::Int32, false));
+        let mut token_ids =
+            ListBuilder::new(Int32Builder::new()).with_field(Field::new("item", DataType::Int32, false));
         let mut token_logprobs = f32_list();
         let mut meta = StringBuilder::new();
         for r in rows {

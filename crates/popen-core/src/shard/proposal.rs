@@ -66,7 +66,8 @@ impl Record for ProposalSet {
         let (mut id, mut meta) = (StringBuilder::new(), StringBuilder::new());
         let (mut width, mut height) = (UInt32Builder::new(), UInt32Builder::new());
         let mut masks = RleListBuilder::new();
-        let mut scores = ListBuilder::new(Float32Builder::new()).with_field(Field::new("item", DataType::Float32, false));
+        let mut scores =
+            ListBuilder::new(Float32Builder::new()).with_field(Field::new("item", DataType::Float32, false));
         for r in rows {
             id.append_value(&r.id);
             width.append_value(r.width);
@@ -84,7 +85,8 @@ impl Record for ProposalSet {
             Arc::new(scores.finish()),
             Arc::new(meta.finish()),
         ];
-        RecordBatch::try_new(Self::schema(), cols).map_err(|e| CoreError::Invalid(format!("building proposal batch: {e}")))
+        RecordBatch::try_new(Self::schema(), cols)
+            .map_err(|e| CoreError::Invalid(format!("building proposal batch: {e}")))
     }
 
     fn check(&self) -> std::result::Result<(), (String, String)> {

@@ -205,7 +205,11 @@ impl<T: Record> ResumableWriter<T> {
     }
 
     /// [`finish_ordered`](Self::finish_ordered), showing `visit` every record of `<out>`.
-    pub fn finish_ordered_visit(mut self, key: impl Fn(&T) -> Option<usize>, mut visit: impl FnMut(&T)) -> Result<usize> {
+    pub fn finish_ordered_visit(
+        mut self,
+        key: impl Fn(&T) -> Option<usize>,
+        mut visit: impl FnMut(&T),
+    ) -> Result<usize> {
         self.commit()?;
         let mut bounds: Vec<usize> = self.runs.iter().copied().filter(|&r| r < self.next_part).collect();
         bounds.dedup();
@@ -225,7 +229,10 @@ impl<T: Record> ResumableWriter<T> {
                 let path = part_path(&parts_dir, i);
                 for (row, r) in read_shard::<T>(&path)?.into_iter().enumerate() {
                     let k = key(&r).ok_or_else(|| {
-                        CoreError::shard(&path, format!("row {row} is not a record of this input (resumed from another run?)"))
+                        CoreError::shard(
+                            &path,
+                            format!("row {row} is not a record of this input (resumed from another run?)"),
+                        )
                     })?;
                     q.push_back((k, r));
                 }

@@ -3,9 +3,7 @@
 use super::{list_field, rle_struct_field, Columns, Record, RleListBuilder};
 use crate::error::{CoreError, Result};
 use crate::mask::Rle;
-use arrow::array::{
-    ArrayRef, BinaryBuilder, Int32Builder, ListBuilder, RecordBatch, StringBuilder, UInt32Builder,
-};
+use arrow::array::{ArrayRef, BinaryBuilder, Int32Builder, ListBuilder, RecordBatch, StringBuilder, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -55,32 +53,25 @@ impl Sample {
             return bad("width", format!("image size {}x{} is empty", self.width, self.height));
         }
         if self.image.len() >= MAX_IMAGE_BYTES {
-            return bad("image", format!("{} bytes of encoded image; at most {MAX_IMAGE_BYTES} are supported", self.image.len()));
+            return bad(
+                "image",
+                format!("{} bytes of encoded image; at most {MAX_IMAGE_BYTES} are supported", self.image.len()),
+            );
         }
         let n = self.target_names.len();
         if self.seg_count() != n {
-            return bad(
-                "answer",
-                format!("{} {SEG_TOKEN} tokens but {n} target names", self.seg_count()),
-            );
+            return bad("answer", format!("{} {SEG_TOKEN} tokens but {n} target names", self.seg_count()));
         }
         if self.target_masks.len() != n {
             return bad("target_masks", format!("{} masks for {n} targets", self.target_masks.len()));
         }
         if self.target_instances.len() != n {
-            return bad(
-                "target_instances",
-                format!("{} entries for {n} targets", self.target_instances.len()),
-            );
+            return bad("target_instances", format!("{} entries for {n} targets", self.target_instances.len()));
         }
         if self.instance_masks.len() != self.instance_names.len() {
             return bad(
                 "instance_masks",
-                format!(
-                    "{} masks for {} instance names",
-                    self.instance_masks.len(),
-                    self.instance_names.len()
-                ),
+                format!("{} masks for {} instance names", self.instance_masks.len(), self.instance_names.len()),
             );
         }
         for (field, masks) in [("target_masks", &self.target_masks), ("instance_masks", &self.instance_masks)] {
@@ -152,11 +143,13 @@ impl Record for Sample {
         let mut height = UInt32Builder::new();
         let mut instruction = StringBuilder::new();
         let mut answer = StringBuilder::new();
-        let mut target_names = ListBuilder::new(StringBuilder::new()).with_field(Field::new("item", DataType::Utf8, false));
+        let mut target_names =
+            ListBuilder::new(StringBuilder::new()).with_field(Field::new("item", DataType::Utf8, false));
         let mut target_masks = RleListBuilder::new();
         let mut target_instances =
             ListBuilder::new(Int32Builder::new()).with_field(Field::new("item", DataType::Int32, false));
-        let mut instance_names = ListBuilder::new(StringBuilder::new()).with_field(Field::new("item", DataType::Utf8, false));
+        let mut instance_names =
+            ListBuilder::new(StringBuilder::new()).with_field(Field::new("item", DataType::Utf8, false));
         let mut instance_masks = RleListBuilder::new();
         let mut meta = StringBuilder::new();
         for r in rows {

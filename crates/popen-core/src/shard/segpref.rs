@@ -111,7 +111,10 @@ impl SegPref {
         super::check_masks("ref_masks", &self.ref_masks, self.height, self.width)?;
         for (i, r) in self.noise_rect.chunks(4).enumerate() {
             if r[2] == 0 || r[3] == 0 || r[0] + r[2] > self.width || r[1] + r[3] > self.height {
-                return bad("noise_rect", format!("image {i}: rectangle {r:?} does not fit {}x{}", self.width, self.height));
+                return bad(
+                    "noise_rect",
+                    format!("image {i}: rectangle {r:?} does not fit {}x{}", self.width, self.height),
+                );
             }
         }
         for (field, v) in [
@@ -130,7 +133,10 @@ impl SegPref {
             let mut r = self.ranking(t).to_vec();
             r.sort_unstable();
             if r != [0, 1, 2] {
-                return bad("rankings", format!("target {t}: {:?} is not an order of the 3 kept images", self.ranking(t)));
+                return bad(
+                    "rankings",
+                    format!("target {t}: {:?} is not an order of the 3 kept images", self.ranking(t)),
+                );
             }
         }
         if !self.meta.is_empty() && serde_json::from_str::<serde_json::Value>(&self.meta).is_err() {
@@ -238,7 +244,8 @@ impl Record for SegPref {
             Arc::new(rankings.finish()),
             meta.expect("meta"),
         ];
-        RecordBatch::try_new(Self::schema(), cols).map_err(|e| CoreError::Invalid(format!("building seg-pref batch: {e}")))
+        RecordBatch::try_new(Self::schema(), cols)
+            .map_err(|e| CoreError::Invalid(format!("building seg-pref batch: {e}")))
     }
 
     fn check(&self) -> std::result::Result<(), (String, String)> {

@@ -144,7 +144,8 @@ impl Record for TextPref {
             instruction.append_value(&r.instruction);
             y.append_value(&r.y);
             y_c.append_value(&r.y_c);
-            for (b, v) in [(&mut y_ids, &r.y_ids), (&mut y_c_ids, &r.y_c_ids), (&mut l_y, &r.l_y), (&mut l_yc, &r.l_yc)] {
+            for (b, v) in [(&mut y_ids, &r.y_ids), (&mut y_c_ids, &r.y_c_ids), (&mut l_y, &r.l_y), (&mut l_yc, &r.l_yc)]
+            {
                 b.values().append_slice(v);
                 b.append(true);
             }
@@ -173,7 +174,8 @@ impl Record for TextPref {
             Arc::new(branch.finish()),
             Arc::new(meta.finish()),
         ];
-        RecordBatch::try_new(Self::schema(), cols).map_err(|e| CoreError::Invalid(format!("building text-pref batch: {e}")))
+        RecordBatch::try_new(Self::schema(), cols)
+            .map_err(|e| CoreError::Invalid(format!("building text-pref batch: {e}")))
     }
 
     fn check(&self) -> std::result::Result<(), (String, String)> {

@@ -192,7 +192,11 @@ pub(crate) const FUNCS: &[Func] = &[
     },
     Func {
         id: "stir",
-        questions: &["What could I stir my soup with?", "Which object helps me eat soup?", "Find something to stir tea with."],
+        questions: &[
+            "What could I stir my soup with?",
+            "Which object helps me eat soup?",
+            "Find something to stir tea with.",
+        ],
         answers: &["You could stir with {L}.", "{L} would work for soup."],
     },
 ];
@@ -797,10 +801,8 @@ impl Lexicon {
     /// longest mention form at each position. Returns (canonical category, matched form).
     pub fn find_mentions(&self, text: &str) -> Vec<(String, String)> {
         let lower = text.to_lowercase();
-        let words: Vec<&str> = lower
-            .split(|c: char| !(c.is_alphanumeric() || c == '\''))
-            .filter(|w| !w.is_empty())
-            .collect();
+        let words: Vec<&str> =
+            lower.split(|c: char| !(c.is_alphanumeric() || c == '\'')).filter(|w| !w.is_empty()).collect();
         let max_words = self.mention_forms.keys().map(|k| k.split(' ').count()).max().unwrap_or(1);
         let mut out = Vec::new();
         let mut i = 0;

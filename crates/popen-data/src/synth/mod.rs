@@ -303,8 +303,10 @@ fn build_sample(
     let masks: Vec<Rle> = (0..insts.len())
         .map(|k| {
             let kk = k as i16;
-            Rle::encode(&Mask::from_row_major(h, w, scene.zbuf.iter().map(|&z| (z == kk) as u8).collect())
-                .expect("zbuf has w*h pixels"))
+            Rle::encode(
+                &Mask::from_row_major(h, w, scene.zbuf.iter().map(|&z| (z == kk) as u8).collect())
+                    .expect("zbuf has w*h pixels"),
+            )
         })
         .collect();
     let names: Vec<String> = insts.iter().map(|i| lexicon::CATS[i.cat].name.to_string()).collect();

@@ -331,14 +331,10 @@ impl<'a> Ctx<'a> {
     }
 
     fn function(&self, rng: &mut ChaCha8Rng) -> Option<Query> {
-        let present: Vec<&str> = FUNCS
-            .iter()
-            .map(|f| f.id)
-            .filter(|f| self.insts.iter().any(|i| CATS[i.cat].funcs.contains(f)))
-            .collect();
-        let f = func(prefer_multi(rng, present, |f| {
-            self.insts.iter().filter(|i| CATS[i.cat].funcs.contains(f)).count()
-        })?);
+        let present: Vec<&str> =
+            FUNCS.iter().map(|f| f.id).filter(|f| self.insts.iter().any(|i| CATS[i.cat].funcs.contains(f))).collect();
+        let f =
+            func(prefer_multi(rng, present, |f| self.insts.iter().filter(|i| CATS[i.cat].funcs.contains(f)).count())?);
         let targets: Vec<usize> = (0..self.n()).filter(|&j| CATS[self.insts[j].cat].funcs.contains(&f.id)).collect();
         if targets.len() == self.n() {
             return None;
@@ -388,7 +384,13 @@ impl<'a> Ctx<'a> {
             (
                 pick(
                     rng,
-                    &["Where is the {n}?", "Segment the {n}.", "Can you find the {n}?", "Show me the {n}.", "Find the {n} in the picture."],
+                    &[
+                        "Where is the {n}?",
+                        "Segment the {n}.",
+                        "Can you find the {n}?",
+                        "Show me the {n}.",
+                        "Find the {n} in the picture.",
+                    ],
                 ),
                 pick(rng, &["{L} is here.", "Here is {L}.", "This is {L}."]),
             )
@@ -441,8 +443,12 @@ impl<'a> Ctx<'a> {
         };
         let q = sentence(q, &vars);
         let a = match (targets.len() == 1, others.len() == 1) {
-            (true, true) => pick(rng, &["Here is {L}; the other {n} is {c2}.", "{L} is {c}, while the other {n} is {c2}."]),
-            (true, false) => pick(rng, &["Here is {L}; the other {np} are {c2}.", "{L} is {c}, while the other {np} are {c2}."]),
+            (true, true) => {
+                pick(rng, &["Here is {L}; the other {n} is {c2}.", "{L} is {c}, while the other {n} is {c2}."])
+            }
+            (true, false) => {
+                pick(rng, &["Here is {L}; the other {np} are {c2}.", "{L} is {c}, while the other {np} are {c2}."])
+            }
             (false, true) => pick(rng, &["Here are {L}; the other {n} is {c2}."]),
             (false, false) => pick(rng, &["Here are {L}; the other {np} are {c2}."]),
         };
@@ -501,13 +507,20 @@ impl<'a> Ctx<'a> {
                 pick(rng, &["{L} {be} to the right of {R}.", "To the right of {R} {be} {L}."]),
             ),
             "above" => (
-                pick(rng, &["What is above {R}?", "Which things are higher up than {R}?", "Segment everything above {R}."]),
+                pick(
+                    rng,
+                    &["What is above {R}?", "Which things are higher up than {R}?", "Segment everything above {R}."],
+                ),
                 pick(rng, &["{L} {be} above {R}.", "Above {R} {be} {L}."]),
             ),
             _ => (
                 pick(
                     rng,
-                    &["What is below {R}?", "Which objects are lower down than {R}?", "Segment everything beneath {R} in the picture."],
+                    &[
+                        "What is below {R}?",
+                        "Which objects are lower down than {R}?",
+                        "Segment everything beneath {R} in the picture.",
+                    ],
                 ),
                 pick(rng, &["{L} {be} below {R}.", "Below {R} {be} {L}."]),
             ),
@@ -550,7 +563,10 @@ impl<'a> Ctx<'a> {
                 pick(rng, &["{L} is the highest {sn}.", "{L} is closest to the top."]),
             ),
             "bottom" => (
-                pick(rng, &["Which {sn} is closest to the bottom of the image?", "Segment the lowest {sn} in the picture."]),
+                pick(
+                    rng,
+                    &["Which {sn} is closest to the bottom of the image?", "Segment the lowest {sn} in the picture."],
+                ),
                 pick(rng, &["{L} is the lowest {sn}.", "{L} is closest to the bottom."]),
             ),
             "left" => (
@@ -562,7 +578,13 @@ impl<'a> Ctx<'a> {
                 pick(rng, &["{L} is the rightmost {sn}.", "{L} is furthest to the right."]),
             ),
             _ => (
-                pick(rng, &["Which {sn} is closest to the centre of the image?", "Segment the {sn} in the middle of the picture."]),
+                pick(
+                    rng,
+                    &[
+                        "Which {sn} is closest to the centre of the image?",
+                        "Segment the {sn} in the middle of the picture.",
+                    ],
+                ),
                 pick(rng, &["{L} is closest to the centre.", "{L} sits nearest the middle of the picture."]),
             ),
         };
@@ -599,7 +621,10 @@ impl<'a> Ctx<'a> {
             )
         } else {
             (
-                pick(rng, &["Which is the smallest {sn}?", "Segment the tiniest {sn}.", "Find the smallest {sn} here."]),
+                pick(
+                    rng,
+                    &["Which is the smallest {sn}?", "Segment the tiniest {sn}.", "Find the smallest {sn} here."],
+                ),
                 pick(rng, &["{L} is the smallest {sn}.", "The smallest {sn} is {L}."]),
             )
         };
@@ -626,7 +651,11 @@ impl<'a> Ctx<'a> {
                 let q = sentence(
                     pick(
                         rng,
-                        &["Show me every {gs} that is not {c}.", "Segment the {gp} except the {c} {ones}.", "Which {gp} are not {c}?"],
+                        &[
+                            "Show me every {gs} that is not {c}.",
+                            "Segment the {gp} except the {c} {ones}.",
+                            "Which {gp} are not {c}?",
+                        ],
                     ),
                     &vars,
                 );
@@ -648,12 +677,25 @@ impl<'a> Ctx<'a> {
                 let q = sentence(
                     pick(
                         rng,
-                        &["Segment all objects except the {ex}.", "Show me everything but the {ex}.", "Find every object other than the {ex}."],
+                        &[
+                            "Segment all objects except the {ex}.",
+                            "Show me everything but the {ex}.",
+                            "Find every object other than the {ex}.",
+                        ],
                     ),
                     &vars,
                 );
                 let a = pick(rng, &["Besides the {ex}, there {be} {L}.", "{L} {be} {neg}."]);
-                self.finish(rng, "exclusion", &format!("all-but-category:{}", CATS[cat].name), q, a, targets, excluded, &vars)
+                self.finish(
+                    rng,
+                    "exclusion",
+                    &format!("all-but-category:{}", CATS[cat].name),
+                    q,
+                    a,
+                    targets,
+                    excluded,
+                    &vars,
+                )
             }
             _ => {
                 // everything that is not <colour>
@@ -667,7 +709,11 @@ impl<'a> Ctx<'a> {
                 let q = sentence(
                     pick(
                         rng,
-                        &["Which objects are not {c}?", "Show me everything that isn't {c}.", "Segment all the objects that are not {c}."],
+                        &[
+                            "Which objects are not {c}?",
+                            "Show me everything that isn't {c}.",
+                            "Segment all the objects that are not {c}.",
+                        ],
                     ),
                     &vars,
                 );
@@ -724,10 +770,18 @@ impl<'a> Ctx<'a> {
                 }
                 let vars = [("R", rp.as_str()), ("Rc", &cap(&rp))];
                 let q = sentence(
-                    pick(rng, &["What is lying on top of {R}?", "Which objects partly cover {R}?", "What is in front of {R}?"]),
+                    pick(
+                        rng,
+                        &[
+                            "What is lying on top of {R}?",
+                            "Which objects partly cover {R}?",
+                            "What is in front of {R}?",
+                        ],
+                    ),
                     &vars,
                 );
-                let a = pick(rng, &["{L} {be} in front of {R}, covering part of it.", "{Rc} is partly covered by {L}."]);
+                let a =
+                    pick(rng, &["{L} {be} in front of {R}, covering part of it.", "{Rc} is partly covered by {L}."]);
                 self.finish(rng, "occlusion", "in_front", q, a, targets, vec![r], &vars)
             }
             _ => {
@@ -805,8 +859,11 @@ impl<'a> Ctx<'a> {
             let a = pick(rng, &["There are {N} {np}: {L}.", "I count {N} {np}: {L}."]);
             self.finish(rng, "count", &format!("category:{}", CATS[cat].name), q, a, targets, vec![], &vars)
         } else {
-            let gs: Vec<&str> =
-                self.groups_present().into_iter().filter(|g| (0..self.n()).filter(|&j| self.in_group(j, g)).count() >= 2).collect();
+            let gs: Vec<&str> = self
+                .groups_present()
+                .into_iter()
+                .filter(|g| (0..self.n()).filter(|&j| self.in_group(j, g)).count() >= 2)
+                .collect();
             let g = group(gs.choose(rng)?);
             let targets: Vec<usize> = (0..self.n()).filter(|&j| self.in_group(j, g.id)).collect();
             let vars = [("gc", g.counted)];
@@ -859,13 +916,7 @@ pub(crate) fn make_query(
     rng: &mut ChaCha8Rng,
     need_heldout: bool,
 ) -> Option<Query> {
-    let ctx = Ctx {
-        insts,
-        cfg,
-        side: scene.w.min(scene.h) as f32,
-        w: scene.w as f32,
-        h: scene.h as f32,
-    };
+    let ctx = Ctx { insts, cfg, side: scene.w.min(scene.h) as f32, w: scene.w as f32, h: scene.h as f32 };
     let mut kinds: Vec<(&'static str, f64)> =
         TEMPLATE_KINDS.iter().map(|&k| (k, cfg.template_weight(k))).filter(|(_, w)| *w > 0.0).collect();
     while !kinds.is_empty() {

@@ -344,8 +344,7 @@ pub(crate) fn sample_scene(
             }
             let ok = objs.iter().enumerate().all(|(j, o)| {
                 let left = vis[j] - dec[j];
-                dec[j] == 0
-                    || (left as f64 >= cfg.min_visible_fraction * o.area as f64 && left >= min_area)
+                dec[j] == 0 || (left as f64 >= cfg.min_visible_fraction * o.area as f64 && left >= min_area)
             });
             if !ok {
                 continue;
@@ -371,15 +370,7 @@ pub(crate) fn sample_scene(
     if objs.len() < cfg.min_objects {
         return None;
     }
-    let mut scene = Scene {
-        w,
-        h,
-        objs,
-        zbuf,
-        image: image::RgbImage::new(w, h),
-        background: "",
-        clutter: 0,
-    };
+    let mut scene = Scene { w, h, objs, zbuf, image: image::RgbImage::new(w, h), background: "", clutter: 0 };
     render(cfg, rng, &mut scene);
     Some(scene)
 }
@@ -401,7 +392,11 @@ fn render(cfg: &SynthConfig, rng: &mut ChaCha8Rng, scene: &mut Scene) {
     let lig = uniform(rng, 0.3, 0.66);
     let base = hsl(hue, sat, lig);
     let dl = uniform(rng, 0.08, 0.22) * contrast / 0.15 * if lig > 0.5 { -1.0 } else { 1.0 };
-    let other = hsl(hue + uniform(rng, -0.1, 0.1), (sat + uniform(rng, -0.05, 0.1)).clamp(0.0, 0.4), (lig + dl).clamp(0.1, 0.9));
+    let other = hsl(
+        hue + uniform(rng, -0.1, 0.1),
+        (sat + uniform(rng, -0.05, 0.1)).clamp(0.0, 0.4),
+        (lig + dl).clamp(0.1, 0.9),
+    );
     let kind = rng.random_range(0..BACKGROUNDS.len());
     scene.background = BACKGROUNDS[kind];
     let ang = uniform(rng, 0.0, std::f32::consts::PI);
@@ -451,9 +446,11 @@ fn render(cfg: &SynthConfig, rng: &mut ChaCha8Rng, scene: &mut Scene) {
     for _ in 0..nclutter {
         let r = uniform(rng, 0.04, 0.12) * side;
         let (cx, cy) = (uniform(rng, 0.0, w as f32), uniform(rng, 0.0, h as f32));
-        let col = hsl(rng.random::<f32>(), uniform(rng, 0.05, 0.35), (lig + uniform(rng, -0.18, 0.18)).clamp(0.15, 0.85));
+        let col =
+            hsl(rng.random::<f32>(), uniform(rng, 0.05, 0.35), (lig + uniform(rng, -0.18, 0.18)).clamp(0.15, 0.85));
         let alpha = uniform(rng, 0.35, 0.8);
-        let (a2, p2, a3, p3) = (uniform(rng, -0.3, 0.3), uniform(rng, 0.0, 6.3), uniform(rng, -0.2, 0.2), uniform(rng, 0.0, 6.3));
+        let (a2, p2, a3, p3) =
+            (uniform(rng, -0.3, 0.3), uniform(rng, 0.0, 6.3), uniform(rng, -0.2, 0.2), uniform(rng, 0.0, 6.3));
         let ex = uniform(rng, 0.6, 1.6);
         let x0 = (cx - 2.0 * r).max(0.0) as u32;
         let x1 = ((cx + 2.0 * r).max(0.0) as u32).min(w);
@@ -532,9 +529,11 @@ fn render(cfg: &SynthConfig, rng: &mut ChaCha8Rng, scene: &mut Scene) {
                 let col = match p {
                     shapes::SECOND => second,
                     shapes::DARK => [body[0] * 0.68, body[1] * 0.68, body[2] * 0.68],
-                    shapes::LIGHT => {
-                        [(body[0] * 1.15 + 0.1).min(1.0), (body[1] * 1.15 + 0.1).min(1.0), (body[2] * 1.15 + 0.1).min(1.0)]
-                    }
+                    shapes::LIGHT => [
+                        (body[0] * 1.15 + 0.1).min(1.0),
+                        (body[1] * 1.15 + 0.1).min(1.0),
+                        (body[2] * 1.15 + 0.1).min(1.0),
+                    ],
                     shapes::BLACK => [0.07, 0.07, 0.09],
                     shapes::WHITE => [0.95, 0.95, 0.92],
                     _ => body,
@@ -657,11 +656,21 @@ mod tests {
                 };
                 let cfg2 = SynthConfig { width: tile, height: tile, ..cfg.clone() };
                 render(&cfg2, &mut rng, &mut scene);
-                image::imageops::replace(&mut sheet, &scene.image, ((k % cols) * tile) as i64, ((k / cols) * tile) as i64);
+                image::imageops::replace(
+                    &mut sheet,
+                    &scene.image,
+                    ((k % cols) * tile) as i64,
+                    ((k / cols) * tile) as i64,
+                );
                 k += 1;
             }
         }
-        let big = image::imageops::resize(&sheet, sheet.width() * 3, sheet.height() * 3, image::imageops::FilterType::Nearest);
+        let big = image::imageops::resize(
+            &sheet,
+            sheet.width() * 3,
+            sheet.height() * 3,
+            image::imageops::FilterType::Nearest,
+        );
         big.save("/tmp/synth_gallery.png").unwrap();
     }
 }

@@ -25,7 +25,10 @@ fn classes(lex: &Lexicon, text: &str) -> Vec<String> {
 
 #[test]
 fn tokenizer_drops_seg_and_punctuation() {
-    assert_eq!(tokenize("The red ball <seg>, and a teddy-bear's hat!"), vec!["the", "red", "ball", "and", "a", "teddy", "bear", "s", "hat"]);
+    assert_eq!(
+        tokenize("The red ball <seg>, and a teddy-bear's hat!"),
+        vec!["the", "red", "ball", "and", "a", "teddy", "bear", "s", "hat"]
+    );
 }
 
 #[test]
@@ -41,7 +44,10 @@ fn benchmark_lexicon_mentions() {
     // colour words are not objects
     assert_eq!(classes(&lex, "the orange box and the red one"), vec!["box"]);
     // lexicon plurals (irregular ones too), unchanged plurals, synonyms
-    assert_eq!(classes(&lex, "three leaves, two dice, some fish, a crescent moon and a crescent"), vec!["leaf", "dice", "fish", "moon", "moon"]);
+    assert_eq!(
+        classes(&lex, "three leaves, two dice, some fish, a crescent moon and a crescent"),
+        vec!["leaf", "dice", "fish", "moon", "moon"]
+    );
     assert_eq!(classes(&lex, "Mugs! BALLS."), vec!["cup", "ball"]);
     assert_eq!(lex.class_of("Toy Balls"), Some("ball"));
     assert_eq!(lex.class_of("orange"), None);
@@ -66,11 +72,17 @@ fn coco_table_mentions() {
     assert_eq!(lex.classes.len(), 11);
     // two-word names win over their last word, in singular and plural
     assert_eq!(classes(&lex, "Two hot dogs and a dog."), vec!["hot dog", "dog"]);
-    assert_eq!(classes(&lex, "traffic lights near a teddy bear and a panda"), vec!["traffic light", "teddy bear", "bear"]);
+    assert_eq!(
+        classes(&lex, "traffic lights near a teddy bear and a panda"),
+        vec!["traffic light", "teddy bear", "bear"]
+    );
     // colour adjective before a mention vs the fruit
     assert_eq!(classes(&lex, "an orange cat eats an orange"), vec!["cat", "orange"]);
     // irregular and rule plurals; synonyms map to the canonical class
-    assert_eq!(classes(&lex, "the men and women at the tables with knives"), vec!["person", "person", "dining table", "knife"]);
+    assert_eq!(
+        classes(&lex, "the men and women at the tables with knives"),
+        vec!["person", "person", "dining table", "knife"]
+    );
     assert_eq!(classes(&lex, "motor bikes, puppies and kittens"), vec!["motorcycle", "dog", "cat"]);
     // no false singulars
     assert_eq!(classes(&lex, "this is a category of catalogs"), Vec::<String>::new());
@@ -128,5 +140,8 @@ fn real_coco_synonym_table() {
         assert_eq!(lex.class_of(form), Some(class), "{form}");
     }
     assert_eq!(lex.class_of("pineapple"), None);
-    assert_eq!(classes(&lex, "A man rides an orange motor bike past a stop sign."), vec!["person", "motorcycle", "stop sign"]);
+    assert_eq!(
+        classes(&lex, "A man rides an orange motor bike past a stop sign."),
+        vec!["person", "motorcycle", "stop sign"]
+    );
 }

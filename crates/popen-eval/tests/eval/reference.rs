@@ -30,7 +30,8 @@ fn assignment_equals_scipy() {
     assert!(mats.len() > 200);
     for (k, m) in mats.iter().enumerate() {
         let (r, c) = (m["rows"].as_u64().unwrap() as usize, m["cols"].as_u64().unwrap() as usize);
-        let cost: Vec<f64> = m["cost"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().parse().unwrap()).collect();
+        let cost: Vec<f64> =
+            m["cost"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().parse().unwrap()).collect();
         let want: Vec<(usize, usize)> = m["row_ind"]
             .as_array()
             .unwrap()
@@ -69,7 +70,10 @@ fn pairs_giou_ciou_equal_pixellm_reference() {
         totals.add(&pairs);
     }
     assert_eq!(totals.pairs, want["pairs"].as_u64().unwrap());
-    assert_eq!((totals.intersection, totals.union), (want["intersection"].as_u64().unwrap(), want["union"].as_u64().unwrap()));
+    assert_eq!(
+        (totals.intersection, totals.union),
+        (want["intersection"].as_u64().unwrap(), want["union"].as_u64().unwrap())
+    );
     assert!((totals.giou().unwrap() - want["giou"].as_f64().unwrap()).abs() < 1e-12);
     assert!((totals.ciou() - want["ciou"].as_f64().unwrap()).abs() < 1e-12);
 }

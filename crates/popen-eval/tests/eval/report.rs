@@ -29,7 +29,8 @@ fn localization_error_and_boundary_iou() {
     let cfg = EvalConfig::default();
     // 35 px covering 10 of A and all 25 of B: IoU_g = 10/50 = 0.2, IoU_o = 25/35 > 0.25
     let wrong = rect(10, 10, 0, 5, 3, 10);
-    let r = score_sample(&cfg, &s, &prediction("s", 10, 10, "the apple <seg>", vec![wrong.clone()]), &lex(), None).unwrap();
+    let r =
+        score_sample(&cfg, &s, &prediction("s", 10, 10, "the apple <seg>", vec![wrong.clone()]), &lex(), None).unwrap();
     let m = &r.matched[0];
     assert!((m.iou - 0.2).abs() < 1e-15);
     assert!((m.iou_other - 25.0 / 35.0).abs() < 1e-15);
@@ -41,15 +42,19 @@ fn localization_error_and_boundary_iou() {
     assert_eq!((m.iou, m.boundary_iou, m.iou_other, m.localization_error), (1.0, 1.0, 0.0, false));
     // low IoU but nothing else there: not a localization error
     let s_alone = sample("s", 10, 10, &[("apple", a.clone(), 0)], &[("apple", a.clone())]);
-    let r = score_sample(&cfg, &s_alone, &prediction("s", 10, 10, "x <seg>", vec![wrong.clone()]), &lex(), None).unwrap();
+    let r =
+        score_sample(&cfg, &s_alone, &prediction("s", 10, 10, "x <seg>", vec![wrong.clone()]), &lex(), None).unwrap();
     assert_eq!((r.matched[0].iou_other, r.matched[0].localization_error), (0.0, false));
     // proposals instead of instances: one is the target (IoU >= 0.5, left out), one is B
     let props = vec![rect(10, 10, 0, 5, 0, 4), b.clone()];
-    let r = score_sample(&cfg, &s_alone, &prediction("s", 10, 10, "x <seg>", vec![wrong.clone()]), &lex(), Some(&props)).unwrap();
+    let r =
+        score_sample(&cfg, &s_alone, &prediction("s", 10, 10, "x <seg>", vec![wrong.clone()]), &lex(), Some(&props))
+            .unwrap();
     assert!((r.matched[0].iou_other - 25.0 / 35.0).abs() < 1e-15);
     assert!(r.matched[0].localization_error);
     // thresholds are configurable
-    let lenient = EvalConfig { localization: LocalizationConfig { iou_target_below: 0.1, ..Default::default() }, ..cfg };
+    let lenient =
+        EvalConfig { localization: LocalizationConfig { iou_target_below: 0.1, ..Default::default() }, ..cfg };
     let r = score_sample(&lenient, &s, &prediction("s", 10, 10, "x <seg>", vec![wrong]), &lex(), None).unwrap();
     assert!(!r.matched[0].localization_error);
 }
@@ -67,7 +72,13 @@ fn localization_error_rate_divides_by_all_targets() {
     let wrong = rect(10, 10, 0, 5, 3, 10);
     let c = rect(10, 10, 5, 10, 0, 10);
     let samples = vec![
-        sample("miss", 10, 10, &[("apple", a.clone(), 0), ("cup", c.clone(), 2)], &[("apple", a.clone()), ("box", b.clone()), ("cup", c.clone())]),
+        sample(
+            "miss",
+            10,
+            10,
+            &[("apple", a.clone(), 0), ("cup", c.clone(), 2)],
+            &[("apple", a.clone()), ("box", b.clone()), ("cup", c.clone())],
+        ),
         sample("ok", 10, 10, &[("apple", a.clone(), 0)], &[("apple", a.clone()), ("box", b.clone())]),
     ];
     let preds = vec![
@@ -75,7 +86,11 @@ fn localization_error_rate_divides_by_all_targets() {
         prediction("ok", 10, 10, "the apple <seg>", vec![a.clone()]),
     ];
     let lexicon = lex();
-    let r = evaluate(&EvalConfig::default(), EvalInputs { samples: &samples, predictions: &preds, lexicon: &lexicon, proposals: None, judge: None }).unwrap();
+    let r = evaluate(
+        &EvalConfig::default(),
+        EvalInputs { samples: &samples, predictions: &preds, lexicon: &lexicon, proposals: None, judge: None },
+    )
+    .unwrap();
     assert_eq!((r.counts.localization_errors, r.counts.target_objects, r.counts.matched_pairs), (1, 3, 2));
     assert_eq!(r.metrics.localization_error_rate, Some(1.0 / 3.0));
     assert_eq!(r.metrics.localization_error_rate_matched, Some(0.5));
@@ -106,11 +121,16 @@ fn baselines() {
     assert!("biggest".parse::<Baseline>().is_err());
 
     // nothing scores 0 everywhere except targets-free samples; largest-instance finds the box
-    let samples = vec![s, sample("t", 10, 10, &[("box", rect(10, 10, 5, 10, 0, 10), 0)], &[("box", rect(10, 10, 5, 10, 0, 10))])];
+    let samples =
+        vec![s, sample("t", 10, 10, &[("box", rect(10, 10, 5, 10, 0, 10), 0)], &[("box", rect(10, 10, 5, 10, 0, 10))])];
     let lexicon = lex();
     let run = |b: Baseline| {
         let preds = b.predict_all(&samples).unwrap();
-        evaluate(&EvalConfig::default(), EvalInputs { samples: &samples, predictions: &preds, lexicon: &lexicon, proposals: None, judge: None }).unwrap()
+        evaluate(
+            &EvalConfig::default(),
+            EvalInputs { samples: &samples, predictions: &preds, lexicon: &lexicon, proposals: None, judge: None },
+        )
+        .unwrap()
     };
     let r = run(Baseline::Nothing);
     assert_eq!((r.metrics.giou, r.metrics.ciou, r.metrics.chair_s), (Some(0.0), 0.0, 0.0));
@@ -128,13 +148,19 @@ fn ids_and_sizes_must_match() {
     let samples: Vec<_> = (0..8).map(|i| sample(&format!("s{i}"), 10, 10, &[("apple", a.clone(), -1)], &[])).collect();
     let lexicon = lex();
     let go = |preds: &[popen_core::shard::Prediction]| {
-        evaluate(&EvalConfig::default(), EvalInputs { samples: &samples, predictions: preds, lexicon: &lexicon, proposals: None, judge: None })
+        evaluate(
+            &EvalConfig::default(),
+            EvalInputs { samples: &samples, predictions: preds, lexicon: &lexicon, proposals: None, judge: None },
+        )
     };
     // two missing, one extra
     let mut preds: Vec<_> = samples[2..].iter().map(|s| prediction(&s.id, 10, 10, "", vec![])).collect();
     preds.push(prediction("zz", 10, 10, "", vec![]));
     let e = go(&preds).unwrap_err().to_string();
-    assert!(e.contains("2 sample(s) have no prediction: 's0', 's1'") && e.contains("1 prediction(s) have no sample: 'zz'"), "{e}");
+    assert!(
+        e.contains("2 sample(s) have no prediction: 's0', 's1'") && e.contains("1 prediction(s) have no sample: 'zz'"),
+        "{e}"
+    );
     // many missing: the first five and the count
     let e = go(&preds[7..]).unwrap_err().to_string();
     assert!(e.contains("8 sample(s) have no prediction: 's0', 's1', 's2', 's3', 's4', ... (8 in all)"), "{e}");
@@ -154,9 +180,12 @@ fn ids_and_sizes_must_match() {
     // proposals given but missing for a sample
     let ok: Vec<_> = samples.iter().map(|s| prediction(&s.id, 10, 10, "", vec![])).collect();
     let props: HashMap<String, Vec<Rle>> = HashMap::new();
-    let e = evaluate(&EvalConfig::default(), EvalInputs { samples: &samples, predictions: &ok, lexicon: &lexicon, proposals: Some(&props), judge: None })
-        .unwrap_err()
-        .to_string();
+    let e = evaluate(
+        &EvalConfig::default(),
+        EvalInputs { samples: &samples, predictions: &ok, lexicon: &lexicon, proposals: Some(&props), judge: None },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("sample 's0'") && e.contains("proposal"), "{e}");
 }
 
@@ -165,7 +194,13 @@ fn report_aggregates_ranks_and_writes() {
     let (a, b) = two_objects();
     let samples = vec![
         sample("good", 10, 10, &[("apple", a.clone(), 0)], &[("apple", a.clone()), ("box", b.clone())]),
-        sample("half", 10, 10, &[("apple", a.clone(), 0), ("box", b.clone(), 1)], &[("apple", a.clone()), ("box", b.clone())]),
+        sample(
+            "half",
+            10,
+            10,
+            &[("apple", a.clone(), 0), ("box", b.clone(), 1)],
+            &[("apple", a.clone()), ("box", b.clone())],
+        ),
         sample("none", 10, 10, &[], &[("box", b.clone())]),
     ];
     let preds = vec![
@@ -175,10 +210,17 @@ fn report_aggregates_ranks_and_writes() {
         prediction("none", 10, 10, "nothing", vec![]),
     ];
     let lexicon = lex();
-    let mut r = evaluate(&EvalConfig::default(), EvalInputs { samples: &samples, predictions: &preds, lexicon: &lexicon, proposals: None, judge: None }).unwrap();
+    let mut r = evaluate(
+        &EvalConfig::default(),
+        EvalInputs { samples: &samples, predictions: &preds, lexicon: &lexicon, proposals: None, judge: None },
+    )
+    .unwrap();
     let one = 25.0 / (25.0 + 1e-5);
     // pairs: good (1), half (box matched + apple unmatched)
-    assert_eq!((r.counts.pairs, r.counts.matched_pairs, r.counts.unmatched_targets, r.counts.samples_with_pairs), (3, 2, 1, 2));
+    assert_eq!(
+        (r.counts.pairs, r.counts.matched_pairs, r.counts.unmatched_targets, r.counts.samples_with_pairs),
+        (3, 2, 1, 2)
+    );
     assert!((r.metrics.giou.unwrap() - 2.0 * one / 3.0).abs() < 1e-15);
     assert!((r.metrics.giou_per_sample.unwrap() - (one + one / 2.0) / 2.0).abs() < 1e-15);
     assert!((r.metrics.ciou - 50.0 / (75.0 + 1e-10)).abs() < 1e-15);
@@ -225,8 +267,11 @@ fn judge_server(replies: Vec<(u16, &'static str)>) -> String {
                 buf.extend_from_slice(&chunk[..n]);
                 if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
-                    let len: usize =
-                        head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).unwrap_or(0);
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map(|v| v.trim().parse().unwrap())
+                        .unwrap_or(0);
                     if buf.len() >= p + 4 + len {
                         break;
                     }
@@ -237,7 +282,8 @@ fn judge_server(replies: Vec<(u16, &'static str)>) -> String {
             } else {
                 content.to_string()
             };
-            let reply = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let reply =
+                format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
             s.write_all(reply.as_bytes()).ok();
         }
     });
@@ -247,20 +293,36 @@ fn judge_server(replies: Vec<(u16, &'static str)>) -> String {
 #[test]
 fn llm_judge_scores_and_failures() {
     let (a, _) = two_objects();
-    let samples: Vec<_> = ["j0", "j1", "j2"].iter().map(|id| sample(id, 10, 10, &[("apple", a.clone(), 0)], &[("apple", a.clone())])).collect();
+    let samples: Vec<_> = ["j0", "j1", "j2"]
+        .iter()
+        .map(|id| sample(id, 10, 10, &[("apple", a.clone(), 0)], &[("apple", a.clone())]))
+        .collect();
     let preds: Vec<_> = samples.iter().map(|s| prediction(&s.id, 10, 10, "the apple <seg>", vec![a.clone()])).collect();
     let url = judge_server(vec![
         (200, "Accuracy: 8\nDetailedness: 6\nGood."),
         (200, "**Accuracy**: 4/10\n**Detailedness**: 2/10"),
         (200, "I refuse to score."),
     ]);
-    let chat = ChatConfig { timeout: Duration::from_secs(5), retries: 0, backoff: Duration::from_millis(1), ..ChatConfig::new(&url, "judge") };
+    let chat = ChatConfig {
+        timeout: Duration::from_secs(5),
+        retries: 0,
+        backoff: Duration::from_millis(1),
+        ..ChatConfig::new(&url, "judge")
+    };
     let judge = Judge::new(JudgeConfig { chat, send_image: false }).unwrap();
     let msgs = judge.messages(&samples[0], &preds[0].answer);
     let popen_core::chat::Content::Text(text) = &msgs[0].content else { panic!("text prompt expected") };
-    assert!(text.starts_with(popen_eval::judge::PAPER_PROMPT) && text.contains("Text response: the apple") && text.contains("annotated objects are: apple"));
+    assert!(
+        text.starts_with(popen_eval::judge::PAPER_PROMPT)
+            && text.contains("Text response: the apple")
+            && text.contains("annotated objects are: apple")
+    );
     let lexicon = lex();
-    let r = evaluate(&EvalConfig::default(), EvalInputs { samples: &samples, predictions: &preds, lexicon: &lexicon, proposals: None, judge: Some(&judge) }).unwrap();
+    let r = evaluate(
+        &EvalConfig::default(),
+        EvalInputs { samples: &samples, predictions: &preds, lexicon: &lexicon, proposals: None, judge: Some(&judge) },
+    )
+    .unwrap();
     assert_eq!((r.counts.judged, r.counts.judge_failed), (2, 1));
     assert_eq!((r.metrics.judge_accuracy, r.metrics.judge_detail), (Some(6.0), Some(4.0)));
     let err = r.samples[2].judge_error.as_deref().unwrap();
@@ -271,7 +333,12 @@ fn llm_judge_scores_and_failures() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}/v1", l.local_addr().unwrap())
     };
-    let chat = ChatConfig { timeout: Duration::from_secs(2), retries: 1, backoff: Duration::from_millis(1), ..ChatConfig::new(&dead, "judge") };
+    let chat = ChatConfig {
+        timeout: Duration::from_secs(2),
+        retries: 1,
+        backoff: Duration::from_millis(1),
+        ..ChatConfig::new(&dead, "judge")
+    };
     let judge = Judge::new(JudgeConfig { chat, send_image: true }).unwrap();
     let parts = judge.messages(&samples[0], "x");
     assert!(matches!(&parts[0].content, popen_core::chat::Content::Parts(p) if p.len() == 2));

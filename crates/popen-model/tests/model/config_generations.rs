@@ -51,12 +51,7 @@ fn assert_rope_as_transformers(key: &str, cfg: &LlamaConfig) {
             assert_eq!(rp["factor"].as_f64().unwrap(), *factor, "{key}")
         }
         (
-            Some(RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            }),
+            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }),
             "llama3",
         ) => {
             assert_eq!(rp["factor"].as_f64().unwrap(), *factor, "{key}");
@@ -121,20 +116,15 @@ fn rope_scaling_of_both_generations_matches_transformers() {
             let cfg = LlamaConfig::from_json_file(gen_file(gen, name)).unwrap();
             assert!(cfg.rope_scaling.is_some(), "{key}");
             assert_rope_as_transformers(&key, &cfg);
-            let want: Vec<f64> = reference["files"][&key]["inv_freq"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect();
+            let want: Vec<f64> =
+                reference["files"][&key]["inv_freq"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
             let got = cfg.rope_inv_freq();
             assert_eq!(got.len(), want.len(), "{key}");
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-12 * b.abs(), "{key}: {got:?} vs {want:?}");
             }
             // The same model as popen writes it reads back the same (JSON and TOML).
-            let back: LlamaConfig =
-                serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+            let back: LlamaConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
             assert_eq!(back, cfg, "{key}");
             let back: LlamaConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
             assert_eq!(back, cfg, "{key}");
@@ -189,24 +179,32 @@ fn unsupported_settings_are_errors_naming_the_field() {
                 assert!(err.contains(field), "{gen}/{name}: {err}");
             }
         }
-        let err = ClipVisionConfig::from_json_file(gen_file(gen, "clip_gelu_new.json"))
-            .unwrap_err()
-            .to_string();
+        let err = ClipVisionConfig::from_json_file(gen_file(gen, "clip_gelu_new.json")).unwrap_err().to_string();
         assert!(err.contains("hidden_act") && err.contains("gelu_new"), "{gen}: {err}");
     }
     // Two spellings of one setting that disagree; a setting required by its rope_type.
     for (bad, words) in [
-        (r#"{"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}}"#,
-         &["rope_parameters.rope_theta", "rope_theta 10000"][..]),
-        (r#"{"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": {"rope_type": "default"}}"#,
-         &["rope_scaling", "rope_parameters", "disagree"][..]),
+        (
+            r#"{"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}}"#,
+            &["rope_parameters.rope_theta", "rope_theta 10000"][..],
+        ),
+        (
+            r#"{"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": {"rope_type": "default"}}"#,
+            &["rope_scaling", "rope_parameters", "disagree"][..],
+        ),
         (r#"{"rope_parameters": {"rope_type": "linear"}}"#, &["rope_parameters.factor"][..]),
-        (r#"{"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}}"#,
-         &["rope_scaling.high_freq_factor"][..]),
-        (r#"{"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}"#,
-         &["partial_rotary_factor"][..]),
-        (r#"{"rope_parameters": {"full_attention": {"rope_type": "default"}}}"#,
-         &["rope_parameters.full_attention"][..]),
+        (
+            r#"{"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}}"#,
+            &["rope_scaling.high_freq_factor"][..],
+        ),
+        (
+            r#"{"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}"#,
+            &["partial_rotary_factor"][..],
+        ),
+        (
+            r#"{"rope_parameters": {"full_attention": {"rope_type": "default"}}}"#,
+            &["rope_parameters.full_attention"][..],
+        ),
     ] {
         let err = serde_json::from_str::<LlamaConfig>(bad).unwrap_err().to_string();
         for w in words {

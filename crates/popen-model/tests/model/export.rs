@@ -170,7 +170,8 @@ fn llava_fixture() -> (PixelLmConfig, PixelLm<B>) {
     let llm: LlamaConfig = serde_json::from_value(c["text_config"].clone()).unwrap();
     let vision: ClipVisionConfig = serde_json::from_value(c["vision_config"].clone()).unwrap();
     let cfg = crate::pixellm::llava_fixture_config(llm, vision, -2);
-    let (model, _) = pixellm::load::<B>(&cfg, fixtures().join("llava"), Layout::LlavaHf, None, &Default::default()).unwrap();
+    let (model, _) =
+        pixellm::load::<B>(&cfg, fixtures().join("llava"), Layout::LlavaHf, None, &Default::default()).unwrap();
     (cfg, model)
 }
 
@@ -184,7 +185,10 @@ fn llava_hf_export_is_what_transformers_saved_and_imports_back() {
     for part in ["text_hidden_fcs.", "decoder.", "out_mm_projector.", "image_feature_neck."] {
         assert!(report.left_out.iter().any(|n| n.starts_with(part)), "{part} is listed as left out");
     }
-    assert!(!report.left_out.iter().any(|n| n.starts_with("llm.") || n.starts_with("vision_tower.") || n.starts_with("mm_projector.")));
+    assert!(!report
+        .left_out
+        .iter()
+        .any(|n| n.starts_with("llm.") || n.starts_with("vision_tower.") || n.starts_with("mm_projector.")));
 
     // Tensor for tensor what transformers' save_pretrained wrote.
     let theirs = tensors(&fixtures().join("llava/model.safetensors"));
@@ -194,20 +198,48 @@ fn llava_hf_export_is_what_transformers_saved_and_imports_back() {
 
     // The config fields that define the model, as transformers wrote them.
     let c = json(&dir.join("config.json"));
-    for k in ["model_type", "image_token_index", "image_seq_length", "projector_hidden_act", "multimodal_projector_bias",
-        "vision_feature_layer", "vision_feature_select_strategy"]
-    {
+    for k in [
+        "model_type",
+        "image_token_index",
+        "image_seq_length",
+        "projector_hidden_act",
+        "multimodal_projector_bias",
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+    ] {
         assert_eq!(c[k], original[k], "config.json `{k}`");
     }
-    for k in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "head_dim", "hidden_act",
-        "attention_bias", "mlp_bias", "model_type", "rope_scaling"]
-    {
+    for k in [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+        "head_dim",
+        "hidden_act",
+        "attention_bias",
+        "mlp_bias",
+        "model_type",
+        "rope_scaling",
+    ] {
         assert_eq!(c["text_config"][k], original["text_config"][k], "config.json text_config `{k}`");
     }
-    for k in ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "image_size",
-        "patch_size", "layer_norm_eps", "hidden_act", "model_type"]
-    {
+    for k in [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_channels",
+        "image_size",
+        "patch_size",
+        "layer_norm_eps",
+        "hidden_act",
+        "model_type",
+    ] {
         assert_eq!(c["vision_config"][k], original["vision_config"][k], "config.json vision_config `{k}`");
     }
 

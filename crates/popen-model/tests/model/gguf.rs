@@ -50,11 +50,7 @@ fn close(got: f64, want: f64, rel: f64) -> bool {
 }
 
 fn as_usize_vec(v: &Value) -> Vec<usize> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
 }
 
 #[test]
@@ -67,15 +63,9 @@ fn smollm2_matches_gguf_py_reference() {
     assert_eq!(g.alignment(), 32);
 
     // Metadata.
-    assert_eq!(
-        g.metadata().len() as u64,
-        fx["metadata_count"].as_u64().unwrap()
-    );
+    assert_eq!(g.metadata().len() as u64, fx["metadata_count"].as_u64().unwrap());
     let m = &fx["metadata"];
-    assert_eq!(
-        g.get_str("general.architecture").unwrap(),
-        m["general.architecture"]
-    );
+    assert_eq!(g.get_str("general.architecture").unwrap(), m["general.architecture"]);
     for key in [
         "llama.block_count",
         "llama.embedding_length",
@@ -88,33 +78,15 @@ fn smollm2_matches_gguf_py_reference() {
     ] {
         assert_eq!(g.get_u64(key).unwrap(), m[key].as_u64().unwrap(), "{key}");
     }
-    for key in [
-        "llama.rope.freq_base",
-        "llama.attention.layer_norm_rms_epsilon",
-    ] {
+    for key in ["llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon"] {
         // The fixture holds the f32 widened to f64, so this is exact.
-        assert_eq!(
-            g.get_f32(key).unwrap() as f64,
-            m[key].as_f64().unwrap(),
-            "{key}"
-        );
+        assert_eq!(g.get_f32(key).unwrap() as f64, m[key].as_f64().unwrap(), "{key}");
     }
-    assert_eq!(
-        g.get_str("tokenizer.ggml.model").unwrap(),
-        m["tokenizer.ggml.model"]
-    );
-    assert_eq!(
-        g.metadata()["tokenizer.ggml.add_bos_token"].as_bool(),
-        m["tokenizer.ggml.add_bos_token"].as_bool()
-    );
+    assert_eq!(g.get_str("tokenizer.ggml.model").unwrap(), m["tokenizer.ggml.model"]);
+    assert_eq!(g.metadata()["tokenizer.ggml.add_bos_token"].as_bool(), m["tokenizer.ggml.add_bos_token"].as_bool());
     let tokens = g.get_str_array("tokenizer.ggml.tokens").unwrap();
     assert_eq!(tokens.len() as u64, fx["vocab_size"].as_u64().unwrap());
-    let first: Vec<&str> = fx["first_tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let first: Vec<&str> = fx["first_tokens"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(&tokens[..5], &first[..]);
     assert_eq!(*tokens.last().unwrap(), fx["last_token"].as_str().unwrap());
     let merges = g.get_str_array("tokenizer.ggml.merges").unwrap();
@@ -122,45 +94,26 @@ fn smollm2_matches_gguf_py_reference() {
     for (i, want) in fx["first_merges"].as_array().unwrap().iter().enumerate() {
         assert_eq!(merges[i], want.as_str().unwrap());
     }
-    let tt = g.metadata()["tokenizer.ggml.token_type"]
-        .as_array()
-        .unwrap();
+    let tt = g.metadata()["tokenizer.ggml.token_type"].as_array().unwrap();
     let tt_sum: i64 = tt.iter().map(|v| v.as_i64().unwrap()).sum();
     assert_eq!(tt_sum, fx["token_type_sum"].as_i64().unwrap());
     assert_eq!(
-        g.get_str("tokenizer.chat_template")
-            .unwrap()
-            .chars()
-            .count() as u64,
+        g.get_str("tokenizer.chat_template").unwrap().chars().count() as u64,
         fx["chat_template_len"].as_u64().unwrap()
     );
     // Wrong-type and missing-key errors name the file and key.
     let e = g.get_u64("general.architecture").unwrap_err().to_string();
-    assert!(
-        e.contains("general.architecture") && e.contains("STRING"),
-        "{e}"
-    );
+    assert!(e.contains("general.architecture") && e.contains("STRING"), "{e}");
     let e = g.get_str("no.such.key").unwrap_err().to_string();
-    assert!(
-        e.contains("no.such.key") && e.contains("missing") && e.contains("SmolLM2"),
-        "{e}"
-    );
+    assert!(e.contains("no.such.key") && e.contains("missing") && e.contains("SmolLM2"), "{e}");
 
     // Every tensor info.
     let want = fx["tensors"].as_array().unwrap();
-    assert_eq!(
-        g.tensors().len() as u64,
-        fx["tensor_count"].as_u64().unwrap()
-    );
+    assert_eq!(g.tensors().len() as u64, fx["tensor_count"].as_u64().unwrap());
     assert_eq!(g.tensors().len(), want.len());
     for (t, w) in g.tensors().iter().zip(want) {
         assert_eq!(t.name, w["name"].as_str().unwrap());
-        assert_eq!(
-            t.ggml_type.name(),
-            w["type"].as_str().unwrap(),
-            "{}",
-            t.name
-        );
+        assert_eq!(t.ggml_type.name(), w["type"].as_str().unwrap(), "{}", t.name);
         let dims: Vec<u64> = as_usize_vec(&w["dims"]).iter().map(|&d| d as u64).collect();
         assert_eq!(t.dims, dims, "{}", t.name);
         assert_eq!(t.offset, w["offset"].as_u64().unwrap(), "{}", t.name);
@@ -206,18 +159,8 @@ fn smollm2_hf_names_and_qk() {
 
     // Q: 9 heads of 64; K: 3 KV heads of 64. llama_tensor_hf = tensor_f32 + unpermute_qk.
     for (gguf, hf, rows, n_head) in [
-        (
-            "blk.0.attn_q.weight",
-            "model.layers.0.self_attn.q_proj.weight",
-            576,
-            9,
-        ),
-        (
-            "blk.0.attn_k.weight",
-            "model.layers.0.self_attn.k_proj.weight",
-            192,
-            3,
-        ),
+        ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", 576, 9),
+        ("blk.0.attn_k.weight", "model.layers.0.self_attn.k_proj.weight", 192, 3),
     ] {
         let (name, shape, data) = g.llama_tensor_hf(gguf).unwrap();
         assert_eq!(name, hf);
@@ -239,46 +182,16 @@ fn hf_name_mapping() {
         ("token_embd.weight", Some("model.embed_tokens.weight")),
         ("output_norm.weight", Some("model.norm.weight")),
         ("output.weight", Some("lm_head.weight")),
-        (
-            "blk.0.attn_q.weight",
-            Some("model.layers.0.self_attn.q_proj.weight"),
-        ),
-        (
-            "blk.12.attn_k.weight",
-            Some("model.layers.12.self_attn.k_proj.weight"),
-        ),
-        (
-            "blk.3.attn_v.weight",
-            Some("model.layers.3.self_attn.v_proj.weight"),
-        ),
-        (
-            "blk.3.attn_q.bias",
-            Some("model.layers.3.self_attn.q_proj.bias"),
-        ),
-        (
-            "blk.29.attn_output.weight",
-            Some("model.layers.29.self_attn.o_proj.weight"),
-        ),
-        (
-            "blk.1.ffn_gate.weight",
-            Some("model.layers.1.mlp.gate_proj.weight"),
-        ),
-        (
-            "blk.1.ffn_up.weight",
-            Some("model.layers.1.mlp.up_proj.weight"),
-        ),
-        (
-            "blk.1.ffn_down.weight",
-            Some("model.layers.1.mlp.down_proj.weight"),
-        ),
-        (
-            "blk.7.attn_norm.weight",
-            Some("model.layers.7.input_layernorm.weight"),
-        ),
-        (
-            "blk.7.ffn_norm.weight",
-            Some("model.layers.7.post_attention_layernorm.weight"),
-        ),
+        ("blk.0.attn_q.weight", Some("model.layers.0.self_attn.q_proj.weight")),
+        ("blk.12.attn_k.weight", Some("model.layers.12.self_attn.k_proj.weight")),
+        ("blk.3.attn_v.weight", Some("model.layers.3.self_attn.v_proj.weight")),
+        ("blk.3.attn_q.bias", Some("model.layers.3.self_attn.q_proj.bias")),
+        ("blk.29.attn_output.weight", Some("model.layers.29.self_attn.o_proj.weight")),
+        ("blk.1.ffn_gate.weight", Some("model.layers.1.mlp.gate_proj.weight")),
+        ("blk.1.ffn_up.weight", Some("model.layers.1.mlp.up_proj.weight")),
+        ("blk.1.ffn_down.weight", Some("model.layers.1.mlp.down_proj.weight")),
+        ("blk.7.attn_norm.weight", Some("model.layers.7.input_layernorm.weight")),
+        ("blk.7.ffn_norm.weight", Some("model.layers.7.post_attention_layernorm.weight")),
         ("rope_freqs.weight", None),
         ("blk.x.attn_q.weight", None),
         ("blk..attn_q.weight", None),
@@ -329,10 +242,7 @@ fn unpermute_inverts_permute() {
             assert_ne!(p, w, "permute is not the identity for {n_head}x{head_dim}");
         }
         assert_eq!(unpermute_qk(&p, n_head, row_len).unwrap(), w);
-        assert_eq!(
-            permute(&unpermute_qk(&w, n_head, row_len).unwrap(), n_head, row_len),
-            w
-        );
+        assert_eq!(permute(&unpermute_qk(&w, n_head, row_len).unwrap(), n_head, row_len), w);
     }
     // Head dim 4, one head: GGUF rows (0, 1, 2, 3) hold HF rows (0, 2, 1, 3).
     let p = permute(&[0.0, 1.0, 2.0, 3.0], 1, 1);
@@ -383,11 +293,7 @@ struct T<'a> {
 /// tensor infos, data section aligned to `alignment` with each tensor aligned too.
 fn build(n_kv: u64, kv_raw: &[u8], tensors: &[T], alignment: usize) -> Vec<u8> {
     let mut w = W::default();
-    w.bytes(b"GGUF")
-        .u32(3)
-        .u64(tensors.len() as u64)
-        .u64(n_kv)
-        .bytes(kv_raw);
+    w.bytes(b"GGUF").u32(3).u64(tensors.len() as u64).u64(n_kv).bytes(kv_raw);
     let mut off = 0usize;
     let mut offsets = vec![];
     for t in tensors {
@@ -431,25 +337,11 @@ fn all_types_kv() -> (u64, Vec<u8>) {
     w.str("t.u64").u32(10).u64(1 << 40);
     w.str("t.i64").u32(11).bytes(&(-1i64 << 40).to_le_bytes());
     w.str("t.f64").u32(12).bytes(&0.1f64.to_le_bytes());
-    w.str("t.strs")
-        .u32(9)
-        .u32(8)
-        .u64(3)
-        .str("a")
-        .str("")
-        .str("ccc");
-    w.str("t.ints")
-        .u32(9)
-        .u32(5)
-        .u64(2)
-        .bytes(&7i32.to_le_bytes())
-        .bytes(&(-7i32).to_le_bytes());
+    w.str("t.strs").u32(9).u32(8).u64(3).str("a").str("").str("ccc");
+    w.str("t.ints").u32(9).u32(5).u64(2).bytes(&7i32.to_le_bytes()).bytes(&(-7i32).to_le_bytes());
     // [[1u16, 2u16], []]
     w.str("t.nested").u32(9).u32(9).u64(2);
-    w.u32(2)
-        .u64(2)
-        .bytes(&1u16.to_le_bytes())
-        .bytes(&2u16.to_le_bytes());
+    w.u32(2).u64(2).bytes(&1u16.to_le_bytes()).bytes(&2u16.to_le_bytes());
     w.u32(2).u64(0);
     w.str("general.alignment").u32(4).u32(64);
     (16, w.0)
@@ -457,18 +349,10 @@ fn all_types_kv() -> (u64, Vec<u8>) {
 
 fn small_tensors() -> Vec<T<'static>> {
     // F32 [2 rows, 3 cols] (GGUF dims [3, 2]).
-    let f32_data: Vec<u8> = [1.0f32, -2.0, 3.5, 0.0, 1e-3, -7.25]
-        .iter()
-        .flat_map(|x| x.to_le_bytes())
-        .collect();
-    let f16_data: Vec<u8> = [1.5f32, -2.0, 0.099975586, 65504.0]
-        .iter()
-        .flat_map(|&x| f16b(x))
-        .collect();
-    let bf16_data: Vec<u8> = [1.0f32, -3.0, 0.5, 256.0]
-        .iter()
-        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-        .collect();
+    let f32_data: Vec<u8> = [1.0f32, -2.0, 3.5, 0.0, 1e-3, -7.25].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let f16_data: Vec<u8> = [1.5f32, -2.0, 0.099975586, 65504.0].iter().flat_map(|&x| f16b(x)).collect();
+    let bf16_data: Vec<u8> =
+        [1.0f32, -3.0, 0.5, 256.0].iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
     // Q8_0: d = 2, q_i = i - 16.
     let mut q8 = f16b(2.0).to_vec();
     q8.extend((0..32).map(|i| (i as i8 - 16) as u8));
@@ -483,48 +367,13 @@ fn small_tensors() -> Vec<T<'static>> {
         q41.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
     }
     vec![
-        T {
-            name: "a.f32",
-            dims: &[3, 2],
-            type_id: 0,
-            data: f32_data,
-        },
-        T {
-            name: "b.f16",
-            dims: &[4],
-            type_id: 1,
-            data: f16_data,
-        },
-        T {
-            name: "c.bf16",
-            dims: &[2, 2],
-            type_id: 30,
-            data: bf16_data,
-        },
-        T {
-            name: "d.q8_0",
-            dims: &[32],
-            type_id: 8,
-            data: q8,
-        },
-        T {
-            name: "e.q4_0",
-            dims: &[32, 1],
-            type_id: 2,
-            data: q40,
-        },
-        T {
-            name: "f.q4_1",
-            dims: &[32, 2],
-            type_id: 3,
-            data: q41,
-        },
-        T {
-            name: "g.q4_k",
-            dims: &[256],
-            type_id: 12,
-            data: vec![0u8; 144],
-        },
+        T { name: "a.f32", dims: &[3, 2], type_id: 0, data: f32_data },
+        T { name: "b.f16", dims: &[4], type_id: 1, data: f16_data },
+        T { name: "c.bf16", dims: &[2, 2], type_id: 30, data: bf16_data },
+        T { name: "d.q8_0", dims: &[32], type_id: 8, data: q8 },
+        T { name: "e.q4_0", dims: &[32, 1], type_id: 2, data: q40 },
+        T { name: "f.q4_1", dims: &[32, 2], type_id: 3, data: q41 },
+        T { name: "g.q4_k", dims: &[256], type_id: 12, data: vec![0u8; 144] },
     ]
 }
 
@@ -551,46 +400,26 @@ fn synthetic_all_metadata_types_and_dequant() {
     assert_eq!(m["t.f64"], MetaValue::F64(0.1));
     assert_eq!(
         m["t.nested"],
-        MetaValue::Array(vec![
-            MetaValue::Array(vec![MetaValue::U16(1), MetaValue::U16(2)]),
-            MetaValue::Array(vec![]),
-        ])
+        MetaValue::Array(vec![MetaValue::Array(vec![MetaValue::U16(1), MetaValue::U16(2)]), MetaValue::Array(vec![]),])
     );
     assert_eq!(g.get_str_array("t.strs").unwrap(), vec!["a", "", "ccc"]);
     assert!(g.get_str_array("t.ints").is_err());
-    for (k, v) in [
-        ("t.u8", 200),
-        ("t.u16", 60000),
-        ("t.u32", 4_000_000_000),
-        ("t.u64", 1 << 40),
-    ] {
+    for (k, v) in [("t.u8", 200), ("t.u16", 60000), ("t.u32", 4_000_000_000), ("t.u64", 1 << 40)] {
         assert_eq!(g.get_u64(k).unwrap(), v, "{k}");
     }
-    assert!(
-        g.get_u64("t.i8").is_err(),
-        "negative integer accepted as u64"
-    );
+    assert!(g.get_u64("t.i8").is_err(), "negative integer accepted as u64");
     assert!(g.get_u64("t.f32").is_err());
     assert_eq!(g.get_f32("t.f32").unwrap(), 1.25);
     assert_eq!(g.get_f32("t.f64").unwrap(), 0.1f32);
     assert_eq!(g.get_str("t.str").unwrap(), "héllo");
 
     let f32v = |name: &str| g.tensor_f32(name).unwrap();
-    assert_eq!(
-        f32v("a.f32"),
-        (vec![2, 3], vec![1.0, -2.0, 3.5, 0.0, 1e-3, -7.25])
-    );
-    assert_eq!(
-        f32v("b.f16"),
-        (vec![4], vec![1.5, -2.0, 0.099975586, 65504.0])
-    );
+    assert_eq!(f32v("a.f32"), (vec![2, 3], vec![1.0, -2.0, 3.5, 0.0, 1e-3, -7.25]));
+    assert_eq!(f32v("b.f16"), (vec![4], vec![1.5, -2.0, 0.099975586, 65504.0]));
     assert_eq!(f32v("c.bf16"), (vec![2, 2], vec![1.0, -3.0, 0.5, 256.0]));
     let q8: Vec<f32> = (0..32).map(|i| 2.0 * (i as f32 - 16.0)).collect();
     assert_eq!(f32v("d.q8_0"), (vec![32], q8));
-    let nib: Vec<f32> = (0..16)
-        .chain((0..16).map(|j| 15 - j))
-        .map(|q| q as f32)
-        .collect();
+    let nib: Vec<f32> = (0..16).chain((0..16).map(|j| 15 - j)).map(|q| q as f32).collect();
     let q40: Vec<f32> = nib.iter().map(|q| (q - 8.0) * 0.5).collect();
     assert_eq!(f32v("e.q4_0"), (vec![1, 32], q40));
     let mut q41: Vec<f32> = nib.iter().map(|q| q * 0.25 - 1.0).collect();
@@ -602,15 +431,9 @@ fn synthetic_all_metadata_types_and_dequant() {
     assert_eq!((info.ggml_type, info.size), (GgmlType::Q4_K, 144));
     assert_eq!(g.tensor_bytes("g.q4_k").unwrap().len(), 144);
     let e = g.tensor_f32("g.q4_k").unwrap_err();
-    assert!(
-        matches!(e, GgufError::UnsupportedType { type_id: 12, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, GgufError::UnsupportedType { type_id: 12, .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("g.q4_k") && msg.contains("Q4_K") && msg.contains("12"),
-        "{msg}"
-    );
+    assert!(msg.contains("g.q4_k") && msg.contains("Q4_K") && msg.contains("12"), "{msg}");
     assert!(msg.contains(&f.0.display().to_string()), "{msg}");
 
     let e = g.tensor_f32("nope").unwrap_err().to_string();
@@ -631,10 +454,7 @@ fn truncated_smollm2_header() {
     let e = GgufFile::open(&f.0).unwrap_err();
     assert!(matches!(e, GgufError::Truncated { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(
-        msg.contains(&f.0.display().to_string()) && msg.contains("truncated"),
-        "{msg}"
-    );
+    assert!(msg.contains(&f.0.display().to_string()) && msg.contains("truncated"), "{msg}");
 
     // Cut inside the data section: the header parses, the tensors past the end are caught.
     let g = GgufFile::open(smollm2_path()).unwrap();
@@ -643,23 +463,10 @@ fn truncated_smollm2_header() {
     let e = GgufFile::open(&f.0).unwrap_err();
     assert!(matches!(e, GgufError::TensorPastEnd { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("extends past end of file") && msg.contains("token_embd"),
-        "{msg}"
-    );
+    assert!(msg.contains("extends past end of file") && msg.contains("token_embd"), "{msg}");
 
     // A few more cut points through the header (in the vocabulary, merges, tensor infos).
-    for cut in [
-        0,
-        3,
-        4,
-        8,
-        23,
-        24,
-        100_000,
-        1_500_000,
-        g.data_offset() as usize - 1,
-    ] {
+    for cut in [0, 3, 4, 8, 23, 24, 100_000, 1_500_000, g.data_offset() as usize - 1] {
         let f = TempFile::new("cut", &src[..cut]);
         assert!(GgufFile::open(&f.0).is_err(), "cut at {cut} opened");
     }
@@ -707,10 +514,7 @@ fn hostile_lengths_and_types() {
     let mut w = header(0, 1);
     w.u64(u64::MAX).bytes(&[b'a'; 16]);
     let e = open_err(&w.0);
-    assert!(
-        e.contains("truncated") && e.contains("metadata key #0"),
-        "{e}"
-    );
+    assert!(e.contains("truncated") && e.contains("metadata key #0"), "{e}");
     // Huge array count.
     let mut w = header(0, 1);
     w.str("arr").u32(9).u32(8).u64(1 << 60).str("x");
@@ -745,24 +549,11 @@ fn hostile_lengths_and_types() {
     assert!(open_err(&w.0).contains("general.alignment"));
 
     let one = |name: &'static str, dims: &'static [u64], type_id: u32, len: usize| {
-        build(
-            0,
-            &[],
-            &[T {
-                name,
-                dims,
-                type_id,
-                data: vec![0; len],
-            }],
-            32,
-        )
+        build(0, &[], &[T { name, dims, type_id, data: vec![0; len] }], 32)
     };
     // Unknown ggml type id.
     let e = open_err(&one("w", &[32], 99, 32));
-    assert!(
-        e.contains("unknown ggml type id 99") && e.contains("'w'"),
-        "{e}"
-    );
+    assert!(e.contains("unknown ggml type id 99") && e.contains("'w'"), "{e}");
     // Block size mismatch.
     let e = open_err(&one("w", &[31], 8, 34));
     assert!(e.contains("block size"), "{e}");
@@ -775,10 +566,7 @@ fn hostile_lengths_and_types() {
     let mut bytes = one("w", &[8], 0, 32);
     bytes.truncate(bytes.len() - 1);
     let e = open_err(&bytes);
-    assert!(
-        e.contains("extends past end of file") && e.contains("'w'"),
-        "{e}"
-    );
+    assert!(e.contains("extends past end of file") && e.contains("'w'"), "{e}");
     // Offset beyond the file / not aligned.
     let mut w = header(1, 0);
     w.str("w").u32(1).u64(1).u32(0).u64(u64::MAX - 31);

@@ -36,32 +36,15 @@ fn load<Bk: Backend>() -> Llama<Bk> {
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
 
 fn ints(v: &Value) -> Vec<Vec<i64>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap())
-                .collect()
-        })
-        .collect()
+    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()).collect()
 }
 
 fn u32s(v: &Value) -> Vec<Vec<u32>> {
-    ints(v)
-        .into_iter()
-        .map(|r| r.into_iter().map(|x| x as u32).collect())
-        .collect()
+    ints(v).into_iter().map(|r| r.into_iter().map(|x| x as u32).collect()).collect()
 }
 
 fn vec_of<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -109,26 +92,13 @@ struct Padded {
 fn padded_inputs(e: &Value) -> Padded {
     let ids = ints(&e["input_ids"]);
     let mask = ints(&e["attention_mask"]);
-    let keep: Vec<Vec<bool>> = mask
-        .iter()
-        .map(|r| r.iter().map(|&m| m != 0).collect())
-        .collect();
+    let keep: Vec<Vec<bool>> = mask.iter().map(|r| r.iter().map(|&m| m != 0).collect()).collect();
     let real = keep
         .iter()
         .enumerate()
-        .flat_map(|(r, k)| {
-            k.iter()
-                .enumerate()
-                .filter(|(_, &x)| x)
-                .map(move |(p, _)| (r, p))
-        })
+        .flat_map(|(r, k)| k.iter().enumerate().filter(|(_, &x)| x).map(move |(p, _)| (r, p)))
         .collect();
-    Padded {
-        ids,
-        keep,
-        pos: ints(&e["position_ids"]),
-        real,
-    }
+    Padded { ids, keep, pos: ints(&e["position_ids"]), real }
 }
 
 const TOL: f32 = 1e-4;
@@ -140,17 +110,8 @@ fn config_json_defaults_and_rejections() {
     assert!(!cfg.tie_word_embeddings);
     assert_eq!(cfg.rope_theta, 50000.0);
     // HF defaults for absent fields; unknown fields (LLaVA's mm_*) ignored.
-    let c: LlamaConfig =
-        serde_json::from_str(r#"{"model_type": "llava_llama", "mm_hidden_size": 1024}"#).unwrap();
-    assert_eq!(
-        (
-            c.vocab_size,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_hidden_layers
-        ),
-        (32000, 4096, 11008, 32)
-    );
+    let c: LlamaConfig = serde_json::from_str(r#"{"model_type": "llava_llama", "mm_hidden_size": 1024}"#).unwrap();
+    assert_eq!((c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers), (32000, 4096, 11008, 32));
     assert_eq!((c.num_attention_heads, c.num_key_value_heads), (32, 32));
     assert_eq!((c.rms_norm_eps, c.rope_theta), (1e-6, 10000.0));
     assert_eq!(c.max_position_embeddings, 2048);
@@ -166,9 +127,7 @@ fn config_json_defaults_and_rejections() {
         r#"{"hidden_size": 30, "num_attention_heads": 4}"#,
         r#"{"num_key_value_heads": 5}"#,
     ] {
-        let err = serde_json::from_str::<LlamaConfig>(bad)
-            .unwrap_err()
-            .to_string();
+        let err = serde_json::from_str::<LlamaConfig>(bad).unwrap_err().to_string();
         assert!(!err.is_empty(), "{bad}");
     }
 }
@@ -178,14 +137,10 @@ fn config_json_defaults_and_rejections() {
 #[test]
 fn param_paths_are_hf_state_dict_keys() {
     let model = load::<B>();
-    let ours: BTreeSet<String> = weights::named_tensors(&model)
-        .into_iter()
-        .map(|(n, _, _)| n)
-        .collect();
-    let index: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_dir().join("model.safetensors.index.json")).unwrap(),
-    )
-    .unwrap();
+    let ours: BTreeSet<String> = weights::named_tensors(&model).into_iter().map(|(n, _, _)| n).collect();
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("model.safetensors.index.json")).unwrap())
+            .unwrap();
     let theirs: BTreeSet<String> = index["weight_map"]
         .as_object()
         .unwrap()
@@ -194,9 +149,7 @@ fn param_paths_are_hf_state_dict_keys() {
         .cloned()
         .collect();
     assert_eq!(ours, theirs);
-    assert!(
-        ours.contains("lm_head.weight") && ours.contains("model.layers.1.mlp.down_proj.weight")
-    );
+    assert!(ours.contains("lm_head.weight") && ours.contains("model.layers.1.mlp.down_proj.weight"));
 }
 
 /// Matches transformers 4.57.1 `LlamaForCausalLM(input_ids, attention_mask, position_ids,
@@ -210,24 +163,15 @@ fn fixture_padded_batch_and_gamma_match_transformers() {
     let p = padded_inputs(&e);
     let model = load::<B>();
     let embeds = model.embed(int2(&p.ids));
-    let extras = AttnExtras {
-        positions: Some(int2(&p.pos)),
-        key_keep: Some(bool2(&p.keep)),
-        gamma: None,
-    };
+    let extras = AttnExtras { positions: Some(int2(&p.pos)), key_keep: Some(bool2(&p.keep)), gamma: None };
     let mut cache = model.new_cache();
-    let hs = model
-        .forward_embeds_all(embeds.clone(), &extras, &mut cache)
-        .unwrap();
+    let hs = model.forward_embeds_all(embeds.clone(), &extras, &mut cache).unwrap();
     assert_eq!(cache.len(), s);
     let want_hs = e["padded"]["hidden_states"].as_array().unwrap();
     assert_eq!(hs.len(), want_hs.len());
     for (i, (got, want)) in hs.iter().zip(want_hs).enumerate() {
         let got = vec_of(got.clone());
-        assert!(
-            got.iter().all(|x| x.is_finite()),
-            "hidden state {i} not finite"
-        );
+        assert!(got.iter().all(|x| x.is_finite()), "hidden state {i} not finite");
         let err = rel_err(&got, &floats(want), s, h, &p.real);
         eprintln!("hidden_states[{i}] rel err {err:e}");
         assert!(err <= TOL, "hidden_states[{i}]: {err}");
@@ -237,34 +181,15 @@ fn fixture_padded_batch_and_gamma_match_transformers() {
     eprintln!("logits rel err {err:e}");
     assert!(err <= TOL, "logits: {err}");
     // forward_embeds gives the same final-normed state as the last of forward_embeds_all.
-    let last = model
-        .forward_embeds(embeds.clone(), &extras, &mut model.new_cache())
-        .unwrap();
-    let d = rel_err(
-        &vec_of(last),
-        &vec_of(hs[2].clone()),
-        s,
-        h,
-        &all_positions(b, s),
-    );
+    let last = model.forward_embeds(embeds.clone(), &extras, &mut model.new_cache()).unwrap();
+    let d = rel_err(&vec_of(last), &vec_of(hs[2].clone()), s, h, &all_positions(b, s));
     assert!(d < 1e-6, "{d}");
 
     // Gamma through transformers' 4D additive mask.
     let gamma = floats(&e["gamma"]["gamma"]);
-    let extras_g = AttnExtras {
-        gamma: Some(float2(gamma, b, s)),
-        ..extras.clone()
-    };
-    let hid = model
-        .forward_embeds(embeds.clone(), &extras_g, &mut model.new_cache())
-        .unwrap();
-    let err_h = rel_err(
-        &vec_of(hid.clone()),
-        &floats(&e["gamma"]["last_hidden"]),
-        s,
-        h,
-        &p.real,
-    );
+    let extras_g = AttnExtras { gamma: Some(float2(gamma, b, s)), ..extras.clone() };
+    let hid = model.forward_embeds(embeds.clone(), &extras_g, &mut model.new_cache()).unwrap();
+    let err_h = rel_err(&vec_of(hid.clone()), &floats(&e["gamma"]["last_hidden"]), s, h, &p.real);
     let got = vec_of(model.logits(hid));
     assert!(got.iter().all(|x| x.is_finite()));
     let err = rel_err(&got, &floats(&e["gamma"]["logits"]), s, v, &p.real);
@@ -272,15 +197,8 @@ fn fixture_padded_batch_and_gamma_match_transformers() {
     assert!(err_h <= TOL && err <= TOL, "gamma: {err_h} {err}");
 
     // gamma all zeros == no gamma.
-    let extras_0 = AttnExtras {
-        gamma: Some(Tensor::zeros([b, s], &Default::default())),
-        ..extras.clone()
-    };
-    let z = vec_of(
-        model
-            .forward_embeds(embeds, &extras_0, &mut model.new_cache())
-            .unwrap(),
-    );
+    let extras_0 = AttnExtras { gamma: Some(Tensor::zeros([b, s], &Default::default())), ..extras.clone() };
+    let z = vec_of(model.forward_embeds(embeds, &extras_0, &mut model.new_cache()).unwrap());
     let d = rel_err(&z, &vec_of(hs[2].clone()), s, h, &all_positions(b, s));
     assert!(d < 1e-6, "zero gamma changed the output by {d}");
 }
@@ -298,38 +216,20 @@ fn fixture_score_matches_transformers() {
         let w = floats(w);
         assert_eq!(g.len(), w.len());
         for (a, b) in g.iter().zip(&w) {
-            assert!(
-                (a - b).abs() <= TOL * b.abs().max(1.0),
-                "row {r}: {g:?} vs {w:?}"
-            );
+            assert!((a - b).abs() <= TOL * b.abs().max(1.0), "row {r}: {g:?} vs {w:?}");
         }
     }
     let (lp, mask) = model.score_tensor(&prompts, &responses).unwrap();
     assert_eq!(lp.dims(), [2, 5]);
     let m: Vec<bool> = mask.into_data().into_vec::<bool>().unwrap();
-    assert_eq!(
-        m,
-        vec![true, true, true, true, true, true, true, false, false, false]
-    );
+    assert_eq!(m, vec![true, true, true, true, true, true, true, false, false, false]);
     assert!(vec_of(lp)[7..].iter().all(|&x| x == 0.0));
 
     // Bad inputs are errors, not panics.
-    assert!(matches!(
-        model.score(&[vec![]], &[vec![1]]),
-        Err(LlamaError::Input(_))
-    ));
-    assert!(matches!(
-        model.score(&[vec![1]], &[vec![96]]),
-        Err(LlamaError::Input(_))
-    ));
-    assert!(matches!(
-        model.score(&[vec![1]], &[]),
-        Err(LlamaError::Input(_))
-    ));
-    assert_eq!(
-        model.score(&[vec![1]], &[vec![]]).unwrap(),
-        vec![Vec::<f32>::new()]
-    );
+    assert!(matches!(model.score(&[vec![]], &[vec![1]]), Err(LlamaError::Input(_))));
+    assert!(matches!(model.score(&[vec![1]], &[vec![96]]), Err(LlamaError::Input(_))));
+    assert!(matches!(model.score(&[vec![1]], &[]), Err(LlamaError::Input(_))));
+    assert_eq!(model.score(&[vec![1]], &[vec![]]).unwrap(), vec![Vec::<f32>::new()]);
 
     // token_logprobs equals log_softmax gathered, stable for huge logits.
     let logits = Tensor::<B, 3>::from_data(
@@ -338,10 +238,7 @@ fn fixture_score_matches_transformers() {
     );
     let lp = vec_of(token_logprobs(logits, int2(&[vec![0, 2]])));
     let lse = 3.0f64 + (1.0 + (-2.0f64).exp() + (-1.0f64).exp()).ln();
-    assert!(
-        lp[0].abs() < 1e-6 && (lp[1] as f64 - (2.0 - lse)).abs() < 1e-6,
-        "{lp:?}"
-    );
+    assert!(lp[0].abs() < 1e-6 && (lp[1] as f64 - (2.0 - lse)).abs() < 1e-6, "{lp:?}");
 }
 
 /// Greedy `generate` on the left-padded batch reproduces transformers' `generate`
@@ -351,29 +248,15 @@ fn fixture_greedy_matches_transformers_generate() {
     let e = expected();
     let p = padded_inputs(&e);
     let model = load::<B>();
-    let cfg = SamplingConfig {
-        max_new_tokens: 6,
-        ..Default::default()
-    };
-    let gens = generate(
-        &model,
-        model.embed(int2(&p.ids)),
-        bool2(&p.keep),
-        None,
-        &cfg,
-        &[],
-    )
-    .unwrap();
+    let cfg = SamplingConfig { max_new_tokens: 6, ..Default::default() };
+    let gens = generate(&model, model.embed(int2(&p.ids)), bool2(&p.keep), None, &cfg, &[]).unwrap();
     let want_ids = u32s(&e["greedy"]["ids"]);
     let want_lp = e["greedy"]["logprobs"].as_array().unwrap();
     for (r, g) in gens.iter().enumerate() {
         assert_eq!(g.ids, want_ids[r], "row {r}");
         assert!(!g.stopped);
         for (a, b) in g.logprobs.iter().zip(floats(&want_lp[r])) {
-            assert!(
-                (a - b).abs() <= TOL * b.abs().max(1.0),
-                "row {r}: {a} vs {b}"
-            );
+            assert!((a - b).abs() <= TOL * b.abs().max(1.0), "row {r}: {a} vs {b}");
         }
         assert_eq!(g.hidden.dims(), [6, 32]);
     }
@@ -392,25 +275,13 @@ fn fixture_greedy_matches_transformers_generate() {
         .unwrap();
     let tf = vec_of(full.narrow(1, n0, 6).reshape([6, 32]));
     let got = vec_of(gens[1].hidden.clone());
-    let d = got
-        .iter()
-        .zip(&tf)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let d = got.iter().zip(&tf).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(d < 1e-4, "generate hidden vs teacher forcing: {d}");
 
     // Per-row stop: row 0 stops at its second token; row 1 runs on unchanged.
     let stop = want_ids[0][1];
     assert!(!want_ids[1].contains(&stop));
-    let gens = generate(
-        &model,
-        model.embed(int2(&p.ids)),
-        bool2(&p.keep),
-        None,
-        &cfg,
-        &[stop],
-    )
-    .unwrap();
+    let gens = generate(&model, model.embed(int2(&p.ids)), bool2(&p.keep), None, &cfg, &[stop]).unwrap();
     assert_eq!(gens[0].ids, want_ids[0][..1].to_vec());
     assert!(gens[0].stopped && gens[0].stop_id == Some(stop));
     assert_eq!(gens[0].hidden.dims(), [1, 32]);
@@ -419,10 +290,7 @@ fn fixture_greedy_matches_transformers_generate() {
 
     // Llama::greedy keeps its old contract (stop id included).
     let row0: Vec<u32> = p.ids[0].iter().map(|&x| x as u32).collect();
-    assert_eq!(
-        model.greedy(&row0, 6, &[stop]).unwrap(),
-        vec![want_ids[0][0], stop]
-    );
+    assert_eq!(model.greedy(&row0, 6, &[stop]).unwrap(), vec![want_ids[0][0], stop]);
     assert_eq!(model.greedy(&row0, 6, &[]).unwrap(), want_ids[0]);
 }
 
@@ -443,11 +311,7 @@ fn kv_cache_steps_equal_full_recompute_with_padding_and_gamma() {
         let full = model
             .forward_embeds(
                 model.embed(ids.clone()),
-                &AttnExtras {
-                    positions: Some(pos.clone()),
-                    key_keep: Some(keep.clone()),
-                    gamma: g.clone(),
-                },
+                &AttnExtras { positions: Some(pos.clone()), key_keep: Some(keep.clone()), gamma: g.clone() },
                 &mut model.new_cache(),
             )
             .unwrap();
@@ -463,13 +327,7 @@ fn kv_cache_steps_equal_full_recompute_with_padding_and_gamma() {
                 gamma: g.clone().map(|g| g.narrow(1, 0, total)),
             };
             parts.push(
-                model
-                    .forward_embeds(
-                        model.embed(ids.clone().narrow(1, start, len)),
-                        &extras,
-                        &mut cache,
-                    )
-                    .unwrap(),
+                model.forward_embeds(model.embed(ids.clone().narrow(1, start, len)), &extras, &mut cache).unwrap(),
             );
             start = total;
         }
@@ -482,10 +340,7 @@ fn kv_cache_steps_equal_full_recompute_with_padding_and_gamma() {
 }
 
 fn row_alone(p: &Padded, r: usize) -> Vec<u32> {
-    (0..p.ids[r].len())
-        .filter(|&j| p.keep[r][j])
-        .map(|j| p.ids[r][j] as u32)
-        .collect()
+    (0..p.ids[r].len()).filter(|&j| p.keep[r][j]).map(|j| p.ids[r][j] as u32).collect()
 }
 
 /// A left-padded row computes (logits) and generates (greedy and sampled ids) exactly what
@@ -497,34 +352,20 @@ fn left_padded_row_equals_row_alone() {
     let model = load::<B>();
     let alone = row_alone(&p, 1); // 4 real tokens after 3 padding
     let n = alone.len();
-    let logits_alone = vec_of(
-        model
-            .forward(
-                model.ids_tensor(std::slice::from_ref(&alone)).unwrap(),
-                &mut model.new_cache(),
-            )
-            .unwrap(),
-    );
+    let logits_alone =
+        vec_of(model.forward(model.ids_tensor(std::slice::from_ref(&alone)).unwrap(), &mut model.new_cache()).unwrap());
     let padded = vec_of(
         model
             .forward_with(
                 int2(&p.ids),
-                &AttnExtras {
-                    positions: Some(int2(&p.pos)),
-                    key_keep: Some(bool2(&p.keep)),
-                    gamma: None,
-                },
+                &AttnExtras { positions: Some(int2(&p.pos)), key_keep: Some(bool2(&p.keep)), gamma: None },
                 &mut model.new_cache(),
             )
             .unwrap(),
     );
     let v = 96;
     let row1 = &padded[(7 + 3) * v..14 * v];
-    let d = row1
-        .iter()
-        .zip(&logits_alone)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let d = row1.iter().zip(&logits_alone).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert_eq!(logits_alone.len(), n * v);
     assert!(d < 1e-5, "padded row vs alone logits: {d}");
 
@@ -532,26 +373,10 @@ fn left_padded_row_equals_row_alone() {
     let swapped_ids = vec![p.ids[1].clone(), p.ids[0].clone()];
     let swapped_keep = vec![p.keep[1].clone(), p.keep[0].clone()];
     for cfg in [
-        SamplingConfig {
-            max_new_tokens: 8,
-            ..Default::default()
-        },
-        SamplingConfig {
-            max_new_tokens: 8,
-            temperature: 1.0,
-            top_p: 0.9,
-            seed: 7,
-        },
+        SamplingConfig { max_new_tokens: 8, ..Default::default() },
+        SamplingConfig { max_new_tokens: 8, temperature: 1.0, top_p: 0.9, seed: 7 },
     ] {
-        let batch = generate(
-            &model,
-            model.embed(int2(&swapped_ids)),
-            bool2(&swapped_keep),
-            None,
-            &cfg,
-            &[],
-        )
-        .unwrap();
+        let batch = generate(&model, model.embed(int2(&swapped_ids)), bool2(&swapped_keep), None, &cfg, &[]).unwrap();
         let single = generate(
             &model,
             model.embed(model.ids_tensor(std::slice::from_ref(&alone)).unwrap()),
@@ -569,15 +394,7 @@ fn left_padded_row_equals_row_alone() {
 }
 
 fn sample(model: &Llama<B>, p: &Padded, cfg: &SamplingConfig) -> Vec<Generation<B>> {
-    generate(
-        model,
-        model.embed(int2(&p.ids)),
-        bool2(&p.keep),
-        None,
-        cfg,
-        &[],
-    )
-    .unwrap()
+    generate(model, model.embed(int2(&p.ids)), bool2(&p.keep), None, cfg, &[]).unwrap()
 }
 
 #[test]
@@ -585,83 +402,36 @@ fn sampling_seeds_and_top_p() {
     let e = expected();
     let p = padded_inputs(&e);
     let model = load::<B>();
-    let cfg = |seed: u64, top_p: f32| SamplingConfig {
-        max_new_tokens: 10,
-        temperature: 1.0,
-        top_p,
-        seed,
-    };
+    let cfg = |seed: u64, top_p: f32| SamplingConfig { max_new_tokens: 10, temperature: 1.0, top_p, seed };
     let ids = |g: Vec<Generation<B>>| g.into_iter().map(|g| g.ids).collect::<Vec<_>>();
     let a = ids(sample(&model, &p, &cfg(1, 1.0)));
     let a2 = ids(sample(&model, &p, &cfg(1, 1.0)));
     assert_eq!(a, a2, "same seed, different samples");
-    let others: Vec<_> = (2..5)
-        .map(|s| ids(sample(&model, &p, &cfg(s, 1.0))))
-        .collect();
-    assert!(
-        others.iter().all(|o| *o != a),
-        "seeds 2..5 reproduce seed 1: {a:?}"
-    );
+    let others: Vec<_> = (2..5).map(|s| ids(sample(&model, &p, &cfg(s, 1.0)))).collect();
+    assert!(others.iter().all(|o| *o != a), "seeds 2..5 reproduce seed 1: {a:?}");
     // Rows of one batch draw from different streams.
     assert_ne!(a[0], a[1]);
 
     // top_p -> 0 keeps only the most likely token: greedy.
-    let greedy = ids(sample(
-        &model,
-        &p,
-        &SamplingConfig {
-            max_new_tokens: 10,
-            ..Default::default()
-        },
-    ));
+    let greedy = ids(sample(&model, &p, &SamplingConfig { max_new_tokens: 10, ..Default::default() }));
     assert_eq!(ids(sample(&model, &p, &cfg(3, 1e-7))), greedy);
 
     // Invalid settings are errors.
-    for bad in [
-        cfg(0, 0.0),
-        cfg(0, 1.5),
-        SamplingConfig {
-            temperature: -1.0,
-            ..cfg(0, 1.0)
-        },
-    ] {
+    for bad in [cfg(0, 0.0), cfg(0, 1.5), SamplingConfig { temperature: -1.0, ..cfg(0, 1.0) }] {
         assert!(matches!(
-            generate(
-                &model,
-                model.embed(int2(&p.ids)),
-                bool2(&p.keep),
-                None,
-                &bad,
-                &[]
-            ),
+            generate(&model, model.embed(int2(&p.ids)), bool2(&p.keep), None, &bad, &[]),
             Err(LlamaError::Input(_))
         ));
     }
     // Right padding (last position padding) is refused.
     let right = vec![p.keep[0].clone(), p.keep[1].iter().rev().copied().collect()];
     assert!(matches!(
-        generate(
-            &model,
-            model.embed(int2(&p.ids)),
-            bool2(&right),
-            None,
-            &cfg(0, 1.0),
-            &[]
-        ),
+        generate(&model, model.embed(int2(&p.ids)), bool2(&right), None, &cfg(0, 1.0), &[]),
         Err(LlamaError::Input(_))
     ));
     // max_new_tokens 0: empty generations.
-    let g = sample(
-        &model,
-        &p,
-        &SamplingConfig {
-            max_new_tokens: 0,
-            ..cfg(0, 1.0)
-        },
-    );
-    assert!(g
-        .iter()
-        .all(|g| g.ids.is_empty() && g.hidden.dims() == [0, 32]));
+    let g = sample(&model, &p, &SamplingConfig { max_new_tokens: 0, ..cfg(0, 1.0) });
+    assert!(g.iter().all(|g| g.ids.is_empty() && g.hidden.dims() == [0, 32]));
 
     let c: SamplingConfig = serde_json::from_str(r#"{"temperature": 0.7}"#).unwrap();
     assert_eq!((c.max_new_tokens, c.top_p, c.seed), (64, 1.0, 0));
@@ -671,29 +441,16 @@ fn sampling_seeds_and_top_p() {
 #[test]
 fn gradients_through_score_and_gamma() {
     let model = load::<AB>();
-    let (lp, _) = model
-        .score_tensor(&[vec![5, 17, 42], vec![23, 9]], &[vec![8, 77], vec![30]])
-        .unwrap();
+    let (lp, _) = model.score_tensor(&[vec![5, 17, 42], vec![23, 9]], &[vec![8, 77], vec![30]]).unwrap();
     let grads = lp.sum().backward();
-    let g = model.model.layers[0]
-        .self_attn
-        .q_proj
-        .weight
-        .grad(&grads)
-        .unwrap();
+    let g = model.model.layers[0].self_attn.q_proj.weight.grad(&grads).unwrap();
     assert!(g.abs().sum().into_scalar() > 0.0);
 
     let dev = Default::default();
-    let gamma =
-        Tensor::<AB, 2>::from_data(TensorData::new(vec![0.0f32; 4], [1, 4]), &dev).require_grad();
+    let gamma = Tensor::<AB, 2>::from_data(TensorData::new(vec![0.0f32; 4], [1, 4]), &dev).require_grad();
     let ids = model.ids_tensor(&[vec![5, 17, 42, 8]]).unwrap();
-    let extras = AttnExtras {
-        gamma: Some(gamma.clone()),
-        ..Default::default()
-    };
-    let hid = model
-        .forward_embeds(model.embed(ids), &extras, &mut model.new_cache())
-        .unwrap();
+    let extras = AttnExtras { gamma: Some(gamma.clone()), ..Default::default() };
+    let hid = model.forward_embeds(model.embed(ids), &extras, &mut model.new_cache()).unwrap();
     let grads = model.logits(hid).narrow(1, 3, 1).sum().backward();
     let gg = gamma.grad(&grads).unwrap();
     assert!(gg.abs().sum().into_scalar() > 0.0);
@@ -714,52 +471,28 @@ fn wrong_inputs_are_errors_and_leave_the_cache() {
     model.forward(ids.clone(), &mut cache).unwrap();
     // Batch 1 against a batch-2 cache.
     let one = model.ids_tensor(&[vec![7]]).unwrap();
-    assert!(matches!(
-        model.forward(one, &mut cache),
-        Err(LlamaError::Input(_))
-    ));
+    assert!(matches!(model.forward(one, &mut cache), Err(LlamaError::Input(_))));
     assert_eq!(cache.len(), 3);
     // key_keep / gamma / positions of the wrong length.
     let step = model.ids_tensor(&[vec![7], vec![8]]).unwrap();
     for extras in [
-        AttnExtras {
-            key_keep: Some(bool2(&[vec![true; 3], vec![true; 3]])),
-            ..Default::default()
-        },
-        AttnExtras {
-            gamma: Some(Tensor::zeros([2, 1], &Default::default())),
-            ..Default::default()
-        },
-        AttnExtras {
-            positions: Some(int2(&[vec![3, 4], vec![3, 4]])),
-            ..Default::default()
-        },
+        AttnExtras { key_keep: Some(bool2(&[vec![true; 3], vec![true; 3]])), ..Default::default() },
+        AttnExtras { gamma: Some(Tensor::zeros([2, 1], &Default::default())), ..Default::default() },
+        AttnExtras { positions: Some(int2(&[vec![3, 4], vec![3, 4]])), ..Default::default() },
     ] {
-        assert!(matches!(
-            model.forward_with(step.clone(), &extras, &mut cache),
-            Err(LlamaError::Input(_))
-        ));
+        assert!(matches!(model.forward_with(step.clone(), &extras, &mut cache), Err(LlamaError::Input(_))));
         assert_eq!(cache.len(), 3);
     }
     // Embeddings of the wrong width.
     let bad = Tensor::<B, 3>::zeros([2, 1, 16], &Default::default());
-    assert!(model
-        .forward_embeds(bad, &AttnExtras::default(), &mut cache)
-        .is_err());
+    assert!(model.forward_embeds(bad, &AttnExtras::default(), &mut cache).is_err());
     // Ids outside the vocabulary.
     assert!(model.ids_tensor(&[vec![96]]).is_err());
     assert!(model.greedy(&[200], 2, &[]).is_err());
     // A fully padded row produces finite values, no NaN.
     let keep = bool2(&[vec![true; 3], vec![false; 3]]);
     let out = model
-        .forward_with(
-            ids,
-            &AttnExtras {
-                key_keep: Some(keep),
-                ..Default::default()
-            },
-            &mut model.new_cache(),
-        )
+        .forward_with(ids, &AttnExtras { key_keep: Some(keep), ..Default::default() }, &mut model.new_cache())
         .unwrap();
     assert!(vec_of(out).iter().all(|x| x.is_finite()));
 }
@@ -790,29 +523,20 @@ fn broken_checkpoints_fail_listing_names() {
     let model = load::<B>();
     let mut named = weights::named_tensors(&model);
     named.retain(|(n, _, _)| n != "model.layers.1.self_attn.k_proj.weight");
-    named.push((
-        "model.layers.9.extra.weight".into(),
-        vec![2],
-        vec![0.0, 1.0],
-    ));
+    named.push(("model.layers.9.extra.weight".into(), vec![2], vec![0.0, 1.0]));
     let file = dir.path().join("one.safetensors");
     weights::write_safetensors(&file, &named, &Default::default()).unwrap();
     let msg = match Llama::<B>::load(&cfg, &file, &Remap::none(), &dev) {
         Ok(_) => panic!("load should fail"),
         Err(e) => e.to_string(),
     };
-    assert!(
-        msg.contains("model.layers.1.self_attn.k_proj.weight"),
-        "{msg}"
-    );
+    assert!(msg.contains("model.layers.1.self_attn.k_proj.weight"), "{msg}");
     assert!(msg.contains("model.layers.9.extra.weight"), "{msg}");
 
     // A prefixed layout (as LLaVA nests the LLM) loads through a Remap; with tied embeddings a
     // stored lm_head.weight is dropped, as transformers re-ties it.
-    let named: Vec<_> = weights::named_tensors(&model)
-        .into_iter()
-        .map(|(n, s, d)| (format!("llm.{n}"), s, d))
-        .collect();
+    let named: Vec<_> =
+        weights::named_tensors(&model).into_iter().map(|(n, s, d)| (format!("llm.{n}"), s, d)).collect();
     let file = dir.path().join("prefixed.safetensors");
     weights::write_safetensors(&file, &named, &Default::default()).unwrap();
     let remap = Remap::none().prefix("llm.", "");
@@ -821,10 +545,7 @@ fn broken_checkpoints_fail_listing_names() {
     let a = vec_of(model.forward(ids.clone(), &mut model.new_cache()).unwrap());
     let b = vec_of(again.forward(ids.clone(), &mut again.new_cache()).unwrap());
     assert_eq!(a, b);
-    let tied = LlamaConfig {
-        tie_word_embeddings: true,
-        ..cfg.clone()
-    };
+    let tied = LlamaConfig { tie_word_embeddings: true, ..cfg.clone() };
     let t = Llama::<B>::load(&tied, &file, &remap, &dev).unwrap();
     assert!(t.lm_head.is_none());
 }
@@ -846,7 +567,15 @@ fn greedy_with_drafts_equals_greedy() {
     let n = 12;
     let gamma = float2((0..b * s).map(|i| ((i * 7) % 5) as f32 * 0.1 - 0.2).collect(), b, s);
     let greedy = |stop: &[u32]| {
-        generate(&model, model.embed(int2(&p.ids)), bool2(&p.keep), Some(gamma.clone()), &SamplingConfig { max_new_tokens: n, ..Default::default() }, stop).unwrap()
+        generate(
+            &model,
+            model.embed(int2(&p.ids)),
+            bool2(&p.keep),
+            Some(gamma.clone()),
+            &SamplingConfig { max_new_tokens: n, ..Default::default() },
+            stop,
+        )
+        .unwrap()
     };
     let free = greedy(&[]);
     let stop = vec![free[0].ids[4]];
@@ -854,7 +583,11 @@ fn greedy_with_drafts_equals_greedy() {
         let want = greedy(&stop);
         let right: Vec<Vec<u32>> = want.iter().map(|g| g.ids.clone()).collect();
         let wrong: Vec<Vec<u32>> = right.iter().map(|ids| ids.iter().map(|&t| (t + 1) % vocab).collect()).collect();
-        let half: Vec<Vec<u32>> = right.iter().zip(&wrong).map(|(r, w)| r[..r.len() / 2].iter().chain(&w[r.len() / 2..]).copied().collect()).collect();
+        let half: Vec<Vec<u32>> = right
+            .iter()
+            .zip(&wrong)
+            .map(|(r, w)| r[..r.len() / 2].iter().chain(&w[r.len() / 2..]).copied().collect())
+            .collect();
         let cases: Vec<(&str, Vec<Vec<Vec<u32>>>)> = vec![
             ("right", right.iter().map(|d| vec![d.clone()]).collect()),
             ("wrong", wrong.iter().map(|d| vec![d.clone()]).collect()),
@@ -863,8 +596,17 @@ fn greedy_with_drafts_equals_greedy() {
             ("wrong then right", wrong.iter().zip(&right).map(|(w, r)| vec![w.clone(), r.clone()]).collect()),
         ];
         for (name, drafts) in cases {
-            let (got, forwards) =
-                greedy_with_drafts(&model, model.embed(int2(&p.ids)), bool2(&p.keep), None, Some(gamma.clone()), &drafts, n, &stop).unwrap();
+            let (got, forwards) = greedy_with_drafts(
+                &model,
+                model.embed(int2(&p.ids)),
+                bool2(&p.keep),
+                None,
+                Some(gamma.clone()),
+                &drafts,
+                n,
+                &stop,
+            )
+            .unwrap();
             for (r, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g.ids, w.ids, "{name}, stop {stop:?}, row {r}");
                 assert_eq!((g.stopped, g.stop_id), (w.stopped, w.stop_id), "{name}, row {r}");
@@ -872,9 +614,17 @@ fn greedy_with_drafts_equals_greedy() {
                     assert!((a - c).abs() <= 1e-4, "{name}, row {r}: log-prob {a} vs {c}");
                 }
                 assert_eq!(g.hidden.dims(), w.hidden.dims(), "{name}, row {r}");
-                let d = vec_of(g.hidden.clone()).iter().zip(vec_of(w.hidden.clone())).map(|(a, c)| (a - c).abs()).fold(0f32, f32::max);
+                let d = vec_of(g.hidden.clone())
+                    .iter()
+                    .zip(vec_of(w.hidden.clone()))
+                    .map(|(a, c)| (a - c).abs())
+                    .fold(0f32, f32::max);
                 assert!(d <= 1e-4, "{name}, row {r}: hidden differs by {d}");
-                let d = vec_of(g.prefix_last.clone()).iter().zip(vec_of(w.prefix_last.clone())).map(|(a, c)| (a - c).abs()).fold(0f32, f32::max);
+                let d = vec_of(g.prefix_last.clone())
+                    .iter()
+                    .zip(vec_of(w.prefix_last.clone()))
+                    .map(|(a, c)| (a - c).abs())
+                    .fold(0f32, f32::max);
                 assert!(d <= 1e-5, "{name}, row {r}: prefix state differs by {d}");
             }
             let longest = want.iter().map(|g| g.ids.len()).max().unwrap();
@@ -906,20 +656,25 @@ fn shared_prefix_extend_and_repeat_equal_one_prefill() {
     let n = 10;
     let g: Vec<f32> = (0..b * s).map(|i| ((i * 7) % 5) as f32 * 0.1 - 0.2).collect();
     let greedy = SamplingConfig { max_new_tokens: n, ..Default::default() };
-    let want = generate(&model, model.embed(int2(&p.ids)), bool2(&p.keep), Some(float2(g.clone(), b, s)), &greedy, &[]).unwrap();
+    let want = generate(&model, model.embed(int2(&p.ids)), bool2(&p.keep), Some(float2(g.clone(), b, s)), &greedy, &[])
+        .unwrap();
 
     let c = s - 2;
     let cut = |rows: &[Vec<i64>], a: usize, z: usize| rows.iter().map(|r| r[a..z].to_vec()).collect::<Vec<_>>();
     let base_keep: Vec<Vec<bool>> = p.keep.iter().map(|r| r[..c].to_vec()).collect();
     let base_g: Vec<f32> = (0..b).flat_map(|r| g[r * s..r * s + c].to_vec()).collect();
-    let base = prefill(&model, model.embed(int2(&cut(&p.ids, 0, c))), bool2(&base_keep), None, Some(float2(base_g, b, c))).unwrap();
+    let base =
+        prefill(&model, model.embed(int2(&cut(&p.ids, 0, c))), bool2(&base_keep), None, Some(float2(base_g, b, c)))
+            .unwrap();
     assert_eq!((base.rows(), base.len()), (b, c));
     // The extension: a masked column (token 0, gamma 5: must not count), then the last two.
     let ext_ids: Vec<Vec<i64>> = p.ids.iter().map(|r| [vec![0], r[c..].to_vec()].concat()).collect();
     let ext_keep: Vec<Vec<bool>> = (0..b).map(|_| vec![false, true, true]).collect();
     let ext_pos: Vec<Vec<i64>> = base.next_pos.iter().map(|&q| vec![99, q as i64, q as i64 + 1]).collect();
     let ext_g: Vec<f32> = (0..b).flat_map(|r| [vec![5.0], g[r * s + c..r * s + s].to_vec()].concat()).collect();
-    let (ext, hidden) = base.extend(&model, model.embed(int2(&ext_ids)), bool2(&ext_keep), &ext_pos, Some(float2(ext_g, b, 3))).unwrap();
+    let (ext, hidden) = base
+        .extend(&model, model.embed(int2(&ext_ids)), bool2(&ext_keep), &ext_pos, Some(float2(ext_g, b, 3)))
+        .unwrap();
     assert_eq!(hidden.dims()[..2], [b, 3]);
     assert_eq!(ext.len(), c + 3);
 
@@ -930,9 +685,17 @@ fn shared_prefix_extend_and_repeat_equal_one_prefill() {
             for (a, c) in g.logprobs.iter().zip(&w.logprobs) {
                 assert!((a - c).abs() <= 1e-4, "{what}, row {r}: log-prob {a} vs {c}");
             }
-            let d = vec_of(g.hidden.clone()).iter().zip(vec_of(w.hidden.clone())).map(|(a, c)| (a - c).abs()).fold(0f32, f32::max);
+            let d = vec_of(g.hidden.clone())
+                .iter()
+                .zip(vec_of(w.hidden.clone()))
+                .map(|(a, c)| (a - c).abs())
+                .fold(0f32, f32::max);
             assert!(d <= 1e-4, "{what}, row {r}: hidden differs by {d}");
-            let d = vec_of(g.prefix_last.clone()).iter().zip(vec_of(w.prefix_last.clone())).map(|(a, c)| (a - c).abs()).fold(0f32, f32::max);
+            let d = vec_of(g.prefix_last.clone())
+                .iter()
+                .zip(vec_of(w.prefix_last.clone()))
+                .map(|(a, c)| (a - c).abs())
+                .fold(0f32, f32::max);
             assert!(d <= 1e-5, "{what}, row {r}: prefix state differs by {d}");
         }
     };
@@ -948,11 +711,20 @@ fn shared_prefix_extend_and_repeat_equal_one_prefill() {
     close(&generate_from(&model, rep, &greedy, &[]).unwrap(), &twice, "repeat_rows(2)");
 
     // Wrong shapes: errors, not panics.
-    let msg = base.extend(&model, model.embed(int2(&ext_ids)), bool2(&ext_keep[..1]), &ext_pos, None).unwrap_err().to_string();
+    let msg = base
+        .extend(&model, model.embed(int2(&ext_ids)), bool2(&ext_keep[..1]), &ext_pos, None)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("keep"), "{msg}");
-    let msg = base.extend(&model, model.embed(int2(&ext_ids)), bool2(&ext_keep), &ext_pos[..1], None).unwrap_err().to_string();
+    let msg = base
+        .extend(&model, model.embed(int2(&ext_ids)), bool2(&ext_keep), &ext_pos[..1], None)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("positions"), "{msg}");
-    let msg = base.extend(&model, model.embed(int2(&ext_ids[..1])), bool2(&ext_keep[..1]), &ext_pos[..1], None).unwrap_err().to_string();
+    let msg = base
+        .extend(&model, model.embed(int2(&ext_ids[..1])), bool2(&ext_keep[..1]), &ext_pos[..1], None)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("rows"), "{msg}");
 }
 
@@ -985,7 +757,8 @@ fn grow_vocab_case(model: Llama<B>) {
     let hv = vec_of(hid.clone());
     let big = model.clone().grow_vocab(old + 3).unwrap();
     assert_eq!(big.vocab_size(), old + 3);
-    let after = vec_of(big.logits(big.forward_embeds(big.embed(ids), &AttnExtras::default(), &mut big.new_cache()).unwrap()));
+    let after =
+        vec_of(big.logits(big.forward_embeds(big.embed(ids), &AttnExtras::default(), &mut big.new_cache()).unwrap()));
     let want_new = head_mean.as_ref().unwrap_or(&mean);
     for t in 0..3 {
         for v in 0..old {
@@ -993,7 +766,11 @@ fn grow_vocab_case(model: Llama<B>) {
         }
         let dot: f32 = (0..h).map(|j| hv[t * h + j] * want_new[j]).sum();
         for v in old..old + 3 {
-            assert!((after[t * (old + 3) + v] - dot).abs() <= 1e-4, "token {t}, new id {v}: {} vs {dot}", after[t * (old + 3) + v]);
+            assert!(
+                (after[t * (old + 3) + v] - dot).abs() <= 1e-4,
+                "token {t}, new id {v}: {} vs {dot}",
+                after[t * (old + 3) + v]
+            );
         }
     }
     let e = vec_of(big.embed(big.ids_tensor(&[vec![old as u32 + 1]]).unwrap()));

@@ -1,7 +1,7 @@
 //! popen-model integration tests, one binary (one link of burn instead of ten; CI disk).
 
-mod common;
 mod clip;
+mod common;
 mod config_generations;
 mod export;
 mod gguf;

@@ -16,9 +16,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::{Bool, TensorData};
-use popen_model::minilm::{
-    cosine_matrix, load_bert, BertConfig, BertError, SentenceEncoder, MINILM_MAX_SEQ_LENGTH,
-};
+use popen_model::minilm::{cosine_matrix, load_bert, BertConfig, BertError, SentenceEncoder, MINILM_MAX_SEQ_LENGTH};
 use popen_model::weights::{self, Checkpoint};
 use serde_json::Value;
 
@@ -46,34 +44,17 @@ fn fixture() -> Value {
 }
 
 fn sentences(fx: &Value) -> Vec<String> {
-    fx["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect()
+    fx["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
 }
 
 fn matrix(v: &Value) -> Vec<Vec<f64>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        })
-        .collect()
+    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect()
 }
 
 fn to_rows(t: Tensor<B, 2>) -> Vec<Vec<f64>> {
     let [n, d] = t.dims();
     let v = t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
-    (0..n)
-        .map(|i| v[i * d..(i + 1) * d].iter().map(|&x| x as f64).collect())
-        .collect()
+    (0..n).map(|i| v[i * d..(i + 1) * d].iter().map(|&x| x as f64).collect()).collect()
 }
 
 /// Largest |got - want| / (1 + |want|) over all entries (abs near 0, rel for large values).
@@ -83,17 +64,13 @@ fn max_err(got: &[Vec<f64>], want: &[Vec<f64>]) -> f64 {
         .zip(want)
         .flat_map(|(g, w)| {
             assert_eq!(g.len(), w.len());
-            g.iter()
-                .zip(w)
-                .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+            g.iter().zip(w).map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
         })
         .fold(0.0, f64::max)
 }
 
 fn encoder(batch: usize) -> SentenceEncoder<B> {
-    SentenceEncoder::<B>::load(minilm_dir(), &Default::default())
-        .unwrap()
-        .with_batch_size(batch)
+    SentenceEncoder::<B>::load(minilm_dir(), &Default::default()).unwrap().with_batch_size(batch)
 }
 
 #[test]
@@ -103,37 +80,22 @@ fn minilm_matches_sentence_transformers() {
     let enc = encoder(fx["batch_size"].as_u64().unwrap() as usize);
     assert_eq!(enc.dim(), 384);
     assert_eq!(enc.max_seq_length(), MINILM_MAX_SEQ_LENGTH);
-    assert_eq!(
-        fx["max_seq_length"].as_u64().unwrap() as usize,
-        MINILM_MAX_SEQ_LENGTH
-    );
+    assert_eq!(fx["max_seq_length"].as_u64().unwrap() as usize, MINILM_MAX_SEQ_LENGTH);
     assert_eq!(enc.model.config, BertConfig::all_minilm_l6_v2());
 
     // Word pieces, [CLS]/[SEP] and truncation exactly as sentence-transformers tokenizes.
     let toks = enc.tokenize(&sents).unwrap();
     for (i, want) in fx["input_ids"].as_array().unwrap().iter().enumerate() {
-        let want: Vec<u32> = want
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let want: Vec<u32> = want.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         assert_eq!(toks[i].0, want, "token ids of sentence {i} {:?}", sents[i]);
         assert!(toks[i].1.iter().all(|&t| t == 0));
     }
-    assert_eq!(
-        toks.last().unwrap().0.len(),
-        256,
-        "the long text is truncated to 256"
-    );
+    assert_eq!(toks.last().unwrap().0.len(), 256, "the long text is truncated to 256");
 
     let want = matrix(&fx["embeddings"]);
     let got = to_rows(enc.encode(&sents).unwrap());
     let err = max_err(&got, &want);
-    assert!(
-        err < 1e-5,
-        "embeddings differ from sentence-transformers by {err:e}"
-    );
+    assert!(err < 1e-5, "embeddings differ from sentence-transformers by {err:e}");
     for (i, row) in got.iter().enumerate() {
         let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "row {i} has norm {norm}");
@@ -157,12 +119,7 @@ fn minilm_embeddings_do_not_depend_on_batching() {
     assert!(max_err(&all, &want) < 1e-5);
     assert!(max_err(&single, &all) < 1e-5);
     // Order of the input is the order of the rows; duplicates give identical rows.
-    let rev: Vec<&str> = sents
-        .iter()
-        .rev()
-        .map(String::as_str)
-        .chain([sents[0].as_str()])
-        .collect();
+    let rev: Vec<&str> = sents.iter().rev().map(String::as_str).chain([sents[0].as_str()]).collect();
     let got = to_rows(encoder(3).encode(&rev).unwrap());
     let mut want_rev: Vec<Vec<f64>> = want.iter().rev().cloned().collect();
     want_rev.push(want[0].clone());
@@ -185,11 +142,7 @@ fn minilm_cosine_similarities_match_reference() {
     let row = &cos[0];
     assert!(row[1] > 0.85, "paraphrase cos {}", row[1]);
     for (j, c) in row.iter().enumerate().skip(2) {
-        assert!(
-            *c < row[1] - 0.3,
-            "sentence {j} cos {c} vs paraphrase {}",
-            row[1]
-        );
+        assert!(*c < row[1] - 0.3, "sentence {j} cos {c} vs paraphrase {}", row[1]);
     }
     for (i, r) in cos.iter().enumerate() {
         assert!((r[i] - 1.0).abs() < 1e-5);
@@ -199,27 +152,11 @@ fn minilm_cosine_similarities_match_reference() {
 #[test]
 fn sentence_encoder_missing_files_say_make_assets() {
     let dir = tempfile::tempdir().unwrap();
-    let msg = SentenceEncoder::<B>::load(dir.path(), &Default::default())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        msg.contains("model.safetensors") && msg.contains("make assets"),
-        "{msg}"
-    );
-    std::fs::copy(
-        minilm_dir().join("model.safetensors"),
-        dir.path().join("model.safetensors"),
-    )
-    .unwrap();
-    let msg = SentenceEncoder::<B>::load(dir.path(), &Default::default())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        msg.contains("tokenizer.json") && msg.contains("make assets"),
-        "{msg}"
-    );
+    let msg = SentenceEncoder::<B>::load(dir.path(), &Default::default()).err().unwrap().to_string();
+    assert!(msg.contains("model.safetensors") && msg.contains("make assets"), "{msg}");
+    std::fs::copy(minilm_dir().join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    let msg = SentenceEncoder::<B>::load(dir.path(), &Default::default()).err().unwrap().to_string();
+    assert!(msg.contains("tokenizer.json") && msg.contains("make assets"), "{msg}");
 }
 
 // ---- tiny random checkpoints ----
@@ -230,9 +167,7 @@ fn hf_tensors(model: &popen_model::minilm::BertModel<B>) -> Vec<(String, Vec<usi
     weights::named_tensors(model)
         .into_iter()
         .map(|(name, shape, data)| {
-            let name = name
-                .replace(".self_attn.", ".self.")
-                .replace("layer_norm.", "LayerNorm.");
+            let name = name.replace(".self_attn.", ".self.").replace("layer_norm.", "LayerNorm.");
             (name, shape, data)
         })
         .collect()
@@ -258,28 +193,13 @@ fn bert_tiny_checkpoint_round_trip_with_prefix_and_skipped_tensors() {
     let dir = tempfile::tempdir().unwrap();
 
     // `bert.`-prefixed (BertForMaskedLM-style) with a pooler, an MLM head and the buffers.
-    let mut t: Vec<_> = hf_tensors(&model)
-        .into_iter()
-        .map(|(n, s, d)| (format!("bert.{n}"), s, d))
-        .collect();
+    let mut t: Vec<_> = hf_tensors(&model).into_iter().map(|(n, s, d)| (format!("bert.{n}"), s, d)).collect();
     let h = cfg.hidden_size;
-    t.push((
-        "bert.pooler.dense.weight".into(),
-        vec![h, h],
-        vec![0.5; h * h],
-    ));
+    t.push(("bert.pooler.dense.weight".into(), vec![h, h], vec![0.5; h * h]));
     t.push(("bert.pooler.dense.bias".into(), vec![h], vec![0.0; h]));
-    t.push((
-        "cls.predictions.bias".into(),
-        vec![cfg.vocab_size],
-        vec![0.0; cfg.vocab_size],
-    ));
+    t.push(("cls.predictions.bias".into(), vec![cfg.vocab_size], vec![0.0; cfg.vocab_size]));
     let p = cfg.max_position_embeddings;
-    t.push((
-        "bert.embeddings.position_ids".into(),
-        vec![1, p],
-        (0..p).map(|i| i as f32).collect(),
-    ));
+    t.push(("bert.embeddings.position_ids".into(), vec![1, p], (0..p).map(|i| i as f32).collect()));
     let file = dir.path().join("prefixed.safetensors");
     write(&file, &t);
 
@@ -291,18 +211,9 @@ fn bert_tiny_checkpoint_round_trip_with_prefix_and_skipped_tensors() {
     // Mistakes in a prefixed file: names without the prefix, the source says so.
     let bad = dir.path().join("prefixed-bad.safetensors");
     write(&bad, &t[1..]);
-    let msg = load_bert::<B>(&cfg, &bad, &device)
-        .err()
-        .unwrap()
-        .to_string();
+    let msg = load_bert::<B>(&cfg, &bad, &device).err().unwrap().to_string();
     assert!(msg.contains("prefixed-bad.safetensors [bert.*]"), "{msg}");
-    assert!(
-        msg.contains(&format!(
-            "missing {}",
-            t[0].0.strip_prefix("bert.").unwrap()
-        )),
-        "{msg}"
-    );
+    assert!(msg.contains(&format!("missing {}", t[0].0.strip_prefix("bert.").unwrap())), "{msg}");
     let ids = ids_tensor(&[1, 5, 9, 2, 1, 7, 3, 2], 2, 4);
     let a = flat3(model.forward(ids.clone(), None, None).unwrap());
     let b = flat3(loaded.forward(ids, None, None).unwrap());
@@ -324,66 +235,34 @@ fn bert_load_names_missing_misshaped_and_unexpected_tensors() {
             *d = vec![1.0; cfg.hidden_size + 1];
         }
     }
-    t.push((
-        "encoder.layer.0.attention.self.rotary.weight".into(),
-        vec![2],
-        vec![0.0; 2],
-    ));
+    t.push(("encoder.layer.0.attention.self.rotary.weight".into(), vec![2], vec![0.0; 2]));
     let file = dir.path().join("broken.safetensors");
     write(&file, &t);
 
-    let msg = load_bert::<B>(&cfg, &file, &device)
-        .err()
-        .unwrap()
-        .to_string();
+    let msg = load_bert::<B>(&cfg, &file, &device).err().unwrap().to_string();
     assert!(msg.contains(&file.display().to_string()), "{msg}");
     assert!(msg.contains(&format!("missing {gone}")), "{msg}");
-    assert!(
-        msg.contains("embeddings.LayerNorm.weight: shape [17] in the file, the model needs [16]"),
-        "{msg}"
-    );
-    assert_eq!(
-        msg.matches("embeddings.LayerNorm.weight").count(),
-        1,
-        "{msg}"
-    );
-    assert!(
-        msg.contains("unexpected encoder.layer.0.attention.self.rotary.weight"),
-        "{msg}"
-    );
-    assert!(
-        !msg.contains("self_attn") && !msg.contains("layer_norm"),
-        "{msg}"
-    );
+    assert!(msg.contains("embeddings.LayerNorm.weight: shape [17] in the file, the model needs [16]"), "{msg}");
+    assert_eq!(msg.matches("embeddings.LayerNorm.weight").count(), 1, "{msg}");
+    assert!(msg.contains("unexpected encoder.layer.0.attention.self.rotary.weight"), "{msg}");
+    assert!(!msg.contains("self_attn") && !msg.contains("layer_norm"), "{msg}");
 
     // A layer too few: the missing layer's tensors are named.
     let mut t = hf_tensors(&model);
     t.retain(|(n, _, _)| !n.starts_with("encoder.layer.1."));
     write(&file, &t);
-    let msg = load_bert::<B>(&cfg, &file, &device)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        msg.contains("missing encoder.layer.1.output.LayerNorm.bias"),
-        "{msg}"
-    );
+    let msg = load_bert::<B>(&cfg, &file, &device).err().unwrap().to_string();
+    assert!(msg.contains("missing encoder.layer.1.output.LayerNorm.bias"), "{msg}");
     // Not a BERT checkpoint at all: from_checkpoint names the file and the tensor it needs.
     let other = dir.path().join("other.safetensors");
     write(&other, &[("w".into(), vec![2], vec![0.0; 2])]);
     let e = BertConfig::from_checkpoint(&Checkpoint::open(&other).unwrap(), 2).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, BertError::Config(_)), "{msg}");
-    assert!(
-        msg.contains("other.safetensors") && msg.contains("embeddings.word_embeddings.weight"),
-        "{msg}"
-    );
+    assert!(msg.contains("other.safetensors") && msg.contains("embeddings.word_embeddings.weight"), "{msg}");
     // A missing file names the path.
     let nope = dir.path().join("nope.safetensors");
-    let msg = load_bert::<B>(&cfg, &nope, &device)
-        .err()
-        .unwrap()
-        .to_string();
+    let msg = load_bert::<B>(&cfg, &nope, &device).err().unwrap().to_string();
     assert!(msg.contains("nope.safetensors"), "{msg}");
 }
 
@@ -393,51 +272,25 @@ fn bert_padding_is_masked() {
     let model = BertConfig::tiny().init::<B>(&device);
     // Row 0: 3 real tokens alone; row 1 of the batch: the same 3 + 3 padding tokens of
     // arbitrary ids; row 0 of the batch: 6 real tokens.
-    let alone = flat3(
-        model
-            .forward(ids_tensor(&[1, 7, 2], 1, 3), None, None)
-            .unwrap(),
-    );
+    let alone = flat3(model.forward(ids_tensor(&[1, 7, 2], 1, 3), None, None).unwrap());
     let ids = ids_tensor(&[1, 4, 4, 9, 8, 2, 1, 7, 2, 33, 0, 5], 2, 6);
     let mask = Tensor::<B, 2, Bool>::from_data(
-        TensorData::new(
-            vec![
-                true, true, true, true, true, true, true, true, true, false, false, false,
-            ],
-            [2, 6],
-        ),
+        TensorData::new(vec![true, true, true, true, true, true, true, true, true, false, false, false], [2, 6]),
         &device,
     );
     let h = model.forward(ids, None, Some(mask.clone())).unwrap();
     let d = model.config.hidden_size;
     let row1 = flat3(h.clone().narrow(0, 1, 1).narrow(1, 0, 3));
-    let err = alone
-        .iter()
-        .zip(&row1)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let err = alone.iter().zip(&row1).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(err < 1e-5, "padding changed the real tokens by {err}");
     // Mean pooling counts only the real tokens.
     let pooled = popen_model::minilm::mean_pool(h, mask);
-    let p1: Vec<f32> = pooled
-        .narrow(0, 1, 1)
-        .into_data()
-        .into_vec::<f32>()
-        .unwrap();
-    let mean: Vec<f32> = (0..d)
-        .map(|k| (0..3).map(|t| alone[t * d + k]).sum::<f32>() / 3.0)
-        .collect();
-    let err = p1
-        .iter()
-        .zip(&mean)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let p1: Vec<f32> = pooled.narrow(0, 1, 1).into_data().into_vec::<f32>().unwrap();
+    let mean: Vec<f32> = (0..d).map(|k| (0..3).map(|t| alone[t * d + k]).sum::<f32>() / 3.0).collect();
+    let err = p1.iter().zip(&mean).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(err < 1e-5, "{err}");
     // Shape checks.
-    let e = model
-        .forward(ids_tensor(&[1; 30], 1, 30), None, None)
-        .unwrap_err()
-        .to_string();
+    let e = model.forward(ids_tensor(&[1; 30], 1, 30), None, None).unwrap_err().to_string();
     assert!(e.contains("max_position_embeddings 24"), "{e}");
 }
 
@@ -450,8 +303,6 @@ fn sentence_encoder_rejects_a_tokenizer_larger_than_the_vocabulary() {
     assert!(e.to_string().contains("vocab_size is 64"), "{e}");
     let model = BertConfig::tiny().init::<B>(&device);
     let tok = tokenizers::Tokenizer::from_file(minilm_dir().join("tokenizer.json")).unwrap();
-    let e = SentenceEncoder::new(model, tok, 100, &device)
-        .err()
-        .unwrap();
+    let e = SentenceEncoder::new(model, tok, 100, &device).err().unwrap();
     assert!(e.to_string().contains("max_seq_length 100"), "{e}");
 }

@@ -14,8 +14,7 @@ use popen_model::pixel_decoder::{
     mask_confidence, postprocess_masks, DecoderError, MaskDecoderMultiScaleConfig, PixelDecoder,
 };
 use popen_model::sam::{
-    MaskDecoder, MaskDecoderConfig, PromptEncoder, PromptEncoderConfig, SamActivation,
-    TwoWayTransformerConfig,
+    MaskDecoder, MaskDecoderConfig, PromptEncoder, PromptEncoderConfig, SamActivation, TwoWayTransformerConfig,
 };
 use popen_model::weights::{self, Checkpoint, Remap};
 
@@ -23,36 +22,18 @@ type Cpu = NdArray<f32>;
 type Ad = Autodiff<NdArray<f32>>;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/pixel_decoder")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pixel_decoder").join(name)
 }
 
 /// Tensors of a fixture file by name: (shape, f32 values).
 fn read_io(name: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let ck = Checkpoint::open(fixture(name)).expect("fixture opens");
-    ck.tensors
-        .iter()
-        .map(|(k, t)| {
-            (
-                k.clone(),
-                (t.shape.clone(), t.read_f32().expect("fixture reads")),
-            )
-        })
-        .collect()
+    ck.tensors.iter().map(|(k, t)| (k.clone(), (t.shape.clone(), t.read_f32().expect("fixture reads")))).collect()
 }
 
-fn tensor<Bk: Backend, const D: usize>(
-    io: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    name: &str,
-) -> Tensor<Bk, D> {
-    let (shape, v) = io
-        .get(name)
-        .unwrap_or_else(|| panic!("fixture lacks {name}"));
-    Tensor::from_data(
-        TensorData::new(v.clone(), shape.clone()),
-        &Default::default(),
-    )
+fn tensor<Bk: Backend, const D: usize>(io: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, name: &str) -> Tensor<Bk, D> {
+    let (shape, v) = io.get(name).unwrap_or_else(|| panic!("fixture lacks {name}"));
+    Tensor::from_data(TensorData::new(v.clone(), shape.clone()), &Default::default())
 }
 
 fn assert_close<Bk: Backend, const D: usize>(
@@ -72,13 +53,7 @@ fn assert_close<Bk: Backend, const D: usize>(
         }
     }
     let i = worst.1;
-    assert!(
-        worst.0 <= 1e-4,
-        "{what}: relative error {:e} at {i}: got {} want {}",
-        worst.0,
-        got[i],
-        want[i]
-    );
+    assert!(worst.0 <= 1e-4, "{what}: relative error {:e} at {i}: got {} want {}", worst.0, got[i], want[i]);
     eprintln!("{what}: max relative error {:e}", worst.0);
 }
 
@@ -100,42 +75,17 @@ fn image_index(io: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Vec<usize> {
 fn pixellm_decoder_matches_reference() {
     let io = read_io("pixellm_io.safetensors");
     let dec = tiny_decoder::<Cpu>();
-    let imgs = [
-        tensor::<Cpu, 4>(&io, "image_embeddings.0"),
-        tensor(&io, "image_embeddings.1"),
-    ];
-    let out = dec
-        .forward(&imgs, tensor(&io, "seg_embeddings"), &image_index(&io))
-        .expect("forward");
-    assert_close(
-        "low_res_masks",
-        out.low_res_masks.clone(),
-        &io,
-        "low_res_masks",
-    );
-    assert_close(
-        "iou_predictions",
-        out.iou_predictions,
-        &io,
-        "iou_predictions",
-    );
+    let imgs = [tensor::<Cpu, 4>(&io, "image_embeddings.0"), tensor(&io, "image_embeddings.1")];
+    let out = dec.forward(&imgs, tensor(&io, "seg_embeddings"), &image_index(&io)).expect("forward");
+    assert_close("low_res_masks", out.low_res_masks.clone(), &io, "low_res_masks");
+    assert_close("iou_predictions", out.iou_predictions, &io, "iou_predictions");
 
     let sizes: Vec<usize> = io["sizes"].1.iter().map(|&v| v as usize).collect();
-    let masks = postprocess_masks(
-        out.low_res_masks,
-        sizes[0],
-        (sizes[1], sizes[2]),
-        (sizes[3], sizes[4]),
-    )
-    .expect("postprocess");
+    let masks = postprocess_masks(out.low_res_masks, sizes[0], (sizes[1], sizes[2]), (sizes[3], sizes[4]))
+        .expect("postprocess");
     assert_close("postprocessed masks", masks.clone(), &io, "masks");
     // The score thresholds at 0: check it on the reference masks (exact inputs) and on ours.
-    assert_close(
-        "confidence of reference masks",
-        mask_confidence(tensor::<Cpu, 3>(&io, "masks")),
-        &io,
-        "confidences",
-    );
+    assert_close("confidence of reference masks", mask_confidence(tensor::<Cpu, 3>(&io, "masks")), &io, "confidences");
     assert_close("confidence", mask_confidence(masks), &io, "confidences");
 }
 
@@ -152,19 +102,9 @@ fn two_way_transformer_matches_reference() {
         attention_downsample_rate: 2,
     };
     let tr = cfg.init::<Cpu>(&Default::default()).unwrap();
-    let tr = weights::load(
-        tr,
-        fixture("transformer_weights.safetensors"),
-        &Remap::none(),
-    )
-    .expect("strict load");
-    let (q, k) = tr
-        .forward(
-            tensor(&io, "image_embedding"),
-            tensor(&io, "image_pe"),
-            tensor(&io, "point_embedding"),
-        )
-        .unwrap();
+    let tr = weights::load(tr, fixture("transformer_weights.safetensors"), &Remap::none()).expect("strict load");
+    let (q, k) =
+        tr.forward(tensor(&io, "image_embedding"), tensor(&io, "image_pe"), tensor(&io, "point_embedding")).unwrap();
     assert_close("queries", q, &io, "queries");
     assert_close("keys", k, &io, "keys");
 }
@@ -206,41 +146,22 @@ fn sam_prompt_encoder_and_mask_decoder_match_reference() {
         .init(&dev)
         .unwrap(),
     };
-    let sam = weights::load(sam, fixture("sam_weights.safetensors"), &Remap::none())
-        .expect("strict load");
+    let sam = weights::load(sam, fixture("sam_weights.safetensors"), &Remap::none()).expect("strict load");
     let pe = &sam.prompt_encoder;
-    let points = || {
-        Some((
-            tensor::<Cpu, 3>(&io, "coords"),
-            tensor::<Cpu, 2>(&io, "labels"),
-        ))
-    };
+    let points = || Some((tensor::<Cpu, 3>(&io, "coords"), tensor::<Cpu, 2>(&io, "labels")));
     let img = || tensor::<Cpu, 4>(&io, "image_embeddings");
 
     let (sp, de) = pe.forward(points(), None, None, None).unwrap();
     assert_close("a.sparse", sp.clone(), &io, "a.sparse");
     assert_close("a.dense", de.clone(), &io, "a.dense");
-    let (m, i) = sam
-        .mask_decoder
-        .forward(img(), pe.get_dense_pe(), sp, de, true)
-        .unwrap();
+    let (m, i) = sam.mask_decoder.forward(img(), pe.get_dense_pe(), sp, de, true).unwrap();
     assert_close("a.masks", m, &io, "a.masks");
     assert_close("a.iou", i, &io, "a.iou");
 
-    let (sp, de) = pe
-        .forward(
-            points(),
-            Some(tensor(&io, "boxes")),
-            Some(tensor(&io, "mask_input")),
-            None,
-        )
-        .unwrap();
+    let (sp, de) = pe.forward(points(), Some(tensor(&io, "boxes")), Some(tensor(&io, "mask_input")), None).unwrap();
     assert_close("b.sparse", sp.clone(), &io, "b.sparse");
     assert_close("b.dense", de.clone(), &io, "b.dense");
-    let (m, i) = sam
-        .mask_decoder
-        .forward(img(), pe.get_dense_pe(), sp, de, false)
-        .unwrap();
+    let (m, i) = sam.mask_decoder.forward(img(), pe.get_dense_pe(), sp, de, false).unwrap();
     assert_close("b.masks", m, &io, "b.masks");
     assert_close("b.iou", i, &io, "b.iou");
 }
@@ -252,9 +173,7 @@ fn load_errors_name_the_tensors() {
     let ck = Checkpoint::open(fixture("pixellm_weights.safetensors")).unwrap();
     let mut tensors = Vec::new();
     for (name, t) in &ck.tensors {
-        if name == "model.mask_decoder.level_embed.weight"
-            || name == "model.prompt_encoder.no_mask_embed.weight"
-        {
+        if name == "model.mask_decoder.level_embed.weight" || name == "model.prompt_encoder.no_mask_embed.weight" {
             continue;
         }
         let mut shape = t.shape.clone();
@@ -268,33 +187,19 @@ fn load_errors_name_the_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.safetensors");
     weights::write_safetensors(&path, &tensors, &BTreeMap::new()).unwrap();
-    let dec = MaskDecoderMultiScaleConfig::tiny()
-        .init::<Cpu>(&Default::default())
-        .unwrap();
+    let dec = MaskDecoderMultiScaleConfig::tiny().init::<Cpu>(&Default::default()).unwrap();
     let err = dec.load_pixellm(&path).expect_err("must fail").to_string();
-    for name in [
-        "mask_decoder.level_embed.weight",
-        "prompt_encoder.no_mask_embed.weight",
-        "mask_decoder.iou_token.weight",
-    ] {
+    for name in
+        ["mask_decoder.level_embed.weight", "prompt_encoder.no_mask_embed.weight", "mask_decoder.iou_token.weight"]
+    {
         assert!(err.contains(name), "error does not name {name}: {err}");
     }
-    assert!(
-        !err.contains("image_feature_neck"),
-        "unrelated tensors must be ignored: {err}"
-    );
+    assert!(!err.contains("image_feature_neck"), "unrelated tensors must be ignored: {err}");
 
     // Not a PixelLM checkpoint at all.
     let path2 = dir.path().join("other.safetensors");
-    weights::write_safetensors(
-        &path2,
-        &[("x.weight".into(), vec![1], vec![0.0])],
-        &BTreeMap::new(),
-    )
-    .unwrap();
-    let dec = MaskDecoderMultiScaleConfig::tiny()
-        .init::<Cpu>(&Default::default())
-        .unwrap();
+    weights::write_safetensors(&path2, &[("x.weight".into(), vec![1], vec![0.0])], &BTreeMap::new()).unwrap();
+    let dec = MaskDecoderMultiScaleConfig::tiny().init::<Cpu>(&Default::default()).unwrap();
     let err = dec.load_pixellm(&path2).expect_err("must fail").to_string();
     assert!(err.contains("mask_decoder.iou_token.weight"), "{err}");
 }
@@ -310,41 +215,28 @@ fn msg<T>(r: Result<T, DecoderError>) -> String {
 #[test]
 fn wrong_shapes_are_errors() {
     let dev = Default::default();
-    let dec = MaskDecoderMultiScaleConfig::tiny()
-        .init::<Cpu>(&dev)
-        .unwrap();
+    let dec = MaskDecoderMultiScaleConfig::tiny().init::<Cpu>(&dev).unwrap();
     let img = || Tensor::<Cpu, 4>::zeros([2, 16, 8, 8], &dev);
     let seg = || Tensor::<Cpu, 3>::zeros([3, 2, 16], &dev);
     let idx = [0, 1, 0];
     assert!(msg(dec.forward(&[img()], seg(), &idx)).contains("scales"));
     let bad = Tensor::<Cpu, 4>::zeros([2, 16, 7, 8], &dev);
     assert!(msg(dec.forward(&[img(), bad], seg(), &idx)).contains("image_embeddings[1]"));
-    assert!(
-        msg(dec.forward(&[img(), img()], Tensor::zeros([3, 2, 8], &dev), &idx))
-            .contains("seg_embeddings")
-    );
+    assert!(msg(dec.forward(&[img(), img()], Tensor::zeros([3, 2, 8], &dev), &idx)).contains("seg_embeddings"));
     assert!(msg(dec.forward(&[img(), img()], seg(), &[0, 1])).contains("image_index"));
     assert!(msg(dec.forward(&[img(), img()], seg(), &[0, 2, 0])).contains("image_index[1] = 2"));
     let low = Tensor::<Cpu, 3>::zeros([3, 32, 32], &dev);
     assert!(msg(postprocess_masks(low.clone(), 64, (65, 10), (30, 45))).contains("resized"));
     assert!(msg(postprocess_masks(low, 64, (43, 64), (0, 45))).contains("original"));
-    assert!(MaskDecoderMultiScaleConfig {
-        num_scales: 3,
-        ..MaskDecoderMultiScaleConfig::tiny()
-    }
-    .init::<Cpu>(&dev)
-    .is_err());
-    assert!(MaskDecoderMultiScaleConfig {
-        num_heads: 3,
-        ..MaskDecoderMultiScaleConfig::tiny()
-    }
-    .init::<Cpu>(&dev)
-    .is_err());
+    assert!(MaskDecoderMultiScaleConfig { num_scales: 3, ..MaskDecoderMultiScaleConfig::tiny() }
+        .init::<Cpu>(&dev)
+        .is_err());
+    assert!(MaskDecoderMultiScaleConfig { num_heads: 3, ..MaskDecoderMultiScaleConfig::tiny() }
+        .init::<Cpu>(&dev)
+        .is_err());
 
     // No objects: empty outputs.
-    let out = dec
-        .forward(&[img(), img()], Tensor::zeros([0, 2, 16], &dev), &[])
-        .unwrap();
+    let out = dec.forward(&[img(), img()], Tensor::zeros([0, 2, 16], &dev), &[]).unwrap();
     assert_eq!(out.low_res_masks.dims(), [0, 32, 32]);
     assert_eq!(out.iou_predictions.dims(), [0]);
 }
@@ -355,10 +247,7 @@ fn wrong_shapes_are_errors() {
 fn gradients_reach_seg_embeddings() {
     let io = read_io("pixellm_io.safetensors");
     let dec = tiny_decoder::<Ad>();
-    let imgs = [
-        tensor::<Ad, 4>(&io, "image_embeddings.0"),
-        tensor(&io, "image_embeddings.1"),
-    ];
+    let imgs = [tensor::<Ad, 4>(&io, "image_embeddings.0"), tensor(&io, "image_embeddings.1")];
     let seg = tensor::<Ad, 3>(&io, "seg_embeddings").require_grad();
     let out = dec.forward(&imgs, seg.clone(), &image_index(&io)).unwrap();
     let post = postprocess_masks(out.low_res_masks.clone(), 64, (43, 64), (30, 45)).unwrap();
@@ -368,12 +257,7 @@ fn gradients_reach_seg_embeddings() {
     assert_eq!(g.dims(), [3, 2, 16]);
     // Both scales' embeddings influence the masks.
     for l in 0..2 {
-        let gl: f32 = g
-            .clone()
-            .slice([0..3, l..l + 1, 0..16])
-            .abs()
-            .sum()
-            .into_scalar();
+        let gl: f32 = g.clone().slice([0..3, l..l + 1, 0..16]).abs().sum().into_scalar();
         assert!(gl > 0.0 && gl.is_finite(), "scale {l}: |grad| = {gl}");
     }
 }

@@ -29,10 +29,7 @@ fn vec3(t: Tensor<B, 3>) -> Vec<f32> {
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0.0, f32::max)
 }
 
 /// A small model for the property tests (fast in debug builds).
@@ -87,10 +84,8 @@ fn prompt(image_index: usize) -> Vec<Part<B>> {
 /// `<image>` splice -> LLaMA reproduces its logits.
 #[test]
 fn llava_hf_fixture() {
-    let exp: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("llava").join("expected.json")).unwrap(),
-    )
-    .unwrap();
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("llava").join("expected.json")).unwrap()).unwrap();
     let llm: LlamaConfig = serde_json::from_value(exp["text_config"].clone()).unwrap();
     let vision: ClipVisionConfig = serde_json::from_value(exp["vision_config"].clone()).unwrap();
     check_llava_fixture(llm, vision, -2);
@@ -149,20 +144,9 @@ pub(crate) fn assert_llava_logits(model: &PixelLm<B>) {
         serde_json::from_str(&std::fs::read_to_string(fixture("llava").join("expected.json")).unwrap()).unwrap();
     let cfg = model.config();
     let s = cfg.image_size;
-    let pixels: Vec<f32> = exp["pixels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
-    let pre = Preprocessed {
-        pixels,
-        resized_hw: (s, s),
-        original_hw: (s, s),
-    };
-    let ids = |k: &str| -> Vec<u32> {
-        exp[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
-    };
+    let pixels: Vec<f32> = exp["pixels"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let pre = Preprocessed { pixels, resized_hw: (s, s), original_hw: (s, s) };
+    let ids = |k: &str| -> Vec<u32> { exp[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
     let feats = model.encode_images(&[pre]).unwrap();
     let row = vec![
         Part::new(Segment::Tokens(ids("before"))),
@@ -171,21 +155,12 @@ pub(crate) fn assert_llava_logits(model: &PixelLm<B>) {
     ];
     let asm = model.assemble(&[row], Some(&feats), Padding::Right).unwrap();
     let hidden = model.forward_hidden(&asm).unwrap();
-    let want_hidden: Vec<f32> = exp["last_hidden"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+    let want_hidden: Vec<f32> =
+        exp["last_hidden"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
     let e = max_rel(&vec3(hidden.clone()), &want_hidden);
     assert!(e < 1e-4, "last hidden state: max rel err {e}");
     let logits = vec3(model.llm.logits(hidden));
-    let want: Vec<f32> = exp["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+    let want: Vec<f32> = exp["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
     let e = max_rel(&logits, &want);
     assert!(e < 1e-4, "logits: max rel err {e}");
 }
@@ -257,12 +232,7 @@ fn cached_sampling_equals_teacher_forcing() {
     let mut rows = vec![prompt(0), prompt(1)];
     rows[1].insert(0, Part::new(Segment::Tokens(vec![3, 3])));
     let asm = model.assemble(&rows, Some(&feats), Padding::Left).unwrap();
-    let sampling = SamplingConfig {
-        max_new_tokens: 6,
-        temperature: 1.0,
-        top_p: 0.9,
-        seed: 11,
-    };
+    let sampling = SamplingConfig { max_new_tokens: 6, temperature: 1.0, top_p: 0.9, seed: 11 };
     let gens = model.generate(&asm, &sampling, &[]).unwrap();
     for (r, g) in gens.iter().enumerate() {
         assert_eq!(g.ids.len(), 6);
@@ -300,9 +270,8 @@ fn batched_seg_embeddings_equal_single_rows() {
     let asm = model.assemble(&[row(0), row(1), row(2)], Some(&feats), Padding::Right).unwrap();
     let hidden = model.forward_hidden(&asm).unwrap();
     let start = *asm.piece_starts[0].last().unwrap();
-    let objects: Vec<(usize, Vec<usize>)> = (0..3)
-        .flat_map(|r| groups.iter().map(move |g| (r, g.iter().map(|p| p + start).collect())))
-        .collect();
+    let objects: Vec<(usize, Vec<usize>)> =
+        (0..3).flat_map(|r| groups.iter().map(move |g| (r, g.iter().map(|p| p + start).collect()))).collect();
     let f = model.seg_embeddings(hidden, &objects).unwrap();
     assert_eq!(f.dims(), [6, 2, cfg.out_dim]);
     let image_index: Vec<usize> = objects.iter().map(|o| o.0).collect();
@@ -370,9 +339,7 @@ fn save_load_round_trip_and_errors() {
     assert!(e.contains("no vision tower"), "{e}");
     let tower = dir.path().join("tower.safetensors");
     popen_model::weights::save(&model.vision_tower, &tower, &Default::default()).unwrap();
-    let e = pixellm::load::<B>(&cfg, &path, Layout::Native, Some(&tower), &dev)
-        .unwrap_err()
-        .to_string();
+    let e = pixellm::load::<B>(&cfg, &path, Layout::Native, Some(&tower), &dev).unwrap_err().to_string();
     assert!(e.contains("missing text_hidden_fcs.fc_2.bias"), "{e}");
 
     let mut bad = cfg.clone();
@@ -568,7 +535,7 @@ fn llm_image_pe_and_pixels_change_only_the_llm_tokens() {
     let pixel_part = model.llm_pixel_proj.as_ref().expect("llm_pixel_proj").forward(px);
     let got = vec3(feats.llm_tokens.clone());
     assert!(max_rel(&got, &vec3(projected(emb.clone() + pe.clone()) + pixel_part.clone())) < 1e-5);
-    assert!(max_rel(&got, &vec3(projected(emb.clone() + pe) )) > 1e-2, "the pixels must change the tokens");
+    assert!(max_rel(&got, &vec3(projected(emb.clone() + pe))) > 1e-2, "the pixels must change the tokens");
     assert!(max_rel(&got, &vec3(projected(emb.clone()) + pixel_part)) > 1e-2, "the PE must change the tokens");
     let scale: Vec<f32> = feats.scales[0].clone().into_data().to_vec().unwrap();
     let plain: Vec<f32> = emb.into_data().to_vec().unwrap();

@@ -32,9 +32,7 @@ use burn::tensor::{Int, TensorData};
 use popen_model::clip::ClipVisionConfig;
 use popen_model::llama::LlamaConfig;
 use popen_model::pixel_decoder::{mask_confidence, MaskDecoderMultiScaleConfig};
-use popen_model::pixellm::{
-    self, Assembled, ImageFeatures, Layout, Padding, Part, PixelLm, PixelLmConfig, Segment,
-};
+use popen_model::pixellm::{self, Assembled, ImageFeatures, Layout, Padding, Part, PixelLm, PixelLmConfig, Segment};
 use popen_model::preprocess::{Preprocessed, Preprocessor};
 use popen_model::weights::Checkpoint;
 use serde_json::Value;
@@ -63,24 +61,15 @@ impl Fixture {
         let io = ck
             .tensors
             .iter()
-            .map(|(k, t)| {
-                (
-                    k.clone(),
-                    (t.shape.clone(), t.read_f32().expect("fixture reads")),
-                )
-            })
+            .map(|(k, t)| (k.clone(), (t.shape.clone(), t.read_f32().expect("fixture reads"))))
             .collect();
-        let case = serde_json::from_str(
-            &std::fs::read_to_string(dir().join("case.json")).expect("case.json reads"),
-        )
-        .expect("case.json parses");
+        let case = serde_json::from_str(&std::fs::read_to_string(dir().join("case.json")).expect("case.json reads"))
+            .expect("case.json parses");
         Fixture { io, case }
     }
 
     fn get(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
-        self.io
-            .get(name)
-            .unwrap_or_else(|| panic!("fixture lacks {name}"))
+        self.io.get(name).unwrap_or_else(|| panic!("fixture lacks {name}"))
     }
 
     fn usize(&self, v: &Value) -> usize {
@@ -88,11 +77,7 @@ impl Fixture {
     }
 
     fn ids(&self, v: &Value) -> Vec<u32> {
-        v.as_array()
-            .expect("id list")
-            .iter()
-            .map(|x| self.usize(x) as u32)
-            .collect()
+        v.as_array().expect("id list").iter().map(|x| self.usize(x) as u32).collect()
     }
 
     fn pair(&self, v: &Value) -> (usize, usize) {
@@ -203,12 +188,7 @@ fn check(what: &str, got: &[f32], shape: &[usize], fx: &Fixture, name: &str) -> 
     let (want_shape, want) = fx.get(name);
     assert_eq!(shape, want_shape.as_slice(), "{what}: shape");
     let (e, i) = worst(got, want, |_| true);
-    assert!(
-        e <= TOL,
-        "{what}: relative error {e:e} at flat index {i}: got {} want {}",
-        got[i],
-        want[i]
-    );
+    assert!(e <= TOL, "{what}: relative error {e:e} at flat index {i}: got {} want {}", got[i], want[i]);
     e
 }
 
@@ -249,10 +229,7 @@ fn run() -> Run {
     let (weights, clip) = fixture_files();
     let (model, fresh) = pixellm::load::<B>(&cfg, weights, Layout::Pixellm, Some(&clip), &dev)
         .expect("the PixelLM-layout fixture loads");
-    assert!(
-        fresh.is_empty(),
-        "no POPEN additions configured, nothing fresh: {fresh:?}"
-    );
+    assert!(fresh.is_empty(), "no POPEN additions configured, nothing fresh: {fresh:?}");
     run_on(model)
 }
 
@@ -260,15 +237,8 @@ fn run_on(model: PixelLm<B>) -> Run {
     let fx = Fixture::load();
     let cfg = model.config().clone();
     let feats = model.encode_images(&fx.preprocessed(&cfg)).unwrap();
-    let asm = model
-        .assemble(&fx.rows(), Some(&feats), Padding::Right)
-        .unwrap();
-    Run {
-        fx,
-        model,
-        feats,
-        asm,
-    }
+    let asm = model.assemble(&fx.rows(), Some(&feats), Padding::Right).unwrap();
+    Run { fx, model, feats, asm }
 }
 
 /// Answer starts, codebook positions of each object and (row, positions) as popen derives them
@@ -281,20 +251,10 @@ fn objects(r: &Run) -> (Targets, Objects) {
     let mut objects = Vec::new();
     for (row, parts) in fx.rows().iter().enumerate() {
         let start = r.asm.piece_starts[row][3];
-        assert_eq!(
-            start,
-            fx.usize(&fx.case["answer_starts"][row]),
-            "row {row}: answer start"
-        );
-        let Segment::Tokens(answer) = &parts[3].segment else {
-            unreachable!()
-        };
-        let seg: Vec<usize> = answer
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| seg_ids.contains(t))
-            .map(|(k, _)| start + k)
-            .collect();
+        assert_eq!(start, fx.usize(&fx.case["answer_starts"][row]), "row {row}: answer start");
+        let Segment::Tokens(answer) = &parts[3].segment else { unreachable!() };
+        let seg: Vec<usize> =
+            answer.iter().enumerate().filter(|(_, t)| seg_ids.contains(t)).map(|(k, _)| start + k).collect();
         assert_eq!(seg.len() % group, 0);
         for g in seg.chunks(group) {
             objects.push((row, g.to_vec()));
@@ -305,21 +265,9 @@ fn objects(r: &Run) -> (Targets, Objects) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|o| {
-            (
-                fx.usize(&o[0]),
-                o[1].as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|p| fx.usize(p))
-                    .collect(),
-            )
-        })
+        .map(|o| (fx.usize(&o[0]), o[1].as_array().unwrap().iter().map(|p| fx.usize(p)).collect()))
         .collect();
-    assert_eq!(
-        objects, want,
-        "codebook positions differ from PixelLM's seg_token_mask"
-    );
+    assert_eq!(objects, want, "codebook positions differ from PixelLM's seg_token_mask");
     (targets, objects)
 }
 
@@ -330,35 +278,21 @@ fn answer_logprobs(r: &Run, hidden: Tensor<B, 3>, name: &str) -> f32 {
     let max = shape[1];
     assert_eq!(lp.len(), targets.len() * max, "{name}: padded width");
     let (e, i) = worst(&lp, want, |i| i % max < targets[i / max].1.len());
-    assert!(
-        e <= TOL,
-        "{name}: relative error {e:e} at {i}: got {} want {}",
-        lp[i],
-        want[i]
-    );
+    assert!(e <= TOL, "{name}: relative error {e:e} at {i}: got {} want {}", lp[i], want[i]);
     e
 }
 
 fn hidden_at_kept(r: &Run, hidden: Tensor<B, 3>, name: &str) -> f32 {
     let [b, l, h] = hidden.dims();
     let (keep_shape, keep) = r.fx.get("keep");
-    assert_eq!(
-        keep_shape,
-        &vec![b, l],
-        "expanded width (popen {l}) vs PixelLM's"
-    );
+    assert_eq!(keep_shape, &vec![b, l], "expanded width (popen {l}) vs PixelLM's");
     let ours = values(r.asm.keep.clone().float());
     assert_eq!(&ours, keep, "attention mask over the expanded rows");
     let got = values(hidden);
     let (want_shape, want) = r.fx.get(name);
     assert_eq!(want_shape, &vec![b, l, h]);
     let (e, i) = worst(&got, want, |i| keep[i / h] > 0.5);
-    assert!(
-        e <= TOL,
-        "{name}: relative error {e:e} at {i}: got {} want {}",
-        got[i],
-        want[i]
-    );
+    assert!(e <= TOL, "{name}: relative error {e:e} at {i}: got {} want {}", got[i], want[i]);
     e
 }
 
@@ -369,30 +303,11 @@ fn hidden_at_kept(r: &Run, hidden: Tensor<B, 3>, name: &str) -> f32 {
 fn image_features_match_pixellm_encode_images() {
     let r = run();
     let fx = &r.fx;
-    let e1 = check_t(
-        "LLM image tokens",
-        r.feats.llm_tokens.clone(),
-        fx,
-        "llm_tokens",
-    );
+    let e1 = check_t("LLM image tokens", r.feats.llm_tokens.clone(), fx, "llm_tokens");
     let keep: Vec<f32> = r.feats.llm_keep.iter().map(|&k| k as u8 as f32).collect();
-    assert_eq!(
-        &keep,
-        &fx.get("llm_keep").1,
-        "LLM image-token mask (vit_attention_mask_for_llm)"
-    );
-    let e2 = check_t(
-        "scale 0 image embeddings",
-        r.feats.scales[0].clone(),
-        fx,
-        "scales.0",
-    );
-    let e3 = check_t(
-        "scale 1 image embeddings",
-        r.feats.scales[1].clone(),
-        fx,
-        "scales.1",
-    );
+    assert_eq!(&keep, &fx.get("llm_keep").1, "LLM image-token mask (vit_attention_mask_for_llm)");
+    let e2 = check_t("scale 0 image embeddings", r.feats.scales[0].clone(), fx, "scales.0");
+    let e3 = check_t("scale 1 image embeddings", r.feats.scales[1].clone(), fx, "scales.1");
     eprintln!("max rel err: llm tokens {e1:e}, scale 0 {e2:e}, scale 1 {e3:e}");
 }
 
@@ -444,12 +359,8 @@ fn seg_and_masks(r: &Run) {
     let f = r.model.seg_embeddings(hidden, &objs).unwrap();
     let e1 = check_t("seg embeddings f", f.clone(), &r.fx, "f");
     let image_index: Vec<usize> = objs.iter().map(|o| o.0).collect();
-    let want_images: Vec<usize> = r.fx.case["object_images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| r.fx.usize(v))
-        .collect();
+    let want_images: Vec<usize> =
+        r.fx.case["object_images"].as_array().unwrap().iter().map(|v| r.fx.usize(v)).collect();
     assert_eq!(image_index, want_images);
     let (masks, low) = r.model.decode_masks(&r.feats, f, &image_index).unwrap();
     let e2 = check_t("fused low-res masks", low, &r.fx, "low_res_masks");
@@ -458,20 +369,9 @@ fn seg_and_masks(r: &Run) {
     for (o, m) in masks.into_iter().enumerate() {
         let [h, w] = m.dims();
         scores.extend(values(mask_confidence(m.clone().reshape([1, h, w]))));
-        e3 = e3.max(check_t(
-            &format!("object {o} mask at the original size"),
-            m,
-            &r.fx,
-            &format!("masks.{o}"),
-        ));
+        e3 = e3.max(check_t(&format!("object {o} mask at the original size"), m, &r.fx, &format!("masks.{o}")));
     }
-    let e4 = check(
-        "mask scores",
-        &scores,
-        &[scores.len()],
-        &r.fx,
-        "mask_scores",
-    );
+    let e4 = check("mask scores", &scores, &[scores.len()], &r.fx, "mask_scores");
     eprintln!("max rel err: f {e1:e}, low-res {e2:e}, masks {e3:e}, scores {e4:e}");
 }
 
@@ -495,8 +395,7 @@ fn cumsum_positions_differ_from_pixellm_arange() {
         }
     }
     let default_hidden = r.model.forward_hidden(&r.asm).unwrap();
-    r.asm.positions =
-        Tensor::<B, 2, Int>::from_data(TensorData::new(cs, [b, l]), &Default::default());
+    r.asm.positions = Tensor::<B, 2, Int>::from_data(TensorData::new(cs, [b, l]), &Default::default());
     let hidden = r.model.forward_hidden(&r.asm).unwrap();
     let e1 = hidden_at_kept(&r, hidden.clone(), "hidden_cumsum");
     let e2 = answer_logprobs(&r, hidden.clone(), "answer_logprobs_cumsum");
@@ -504,14 +403,8 @@ fn cumsum_positions_differ_from_pixellm_arange() {
     let f = r.model.seg_embeddings(hidden, &objs).unwrap();
     let e3 = check_t("seg embeddings f (cumsum positions)", f, &r.fx, "f_cumsum");
     let h = r.model.config().llm.hidden_size;
-    let d = worst(&values(default_hidden), &r.fx.get("hidden_cumsum").1, |i| {
-        keep[i / h] > 0.5
-    })
-    .0;
-    assert!(
-        d > 1e-2,
-        "the fixture's padded images must make the two conventions differ ({d})"
-    );
+    let d = worst(&values(default_hidden), &r.fx.get("hidden_cumsum").1, |i| keep[i / h] > 0.5).0;
+    assert!(d > 1e-2, "the fixture's padded images must make the two conventions differ ({d})");
     eprintln!(
         "max rel err (cumsum): hidden {e1:e}, log-probs {e2:e}, f {e3:e}; popen default (arange) vs cumsum: {d:e}"
     );

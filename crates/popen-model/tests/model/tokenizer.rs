@@ -34,12 +34,7 @@ fn cases(fx: &Value) -> Vec<(String, Vec<u32>)> {
         .iter()
         .map(|c| {
             let text = c["text"].as_str().unwrap().to_owned();
-            let ids = c["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let ids = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             (text, ids)
         })
         .collect()
@@ -55,16 +50,8 @@ fn encodes_and_decodes_fixture_strings() {
         let got = tok.encode(text, false).unwrap();
         assert_eq!(&got, want, "ids of {text:?}");
         // SmolLM2 has add_bos_token = false: add_special adds nothing.
-        assert_eq!(
-            &tok.encode(text, true).unwrap(),
-            want,
-            "ids of {text:?} (add_special)"
-        );
-        assert_eq!(
-            &tok.decode(&got, false).unwrap(),
-            text,
-            "decode of {text:?}"
-        );
+        assert_eq!(&tok.encode(text, true).unwrap(), want, "ids of {text:?} (add_special)");
+        assert_eq!(&tok.decode(&got, false).unwrap(), text, "decode of {text:?}");
     }
 }
 
@@ -77,9 +64,7 @@ fn chat_prompt_matches_rendered_template() {
     let got = tok.chat_prompt(user);
     assert_eq!(got, want);
     assert!(got.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"));
-    assert!(got.ends_with(
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-    ));
+    assert!(got.ends_with("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"));
     // The fixture's cases include the rendered prompt; its ids start with <|im_start|>.
     let ids = tok.encode(&got, false).unwrap();
     assert_eq!(ids[0], 1);
@@ -106,11 +91,7 @@ fn special_tokens_are_single_ids() {
     }
     assert_eq!(
         tok.encode("a<|im_end|>b", false).unwrap(),
-        vec![
-            tok.token_to_id("a").unwrap(),
-            2,
-            tok.token_to_id("b").unwrap()
-        ]
+        vec![tok.token_to_id("a").unwrap(), 2, tok.token_to_id("b").unwrap()]
     );
 }
 
@@ -125,10 +106,7 @@ fn metadata() {
     assert_eq!(tok.token_to_id("<|im_start|>"), Some(1));
     assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
     assert_eq!(tok.token_to_id("<|endoftext|>"), Some(0));
-    assert!(tok
-        .chat_template()
-        .unwrap()
-        .contains("add_generation_prompt"));
+    assert!(tok.chat_template().unwrap().contains("add_generation_prompt"));
 }
 
 #[test]
@@ -167,8 +145,5 @@ fn missing_asset_says_run_make_assets() {
 #[test]
 fn from_gguf_path_matches_from_gguf() {
     let t = Tokenizer::from_gguf_path(smollm2_path()).unwrap();
-    assert_eq!(
-        t.encode("café — naïve 😀", false).unwrap(),
-        smollm2().encode("café — naïve 😀", false).unwrap()
-    );
+    assert_eq!(t.encode("café — naïve 😀", false).unwrap(), smollm2().encode("café — naïve 😀", false).unwrap());
 }

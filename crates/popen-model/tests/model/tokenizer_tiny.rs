@@ -15,9 +15,8 @@ use std::sync::OnceLock;
 use popen_core::shard::SEG_TOKEN;
 use popen_data::synth::{generate_sample, lexicon, SynthConfig};
 use popen_model::tokenizer::{
-    answer_text, collapse_seg, expand_seg, seg_group_positions, seg_group_text, seg_groups, seg_token_names,
-    Piece, PixelLmTokens, SegGroupIssue, Tokenizer, TokenizerError, BYTE_ALPHABET, LLAVA_V1_SYSTEM,
-    TINY_SPECIALS,
+    answer_text, collapse_seg, expand_seg, seg_group_positions, seg_group_text, seg_groups, seg_token_names, Piece,
+    PixelLmTokens, SegGroupIssue, Tokenizer, TokenizerError, BYTE_ALPHABET, LLAVA_V1_SYSTEM, TINY_SPECIALS,
 };
 
 /// Vocabulary budget (this corpus reaches it; `train_tiny` stops earlier when the texts run
@@ -49,20 +48,14 @@ fn benchmark_words() -> BTreeSet<String> {
     let lex = lexicon();
     let mut words = BTreeSet::new();
     let mut add = |text: &str| {
-        for w in text
-            .split(|c: char| !(c.is_alphanumeric() || c == '\'' || c == '-'))
-            .filter(|w| !w.is_empty())
-        {
+        for w in text.split(|c: char| !(c.is_alphanumeric() || c == '\'' || c == '-')).filter(|w| !w.is_empty()) {
             words.insert(w.to_string());
         }
     };
     for c in &lex.categories {
         add(&c.name);
         add(&c.plural);
-        c.synonyms
-            .iter()
-            .chain(&c.synonym_plurals)
-            .for_each(|s| add(s));
+        c.synonyms.iter().chain(&c.synonym_plurals).for_each(|s| add(s));
     }
     lex.colours.iter().for_each(|c| add(&c.name));
     for g in &lex.groups {
@@ -70,10 +63,7 @@ fn benchmark_words() -> BTreeSet<String> {
         add(&g.singular);
         add(&g.counted);
     }
-    lex.functions
-        .iter()
-        .flat_map(|f| f.questions.iter())
-        .for_each(|q| add(q));
+    lex.functions.iter().flat_map(|f| f.questions.iter()).for_each(|q| add(q));
     lex.mention_forms.keys().for_each(|k| add(k));
     lex.generic_nouns.iter().for_each(|g| add(g));
     for (q, a) in samples() {
@@ -89,10 +79,7 @@ fn corpus() -> Vec<String> {
     let mut texts: Vec<String> = Vec::new();
     for (q, a) in samples() {
         texts.push(q.clone());
-        texts.push(
-            a.replace(&format!(" {SEG_TOKEN}"), "")
-                .replace(SEG_TOKEN, ""),
-        );
+        texts.push(a.replace(&format!(" {SEG_TOKEN}"), "").replace(SEG_TOKEN, ""));
     }
     // Each word alone (a text start has no leading space: the word's bare form) and all
     // words in one line (the space-prefixed form every word takes inside a sentence).
@@ -141,13 +128,9 @@ fn training_is_deterministic() {
     let c = saved_json(&train(&rev), dir.path(), "c");
     assert_eq!(a, c, "reordered texts, different tokenizer.json");
     let n = tiny().vocab_size();
-    assert!(
-        n <= VOCAB && n > TINY_SPECIALS.len() + BYTE_ALPHABET + 300,
-        "{n}"
-    );
+    assert!(n <= VOCAB && n > TINY_SPECIALS.len() + BYTE_ALPHABET + 300, "{n}");
     // A budget below what the text supports is met exactly.
-    let small =
-        Tokenizer::train_tiny(texts.iter().map(String::as_str), 400, TINY_SPECIALS).unwrap();
+    let small = Tokenizer::train_tiny(texts.iter().map(String::as_str), 400, TINY_SPECIALS).unwrap();
     assert_eq!(small.vocab_size(), 400);
 }
 
@@ -209,12 +192,7 @@ fn every_benchmark_word_is_a_few_tokens() {
 #[test]
 fn unseen_text_never_maps_to_unknown() {
     let t = tiny();
-    for text in [
-        "zyzzyva quokka",
-        "café — naïve 😀",
-        "\t\n  12345 !?",
-        "ÆØÅ 漢字",
-    ] {
+    for text in ["zyzzyva quokka", "café — naïve 😀", "\t\n  12345 !?", "ÆØÅ 漢字"] {
         let ids = t.encode(text, false).unwrap();
         assert!(!ids.contains(&0), "{text:?} produced <unk>: {ids:?}");
         assert!(ids.iter().all(|&i| (i as usize) < t.vocab_size()));
@@ -231,16 +209,10 @@ fn save_and_reload_keeps_ids() {
     assert!(dir.path().join("tokenizer_config.json").is_file());
     let mut back = Tokenizer::from_file(&p).unwrap();
     assert_eq!(back.vocab_size(), t.vocab_size());
-    assert_eq!(
-        (back.bos_id(), back.eos_id(), back.pad_id()),
-        (Some(1), Some(2), Some(0))
-    );
+    assert_eq!((back.bos_id(), back.eos_id(), back.pad_id()), (Some(1), Some(2), Some(0)));
     for (q, a) in samples() {
         let conv = t.pixellm_conversation(q, &expand_seg(a, SEG_N).unwrap());
-        assert_eq!(
-            back.encode(&conv, true).unwrap(),
-            t.encode(&conv, true).unwrap()
-        );
+        assert_eq!(back.encode(&conv, true).unwrap(), t.encode(&conv, true).unwrap());
     }
     // The PixelLM tokens survive the round trip: adding them again changes nothing.
     let before = back.vocab_size();
@@ -274,14 +246,9 @@ fn pixellm_tokens_follow_pixellm_order_and_are_idempotent() {
     let ids = t.encode("cup[SEG0][SEG1]<im_end>x", false).unwrap();
     assert!(ids.windows(3).any(|w| w == [v, v + 1, v + 7]), "{ids:?}");
     // Seg tokens are normal added tokens (kept by skip_special), <im_*> are special.
-    let ids = t
-        .encode("<im_start>a [SEG0] [SEG1]<im_end>", false)
-        .unwrap();
+    let ids = t.encode("<im_start>a [SEG0] [SEG1]<im_end>", false).unwrap();
     assert_eq!(t.decode(&ids, true).unwrap(), "a [SEG0] [SEG1]");
-    assert_eq!(
-        t.decode(&ids, false).unwrap(),
-        "<im_start>a [SEG0] [SEG1]<im_end>"
-    );
+    assert_eq!(t.decode(&ids, false).unwrap(), "<im_start>a [SEG0] [SEG1]<im_end>");
 
     let mut t2 = train(&corpus());
     let a = t2.add_pixellm_tokens(SEG_N).unwrap();
@@ -299,8 +266,7 @@ fn pixellm_tokens_follow_pixellm_order_and_are_idempotent() {
 
 #[test]
 fn add_pixellm_tokens_needs_an_eos() {
-    let mut t =
-        Tokenizer::train_tiny(["a red cup"].into_iter(), BYTE_ALPHABET + 4, &["<unk>"]).unwrap();
+    let mut t = Tokenizer::train_tiny(["a red cup"].into_iter(), BYTE_ALPHABET + 4, &["<unk>"]).unwrap();
     let e = t.add_pixellm_tokens(SEG_N).unwrap_err();
     assert!(e.to_string().contains("no EOS"), "{e}");
 }
@@ -330,16 +296,12 @@ USER: <im_start><image><im_end>\nWhich objects could hold water? Please respond 
 segmentation mask. ASSISTANT:";
     assert_eq!(t.pixellm_prompt(instruction), want);
     assert!(want.starts_with(LLAVA_V1_SYSTEM));
-    assert_eq!(
-        t.pixellm_conversation(instruction, "the red cup [SEG0]"),
-        format!("{want} the red cup [SEG0]</s>")
-    );
+    assert_eq!(t.pixellm_conversation(instruction, "the red cup [SEG0]"), format!("{want} the red cup [SEG0]</s>"));
 
     // tokenizer_image_token: BOS + chunk 0, the image, chunk 1 without BOS.
     let pieces = t.encode_with_image(want).unwrap();
     assert_eq!(pieces.len(), 3, "{pieces:?}");
-    let (Piece::Tokens(a), Piece::Image, Piece::Tokens(b)) = (&pieces[0], &pieces[1], &pieces[2])
-    else {
+    let (Piece::Tokens(a), Piece::Image, Piece::Tokens(b)) = (&pieces[0], &pieces[1], &pieces[2]) else {
         panic!("{pieces:?}")
     };
     assert_eq!(a[0], 1);
@@ -352,24 +314,13 @@ segmentation mask. ASSISTANT:";
     // Placement cases: leading image keeps a lone BOS; trailing and repeated images.
     assert_eq!(
         t.encode_with_image("<image>x").unwrap(),
-        vec![
-            Piece::Tokens(vec![1]),
-            Piece::Image,
-            Piece::Tokens(t.encode("x", false).unwrap())
-        ]
+        vec![Piece::Tokens(vec![1]), Piece::Image, Piece::Tokens(t.encode("x", false).unwrap())]
     );
     assert_eq!(
         t.encode_with_image("x<image><image>").unwrap(),
-        vec![
-            Piece::Tokens(t.encode("x", true).unwrap()),
-            Piece::Image,
-            Piece::Image
-        ]
+        vec![Piece::Tokens(t.encode("x", true).unwrap()), Piece::Image, Piece::Image]
     );
-    assert_eq!(
-        t.encode_with_image("no image").unwrap(),
-        vec![Piece::Tokens(t.encode("no image", true).unwrap())]
-    );
+    assert_eq!(t.encode_with_image("no image").unwrap(), vec![Piece::Tokens(t.encode("no image", true).unwrap())]);
 }
 
 /// User text is literal (`Tokenizer::pixellm_prompt_pieces`): an instruction holding the text
@@ -392,9 +343,7 @@ fn instruction_text_of_control_tokens_stays_text() {
         "[SEG0] [SEG1] [SEG2] [SEG3] [SEG4] [SEG5]",
     ] {
         let pieces = t.pixellm_prompt_pieces(q).unwrap();
-        let [Piece::Tokens(a), Piece::Image, Piece::Tokens(b)] = pieces.as_slice() else {
-            panic!("{q}: {pieces:?}")
-        };
+        let [Piece::Tokens(a), Piece::Image, Piece::Tokens(b)] = pieces.as_slice() else { panic!("{q}: {pieces:?}") };
         // The template: BOS .. <im_start>, the image, <im_end>.
         assert_eq!((a[0], *a.last().unwrap(), b[0]), (1, toks.im_start, toks.im_end), "{q}");
         let user = &b[1..];
@@ -435,20 +384,13 @@ fn expand_and_collapse_round_trip() {
         for n in [1, 2, SEG_N] {
             let e = expand_seg(a, n).unwrap();
             assert!(!e.contains(SEG_TOKEN));
-            assert_eq!(
-                e.matches("[SEG").count(),
-                n * a.matches(SEG_TOKEN).count(),
-                "{e}"
-            );
+            assert_eq!(e.matches("[SEG").count(), n * a.matches(SEG_TOKEN).count(), "{e}");
             assert_eq!(&collapse_seg(&e, n).unwrap(), a);
         }
         // Through the tokenizer: encode, decode, collapse gives the answer back.
         let e = expand_seg(a, SEG_N).unwrap();
         let ids = t.encode(&e, false).unwrap();
-        assert_eq!(
-            &collapse_seg(&t.decode(&ids, false).unwrap(), SEG_N).unwrap(),
-            a
-        );
+        assert_eq!(&collapse_seg(&t.decode(&ids, false).unwrap(), SEG_N).unwrap(), a);
         checked += 1;
     }
     assert!(checked >= 100);
@@ -457,7 +399,10 @@ fn expand_and_collapse_round_trip() {
     assert_eq!(collapse_seg(broken, SEG_N).unwrap(), broken);
     // ... and answer_text drops them (no mask goes with them), keeping complete groups.
     assert_eq!(answer_text(broken, SEG_N), "cup and key", "no complete group in order");
-    assert_eq!(answer_text(" pink peach [SEG2] and the cup [SEG0] [SEG1] [SEG2] [SEG3] [SEG4] [SEG5] . ", SEG_N), "pink peach and the cup <seg>.");
+    assert_eq!(
+        answer_text(" pink peach [SEG2] and the cup [SEG0] [SEG1] [SEG2] [SEG3] [SEG4] [SEG5] . ", SEG_N),
+        "pink peach and the cup <seg>."
+    );
     assert_eq!(answer_text("cup [SEG0]", 1), "cup [SEG0]", "n = 1 names only [SEG]");
     assert_eq!(answer_text("cup [SEG] [SEG]", 1), "cup <seg> <seg>");
     assert_eq!(answer_text("a <seg> [SEG3] b", SEG_N), "a <seg> b");
@@ -487,21 +432,12 @@ fn seg_group_positions_on_good_sequences() {
         }
     }
     // Glued members (no separator) are a valid group too.
-    let ids = t
-        .encode("cup [SEG0][SEG1][SEG2][SEG3][SEG4][SEG5].", false)
-        .unwrap();
+    let ids = t.encode("cup [SEG0][SEG1][SEG2][SEG3][SEG4][SEG5].", false).unwrap();
     let g = seg_group_positions(&ids, toks).unwrap();
     assert_eq!(g.len(), 1);
-    assert_eq!(
-        g[0].windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>(),
-        vec![1; 5]
-    );
+    assert_eq!(g[0].windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>(), vec![1; 5]);
     // No seg tokens: no groups.
-    assert!(
-        seg_group_positions(&t.encode("a cup", false).unwrap(), toks)
-            .unwrap()
-            .is_empty()
-    );
+    assert!(seg_group_positions(&t.encode("a cup", false).unwrap(), toks).unwrap().is_empty());
 }
 
 #[test]
@@ -509,12 +445,7 @@ fn seg_group_positions_reports_malformed_groups() {
     let (t, toks) = tiny_pixellm();
     let enc = |s: &str| t.encode(s, false).unwrap();
     let pos_of = |ids: &[u32], id: u32, nth: usize| {
-        ids.iter()
-            .enumerate()
-            .filter(|(_, &x)| x == id)
-            .nth(nth)
-            .map(|(i, _)| i)
-            .unwrap()
+        ids.iter().enumerate().filter(|(_, &x)| x == id).nth(nth).map(|(i, _)| i).unwrap()
     };
     let good = "[SEG0] [SEG1] [SEG2] [SEG3] [SEG4] [SEG5]";
 
@@ -522,13 +453,7 @@ fn seg_group_positions_reports_malformed_groups() {
     let ids = enc(&format!("cup {good} and key [SEG0] [SEG1] [SEG2]"));
     let scan = seg_groups(&ids, toks);
     assert_eq!(scan.groups.len(), 1);
-    assert_eq!(
-        scan.issues,
-        vec![SegGroupIssue::Incomplete {
-            start: pos_of(&ids, toks.seg[0], 1),
-            found: 3
-        }]
-    );
+    assert_eq!(scan.issues, vec![SegGroupIssue::Incomplete { start: pos_of(&ids, toks.seg[0], 1), found: 3 }]);
     let e = seg_group_positions(&ids, toks).unwrap_err();
     assert!(matches!(e, TokenizerError::SegGroups(_)), "{e}");
     assert!(e.to_string().contains("incomplete group"), "{e}");
@@ -541,22 +466,10 @@ fn seg_group_positions_reports_malformed_groups() {
     assert_eq!(
         scan.issues,
         vec![
-            SegGroupIssue::Incomplete {
-                start: pos_of(&ids, toks.seg[0], 0),
-                found: 2
-            },
-            SegGroupIssue::Stray {
-                position: pos_of(&ids, toks.seg[3], 0),
-                member: 3
-            },
-            SegGroupIssue::Stray {
-                position: pos_of(&ids, toks.seg[4], 0),
-                member: 4
-            },
-            SegGroupIssue::Stray {
-                position: pos_of(&ids, toks.seg[5], 0),
-                member: 5
-            },
+            SegGroupIssue::Incomplete { start: pos_of(&ids, toks.seg[0], 0), found: 2 },
+            SegGroupIssue::Stray { position: pos_of(&ids, toks.seg[3], 0), member: 3 },
+            SegGroupIssue::Stray { position: pos_of(&ids, toks.seg[4], 0), member: 4 },
+            SegGroupIssue::Stray { position: pos_of(&ids, toks.seg[5], 0), member: 5 },
         ]
     );
 
@@ -566,13 +479,7 @@ fn seg_group_positions_reports_malformed_groups() {
     assert!(scan.groups.is_empty());
     // The group breaks at [SEG2]; every later member is then a stray.
     assert_eq!(scan.issues.len(), 6, "{:?}", scan.issues);
-    assert_eq!(
-        scan.issues[0],
-        SegGroupIssue::Incomplete {
-            start: pos_of(&ids, toks.seg[0], 0),
-            found: 1
-        }
-    );
+    assert_eq!(scan.issues[0], SegGroupIssue::Incomplete { start: pos_of(&ids, toks.seg[0], 0), found: 1 });
 
     // A word between members splits the group (PixelLM would silently take it).
     let ids = enc("cup [SEG0] [SEG1] [SEG2] and [SEG3] [SEG4] [SEG5]");
@@ -585,13 +492,7 @@ fn seg_group_positions_reports_malformed_groups() {
     let scan = seg_groups(&ids, toks);
     assert_eq!(scan.groups.len(), 1);
     assert_eq!(scan.groups[0][0], pos_of(&ids, toks.seg[0], 1));
-    assert_eq!(
-        scan.issues,
-        vec![SegGroupIssue::Incomplete {
-            start: pos_of(&ids, toks.seg[0], 0),
-            found: 2
-        }]
-    );
+    assert_eq!(scan.issues, vec![SegGroupIssue::Incomplete { start: pos_of(&ids, toks.seg[0], 0), found: 2 }]);
 
     // Two separators between members are not PixelLM's form.
     let ids = enc("cup [SEG0]  [SEG1] [SEG2] [SEG3] [SEG4] [SEG5]");

@@ -31,10 +31,7 @@ fn toy(device: &burn::backend::ndarray::NdArrayDevice) -> Toy<B> {
     Toy {
         embed: EmbeddingConfig::new(5, 4).init(device),
         layers: (0..2)
-            .map(|_| Block {
-                proj: LinearConfig::new(4, 3).init(device),
-                norm: LayerNormConfig::new(3).init(device),
-            })
+            .map(|_| Block { proj: LinearConfig::new(4, 3).init(device), norm: LayerNormConfig::new(3).init(device) })
             .collect(),
         head: LinearConfig::new(4, 2).with_bias(false).init(device),
     }
@@ -134,14 +131,10 @@ fn remap_prefixes_and_drops() {
     }
     named.push(("model.inner.rotary.inv_freq".into(), vec![2], vec![1.0, 2.0]));
     weights::write_safetensors(&path, &named, &BTreeMap::new()).unwrap();
-    let remap = Remap::none()
-        .drop("model.inner.rotary.*")
-        .prefix("model.inner.", "");
+    let remap = Remap::none().drop("model.inner.rotary.*").prefix("model.inner.", "");
     weights::load(toy(&dev), &path, &remap).unwrap();
     // Without the drop rule the buffer is an unexpected tensor.
-    let err = weights::load(toy(&dev), &path, &Remap::none().prefix("model.inner.", ""))
-        .unwrap_err()
-        .to_string();
+    let err = weights::load(toy(&dev), &path, &Remap::none().prefix("model.inner.", "")).unwrap_err().to_string();
     assert!(err.contains("rotary.inv_freq"), "{err}");
 }
 
@@ -190,8 +183,7 @@ fn sharded_folders_load_and_report_missing_shards() {
     let dev = Default::default();
     let dir = tempfile::tempdir().unwrap();
     let named = weights::named_tensors(&toy(&dev));
-    let (first, second): (Vec<_>, Vec<_>) =
-        named.into_iter().partition(|(n, _, _)| n.starts_with("layers."));
+    let (first, second): (Vec<_>, Vec<_>) = named.into_iter().partition(|(n, _, _)| n.starts_with("layers."));
     let names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
     weights::write_safetensors(&dir.path().join(names[0]), &first, &BTreeMap::new()).unwrap();
     weights::write_safetensors(&dir.path().join(names[1]), &second, &BTreeMap::new()).unwrap();
@@ -203,11 +195,7 @@ fn sharded_folders_load_and_report_missing_shards() {
         map.insert(n.clone(), names[1].into());
     }
     let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        serde_json::to_vec(&index).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("model.safetensors.index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
     weights::load(toy(&dev), dir.path(), &Remap::none()).unwrap();
 
     std::fs::remove_file(dir.path().join(names[1])).unwrap();

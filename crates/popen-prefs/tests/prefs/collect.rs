@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use burn::backend::NdArray;
+use popen_core::manifest::manifest_beside;
 use popen_core::manifest::Manifest;
 use popen_core::shard::{read_shard, write_shard, Sample, SegPref};
 use popen_core::shardspec::ShardSpec;
@@ -11,7 +12,6 @@ use popen_data::synth::{generate_sample, SynthConfig};
 use popen_model::bundle;
 use popen_model::pixellm::PixelLmConfig;
 use popen_model::tokenizer::{Tokenizer, TINY_SPECIALS};
-use popen_core::manifest::manifest_beside;
 use popen_prefs::collect_ps::{run, AnnotationProposer, CollectPsConfig};
 use popen_prefs::noise::NoiseRecipe;
 use popen_prefs::select::Phase;
@@ -77,8 +77,17 @@ fn collect_ps_end_to_end() {
     let mut halves = Vec::new();
     for i in 0..2 {
         let p = dir.path().join(format!("half{i}.parquet"));
-        run::<B>(&model, &shard, &p, &cfg, &AnnotationProposer, ShardSpec::new(i, 2).unwrap(), false, &Default::default())
-            .unwrap();
+        run::<B>(
+            &model,
+            &shard,
+            &p,
+            &cfg,
+            &AnnotationProposer,
+            ShardSpec::new(i, 2).unwrap(),
+            false,
+            &Default::default(),
+        )
+        .unwrap();
         halves.extend(read_shard::<SegPref>(&p).unwrap());
     }
     halves.sort_by(|a, b| a.id.cmp(&b.id));
@@ -87,12 +96,31 @@ fn collect_ps_end_to_end() {
     // whole run; split by --shard 1/2 it takes the second of those two.
     let lcfg = CollectPsConfig { max_samples: 2, ..cfg.clone() };
     let lim = dir.path().join("limited.parquet");
-    let rl = run::<B>(&model, &shard, &lim, &lcfg, &AnnotationProposer, ShardSpec::new(0, 1).unwrap(), false, &Default::default())
-        .unwrap();
+    let rl = run::<B>(
+        &model,
+        &shard,
+        &lim,
+        &lcfg,
+        &AnnotationProposer,
+        ShardSpec::new(0, 1).unwrap(),
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(rl.records, 2);
     assert_eq!(read_shard::<SegPref>(&lim).unwrap(), vec![recs[0].clone(), recs[2].clone()]);
     let lim1 = dir.path().join("limited1.parquet");
-    run::<B>(&model, &shard, &lim1, &lcfg, &AnnotationProposer, ShardSpec::new(1, 2).unwrap(), false, &Default::default()).unwrap();
+    run::<B>(
+        &model,
+        &shard,
+        &lim1,
+        &lcfg,
+        &AnnotationProposer,
+        ShardSpec::new(1, 2).unwrap(),
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(read_shard::<SegPref>(&lim1).unwrap(), vec![recs[2].clone()]);
     // Proposals from a shard (here: the instance masks, one sample left out) give the same
     // records as the annotation proposer; the sample without proposals is skipped.
@@ -112,7 +140,9 @@ fn collect_ps_end_to_end() {
     write_shard(&pshard, props).unwrap();
     let proposer = popen_prefs::collect_ps::ShardProposer::open(&[&pshard]).unwrap();
     let outp = dir.path().join("ps-shardprop.parquet");
-    let rp = run::<B>(&model, &shard, &outp, &cfg, &proposer, ShardSpec::new(0, 2).unwrap(), false, &Default::default()).unwrap();
+    let rp =
+        run::<B>(&model, &shard, &outp, &cfg, &proposer, ShardSpec::new(0, 2).unwrap(), false, &Default::default())
+            .unwrap();
     assert_eq!((rp.records, rp.skipped), (1, 1));
     let got = read_shard::<SegPref>(&outp).unwrap();
     assert_eq!(got[0], recs[2]);
@@ -145,8 +175,17 @@ fn collect_ps_end_to_end() {
     assert!(killed.is_err());
     assert!(!outk.exists());
     assert!(popen_core::shard::parts_dir(&outk).join("part-00000.parquet").exists());
-    let rk = run::<B>(&model, &shard, &outk, &kcfg, &AnnotationProposer, ShardSpec::new(0, 1).unwrap(), false, &Default::default())
-        .unwrap();
+    let rk = run::<B>(
+        &model,
+        &shard,
+        &outk,
+        &kcfg,
+        &AnnotationProposer,
+        ShardSpec::new(0, 1).unwrap(),
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!((rk.records, rk.forwards), (2, 12), "only the samples after the committed part are computed");
     assert_eq!(read_shard::<SegPref>(&outk).unwrap(), recs);
     assert!(!popen_core::shard::parts_dir(&outk).exists());
@@ -161,8 +200,17 @@ fn collect_ps_end_to_end() {
     p1.select.phase1_max_above = 2.0;
     p1.select.max_regenerations = 1;
     let out1 = dir.path().join("ps1.parquet");
-    let r1 = run::<B>(&model, &shard, &out1, &p1, &AnnotationProposer, ShardSpec::new(0, 2).unwrap(), false, &Default::default())
-        .unwrap();
+    let r1 = run::<B>(
+        &model,
+        &shard,
+        &out1,
+        &p1,
+        &AnnotationProposer,
+        ShardSpec::new(0, 2).unwrap(),
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!((r1.records, r1.skipped, r1.forwards), (0, 2, 20));
     let text = std::fs::read_to_string(manifest_beside(&out1)).unwrap();
     assert!(text.contains("no batch had min s < 0 and max s > 2 in 2 draws"), "{text}");
@@ -179,14 +227,27 @@ fn collect_pt_end_to_end() {
     use popen_prefs::diff::changed_positions;
     let dir = tempfile::tempdir().unwrap();
     let (model, shard, samples) = world(dir.path());
-    let lex = popen_core::lexicon::Lexicon::from_benchmark_json(&serde_json::to_string(&popen_data::synth::lexicon()).unwrap())
-        .unwrap();
+    let lex = popen_core::lexicon::Lexicon::from_benchmark_json(
+        &serde_json::to_string(&popen_data::synth::lexicon()).unwrap(),
+    )
+    .unwrap();
     let corrector = OfflineCorrector::new(lex.clone());
     let cfg = CollectPtConfig { max_new_tokens: 24, resample: 2, ..Default::default() };
     let out = dir.path().join("pt.parquet");
     let all = ShardSpec::new(0, 1).unwrap();
-    let r = collect_pt::run::<B>(&model, &shard, &out, &cfg, &corrector, "offline", &lex, all.clone(), false, &Default::default())
-        .unwrap();
+    let r = collect_pt::run::<B>(
+        &model,
+        &shard,
+        &out,
+        &cfg,
+        &corrector,
+        "offline",
+        &lex,
+        all.clone(),
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(r.records + r.skipped, samples.len());
     assert_eq!(r.records, samples.len(), "{r:?}");
     assert_eq!(r.model + r.resampled + r.injected, r.records);
@@ -204,7 +265,8 @@ fn collect_pt_end_to_end() {
         }
     }
     let again = dir.path().join("pt2.parquet");
-    collect_pt::run::<B>(&model, &shard, &again, &cfg, &corrector, "offline", &lex, all, false, &Default::default()).unwrap();
+    collect_pt::run::<B>(&model, &shard, &again, &cfg, &corrector, "offline", &lex, all, false, &Default::default())
+        .unwrap();
     assert_eq!(read_shard::<TextPref>(&again).unwrap(), recs, "deterministic");
     // Concurrent corrections (a slow corrector that counts requests in flight) give the same
     // records as one at a time, and never more than `concurrency` requests at once.
@@ -214,7 +276,11 @@ fn collect_pt_end_to_end() {
         max: std::sync::atomic::AtomicUsize,
     }
     impl popen_prefs::corrector::Corrector for Slow {
-        fn correct(&self, y: &str, t: &popen_prefs::corrector::Truth) -> popen_prefs::Result<popen_prefs::corrector::Correction> {
+        fn correct(
+            &self,
+            y: &str,
+            t: &popen_prefs::corrector::Truth,
+        ) -> popen_prefs::Result<popen_prefs::corrector::Correction> {
             use std::sync::atomic::Ordering::SeqCst;
             let n = self.now.fetch_add(1, SeqCst) + 1;
             self.max.fetch_max(n, SeqCst);
@@ -230,8 +296,19 @@ fn collect_pt_end_to_end() {
         let slow = Slow { inner: OfflineCorrector::new(lex.clone()), now: 0.into(), max: 0.into() };
         let c = CollectPtConfig { concurrency: conc, ..cfg.clone() };
         let o = dir.path().join(format!("pt-c{conc}.parquet"));
-        collect_pt::run::<B>(&model, &shard, &o, &c, &slow, "offline", &lex, ShardSpec::new(0, 1).unwrap(), false, &Default::default())
-            .unwrap();
+        collect_pt::run::<B>(
+            &model,
+            &shard,
+            &o,
+            &c,
+            &slow,
+            "offline",
+            &lex,
+            ShardSpec::new(0, 1).unwrap(),
+            false,
+            &Default::default(),
+        )
+        .unwrap();
         assert_eq!(read_shard::<TextPref>(&o).unwrap(), recs, "concurrency {conc}");
         let max = slow.max.load(std::sync::atomic::Ordering::SeqCst);
         assert!(max >= 1 && max <= conc, "concurrency {conc}: {max} requests in flight");

@@ -13,7 +13,10 @@ fn lex() -> Lexicon {
 fn truth(answer: &str, targets: &[(&str, Option<&str>)], instances: &[&str]) -> Truth {
     Truth {
         answer: answer.into(),
-        targets: targets.iter().map(|(c, col)| TargetTruth { class: c.to_string(), colour: col.map(str::to_string) }).collect(),
+        targets: targets
+            .iter()
+            .map(|(c, col)| TargetTruth { class: c.to_string(), colour: col.map(str::to_string) })
+            .collect(),
         instance_classes: instances.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
     }
 }
@@ -21,7 +24,8 @@ fn truth(answer: &str, targets: &[(&str, Option<&str>)], instances: &[&str]) -> 
 #[test]
 fn hand_built_cases() {
     let c = OfflineCorrector::new(lex());
-    let t = truth("The yellow banana <seg> is the only food item here.", &[("banana", Some("yellow"))], &["banana", "key"]);
+    let t =
+        truth("The yellow banana <seg> is the only food item here.", &[("banana", Some("yellow"))], &["banana", "key"]);
     // Wrong class and colour of the target: fixed in place.
     let r = c.correct("The red apple <seg> is the only food item here.", &t).unwrap();
     assert_eq!(r.method, Method::InPlace);
@@ -94,7 +98,8 @@ fn benchmark_properties(c: OfflineCorrector) {
 #[test]
 fn object_list_is_the_ground_truth_answers() {
     let l = lex();
-    let t = truth("The yellow banana <seg> is next to the cup.", &[("banana", Some("yellow"))], &["banana", "key", "cup"]);
+    let t =
+        truth("The yellow banana <seg> is next to the cup.", &[("banana", Some("yellow"))], &["banana", "key", "cup"]);
     let want: BTreeSet<String> = ["banana", "cup"].iter().map(|s| s.to_string()).collect();
     assert_eq!(t.object_list(ObjectList::Answer, &l), want);
     assert_eq!(t.object_list(ObjectList::Image, &l), t.instance_classes);
@@ -121,7 +126,8 @@ fn object_list_is_the_ground_truth_answers() {
     use popen_prefs::collect_pt::CollectPtConfig;
     assert_eq!(CollectPtConfig::default().object_list, ObjectList::Answer);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let tiny: CollectPtConfig = toml::from_str(&std::fs::read_to_string(root.join("pipelines/collect-pt-tiny.toml")).unwrap()).unwrap();
+    let tiny: CollectPtConfig =
+        toml::from_str(&std::fs::read_to_string(root.join("pipelines/collect-pt-tiny.toml")).unwrap()).unwrap();
     assert_eq!(tiny.object_list, ObjectList::Answer);
     let image_cfg: CollectPtConfig = toml::from_str("seed = 0\nmax_new_tokens = 8\nresample = 1\ntemperature = 1.0\ntop_p = 0.9\nmin_match = 3\nobject_list = \"image\"\n").unwrap();
     assert_eq!(image_cfg.object_list, ObjectList::Image);

@@ -83,7 +83,8 @@ fn serve(max: usize, reply: impl Fn(&str, &str) -> (u16, String) + Send + 'stati
                 .and_then(|v| v["messages"][0]["content"].as_str().map(String::from))
                 .unwrap_or_default();
             let (status, body) = reply(&prompt, &auth);
-            let msg = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let msg =
+                format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
             s.write_all(msg.as_bytes()).ok();
         }
     });
@@ -123,8 +124,25 @@ fn lexicon() -> Lexicon {
     Lexicon::from_benchmark_json(&serde_json::to_string(&popen_data::synth::lexicon()).unwrap()).unwrap()
 }
 
-fn run_pt(model: &Path, shard: &Path, out: &Path, cfg: &CollectPtConfig, c: &(dyn Corrector + Sync)) -> popen_prefs::Result<CollectPtReport> {
-    collect_pt::run::<B>(model, shard, out, cfg, c, "openai", &lexicon(), ShardSpec::new(0, 1).unwrap(), false, &Default::default())
+fn run_pt(
+    model: &Path,
+    shard: &Path,
+    out: &Path,
+    cfg: &CollectPtConfig,
+    c: &(dyn Corrector + Sync),
+) -> popen_prefs::Result<CollectPtReport> {
+    collect_pt::run::<B>(
+        model,
+        shard,
+        out,
+        cfg,
+        c,
+        "openai",
+        &lexicon(),
+        ShardSpec::new(0, 1).unwrap(),
+        false,
+        &Default::default(),
+    )
 }
 
 /// Nothing a completed stage leaves: no output, no manifest (so the CLI's rerun does not say
@@ -190,10 +208,14 @@ fn connection_refused_fails_fast() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let oc = corrector(&format!("http://127.0.0.1:{port}/v1"), 1);
     let c = Counting(&oc, AtomicUsize::new(0));
-    let cfg = CollectPtConfig { max_new_tokens: 24, resample: 2, concurrency: 2, fail_fast_after: 2, ..Default::default() };
+    let cfg =
+        CollectPtConfig { max_new_tokens: 24, resample: 2, concurrency: 2, fail_fast_after: 2, ..Default::default() };
     let out = dir.path().join("pt.parquet");
     let e = run_pt(&model, &shard, &out, &cfg, &c).unwrap_err().to_string();
-    assert!(e.contains("stopped after 2 consecutive samples") && e.contains("request failed after 2 attempt(s)"), "{e}");
+    assert!(
+        e.contains("stopped after 2 consecutive samples") && e.contains("request failed after 2 attempt(s)"),
+        "{e}"
+    );
     assert_eq!(c.1.load(Ordering::SeqCst), 2);
     assert_no_output(&out);
 }
@@ -217,8 +239,11 @@ fn skipped_fraction_threshold_and_redacted_manifest() {
     let lex = lexicon();
     let objects = |s: &popen_core::shard::Sample| -> String {
         let t = Truth::from_sample(s, &lex);
-        let names: Vec<String> =
-            t.targets.iter().map(|t| t.colour.as_ref().map(|c| format!("{c} {}", t.class)).unwrap_or(t.class.clone())).collect();
+        let names: Vec<String> = t
+            .targets
+            .iter()
+            .map(|t| t.colour.as_ref().map(|c| format!("{c} {}", t.class)).unwrap_or(t.class.clone()))
+            .collect();
         names.join(", ")
     };
     let by_objects: std::collections::HashMap<String, String> =
@@ -227,7 +252,8 @@ fn skipped_fraction_threshold_and_redacted_manifest() {
     let server = |failing: Vec<String>| {
         let by_objects = by_objects.clone();
         serve(64, move |prompt, auth| {
-            let objs = prompt.split("\nObject list: ").nth(1).and_then(|r| r.lines().next()).unwrap_or("").trim().to_string();
+            let objs =
+                prompt.split("\nObject list: ").nth(1).and_then(|r| r.lines().next()).unwrap_or("").trim().to_string();
             if failing.contains(&objs) {
                 return (500, echo(auth, "upstream failure"));
             }
@@ -288,7 +314,8 @@ fn skipped_fraction_threshold_and_redacted_manifest() {
 #[test]
 fn skip_settings_defaults_and_validation() {
     let pt: CollectPtConfig =
-        toml::from_str("seed = 0\nmax_new_tokens = 96\nresample = 3\ntemperature = 1.0\ntop_p = 0.9\nmin_match = 3\n").unwrap();
+        toml::from_str("seed = 0\nmax_new_tokens = 96\nresample = 3\ntemperature = 1.0\ntop_p = 0.9\nmin_match = 3\n")
+            .unwrap();
     assert_eq!((pt.max_skipped_fraction, pt.fail_fast_after), (0.5, 8));
     for bad in [-0.1, 1.01, f64::NAN] {
         let e = CollectPtConfig { max_skipped_fraction: bad, ..pt.clone() }.validate().unwrap_err().to_string();
@@ -300,9 +327,11 @@ fn skip_settings_defaults_and_validation() {
         CollectPtConfig { max_skipped_fraction: good, fail_fast_after: 0, ..pt.clone() }.validate().unwrap();
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines");
-    let pt: CollectPtConfig = toml::from_str(&std::fs::read_to_string(root.join("collect-pt-tiny.toml")).unwrap()).unwrap();
+    let pt: CollectPtConfig =
+        toml::from_str(&std::fs::read_to_string(root.join("collect-pt-tiny.toml")).unwrap()).unwrap();
     pt.validate().unwrap();
-    let ps: CollectPsConfig = toml::from_str(&std::fs::read_to_string(root.join("collect-ps-tiny.toml")).unwrap()).unwrap();
+    let ps: CollectPsConfig =
+        toml::from_str(&std::fs::read_to_string(root.join("collect-ps-tiny.toml")).unwrap()).unwrap();
     ps.validate().unwrap();
     assert_eq!(ps.max_skipped_fraction, 0.5);
 }
@@ -330,7 +359,16 @@ fn collect_ps_counts_failures_toward_the_threshold() {
     let mut cfg = CollectPsConfig { phase: Phase::Two, perturbations: 3, batch_size: 3, ..Default::default() };
     cfg.select.phase2_top = 3;
     let run = |cfg: &CollectPsConfig, out: &Path| {
-        collect_ps::run::<B>(&model, &shard, out, cfg, &proposer, ShardSpec::new(0, 1).unwrap(), false, &Default::default())
+        collect_ps::run::<B>(
+            &model,
+            &shard,
+            out,
+            cfg,
+            &proposer,
+            ShardSpec::new(0, 1).unwrap(),
+            false,
+            &Default::default(),
+        )
     };
     let out = dir.path().join("ps.parquet");
     let e = run(&cfg, &out).unwrap_err().to_string();

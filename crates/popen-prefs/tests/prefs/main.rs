@@ -1,8 +1,8 @@
 //! popen-prefs: one test binary (modules per part).
-mod diff;
-mod noise;
-mod select;
-mod corrector;
 mod collect;
-mod openai;
+mod corrector;
+mod diff;
 mod failures;
+mod noise;
+mod openai;
+mod select;

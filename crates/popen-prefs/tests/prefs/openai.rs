@@ -60,7 +60,8 @@ fn server(script: Vec<Reply>) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<String
             let (status, body, extra) = match reply {
                 Reply::Ok(content) => (
                     200,
-                    serde_json::json!({"choices": [{"message": {"role": "assistant", "content": content}}]}).to_string(),
+                    serde_json::json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
+                        .to_string(),
                     String::new(),
                 ),
                 Reply::Status(st, body) => (st, body.to_string(), String::new()),
@@ -71,7 +72,10 @@ fn server(script: Vec<Reply>) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<String
                     (200, "{}".into(), String::new())
                 }
             };
-            let msg = format!("HTTP/1.1 {status} X\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let msg = format!(
+                "HTTP/1.1 {status} X\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
             s.write_all(msg.as_bytes()).ok();
         }
     });
@@ -103,7 +107,10 @@ fn config(url: &str, cache: Option<std::path::PathBuf>) -> OpenAiConfig {
 fn parse_the_labelled_answers() {
     let r = "Original answer: The \"blue box\" <seg> is on the left.\nCorrected answer: The \"red cup\" <seg> is on the left.";
     assert_eq!(parse_labelled(r, "Corrected answer:").unwrap(), "The red cup <seg> is on the left.");
-    assert_eq!(parse_labelled("**Modified answer:** the \u{201c}green\u{201d} cup <seg>", "Modified answer:").unwrap(), "the green cup <seg>");
+    assert_eq!(
+        parse_labelled("**Modified answer:** the \u{201c}green\u{201d} cup <seg>", "Modified answer:").unwrap(),
+        "the green cup <seg>"
+    );
     assert_eq!(parse_labelled("I cannot help with that.", "Corrected answer:"), None);
 }
 
@@ -147,7 +154,10 @@ fn retries_cache_refusals_and_failures() {
     assert!(e.contains("4 attempt(s)"), "{e}");
 
     // Error injection: the modified answer; an unchanged one is refused.
-    let (url, _, _) = server(vec![Reply::Ok("Modified answer: The \"green\" cup <seg> is on the left."), Reply::Ok("Modified answer: The red cup <seg> is on the left.")]);
+    let (url, _, _) = server(vec![
+        Reply::Ok("Modified answer: The \"green\" cup <seg> is on the left."),
+        Reply::Ok("Modified answer: The red cup <seg> is on the left."),
+    ]);
     let c = OpenAiCorrector::new(&config(&url, None)).unwrap();
     assert_eq!(c.inject_errors(&truth(), 0).unwrap(), "The green cup <seg> is on the left.");
     assert!(c.inject_errors(&truth(), 0).is_err());

@@ -18,7 +18,7 @@ fn eq1_hand_computed() {
     let cfg = SelectConfig::default();
     let target = rect(0, 5, 0, 5); // 25 px
     let other = rect(5, 10, 5, 10); // 25 px, disjoint
-    // SAM returns the target itself and the other object: the target is excluded from the max.
+                                    // SAM returns the target itself and the other object: the target is excluded from the max.
     let gt = [target.clone()];
     let props = [target.clone(), other.clone()];
     let t = Targets::new(&gt, &props, &cfg).unwrap();
@@ -29,12 +29,12 @@ fn eq1_hand_computed() {
     assert_eq!(off.s, -1.0); // 0 - 1
     let both = t.score(&[union(&target, &other)]).unwrap();
     assert_eq!(both.s, 0.0); // 25/50 - 25/50
-    // A proposal covering 2/5 of the target (IoU 0.4 < 0.5) is "another object".
+                             // A proposal covering 2/5 of the target (IoU 0.4 < 0.5) is "another object".
     let part = rect(0, 2, 0, 5);
     let props2 = [other.clone(), part];
     let t2 = Targets::new(&gt, &props2, &cfg).unwrap();
     assert!((t2.score(&[target.clone()]).unwrap().s - 0.6).abs() < 1e-12); // 1 - 10/25
-    // No proposals: the max term is 0.
+                                                                           // No proposals: the max term is 0.
     let t3 = Targets::new(&gt, &[], &cfg).unwrap();
     assert_eq!(t3.score(&[other.clone()]).unwrap().s, 0.0);
     // Two targets: the mean of the terms.

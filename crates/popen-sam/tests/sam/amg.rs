@@ -7,9 +7,9 @@
 use image::{Rgb, RgbImage};
 use popen_core::mask::{Mask, Rle};
 use popen_sam::amg::{
-    build_all_layer_point_grids, build_point_grid, generate, generate_crop_boxes,
-    is_box_near_crop_edge, mask_to_box, nms, remove_small_regions, stability_score, AmgConfig,
-    AmgError, AmgMask, CropBox, PointMasks, PromptModel, RegionMode,
+    build_all_layer_point_grids, build_point_grid, generate, generate_crop_boxes, is_box_near_crop_edge, mask_to_box,
+    nms, remove_small_regions, stability_score, AmgConfig, AmgError, AmgMask, CropBox, PointMasks, PromptModel,
+    RegionMode,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -66,10 +66,7 @@ fn crop_boxes_one_layer_hand_derived() {
     // Layer 1, 2 crops per side: overlap = int(0.3413 * 60 * (2/2)) = int(20.48) = 20;
     // crop_w = ceil((20 * 1 + 100) / 2) = 60, crop_h = ceil((20 + 60) / 2) = 40;
     // x0 = (60 - 20) * i = 0, 40; y0 = (40 - 20) * i = 0, 20; x-major order.
-    assert_eq!(
-        xyxy(&crops, 1),
-        vec![[0, 0, 60, 40], [0, 20, 60, 60], [40, 0, 100, 40], [40, 20, 100, 60]]
-    );
+    assert_eq!(xyxy(&crops, 1), vec![[0, 0, 60, 40], [0, 20, 60, 60], [40, 0, 100, 40], [40, 20, 100, 60]]);
     assert_eq!(crops.len(), 5);
 }
 
@@ -315,13 +312,7 @@ struct FakeModel {
 
 impl FakeModel {
     fn new() -> Self {
-        FakeModel {
-            image: None,
-            sizes: vec![],
-            batches: vec![],
-            fail_predict: false,
-            truncate_logits: false,
-        }
+        FakeModel { image: None, sizes: vec![], batches: vec![], fail_predict: false, truncate_logits: false }
     }
 }
 
@@ -407,10 +398,7 @@ fn check_rect(m: &AmgMask, r: [u32; 4]) {
     assert_eq!(m.segmentation.decode().unwrap(), rect_mask(r));
     assert_eq!(m.area, ((r[2] - r[0]) * (r[3] - r[1])) as u64);
     // SAM's bbox: inclusive corners, so width = (x1 - 1) - x0.
-    assert_eq!(
-        m.bbox,
-        [r[0] as f64, r[1] as f64, (r[2] - 1 - r[0]) as f64, (r[3] - 1 - r[1]) as f64]
-    );
+    assert_eq!(m.bbox, [r[0] as f64, r[1] as f64, (r[2] - 1 - r[0]) as f64, (r[3] - 1 - r[1]) as f64]);
     assert_eq!(m.stability_score, 1.0);
 }
 
@@ -581,13 +569,7 @@ fn model_errors_surface_as_errors() {
                     logits: vec![0.0; n * 100],
                     iou: vec![0.9; n],
                 },
-                _ => PointMasks {
-                    height: 120,
-                    width: 200,
-                    masks_per_point: 0,
-                    logits: vec![],
-                    iou: vec![],
-                },
+                _ => PointMasks { height: 120, width: 200, masks_per_point: 0, logits: vec![], iou: vec![] },
             })
         }
     }
@@ -596,12 +578,10 @@ fn model_errors_surface_as_errors() {
         assert!(matches!(err, AmgError::Model(_)), "{err}");
     }
     // An empty image, and one too small for the crops.
-    let err = generate(&mut FakeModel::new(), &RgbImage::new(0, 5), &small_cfg(), &mut |_, _| {})
-        .unwrap_err();
+    let err = generate(&mut FakeModel::new(), &RgbImage::new(0, 5), &small_cfg(), &mut |_, _| {}).unwrap_err();
     assert!(matches!(err, AmgError::Image(_)), "{err}");
     let cfg = AmgConfig { crop_n_layers: 2, ..small_cfg() };
-    let err =
-        generate(&mut FakeModel::new(), &RgbImage::new(2, 2), &cfg, &mut |_, _| {}).unwrap_err();
+    let err = generate(&mut FakeModel::new(), &RgbImage::new(2, 2), &cfg, &mut |_, _| {}).unwrap_err();
     assert!(matches!(err, AmgError::Image(_)), "{err}");
 }
 
@@ -638,19 +618,12 @@ fn config_validation() {
     bad(AmgConfig { crop_n_layers: 99, ..d() }, "crop_n_layers");
     // int(2 / 4^1) = 0 points per side in layer 1.
     bad(
-        AmgConfig {
-            points_per_side: Some(2),
-            crop_n_layers: 1,
-            crop_n_points_downscale_factor: 4,
-            ..d()
-        },
+        AmgConfig { points_per_side: Some(2), crop_n_layers: 1, crop_n_points_downscale_factor: 4, ..d() },
         "layer 1 gets no points",
     );
     // generate validates first, before touching the model.
     let mut model = FakeModel::new();
-    let err =
-        generate(&mut model, &scene(), &AmgConfig { points_per_batch: 0, ..d() }, &mut |_, _| {})
-            .unwrap_err();
+    let err = generate(&mut model, &scene(), &AmgConfig { points_per_batch: 0, ..d() }, &mut |_, _| {}).unwrap_err();
     assert!(matches!(err, AmgError::Config(_)));
     assert!(model.sizes.is_empty());
 }
@@ -668,8 +641,7 @@ fn config_serde_defaults_and_exclusive_grids() {
     assert_eq!(c.points_per_side, None);
     c.validate().unwrap();
     // Both written: kept as written, and validation says so.
-    let c: AmgConfig =
-        serde_json::from_str(r#"{"points_per_side": 4, "point_grids": [[[0.5, 0.5]]]}"#).unwrap();
+    let c: AmgConfig = serde_json::from_str(r#"{"points_per_side": 4, "point_grids": [[[0.5, 0.5]]]}"#).unwrap();
     assert!(c.validate().is_err());
     let c: AmgConfig = serde_json::from_str(r#"{"points_per_side": null}"#).unwrap();
     assert_eq!(c.points_per_side, None);
@@ -678,11 +650,7 @@ fn config_serde_defaults_and_exclusive_grids() {
     // Round trip, with and without grids.
     for c in [
         AmgConfig::default(),
-        AmgConfig {
-            points_per_side: None,
-            point_grids: Some(vec![vec![[0.25, 0.75]]]),
-            ..AmgConfig::default()
-        },
+        AmgConfig { points_per_side: None, point_grids: Some(vec![vec![[0.25, 0.75]]]), ..AmgConfig::default() },
     ] {
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<AmgConfig>(&s).unwrap(), c, "{s}");

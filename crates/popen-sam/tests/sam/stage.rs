@@ -122,8 +122,14 @@ fn sam_masks_skips_bad_records_and_reruns() {
         let m = Manifest::read(manifest_beside(&out)).unwrap();
         let reasons: Vec<(&str, &str)> = m.skipped.iter().map(|s| (s.record.as_str(), s.reason.as_str())).collect();
         assert_eq!(reasons.len(), 3, "{reasons:?}");
-        assert!(reasons[0].0 == "bad-0" && reasons[0].1.contains("image 100000x1: aspect 100000 > max_aspect 20"), "{reasons:?}");
-        assert!(reasons[1].0 == "bad-1" && reasons[1].1.contains("100000000 pixels > max_pixels 67108864"), "{reasons:?}");
+        assert!(
+            reasons[0].0 == "bad-0" && reasons[0].1.contains("image 100000x1: aspect 100000 > max_aspect 20"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[1].0 == "bad-1" && reasons[1].1.contains("100000000 pixels > max_pixels 67108864"),
+            "{reasons:?}"
+        );
         assert!(reasons[2].0 == "bad-2" && reasons[2].1.contains("aspect 20.5 > max_aspect 20"), "{reasons:?}");
     }
     let r = run::<Cpu>(&cfg, &ImageSource::Samples(shard.clone()), &out, &ShardSpec::ALL, &dev).unwrap();
@@ -197,7 +203,12 @@ fn generate_is_independent_of_the_mask_memory_budget() {
     let s = generate_sample(&SynthConfig::default(), "val", 4).unwrap();
     let small = popen_core::imageio::decode_rgb(&s.image, None).unwrap();
     let img: RgbImage = image::imageops::resize(&small, 640, 480, image::imageops::FilterType::Triangle);
-    let cfg = AmgConfig { points_per_side: Some(2), pred_iou_thresh: 0.0, stability_score_thresh: 0.0, ..AmgConfig::default() };
+    let cfg = AmgConfig {
+        points_per_side: Some(2),
+        pred_iou_thresh: 0.0,
+        stability_score_thresh: 0.0,
+        ..AmgConfig::default()
+    };
     let a = generate(&mut p, &img, &cfg, &mut |_, _| {}).unwrap();
     let b = generate(&mut p, &img, &AmgConfig { mask_memory_mb: 1, ..cfg.clone() }, &mut |_, _| {}).unwrap();
     assert!(!a.is_empty());

@@ -25,9 +25,8 @@ fn tiny_sam_preset_equals_mobile_sam() {
     let model = cfg.init::<Cpu>(&dev).unwrap().init_from_sam(&ck).unwrap();
 
     // Encoder: a synthetic 96x64 picture through PixelLM's (= SAM's) preprocessing at 224.
-    let img = image::RgbImage::from_fn(96, 64, |x, y| {
-        image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x * y) % 251) as u8])
-    });
+    let img =
+        image::RgbImage::from_fn(96, 64, |x, y| image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x * y) % 251) as u8]));
     let pre = Preprocessor::pixellm(cfg.image_size).apply(&img).unwrap();
     let ours = model.sam_embeddings(std::slice::from_ref(&pre)).unwrap().unwrap();
     let pixels = popen_model::preprocess::to_tensor::<Cpu>(std::slice::from_ref(&pre), &dev).unwrap();

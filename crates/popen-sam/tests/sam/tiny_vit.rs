@@ -188,7 +188,8 @@ fn mobile_sam_matches_the_official_encoder_and_prompt_masks() {
         let multimask = pr["multimask_output"].as_bool().unwrap();
         let out = p.predict(&[Prompt { points, labels, bbox }], multimask).unwrap();
         let iou = values(out.iou);
-        let want_iou: Vec<f64> = pr["iou_predictions"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let want_iou: Vec<f64> =
+            pr["iou_predictions"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         assert_eq!(iou.len(), want_iou.len(), "{name}");
         for (a, b) in iou.iter().zip(&want_iou) {
             assert!((*a as f64 - b).abs() < 2e-3, "{name}: IoU prediction {a} vs {b}");
@@ -257,7 +258,11 @@ fn amg_matches(key: &str) {
         );
         excused += 1;
     }
-    eprintln!("{key}: {} official, {} ours, {matched} matched one to one, {excused} borderline", theirs.len(), ours.len());
+    eprintln!(
+        "{key}: {} official, {} ours, {matched} matched one to one, {excused} borderline",
+        theirs.len(),
+        ours.len()
+    );
     assert!(matched as f64 >= 0.95 * theirs.len() as f64);
 }
 

@@ -14,17 +14,13 @@ use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 use popen_model::weights::Checkpoint;
-use popen_sam::vit::{
-    get_rel_pos, linear_resize_matrix, ImageEncoderViT, VitEncoderConfig, VitError,
-};
+use popen_sam::vit::{get_rel_pos, linear_resize_matrix, ImageEncoderViT, VitEncoderConfig, VitError};
 
 type B = NdArray<f32>;
 const REL: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn doc() -> serde_json::Value {
@@ -36,17 +32,11 @@ fn config(doc: &serde_json::Value, model: &str) -> VitEncoderConfig {
 }
 
 fn encoder_ck(file: &str) -> Checkpoint {
-    Checkpoint::open(fixture(file))
-        .unwrap()
-        .sub("image_encoder")
+    Checkpoint::open(fixture(file)).unwrap().sub("image_encoder")
 }
 
 fn loaded(doc: &serde_json::Value, model: &str, file: &str) -> ImageEncoderViT<B> {
-    config(doc, model)
-        .init::<B>(&Default::default())
-        .unwrap()
-        .load(&encoder_ck(file), DType::F32)
-        .unwrap()
+    config(doc, model).init::<B>(&Default::default()).unwrap().load(&encoder_ck(file), DType::F32).unwrap()
 }
 
 struct Expected(Checkpoint);
@@ -56,11 +46,7 @@ impl Expected {
         Expected(Checkpoint::open(fixture("sam_vit_expected.pt")).unwrap())
     }
     fn get(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let t = self
-            .0
-            .tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("fixture lacks {name}"));
+        let t = self.0.tensors.get(name).unwrap_or_else(|| panic!("fixture lacks {name}"));
         (t.shape.clone(), t.read_f32().unwrap())
     }
     fn tensor<BB: Backend, const D: usize>(&self, name: &str) -> Tensor<BB, D> {
@@ -83,16 +69,8 @@ fn assert_close<const D: usize>(name: &str, got: Tensor<B, D>, want: &(Vec<usize
 }
 
 fn json_values(v: &serde_json::Value) -> (Vec<usize>, Vec<f32>) {
-    let shape = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize);
-    let vals = v["values"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32);
+    let shape = v["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize);
+    let vals = v["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32);
     (shape.collect(), vals.collect())
 }
 
@@ -108,11 +86,7 @@ fn vit_small_matches_official_encoder() {
     assert_close("small.embed", h.clone(), &exp.get("small.embed"));
     for (i, blk) in enc.blocks.iter().enumerate() {
         h = blk.forward(h);
-        assert_close(
-            &format!("small.block{i}"),
-            h.clone(),
-            &exp.get(&format!("small.block{i}")),
-        );
+        assert_close(&format!("small.block{i}"), h.clone(), &exp.get(&format!("small.block{i}")));
     }
     assert_close("small.output", enc.forward(x), &exp.get("small.output"));
 }
@@ -130,11 +104,7 @@ fn vit_noabs_other_sizes_interpolate_rel_pos() {
     for j in 0..n {
         let x: Tensor<B, 4> = exp.tensor(&format!("noabs.{j}.input"));
         let y = enc.try_forward(x).unwrap();
-        assert_close(
-            &format!("noabs.{j}.output"),
-            y,
-            &exp.get(&format!("noabs.{j}.output")),
-        );
+        assert_close(&format!("noabs.{j}.output"), y, &exp.get(&format!("noabs.{j}.output")));
     }
 }
 
@@ -143,19 +113,11 @@ fn vit_get_rel_pos_matches_official() {
     // Including q != k (coordinate scaling) and tables of other lengths (resize up and down).
     let doc = doc();
     for case in doc["get_rel_pos"].as_array().unwrap() {
-        let (q, k) = (
-            case["q"].as_u64().unwrap() as usize,
-            case["k"].as_u64().unwrap() as usize,
-        );
+        let (q, k) = (case["q"].as_u64().unwrap() as usize, case["k"].as_u64().unwrap() as usize);
         let (shape, v) = json_values(&case["rel_pos"]);
-        let table =
-            Tensor::<B, 2>::from_data(TensorData::new(v, shape.clone()), &Default::default());
+        let table = Tensor::<B, 2>::from_data(TensorData::new(v, shape.clone()), &Default::default());
         let got = get_rel_pos(q, k, table);
-        assert_close(
-            &format!("get_rel_pos(q {q}, k {k}, len {})", shape[0]),
-            got,
-            &json_values(&case["output"]),
-        );
+        assert_close(&format!("get_rel_pos(q {q}, k {k}, len {})", shape[0]), got, &json_values(&case["output"]));
     }
 }
 
@@ -194,11 +156,7 @@ fn vit_presets_and_param_counts() {
     for model in ["small", "noabs"] {
         let cfg = config(&doc, model);
         let enc = cfg.init::<B>(&Default::default()).unwrap();
-        assert_eq!(
-            cfg.param_count(),
-            enc.num_params(),
-            "{model}: formula vs burn"
-        );
+        assert_eq!(cfg.param_count(), enc.num_params(), "{model}: formula vs burn");
         assert_eq!(
             cfg.param_count(),
             doc[model]["param_count"].as_u64().unwrap() as usize,
@@ -229,44 +187,22 @@ fn vit_checkpoint_problems_are_named() {
     assert!(e.contains("missing blocks.1.attn.rel_pos_h"), "{e}");
     assert!(e.contains("missing neck.3.weight"), "{e}");
     // Mis-shaped: window 3 wants 5-row rel-pos tables in the windowed blocks.
-    let e = err(
-        &VitEncoderConfig {
-            window_size: 3,
-            ..cfg.clone()
-        },
-        &encoder_ck("sam_vit_small.pt"),
-    );
-    assert!(
-        e.contains("blocks.0.attn.rel_pos_h") && e.contains("blocks.2.attn.rel_pos_w"),
-        "{e}"
-    );
+    let e = err(&VitEncoderConfig { window_size: 3, ..cfg.clone() }, &encoder_ck("sam_vit_small.pt"));
+    assert!(e.contains("blocks.0.attn.rel_pos_h") && e.contains("blocks.2.attn.rel_pos_w"), "{e}");
     assert!(!e.contains("blocks.1.attn"), "{e}");
     // Unexpected: a model without rel pos or abs pos.
     let e = err(
-        &VitEncoderConfig {
-            use_rel_pos: false,
-            use_abs_pos: false,
-            ..cfg.clone()
-        },
+        &VitEncoderConfig { use_rel_pos: false, use_abs_pos: false, ..cfg.clone() },
         &encoder_ck("sam_vit_small.pt"),
     );
     assert!(e.contains("unexpected blocks.0.attn.rel_pos_h"), "{e}");
     assert!(e.contains("unexpected pos_embed"), "{e}");
     // The whole SAM checkpoint (not narrowed to `image_encoder`).
-    let e = err(
-        &cfg,
-        &Checkpoint::open(fixture("sam_vit_small.pt")).unwrap(),
-    );
+    let e = err(&cfg, &Checkpoint::open(fixture("sam_vit_small.pt")).unwrap());
     assert!(e.contains("missing patch_embed.proj.weight"), "{e}");
     assert!(e.contains("unexpected image_encoder.pos_embed"), "{e}");
     // The noabs checkpoint has no qkv bias.
-    let e = err(
-        &VitEncoderConfig {
-            qkv_bias: true,
-            ..config(&doc, "noabs")
-        },
-        &encoder_ck("sam_vit_noabs.pt"),
-    );
+    let e = err(&VitEncoderConfig { qkv_bias: true, ..config(&doc, "noabs") }, &encoder_ck("sam_vit_noabs.pt"));
     assert!(e.contains("missing blocks.0.attn.qkv.bias"), "{e}");
 }
 
@@ -276,61 +212,22 @@ fn vit_bad_inputs_and_configs_fail_clearly() {
     let enc = loaded(&doc, "small", "sam_vit_small.pt");
     let dev = Default::default();
     // pos_embed is 5x5 (40 px at patch 8): a 48x48 image is refused, not interpolated.
-    let e = enc
-        .try_forward(Tensor::zeros([1, 3, 48, 48], &dev))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("6x6 patch grid") && e.contains("pos_embed is 5x5"),
-        "{e}"
-    );
-    let e = enc
-        .try_forward(Tensor::zeros([1, 4, 40, 40], &dev))
-        .unwrap_err()
-        .to_string();
+    let e = enc.try_forward(Tensor::zeros([1, 3, 48, 48], &dev)).unwrap_err().to_string();
+    assert!(e.contains("6x6 patch grid") && e.contains("pos_embed is 5x5"), "{e}");
+    let e = enc.try_forward(Tensor::zeros([1, 4, 40, 40], &dev)).unwrap_err().to_string();
     assert!(e.contains("[1, 4, 40, 40]"), "{e}");
     // 47x47 still gives a 5x5 grid (the conv drops the remainder, like PyTorch's).
-    assert_eq!(
-        enc.forward(Tensor::zeros([1, 3, 47, 47], &dev)).dims(),
-        [1, 16, 5, 5]
-    );
+    assert_eq!(enc.forward(Tensor::zeros([1, 3, 47, 47], &dev)).dims(), [1, 16, 5, 5]);
 
     let cfg = config(&doc, "small");
     let bad = |c: VitEncoderConfig, needle: &str| {
-        let e = c
-            .init::<B>(&dev)
-            .expect_err("config should be refused")
-            .to_string();
+        let e = c.init::<B>(&dev).expect_err("config should be refused").to_string();
         assert!(e.contains(needle), "{e}");
     };
-    bad(
-        VitEncoderConfig {
-            num_heads: 3,
-            ..cfg.clone()
-        },
-        "num_heads 3 must divide embed_dim 32",
-    );
-    bad(
-        VitEncoderConfig {
-            global_attn_indexes: vec![3],
-            ..cfg.clone()
-        },
-        "global_attn_indexes contains 3",
-    );
-    bad(
-        VitEncoderConfig {
-            img_size: 4,
-            ..cfg.clone()
-        },
-        "smaller than patch_size",
-    );
-    bad(
-        VitEncoderConfig {
-            mlp_ratio: 0.0,
-            ..cfg.clone()
-        },
-        "mlp_ratio",
-    );
+    bad(VitEncoderConfig { num_heads: 3, ..cfg.clone() }, "num_heads 3 must divide embed_dim 32");
+    bad(VitEncoderConfig { global_attn_indexes: vec![3], ..cfg.clone() }, "global_attn_indexes contains 3");
+    bad(VitEncoderConfig { img_size: 4, ..cfg.clone() }, "smaller than patch_size");
+    bad(VitEncoderConfig { mlp_ratio: 0.0, ..cfg.clone() }, "mlp_ratio");
 }
 
 #[test]
@@ -340,42 +237,26 @@ fn vit_forward_is_differentiable() {
     type A = Autodiff<B>;
     let doc = doc();
     let exp = Expected::open();
-    for (model, file, input) in [
-        ("small", "sam_vit_small.pt", "small.input"),
-        ("noabs", "sam_vit_noabs.pt", "noabs.0.input"),
-    ] {
-        let enc = config(&doc, model)
-            .init::<A>(&Default::default())
-            .unwrap()
-            .load(&encoder_ck(file), DType::F32)
-            .unwrap();
+    for (model, file, input) in
+        [("small", "sam_vit_small.pt", "small.input"), ("noabs", "sam_vit_noabs.pt", "noabs.0.input")]
+    {
+        let enc =
+            config(&doc, model).init::<A>(&Default::default()).unwrap().load(&encoder_ck(file), DType::F32).unwrap();
         let x: Tensor<A, 4> = exp.tensor(input);
         let x = x.require_grad();
         let grads = enc.forward(x.clone()).powi_scalar(2).sum().backward();
         let norm = |t: Option<Tensor<B, 2>>, what: &str| {
             let g = t.unwrap_or_else(|| panic!("{model}: no gradient for {what}"));
             let n = g.powi_scalar(2).sum().into_scalar();
-            assert!(
-                n.is_finite() && n > 0.0,
-                "{model}: gradient of {what} is {n}"
-            );
+            assert!(n.is_finite() && n > 0.0, "{model}: gradient of {what} is {n}");
         };
         for (i, blk) in enc.blocks.iter().enumerate() {
             let a = &blk.attn;
-            norm(
-                a.rel_pos_h.as_ref().unwrap().val().grad(&grads),
-                &format!("blocks.{i}.rel_pos_h"),
-            );
-            norm(
-                a.rel_pos_w.as_ref().unwrap().val().grad(&grads),
-                &format!("blocks.{i}.rel_pos_w"),
-            );
+            norm(a.rel_pos_h.as_ref().unwrap().val().grad(&grads), &format!("blocks.{i}.rel_pos_h"));
+            norm(a.rel_pos_w.as_ref().unwrap().val().grad(&grads), &format!("blocks.{i}.rel_pos_w"));
         }
         if let Some(pe) = &enc.pos_embed {
-            norm(
-                pe.val().grad(&grads).map(|g| g.reshape([1, -1])),
-                "pos_embed",
-            );
+            norm(pe.val().grad(&grads).map(|g| g.reshape([1, -1])), "pos_embed");
         }
         norm(x.grad(&grads).map(|g| g.reshape([1, -1])), "input");
     }
@@ -398,11 +279,7 @@ fn vit_runs_in_bf16() {
     let (shape, want) = exp.get("noabs.0.output");
     assert_eq!(y.dims().to_vec(), shape);
     let got = y.into_data().into_vec::<f32>().unwrap();
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
-        .fold(0f32, f32::max);
+    let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0f32, f32::max);
     eprintln!("bf16 noabs.0.output: max rel err {worst:.2e}");
     assert!(worst < 0.1, "bf16 max rel err {worst}");
 }

@@ -43,12 +43,15 @@ fn world() -> &'static World {
         bundle::save(&model, &m, &tok).unwrap();
         let all = ShardSpec::new(0, 1).unwrap();
         let dev = Default::default();
-        let lex = popen_core::lexicon::Lexicon::from_benchmark_json(&serde_json::to_string(&popen_data::synth::lexicon()).unwrap())
-            .unwrap();
+        let lex = popen_core::lexicon::Lexicon::from_benchmark_json(
+            &serde_json::to_string(&popen_data::synth::lexicon()).unwrap(),
+        )
+        .unwrap();
         let corrector = popen_prefs::corrector::OfflineCorrector::new(lex.clone());
         let pt = root.join("pt.parquet");
         let pcfg = CollectPtConfig { max_new_tokens: 24, resample: 2, ..Default::default() };
-        collect_pt::run::<B>(&model, &train, &pt, &pcfg, &corrector, "offline", &lex, all.clone(), false, &dev).unwrap();
+        collect_pt::run::<B>(&model, &train, &pt, &pcfg, &corrector, "offline", &lex, all.clone(), false, &dev)
+            .unwrap();
         // Three copies per sample (the fewest a record keeps): the forwards of a debug build
         // are the test's main cost.
         let mut c1 = CollectPsConfig { phase: Phase::One, perturbations: 3, batch_size: 3, ..Default::default() };
@@ -93,7 +96,14 @@ fn text_only_one_step() -> DpoConfig {
 }
 
 /// Runs the stage with `c` into `root/name` (the world's shards unless replaced).
-fn run_with(c: &DpoConfig, name: &str, pt: Option<&Path>, ps1: Option<&Path>, ps2: Option<&Path>, resume: bool) -> popen_train::Result<dpo::DpoReport> {
+fn run_with(
+    c: &DpoConfig,
+    name: &str,
+    pt: Option<&Path>,
+    ps1: Option<&Path>,
+    ps2: Option<&Path>,
+    resume: bool,
+) -> popen_train::Result<dpo::DpoReport> {
     let w = world();
     let out = w.root.join(name);
     let job = DpoJob {
@@ -185,8 +195,12 @@ fn dpo_indicator_switches_the_seg_term_off() {
         r.s_terms.iter_mut().for_each(|x| *x = 5.0);
         r.b_terms.iter_mut().for_each(|x| *x = 5.0);
     };
-    let (l1, l2) = (edited_ps(&w.ps1, &w.root.join("low1.parquet"), low), edited_ps(&w.ps2, &w.root.join("low2.parquet"), low));
-    let (h1, h2) = (edited_ps(&w.ps1, &w.root.join("high1.parquet"), high), edited_ps(&w.ps2, &w.root.join("high2.parquet"), high));
+    let (l1, l2) =
+        (edited_ps(&w.ps1, &w.root.join("low1.parquet"), low), edited_ps(&w.ps2, &w.root.join("low2.parquet"), low));
+    let (h1, h2) = (
+        edited_ps(&w.ps1, &w.root.join("high1.parquet"), high),
+        edited_ps(&w.ps2, &w.root.join("high2.parquet"), high),
+    );
     let mut c = cfg();
     c.max_steps = 2;
     c.seg_batch_size = 4;
@@ -264,7 +278,10 @@ fn dpo_resume_continues_exactly() {
     let after: std::collections::BTreeMap<String, Vec<f32>> = wa.into_iter().collect();
     let changed: Vec<&String> = before.keys().filter(|k| before[*k] != after[*k]).collect();
     assert!(changed.iter().all(|n| !n.starts_with("decoder.")), "{changed:?}");
-    assert!(changed.iter().any(|n| n.starts_with("llm.")) && changed.iter().any(|n| n.starts_with("text_hidden_fcs.")), "{changed:?}");
+    assert!(
+        changed.iter().any(|n| n.starts_with("llm.")) && changed.iter().any(|n| n.starts_with("text_hidden_fcs.")),
+        "{changed:?}"
+    );
 }
 
 /// (d) Each ablation switch changes what it names.
@@ -305,7 +322,11 @@ fn dpo_ablation_switches() {
     let n = pt.len().min(4);
     let order = popen_train::data::Order { n: pt.len(), batch_size: 4, seed: c5.seed }.batch(0);
     let eq3 = |lp: &[f32], changed: &[i32], lambda: f64| -> f64 {
-        let s: f64 = lp.iter().enumerate().map(|(i, &x)| x as f64 * if changed.contains(&(i as i32)) { lambda } else { 1.0 }).sum();
+        let s: f64 = lp
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| x as f64 * if changed.contains(&(i as i32)) { lambda } else { 1.0 })
+            .sum();
         s / lp.len() as f64
     };
     let want = |lambda: f64| -> (f64, f64) {
@@ -315,8 +336,16 @@ fn dpo_ablation_switches() {
     };
     for (m, lambda) in [(&mn, 1.0), (&m5, 5.0)] {
         let (c, r) = want(lambda);
-        assert!((f(&m[0]["logps/chosen"]) - c).abs() < 1e-3 * (1.0 + c.abs()), "lambda {lambda}: {} vs {c}", m[0]["logps/chosen"]);
-        assert!((f(&m[0]["logps/rejected"]) - r).abs() < 1e-3 * (1.0 + r.abs()), "lambda {lambda}: {} vs {r}", m[0]["logps/rejected"]);
+        assert!(
+            (f(&m[0]["logps/chosen"]) - c).abs() < 1e-3 * (1.0 + c.abs()),
+            "lambda {lambda}: {} vs {c}",
+            m[0]["logps/chosen"]
+        );
+        assert!(
+            (f(&m[0]["logps/rejected"]) - r).abs() < 1e-3 * (1.0 + r.abs()),
+            "lambda {lambda}: {} vs {r}",
+            m[0]["logps/rejected"]
+        );
     }
     assert_ne!(m5[0]["logps/chosen"], mn[0]["logps/chosen"], "lambda 5 weighs the changed tokens");
     // random_ps: a deterministic random order of the three kept images per target, differing
@@ -441,7 +470,13 @@ fn dpo_bad_inputs_are_clear_errors() {
     let fjob = DpoJob { init: &other, proposals: ProposalSource::Samples(&w.train), out: &out_f, ..job };
     let e = dpo::run::<AB>(&fjob, &Default::default()).unwrap_err().to_string();
     let fp = bundle::fingerprint(&w.model).unwrap();
-    assert!(e.contains("pt.parquet") && e.contains(&fp[..16]) && e.contains("other-model") && e.contains("--allow-foreign-ref"), "{e}");
+    assert!(
+        e.contains("pt.parquet")
+            && e.contains(&fp[..16])
+            && e.contains("other-model")
+            && e.contains("--allow-foreign-ref"),
+        "{e}"
+    );
     let meta = popen_core::shard::read_metadata(&w.ps1).unwrap();
     assert_eq!(meta.get(popen_core::shard::REFERENCE_MODEL_KEY), Some(&fp));
     // ... and allowed with the flag: the run gets past the check (it fails later, on the
@@ -455,7 +490,9 @@ fn dpo_bad_inputs_are_clear_errors() {
     let e = dpo::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("--samples") && e.contains("phase1_score"), "{e}");
     // Configs: unknown keys and bad values name the field.
-    let e = toml::from_str::<DpoConfig>(&format!("{}\nbeta_x = 1.0\n", DpoConfig::default().to_toml())).unwrap_err().to_string();
+    let e = toml::from_str::<DpoConfig>(&format!("{}\nbeta_x = 1.0\n", DpoConfig::default().to_toml()))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("beta_x"), "{e}");
     let bad = DpoConfig { beta_s: 0.0, ..DpoConfig::default() };
     assert!(bad.validate().unwrap_err().contains("beta_s"));
@@ -481,7 +518,12 @@ fn dpo_chosen_nll_adds_the_chosen_cross_entropy() {
     let nll = f(&b["nll/chosen"]);
     assert!(nll > 0.0, "{b}");
     assert!((f(&a["loss/text"]) - f(&b["loss/text"])).abs() < 1e-6, "the DPO term itself is unchanged");
-    assert!((f(&b["loss"]) - (f(&a["loss"]) + 2.0 * nll)).abs() < 1e-4, "{} vs {} + 2 x {nll}", f(&b["loss"]), f(&a["loss"]));
+    assert!(
+        (f(&b["loss"]) - (f(&a["loss"]) + 2.0 * nll)).abs() < 1e-4,
+        "{} vs {} + 2 x {nll}",
+        f(&b["loss"]),
+        f(&a["loss"])
+    );
 }
 
 #[test]
@@ -494,7 +536,10 @@ fn dpo_pipeline_configs() {
     let real = DpoConfig::from_toml_file(root.join("pipelines/dpo-pixellm-7b.toml")).unwrap();
     assert_eq!(real, DpoConfig::default());
     assert_eq!(real.chosen_nll, 0.0);
-    assert_eq!((real.beta_t, real.lambda, real.beta_s, real.lr, real.batch_size, real.warmup_steps), (0.5, 5.0, 10.0, 3e-4, 16, 100));
+    assert_eq!(
+        (real.beta_t, real.lambda, real.beta_s, real.lr, real.batch_size, real.warmup_steps),
+        (0.5, 5.0, 10.0, 3e-4, 16, 100)
+    );
 }
 
 /// A tiny-sam model (random small TinyViT, `super::sam_world`): the frozen SAM encoder's
@@ -510,7 +555,8 @@ fn dpo_sam_model_caches_embeddings_and_keeps_frozen_parts() {
     let mut c2 = CollectPsConfig { phase: Phase::Two, perturbations: 3, batch_size: 3, ..Default::default() };
     c2.select.phase2_top = 3;
     let ps2 = dir.path().join("ps2.parquet");
-    collect_ps::run::<B>(&init, &train, &ps2, &c2, &AnnotationProposer, ShardSpec::new(0, 1).unwrap(), false, &dev).unwrap();
+    collect_ps::run::<B>(&init, &train, &ps2, &c2, &AnnotationProposer, ShardSpec::new(0, 1).unwrap(), false, &dev)
+        .unwrap();
     let ps1 = dir.path().join("ps1.parquet");
     write_shard(&ps1, Vec::<SegPref>::new()).unwrap();
     let mut c = cfg();

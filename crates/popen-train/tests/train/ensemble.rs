@@ -12,8 +12,8 @@ use popen_core::shardspec::ShardSpec;
 use popen_model::bundle;
 use popen_model::infer::Predictor;
 use popen_model::pixellm::{Padding, Part, PixelLmConfig, Segment};
-use popen_train::ensemble::{self, EnsembleSettings};
 use popen_train::config::StageConfig;
+use popen_train::ensemble::{self, EnsembleSettings};
 use popen_train::ensemble_train::{self, EnsembleConfig, EnsembleJob};
 use popen_train::TrainError;
 use serde_json::Value;
@@ -82,7 +82,10 @@ fn ensemble_text_pass_without_gamma_and_p_hat_is_a_plain_forward() {
     let cands = ensemble::sample_candidates(&p, &feats, &q, &s).unwrap();
     assert_eq!(cands.len(), 2);
     assert!(cands.iter().all(|c| c.len() == 3));
-    assert!(cands[0][0].ids != cands[0][1].ids || cands[0][1].ids != cands[0][2].ids, "K samples should differ at temperature 1");
+    assert!(
+        cands[0][0].ids != cands[0][1].ids || cands[0][1].ids != cands[0][2].ids,
+        "K samples should differ at temperature 1"
+    );
     for (i, x) in instrs.iter().enumerate() {
         let sc = ensemble::scores(&p, &cands[i]).unwrap();
         assert!(sc.tau.iter().flatten().all(|t| (-1.0..=1.0).contains(t)));
@@ -110,7 +113,10 @@ fn ensemble_text_pass_without_gamma_and_p_hat_is_a_plain_forward() {
         let biased = ensemble::text_rows(&p, instrs[0], 0, &cands[0], Some(&sc.tau)).unwrap();
         let plain = ensemble::text_rows(&p, instrs[0], 0, &cands[0], None).unwrap();
         let asm = |r| p.model.assemble(&[r], Some(&feats), Padding::Right).unwrap();
-        assert_ne!(vals(p.model.forward_hidden(&asm(biased)).unwrap()), vals(p.model.forward_hidden(&asm(plain)).unwrap()));
+        assert_ne!(
+            vals(p.model.forward_hidden(&asm(biased)).unwrap()),
+            vals(p.model.forward_hidden(&asm(plain)).unwrap())
+        );
     }
 }
 
@@ -127,7 +133,16 @@ fn ensemble_predict_writes_a_consistent_shard() {
         ensemble: Some(settings()),
         sam_cache: None,
     };
-    let r = popen_train::predict::run::<B>(&w.model, &w.train, &out, &cfg, ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
+    let r = popen_train::predict::run::<B>(
+        &w.model,
+        &w.train,
+        &out,
+        &cfg,
+        ShardSpec::new(0, 1).unwrap(),
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(r.predictions, 4);
     let preds = read_shard::<Prediction>(&out).unwrap();
     for p in &preds {
@@ -152,16 +167,32 @@ fn cfg() -> EnsembleConfig {
     }
 }
 
-fn run_with(c: &EnsembleConfig, name: &str, init: Option<&Path>, resume: bool) -> popen_train::Result<ensemble_train::EnsembleReport> {
+fn run_with(
+    c: &EnsembleConfig,
+    name: &str,
+    init: Option<&Path>,
+    resume: bool,
+) -> popen_train::Result<ensemble_train::EnsembleReport> {
     let w = world();
     let out = w.root.join(name);
-    let job = EnsembleJob { config: c, init: init.unwrap_or(&w.model), samples: &w.train, out: &out, resume, progress: false, sam_cache: None };
+    let job = EnsembleJob {
+        config: c,
+        init: init.unwrap_or(&w.model),
+        samples: &w.train,
+        out: &out,
+        resume,
+        progress: false,
+        sam_cache: None,
+    };
     ensemble_train::run::<AB>(&job, &Default::default())
 }
 
 /// Runs `c` (one step on the 4 samples) into `root/name`: the init model, the stepped model
 /// and the step-0 batch's sample indices.
-fn one_step(c: &EnsembleConfig, name: &str) -> (popen_model::pixellm::PixelLm<AB>, popen_model::pixellm::PixelLm<AB>, Vec<usize>) {
+fn one_step(
+    c: &EnsembleConfig,
+    name: &str,
+) -> (popen_model::pixellm::PixelLm<AB>, popen_model::pixellm::PixelLm<AB>, Vec<usize>) {
     let w = world();
     run_with(c, name, None, false).unwrap();
     let dev = Default::default();
@@ -256,7 +287,10 @@ fn ensemble_train_warm_up_trains_the_llm_side_then_only_p_hat() {
     run_with(&c1, "ens-adapt-1", None, false).unwrap();
     let warm = weights_of(&w.root.join("ens-adapt-1/model"));
     let moved: Vec<&String> = warm.keys().filter(|k| warm[*k] != after[*k]).collect();
-    assert!(!moved.is_empty() && moved.iter().all(|k| *k == "prompt_embeddings" || k.starts_with("seg_feedback.")), "after the warm-up: {moved:?}");
+    assert!(
+        !moved.is_empty() && moved.iter().all(|k| *k == "prompt_embeddings" || k.starts_with("seg_feedback.")),
+        "after the warm-up: {moved:?}"
+    );
     // Resumed inside the warm-up's end (checkpoint 1) and after it (checkpoint 2).
     for keep in [1usize, 2] {
         let name = format!("ens-adapt-resume-{keep}");
@@ -280,7 +314,15 @@ fn ensemble_warm_up_step_lowers_its_loss_on_a_fixed_batch() {
     let w = world();
     let c = EnsembleConfig { batch_size: 4, adapt_steps: 1, max_steps: 1, lr: 1e-4, ..cfg() };
     let (m0, m1, idx) = one_step(&c, "ens-adapt-fixed");
-    let job = EnsembleJob { config: &c, init: &w.model, samples: &w.train, out: &w.root.join("unused"), resume: false, progress: false, sam_cache: None };
+    let job = EnsembleJob {
+        config: &c,
+        init: &w.model,
+        samples: &w.train,
+        out: &w.root.join("unused"),
+        resume: false,
+        progress: false,
+        sam_cache: None,
+    };
     let dev = Default::default();
     let l0 = ensemble_train::adapt_loss_of::<AB>(&job, &m0, None, &idx, &dev).unwrap();
     let logged = metrics("ens-adapt-fixed")[0]["loss"].as_f64().unwrap() as f32;
@@ -301,7 +343,15 @@ fn ensemble_train_steps_lower_the_loss_on_a_fixed_batch() {
     let w = world();
     let c = EnsembleConfig { batch_size: 4, max_steps: 1, checkpoint_every: 1, lr: 1e-3, ..cfg() };
     let (m0, m1, idx) = one_step(&c, "ens-fixed");
-    let job = EnsembleJob { config: &c, init: &w.model, samples: &w.train, out: &w.root.join("unused"), resume: false, progress: false, sam_cache: None };
+    let job = EnsembleJob {
+        config: &c,
+        init: &w.model,
+        samples: &w.train,
+        out: &w.root.join("unused"),
+        resume: false,
+        progress: false,
+        sam_cache: None,
+    };
     let dev = Default::default();
     let l0 = ensemble_train::loss_of::<AB>(&job, &m0, &idx, &dev).unwrap();
     // After the step, on the SAME candidates and y_tilde (decoded by the step-0 model): the
@@ -337,7 +387,9 @@ fn ensemble_train_bad_inputs_are_clear_errors() {
         other => panic!("expected a non-finite loss error, got {other:?}"),
     }
     assert!(!w.root.join("ens-nan/model").exists());
-    let e = toml::from_str::<EnsembleConfig>(&format!("{}\nkk = 1\n", EnsembleConfig::default().to_toml())).unwrap_err().to_string();
+    let e = toml::from_str::<EnsembleConfig>(&format!("{}\nkk = 1\n", EnsembleConfig::default().to_toml()))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("kk"), "{e}");
 }
 
@@ -375,7 +427,16 @@ fn sam_cache_serves_predict_and_ensemble_train() {
             sam_cache: sam_cache.map(Path::to_path_buf),
         };
         let out = dir.path().join(name);
-        popen_train::predict::run::<B>(&init, &train, &out, &cfg, ShardSpec::new(0, 1).unwrap(), false, &Default::default()).unwrap();
+        popen_train::predict::run::<B>(
+            &init,
+            &train,
+            &out,
+            &cfg,
+            ShardSpec::new(0, 1).unwrap(),
+            false,
+            &Default::default(),
+        )
+        .unwrap();
         read_shard::<Prediction>(&out).unwrap()
     };
     for ens in [false, true] {
@@ -386,13 +447,25 @@ fn sam_cache_serves_predict_and_ensemble_train() {
         assert_eq!(files(), 2);
         assert_eq!(first, again, "read back from the cache");
         for (a, b) in fresh.iter().zip(&first) {
-            assert_eq!((&a.id, &a.answer, &a.token_ids, &a.masks), (&b.id, &b.answer, &b.token_ids, &b.masks), "ensemble {ens}");
+            assert_eq!(
+                (&a.id, &a.answer, &a.token_ids, &a.masks),
+                (&b.id, &b.answer, &b.token_ids, &b.masks),
+                "ensemble {ens}"
+            );
         }
     }
     let c = EnsembleConfig { max_steps: 1, ..cfg() };
     let train_with = |name: &str, sam_cache: Option<&Path>| {
         let out = dir.path().join(name);
-        let job = EnsembleJob { config: &c, init: &init, samples: &train, out: &out, resume: false, progress: false, sam_cache };
+        let job = EnsembleJob {
+            config: &c,
+            init: &init,
+            samples: &train,
+            out: &out,
+            resume: false,
+            progress: false,
+            sam_cache,
+        };
         let r = ensemble_train::run::<AB>(&job, &Default::default()).unwrap();
         weights_of(&r.model_dir)
     };
@@ -427,7 +500,12 @@ fn candidate(groups: usize, logprobs: &[f32]) -> ensemble::Candidate {
 /// with groups (a group-less candidate never wins, however likely; ties keep the first).
 #[test]
 fn fallback_picks_the_likeliest_candidate_with_groups() {
-    let c = [candidate(0, &[-0.1, -0.1]), candidate(1, &[-1.0, -3.0]), candidate(2, &[-0.5, -2.5, -1.5]), candidate(1, &[-2.0, -1.0, -3.0])];
+    let c = [
+        candidate(0, &[-0.1, -0.1]),
+        candidate(1, &[-1.0, -3.0]),
+        candidate(2, &[-0.5, -2.5, -1.5]),
+        candidate(1, &[-2.0, -1.0, -3.0]),
+    ];
     // Means: -, -2.0, -1.5, -2.0.
     assert_eq!(ensemble::best_candidate(&c), Some(2));
     assert_eq!(ensemble::best_candidate(&c[..2]), Some(1));
@@ -445,7 +523,8 @@ fn ensemble_fallback_outputs_y_tilde_or_the_chosen_candidate() {
     let p = Predictor::new(&b.model, &mut b.tokenizer).unwrap();
     let samples: Vec<Sample> = read_shard(&w.train).unwrap();
     let images: Vec<image::RgbImage> = samples.iter().map(|s| s.decode_image().unwrap()).collect();
-    let items: Vec<(&image::RgbImage, &str)> = images.iter().zip(&samples).map(|(im, s)| (im, s.instruction.as_str())).collect();
+    let items: Vec<(&image::RgbImage, &str)> =
+        images.iter().zip(&samples).map(|(im, s)| (im, s.instruction.as_str())).collect();
     let plain = ensemble::predict(&p, &items, &settings()).unwrap();
     let fb = ensemble::predict(&p, &items, &EnsembleSettings { fallback: true, ..settings() }).unwrap();
     for (a, o) in plain.iter().zip(&fb) {
@@ -453,13 +532,19 @@ fn ensemble_fallback_outputs_y_tilde_or_the_chosen_candidate() {
         match o.fell_back {
             None => {
                 assert_eq!(o.prediction.answer, a.prediction.answer);
-                assert!(ensemble::best_candidate(&o.candidates).is_none() || (!o.prediction.masks.is_empty() && o.prediction.seg_issues.is_empty()));
+                assert!(
+                    ensemble::best_candidate(&o.candidates).is_none()
+                        || (!o.prediction.masks.is_empty() && o.prediction.seg_issues.is_empty())
+                );
             }
             Some(k) => {
                 assert!(a.prediction.masks.is_empty() || !a.prediction.seg_issues.is_empty());
                 assert_eq!(Some(k), ensemble::best_candidate(&o.candidates));
                 let c = &o.candidates[k];
-                assert_eq!((&o.prediction.answer, &o.prediction.ids, &o.prediction.masks), (&c.answer, &c.ids, &c.masks));
+                assert_eq!(
+                    (&o.prediction.answer, &o.prediction.ids, &o.prediction.masks),
+                    (&c.answer, &c.ids, &c.masks)
+                );
             }
         }
     }
@@ -494,14 +579,21 @@ fn shared_prompt_equals_rereading() {
         let cands = ensemble::sample_candidates(&p, &feats, &q, &s).unwrap();
         let scores: Vec<ensemble::Scores> = cands.iter().map(|c| ensemble::scores(&p, c).unwrap()).collect();
         let refined = ensemble::refine(&p, &feats, &q, &cands, &scores, &s).unwrap();
-        let tails = (0..3).map(|i| ensemble::seg_tail(&p, &cands[i], Some(&scores[i].eta), &refined[i].0, true)).collect();
+        let tails =
+            (0..3).map(|i| ensemble::seg_tail(&p, &cands[i], Some(&scores[i].eta), &refined[i].0, true)).collect();
         let (hidden, starts) = q.forward(&p, &feats, tails).unwrap();
         // y_tilde's piece (+ </s>) states per item.
         let h = hidden.dims()[2];
         let states: Vec<Vec<f32>> = (0..3)
             .map(|i| {
                 let st = *starts[i].last().unwrap();
-                vals(hidden.clone().narrow(0, i, 1).narrow(1, st, refined[i].0.len() + 1).reshape([refined[i].0.len() + 1, h]))
+                vals(
+                    hidden
+                        .clone()
+                        .narrow(0, i, 1)
+                        .narrow(1, st, refined[i].0.len() + 1)
+                        .reshape([refined[i].0.len() + 1, h]),
+                )
             })
             .collect();
         (cands, refined, states)
@@ -530,7 +622,9 @@ fn shared_prompt_equals_rereading() {
     let mut fake = ca.clone();
     for (i, cs) in fake.iter_mut().enumerate() {
         for (k, c) in cs.iter_mut().enumerate() {
-            c.f = (0..2).map(|n| (0..width).map(|j| ((i * 31 + k * 7 + n * 3 + j) % 11) as f32 * 0.1 - 0.5).collect()).collect();
+            c.f = (0..2)
+                .map(|n| (0..width).map(|j| ((i * 31 + k * 7 + n * 3 + j) % 11) as f32 * 0.1 - 0.5).collect())
+                .collect();
         }
     }
     let eta: Vec<Vec<f32>> = (0..3).map(|k| vec![0.2 * k as f32 - 0.2, 0.5]).collect();
@@ -538,7 +632,9 @@ fn shared_prompt_equals_rereading() {
         let q = ensemble::Questions::new(&p, &feats, &instrs, share).unwrap();
         let tails = (0..3).map(|i| ensemble::seg_tail(&p, &fake[i], Some(&eta), &ra[i].0, true)).collect();
         let (hidden, starts) = q.forward(&p, &feats, tails).unwrap();
-        (0..3).map(|i| vals(hidden.clone().narrow(0, i, 1).narrow(1, *starts[i].last().unwrap(), ra[i].0.len() + 1))).collect::<Vec<_>>()
+        (0..3)
+            .map(|i| vals(hidden.clone().narrow(0, i, 1).narrow(1, *starts[i].last().unwrap(), ra[i].0.len() + 1)))
+            .collect::<Vec<_>>()
     };
     let (fa, fb) = (seg(true), seg(false));
     for i in 0..3 {
@@ -550,7 +646,10 @@ fn shared_prompt_equals_rereading() {
     let a = ensemble::predict(&p, &items, &s).unwrap();
     let b = ensemble::predict(&p, &items, &EnsembleSettings { share_prompt: false, ..s.clone() }).unwrap();
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!((&x.prediction.answer, &x.prediction.ids, x.prediction.masks.len()), (&y.prediction.answer, &y.prediction.ids, y.prediction.masks.len()));
+        assert_eq!(
+            (&x.prediction.answer, &x.prediction.ids, x.prediction.masks.len()),
+            (&y.prediction.answer, &y.prediction.ids, y.prediction.masks.len())
+        );
     }
 }
 
@@ -579,7 +678,11 @@ fn seg_feedback_off_leaves_the_seg_embeddings_out() {
     };
     assert_eq!(fed(true), vec![3]);
     assert_eq!(fed(false), Vec::<usize>::new());
-    assert_eq!(ensemble::seg_tail(&p, &cands, None, &[5, 6], false).len(), cands.len() + 2, "K answers, p_hat, y_tilde");
+    assert_eq!(
+        ensemble::seg_tail(&p, &cands, None, &[5, 6], false).len(),
+        cands.len() + 2,
+        "K answers, p_hat, y_tilde"
+    );
 }
 
 /// `--set KEY=VALUE` (every training stage): top-level and dotted keys take TOML values, a
@@ -590,12 +693,33 @@ fn set_overrides_reach_nested_keys_and_unknown_keys_fail() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let file = root.join("pipelines/ensemble-tiny.toml");
     let sets = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let c = EnsembleConfig::load_with(Some(&file), None, None, &sets(&["adapt_steps=0", "train_seg_feedback=false", "ensemble.k=2", "si_pairing=positional"])).unwrap();
+    let c = EnsembleConfig::load_with(
+        Some(&file),
+        None,
+        None,
+        &sets(&["adapt_steps=0", "train_seg_feedback=false", "ensemble.k=2", "si_pairing=positional"]),
+    )
+    .unwrap();
     assert_eq!((c.adapt_steps, c.train_seg_feedback, c.ensemble.k), (0, false, 2));
     assert_eq!(c.si_pairing, popen_train::ensemble_loss::Pairing::Positional);
     let base = EnsembleConfig::from_toml_file(&file).unwrap();
-    assert_eq!(EnsembleConfig { adapt_steps: 0, train_seg_feedback: false, ensemble: EnsembleSettings { k: 2, ..base.ensemble.clone() }, si_pairing: c.si_pairing, ..base }, c);
-    for (bad, want) in [("adapt_stepz=1", "adapt_stepz"), ("ensemble.kk=1", "ensemble.kk"), ("adapt_steps", "KEY=VALUE"), ("adapt_steps=-1", "--set adapt_steps=-1"), ("ensemble.k=0", "k must be")] {
+    assert_eq!(
+        EnsembleConfig {
+            adapt_steps: 0,
+            train_seg_feedback: false,
+            ensemble: EnsembleSettings { k: 2, ..base.ensemble.clone() },
+            si_pairing: c.si_pairing,
+            ..base
+        },
+        c
+    );
+    for (bad, want) in [
+        ("adapt_stepz=1", "adapt_stepz"),
+        ("ensemble.kk=1", "ensemble.kk"),
+        ("adapt_steps", "KEY=VALUE"),
+        ("adapt_steps=-1", "--set adapt_steps=-1"),
+        ("ensemble.k=0", "k must be"),
+    ] {
         let e = EnsembleConfig::load_with(Some(&file), None, None, &sets(&[bad])).unwrap_err().to_string();
         assert!(e.contains(want), "{bad}: {e}");
     }

@@ -209,9 +209,8 @@ fn ti_loss_matches_reference() {
     let rows = |v: &Value| -> Vec<Vec<f32>> { v.as_array().unwrap().iter().map(floats).collect() };
     let (h_t, h_g) = (rows(&c["h_tilde"]), rows(&c["h_g"]));
     let h_k: Vec<Vec<Vec<f32>>> = c["h_k"].as_array().unwrap().iter().map(rows).collect();
-    let gains: Vec<Vec<f32>> = (0..lens.len())
-        .map(|r| ensemble_loss::sentence_gains(&h_t[r], &h_g[r], &h_k[r]).unwrap())
-        .collect();
+    let gains: Vec<Vec<f32>> =
+        (0..lens.len()).map(|r| ensemble_loss::sentence_gains(&h_t[r], &h_g[r], &h_k[r]).unwrap()).collect();
     for (r, (g, want)) in gains.iter().zip(rows(&c["gains"])).enumerate() {
         all_close(g, &want, &format!("gains of row {r}"));
     }
@@ -404,7 +403,11 @@ fn si_pairs_by_hungarian_matching_on_iou() {
     let ln2 = std::f64::consts::LN_2;
     let softplus10 = 10.0 + (-10.0f64).exp().ln_1p();
     assert!((loss(Pairing::Hungarian) - ln2).abs() < 1e-5, "{}", loss(Pairing::Hungarian));
-    assert!((loss(Pairing::Positional) - (2.0 * ln2 + 2.0 * softplus10) / 4.0).abs() < 1e-5, "{}", loss(Pairing::Positional));
+    assert!(
+        (loss(Pairing::Positional) - (2.0 * ln2 + 2.0 * softplus10) / 4.0).abs() < 1e-5,
+        "{}",
+        loss(Pairing::Positional)
+    );
     // The default (config and enum) is the paper-aligned Hungarian pairing.
     assert_eq!(Pairing::default(), Pairing::Hungarian);
     assert_eq!(popen_train::ensemble_train::EnsembleConfig::default().si_pairing, Pairing::Hungarian);
