@@ -13,7 +13,7 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: check-fmt popen-ablations ablation-ensemble bench-cpu build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv check-refenv refenv-lock check-refenv-lock config-fixtures help test-slurm cluster-demo
+.PHONY: check-fmt check-clippy popen-ablations ablation-ensemble bench-cpu build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv check-refenv refenv-lock check-refenv-lock config-fixtures help test-slurm cluster-demo
 
 help:
 	@echo "make demo        the whole POPEN pipeline: benchmark -> SFT -> collect-pt/ps -> dpo -> ensemble-train -> eval ($(OUT))"
@@ -51,11 +51,15 @@ assets:
 data: build
 	$(POPEN) synth --config $(SYNTH_CONFIG) --seed $(DATA_SEED) --out $(DATA)
 
-test: assets check-fmt test-rust test-interop check-cuda check-refenv-lock
+test: assets check-fmt check-clippy test-rust test-interop check-cuda check-refenv-lock
 
 # Formatting (rustfmt.toml) is checked, not applied: `cargo fmt --all` fixes it.
 check-fmt:
 	$(CARGO) fmt --all -- --check
+
+# Lints (allowed ones in Cargo.toml's [workspace.lints.clippy]) are errors.
+check-clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The tests read data/assets (labelme photos); order holds under make -j too.
 test-rust test-interop: assets

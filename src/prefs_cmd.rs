@@ -128,7 +128,7 @@ fn run<B: Backend>(
         shard_proposer = collect_ps::ShardProposer::open(&a.proposals).context("reading the proposals")?;
         &shard_proposer
     };
-    collect_ps::run::<B>(&a.model, &a.samples, out, cfg, proposer, a.run.shard.clone(), true, dev)
+    collect_ps::run::<B>(&a.model, &a.samples, out, cfg, proposer, a.run.shard, true, dev)
         .with_context(|| format!("collect-ps {} -> {}", a.samples.display(), out.display()))
 }
 

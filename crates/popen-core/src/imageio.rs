@@ -201,7 +201,7 @@ mod tests {
         assert!(e.contains("aspect 20.5 > max_aspect 20"), "{e}");
         let img = decode_rgb_limited(&strip, None, &ImageLimits::NONE).unwrap();
         assert_eq!(img.dimensions(), (100_000, 1));
-        assert_eq!(ImageLimits { max_aspect: 0.5, ..Default::default() }.validate().is_err(), true);
+        assert!(ImageLimits { max_aspect: 0.5, ..Default::default() }.validate().is_err());
         // Serde: every field optional (existing configs parse), unknown fields refused.
         let l: ImageLimits = serde_json::from_str(r#"{"max_aspect": 50}"#).unwrap();
         assert_eq!(l, ImageLimits { max_aspect: 50.0, ..Default::default() });

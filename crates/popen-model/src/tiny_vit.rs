@@ -113,10 +113,10 @@ impl TinyVitConfig {
                 return bad(format!("TinyViT stage {i}: window size 0"));
             }
         }
-        if self.embed_dims[0] < 2 || self.embed_dims[0] % 2 != 0 {
+        if self.embed_dims[0] < 2 || !self.embed_dims[0].is_multiple_of(2) {
             return bad(format!("TinyViT: embed_dims[0] {} must be even", self.embed_dims[0]));
         }
-        if self.local_conv_size % 2 == 0 {
+        if self.local_conv_size.is_multiple_of(2) {
             return bad(format!("TinyViT: local_conv_size {} must be odd", self.local_conv_size));
         }
         Ok(())

@@ -228,7 +228,6 @@ pub fn run<B: Backend>(
         Ok(())
     })?;
     flush(&mut window)?;
-    drop(flush);
     if let Err(e) = ledger.check_end(report.records + writer.resumed()) {
         writer.commit()?;
         return Err(e);

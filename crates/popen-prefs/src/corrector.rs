@@ -179,8 +179,7 @@ impl OfflineCorrector {
             let pick = mentions
                 .iter()
                 .enumerate()
-                .filter(|(_, (_, r))| r.start >= prev_end && r.end <= at)
-                .next_back()
+                .rfind(|(_, (_, r))| r.start >= prev_end && r.end <= at)
                 .ok_or_else(|| format!("<seg> {k} has no object mention before it"))?;
             let (mi, (m, r)) = pick;
             used[mi] = true;

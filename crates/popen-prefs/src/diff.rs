@@ -53,6 +53,7 @@ impl<'s, T: Eq + Hash> SequenceMatcher<'s, T> {
     /// difflib's `find_longest_match(alo, ahi, blo, bhi)`: the longest matching block in
     /// the ranges, earliest in `a` then in `b` among equals, extended over equal neighbours
     /// (popular elements included, as difflib does: they are not junk).
+    #[allow(clippy::needless_range_loop)] // difflib's loop, transcribed index for index
     pub fn find_longest_match(&self, alo: usize, ahi: usize, blo: usize, bhi: usize) -> Block {
         let (a, b) = (self.a, self.b);
         let (mut besti, mut bestj, mut bestsize) = (alo, blo, 0usize);

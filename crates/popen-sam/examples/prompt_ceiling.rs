@@ -74,7 +74,7 @@ fn main() {
                 .unwrap();
                 popen_core::mask::iou(&pm, &m).unwrap()
             };
-            let r = p.predict(&[pt.clone()], false).unwrap();
+            let r = p.predict(std::slice::from_ref(&pt), false).unwrap();
             s[0] += iou_of(r.masks.slice([0..1, 0..1, 0..h, 0..w]).reshape([h, w]));
             let r = p.predict(&[pt], true).unwrap();
             let ious = r.iou.into_data().convert::<f32>().into_vec::<f32>().unwrap();

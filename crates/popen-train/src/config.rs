@@ -379,7 +379,7 @@ pub(crate) fn check_optimizer(k: OptimizerKnobs) -> std::result::Result<(), Stri
     if k.epochs == 0 && k.max_steps == 0 {
         return Err("epochs and max_steps are both 0: nothing to train".into());
     }
-    if !(k.lr > 0.0 && k.lr.is_finite()) || !(k.min_lr >= 0.0 && k.min_lr <= k.lr) {
+    if !(k.lr > 0.0 && k.lr.is_finite() && k.min_lr >= 0.0 && k.min_lr <= k.lr) {
         return Err(format!("lr {} and min_lr {} must satisfy 0 <= min_lr <= lr, lr > 0", k.lr, k.min_lr));
     }
     for (n, b) in [("beta1", k.beta1), ("beta2", k.beta2)] {

@@ -94,7 +94,7 @@ fn pixellm_fixture_with_popen() -> (PixelLmConfig, PixelLm<B>) {
     // Fixed values in place of the random initialization: the export's bytes are checked.
     let fill = |dims: &[usize], k: f32| -> TensorData {
         let n: usize = dims.iter().product();
-        TensorData::new((0..n).map(|i| ((i as f32 * 0.37 + k).sin() * 0.5)).collect::<Vec<f32>>(), dims.to_vec())
+        TensorData::new((0..n).map(|i| (i as f32 * 0.37 + k).sin() * 0.5).collect::<Vec<f32>>(), dims.to_vec())
     };
     let dev = Default::default();
     let p = model.prompt_embeddings.take().unwrap();

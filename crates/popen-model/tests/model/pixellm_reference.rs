@@ -354,7 +354,7 @@ fn seg_embeddings_masks_and_scores_match() {
 }
 
 fn seg_and_masks(r: &Run) {
-    let (_, objs) = objects(&r);
+    let (_, objs) = objects(r);
     let hidden = r.model.forward_hidden(&r.asm).unwrap();
     let f = r.model.seg_embeddings(hidden, &objs).unwrap();
     let e1 = check_t("seg embeddings f", f.clone(), &r.fx, "f");

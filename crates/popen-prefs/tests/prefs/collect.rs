@@ -44,7 +44,7 @@ fn collect_ps_end_to_end() {
     cfg.select.phase2_top = 5;
     let all = ShardSpec::new(0, 1).unwrap();
     let out = dir.path().join("ps2.parquet");
-    let r = run::<B>(&model, &shard, &out, &cfg, &AnnotationProposer, all.clone(), false, &Default::default()).unwrap();
+    let r = run::<B>(&model, &shard, &out, &cfg, &AnnotationProposer, all, false, &Default::default()).unwrap();
     assert_eq!((r.records, r.skipped, r.forwards), (4, 0, 24));
     let recs = read_shard::<SegPref>(&out).unwrap();
     for (rec, s) in recs.iter().zip(&samples) {
@@ -235,19 +235,9 @@ fn collect_pt_end_to_end() {
     let cfg = CollectPtConfig { max_new_tokens: 24, resample: 2, ..Default::default() };
     let out = dir.path().join("pt.parquet");
     let all = ShardSpec::new(0, 1).unwrap();
-    let r = collect_pt::run::<B>(
-        &model,
-        &shard,
-        &out,
-        &cfg,
-        &corrector,
-        "offline",
-        &lex,
-        all.clone(),
-        false,
-        &Default::default(),
-    )
-    .unwrap();
+    let r =
+        collect_pt::run::<B>(&model, &shard, &out, &cfg, &corrector, "offline", &lex, all, false, &Default::default())
+            .unwrap();
     assert_eq!(r.records + r.skipped, samples.len());
     assert_eq!(r.records, samples.len(), "{r:?}");
     assert_eq!(r.model + r.resampled + r.injected, r.records);

@@ -30,7 +30,7 @@ fn apply_changes_only_the_rectangle_with_the_right_sigma() {
     assert_eq!(out, r.apply(&img).unwrap(), "rebuilt exactly from the recipe");
     let mut vals = Vec::new();
     for (x, y, p) in out.enumerate_pixels() {
-        let inside = x >= 10 && x < 50 && y >= 5 && y < 35;
+        let inside = (10..50).contains(&x) && (5..35).contains(&y);
         if inside {
             vals.extend(p.0.iter().map(|&v| v as f64 / 255.0 - 128.0 / 255.0));
         } else {

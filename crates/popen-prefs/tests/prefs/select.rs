@@ -22,10 +22,10 @@ fn eq1_hand_computed() {
     let gt = [target.clone()];
     let props = [target.clone(), other.clone()];
     let t = Targets::new(&gt, &props, &cfg).unwrap();
-    let on = t.score(&[target.clone()]).unwrap();
+    let on = t.score(std::slice::from_ref(&target)).unwrap();
     assert_eq!(on.s, 1.0); // 1 - max(IoU with other = 0)
     assert_eq!(on.b, 1.0);
-    let off = t.score(&[other.clone()]).unwrap();
+    let off = t.score(std::slice::from_ref(&other)).unwrap();
     assert_eq!(off.s, -1.0); // 0 - 1
     let both = t.score(&[union(&target, &other)]).unwrap();
     assert_eq!(both.s, 0.0); // 25/50 - 25/50
@@ -33,10 +33,10 @@ fn eq1_hand_computed() {
     let part = rect(0, 2, 0, 5);
     let props2 = [other.clone(), part];
     let t2 = Targets::new(&gt, &props2, &cfg).unwrap();
-    assert!((t2.score(&[target.clone()]).unwrap().s - 0.6).abs() < 1e-12); // 1 - 10/25
-                                                                           // No proposals: the max term is 0.
+    assert!((t2.score(std::slice::from_ref(&target)).unwrap().s - 0.6).abs() < 1e-12); // 1 - 10/25
+                                                                                       // No proposals: the max term is 0.
     let t3 = Targets::new(&gt, &[], &cfg).unwrap();
-    assert_eq!(t3.score(&[other.clone()]).unwrap().s, 0.0);
+    assert_eq!(t3.score(std::slice::from_ref(&other)).unwrap().s, 0.0);
     // Two targets: the mean of the terms.
     let gt2 = [target.clone(), other.clone()];
     let t4 = Targets::new(&gt2, &props, &cfg).unwrap();
@@ -48,7 +48,7 @@ fn eq1_hand_computed() {
     assert_eq!(sc.b_terms[0], 1.0);
     assert_eq!(sc.b_terms[1], 0.0);
     // Wrong counts and sizes are errors.
-    assert!(t4.score(&[target.clone()]).is_err());
+    assert!(t4.score(std::slice::from_ref(&target)).is_err());
     assert!(t.score(&[Mask::zeros(5, 5)]).is_err());
     assert!(Targets::new(&[], &props, &cfg).is_err());
 }

@@ -39,7 +39,7 @@ fn tiny_sam_preset_equals_mobile_sam() {
     // embeddings of two images (objects 0 and 2 on image 0, object 1 on image 1).
     let emb = Tensor::<Cpu, 4>::random([2, 256, 14, 14], Distribution::Normal(0.0, 0.5), &dev);
     let seg = Tensor::<Cpu, 3>::random([3, 1, 256], Distribution::Normal(0.0, 1.0), &dev);
-    let out = model.decoder.forward(&[emb.clone()], seg.clone(), &[0, 1, 0]).unwrap();
+    let out = model.decoder.forward(std::slice::from_ref(&emb), seg.clone(), &[0, 1, 0]).unwrap();
     assert_eq!(out.low_res_masks.dims(), [3, 56, 56]);
     let src = emb.select(0, Tensor::from_data([0i64, 1, 0], &dev));
     // SAM's dense positional encoding, on the 14x14 grid of a 224 input.

@@ -150,6 +150,7 @@ fn mobile_sam_matches_the_official_encoder_and_prompt_masks() {
     assert!(sampled_rel_err("embedding", &emb2, &fx["embedding"]) < 1e-3);
     let pooled = fx["embedding"]["pooled8"].as_array().unwrap();
     let (mut num, mut den) = (0f64, 0f64);
+    #[allow(clippy::needless_range_loop)]
     for c in 0..256 {
         for by in 0..8 {
             for bx in 0..8 {

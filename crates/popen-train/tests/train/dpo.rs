@@ -50,8 +50,7 @@ fn world() -> &'static World {
         let corrector = popen_prefs::corrector::OfflineCorrector::new(lex.clone());
         let pt = root.join("pt.parquet");
         let pcfg = CollectPtConfig { max_new_tokens: 24, resample: 2, ..Default::default() };
-        collect_pt::run::<B>(&model, &train, &pt, &pcfg, &corrector, "offline", &lex, all.clone(), false, &dev)
-            .unwrap();
+        collect_pt::run::<B>(&model, &train, &pt, &pcfg, &corrector, "offline", &lex, all, false, &dev).unwrap();
         // Three copies per sample (the fewest a record keeps): the forwards of a debug build
         // are the test's main cost.
         let mut c1 = CollectPsConfig { phase: Phase::One, perturbations: 3, batch_size: 3, ..Default::default() };
@@ -59,7 +58,7 @@ fn world() -> &'static World {
         c1.select.phase1_max_above = -10.0;
         c1.select.phase2_top = 3;
         let ps1 = root.join("ps-phase1.parquet");
-        collect_ps::run::<B>(&model, &train, &ps1, &c1, &AnnotationProposer, all.clone(), false, &dev).unwrap();
+        collect_ps::run::<B>(&model, &train, &ps1, &c1, &AnnotationProposer, all, false, &dev).unwrap();
         let mut c2 = CollectPsConfig { phase: Phase::Two, perturbations: 3, batch_size: 3, ..Default::default() };
         c2.select.phase2_top = 3;
         let ps2 = root.join("ps-phase2.parquet");

@@ -426,7 +426,7 @@ fn si_pairs_by_hungarian_matching_on_iou() {
     let far = vec![Mask::zeros(4, 4), Mask::zeros(4, 4)];
     assert_eq!(pair(&far, &[top, bottom], Pairing::Hungarian).unwrap(), vec![Some(0), Some(1)]);
     // y_2 = [B] only: target A gets an empty mask (hard IoU 0), B its own (1).
-    let y2 = vec![b.clone()];
+    let y2 = [b.clone()];
     let s = ensemble_loss::si_sample(refined.clone(), &[&y2[..]], &gts, Pairing::Hungarian).unwrap().unwrap();
     assert_eq!(ensemble_loss::hard_iou(s.candidates, s.gt), vec![vec![0.0, 1.0]]);
     // No group in y_tilde, or no target: no L_si term.
