@@ -6,6 +6,9 @@ use burn::prelude::*;
 use burn::tensor::{Distribution, TensorData};
 use std::time::Instant;
 
+/// Every `--backend` value (`cuda` needs a build with the `cuda` feature).
+pub const BACKENDS: [&str; 3] = ["flex", "ndarray", "cuda"];
+
 /// The backends this build can run.
 pub fn available() -> Vec<&'static str> {
     let mut v = vec!["flex", "ndarray"];

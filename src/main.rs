@@ -15,10 +15,13 @@ use popen_core::shard::{Sample, ShardReader};
 use popen_core::shardspec::ShardSpec;
 use std::path::PathBuf;
 
+/// `popen --version`: the package version and the git commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("POPEN_GIT_COMMIT"), ")");
+
 #[derive(Parser)]
 #[command(
     name = "popen",
-    version,
+    version = VERSION,
     about = "POPEN: preference-based optimization and ensemble for LVLM reasoning segmentation",
     long_about = "POPEN: preference-based optimization and ensemble for LVLM reasoning segmentation.\n\n\
 Stages exchange Parquet shards on disk; each writes its shards plus a manifest.json.\n\
@@ -99,6 +102,13 @@ enum Command {
     /// Run the pipeline on a Slurm cluster (pipelines/cluster.toml, pipelines/slurm/).
     #[command(subcommand)]
     Cluster(cluster_cmd::ClusterCommand),
+    /// Print a shell completion script (bash: `popen completions bash >
+    /// ~/.local/share/bash-completion/completions/popen`; zsh: `_popen` in a folder of
+    /// $fpath; fish: ~/.config/fish/completions/popen.fish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(clap::Args)]
@@ -183,7 +193,7 @@ struct InspectArgs {
 #[derive(clap::Args)]
 struct DeviceArgs {
     /// Backend: flex (CPU), ndarray (CPU), or cuda in builds with the `cuda` feature.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend::BACKENDS)]
     backend: String,
     /// Matrix side for the throughput measurement.
     #[arg(long, default_value_t = 512)]
@@ -242,6 +252,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sft(a) => train_cmd::sft(a),
         Command::Dpo(a) => train_cmd::dpo(a),
         Command::EnsembleTrain(a) => train_cmd::ensemble_train(a),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "popen", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Predict(a) => train_cmd::predict(a),
         Command::Eval(a) => eval_cmd::eval(a),
         Command::CollectPs(a) => prefs_cmd::collect_ps(a),

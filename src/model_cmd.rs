@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub struct ModelConfigArgs {
     /// tiny (the embedded benchmark's model, CLIP from scratch), tiny-sam (the same LLM on
     /// MobileSAM's frozen encoder and pretrained decoder), pixellm-7b or pixellm-13b.
-    #[arg(long, default_value = "tiny")]
+    #[arg(long, default_value = "tiny", value_parser = ["tiny", "tiny-sam", "pixellm-7b", "pixellm-13b"])]
     preset: String,
     /// Vocabulary size of the tiny preset (>= the tiny tokenizer's size).
     #[arg(long, default_value_t = 1024)]
@@ -68,7 +68,7 @@ pub struct ModelImportArgs {
     checkpoint: PathBuf,
     /// Key layout: pixellm (released PixelLM), llava (original LLaVA; PixelLM's parts start
     /// fresh), llava-hf (transformers LlavaForConditionalGeneration), native.
-    #[arg(long, default_value = "pixellm")]
+    #[arg(long, default_value = "pixellm", value_parser = ["pixellm", "llava", "llava-hf", "native"])]
     layout: String,
     /// Model config (TOML) matching the checkpoint, e.g. pipelines/model-pixellm-7b.toml.
     #[arg(long)]
@@ -185,7 +185,7 @@ pub struct InferArgs {
     ensemble_fallback: bool,
     /// Backend: flex (CPU, fastest here), ndarray (CPU), or cuda in builds with the `cuda`
     /// feature.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend::BACKENDS)]
     backend: String,
 }
 
@@ -203,7 +203,7 @@ pub struct ScoreArgs {
     answer: String,
     /// Backend: flex (CPU, fastest here), ndarray (CPU), or cuda in builds with the `cuda`
     /// feature.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend::BACKENDS)]
     backend: String,
 }
 
@@ -527,7 +527,7 @@ pub struct BenchDecodeArgs {
     #[arg(long, default_value_t = 3)]
     iters: usize,
     /// Backend: flex (CPU), ndarray (CPU), or cuda in builds with the `cuda` feature.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend::BACKENDS)]
     backend: String,
 }
 

@@ -24,7 +24,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub print_config: bool,
     /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend::BACKENDS)]
     pub backend: String,
 }
 
@@ -179,7 +179,7 @@ pub struct CollectPtArgs {
     lexicon: String,
     /// Corrector: offline (deterministic, uses the ground truth and the lexicon) or openai
     /// (any OpenAI-compatible chat-completions endpoint, see --openai-config).
-    #[arg(long, default_value = "offline")]
+    #[arg(long, default_value = "offline", value_parser = ["offline", "openai"])]
     corrector: String,
     /// TOML of the openai corrector (pipelines/corrector-openai.toml): base_url, model, the
     /// environment variable holding the key, timeout, retries, cache folder, prompt files.

@@ -43,7 +43,7 @@ pub struct StageArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend::BACKENDS)]
     backend: String,
     /// Print the effective config as TOML and exit.
     #[arg(long)]
@@ -132,7 +132,7 @@ pub struct PredictArgs {
     #[arg(long, default_value = "0/1")]
     shard: ShardSpec,
     /// Compute backend: flex (CPU, default), ndarray (CPU), cuda (with --features cuda).
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend::BACKENDS)]
     backend: String,
     /// Diagnostic: teacher-force each sample's ground-truth answer instead of generating, so
     /// the masks (and eval's gIoU/cIoU) measure the segmentation path given the right text.

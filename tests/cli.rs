@@ -105,6 +105,19 @@ fn help_explains_every_command() {
     }
     let h = ok(&["synth", "--help"]);
     assert!(h.contains("--shard") && h.contains("--seed"), "{h}");
+    // Enumerated choices are listed; --version names the commit; completion scripts.
+    let h = ok(&["predict", "--help"]);
+    assert!(h.contains("possible values: flex, ndarray, cuda"), "{h}");
+    let h = ok(&["model-import", "--help"]);
+    assert!(h.contains("possible values: pixellm, llava, llava-hf, native"), "{h}");
+    let e = err(&["predict", "--backend", "gpu", "--model", "m", "--samples", "s", "--out", "o"]);
+    assert!(e.contains("gpu") && e.contains("flex"), "{e}");
+    let v = ok(&["--version"]);
+    assert!(v.starts_with("popen ") && v.contains("(git "), "{v}");
+    for (shell, mark) in [("bash", "_popen()"), ("zsh", "#compdef popen"), ("fish", "complete -c popen")] {
+        let c = ok(&["completions", shell]);
+        assert!(c.contains(mark) && c.contains("ensemble-train"), "{shell}: {}", &c[..c.len().min(200)]);
+    }
 }
 
 #[test]
