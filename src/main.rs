@@ -183,7 +183,8 @@ struct ShowArgs {
 
 #[derive(clap::Args)]
 struct InspectArgs {
-    /// Sample shard (.parquet).
+    /// A shard of any kind (.parquet): samples, predictions, text or segmentation
+    /// preferences, SAM proposals; its kind is read from the file.
     shard: PathBuf,
     /// How many records to print.
     #[arg(long, default_value_t = 3)]
@@ -366,16 +367,27 @@ fn show(a: ShowArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let reader = ShardReader::<Sample>::open(&a.shard)?;
-    println!("{}: {} rows of {}", a.shard.display(), reader.num_rows(), <Sample as popen_core::shard::Record>::KIND);
-    let mut shown = 0;
-    for batch in reader {
-        for s in batch? {
-            if shown == a.head {
-                return Ok(());
+    use popen_core::shard::{read_kind, Prediction, ProposalSet, Record, SegPref, TextPref};
+    fn show<T: Record>(a: &InspectArgs, line: impl Fn(&T) -> String) -> Result<()> {
+        let reader = ShardReader::<T>::open(&a.shard)?;
+        println!("{}: {} rows of {}", a.shard.display(), reader.num_rows(), T::KIND);
+        let mut shown = 0;
+        for batch in reader {
+            for r in batch? {
+                if shown == a.head {
+                    return Ok(());
+                }
+                println!("- {}", line(&r));
+                shown += 1;
             }
-            println!(
-                "- {} [{}] {}x{} | {} | {} | targets {:?} | {} instances",
+        }
+        Ok(())
+    }
+    let kind = read_kind(&a.shard)?.unwrap_or_else(|| Sample::KIND.to_string());
+    match kind.as_str() {
+        k if k == Sample::KIND => show(&a, |s: &Sample| {
+            format!(
+                "{} [{}] {}x{} | {} | {} | targets {:?} | {} instances",
                 s.id,
                 s.split,
                 s.width,
@@ -384,9 +396,40 @@ fn inspect(a: InspectArgs) -> Result<()> {
                 s.answer,
                 s.target_names,
                 s.instance_names.len()
-            );
-            shown += 1;
-        }
+            )
+        }),
+        k if k == Prediction::KIND => show(&a, |p: &Prediction| {
+            format!(
+                "{} [{}] {}x{} | {} | {} masks, scores {:?}",
+                p.id,
+                p.split,
+                p.width,
+                p.height,
+                p.answer,
+                p.masks.len(),
+                p.mask_scores
+            )
+        }),
+        k if k == TextPref::KIND => show(&a, |t: &TextPref| {
+            format!("{} [{}] {}x{} | {} | y: {} | y_c: {}", t.id, t.split, t.width, t.height, t.instruction, t.y, t.y_c)
+        }),
+        k if k == SegPref::KIND => show(&a, |t: &SegPref| {
+            format!(
+                "{} [{}] {}x{} | {} | {} | phase {} draw {} | {} noisy images",
+                t.id,
+                t.split,
+                t.width,
+                t.height,
+                t.instruction,
+                t.answer,
+                t.phase,
+                t.draw,
+                t.noise_seed.len()
+            )
+        }),
+        k if k == ProposalSet::KIND => show(&a, |p: &ProposalSet| {
+            format!("{} {}x{} | {} masks, scores {:?}", p.id, p.width, p.height, p.masks.len(), p.scores)
+        }),
+        other => bail!("{}: holds '{other}' records, which inspect does not know", a.shard.display()),
     }
-    Ok(())
 }

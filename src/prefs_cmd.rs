@@ -31,15 +31,15 @@ pub struct RunArgs {
 #[derive(clap::Args)]
 pub struct CollectPsArgs {
     /// Model folder (the SFT model: the reference model of P_s).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "print_config")]
+    model: Option<PathBuf>,
     /// Samples shard (e.g. data/synth/train.parquet).
-    #[arg(long)]
-    samples: PathBuf,
+    #[arg(long, required_unless_present = "print_config")]
+    samples: Option<PathBuf>,
     /// Output seg-pref shard (Parquet); a manifest is written beside it. With --shard I/N the
     /// name gets the -0000I-of-0000N suffix.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "print_config")]
+    out: Option<PathBuf>,
     /// Config TOML (pipelines/collect-ps-tiny.toml); defaults to SPEC's values.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -94,14 +94,18 @@ pub fn collect_ps(mut a: CollectPsArgs) -> Result<()> {
         print!("{}", popen_core::config_text::config_toml(&cfg)?);
         return Ok(());
     }
-    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--samples", &a.samples), ("--model", &a.model)];
+    let (Some(model), Some(samples), Some(out)) = (&a.model, &a.samples, &a.out) else {
+        bail!("collect-ps needs --model, --samples and --out (see --help)");
+    };
+    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--samples", samples), ("--model", model)];
     inputs.extend(a.proposals.iter().map(|p| ("--proposals", p.as_path())));
-    let (out, _lock) = claim_output(&a.out, &a.run.shard, a.run.force, &inputs)?;
+    let (out, _lock) = claim_output(out, &a.run.shard, a.run.force, &inputs)?;
+    let io = (model.as_path(), samples.as_path(), out.as_path());
     let report = match a.run.backend.as_str() {
-        "flex" => run::<burn::backend::Flex>(&a, &cfg, &out, &Default::default()),
-        "ndarray" => run::<burn::backend::NdArray<f32>>(&a, &cfg, &out, &Default::default()),
+        "flex" => run::<burn::backend::Flex>(&a, &cfg, io, &Default::default()),
+        "ndarray" => run::<burn::backend::NdArray<f32>>(&a, &cfg, io, &Default::default()),
         #[cfg(feature = "cuda")]
-        "cuda" => run::<burn::backend::Cuda<f32, i32>>(&a, &cfg, &out, &Default::default()),
+        "cuda" => run::<burn::backend::Cuda<f32, i32>>(&a, &cfg, io, &Default::default()),
         other => bail!(
             "backend '{other}' is not available in this build (available: {})",
             crate::backend::available().join(", ")
@@ -114,7 +118,7 @@ pub fn collect_ps(mut a: CollectPsArgs) -> Result<()> {
 fn run<B: Backend>(
     a: &CollectPsArgs,
     cfg: &CollectPsConfig,
-    out: &std::path::Path,
+    (model, samples, out): (&std::path::Path, &std::path::Path, &std::path::Path),
     dev: &B::Device,
 ) -> Result<collect_ps::CollectPsReport> {
     let (shard_proposer, sam_proposer);
@@ -128,8 +132,8 @@ fn run<B: Backend>(
         shard_proposer = collect_ps::ShardProposer::open(&a.proposals).context("reading the proposals")?;
         &shard_proposer
     };
-    collect_ps::run::<B>(&a.model, &a.samples, out, cfg, proposer, a.run.shard, true, dev)
-        .with_context(|| format!("collect-ps {} -> {}", a.samples.display(), out.display()))
+    collect_ps::run::<B>(model, samples, out, cfg, proposer, a.run.shard, true, dev)
+        .with_context(|| format!("collect-ps {} -> {}", samples.display(), out.display()))
 }
 
 /// This shard task's output path, claimed for this run: refused when it is one of `inputs`,
@@ -161,15 +165,15 @@ pub(crate) fn claim_output(
 #[derive(clap::Args)]
 pub struct CollectPtArgs {
     /// Model folder (the SFT model: answers y, and the reference log-probs).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "print_config")]
+    model: Option<PathBuf>,
     /// Samples shard (e.g. data/synth/train.parquet).
-    #[arg(long)]
-    samples: PathBuf,
+    #[arg(long, required_unless_present = "print_config")]
+    samples: Option<PathBuf>,
     /// Output text-pref shard (Parquet); a manifest is written beside it. With --shard I/N
     /// the name gets the -0000I-of-0000N suffix.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "print_config")]
+    out: Option<PathBuf>,
     /// Config TOML (pipelines/collect-pt-tiny.toml); defaults to SPEC's values.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -210,6 +214,9 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
         print!("{}", popen_core::config_text::config_toml(&cfg)?);
         return Ok(());
     }
+    let (Some(model), Some(samples), Some(out)) = (&a.model, &a.samples, &a.out) else {
+        bail!("collect-pt needs --model, --samples and --out (see --help)");
+    };
     let lexicon = popen_core::lexicon::Lexicon::load(&a.lexicon)
         .with_context(|| format!("loading the lexicon '{}'", a.lexicon))?;
     let corrector: Box<dyn popen_prefs::corrector::Corrector + Sync> = match a.corrector.as_str() {
@@ -220,13 +227,17 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
         }
         other => bail!("corrector '{other}' is not available (available: offline, openai)"),
     };
-    let (out, _lock) =
-        claim_output(&a.out, &a.run.shard, a.run.force, &[("--samples", &a.samples), ("--model", &a.model)])?;
+    let (out, _lock) = claim_output(
+        out,
+        &a.run.shard,
+        a.run.force,
+        &[("--samples", samples.as_path()), ("--model", model.as_path())],
+    )?;
     macro_rules! go {
         ($b:ty) => {
             collect_pt::run::<$b>(
-                &a.model,
-                &a.samples,
+                model,
+                samples,
                 &out,
                 &cfg,
                 corrector.as_ref(),
@@ -248,7 +259,7 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
             crate::backend::available().join(", ")
         ),
     }
-    .with_context(|| format!("collect-pt {} -> {}", a.samples.display(), out.display()))?;
+    .with_context(|| format!("collect-pt {} -> {}", samples.display(), out.display()))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -118,6 +118,9 @@ fn help_explains_every_command() {
     assert!(h.contains("possible values: pixellm, llava, llava-hf, native"), "{h}");
     let e = err(&["predict", "--backend", "gpu", "--model", "m", "--samples", "s", "--out", "o"]);
     assert!(e.contains("gpu") && e.contains("flex"), "{e}");
+    // --print-config alone, without the stage's inputs.
+    assert!(ok(&["collect-pt", "--print-config"]).contains("max_new_tokens = "));
+    assert!(ok(&["collect-ps", "--print-config"]).contains("max_samples = "));
     let v = ok(&["--version"]);
     assert!(v.starts_with("popen ") && v.contains("(git "), "{v}");
     for (shell, mark) in [("bash", "_popen()"), ("zsh", "#compdef popen"), ("fish", "complete -c popen")] {
@@ -440,6 +443,11 @@ fn tiny_sft_predict_eval() {
         &d("eval"),
     ]);
     assert!(out.contains("gIoU"), "{out}");
+    // inspect reads every shard kind from the file.
+    let i = ok(&["inspect", &pred, "--head", "1"]);
+    assert!(i.contains("8 rows of prediction/1") && i.contains("masks, scores"), "{i}");
+    let i = ok(&["inspect", val.to_str().unwrap(), "--head", "1"]);
+    assert!(i.contains("rows of sample/1"), "{i}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("eval/report.json")).unwrap()).unwrap();
     assert!(report["metrics"]["ciou"].as_f64().is_some());
