@@ -76,8 +76,9 @@ enum Command {
     /// preference loss on P_s (Eq. 4, curriculum phase 1 then 2) and the mask loss; resumable.
     #[command(long_about = train_cmd::DPO_LONG_ABOUT)]
     Dpo(train_cmd::DpoArgs),
-    /// Ensemble training (POPEN stage 3): only p_hat trains, loss L_ti + L_si over K sampled
-    /// answers and the refined answer/masks; resumable.
+    /// Ensemble training (POPEN stage 3): p_hat and the seg-feedback projection train on
+    /// L_ti + L_si over K sampled answers and the refined answer/masks (after the tiny
+    /// preset's supervised warm-up, `adapt_steps`); resumable.
     #[command(long_about = train_cmd::ENSEMBLE_LONG_ABOUT)]
     EnsembleTrain(train_cmd::EnsembleTrainArgs),
     /// Greedy answers and masks for every sample of a shard, written as a predictions shard
