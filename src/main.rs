@@ -40,12 +40,6 @@ enum Command {
     /// Import a MUSE JSON file (PixelLM's format) into sample shards; bad records are
     /// skipped and listed in the manifest.
     ImportMuse(ImportMuseArgs),
-    /// Render one sample (image, masks as a coloured overlay, instruction and answer) to PNG.
-    Show(ShowArgs),
-    /// Print a shard's kind, row count and a few records.
-    Inspect(InspectArgs),
-    /// Check a compute backend: a matmul against a CPU reference, and its throughput.
-    Device(DeviceArgs),
     /// Print a model preset as TOML (tiny, pixellm-7b, pixellm-13b): the files under
     /// pipelines/model-*.toml.
     ModelConfig(model_cmd::ModelConfigArgs),
@@ -57,21 +51,19 @@ enum Command {
     /// Convert a released checkpoint (PixelLM, LLaVA, HF LLaVA; safetensors, sharded or
     /// not) into a model folder. Missing, unexpected or mis-shaped tensors are errors.
     ModelImport(model_cmd::ModelImportArgs),
-    /// Write a model folder back in PixelLM's or transformers' LLaVA layout (config.json,
-    /// safetensors with their names, tokenizer files), for use outside popen.
-    #[command(long_about = model_cmd::MODEL_EXPORT_LONG_ABOUT)]
-    ModelExport(model_cmd::ModelExportArgs),
-    /// Answer an instruction about an image: text with one mask per object (JSON), and an
-    /// overlay PNG with --out.
-    Infer(model_cmd::InferArgs),
-    /// Per-token log-probabilities of a given answer (teacher forcing), as JSON.
-    Score(model_cmd::ScoreArgs),
-    /// Time a LLaMA's prefill and greedy decoding with the KV cache (ms per token; the
-    /// workload of tools/reference/bench_decode.py, compared by `make bench-cpu`).
-    BenchDecode(model_cmd::BenchDecodeArgs),
     /// Supervised finetuning (PixelLM's recipe: text CE + mask BCE + DICE) of a model folder
     /// on a samples shard; resumable, checkpoints written atomically.
     Sft(train_cmd::SftArgs),
+    /// Text preference data P_t: the model's answer y, a corrector's y_c (offline: from the
+    /// ground truth), RLHF-V token diffs and the reference model's per-token log-probs.
+    CollectPt(prefs_cmd::CollectPtArgs),
+    /// Segmentation preference data P_s (Algorithm 1): noise-filled copies of each image,
+    /// teacher-forced masks ranked by Eq. 1 / boundary IoU, curriculum selection (--phase 1|2).
+    CollectPs(prefs_cmd::CollectPsArgs),
+    /// Class-agnostic object proposals with SAM's automatic mask generator (MobileSAM by
+    /// default; SAM ViT-B/L/H checkpoints too), one `proposal/1` record per image: for
+    /// collect-ps --proposals and the localization-error metric. Sharded and resumable.
+    SamMasks(sam_cmd::SamMasksArgs),
     /// Preference optimization (POPEN stage 2): text DPO on P_t (Eqs. 2-3), the segmentation
     /// preference loss on P_s (Eq. 4, curriculum phase 1 then 2) and the mask loss; resumable.
     #[command(long_about = train_cmd::DPO_LONG_ABOUT)]
@@ -87,22 +79,30 @@ enum Command {
     /// Score a predictions shard against its samples shard: gIoU, cIoU, CHAIR, boundary IoU,
     /// localization error; JSON + Markdown report and overlays of the best and worst samples.
     Eval(eval_cmd::EvalArgs),
-    /// Segmentation preference data P_s (Algorithm 1): noise-filled copies of each image,
-    /// teacher-forced masks ranked by Eq. 1 / boundary IoU, curriculum selection (--phase 1|2).
-    CollectPs(prefs_cmd::CollectPsArgs),
-    /// Text preference data P_t: the model's answer y, a corrector's y_c (offline: from the
-    /// ground truth), RLHF-V token diffs and the reference model's per-token log-probs.
-    CollectPt(prefs_cmd::CollectPtArgs),
-    /// Class-agnostic object proposals with SAM's automatic mask generator (MobileSAM by
-    /// default; SAM ViT-B/L/H checkpoints too), one `proposal/1` record per image: for
-    /// collect-ps --proposals and the localization-error metric. Sharded and resumable.
-    SamMasks(sam_cmd::SamMasksArgs),
+    /// Answer an instruction about an image: text with one mask per object (JSON), and an
+    /// overlay PNG with --out.
+    Infer(model_cmd::InferArgs),
+    /// Per-token log-probabilities of a given answer (teacher forcing), as JSON.
+    Score(model_cmd::ScoreArgs),
+    /// Write a model folder back in PixelLM's or transformers' LLaVA layout (config.json,
+    /// safetensors with their names, tokenizer files), for use outside popen.
+    #[command(long_about = model_cmd::MODEL_EXPORT_LONG_ABOUT)]
+    ModelExport(model_cmd::ModelExportArgs),
+    /// Render one sample (image, masks as a coloured overlay, instruction and answer) to PNG.
+    Show(ShowArgs),
+    /// Print a shard's kind, row count and a few records.
+    Inspect(InspectArgs),
     /// Check that every task of a job array wrote its shard and manifest and merge them into
     /// the stage output (records in input order: the single-process file) and its manifest.
     Merge(cluster_cmd::MergeArgs),
     /// Run the pipeline on a Slurm cluster (pipelines/cluster.toml, pipelines/slurm/).
     #[command(subcommand)]
     Cluster(cluster_cmd::ClusterCommand),
+    /// Check a compute backend: a matmul against a CPU reference, and its throughput.
+    Device(DeviceArgs),
+    /// Time a LLaMA's prefill and greedy decoding with the KV cache (ms per token; the
+    /// workload of tools/reference/bench_decode.py, compared by `make bench-cpu`).
+    BenchDecode(model_cmd::BenchDecodeArgs),
     /// Print a shell completion script (bash: `popen completions bash >
     /// ~/.local/share/bash-completion/completions/popen`; zsh: `_popen` in a folder of
     /// $fpath; fish: ~/.config/fish/completions/popen.fish).
