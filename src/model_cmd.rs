@@ -325,11 +325,11 @@ pub fn model_export(a: ModelExportArgs) -> Result<()> {
     }
     type B = burn::backend::NdArray<f32>;
     let b = bundle::open::<B>(&a.model, &Default::default())?;
-    // Refuse before anything is written.
-    export::check_exportable(b.model.config(), layout)?;
     let _lock = popen_core::guard::claim_output(&a.out, &[("--model", &a.model)])?;
     let name = a.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
-    let tmp = a.out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    // Written beside the output and renamed into place, as `stage::save_model` writes a model
+    // folder; export_weights refuses (checks the config, the image token) before writing.
+    let tmp = a.out.with_file_name(format!("{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let image_token = a.image_token_id.or_else(|| b.tokenizer.token_to_id(popen_model::tokenizer::IMAGE_TOKEN));
     let written = (|| -> Result<export::ExportReport> {

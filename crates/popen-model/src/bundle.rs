@@ -31,17 +31,22 @@ pub struct Bundle<B: Backend> {
     pub tokenizer: Tokenizer,
 }
 
-fn io_err(path: &Path, e: impl std::fmt::Display) -> PixelLmError {
+pub(crate) fn io_err(path: &Path, e: impl std::fmt::Display) -> PixelLmError {
     PixelLmError::Input(format!("{}: {e}", path.display()))
+}
+
+/// Write `cfg` as `dir/model.toml` (atomically).
+pub(crate) fn save_config(dir: &Path, cfg: &PixelLmConfig) -> Result<()> {
+    let toml =
+        toml::to_string_pretty(cfg).map_err(|e| PixelLmError::Config(format!("cannot write config as TOML: {e}")))?;
+    popen_core::shard::atomic_write(dir.join(CONFIG_FILE), toml.as_bytes()).map_err(|e| io_err(dir, e))
 }
 
 /// Write a model folder (creating `dir`).
 pub fn save<B: Backend>(dir: &Path, model: &PixelLm<B>, tokenizer: &Tokenizer) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     check_tokenizer(model.config(), tokenizer, dir)?;
-    let toml = toml::to_string_pretty(model.config())
-        .map_err(|e| PixelLmError::Config(format!("cannot write config as TOML: {e}")))?;
-    popen_core::shard::atomic_write(dir.join(CONFIG_FILE), toml.as_bytes()).map_err(|e| io_err(dir, e))?;
+    save_config(dir, model.config())?;
     tokenizer.save(dir.join(TOKENIZER_FILE)).map_err(|e| io_err(dir, e))?;
     pixellm::save(model, dir.join(WEIGHTS_FILE))
 }

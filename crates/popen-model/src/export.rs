@@ -32,6 +32,7 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::bundle::io_err;
 use crate::pixellm::{Layout, PixelLm, PixelLmConfig, PixelLmError};
 use crate::tokenizer::Tokenizer;
 use crate::weights;
@@ -49,6 +50,14 @@ pub enum ExportLayout {
 }
 
 impl ExportLayout {
+    /// The `--layout` spelling.
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            ExportLayout::Pixellm => "pixellm",
+            ExportLayout::LlavaHf => "llava-hf",
+        }
+    }
+
     /// The import layout that reads this export back.
     pub fn import_layout(self) -> Layout {
         match self {
@@ -156,16 +165,6 @@ pub fn check_exportable(cfg: &PixelLmConfig, layout: ExportLayout) -> Result<()>
     Ok(())
 }
 
-impl ExportLayout {
-    /// The `--layout` spelling.
-    pub fn cli_name(self) -> &'static str {
-        match self {
-            ExportLayout::Pixellm => "pixellm",
-            ExportLayout::LlavaHf => "llava-hf",
-        }
-    }
-}
-
 /// Write `model`'s weights and config in `layout` into the folder `dir` (created).
 /// `image_token_id`: the vocabulary id transformers' LLaVA replaces by image features
 /// (`image_token_index`; llava-hf only).
@@ -228,10 +227,7 @@ pub fn export_weights<B: Backend>(
     }
     write_json(&dir.join("config.json"), &config)?;
     report.files.push("config.json".into());
-    let toml =
-        toml::to_string_pretty(cfg).map_err(|e| PixelLmError::Config(format!("cannot write config as TOML: {e}")))?;
-    popen_core::shard::atomic_write(dir.join(crate::bundle::CONFIG_FILE), toml.as_bytes())
-        .map_err(|e| io_err(dir, e))?;
+    crate::bundle::save_config(dir, cfg)?;
     report.files.push(crate::bundle::CONFIG_FILE.into());
     Ok(report)
 }
@@ -258,10 +254,6 @@ pub fn export_tokenizer(tok: &Tokenizer, dir: &Path) -> Result<Vec<String>> {
     write_json(&dir.join("tokenizer_config.json"), &Value::Object(cfg))?;
     write_json(&dir.join("special_tokens_map.json"), &Value::Object(special))?;
     Ok(vec!["tokenizer.json".into(), "tokenizer_config.json".into(), "special_tokens_map.json".into()])
-}
-
-fn io_err(path: &Path, e: impl std::fmt::Display) -> PixelLmError {
-    PixelLmError::Input(format!("{}: {e}", path.display()))
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {

@@ -170,17 +170,33 @@ fn prepare_one(
     })
 }
 
-/// For each example, the other examples about the same image (equal image bytes).
-pub fn siblings(examples: &[Example]) -> Vec<Vec<usize>> {
-    let mut by_image: std::collections::HashMap<&[u8], Vec<usize>> = std::collections::HashMap::new();
-    for (i, e) in examples.iter().enumerate() {
-        by_image.entry(e.image.as_slice()).or_default().push(i);
-    }
-    examples
+/// Examples that show one image (equal image bytes; the benchmark asks several questions per
+/// image): the first example of each distinct image, in order, and each example's image
+/// (an index into the first list).
+pub fn image_groups(examples: &[Example]) -> (Vec<usize>, Vec<usize>) {
+    let mut seen: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
+    let mut first = Vec::new();
+    let of = examples
         .iter()
         .enumerate()
-        .map(|(i, e)| by_image[e.image.as_slice()].iter().copied().filter(|&j| j != i).collect())
-        .collect()
+        .map(|(i, e)| {
+            *seen.entry(e.image.as_slice()).or_insert_with(|| {
+                first.push(i);
+                first.len() - 1
+            })
+        })
+        .collect();
+    (first, of)
+}
+
+/// For each example, the other examples about the same image ([`image_groups`]).
+pub fn siblings(examples: &[Example]) -> Vec<Vec<usize>> {
+    let (first, of) = image_groups(examples);
+    let mut members = vec![Vec::new(); first.len()];
+    for (i, &g) in of.iter().enumerate() {
+        members[g].push(i);
+    }
+    of.iter().enumerate().map(|(i, &g)| members[g].iter().copied().filter(|&j| j != i).collect()).collect()
 }
 
 /// Ensemble-aware SFT (SPEC 10.18, [`crate::config::SftConfig::ensemble_share`]): which

@@ -298,21 +298,7 @@ pub fn cache_sam_embeddings<B: Backend>(
         return Ok(());
     }
     // Samples that share an image (several questions per image) share its embedding.
-    let (unique, of_example) = {
-        let mut seen: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
-        let mut unique = Vec::new();
-        let of: Vec<usize> = examples
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                *seen.entry(e.image.as_slice()).or_insert_with(|| {
-                    unique.push(i);
-                    unique.len() - 1
-                })
-            })
-            .collect();
-        (unique, of)
-    };
+    let (unique, of_example) = crate::data::image_groups(examples);
     let exs: &[Example] = examples;
     let decode = |u: usize| exs[unique[u]].decode_image().map_err(TrainError::Data);
     let key = |u: usize, h: &mut sha2::Sha256| {
