@@ -28,18 +28,36 @@ pub struct RunArgs {
     pub backend: String,
 }
 
+/// What a collect stage reads and writes (optional only so that `--print-config` runs alone).
 #[derive(clap::Args)]
-pub struct CollectPsArgs {
-    /// Model folder (the SFT model: the reference model of P_s).
+pub struct CollectIo {
+    /// Model folder (the SFT model: the reference model whose answers, log-probs and seg
+    /// embeddings the preferences record).
     #[arg(long, required_unless_present = "print_config")]
     model: Option<PathBuf>,
     /// Samples shard (e.g. data/synth/train.parquet).
     #[arg(long, required_unless_present = "print_config")]
     samples: Option<PathBuf>,
-    /// Output seg-pref shard (Parquet); a manifest is written beside it. With --shard I/N the
-    /// name gets the -0000I-of-0000N suffix.
+    /// Output shard (Parquet: text-pref for collect-pt, seg-pref for collect-ps); a manifest
+    /// is written beside it. With --shard I/N the name gets the -0000I-of-0000N suffix.
     #[arg(long, required_unless_present = "print_config")]
     out: Option<PathBuf>,
+}
+
+impl CollectIo {
+    /// `(model, samples, out)`; clap requires them unless `--print-config`.
+    fn paths(&self, stage: &str) -> Result<(&std::path::Path, &std::path::Path, &std::path::Path)> {
+        match (&self.model, &self.samples, &self.out) {
+            (Some(m), Some(s), Some(o)) => Ok((m, s, o)),
+            _ => bail!("{stage} needs --model, --samples and --out (see --help)"),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct CollectPsArgs {
+    #[command(flatten)]
+    io: CollectIo,
     /// Config TOML (pipelines/collect-ps-tiny.toml); defaults to SPEC's values.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -94,13 +112,11 @@ pub fn collect_ps(mut a: CollectPsArgs) -> Result<()> {
         print!("{}", popen_core::config_text::config_toml(&cfg)?);
         return Ok(());
     }
-    let (Some(model), Some(samples), Some(out)) = (&a.model, &a.samples, &a.out) else {
-        bail!("collect-ps needs --model, --samples and --out (see --help)");
-    };
+    let (model, samples, out) = a.io.paths("collect-ps")?;
     let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--samples", samples), ("--model", model)];
     inputs.extend(a.proposals.iter().map(|p| ("--proposals", p.as_path())));
     let (out, _lock) = claim_output(out, &a.run.shard, a.run.force, &inputs)?;
-    let io = (model.as_path(), samples.as_path(), out.as_path());
+    let io = (model, samples, out.as_path());
     let report = match a.run.backend.as_str() {
         "flex" => run::<burn::backend::Flex>(&a, &cfg, io, &Default::default()),
         "ndarray" => run::<burn::backend::NdArray<f32>>(&a, &cfg, io, &Default::default()),
@@ -164,16 +180,8 @@ pub(crate) fn claim_output(
 
 #[derive(clap::Args)]
 pub struct CollectPtArgs {
-    /// Model folder (the SFT model: answers y, and the reference log-probs).
-    #[arg(long, required_unless_present = "print_config")]
-    model: Option<PathBuf>,
-    /// Samples shard (e.g. data/synth/train.parquet).
-    #[arg(long, required_unless_present = "print_config")]
-    samples: Option<PathBuf>,
-    /// Output text-pref shard (Parquet); a manifest is written beside it. With --shard I/N
-    /// the name gets the -0000I-of-0000N suffix.
-    #[arg(long, required_unless_present = "print_config")]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    io: CollectIo,
     /// Config TOML (pipelines/collect-pt-tiny.toml); defaults to SPEC's values.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -214,9 +222,7 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
         print!("{}", popen_core::config_text::config_toml(&cfg)?);
         return Ok(());
     }
-    let (Some(model), Some(samples), Some(out)) = (&a.model, &a.samples, &a.out) else {
-        bail!("collect-pt needs --model, --samples and --out (see --help)");
-    };
+    let (model, samples, out) = a.io.paths("collect-pt")?;
     let lexicon = popen_core::lexicon::Lexicon::load(&a.lexicon)
         .with_context(|| format!("loading the lexicon '{}'", a.lexicon))?;
     let corrector: Box<dyn popen_prefs::corrector::Corrector + Sync> = match a.corrector.as_str() {
@@ -227,12 +233,7 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
         }
         other => bail!("corrector '{other}' is not available (available: offline, openai)"),
     };
-    let (out, _lock) = claim_output(
-        out,
-        &a.run.shard,
-        a.run.force,
-        &[("--samples", samples.as_path()), ("--model", model.as_path())],
-    )?;
+    let (out, _lock) = claim_output(out, &a.run.shard, a.run.force, &[("--samples", samples), ("--model", model)])?;
     macro_rules! go {
         ($b:ty) => {
             collect_pt::run::<$b>(
