@@ -57,7 +57,7 @@ pub struct ModelInitArgs {
     /// and the pixel decoder of a `sam_encoder` model (pipelines/model-tiny-sam.toml) start
     /// from; required for such a model, refused for others.
     #[arg(long)]
-    sam: Option<PathBuf>,
+    sam_checkpoint: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -259,15 +259,15 @@ pub fn model_init(a: ModelInitArgs) -> Result<()> {
     let dev = Default::default();
     B::seed(&dev, a.seed);
     let model = cfg.init::<B>(&dev)?;
-    let model = match (&a.sam, cfg.sam_encoder.is_some()) {
+    let model = match (&a.sam_checkpoint, cfg.sam_encoder.is_some()) {
         (Some(p), true) => model.init_from_sam(p)?,
         (None, false) => model,
         (None, true) => bail!(
-            "{}: the model has a SAM encoder: pass its pretrained weights with --sam (e.g. data/assets/mobile_sam/mobile_sam.pt)",
+            "{}: the model has a SAM encoder: pass its pretrained weights with --sam-checkpoint (e.g. data/assets/mobile_sam/mobile_sam.pt)",
             a.config.display()
         ),
         (Some(p), false) => bail!(
-            "--sam {}: the model of {} has no SAM encoder (sam_encoder); use a config such as pipelines/model-tiny-sam.toml",
+            "--sam-checkpoint {}: the model of {} has no SAM encoder (sam_encoder); use a config such as pipelines/model-tiny-sam.toml",
             p.display(),
             a.config.display()
         ),

@@ -23,12 +23,12 @@ pub struct SamMasksArgs {
     /// Config TOML (pipelines/sam-masks.toml); defaults: MobileSAM, SAM's generator defaults.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// SAM model: mobile_sam, vit_b, vit_l, vit_h (overrides the config).
+    /// SAM model (overrides the config).
+    #[arg(long, value_parser = ["mobile_sam", "vit_b", "vit_l", "vit_h"])]
+    sam_model: Option<String>,
+    /// SAM checkpoint file (overrides the config; mobile_sam: data/assets/mobile_sam/mobile_sam.pt).
     #[arg(long)]
-    model: Option<String>,
-    /// Checkpoint file (overrides the config; mobile_sam: data/assets/mobile_sam/mobile_sam.pt).
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
+    sam_checkpoint: Option<PathBuf>,
     /// Points per image side of the generator's grid (overrides the config; SAM: 32).
     #[arg(long)]
     points_per_side: Option<usize>,
@@ -42,10 +42,10 @@ pub struct SamMasksArgs {
 pub fn sam_masks(mut a: SamMasksArgs) -> Result<()> {
     a.run.shard = a.run.shard.or_slurm()?;
     let mut cfg: SamMasksConfig = read_toml(a.config.as_deref())?;
-    if let Some(m) = &a.model {
+    if let Some(m) = &a.sam_model {
         cfg.model = m.clone();
     }
-    if let Some(c) = &a.checkpoint {
+    if let Some(c) = &a.sam_checkpoint {
         cfg.checkpoint = c.clone();
     }
     if let Some(n) = a.points_per_side {
@@ -68,7 +68,8 @@ pub fn sam_masks(mut a: SamMasksArgs) -> Result<()> {
         ImageSource::Samples(p) => ("--samples", p.as_path()),
         ImageSource::Folder(p) => ("--images", p.as_path()),
     };
-    let (out, _lock) = claim_output(&out_arg, &a.run.shard, a.run.force, &[input, ("--checkpoint", &cfg.checkpoint)])?;
+    let (out, _lock) =
+        claim_output(&out_arg, &a.run.shard, a.run.force, &[input, ("--sam-checkpoint", &cfg.checkpoint)])?;
     let report = match a.run.backend.as_str() {
         "flex" => run::<burn::backend::Flex>(&cfg, &source, &out, &a, &Default::default()),
         "ndarray" => run::<burn::backend::NdArray<f32>>(&cfg, &source, &out, &a, &Default::default()),

@@ -103,10 +103,10 @@ fn run_stage<R: StageRun>(stage: &R, backend: &str, precision: Precision, replic
 pub struct SftArgs {
     /// Model folder to start from (popen model-init / model-import).
     #[arg(long)]
-    init: Option<PathBuf>,
-    /// Training samples shard.
+    model: Option<PathBuf>,
+    /// Training samples shard (e.g. data/synth/train.parquet).
     #[arg(long)]
-    train: Option<PathBuf>,
+    samples: Option<PathBuf>,
     #[command(flatten)]
     stage: StageArgs,
 }
@@ -188,10 +188,10 @@ pub fn sft(a: SftArgs) -> Result<()> {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    let (Some(init), Some(train), Some(out)) = (&a.init, &a.train, &a.stage.out) else {
-        bail!("popen sft needs --init MODEL_DIR, --train SHARD and --out DIR (see --help)");
+    let (Some(init), Some(train), Some(out)) = (&a.model, &a.samples, &a.stage.out) else {
+        bail!("popen sft needs --model MODEL_DIR, --samples TRAIN.parquet and --out DIR (see --help)");
     };
-    let _lock = popen_core::guard::claim_output(out, &[("--init", init), ("--train", train)])?;
+    let _lock = popen_core::guard::claim_output(out, &[("--model", init), ("--samples", train)])?;
     let job = SftJob {
         config: &cfg,
         init,
@@ -258,7 +258,7 @@ P_t batch + L_s (Eq. 4: the policy's segmentation embedding on each target's med
 against the recorded reference embeddings, switched off per target by the indicator) + PixelLM's mask \
 loss (BCE + DICE against ground truth on the clean images) on a P_s batch. P_s of phase 1 serves the \
 first half of the steps, phase 2 the second half. The reference model is the one the shards were \
-collected with: its log-probs and embeddings are read from them (--init should be that model). The pixel \
+collected with: its log-probs and embeddings are read from them (--model should be that model). The pixel \
 decoder stays frozen.\n\n\
 Writes into --out: checkpoints/, metrics.jsonl and metrics.csv (TRL's rewards/chosen, rewards/rejected, \
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; loss/seg, seg/* and \
@@ -272,7 +272,7 @@ pub struct DpoArgs {
     /// The SFT model folder: the policy starts from it, and it is the reference the
     /// preference shards were collected with.
     #[arg(long)]
-    init: Option<PathBuf>,
+    model: Option<PathBuf>,
     /// Text preference shard P_t (popen collect-pt).
     #[arg(long)]
     pt: Option<PathBuf>,
@@ -290,7 +290,7 @@ pub struct DpoArgs {
     /// The proposal shards collect-ps read (--proposals there), for the phase-1 indicator.
     #[arg(long, num_args = 1..)]
     proposals: Vec<PathBuf>,
-    /// Train even if a preference shard was collected with another model than --init (the
+    /// Train even if a preference shard was collected with another model than --model (the
     /// shards record their reference model; by default a mismatch is an error).
     #[arg(long)]
     allow_foreign_ref: bool,
@@ -314,9 +314,9 @@ pub fn dpo(a: DpoArgs) -> Result<()> {
         return Ok(());
     }
     let (Some(init), Some(pt), Some(ps1), Some(ps2), Some(out)) =
-        (&a.init, &a.pt, &a.ps_phase1, &a.ps_phase2, &a.stage.out)
+        (&a.model, &a.pt, &a.ps_phase1, &a.ps_phase2, &a.stage.out)
     else {
-        bail!("popen dpo needs --init MODEL_DIR, --pt PT.parquet, --ps-phase1 A.parquet, --ps-phase2 B.parquet and --out DIR (see --help)");
+        bail!("popen dpo needs --model MODEL_DIR, --pt PT.parquet, --ps-phase1 A.parquet, --ps-phase2 B.parquet and --out DIR (see --help)");
     };
     let proposals = match (&a.samples, a.proposals.is_empty()) {
         (Some(s), _) => ProposalSource::Samples(s),
@@ -337,7 +337,7 @@ pub fn dpo(a: DpoArgs) -> Result<()> {
         allow_foreign_ref: a.allow_foreign_ref,
     };
     let mut inputs: Vec<(&str, &Path)> =
-        vec![("--init", init), ("--pt", pt), ("--ps-phase1", ps1), ("--ps-phase2", ps2)];
+        vec![("--model", init), ("--pt", pt), ("--ps-phase1", ps1), ("--ps-phase2", ps2)];
     if let Some(s) = &a.samples {
         inputs.push(("--samples", s));
     }
@@ -365,7 +365,7 @@ continues exactly from the newest).";
 pub struct EnsembleTrainArgs {
     /// The DPO model folder (popen dpo's OUT/model); it must have p_hat (prompt_embeddings > 0).
     #[arg(long)]
-    init: Option<PathBuf>,
+    model: Option<PathBuf>,
     /// Training samples shard (with ground-truth answers and masks), e.g. data/synth/train.parquet.
     #[arg(long)]
     samples: Option<PathBuf>,
@@ -395,10 +395,10 @@ pub fn ensemble_train(a: EnsembleTrainArgs) -> Result<()> {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    let (Some(init), Some(samples), Some(out)) = (&a.init, &a.samples, &a.stage.out) else {
-        bail!("popen ensemble-train needs --init MODEL_DIR, --samples TRAIN.parquet and --out DIR (see --help)");
+    let (Some(init), Some(samples), Some(out)) = (&a.model, &a.samples, &a.stage.out) else {
+        bail!("popen ensemble-train needs --model MODEL_DIR, --samples TRAIN.parquet and --out DIR (see --help)");
     };
-    let _lock = popen_core::guard::claim_output(out, &[("--init", init), ("--samples", samples)])?;
+    let _lock = popen_core::guard::claim_output(out, &[("--model", init), ("--samples", samples)])?;
     let job = EnsembleJob {
         config: &cfg,
         init,

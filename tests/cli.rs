@@ -8,7 +8,21 @@ use common::{err, ok, popen};
 
 fn synth(out: &Path, seed: &str, shard: &str) {
     let o = out.to_str().unwrap();
-    ok(&["synth", "--out", o, "--seed", seed, "--train", "30", "--val", "8", "--test", "8", "--shard", shard]);
+    ok(&[
+        "synth",
+        "--out",
+        o,
+        "--seed",
+        seed,
+        "--train-samples",
+        "30",
+        "--val-samples",
+        "8",
+        "--test-samples",
+        "8",
+        "--shard",
+        shard,
+    ]);
 }
 
 #[test]
@@ -32,7 +46,7 @@ fn synth_is_deterministic_and_show_renders() {
 
     let png = dir.path().join("x.png");
     let val = a.join("val.parquet");
-    let out = ok(&["show", "--shard", val.to_str().unwrap(), "--index", "2", "--out", png.to_str().unwrap()]);
+    let out = ok(&["show", "--samples", val.to_str().unwrap(), "--index", "2", "--out", png.to_str().unwrap()]);
     assert!(out.contains("->"));
     let img = image::open(&png).unwrap();
     assert!(img.width() >= 96 * 4 && img.height() > 96 * 4, "{}x{}", img.width(), img.height());
@@ -40,10 +54,15 @@ fn synth_is_deterministic_and_show_renders() {
     let listing = ok(&["inspect", val.to_str().unwrap(), "--head", "2"]);
     assert!(listing.contains("8 rows of sample/1"), "{listing}");
 
-    let e = err(&["show", "--shard", val.to_str().unwrap(), "--id", "nope", "--out", png.to_str().unwrap()]);
+    let e = err(&["show", "--samples", val.to_str().unwrap(), "--id", "nope", "--out", png.to_str().unwrap()]);
     assert!(e.contains("no sample with id 'nope'"), "{e}");
-    let e =
-        err(&["show", "--shard", dir.path().join("missing.parquet").to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    let e = err(&[
+        "show",
+        "--samples",
+        dir.path().join("missing.parquet").to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
     assert!(e.contains("missing.parquet"), "{e}");
 }
 
@@ -127,6 +146,27 @@ fn help_explains_every_command() {
         let c = ok(&["completions", shell]);
         assert!(c.contains(mark) && c.contains("ensemble-train"), "{shell}: {}", &c[..c.len().min(200)]);
     }
+    // One grammar: every stage that reads a model folder says --model, a samples shard
+    // --samples; --shard is always I/N. The old spellings are hidden from --help but still
+    // work, with one deprecation line each.
+    for cmd in ["sft", "dpo", "ensemble-train", "predict", "collect-pt", "collect-ps", "infer", "model-export"] {
+        let h = ok(&[cmd, "--help"]);
+        assert!(h.contains("--model <MODEL>") && !h.contains("--init"), "{cmd}: {h}");
+    }
+    for cmd in ["sft", "ensemble-train", "predict", "eval", "collect-pt", "collect-ps", "sam-masks", "show"] {
+        let h = ok(&[cmd, "--help"]);
+        assert!(h.contains("--samples <SAMPLES>") && !h.contains("--train "), "{cmd}: {h}");
+    }
+    for cmd in ["synth", "import-muse", "predict", "collect-pt", "collect-ps", "sam-masks"] {
+        assert!(ok(&[cmd, "--help"]).contains("--shard <SHARD>"), "{cmd}");
+    }
+    assert!(!ok(&["show", "--help"]).contains("--shard"));
+    let o = common::popen(&["sft", "--init", "m", "--train", "t.parquet", "--max-steps", "7", "--print-config"]);
+    let (out, e) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success() && out.contains("max_steps = 7"), "{out}{e}");
+    assert!(e.contains("--init is deprecated") && e.contains("use --model") && e.contains("use --samples"), "{e}");
+    let e = err(&["sam-masks", "--model", "vit_x", "--samples", "s.parquet", "--out", "o.parquet"]);
+    assert!(e.contains("use --sam-model") && e.contains("vit_x") && e.contains("mobile_sam"), "{e}");
 }
 
 #[test]
@@ -331,9 +371,9 @@ fn tiny_sft_predict_eval() {
             "sft".to_string(),
             "--config".into(),
             d("sft.toml"),
-            "--init".into(),
+            "--model".into(),
             d("init"),
-            "--train".into(),
+            "--samples".into(),
             train.to_str().unwrap().into(),
             "--out".into(),
             d("sft"),
@@ -377,9 +417,9 @@ fn tiny_sft_predict_eval() {
         "sft",
         "--config",
         &d("sft2.toml"),
-        "--init",
+        "--model",
         &d("sft/model"),
-        "--train",
+        "--samples",
         train.to_str().unwrap(),
         "--out",
         &d("sft2"),
@@ -395,9 +435,9 @@ fn tiny_sft_predict_eval() {
         "sft",
         "--config",
         "pipelines/sft-pixellm-7b.toml",
-        "--init",
+        "--model",
         &d("init"),
-        "--train",
+        "--samples",
         train.to_str().unwrap(),
         "--out",
         &d("x"),
@@ -568,14 +608,14 @@ fn reruns_recompute_what_changed_and_outputs_are_guarded() {
         "sft",
         "--config",
         "pipelines/sft-tiny.toml",
-        "--init",
+        "--model",
         &d("init"),
-        "--train",
+        "--samples",
         train.to_str().unwrap(),
         "--out",
         &d("init"),
     ]);
-    assert!(e.contains("--init"), "{e}");
+    assert!(e.contains("--model"), "{e}");
 
     // Two processes on one output: the second fails at once naming the first; the first
     // finishes. (The first is held at its start by a lock-file watch: it runs long enough.)
@@ -617,7 +657,19 @@ fn reruns_recompute_what_changed_and_outputs_are_guarded() {
     // Two synth runs into one folder: the second is refused while the first holds it.
     let bench = d("bench");
     let s1 = std::process::Command::new(env!("CARGO_BIN_EXE_popen"))
-        .args(["synth", "--out", &bench, "--seed", "1", "--train", "300", "--val", "8", "--test", "8"])
+        .args([
+            "synth",
+            "--out",
+            &bench,
+            "--seed",
+            "1",
+            "--train-samples",
+            "300",
+            "--val-samples",
+            "8",
+            "--test-samples",
+            "8",
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -626,7 +678,19 @@ fn reruns_recompute_what_changed_and_outputs_are_guarded() {
     while !block.exists() && t0.elapsed().as_secs() < 60 {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    let e = err(&["synth", "--out", &bench, "--seed", "2", "--train", "30", "--val", "8", "--test", "8"]);
+    let e = err(&[
+        "synth",
+        "--out",
+        &bench,
+        "--seed",
+        "2",
+        "--train-samples",
+        "30",
+        "--val-samples",
+        "8",
+        "--test-samples",
+        "8",
+    ]);
     assert!(e.contains("is being written by process"), "{e}");
     assert!(s1.wait_with_output().unwrap().status.success());
 }

@@ -19,7 +19,7 @@ fn eval_baselines_predictions_and_bad_shards() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let d = data.to_str().unwrap();
-    ok(&["synth", "--out", d, "--seed", "3", "--train", "4", "--val", "6", "--test", "2"]);
+    ok(&["synth", "--out", d, "--seed", "3", "--train-samples", "4", "--val-samples", "6", "--test-samples", "2"]);
     let val = data.join("val.parquet");
     let lex = data.join("lexicon.json");
     let (v, l) = (val.to_str().unwrap(), lex.to_str().unwrap());

@@ -141,7 +141,7 @@ def main():
     print(f"interop: MUSE import: {len(rows)} samples, {checked} masks identical to pycocotools")
 
     # 2. synth shards through pyarrow / duckdb / pycocotools.
-    run([a.popen, "synth", "--out", work / "synth", "--seed", "3", "--train", "40", "--val", "10", "--test", "10"])
+    run([a.popen, "synth", "--out", work / "synth", "--seed", "3", "--train-samples", "40", "--val-samples", "10", "--test-samples", "10"])
     total = 0
     for split, n in (("train", 40), ("val", 10), ("test", 10)):
         path = work / "synth" / f"{split}.parquet"

@@ -42,7 +42,7 @@ slurm_start "$W/slurm"
 # the model's quality, is under test).
 mkdir -p "$W/work"
 cd "$W/work"
-"$POPEN" synth --config "$REPO/pipelines/synth.toml" --train "$TRAIN" --val 4 --test 4 --out data >/dev/null
+"$POPEN" synth --config "$REPO/pipelines/synth.toml" --train-samples "$TRAIN" --val-samples 4 --test-samples 4 --out data >/dev/null
 "$POPEN" tokenizer-tiny --data data --out tok/tokenizer.json >/dev/null
 "$POPEN" model-init --config "$REPO/pipelines/model-tiny.toml" --tokenizer tok/tokenizer.json --out init --seed 0 >/dev/null
 

@@ -25,6 +25,7 @@ pub mod lexicon;
 pub mod manifest;
 pub mod mask;
 pub mod progress;
+pub mod segpref;
 pub mod shard;
 pub mod shardspec;
 

@@ -53,7 +53,7 @@ pub fn save<B: Backend>(dir: &Path, model: &PixelLm<B>, tokenizer: &Tokenizer) -
 
 /// The fingerprint of a model folder: sha256 over its config, weights and tokenizer
 /// (`popen-model/1`, then each file's sha256). The preference shards record the fingerprint
-/// of the model they were collected with, and `dpo` checks its `--init` against it.
+/// of the model they were collected with, and `dpo` checks its `--model` against it.
 pub fn fingerprint(dir: &Path) -> Result<String> {
     let mut text = String::from("popen-model/1");
     for f in [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE] {

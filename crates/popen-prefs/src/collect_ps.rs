@@ -360,11 +360,12 @@ fn collect_one<B: Backend>(
     let outcome = select_with_regeneration(cfg.phase, &cfg.select, |draw| {
         let recipes: Vec<NoiseRecipe> = (0..cfg.perturbations)
             .map(|i| NoiseRecipe::draw(perturbation_seed(cfg.seed, &s.id, draw, i as u32), w, h, &cfg.noise))
-            .collect::<Result<_>>()?;
+            .collect::<popen_core::Result<_>>()?;
         let mut d = Draw { recipes, f: Vec::new(), masks: Vec::new() };
         let mut scored: Vec<Scored> = Vec::with_capacity(cfg.perturbations);
         for chunk in d.recipes.chunks(cfg.batch_size) {
-            let imgs: Vec<image::RgbImage> = chunk.iter().map(|r| r.apply(&image)).collect::<Result<_>>()?;
+            let imgs: Vec<image::RgbImage> =
+                chunk.iter().map(|r| r.apply(&image)).collect::<popen_core::Result<_>>()?;
             let items: Vec<(&image::RgbImage, &str, &str)> =
                 imgs.iter().map(|im| (im, s.instruction.as_str(), s.answer.as_str())).collect();
             let forced = predictor.teacher_force(&items).map_err(|e| PrefsError::Input(format!("model: {e}")))?;

@@ -15,9 +15,9 @@ pub mod collect_ps;
 pub mod collect_pt;
 pub mod corrector;
 pub mod diff;
-pub mod noise;
+pub use popen_core::segpref::noise;
 pub mod openai;
-pub mod select;
+pub use popen_core::segpref::select;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrefsError {

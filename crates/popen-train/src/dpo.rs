@@ -38,13 +38,13 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::train::TrainStep;
 use popen_core::manifest::Manifest;
 use popen_core::mask::{Mask, Rle};
+use popen_core::segpref::noise::NoiseRecipe;
+use popen_core::segpref::select::{SelectConfig, Targets};
 use popen_core::shard::{read_shard, SegPref, TextPref};
 use popen_model::bundle;
 use popen_model::pixellm::{Padding, Part, Segment};
 use popen_model::preprocess::{Preprocessed, Preprocessor};
 use popen_model::tokenizer::Piece;
-use popen_prefs::noise::NoiseRecipe;
-use popen_prefs::select::{SelectConfig, Targets};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -1171,7 +1171,7 @@ fn check_reference(job: &DpoJob, shards: &[&Path]) -> Result<()> {
         match meta.get(popen_core::shard::REFERENCE_MODEL_KEY) {
             Some(fp) if *fp == init => {}
             Some(fp) if job.allow_foreign_ref => tracing::warn!(
-                "{}: collected with model {} but --init {} is {} (--allow-foreign-ref: training anyway)",
+                "{}: collected with model {} but --model {} is {} (--allow-foreign-ref: training anyway)",
                 path.display(),
                 &fp[..fp.len().min(16)],
                 job.init.display(),
@@ -1179,9 +1179,9 @@ fn check_reference(job: &DpoJob, shards: &[&Path]) -> Result<()> {
             ),
             Some(fp) => {
                 return Err(TrainError::Data(format!(
-                    "{}: collected with model {} but --init {} is model {}: its reference log-probs and \
+                    "{}: collected with model {} but --model {} is model {}: its reference log-probs and \
                      embeddings belong to the other model. Pass the model collect-pt/collect-ps used as \
-                     --init, recollect with this one, or --allow-foreign-ref",
+                     --model, recollect with this one, or --allow-foreign-ref",
                     path.display(),
                     &fp[..fp.len().min(16)],
                     job.init.display(),
@@ -1189,7 +1189,7 @@ fn check_reference(job: &DpoJob, shards: &[&Path]) -> Result<()> {
                 )))
             }
             None => tracing::warn!(
-                "{}: records no reference model (collected by an older popen); cannot check it was --init {}",
+                "{}: records no reference model (collected by an older popen); cannot check it was --model {}",
                 path.display(),
                 job.init.display()
             ),

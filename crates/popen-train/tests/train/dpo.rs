@@ -458,7 +458,7 @@ fn dpo_bad_inputs_are_clear_errors() {
     };
     let e = dpo::run::<AB>(&job, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("no-such-model"), "{e}");
-    // Issue 24 item 3: shards collected with another model than --init are refused, naming
+    // Issue 24 item 3: shards collected with another model than --model are refused, naming
     // both (the world's shards record the world's model; this is a fresh random one).
     let other = w.root.join("other-model");
     if !other.exists() {

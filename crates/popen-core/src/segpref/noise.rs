@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::{PrefsError, Result};
+use crate::{CoreError, Result};
 
 /// How perturbations are drawn (SPEC 10.1 defaults).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,13 +30,13 @@ impl NoiseConfig {
     pub fn validate(&self) -> Result<()> {
         let ok = self.side_min > 0.0 && self.side_min <= self.side_max && self.side_max <= 1.0;
         if !ok {
-            return Err(PrefsError::Input(format!(
+            return Err(CoreError::Invalid(format!(
                 "noise side fractions must satisfy 0 < side_min <= side_max <= 1 (got {} and {})",
                 self.side_min, self.side_max
             )));
         }
         if !(self.sigma.is_finite() && self.sigma >= 0.0) {
-            return Err(PrefsError::Input(format!("noise sigma must be finite and >= 0 (got {})", self.sigma)));
+            return Err(CoreError::Invalid(format!("noise sigma must be finite and >= 0 (got {})", self.sigma)));
         }
         Ok(())
     }
@@ -79,7 +79,7 @@ impl NoiseRecipe {
     pub fn draw(seed: u64, width: u32, height: u32, cfg: &NoiseConfig) -> Result<NoiseRecipe> {
         cfg.validate()?;
         if width == 0 || height == 0 {
-            return Err(PrefsError::Input(format!("cannot perturb an empty image ({width}x{height})")));
+            return Err(CoreError::Invalid(format!("cannot perturb an empty image ({width}x{height})")));
         }
         let mut rng = ChaCha8Rng::seed_from_u64(mix(seed));
         let side = |rng: &mut ChaCha8Rng, n: u32| -> u32 {
@@ -99,7 +99,7 @@ impl NoiseRecipe {
     pub fn apply(&self, image: &RgbImage) -> Result<RgbImage> {
         let (iw, ih) = image.dimensions();
         if self.width == 0 || self.height == 0 || self.x + self.width > iw || self.y + self.height > ih {
-            return Err(PrefsError::Input(format!(
+            return Err(CoreError::Invalid(format!(
                 "noise rectangle x {} y {} {}x{} does not fit the {iw}x{ih} image",
                 self.x, self.y, self.width, self.height
             )));

@@ -16,10 +16,10 @@
 //! Orders are deterministic: ties go to the lower index. The median of `k` sorted values is
 //! the one at position `(k - 1) / 2` from the best.
 
-use popen_core::mask::{boundary_iou, iou, Mask};
+use crate::mask::{boundary_iou, iou, Mask};
 use serde::{Deserialize, Serialize};
 
-use crate::{PrefsError, Result};
+use crate::{CoreError, Result};
 
 /// Scoring and selection settings (SPEC 4.6, 10.3-10.5 defaults).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -57,7 +57,7 @@ impl SelectConfig {
     /// `phase2_top`, so fewer than 3 is refused rather than silently raised to 3.
     pub fn validate(&self) -> Result<()> {
         if self.phase2_top < 3 {
-            return Err(PrefsError::Input(format!(
+            return Err(CoreError::Invalid(format!(
                 "select.phase2_top must be at least 3 (phase 2 keeps 3 images of its top phase2_top), got {}",
                 self.phase2_top
             )));
@@ -87,13 +87,13 @@ pub struct Targets<'m> {
 impl<'m> Targets<'m> {
     pub fn new(gt: &'m [Mask], proposals: &'m [Mask], cfg: &SelectConfig) -> Result<Self> {
         if gt.is_empty() {
-            return Err(PrefsError::Input("a sample without target masks cannot be scored".into()));
+            return Err(CoreError::Invalid("a sample without target masks cannot be scored".into()));
         }
         let mut others = Vec::with_capacity(gt.len());
         for (n, g) in gt.iter().enumerate() {
             let mut o = Vec::new();
             for (j, p) in proposals.iter().enumerate() {
-                let v = iou(p, g).map_err(|e| PrefsError::Input(format!("proposal {j} vs target {n}: {e}")))?;
+                let v = iou(p, g).map_err(|e| CoreError::Invalid(format!("proposal {j} vs target {n}: {e}")))?;
                 if v < cfg.same_object_iou {
                     o.push(j);
                 }
@@ -114,11 +114,11 @@ impl<'m> Targets<'m> {
     /// Scores one perturbed image's predicted masks (one per target, in target order).
     pub fn score(&self, pred: &[Mask]) -> Result<Scored> {
         if pred.len() != self.gt.len() {
-            return Err(PrefsError::Input(format!("{} predicted masks for {} targets", pred.len(), self.gt.len())));
+            return Err(CoreError::Invalid(format!("{} predicted masks for {} targets", pred.len(), self.gt.len())));
         }
         let (mut s_terms, mut b_terms) = (Vec::with_capacity(pred.len()), Vec::with_capacity(pred.len()));
         for (n, (p, g)) in pred.iter().zip(self.gt).enumerate() {
-            let err = |e: popen_core::CoreError| PrefsError::Input(format!("target {n}: {e}"));
+            let err = |e: CoreError| CoreError::Invalid(format!("target {n}: {e}"));
             let on_target = iou(p, g).map_err(err)?;
             let mut worst = 0.0f64;
             for &j in &self.others[n] {
@@ -181,11 +181,11 @@ fn rankings(scored: &[Scored], kept: [usize; 3], phase: Phase) -> Vec<[usize; 3]
 
 fn check(scored: &[Scored], need: usize) -> Result<()> {
     if scored.len() < need {
-        return Err(PrefsError::Input(format!("selection needs at least {need} scored images, got {}", scored.len())));
+        return Err(CoreError::Invalid(format!("selection needs at least {need} scored images, got {}", scored.len())));
     }
     let t = scored[0].s_terms.len();
     if scored.iter().any(|s| s.s_terms.len() != t || s.b_terms.len() != t) {
-        return Err(PrefsError::Input("scored images disagree on the number of targets".into()));
+        return Err(CoreError::Invalid("scored images disagree on the number of targets".into()));
     }
     Ok(())
 }
@@ -228,11 +228,11 @@ pub enum Outcome {
 /// Algorithm 1's selection with conditional regeneration: `draw(batch)` scores batch
 /// `batch` (perturb, predict, score). Phase 1 draws again while the batch does not qualify,
 /// at most `max_regenerations` times; phase 2 uses the first batch.
-pub fn select_with_regeneration(
+pub fn select_with_regeneration<E: From<CoreError>>(
     phase: Phase,
     cfg: &SelectConfig,
-    mut draw: impl FnMut(u32) -> Result<Vec<Scored>>,
-) -> Result<Outcome> {
+    mut draw: impl FnMut(u32) -> Result<Vec<Scored>, E>,
+) -> Result<Outcome, E> {
     let mut last = (f64::NAN, f64::NAN);
     for batch in 0..=cfg.max_regenerations {
         let scored = draw(batch)?;
