@@ -17,7 +17,7 @@ pub mod corrector;
 pub mod diff;
 pub use popen_core::segpref::noise;
 pub mod openai;
-pub use popen_core::segpref::select;
+pub mod select;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrefsError {
