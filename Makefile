@@ -13,7 +13,7 @@ OUT     ?= out/demo
 POPEN   := target/release/popen
 POPEN_DEV := target/debug/popen
 
-.PHONY: venv test-slow check-fmt check-clippy popen-ablations ablation-ensemble bench-cpu build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv check-refenv refenv-lock check-refenv-lock config-fixtures help test-slurm cluster-demo
+.PHONY: venv test-slow check-fmt check-clippy popen-ablations ablation-ensemble bench-cpu build build-dev data assets test test-rust test-interop check-cuda demo baseline popen-seeds eval-pred tiny-init sft predict eval eval-fixtures baseline-seeds collect-pt collect-ps dpo ensemble-train sam-masks sam-photos bench-sam bench bench-model refenv check-refenv refenv-lock check-refenv-lock config-fixtures help test-slurm cluster-demo report
 
 help:
 	@echo "make demo        the whole POPEN pipeline: benchmark -> SFT -> collect-pt/ps -> dpo -> ensemble-train -> eval ($(OUT))"
@@ -26,6 +26,7 @@ help:
 	@echo "make sam-masks   SAM automatic-mask proposals of $(SAM_SPLIT) into $(PREFS) (SAM_POINTS=$(SAM_POINTS))"
 	@echo "make sam-photos  SAM proposals + overlays of the real labelme photos into out/sam-photos"
 	@echo "make eval        gIoU/cIoU/CHAIR/boundary IoU/localization error of $(PRED) + baselines"
+	@echo "make report      one self-contained HTML page of $(REPORT_RUNS) into $(REPORT_OUT)"
 	@echo "make test        Rust tests, interop checks (pyarrow/duckdb/pycocotools), cuda check, reference pins lock"
 	@echo "make check-refenv  resolve tools/reference/requirements*.txt with pip --dry-run (needs PyPI)"
 	@echo "make test-slurm  collect stages as job arrays + merge on a real one-node Slurm (root; apt-get installs slurm-wlm, munge)"
@@ -150,6 +151,14 @@ eval: build
 	$(POPEN) eval --samples $(DATA)/$(SPLIT).parquet --baseline largest-instance --lexicon $(LEXICON) --out $(EVAL_OUT)/baseline-largest > /dev/null
 	$(POPEN) eval --samples $(DATA)/$(SPLIT).parquet --predictions $(PRED) --lexicon $(LEXICON) --out $(EVAL_OUT)/model > /dev/null
 	@$(PYTHON) tools/baseline_table.py $(EVAL_OUT)/model/report.json $(EVAL_OUT)/baseline-largest/report.json $(EVAL_OUT)/baseline-nothing/report.json
+	@$(MAKE) --no-print-directory report
+
+# One self-contained HTML page (results table, training curves, overlays, gIoU per template,
+# provenance) of REPORT_RUNS (run folders, one per seed: mean ± std) into REPORT_OUT.
+REPORT_RUNS ?= $(OUT)
+REPORT_OUT ?= $(OUT)/report.html
+report: build
+	$(POPEN) report --runs $(REPORT_RUNS) $(REPORT_FLAGS) --out $(REPORT_OUT)
 
 # Issue 4's baseline alone: data -> tiny model -> SFT -> predict -> eval (+ trivial baselines).
 baseline: sft
@@ -181,6 +190,7 @@ demo: baseline
 	@echo
 	@echo "POPEN on the embedded benchmark ($(SPLIT) split, seed $(SEED); reports in $(EVAL_OUT)):"
 	@$(PYTHON) tools/baseline_table.py --rows $(POPEN_ROWS) $(POPEN_PAIRS) --seeds $(EVAL_OUT)
+	@$(MAKE) --no-print-directory report REPORT_FLAGS='--rows $(POPEN_ROWS) $(POPEN_PAIRS)'
 
 # The demo for seeds 0, 1, 2 (out/demo, out/popen-seed-1, out/popen-seed-2): the README's
 # table, mean ± std and the paired differences.
@@ -189,6 +199,7 @@ popen-seeds: build
 	$(MAKE) --no-print-directory demo SEED=0 OUT=out/demo
 	for s in 1 2; do $(MAKE) --no-print-directory demo SEED=$$s OUT=out/popen-seed-$$s || exit 1; done
 	$(PYTHON) tools/baseline_table.py --rows $(POPEN_ROWS) $(POPEN_PAIRS) --seeds $(POPEN_SEED_DIRS)
+	$(MAKE) --no-print-directory report REPORT_RUNS="$(POPEN_SEED_DIRS:/eval=)" REPORT_OUT=out/popen-seeds.html REPORT_FLAGS='--rows $(POPEN_ROWS) $(POPEN_PAIRS)'
 
 # The ablations of the levers (after popen-seeds, on its models; each row one run per seed):
 # the paper's stage 3 (no warm-up, only p_hat trains: SPEC 6; our tiny preset adapts the

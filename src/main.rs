@@ -6,6 +6,7 @@ mod cluster_cmd;
 mod eval_cmd;
 mod model_cmd;
 mod prefs_cmd;
+mod report_cmd;
 mod sam_cmd;
 mod train_cmd;
 
@@ -79,6 +80,9 @@ enum Command {
     /// Score a predictions shard against its samples shard: gIoU, cIoU, CHAIR, boundary IoU,
     /// localization error; JSON + Markdown report and overlays of the best and worst samples.
     Eval(eval_cmd::EvalArgs),
+    /// One self-contained HTML page of one or more run folders (seeds): the results table
+    /// (mean ± std), training curves, best/worst overlays, gIoU per template and provenance.
+    Report(report_cmd::ReportArgs),
     /// Answer an instruction about an image: text with one mask per object (JSON), and an
     /// overlay PNG with --out.
     Infer(model_cmd::InferArgs),
@@ -261,6 +265,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Predict(a) => train_cmd::predict(a),
         Command::Eval(a) => eval_cmd::eval(a),
+        Command::Report(a) => report_cmd::report(a),
         Command::CollectPs(a) => prefs_cmd::collect_ps(a),
         Command::SamMasks(a) => sam_cmd::sam_masks(a),
         Command::CollectPt(a) => prefs_cmd::collect_pt(a),
