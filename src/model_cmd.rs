@@ -407,7 +407,7 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
     let pred = match &a.answer {
         None if a.ensemble > 0 => {
             let sc = a.sampling.config();
-            let s = popen_train::ensemble::EnsembleSettings {
+            let s = popen_infer::ensemble::EnsembleSettings {
                 k: a.ensemble,
                 temperature: a.ensemble_temperature,
                 seed: sc.seed,
@@ -415,7 +415,7 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
                 fallback: a.ensemble_fallback,
                 ..Default::default()
             };
-            let o = popen_train::ensemble::predict(&p, &[(&img, a.instruction.as_str())], &s)?
+            let o = popen_infer::ensemble::predict(&p, &[(&img, a.instruction.as_str())], &s)?
                 .pop()
                 .expect("one output per item");
             candidates = serde_json::json!(o

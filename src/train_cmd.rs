@@ -1,4 +1,5 @@
-//! `popen sft`, `popen dpo`, `popen ensemble-train` and `popen predict`: thin front ends of popen-train.
+//! `popen sft`, `popen dpo`, `popen ensemble-train` (thin front ends of popen-train) and
+//! `popen predict` (of popen-infer).
 
 use std::path::{Path, PathBuf};
 
@@ -7,8 +8,8 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use popen_core::shardspec::ShardSpec;
+use popen_infer::predict::PredictConfig;
 use popen_train::config::{Precision, StageConfig};
-use popen_train::predict::PredictConfig;
 use popen_train::sft::{self, SftJob};
 use popen_train::SftConfig;
 
@@ -209,7 +210,7 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         batch_size: a.batch_size,
         sampling: popen_model::sampling::SamplingConfig { max_new_tokens: a.max_new_tokens, ..Default::default() },
         teacher_force: a.teacher_force,
-        ensemble: (a.ensemble > 0).then(|| popen_train::ensemble::EnsembleSettings {
+        ensemble: (a.ensemble > 0).then(|| popen_infer::ensemble::EnsembleSettings {
             k: a.ensemble,
             temperature: a.ensemble_temperature,
             seed: a.ensemble_seed,
@@ -241,13 +242,13 @@ fn predict_on<B: Backend>(
     a: &PredictArgs,
     cfg: &PredictConfig,
     dev: &B::Device,
-) -> Result<popen_train::predict::PredictReport> {
+) -> Result<popen_infer::predict::PredictReport> {
     let out = a.out.clone();
     // Inside a Slurm job array the default 0/1 becomes the array task.
     let shard = a.shard.or_slurm()?;
     let out_path = shard.output_path(&out);
     let _lock = popen_core::guard::claim_output(&out_path, &[("--model", &a.model), ("--samples", &a.samples)])?;
-    popen_train::predict::run::<B>(&a.model, &a.samples, &out_path, cfg, shard, true, dev)
+    popen_infer::predict::run::<B>(&a.model, &a.samples, &out_path, cfg, shard, true, dev)
         .with_context(|| format!("predict {} -> {}", a.samples.display(), out_path.display()))
 }
 

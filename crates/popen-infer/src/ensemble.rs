@@ -1,5 +1,5 @@
 //! POPEN's preference-based ensemble (SPEC 6 steps 1-6, SPEC 7): inference, and the pieces
-//! `ensemble-train` reuses, so training and inference build the same sequences.
+//! popen-train's `ensemble-train` reuses, so training and inference build the same sequences.
 //!
 //! Sequence layout (one function each, [`text_rows`] and [`seg_rows`]):
 //!
@@ -37,7 +37,7 @@ use popen_model::sampling::{self, Prefix, SamplingConfig};
 use popen_model::tokenizer;
 use serde::{Deserialize, Serialize};
 
-use crate::ensemble_loss::{gamma_of, sentence_ids, sentence_scores, token_scores};
+use crate::scores::{gamma_of, sentence_ids, sentence_scores, token_scores};
 
 type MResult<T> = std::result::Result<T, PixelLmError>;
 

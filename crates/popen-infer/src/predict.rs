@@ -20,7 +20,7 @@ use popen_model::infer::Predictor;
 use popen_model::sampling::SamplingConfig;
 use serde::Serialize;
 
-use crate::{Result, TrainError};
+use crate::{InferError, Result};
 
 /// Settings of a prediction run.
 #[derive(Debug, Clone, Serialize)]
@@ -73,13 +73,13 @@ pub fn run<B: Backend>(
     device: &B::Device,
 ) -> Result<PredictReport> {
     if cfg.batch_size == 0 {
-        return Err(TrainError::Config("batch_size must be > 0".into()));
+        return Err(InferError::Config("batch_size must be > 0".into()));
     }
-    cfg.sampling.validate().map_err(|e| TrainError::Config(e.to_string()))?;
+    cfg.sampling.validate().map_err(|e| InferError::Config(e.to_string()))?;
     if let Some(e) = &cfg.ensemble {
-        e.validate().map_err(TrainError::Config)?;
+        e.validate().map_err(InferError::Config)?;
         if cfg.teacher_force {
-            return Err(TrainError::Config("--ensemble and --teacher-force exclude each other".into()));
+            return Err(InferError::Config("--ensemble and --teacher-force exclude each other".into()));
         }
     }
     let t0 = Instant::now();
@@ -87,7 +87,7 @@ pub fn run<B: Backend>(
     let mut predictor = Predictor::new(&model, &mut tokenizer)?;
     // The frozen SAM encoder's embeddings (tiny-sam), kept under cfg.sam_cache for the next
     // predict on the same images (another model of the pipeline shares the encoder).
-    let sam_memo = cfg.sam_cache.as_deref().and_then(|d| crate::stage::SamMemo::new(&model, Some(d)));
+    let sam_memo = cfg.sam_cache.as_deref().and_then(|d| crate::sam_cache::SamMemo::new(&model, Some(d)));
     predictor.sam = sam_memo.as_ref().map(|m| m as &dyn popen_model::infer::SamSource<B>);
     let mut writer = ShardWriter::<Prediction>::create(out)?;
     let mut manifest = Manifest::new("predict", cfg)?;

@@ -1,15 +1,12 @@
-//! The preference-based ensemble (stage 3, SPEC section 6): the token and sentence
-//! preference scores that become the attention bias gamma (Eqs. 5-6), and the ensemble's
-//! training losses `L_ti` and `L_si` (Appendix B).
+//! The preference-based ensemble's training losses `L_ti` and `L_si` (stage 3, SPEC
+//! section 6, Appendix B). The token and sentence preference scores tau and eta that become
+//! the attention bias gamma (Eqs. 5-6) live in `popen_infer::scores` (inference needs them
+//! too) and are re-exported here.
 //!
 //! Checked against the PyTorch transcription `tools/reference/popen_eqs_fixture.py`
 //! (values and autograd gradients).
 //!
 //! ```text
-//! tau_k^i = p_k^i + mean_{j in sentence(i)} p_k^j         (SPEC 6.2, 10.7, 10.12)
-//! eta_k^n = mean_{j in sentence(<seg> group n)} p_k^j       (SPEC 6.4, 10.15)
-//! both min-max normalized to [-1, 1] over all values of the K responses of one sample
-//! gamma   = sigmoid(score) - 0.5                            (Eqs. 5-6)
 //! L_ti = -mean_batch (1/K) sum_k log sigma( s * p(y~) * (cos(h~, h_g) - cos(h_k, h_g)) ),  p(y~) = exp(mean log p)
 //! L_si = -mean_batch (1/(K N)) sum_k sum_n log sigma( s * (softIoU(M~^n, M_g^n) - IoU(M_k^n, M_g^n)) )
 //! ```
@@ -18,10 +15,6 @@
 //! as the evaluator pairs predictions with targets (SPEC 10.17, [`Pairing`], [`si_sample`]),
 //! so an answer naming the right objects in another order is not scored as wrong; the n-th
 //! `<seg>` with the n-th target is the option [`Pairing::Positional`].
-//!
-//! The gamma of Eq. 5 enters the model through `popen_model::pixellm::Part::with_gamma` (a
-//! per-key bias, SPEC 10.6); the biased attention itself is `popen_model::llama`'s and is
-//! checked there against transformers (fixture "gamma" of the model tests).
 
 use burn::prelude::*;
 use burn::tensor::activation;
@@ -29,6 +22,9 @@ use popen_core::mask::Mask;
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, TrainError};
+
+// The Eq. 5-6 scores live in popen-infer (the ensemble's inference reads them); old paths kept.
+pub use popen_infer::scores::{gamma_of, minmax_signed, sentence_ids, sentence_scores, token_scores};
 
 /// The factor 10 inside both sigmoids of Appendix B.
 pub const SCALE: f64 = 10.0;
@@ -38,130 +34,6 @@ pub const SOFT_IOU_FLOOR: f64 = 1e-6;
 
 fn data_err<T>(msg: String) -> Result<T> {
     Err(TrainError::Data(msg))
-}
-
-/// Characters that end a sentence (SPEC 10.12).
-fn is_terminator(c: char) -> bool {
-    matches!(c, '.' | '!' | '?' | '\n')
-}
-
-/// Sentence index of each token of one response (SPEC 10.12), from the decoded text of each
-/// token (`pieces[i]` = the tokenizer's decoding of token i alone).
-///
-/// A token containing '.', '!', '?' or a newline closes the current sentence; the next token
-/// holding any other non-whitespace character opens the next sentence. Tokens made only of
-/// terminators and whitespace (".", "\n\n") stay with the sentence they close, so a `<seg>`
-/// group before the full stop belongs to the sentence it ends.
-pub fn sentence_ids<S: AsRef<str>>(pieces: &[S]) -> Vec<usize> {
-    let (mut cur, mut closed) = (0usize, false);
-    let mut ids = Vec::with_capacity(pieces.len());
-    for p in pieces {
-        let p = p.as_ref();
-        if closed && p.chars().any(|c| !is_terminator(c) && !c.is_whitespace()) {
-            cur += 1;
-            closed = false;
-        }
-        ids.push(cur);
-        if p.chars().any(is_terminator) {
-            closed = true;
-        }
-    }
-    ids
-}
-
-/// Min-max normalization to [-1, 1]: `2 (v - min) / (max - min) - 1`; all values equal
-/// (or a single value) -> 0 (no preference), empty -> empty (SPEC 10.7).
-pub fn minmax_signed(values: &[f32]) -> Vec<f32> {
-    let (lo, hi) =
-        values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v as f64), hi.max(v as f64)));
-    if values.is_empty() || hi <= lo {
-        return vec![0.0; values.len()];
-    }
-    values.iter().map(|&v| (2.0 * (v as f64 - lo) / (hi - lo) - 1.0) as f32).collect()
-}
-
-/// The attention bias of a normalized score: `sigmoid(score) - 0.5` (Eqs. 5-6).
-pub fn gamma_of(score: f32) -> f32 {
-    (1.0 / (1.0 + (-(score as f64)).exp()) - 0.5) as f32
-}
-
-/// Mean probability of each sentence of one response: (sentence id -> mean), by id.
-fn sentence_means(probs: &[f32], sentences: &[usize]) -> Vec<f64> {
-    let n = sentences.iter().copied().max().map_or(0, |m| m + 1);
-    let (mut sum, mut cnt) = (vec![0f64; n], vec![0usize; n]);
-    for (&p, &s) in probs.iter().zip(sentences) {
-        sum[s] += p as f64;
-        cnt[s] += 1;
-    }
-    sum.iter().zip(&cnt).map(|(s, &c)| if c == 0 { 0.0 } else { s / c as f64 }).collect()
-}
-
-fn check_rows(probs: &[Vec<f32>], sentences: &[Vec<usize>]) -> Result<()> {
-    if probs.len() != sentences.len() {
-        return data_err(format!("{} probability rows, {} sentence-id rows", probs.len(), sentences.len()));
-    }
-    for (k, (p, s)) in probs.iter().zip(sentences).enumerate() {
-        if p.len() != s.len() {
-            return data_err(format!("response {k}: {} probabilities, {} sentence ids", p.len(), s.len()));
-        }
-    }
-    Ok(())
-}
-
-/// Normalized token preference scores tau (SPEC 6.2, 10.7) of the K responses of one sample.
-///
-/// `probs[k][i]` = the predicted probability (not log) of token i of response k;
-/// `sentences[k]` = [`sentence_ids`] of response k. `tau_k^i = p_k^i + mean p over the
-/// sentence holding token i` (the token itself included), then min-max normalized to [-1, 1]
-/// over all tokens of all K responses. The gamma of Eq. 5 is [`gamma_of`] of each value.
-pub fn token_scores(probs: &[Vec<f32>], sentences: &[Vec<usize>]) -> Result<Vec<Vec<f32>>> {
-    check_rows(probs, sentences)?;
-    let mut raw = Vec::new();
-    for (p, s) in probs.iter().zip(sentences) {
-        let means = sentence_means(p, s);
-        raw.extend(p.iter().zip(s).map(|(&pi, &si)| (pi as f64 + means[si]) as f32));
-    }
-    Ok(split_like(&minmax_signed(&raw), probs.iter().map(Vec::len)))
-}
-
-/// Normalized sentence preference scores eta (SPEC 6.4, 10.7, 10.15) of the `<seg>` groups
-/// of the K responses of one sample.
-///
-/// `groups[k]` = the token positions of each `<seg>` group of response k
-/// (`popen_model::tokenizer::seg_group_positions`); a group belongs to the sentence of its
-/// first token. `eta` = mean probability of that sentence (all its tokens, the group's
-/// included), min-max normalized to [-1, 1] over all groups of all K responses. The gamma
-/// of Eq. 6 is [`gamma_of`] of each value.
-pub fn sentence_scores(
-    probs: &[Vec<f32>],
-    sentences: &[Vec<usize>],
-    groups: &[Vec<Vec<usize>>],
-) -> Result<Vec<Vec<f32>>> {
-    check_rows(probs, sentences)?;
-    if groups.len() != probs.len() {
-        return data_err(format!("{} responses, {} group lists", probs.len(), groups.len()));
-    }
-    let mut raw = Vec::new();
-    for (k, ((p, s), gs)) in probs.iter().zip(sentences).zip(groups).enumerate() {
-        let means = sentence_means(p, s);
-        for (g, grp) in gs.iter().enumerate() {
-            match grp.first() {
-                Some(&i) if i < s.len() => raw.push(means[s[i]] as f32),
-                _ => return data_err(format!("response {k} group {g}: positions {grp:?} outside 0..{}", s.len())),
-            }
-        }
-    }
-    Ok(split_like(&minmax_signed(&raw), groups.iter().map(Vec::len)))
-}
-
-fn split_like(flat: &[f32], lens: impl Iterator<Item = usize>) -> Vec<Vec<f32>> {
-    let mut out = Vec::new();
-    let mut k = 0;
-    for n in lens {
-        out.push(flat[k..k + n].to_vec());
-        k += n;
-    }
-    out
 }
 
 fn cos(a: &[f32], b: &[f32]) -> f64 {

@@ -300,7 +300,7 @@ pub fn cache_sam_embeddings<B: Backend>(
     // Samples that share an image (several questions per image) share its embedding.
     let (unique, of_example) = crate::data::image_groups(examples);
     let exs: &[Example] = examples;
-    let decode = |u: usize| exs[unique[u]].decode_image().map_err(TrainError::Data);
+    let decode = |u: usize| exs[unique[u]].decode_image().map_err(popen_infer::InferError::Data);
     let key = |u: usize, h: &mut sha2::Sha256| {
         use sha2::Digest;
         let img = &exs[unique[u]].image;
