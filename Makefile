@@ -118,7 +118,7 @@ LEXICON ?= $(DATA)/lexicon.json
 #   make demo MODEL_CONFIG=pipelines/model-tiny.toml SEG_TOKENS=6 INIT_FLAGS=
 MODEL_CONFIG ?= pipelines/model-tiny-sam.toml
 SEG_TOKENS ?= 3
-INIT_FLAGS ?= --sam data/assets/mobile_sam/mobile_sam.pt
+INIT_FLAGS ?= --sam-checkpoint data/assets/mobile_sam/mobile_sam.pt
 tiny-init: data assets
 	$(POPEN) tokenizer-tiny --data $(DATA) --out $(OUT)/tokenizer/tokenizer.json --seg-tokens $(SEG_TOKENS)
 	$(POPEN) model-init --config $(MODEL_CONFIG) --tokenizer $(OUT)/tokenizer/tokenizer.json --out $(INIT) --seed $(SEED) $(INIT_FLAGS)
@@ -131,11 +131,11 @@ tiny-init: data assets
 SAM_CACHE ?= out/sam-cache
 SFT_DECODER_CONFIG ?= pipelines/sft-tiny-decoder.toml
 sft: tiny-init
-	$(POPEN) sft --config $(SFT_CONFIG) --init $(INIT) --train $(DATA)/train.parquet --out $(OUT)/sft-llm --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
+	$(POPEN) sft --config $(SFT_CONFIG) --model $(INIT) --samples $(DATA)/train.parquet --out $(OUT)/sft-llm --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
 ifeq ($(strip $(SFT_DECODER_CONFIG)),)
 	rm -rf $(OUT)/sft && cp -r $(OUT)/sft-llm $(OUT)/sft
 else
-	$(POPEN) sft --config $(SFT_DECODER_CONFIG) --init $(OUT)/sft-llm/model --train $(DATA)/train.parquet --out $(OUT)/sft --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
+	$(POPEN) sft --config $(SFT_DECODER_CONFIG) --model $(OUT)/sft-llm/model --samples $(DATA)/train.parquet --out $(OUT)/sft --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
 endif
 
 predict: build
@@ -218,7 +218,7 @@ popen-ablations: build
 # One ensemble-train variant (ABL_SET: config overrides) into $(OUT)/ensemble-$(ABL), predicted
 # and evaluated as popen-$(ABL).
 ablation-ensemble: build assets
-	$(POPEN) ensemble-train --config $(ENSEMBLE_CONFIG) $(ABL_SET) --init $(OUT)/dpo/model --samples $(DATA)/train.parquet --out $(OUT)/ensemble-$(ABL) --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
+	$(POPEN) ensemble-train --config $(ENSEMBLE_CONFIG) $(ABL_SET) --model $(OUT)/dpo/model --samples $(DATA)/train.parquet --out $(OUT)/ensemble-$(ABL) --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
 	$(MAKE) --no-print-directory predict eval-pred MODEL=$(OUT)/ensemble-$(ABL)/model PRED=$(OUT)/pred/$(SPLIT)-popen-$(ABL).parquet EVAL_NAME=popen-$(ABL) PREDICT_FLAGS="--ensemble $(ENSEMBLE_K)"
 
 # ---- preference data (issue 5) ----
@@ -245,14 +245,14 @@ collect-ps: build
 DPO_CONFIG ?= pipelines/dpo-tiny.toml
 DPO_PROPOSALS ?= --samples $(DATA)/train.parquet
 dpo: build
-	$(POPEN) dpo --config $(DPO_CONFIG) --init $(MODEL) --pt $(PREFS)/pt.parquet --ps-phase1 $(PREFS)/ps-phase1.parquet --ps-phase2 $(PREFS)/ps-phase2.parquet $(DPO_PROPOSALS) --out $(OUT)/dpo --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
+	$(POPEN) dpo --config $(DPO_CONFIG) --model $(MODEL) --pt $(PREFS)/pt.parquet --ps-phase1 $(PREFS)/ps-phase1.parquet --ps-phase2 $(PREFS)/ps-phase2.parquet $(DPO_PROPOSALS) --out $(OUT)/dpo --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
 
 # POPEN stage 3 (SPEC 6): L_ti + L_si on p_hat and the feedback projection (SPEC 10.16), after
 # the tiny preset's supervised warm-up (SPEC 10.18; MiniLM from make assets); resumable.
 # Then `popen predict --ensemble 3 --model $(OUT)/ensemble/model` is POPEN's inference.
 ENSEMBLE_CONFIG ?= pipelines/ensemble-tiny.toml
 ensemble-train: build assets
-	$(POPEN) ensemble-train --config $(ENSEMBLE_CONFIG) --init $(OUT)/dpo/model --samples $(DATA)/train.parquet --out $(OUT)/ensemble --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
+	$(POPEN) ensemble-train --config $(ENSEMBLE_CONFIG) --model $(OUT)/dpo/model --samples $(DATA)/train.parquet --out $(OUT)/ensemble --seed $(SEED) --resume --sam-cache $(SAM_CACHE)
 
 # SAM proposals (proposal/1) of a split for collect-ps --proposals and eval --proposals.
 # Resumable (rerun after a kill continues), --shard I/N for job arrays; CPU takes ~1 min per

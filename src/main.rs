@@ -2,6 +2,7 @@
 //! library stage; see `popen <command> --help`.
 
 mod backend;
+mod cli_compat;
 mod cluster_cmd;
 mod eval_cmd;
 mod model_cmd;
@@ -128,14 +129,14 @@ struct SynthArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Number of training samples.
-    #[arg(long)]
-    train: Option<usize>,
+    #[arg(long, value_name = "N")]
+    train_samples: Option<usize>,
     /// Number of validation samples.
-    #[arg(long)]
-    val: Option<usize>,
+    #[arg(long, value_name = "N")]
+    val_samples: Option<usize>,
     /// Number of test samples (category-colour combinations held out from train/val).
-    #[arg(long)]
-    test: Option<usize>,
+    #[arg(long, value_name = "N")]
+    test_samples: Option<usize>,
     /// Image side in pixels (square images).
     #[arg(long)]
     size: Option<u32>,
@@ -169,9 +170,9 @@ struct ImportMuseArgs {
 
 #[derive(clap::Args)]
 struct ShowArgs {
-    /// Sample shard (.parquet).
+    /// Samples shard (.parquet).
     #[arg(long)]
-    shard: PathBuf,
+    samples: PathBuf,
     /// Sample id; default: the first sample (or --index).
     #[arg(long)]
     id: Option<String>,
@@ -218,7 +219,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(popen_core::progress::interactive())
         .init();
-    let cli = Cli::parse();
+    let (args, deprecated) = cli_compat::rewrite(std::env::args_os().collect());
+    for note in deprecated {
+        eprintln!("warning: {note}");
+    }
+    let cli = Cli::parse_from(args);
     if let Err(e) = run(cli) {
         eprintln!("error: {}", error_text(&e));
         std::process::exit(1);
@@ -290,13 +295,13 @@ fn synth(a: SynthArgs) -> Result<()> {
     if let Some(v) = a.seed {
         cfg.seed = v;
     }
-    if let Some(v) = a.train {
+    if let Some(v) = a.train_samples {
         cfg.train = v;
     }
-    if let Some(v) = a.val {
+    if let Some(v) = a.val_samples {
         cfg.val = v;
     }
-    if let Some(v) = a.test {
+    if let Some(v) = a.test_samples {
         cfg.test = v;
     }
     if let Some(v) = a.size {
@@ -345,7 +350,7 @@ fn import_muse(a: ImportMuseArgs) -> Result<()> {
 fn show(a: ShowArgs) -> Result<()> {
     let mut found = None;
     let mut row = 0usize;
-    'outer: for batch in ShardReader::<Sample>::open(&a.shard)? {
+    'outer: for batch in ShardReader::<Sample>::open(&a.samples)? {
         for s in batch? {
             let hit = match &a.id {
                 Some(id) => &s.id == id,
@@ -360,11 +365,11 @@ fn show(a: ShowArgs) -> Result<()> {
     }
     let Some(sample) = found else {
         match &a.id {
-            Some(id) => bail!("{}: no sample with id '{id}'", a.shard.display()),
-            None => bail!("{}: has {row} rows, no row {}", a.shard.display(), a.index),
+            Some(id) => bail!("{}: no sample with id '{id}'", a.samples.display()),
+            None => bail!("{}: has {row} rows, no row {}", a.samples.display(), a.index),
         }
     };
-    popen_core::guard::refuse_overlap(&a.out, &[("--shard", &a.shard)])?;
+    popen_core::guard::refuse_overlap(&a.out, &[("--samples", &a.samples)])?;
     let img = popen_data::render::overlay(&sample, a.scale)?;
     let png = popen_core::imageio::encode_png(&img)?;
     popen_core::shard::atomic_write(&a.out, &png)?;
