@@ -522,8 +522,17 @@ struct AttnInputs<B: Backend> {
     sin: Tensor<B, 4>,
     /// `[b, 1, s, total]`, true = masked (future or padding key).
     mask: Tensor<B, 4, Bool>,
+    /// `mask` repeated to the scores' `[b, kv_heads, rep, s, total]` of the first layer's
+    /// head layout, materialized once for all layers: `mask_fill` (and its backward) would
+    /// otherwise copy the broadcast view to a contiguous one in every layer.
+    full_mask: Option<Tensor<B, 5, Bool>>,
     /// `[b, 1, 1, total]`.
     gamma: Option<Tensor<B, 4>>,
+    /// The RoPE tables repeated over the first layer's heads in the projections' own layout
+    /// (`[b, s, heads, head_dim]`: queries, then keys with the KV heads), materialized once for
+    /// all layers, so that rotating is a same-shape product on contiguous buffers instead of
+    /// a broadcast over the head axis (issue 21; bounded like `full_mask`).
+    rope_full: Option<[Tensor<B, 4>; 4]>,
 }
 
 /// Grouped-query self-attention with rotate-half RoPE.
@@ -547,6 +556,26 @@ pub struct Attention<B: Backend> {
 }
 
 /// HF `rotate_half`: `[-x2, x1]` where `x1, x2` are the halves of the head dim.
+/// The largest per-forward tensor (elements) that attention materializes to spare the CPU
+/// backend's strided broadcasts: the repeated key mask and RoPE tables (`AttnInputs`).
+const MATERIALIZE_MAX: usize = 1 << 24;
+
+#[cfg(not(test))]
+fn materialize_max() -> usize {
+    MATERIALIZE_MAX
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set 0 to run the broadcast (plain) path.
+    static MATERIALIZE_MAX_TEST: std::cell::Cell<usize> = const { std::cell::Cell::new(MATERIALIZE_MAX) };
+}
+
+#[cfg(test)]
+fn materialize_max() -> usize {
+    MATERIALIZE_MAX_TEST.with(|c| c.get())
+}
+
 fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let d = x.dims()[3];
     let x1 = x.clone().narrow(3, 0, d / 2);
@@ -616,12 +645,20 @@ impl<B: Backend> Attention<B> {
     fn forward(&self, x: Tensor<B, 3>, inputs: &AttnInputs<B>, cache: &mut LayerCache<B>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = lora::apply(&self.q_proj, &self.q_lora, x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2);
-        let k = lora::apply(&self.k_proj, &self.k_lora, x.clone()).reshape([b, s, kvh, hd]).swap_dims(1, 2);
+        let q = lora::apply(&self.q_proj, &self.q_lora, x.clone()).reshape([b, s, h, hd]);
+        let k = lora::apply(&self.k_proj, &self.k_lora, x.clone()).reshape([b, s, kvh, hd]);
         let v = lora::apply(&self.v_proj, &self.v_lora, x).reshape([b, s, kvh, hd]).swap_dims(1, 2);
 
-        let q = apply_rope(q, &inputs.cos, &inputs.sin);
-        let k = apply_rope(k, &inputs.cos, &inputs.sin);
+        let (q, k) = match &inputs.rope_full {
+            Some([cq, sq, ck, sk]) if cq.dims() == [b, s, h, hd] && ck.dims() == [b, s, kvh, hd] => (
+                (q.clone() * cq.clone() + rotate_half(q) * sq.clone()).swap_dims(1, 2),
+                (k.clone() * ck.clone() + rotate_half(k) * sk.clone()).swap_dims(1, 2),
+            ),
+            _ => (
+                apply_rope(q.swap_dims(1, 2), &inputs.cos, &inputs.sin),
+                apply_rope(k.swap_dims(1, 2), &inputs.cos, &inputs.sin),
+            ),
+        };
 
         let (k, v) = cache.append(k, v);
         let total = k.dims()[2];
@@ -642,7 +679,10 @@ impl<B: Backend> Attention<B> {
             None => scores,
         };
         // [b, 1, s, total] -> [b, 1, 1, s, total]
-        let mask = inputs.mask.clone().unsqueeze_dim::<5>(1).expand([b, kvh, rep, s, total]);
+        let mask = match &inputs.full_mask {
+            Some(m) if m.dims() == [b, kvh, rep, s, total] => m.clone(),
+            _ => inputs.mask.clone().unsqueeze_dim::<5>(1).expand([b, kvh, rep, s, total]),
+        };
         let attn = softmax(scores.mask_fill(mask, MASKED), 4).reshape([b, kvh, rep * s, total]);
         let out = attn.matmul(v).reshape([b, h, s, hd]).swap_dims(1, 2).reshape([b, s, h * hd]);
         lora::apply(&self.o_proj, &self.o_lora, out)
@@ -1006,6 +1046,7 @@ impl<B: Backend> Llama<B> {
         let (head_dim, theta, scaling) = self.model.layers.first().map_or((2, 10000.0, None), |l| {
             (l.self_attn.head_dim, l.self_attn.rope_theta, l.self_attn.rope_scaling.as_ref())
         });
+        let heads = self.model.layers.first().map(|l| (l.self_attn.num_kv_heads, l.self_attn.num_heads));
         let (cos, sin) = rope_tables(positions, head_dim, theta, scaling);
 
         // Causal: query i (absolute cache index past + i) sees keys 0..=past + i.
@@ -1025,7 +1066,17 @@ impl<B: Backend> Llama<B> {
             Some(g) => Some(g.clone().reshape([b, 1, 1, total])),
             None => None,
         };
-        Ok(AttnInputs { cos, sin, mask, gamma })
+        // Bounded (16 Mi elements): at real scale the repeated mask would cost more memory than
+        // the copy it saves, and GPU kernels read the broadcast view directly.
+        let full_mask = heads
+            .filter(|&(_, h)| b * h * s * total <= materialize_max())
+            .map(|(kvh, h)| mask.clone().unsqueeze_dim::<5>(1).repeat_dim(1, kvh).repeat_dim(2, h / kvh.max(1)));
+        let rope_full = heads.filter(|&(_, h)| b * h * s * head_dim <= materialize_max()).map(|(kvh, h)| {
+            // [b, 1, s, hd] -> [b, s, 1, hd] (a size-1 axis moves: no copy) -> repeated.
+            let per = |t: &Tensor<B, 4>, n: usize| t.clone().swap_dims(1, 2).repeat_dim(2, n);
+            [per(&cos, h), per(&sin, h), per(&cos, kvh), per(&sin, kvh)]
+        });
+        Ok(AttnInputs { cos, sin, mask, gamma, full_mask, rope_full })
     }
 
     /// Teacher-forced per-token log-probabilities with gradients: row `r` is
@@ -1252,4 +1303,68 @@ pub fn load_gguf<B: Backend>(cfg: &LlamaConfig, g: &GgufFile, device: &B::Device
         },
         lm_head: lm_head.map(|d| linear(d, cfg.vocab_size, hs).expect("checked")),
     })
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    //! The materialized attention inputs (repeated key mask and RoPE tables, issue 21) against
+    //! the broadcast path they replace: same hidden states and same gradients.
+
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::Distribution;
+
+    type Ad = Autodiff<NdArray>;
+
+    fn run(
+        model: &Llama<Ad>,
+        embeds: &Tensor<Ad, 3>,
+        keep: &Tensor<Ad, 2, Bool>,
+        probe: &Tensor<Ad, 3>,
+        fast: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
+        MATERIALIZE_MAX_TEST.with(|c| c.set(if fast { MATERIALIZE_MAX } else { 0 }));
+        let x = embeds.clone().require_grad();
+        let extras = AttnExtras { key_keep: Some(keep.clone()), ..AttnExtras::default() };
+        let out = model.forward_embeds(x.clone(), &extras, &mut KvCache::new(2)).expect("forward");
+        let grads = (out.clone() * probe.clone()).sum().backward();
+        let g = x.grad(&grads).expect("grad").into_data().to_vec::<f32>().unwrap();
+        MATERIALIZE_MAX_TEST.with(|c| c.set(MATERIALIZE_MAX));
+        (out.inner().into_data().to_vec::<f32>().unwrap(), g)
+    }
+
+    #[test]
+    fn materialized_mask_and_rope_equal_the_broadcast_path() {
+        let dev = Default::default();
+        <Ad as Backend>::seed(&dev, 7);
+        // GQA (4 query heads on 2 KV heads), two layers, a padded key in the second row.
+        let cfg = LlamaConfig {
+            vocab_size: 16,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: false,
+            rope_scaling: None,
+        };
+        let model = cfg.init::<Ad>(&dev);
+        let embeds = Tensor::<Ad, 3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &dev);
+        let probe = Tensor::<Ad, 3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &dev);
+        let keep = Tensor::<Ad, 2, Bool>::from_data(
+            TensorData::new(vec![true, true, true, true, true, false, true, true, true, true], [2, 5]),
+            &dev,
+        );
+        let (a, ga) = run(&model, &embeds, &keep, &probe, true);
+        let (b, gb) = run(&model, &embeds, &keep, &probe, false);
+        for (what, x, y) in [("hidden", &a, &b), ("d/dembeds", &ga, &gb)] {
+            assert_eq!(x.len(), y.len());
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                assert!((p - q).abs() <= 1e-5 * q.abs().max(1.0), "{what}[{i}]: {p} vs {q}");
+            }
+        }
+    }
 }

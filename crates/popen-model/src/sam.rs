@@ -78,14 +78,19 @@ impl<B: Backend> LayerNorm2d<B> {
         }
     }
 
-    /// `x`: `[b, c, h, w]`.
+    /// `x`: `[b, c, h, w]`. Computed channels-last (`[b * h * w, c]`, one copy in and one
+    /// view out): every broadcast is then a per-row scalar or a shared row, which the CPU
+    /// backend runs on its contiguous SIMD paths; over axis 1 of `[b, c, h, w]` the same
+    /// broadcasts went through a generic strided iterator (issue 21's SFT-step profile).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let c = x.dims()[1];
-        let u = x.clone().mean_dim(1);
-        let xc = x - u;
-        let s = xc.clone().powi_scalar(2).mean_dim(1);
-        let xn = xc / (s + self.eps).sqrt();
-        xn * self.weight.val().reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
+        let [b, c, h, w] = x.dims();
+        let t = x.permute([0, 2, 3, 1]).reshape([b * h * w, c]);
+        let u = t.clone().mean_dim(1);
+        let tc = t - u;
+        let s = tc.clone().powi_scalar(2).mean_dim(1);
+        let tn = tc / (s + self.eps).sqrt();
+        let y = tn * self.weight.val().reshape([1, c]) + self.bias.val().reshape([1, c]);
+        y.reshape([b, h, w, c]).permute([0, 3, 1, 2])
     }
 }
 
@@ -304,12 +309,16 @@ pub fn patch_conv_transpose2d_tokens<B: Backend>(
     let [b, _, _] = tokens.dims();
     let [cin, cout, kh, kw] = weight.dims();
     let y = tokens.matmul(weight.reshape([cin, cout * kh * kw]).unsqueeze::<3>());
-    // [b, h, w, o, ki, kj] -> [b, o, h, ki, w, kj]: the one copy (the pixel shuffle).
-    let y = y.reshape([b, h, w, cout, kh, kw]).permute([0, 3, 1, 4, 2, 5]).reshape([b, cout, h * kh, w * kw]);
-    match bias {
-        Some(bias) => y + bias.reshape([1, cout, 1, 1]),
+    // The bias is added before the pixel shuffle, as one shared row of `cout * kh * kw` values
+    // (each channel's bias repeated over its kernel cells): the CPU backend's contiguous
+    // broadcast path; after the shuffle, `[1, cout, 1, 1]` over `[b, cout, H, W]` took its
+    // generic strided iterator (issue 21). The same values.
+    let y = match bias {
+        Some(bias) => y + bias.reshape([cout, 1]).repeat_dim(1, kh * kw).reshape([1, 1, cout * kh * kw]),
         None => y,
-    }
+    };
+    // [b, h, w, o, ki, kj] -> [b, o, h, ki, w, kj]: the one copy (the pixel shuffle).
+    y.reshape([b, h, w, cout, kh, kw]).permute([0, 3, 1, 4, 2, 5]).reshape([b, cout, h * kh, w * kw])
 }
 
 /// `ConvTranspose2d(cin, cout, kernel_size=2, stride=2)` as a sequential entry.
@@ -428,7 +437,7 @@ impl<B: Backend> TwoWayAttentionBlock<B> {
         let queries = self.norm1.forward(queries);
 
         let q = queries.clone() + query_pe.clone();
-        let k = keys.clone() + key_pe.clone();
+        let k = add_pe(keys.clone(), &key_pe);
         let queries = queries + self.cross_attn_token_to_image.forward(q, k, keys.clone());
         let queries = self.norm2.forward(queries);
 
@@ -436,10 +445,23 @@ impl<B: Backend> TwoWayAttentionBlock<B> {
         let queries = self.norm3.forward(queries);
 
         let q = queries.clone() + query_pe;
-        let k = keys.clone() + key_pe;
+        let k = add_pe(keys.clone(), &key_pe);
         let keys = keys + self.cross_attn_image_to_token.forward(k, q, queries.clone());
         let keys = self.norm4.forward(keys);
         (queries, keys)
+    }
+}
+
+/// `x [b, n, c] + pe [b or 1, n, c]`. A batch-1 `pe` is added as one shared row of `n * c`
+/// values (`[b, n * c] + [1, n * c]`), a broadcast the CPU backend runs on its contiguous SIMD
+/// path; `[b, n, c] + [1, n, c]` with the batch broadcast outermost took its generic strided
+/// iterator (issue 21). The same values either way.
+fn add_pe<B: Backend>(x: Tensor<B, 3>, pe: &Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, n, c] = x.dims();
+    if pe.dims()[0] == 1 && b > 1 {
+        (x.reshape([b, n * c]) + pe.clone().reshape([1, n * c])).reshape([b, n, c])
+    } else {
+        x + pe.clone()
     }
 }
 
@@ -541,15 +563,16 @@ impl<B: Backend> TwoWayTransformer<B> {
             return shape_err(format!("point_embedding is {:?}, expected [{b}, n >= 1, {c}]", [qb, n, qc]));
         }
         let keys = image_embedding.reshape([b, c, h * w]).swap_dims(1, 2);
-        // `[pb, h*w, c]`; a batch-1 encoding broadcasts in the additions below.
-        let key_pe = image_pe.reshape([pb, c, h * w]).swap_dims(1, 2);
+        // `[pb, h*w, c]`, made contiguous once (the reshape of the transposed view copies);
+        // a batch-1 encoding broadcasts in the additions below ([`add_pe`]).
+        let key_pe = image_pe.reshape([pb, c, h * w]).swap_dims(1, 2).reshape([pb, h * w * c]).reshape([pb, h * w, c]);
         let mut queries = point_embedding.clone();
         let mut keys = keys;
         for layer in &self.layers {
             (queries, keys) = layer.forward(queries, keys, point_embedding.clone(), key_pe.clone());
         }
         let q = queries.clone() + point_embedding;
-        let k = keys.clone() + key_pe;
+        let k = add_pe(keys.clone(), &key_pe);
         let queries = queries + self.final_attn_token_to_image.forward(q, k, keys.clone());
         Ok((self.norm_final_attn.forward(queries), keys))
     }
@@ -1184,6 +1207,34 @@ mod tests {
                 |m| vec![("weight", m.weight.val())],
                 |m| m.bias.as_ref().map(|b| b.val()),
             );
+        }
+    }
+
+    /// LayerNorm2d computed channels-last (issue 21) against SAM's formula over axis 1
+    /// (`u = x.mean(1); s = (x - u)^2.mean(1); (x - u) / sqrt(s + eps) * w + b`, the plain
+    /// broadcasts the old forward used): values and gradients of input, weight and bias.
+    #[test]
+    fn layer_norm2d_channels_last_matches_the_axis_1_formula() {
+        let dev = Default::default();
+        let mut m = LayerNorm2d::<Ad>::new(6, &dev);
+        m.weight = Param::from_tensor(Tensor::random([6], Distribution::Normal(1.0, 0.5), &dev));
+        m.bias = Param::from_tensor(Tensor::random([6], Distribution::Normal(0.0, 0.5), &dev));
+        let plain = |x: Tensor<Ad, 4>| {
+            let u = x.clone().mean_dim(1);
+            let xc = x - u;
+            let s = xc.clone().powi_scalar(2).mean_dim(1);
+            let xn = xc / (s + m.eps).sqrt();
+            xn * m.weight.val().reshape([1, 6, 1, 1]) + m.bias.val().reshape([1, 6, 1, 1])
+        };
+        let x = rand4([3, 6, 4, 5], &dev);
+        let probe = Tensor::<Ad, 4>::random([3, 6, 4, 5], Distribution::Normal(0.0, 1.0), &dev);
+        let (a, b) = (m.forward(x.clone()), plain(x.clone()));
+        assert_close("layer_norm2d", values(a.clone().inner()), values(b.clone().inner()));
+        let ga = (a * probe.clone()).sum().backward();
+        let gb = (b * probe).sum().backward();
+        assert_close("d/dx", values(x.grad(&ga).unwrap()), values(x.grad(&gb).unwrap()));
+        for (name, p) in [("weight", m.weight.val()), ("bias", m.bias.val())] {
+            assert_close(name, values(p.grad(&ga).unwrap()), values(p.grad(&gb).unwrap()));
         }
     }
 
