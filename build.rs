@@ -12,10 +12,15 @@ fn main() {
     println!("cargo:rustc-env=POPEN_GIT_COMMIT={commit}");
     if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
         println!("cargo:rerun-if-changed={dir}/HEAD");
-        if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo:rerun-if-changed={dir}/{head}");
+        // Only paths that exist: cargo reruns a build script at every build while a path it
+        // watches is missing, and that rerun relinked `popen` at every `make` stage (1-2 min
+        // each in release). The branch's ref lives in its own file or in packed-refs (or both).
+        let head = git(&["symbolic-ref", "-q", "HEAD"]);
+        for path in head.iter().map(|h| format!("{dir}/{h}")).chain([format!("{dir}/packed-refs")]) {
+            if std::path::Path::new(&path).exists() {
+                println!("cargo:rerun-if-changed={path}");
+            }
         }
-        println!("cargo:rerun-if-changed={dir}/packed-refs");
     }
     println!("cargo:rerun-if-changed=build.rs");
 }
