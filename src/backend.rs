@@ -31,14 +31,43 @@ pub struct DeviceReport {
     pub gflops: f64,
 }
 
+/// The error for a `--backend` name this build cannot run.
+pub fn unavailable(name: &str) -> anyhow::Error {
+    anyhow::anyhow!("backend '{name}' is not available in this build (available: {})", available().join(", "))
+}
+
+/// The binary's one map from a `--backend` name to a burn backend type: evaluates `$body`
+/// with the type `$B` bound to that backend (f32; `cuda` only in a build with the feature)
+/// and `$dev` to its default device; an unknown name returns [`unavailable`]'s error from
+/// the calling function. (Training stages add autodiff, precision and several devices on
+/// top of it in `train_cmd::run_stage`.)
+macro_rules! on_backend {
+    ($name:expr, $B:ident, $dev:ident => $body:expr) => {
+        match $name {
+            "flex" => {
+                type $B = burn::backend::Flex;
+                let $dev: burn::tensor::Device<$B> = Default::default();
+                $body
+            }
+            "ndarray" => {
+                type $B = burn::backend::NdArray<f32>;
+                let $dev: burn::tensor::Device<$B> = Default::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            "cuda" => {
+                type $B = burn::backend::Cuda<f32, i32>;
+                let $dev: burn::tensor::Device<$B> = Default::default();
+                $body
+            }
+            other => return Err($crate::backend::unavailable(other).into()),
+        }
+    };
+}
+pub(crate) use on_backend;
+
 pub fn check(backend: &str, size: usize, iters: usize) -> Result<DeviceReport> {
-    match backend {
-        "flex" => run::<burn::backend::Flex>(backend, &Default::default(), size, iters),
-        "ndarray" => run::<burn::backend::NdArray<f32>>(backend, &Default::default(), size, iters),
-        #[cfg(feature = "cuda")]
-        "cuda" => run::<burn::backend::Cuda<f32, i32>>(backend, &Default::default(), size, iters),
-        other => bail!("backend '{other}' is not available in this build (available: {})", available().join(", ")),
-    }
+    on_backend!(backend, B, dev => run::<B>(backend, &dev, size, iters))
 }
 
 fn run<B: Backend>(name: &str, device: &B::Device, size: usize, iters: usize) -> Result<DeviceReport> {

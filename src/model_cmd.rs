@@ -1,6 +1,7 @@
 //! Model commands: `model-config`, `tokenizer-tiny`, `model-init`, `infer`, `score`.
 //! Thin front ends over `popen_model` (bundle, infer, pixellm, tokenizer).
 
+use crate::backend::on_backend;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use popen_core::mask::Rle;
@@ -379,24 +380,8 @@ fn read_image(path: &Path) -> Result<image::RgbImage> {
     Ok(popen_core::imageio::decode_rgb(&bytes, Some(&path.display().to_string()))?)
 }
 
-/// Runs `$f::<B>(args, &device)` on the backend named by `$name`.
-macro_rules! on_backend {
-    ($name:expr, $f:ident, $args:expr) => {
-        match $name {
-            "flex" => $f::<burn::backend::Flex>($args, &Default::default()),
-            "ndarray" => $f::<burn::backend::NdArray<f32>>($args, &Default::default()),
-            #[cfg(feature = "cuda")]
-            "cuda" => $f::<burn::backend::Cuda<f32, i32>>($args, &Default::default()),
-            other => bail!(
-                "backend '{other}' is not available in this build (available: {})",
-                crate::backend::available().join(", ")
-            ),
-        }
-    };
-}
-
 pub fn infer(a: InferArgs) -> Result<()> {
-    on_backend!(a.backend.as_str(), infer_on, &a)
+    on_backend!(a.backend.as_str(), B, dev => infer_on::<B>(&a, &dev))
 }
 
 fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
@@ -434,15 +419,7 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
                 .teacher_force(&[(&img, a.instruction.as_str(), answer.as_str())])?
                 .pop()
                 .expect("one result per item");
-            popen_model::infer::Prediction {
-                answer: answer.clone(),
-                ids: f.ids,
-                logprobs: f.logprobs,
-                masks: f.masks,
-                mask_scores: f.mask_scores,
-                seg_issues: vec![],
-                stopped: true,
-            }
+            popen_model::infer::Prediction::forced(answer.clone(), f)
         }
     };
     let masks: Vec<serde_json::Value> = pred
@@ -478,7 +455,7 @@ fn infer_on<B: Backend>(a: &InferArgs, dev: &B::Device) -> Result<()> {
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
-    on_backend!(a.backend.as_str(), score_on, &a)
+    on_backend!(a.backend.as_str(), B, dev => score_on::<B>(&a, &dev))
 }
 
 fn score_on<B: Backend>(a: &ScoreArgs, dev: &B::Device) -> Result<()> {
@@ -532,7 +509,7 @@ pub struct BenchDecodeArgs {
 }
 
 pub fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
-    on_backend!(a.backend.as_str(), bench_decode_on, &a)
+    on_backend!(a.backend.as_str(), B, dev => bench_decode_on::<B>(&a, &dev))
 }
 
 fn bench_decode_on<B: Backend>(a: &BenchDecodeArgs, dev: &B::Device) -> Result<()> {

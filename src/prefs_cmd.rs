@@ -1,5 +1,6 @@
 //! `popen collect-ps`, `popen collect-pt`: thin front ends of popen-prefs.
 
+use crate::backend::on_backend;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use popen_core::shardspec::ShardSpec;
@@ -117,16 +118,7 @@ pub fn collect_ps(mut a: CollectPsArgs) -> Result<()> {
     inputs.extend(a.proposals.iter().map(|p| ("--proposals", p.as_path())));
     let (out, _lock) = claim_output(out, &a.run.shard, a.run.force, &inputs)?;
     let io = (model, samples, out.as_path());
-    let report = match a.run.backend.as_str() {
-        "flex" => run::<burn::backend::Flex>(&a, &cfg, io, &Default::default()),
-        "ndarray" => run::<burn::backend::NdArray<f32>>(&a, &cfg, io, &Default::default()),
-        #[cfg(feature = "cuda")]
-        "cuda" => run::<burn::backend::Cuda<f32, i32>>(&a, &cfg, io, &Default::default()),
-        other => bail!(
-            "backend '{other}' is not available in this build (available: {})",
-            crate::backend::available().join(", ")
-        ),
-    }?;
+    let report = on_backend!(a.run.backend.as_str(), B, dev => run::<B>(&a, &cfg, io, &dev))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
@@ -234,32 +226,18 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
         other => bail!("corrector '{other}' is not available (available: offline, openai)"),
     };
     let (out, _lock) = claim_output(out, &a.run.shard, a.run.force, &[("--samples", samples), ("--model", model)])?;
-    macro_rules! go {
-        ($b:ty) => {
-            collect_pt::run::<$b>(
-                model,
-                samples,
-                &out,
-                &cfg,
-                corrector.as_ref(),
-                &a.corrector,
-                &lexicon,
-                a.run.shard.clone(),
-                true,
-                &Default::default(),
-            )
-        };
-    }
-    let report = match a.run.backend.as_str() {
-        "flex" => go!(burn::backend::Flex),
-        "ndarray" => go!(burn::backend::NdArray<f32>),
-        #[cfg(feature = "cuda")]
-        "cuda" => go!(burn::backend::Cuda<f32, i32>),
-        other => bail!(
-            "backend '{other}' is not available in this build (available: {})",
-            crate::backend::available().join(", ")
-        ),
-    }
+    let report = on_backend!(a.run.backend.as_str(), B, dev => collect_pt::run::<B>(
+        model,
+        samples,
+        &out,
+        &cfg,
+        corrector.as_ref(),
+        &a.corrector,
+        &lexicon,
+        a.run.shard.clone(),
+        true,
+        &dev,
+    ))
     .with_context(|| format!("collect-pt {} -> {}", samples.display(), out.display()))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -1,6 +1,7 @@
 //! `popen sam-masks`: thin front end of popen-sam's stage (SAM's automatic mask generator ->
 //! `proposal/1` shards).
 
+use crate::backend::on_backend;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use popen_sam::stage::{self, ImageSource, SamMasksConfig};
@@ -70,16 +71,7 @@ pub fn sam_masks(mut a: SamMasksArgs) -> Result<()> {
     };
     let (out, _lock) =
         claim_output(&out_arg, &a.run.shard, a.run.force, &[input, ("--sam-checkpoint", &cfg.checkpoint)])?;
-    let report = match a.run.backend.as_str() {
-        "flex" => run::<burn::backend::Flex>(&cfg, &source, &out, &a, &Default::default()),
-        "ndarray" => run::<burn::backend::NdArray<f32>>(&cfg, &source, &out, &a, &Default::default()),
-        #[cfg(feature = "cuda")]
-        "cuda" => run::<burn::backend::Cuda<f32, i32>>(&cfg, &source, &out, &a, &Default::default()),
-        other => bail!(
-            "backend '{other}' is not available in this build (available: {})",
-            crate::backend::available().join(", ")
-        ),
-    }?;
+    let report = on_backend!(a.run.backend.as_str(), B, dev => run::<B>(&cfg, &source, &out, &a, &dev))?;
     if a.overlays > 0 {
         write_overlays(&source, &out, a.overlays)?;
     }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::backend::on_backend;
 use anyhow::{bail, Context, Result};
 use burn::backend::Autodiff;
 use burn::prelude::*;
@@ -90,10 +91,7 @@ fn run_stage<R: StageRun>(stage: &R, backend: &str, precision: Precision, replic
         ("flex" | "ndarray", Precision::Bf16) => bail!(
             "precision = \"bf16\" needs the cuda backend (--backend cuda); on CPU set precision = \"f32\" in the config"
         ),
-        (other, _) => bail!(
-            "backend '{other}' is not available in this build (available: {})",
-            crate::backend::available().join(", ")
-        ),
+        (other, _) => return Err(crate::backend::unavailable(other)),
     }
     .with_context(|| format!("{} into {}", R::NAME, out.display()))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -224,16 +222,7 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         }),
         sam_cache: a.sam_cache.clone(),
     };
-    let report = match a.backend.as_str() {
-        "flex" => predict_on::<burn::backend::Flex>(&a, &cfg, &Default::default()),
-        "ndarray" => predict_on::<burn::backend::NdArray<f32>>(&a, &cfg, &Default::default()),
-        #[cfg(feature = "cuda")]
-        "cuda" => predict_on::<burn::backend::Cuda<f32, i32>>(&a, &cfg, &Default::default()),
-        other => bail!(
-            "backend '{other}' is not available in this build (available: {})",
-            crate::backend::available().join(", ")
-        ),
-    }?;
+    let report = on_backend!(a.backend.as_str(), B, dev => predict_on::<B>(&a, &cfg, &dev))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -114,15 +114,7 @@ pub fn run<B: Backend>(
                     .teacher_force(&forced)?
                     .into_iter()
                     .zip(&keep)
-                    .map(|(f, s)| popen_model::infer::Prediction {
-                        answer: s.answer.clone(),
-                        ids: f.ids,
-                        logprobs: f.logprobs,
-                        masks: f.masks,
-                        mask_scores: f.mask_scores,
-                        seg_issues: vec![],
-                        stopped: true,
-                    })
+                    .map(|(f, s)| popen_model::infer::Prediction::forced(s.answer.clone(), f))
                     .collect()
             } else if let Some(e) = &cfg.ensemble {
                 let outs = crate::ensemble::predict(&predictor, &items, e)?;

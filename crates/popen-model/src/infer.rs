@@ -42,6 +42,22 @@ pub struct Prediction {
     pub stopped: bool,
 }
 
+impl Prediction {
+    /// The prediction of a teacher-forced `answer` (its ids, log-probs and masks; complete
+    /// by construction: no seg issues, stopped).
+    pub fn forced(answer: String, f: Forced) -> Self {
+        Prediction {
+            answer,
+            ids: f.ids,
+            logprobs: f.logprobs,
+            masks: f.masks,
+            mask_scores: f.mask_scores,
+            seg_issues: vec![],
+            stopped: true,
+        }
+    }
+}
+
 /// Per-token log-probabilities of a given answer (teacher forcing).
 #[derive(Debug, Clone)]
 pub struct Scored {

@@ -93,6 +93,17 @@ pub struct EnsembleConfig {
     /// Weights (cross-entropy, BCE, DICE) of the warm-up loss (PixelLM's 1, 2, 0.5).
     #[serde(default = "default_adapt_weights")]
     pub adapt_weights: [f32; 3],
+    /// Peak learning rate of the warm-up steps (the schedule of `lr`, scaled by
+    /// `adapt_lr / lr`); absent = `lr`. The warm-up trains the whole LLM side, p_hat alone
+    /// takes a higher rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt_lr: Option<f64>,
+    /// Rehearsal during the warm-up (not in the paper): weight of PixelLM's loss (same
+    /// `adapt_weights`) of the same batch in the plain single-answer layout (chat prompt ->
+    /// ground-truth answer and masks, as SFT), so the model that samples the K answers and
+    /// segments them keeps what SFT and DPO taught it. 0 = off.
+    #[serde(default)]
+    pub adapt_plain_weight: f32,
     /// How L_si pairs the `<seg>` groups of y_tilde and y_k with the targets (SPEC 10.17):
     /// `hungarian` (mask IoU, as the evaluator; default) or `positional` (n-th with n-th).
     #[serde(default)]
@@ -128,6 +139,8 @@ impl Default for EnsembleConfig {
             train_seg_feedback: true,
             adapt_steps: 0,
             adapt_weights: default_adapt_weights(),
+            adapt_lr: None,
+            adapt_plain_weight: 0.0,
             si_pairing: ensemble_loss::Pairing::Hungarian,
             minilm: PathBuf::from("data/assets/minilm"),
             checkpoint_every: 200,
@@ -154,6 +167,12 @@ impl EnsembleConfig {
         }
         if !(self.lr > 0.0) || !(self.scale > 0.0) {
             return Err("lr and scale must be > 0".into());
+        }
+        if self.adapt_lr.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+            return Err(format!("adapt_lr must be > 0, got {:?}", self.adapt_lr));
+        }
+        if !(self.adapt_plain_weight.is_finite() && self.adapt_plain_weight >= 0.0) {
+            return Err(format!("adapt_plain_weight must be finite and >= 0, got {}", self.adapt_plain_weight));
         }
         if self.adapt_weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)) {
             return Err(format!("adapt_weights must be finite and >= 0, got {:?}", self.adapt_weights));
@@ -188,6 +207,9 @@ pub struct EnsembleStepMetrics {
     pub adapt_ce: Option<f32>,
     #[serde(rename = "adapt/mask", default)]
     pub adapt_mask: Option<f32>,
+    /// Warm-up steps with `adapt_plain_weight`: PixelLM's loss in the plain layout (unweighted).
+    #[serde(rename = "adapt/plain", default)]
+    pub adapt_plain: Option<f32>,
     pub grad_norm: f32,
     pub seconds: f64,
 }
@@ -201,11 +223,11 @@ impl MetricsRow for EnsembleStepMetrics {
         self.step
     }
     fn csv_header() -> &'static str {
-        "step,epoch,lr,loss,loss/ti,loss/si,p_tilde,text_gain,iou_refined,iou_candidates,si_samples,adapt/ce,adapt/mask,grad_norm,seconds"
+        "step,epoch,lr,loss,loss/ti,loss/si,p_tilde,text_gain,iou_refined,iou_candidates,si_samples,adapt/ce,adapt/mask,adapt/plain,grad_norm,seconds"
     }
     fn csv_line(&self) -> String {
         format!(
-            "{},{:.4},{:.6e},{:.6},{:.6},{},{:.6},{:.6},{},{},{},{},{},{:.6},{:.3}\n",
+            "{},{:.4},{:.6e},{:.6},{:.6},{},{:.6},{:.6},{},{},{},{},{},{},{:.6},{:.3}\n",
             self.step,
             self.epoch,
             self.lr,
@@ -219,6 +241,7 @@ impl MetricsRow for EnsembleStepMetrics {
             self.si_samples,
             opt(self.adapt_ce),
             opt(self.adapt_mask),
+            opt(self.adapt_plain),
             self.grad_norm,
             self.seconds
         )
@@ -233,6 +256,7 @@ impl MetricsRow for EnsembleStepMetrics {
             ("L_si", [40, 40, 200], pts(&|r| r.loss_si)),
             ("warm-up CE", [40, 160, 40], pts(&|r| r.adapt_ce)),
             ("warm-up mask", [160, 120, 0], pts(&|r| r.adapt_mask)),
+            ("warm-up plain", [120, 40, 160], pts(&|r| r.adapt_plain)),
         ]
     }
 }
@@ -304,6 +328,7 @@ struct Stats {
     iou_c: Option<f32>,
     si_n: usize,
     adapt: Option<(f32, f32)>,
+    plain: Option<f32>,
 }
 
 fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -468,6 +493,7 @@ fn batch_loss<B: AutodiffBackend>(
         iou_c: mean(&iou_c),
         si_n,
         adapt: None,
+        plain: None,
     };
     Ok((loss, stats))
 }
@@ -491,7 +517,6 @@ fn adapt_loss<B: AutodiffBackend>(
     let e = |x: popen_model::pixellm::PixelLmError| x.to_string();
     let m = p.model;
     let s = &cfg.ensemble;
-    let dev = m.devices().into_iter().next().ok_or("the model has no parameters")?;
     let mut answers = Vec::with_capacity(batch.len());
     let mut masks = Vec::with_capacity(batch.len());
     for smp in batch {
@@ -534,6 +559,60 @@ fn adapt_loss<B: AutodiffBackend>(
         rows.push(ensemble::seg_rows(p, x, i, &cands[i], s.eta(&scores[i]), ids, s.seg_feedback).map_err(e)?);
     }
     let asm = m.assemble(&rows, Some(feats), Padding::Right).map_err(e)?;
+    let hidden = m.forward_hidden(&asm).map_err(e)?;
+    let pairs = answer_mask_pairs(m, feats, hidden, &asm, &answers, &masks, batch)?;
+    let [wc, wb, wd] = cfg.adapt_weights;
+    let parts = crate::loss::pixellm_loss(lp, &lens, pairs, (wc, wb, wd));
+    let ce = to_host(parts.ce.detach())[0];
+    let mask = to_host((parts.bce + parts.dice).detach())[0];
+    let mut total = parts.total;
+    // Rehearsal: the same batch in the plain layout (chat prompt -> answer, one pass).
+    let mut plain = None;
+    if cfg.adapt_plain_weight > 0.0 {
+        let mut rows = Vec::with_capacity(batch.len());
+        for (i, x) in instrs.iter().enumerate() {
+            let mut r = p.prompt_parts(x, i).map_err(e)?;
+            r.push(Part::new(Segment::Tokens(answers[i].0.clone())));
+            rows.push(r);
+        }
+        let asm = m.assemble(&rows, Some(feats), Padding::Right).map_err(e)?;
+        let hidden = m.forward_hidden(&asm).map_err(e)?;
+        let tg: Vec<(usize, Vec<u32>)> =
+            asm.piece_starts.iter().zip(&answers).map(|(st, a)| (*st.last().expect("parts"), a.0.clone())).collect();
+        let lp = m.response_logprobs(hidden.clone(), &tg).map_err(e)?;
+        let pairs = answer_mask_pairs(m, feats, hidden, &asm, &answers, &masks, batch)?;
+        let pl = crate::loss::pixellm_loss(lp, &lens, pairs, (wc, wb, wd));
+        plain = Some(to_host(pl.total.clone().detach())[0]);
+        total = total + pl.total.mul_scalar(cfg.adapt_plain_weight);
+    }
+    let stats = Stats {
+        loss: to_host(total.clone().detach())[0],
+        ti: 0.0,
+        si: None,
+        p_tilde: 0.0,
+        gain: 0.0,
+        iou_r: None,
+        iou_c: None,
+        si_n: 0,
+        adapt: Some((ce, mask)),
+        plain,
+    };
+    Ok((total, stats))
+}
+
+/// The (mask logits, target) pairs of the ground-truth answers' `<seg>` groups, read from
+/// `hidden` of `asm` whose last piece of row r is answer r (groups and targets in the
+/// answer's order, as SFT pairs them).
+fn answer_mask_pairs<B: AutodiffBackend>(
+    m: &PixelLm<B>,
+    feats: &popen_model::pixellm::ImageFeatures<B>,
+    hidden: Tensor<B, 3>,
+    asm: &popen_model::pixellm::Assembled<B>,
+    answers: &[(Vec<u32>, Vec<Vec<usize>>)],
+    masks: &[Vec<popen_core::mask::Mask>],
+    batch: &[&Sample],
+) -> std::result::Result<Vec<(Tensor<B, 2>, Tensor<B, 2>)>, String> {
+    let e = |x: popen_model::pixellm::PixelLmError| x.to_string();
     let mut objects = Vec::new();
     let mut gts = Vec::new();
     for (r, (_, groups)) in answers.iter().enumerate() {
@@ -544,36 +623,22 @@ fn adapt_loss<B: AutodiffBackend>(
         }
     }
     let mut pairs = Vec::with_capacity(objects.len());
-    if !objects.is_empty() {
-        let hidden = m.forward_hidden(&asm).map_err(e)?;
-        let f = m.seg_embeddings(hidden, &objects).map_err(e)?;
-        let idx: Vec<usize> = objects.iter().map(|o| o.0).collect();
-        let (logits, _) = m.decode_masks(feats, f, &idx).map_err(e)?;
-        for ((logit, mk), (r, _)) in logits.into_iter().zip(gts).zip(&objects) {
-            let [h, w] = logit.dims();
-            if (mk.height() as usize, mk.width() as usize) != (h, w) {
-                return Err(format!("'{}': target mask {}x{} vs image {h}x{w}", batch[*r].id, mk.height(), mk.width()));
-            }
-            let bits: Vec<f32> = mk.data().iter().map(|&v| f32::from(v)).collect();
-            pairs.push((logit, Tensor::<B, 2>::from_data(TensorData::new(bits, [h, w]), &dev)));
-        }
+    if objects.is_empty() {
+        return Ok(pairs);
     }
-    let [wc, wb, wd] = cfg.adapt_weights;
-    let parts = crate::loss::pixellm_loss(lp, &lens, pairs, (wc, wb, wd));
-    let ce = to_host(parts.ce.detach())[0];
-    let mask = to_host((parts.bce + parts.dice).detach())[0];
-    let stats = Stats {
-        loss: to_host(parts.total.clone().detach())[0],
-        ti: 0.0,
-        si: None,
-        p_tilde: 0.0,
-        gain: 0.0,
-        iou_r: None,
-        iou_c: None,
-        si_n: 0,
-        adapt: Some((ce, mask)),
-    };
-    Ok((parts.total, stats))
+    let dev = hidden.device();
+    let f = m.seg_embeddings(hidden, &objects).map_err(e)?;
+    let idx: Vec<usize> = objects.iter().map(|o| o.0).collect();
+    let (logits, _) = m.decode_masks(feats, f, &idx).map_err(e)?;
+    for ((logit, mk), (r, _)) in logits.into_iter().zip(gts).zip(&objects) {
+        let [h, w] = logit.dims();
+        if (mk.height() as usize, mk.width() as usize) != (h, w) {
+            return Err(format!("'{}': target mask {}x{} vs image {h}x{w}", batch[*r].id, mk.height(), mk.width()));
+        }
+        let bits: Vec<f32> = mk.data().iter().map(|&v| f32::from(v)).collect();
+        pairs.push((logit, Tensor::<B, 2>::from_data(TensorData::new(bits, [h, w]), &dev)));
+    }
+    Ok(pairs)
 }
 
 /// The loss of one fixed batch under `model` (tests, diagnostics): samples `ids` of the
@@ -719,7 +784,10 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         }
         let adapting = step < adapt_steps;
         B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
-        let lr = schedule::lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay);
+        let mut lr = schedule::lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay);
+        if let (true, Some(a)) = (adapting, cfg.adapt_lr) {
+            lr *= a / cfg.lr;
+        }
         let idx = order.batch(step);
         let batch: Vec<&Sample> = idx.iter().map(|&i| &samples[i]).collect();
         // The K samples' seed moves with the step so each step draws fresh candidates.
@@ -772,6 +840,7 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
             si_samples: st.si_n,
             adapt_ce: st.adapt.map(|a| a.0),
             adapt_mask: st.adapt.map(|a| a.1),
+            adapt_plain: st.plain,
             grad_norm: norm,
             seconds: st_t.elapsed().as_secs_f64(),
         };

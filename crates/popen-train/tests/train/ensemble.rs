@@ -332,6 +332,86 @@ fn ensemble_warm_up_step_lowers_its_loss_on_a_fixed_batch() {
     assert!(l0.is_finite() && l1 < l0, "warm-up loss did not go down: {l0} -> {l1}");
 }
 
+/// `adapt_plain_weight` (rehearsal during the warm-up, not in the paper): the logged
+/// `adapt/plain` of step 0 is SFT's own loss of the same samples in the plain layout
+/// (`SftModel::loss`, the path `popen sft` steps on, PixelLM's weights 1 / 2 / 0.5), and the
+/// warm-up loss grows by exactly weight x that term. `adapt_lr`: the warm-up steps take the
+/// schedule scaled to `adapt_lr`, the steps after it `lr`.
+#[test]
+fn ensemble_warm_up_rehearsal_is_sfts_loss_and_adapt_lr_applies() {
+    let w = world();
+    let c = EnsembleConfig { batch_size: 4, adapt_steps: 1, max_steps: 1, lr: 1e-4, adapt_plain_weight: 0.5, ..cfg() };
+    let (m0, _, idx) = one_step(&c, "ens-adapt-plain");
+    let logged = &metrics("ens-adapt-plain")[0];
+    let plain = logged["adapt/plain"].as_f64().unwrap() as f32;
+    // SFT's loss of the same 4 samples under the step-0 model.
+    let dev = Default::default();
+    let o = popen_train::stage::open_init::<AB>(&w.model, &dev).unwrap();
+    let samples: Vec<Sample> = read_shard(&w.train).unwrap();
+    let batch: Vec<Sample> = idx.iter().map(|&i| samples[i].clone()).collect();
+    let (examples, skipped) = popen_train::data::prepare(
+        batch,
+        &o.tokenizer,
+        &o.tokens,
+        o.config.seg_group_len(),
+        o.config.image_tokens(),
+        4096,
+    );
+    assert!(skipped.is_empty(), "{skipped:?}");
+    let refs: Vec<&popen_train::data::Example> = examples.iter().collect();
+    let pre = popen_model::preprocess::Preprocessor::pixellm(o.config.image_size);
+    let sft_batch = popen_train::sft::make_batch(&refs, &pre, &popen_train::SftConfig::default()).unwrap();
+    let sft_loss = popen_train::sft::SftModel { pixellm: m0.clone() }.loss(&sft_batch).unwrap().total;
+    let sft_loss = sft_loss.into_data().convert::<f32>().into_vec::<f32>().unwrap()[0];
+    assert!((plain - sft_loss).abs() <= 1e-4 * sft_loss.max(1.0), "adapt/plain {plain} vs SFT's loss {sft_loss}");
+    // The total is the ensemble-layout warm-up loss + 0.5 x the plain term.
+    let job = |cfg: &EnsembleConfig| {
+        ensemble_train::adapt_loss_of::<AB>(
+            &EnsembleJob {
+                config: cfg,
+                init: &w.model,
+                samples: &w.train,
+                out: &w.root.join("unused"),
+                resume: false,
+                progress: false,
+                sam_cache: None,
+            },
+            &m0,
+            None,
+            &idx,
+            &dev,
+        )
+        .unwrap()
+    };
+    let with = job(&c);
+    let without = job(&EnsembleConfig { adapt_plain_weight: 0.0, ..c.clone() });
+    assert!((with - without - 0.5 * plain).abs() <= 1e-4 * with.max(1.0), "{with} - {without} != 0.5 x {plain}");
+    assert!((logged["loss"].as_f64().unwrap() as f32 - with).abs() <= 1e-5);
+    // adapt_lr: step 0 (warm-up) at 2e-5, step 1 at lr (constant schedule, no warmup).
+    let c2 = EnsembleConfig {
+        adapt_steps: 1,
+        max_steps: 2,
+        warmup_steps: 0,
+        decay: popen_train::config::Decay::Constant,
+        lr: 1e-4,
+        adapt_lr: Some(2e-5),
+        ..cfg()
+    };
+    run_with(&c2, "ens-adapt-lr", None, false).unwrap();
+    let m = metrics("ens-adapt-lr");
+    let lrs: Vec<f64> = m.iter().map(|r| r["lr"].as_f64().unwrap()).collect();
+    assert!((lrs[0] - 2e-5).abs() < 1e-12 && (lrs[1] - 1e-4).abs() < 1e-12, "{lrs:?}");
+    assert!(m[1]["adapt/plain"].is_null(), "{}", m[1]);
+    // Bad values are config errors naming the key.
+    for (bad, key) in [
+        (EnsembleConfig { adapt_lr: Some(0.0), ..cfg() }, "adapt_lr"),
+        (EnsembleConfig { adapt_plain_weight: -1.0, ..cfg() }, "adapt_plain_weight"),
+    ] {
+        let e = bad.validate().unwrap_err();
+        assert!(e.contains(key), "{e}");
+    }
+}
+
 /// One step lowers the loss of the batch it stepped on ([`ensemble_train::loss_of`] of the
 /// stage's step-0 batch, in the stage's order, so the same K candidates): Adam's first step
 /// moves each p_hat entry by ~lr against its gradient's sign, a descent direction, and at lr
