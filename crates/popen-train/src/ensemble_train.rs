@@ -94,10 +94,10 @@ pub struct EnsembleConfig {
     #[serde(default = "default_adapt_weights")]
     pub adapt_weights: [f32; 3],
     /// Peak learning rate of the warm-up steps (the schedule of `lr`, scaled by
-    /// `adapt_lr / lr`); absent = `lr`. The warm-up trains the whole LLM side, p_hat alone
+    /// `adapt_lr / lr`); 0 = `lr`. The warm-up trains the whole LLM side, p_hat alone
     /// takes a higher rate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub adapt_lr: Option<f64>,
+    #[serde(default)]
+    pub adapt_lr: f64,
     /// Rehearsal during the warm-up (not in the paper): weight of PixelLM's loss (same
     /// `adapt_weights`) of the same batch in the plain single-answer layout (chat prompt ->
     /// ground-truth answer and masks, as SFT), so the model that samples the K answers and
@@ -139,7 +139,7 @@ impl Default for EnsembleConfig {
             train_seg_feedback: true,
             adapt_steps: 0,
             adapt_weights: default_adapt_weights(),
-            adapt_lr: None,
+            adapt_lr: 0.0,
             adapt_plain_weight: 0.0,
             si_pairing: ensemble_loss::Pairing::Hungarian,
             minilm: PathBuf::from("data/assets/minilm"),
@@ -168,8 +168,8 @@ impl EnsembleConfig {
         if !(self.lr > 0.0) || !(self.scale > 0.0) {
             return Err("lr and scale must be > 0".into());
         }
-        if self.adapt_lr.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-            return Err(format!("adapt_lr must be > 0, got {:?}", self.adapt_lr));
+        if !(self.adapt_lr >= 0.0 && self.adapt_lr.is_finite()) {
+            return Err(format!("adapt_lr must be >= 0 (0 = lr), got {}", self.adapt_lr));
         }
         if !(self.adapt_plain_weight.is_finite() && self.adapt_plain_weight >= 0.0) {
             return Err(format!("adapt_plain_weight must be finite and >= 0, got {}", self.adapt_plain_weight));
@@ -785,8 +785,8 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         let adapting = step < adapt_steps;
         B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let mut lr = schedule::lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay);
-        if let (true, Some(a)) = (adapting, cfg.adapt_lr) {
-            lr *= a / cfg.lr;
+        if adapting && cfg.adapt_lr > 0.0 {
+            lr *= cfg.adapt_lr / cfg.lr;
         }
         let idx = order.batch(step);
         let batch: Vec<&Sample> = idx.iter().map(|&i| &samples[i]).collect();

@@ -394,7 +394,7 @@ fn ensemble_warm_up_rehearsal_is_sfts_loss_and_adapt_lr_applies() {
         warmup_steps: 0,
         decay: popen_train::config::Decay::Constant,
         lr: 1e-4,
-        adapt_lr: Some(2e-5),
+        adapt_lr: 2e-5,
         ..cfg()
     };
     run_with(&c2, "ens-adapt-lr", None, false).unwrap();
@@ -404,7 +404,7 @@ fn ensemble_warm_up_rehearsal_is_sfts_loss_and_adapt_lr_applies() {
     assert!(m[1]["adapt/plain"].is_null(), "{}", m[1]);
     // Bad values are config errors naming the key.
     for (bad, key) in [
-        (EnsembleConfig { adapt_lr: Some(0.0), ..cfg() }, "adapt_lr"),
+        (EnsembleConfig { adapt_lr: -1.0, ..cfg() }, "adapt_lr"),
         (EnsembleConfig { adapt_plain_weight: -1.0, ..cfg() }, "adapt_plain_weight"),
     ] {
         let e = bad.validate().unwrap_err();
