@@ -11,7 +11,7 @@ mod report_cmd;
 mod sam_cmd;
 mod train_cmd;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use popen_core::shard::{Sample, ShardReader};
 use popen_core::shardspec::ShardSpec;
@@ -285,13 +285,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn synth(a: SynthArgs) -> Result<()> {
-    let mut cfg: popen_data::synth::SynthConfig = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("{}: invalid synth config", p.display()))?
-        }
-        None => Default::default(),
-    };
+    let mut cfg: popen_data::synth::SynthConfig = prefs_cmd::read_toml(a.config.as_deref())?;
     if let Some(v) = a.seed {
         cfg.seed = v;
     }

@@ -234,7 +234,7 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
         corrector.as_ref(),
         &a.corrector,
         &lexicon,
-        a.run.shard.clone(),
+        a.run.shard,
         true,
         &dev,
     ))
@@ -243,9 +243,9 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
     Ok(())
 }
 
-/// A config from its TOML file, or the type's defaults without one.
+/// A config from its TOML file, or the type's defaults without one (popen-core's
+/// `config_text::load`, the one way every command reads a config; training stages add
+/// `--set` and their checks in `StageConfig::load_with`).
 pub(crate) fn read_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&std::path::Path>) -> Result<T> {
-    let Some(p) = path else { return Ok(T::default()) };
-    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    popen_core::config_text::load(path).map_err(|e| anyhow::anyhow!(e))
 }

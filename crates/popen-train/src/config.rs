@@ -284,18 +284,11 @@ pub trait StageConfig: Serialize + DeserializeOwned + Default {
     /// `false`, `[1.0, 2.0]`, `"text"`; a bare word is a string). Unknown keys are errors,
     /// as in the file.
     fn load_with(path: Option<&Path>, seed: Option<u64>, max_steps: Option<usize>, sets: &[String]) -> Result<Self> {
-        let mut cfg = match path {
+        let cfg = match path {
             Some(p) => Self::from_toml_file(p)?,
             None => Self::default(),
         };
-        if !sets.is_empty() {
-            let mut v = toml::Value::try_from(&cfg).map_err(|e| TrainError::Config(e.to_string()))?;
-            for s in sets {
-                apply_set(&mut v, s).map_err(TrainError::Config)?;
-            }
-            let what = sets.iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" ");
-            cfg = v.try_into().map_err(|e| TrainError::Config(format!("{what}: {e}")))?;
-        }
+        let mut cfg = popen_core::config_text::with_sets(cfg, sets).map_err(TrainError::Config)?;
         if let Some(s) = seed {
             *cfg.seed_mut() = s;
         }
@@ -307,37 +300,8 @@ pub trait StageConfig: Serialize + DeserializeOwned + Default {
     }
 }
 
-/// One `KEY=VALUE` override of [`StageConfig::load_with`] on a config's TOML value.
-pub fn apply_set(root: &mut toml::Value, set: &str) -> std::result::Result<(), String> {
-    let Some((key, raw)) = set.split_once('=') else {
-        return Err(format!("--set {set}: expected KEY=VALUE"));
-    };
-    let key = key.trim();
-    let raw = raw.trim();
-    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").expect("parsed"),
-        Err(_) => toml::Value::String(raw.to_string()),
-    };
-    let parts: Vec<&str> = key.split('.').collect();
-    if key.is_empty() || parts.iter().any(|p| p.is_empty()) {
-        return Err(format!("--set {set}: empty key"));
-    }
-    let mut cur = root;
-    for (i, p) in parts.iter().enumerate() {
-        let table =
-            cur.as_table_mut().ok_or_else(|| format!("--set {set}: '{}' is not a table", parts[..i].join(".")))?;
-        if i + 1 == parts.len() {
-            if !table.contains_key(*p) {
-                let known: Vec<&String> = table.keys().collect();
-                return Err(format!("--set {set}: unknown key '{key}' (keys here: {known:?})"));
-            }
-            table.insert(p.to_string(), value);
-            return Ok(());
-        }
-        cur = table.get_mut(*p).ok_or_else(|| format!("--set {set}: unknown key '{}'", parts[..=i].join(".")))?;
-    }
-    unreachable!("the loop returns at the last part")
-}
+/// One `KEY=VALUE` override on a config's TOML value (popen-core's, shared by every command).
+pub use popen_core::config_text::apply_set;
 
 /// Implements [`StageConfig`] for a config with `seed` and `max_steps` fields and an inherent
 /// `validate`.
