@@ -37,7 +37,7 @@ help:
 	@echo "make bench-sam   MobileSAM encoder + automatic generator timing (docs/bench-sam.md)"
 	@echo "make bench-cpu   popen against PyTorch/transformers on this CPU, same-round ratios (docs/bench-cpu.md; BENCH_TINY= skips the tiny step)"
 	@echo "make popen-seeds the demo for seeds 0, 1, 2 and the Table-3 table with paired differences"
-	@echo "make popen-ablations  the ensemble ablations (paper's stage 3, frozen projection, no gamma, fallback) on popen-seeds' models"
+	@echo "make popen-ablations  the ensemble ablations (paper's stage 3, frozen projection, no rehearsal, no gamma, fallback) on popen-seeds' models"
 
 build:
 	$(CARGO) build --release --bin popen
@@ -207,16 +207,18 @@ popen-seeds: build
 # The ablations of the levers (after popen-seeds, on its models; each row one run per seed):
 # the paper's stage 3 (no warm-up, only p_hat trains: SPEC 6; our tiny preset adapts the
 # model first, SPEC 10.18), the warm-up without training the feedback projection (SPEC
-# 10.16), the ensemble without gamma, and with --ensemble-fallback (not in the paper).
-ABLATION_ROWS = "POPEN (dpo + ensemble K=$(ENSEMBLE_K))=popen" "... paper's stage 3 (only p_hat, no warm-up)=popen-paper" "... feedback projection frozen after the warm-up=popen-frozen-feedback" "... w/o gamma=popen-no-gamma" "... with fallback (not in the paper)=popen-fallback" "POPEN w/o ensemble (dpo)=dpo"
+# 10.16), the warm-up without rehearsal (adapt_plain_weight = 0), the ensemble without gamma,
+# and with --ensemble-fallback (not in the paper).
+ABLATION_ROWS = "POPEN (dpo + ensemble K=$(ENSEMBLE_K))=popen" "... paper's stage 3 (only p_hat, no warm-up)=popen-paper" "... warm-up without rehearsal=popen-no-rehearsal" "... feedback projection frozen after the warm-up=popen-frozen-feedback" "... w/o gamma=popen-no-gamma" "... with fallback (not in the paper)=popen-fallback" "POPEN w/o ensemble (dpo)=dpo"
 popen-ablations: build
 	for s in 0 1 2; do o=$$( [ $$s = 0 ] && echo out/demo || echo out/popen-seed-$$s ); \
 	  $(MAKE) --no-print-directory ablation-ensemble SEED=$$s OUT=$$o ABL=paper ABL_SET="--set adapt_steps=0 --set train_seg_feedback=false" || exit 1; \
 	  $(MAKE) --no-print-directory ablation-ensemble SEED=$$s OUT=$$o ABL=frozen-feedback ABL_SET="--set train_seg_feedback=false" || exit 1; \
+	  $(MAKE) --no-print-directory ablation-ensemble SEED=$$s OUT=$$o ABL=no-rehearsal ABL_SET="--set adapt_plain_weight=0" || exit 1; \
 	  $(MAKE) --no-print-directory predict eval-pred SEED=$$s OUT=$$o MODEL=$$o/ensemble/model PRED=$$o/pred/$(SPLIT)-popen-no-gamma.parquet EVAL_NAME=popen-no-gamma PREDICT_FLAGS="--ensemble $(ENSEMBLE_K) --ensemble-no-gamma" || exit 1; \
 	  $(MAKE) --no-print-directory predict eval-pred SEED=$$s OUT=$$o MODEL=$$o/ensemble/model PRED=$$o/pred/$(SPLIT)-popen-fallback.parquet EVAL_NAME=popen-fallback PREDICT_FLAGS="--ensemble $(ENSEMBLE_K) --ensemble-fallback" || exit 1; \
 	done
-	$(PYTHON) tools/baseline_table.py --rows $(ABLATION_ROWS) --paired dpo:popen dpo:popen-paper popen-frozen-feedback:popen --seeds $(POPEN_SEED_DIRS)
+	$(PYTHON) tools/baseline_table.py --rows $(ABLATION_ROWS) --paired dpo:popen dpo:popen-paper popen-frozen-feedback:popen popen-no-rehearsal:popen --seeds $(POPEN_SEED_DIRS)
 
 # One ensemble-train variant (ABL_SET: config overrides) into $(OUT)/ensemble-$(ABL), predicted
 # and evaluated as popen-$(ABL).

@@ -540,17 +540,13 @@ fn adapt_loss<B: AutodiffBackend>(
         masks.push(mk);
     }
     // Text pass.
-    let mut rows = Vec::with_capacity(batch.len());
-    for (i, x) in instrs.iter().enumerate() {
-        let mut r = ensemble::text_rows(p, x, i, &cands[i], s.tau(&scores[i])).map_err(e)?;
-        r.push(Part::new(Segment::Tokens(answers[i].0.clone())));
-        rows.push(r);
-    }
-    let asm = m.assemble(&rows, Some(feats), Padding::Right).map_err(e)?;
-    let hidden = m.forward_hidden(&asm).map_err(e)?;
-    let tg: Vec<(usize, Vec<u32>)> =
-        asm.piece_starts.iter().zip(&answers).map(|(st, a)| (*st.last().expect("parts"), a.0.clone())).collect();
-    let lp = m.response_logprobs(hidden, &tg).map_err(e)?;
+    let prefixes = instrs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| ensemble::text_rows(p, x, i, &cands[i], s.tau(&scores[i])))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(e)?;
+    let (_, _, lp) = answer_pass(m, feats, prefixes, &answers)?;
     let lens: Vec<usize> = answers.iter().map(|a| a.0.len()).collect();
     // Seg pass: the answer without its EOS is y_tilde (seg_rows appends the EOS).
     let mut rows = Vec::with_capacity(batch.len());
@@ -569,17 +565,13 @@ fn adapt_loss<B: AutodiffBackend>(
     // Rehearsal: the same batch in the plain layout (chat prompt -> answer, one pass).
     let mut plain = None;
     if cfg.adapt_plain_weight > 0.0 {
-        let mut rows = Vec::with_capacity(batch.len());
-        for (i, x) in instrs.iter().enumerate() {
-            let mut r = p.prompt_parts(x, i).map_err(e)?;
-            r.push(Part::new(Segment::Tokens(answers[i].0.clone())));
-            rows.push(r);
-        }
-        let asm = m.assemble(&rows, Some(feats), Padding::Right).map_err(e)?;
-        let hidden = m.forward_hidden(&asm).map_err(e)?;
-        let tg: Vec<(usize, Vec<u32>)> =
-            asm.piece_starts.iter().zip(&answers).map(|(st, a)| (*st.last().expect("parts"), a.0.clone())).collect();
-        let lp = m.response_logprobs(hidden.clone(), &tg).map_err(e)?;
+        let prefixes = instrs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| p.prompt_parts(x, i))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(e)?;
+        let (asm, hidden, lp) = answer_pass(m, feats, prefixes, &answers)?;
         let pairs = answer_mask_pairs(m, feats, hidden, &asm, &answers, &masks, batch)?;
         let pl = crate::loss::pixellm_loss(lp, &lens, pairs, (wc, wb, wd));
         plain = Some(to_host(pl.total.clone().detach())[0]);
@@ -598,6 +590,33 @@ fn adapt_loss<B: AutodiffBackend>(
         plain,
     };
     Ok((total, stats))
+}
+
+/// One forward of `prefixes[r]` + answer r (its token ids) per row: the assembled batch, its
+/// hidden states and the answers' token log-probabilities.
+#[allow(clippy::type_complexity)]
+fn answer_pass<B: AutodiffBackend>(
+    m: &PixelLm<B>,
+    feats: &popen_model::pixellm::ImageFeatures<B>,
+    prefixes: Vec<Vec<popen_model::pixellm::Part<B>>>,
+    answers: &[(Vec<u32>, Vec<Vec<usize>>)],
+) -> std::result::Result<(popen_model::pixellm::Assembled<B>, Tensor<B, 3>, Tensor<B, 2>), String> {
+    use popen_model::pixellm::{Part, Segment};
+    let e = |x: popen_model::pixellm::PixelLmError| x.to_string();
+    let rows: Vec<Vec<Part<B>>> = prefixes
+        .into_iter()
+        .zip(answers)
+        .map(|(mut r, a)| {
+            r.push(Part::new(Segment::Tokens(a.0.clone())));
+            r
+        })
+        .collect();
+    let asm = m.assemble(&rows, Some(feats), Padding::Right).map_err(e)?;
+    let hidden = m.forward_hidden(&asm).map_err(e)?;
+    let tg: Vec<(usize, Vec<u32>)> =
+        asm.piece_starts.iter().zip(answers).map(|(st, a)| (*st.last().expect("parts"), a.0.clone())).collect();
+    let lp = m.response_logprobs(hidden.clone(), &tg).map_err(e)?;
+    Ok((asm, hidden, lp))
 }
 
 /// The (mask logits, target) pairs of the ground-truth answers' `<seg>` groups, read from

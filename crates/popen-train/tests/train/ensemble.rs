@@ -187,6 +187,21 @@ fn run_with(
     ensemble_train::run::<AB>(&job, &Default::default())
 }
 
+/// The job whose losses `loss_of` / `adapt_loss_of` compute (the world's model and samples;
+/// nothing is written).
+fn loss_job(c: &EnsembleConfig) -> EnsembleJob<'_> {
+    let w = world();
+    EnsembleJob {
+        config: c,
+        init: &w.model,
+        samples: &w.train,
+        out: &w.root,
+        resume: false,
+        progress: false,
+        sam_cache: None,
+    }
+}
+
 /// Runs `c` (one step on the 4 samples) into `root/name`: the init model, the stepped model
 /// and the step-0 batch's sample indices.
 fn one_step(
@@ -311,18 +326,9 @@ fn ensemble_train_warm_up_trains_the_llm_side_then_only_p_hat() {
 /// answers. Both the text (cross-entropy) and mask terms contribute.
 #[test]
 fn ensemble_warm_up_step_lowers_its_loss_on_a_fixed_batch() {
-    let w = world();
     let c = EnsembleConfig { batch_size: 4, adapt_steps: 1, max_steps: 1, lr: 1e-4, ..cfg() };
     let (m0, m1, idx) = one_step(&c, "ens-adapt-fixed");
-    let job = EnsembleJob {
-        config: &c,
-        init: &w.model,
-        samples: &w.train,
-        out: &w.root.join("unused"),
-        resume: false,
-        progress: false,
-        sam_cache: None,
-    };
+    let job = loss_job(&c);
     let dev = Default::default();
     let l0 = ensemble_train::adapt_loss_of::<AB>(&job, &m0, None, &idx, &dev).unwrap();
     let logged = metrics("ens-adapt-fixed")[0]["loss"].as_f64().unwrap() as f32;
@@ -365,24 +371,8 @@ fn ensemble_warm_up_rehearsal_is_sfts_loss_and_adapt_lr_applies() {
     let sft_loss = sft_loss.into_data().convert::<f32>().into_vec::<f32>().unwrap()[0];
     assert!((plain - sft_loss).abs() <= 1e-4 * sft_loss.max(1.0), "adapt/plain {plain} vs SFT's loss {sft_loss}");
     // The total is the ensemble-layout warm-up loss + 0.5 x the plain term.
-    let job = |cfg: &EnsembleConfig| {
-        ensemble_train::adapt_loss_of::<AB>(
-            &EnsembleJob {
-                config: cfg,
-                init: &w.model,
-                samples: &w.train,
-                out: &w.root.join("unused"),
-                resume: false,
-                progress: false,
-                sam_cache: None,
-            },
-            &m0,
-            None,
-            &idx,
-            &dev,
-        )
-        .unwrap()
-    };
+    let job =
+        |cfg: &EnsembleConfig| ensemble_train::adapt_loss_of::<AB>(&loss_job(cfg), &m0, None, &idx, &dev).unwrap();
     let with = job(&c);
     let without = job(&EnsembleConfig { adapt_plain_weight: 0.0, ..c.clone() });
     assert!((with - without - 0.5 * plain).abs() <= 1e-4 * with.max(1.0), "{with} - {without} != 0.5 x {plain}");
@@ -420,18 +410,9 @@ fn ensemble_warm_up_rehearsal_is_sfts_loss_and_adapt_lr_applies() {
 /// of this test failed once in CI, 0.6921 -> 0.6938.)
 #[test]
 fn ensemble_train_steps_lower_the_loss_on_a_fixed_batch() {
-    let w = world();
     let c = EnsembleConfig { batch_size: 4, max_steps: 1, checkpoint_every: 1, lr: 1e-3, ..cfg() };
     let (m0, m1, idx) = one_step(&c, "ens-fixed");
-    let job = EnsembleJob {
-        config: &c,
-        init: &w.model,
-        samples: &w.train,
-        out: &w.root.join("unused"),
-        resume: false,
-        progress: false,
-        sam_cache: None,
-    };
+    let job = loss_job(&c);
     let dev = Default::default();
     let l0 = ensemble_train::loss_of::<AB>(&job, &m0, &idx, &dev).unwrap();
     // After the step, on the SAME candidates and y_tilde (decoded by the step-0 model): the
