@@ -513,7 +513,6 @@ fn adapt_loss<B: AutodiffBackend>(
     scores: &[Scores],
     cfg: &EnsembleConfig,
 ) -> std::result::Result<(Tensor<B, 1>, Stats), String> {
-    use popen_model::pixellm::{Part, Segment};
     let e = |x: popen_model::pixellm::PixelLmError| x.to_string();
     let m = p.model;
     let s = &cfg.ensemble;
