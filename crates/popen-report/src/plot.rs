@@ -40,7 +40,7 @@ pub fn panels(header: &[String]) -> Vec<(&'static str, Vec<&'static str>)> {
     } else if has("loss/ti") {
         vec![
             ("losses", vec!["loss", "loss/ti", "loss/si"]),
-            ("warm-up (adapt)", vec!["adapt/ce", "adapt/mask"]),
+            ("warm-up (adapt)", vec!["adapt/ce", "adapt/mask", "adapt/plain"]),
             ("refinement", vec!["p_tilde", "text_gain", "iou_refined", "iou_candidates"]),
         ]
     } else {
