@@ -244,8 +244,8 @@ pub fn collect_pt(mut a: CollectPtArgs) -> Result<()> {
 }
 
 /// A config from its TOML file, or the type's defaults without one (popen-core's
-/// `config_text::load`, the one way every command reads a config; training stages add
-/// `--set` and their checks in `StageConfig::load_with`).
+/// `config_text::load`; the training stages' `StageConfig::load_with` reads its file with
+/// its own I/O error and checks, then applies `--set` through `config_text::with_sets`).
 pub(crate) fn read_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&std::path::Path>) -> Result<T> {
     popen_core::config_text::load(path).map_err(|e| anyhow::anyhow!(e))
 }

@@ -555,7 +555,6 @@ pub struct Attention<B: Backend> {
     pub rope_scaling: Option<RopeScaling>,
 }
 
-/// HF `rotate_half`: `[-x2, x1]` where `x1, x2` are the halves of the head dim.
 /// The largest per-forward tensor (elements) that attention materializes to spare the CPU
 /// backend's strided broadcasts: the repeated key mask and RoPE tables (`AttnInputs`).
 const MATERIALIZE_MAX: usize = 1 << 24;
@@ -576,6 +575,7 @@ fn materialize_max() -> usize {
     MATERIALIZE_MAX_TEST.with(|c| c.get())
 }
 
+/// HF `rotate_half`: `[-x2, x1]` where `x1, x2` are the halves of the head dim.
 fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let d = x.dims()[3];
     let x1 = x.clone().narrow(3, 0, d / 2);
@@ -650,10 +650,9 @@ impl<B: Backend> Attention<B> {
         let v = lora::apply(&self.v_proj, &self.v_lora, x).reshape([b, s, kvh, hd]).swap_dims(1, 2);
 
         let (q, k) = match &inputs.rope_full {
-            Some([cq, sq, ck, sk]) if cq.dims() == [b, s, h, hd] && ck.dims() == [b, s, kvh, hd] => (
-                (q.clone() * cq.clone() + rotate_half(q) * sq.clone()).swap_dims(1, 2),
-                (k.clone() * ck.clone() + rotate_half(k) * sk.clone()).swap_dims(1, 2),
-            ),
+            Some([cq, sq, ck, sk]) if cq.dims() == [b, s, h, hd] && ck.dims() == [b, s, kvh, hd] => {
+                (apply_rope(q, cq, sq).swap_dims(1, 2), apply_rope(k, ck, sk).swap_dims(1, 2))
+            }
             _ => (
                 apply_rope(q.swap_dims(1, 2), &inputs.cos, &inputs.sin),
                 apply_rope(k.swap_dims(1, 2), &inputs.cos, &inputs.sin),
