@@ -35,7 +35,6 @@ use std::time::Instant;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::train::TrainStep;
 use popen_core::manifest::Manifest;
 use popen_core::mask::{Mask, Rle};
 use popen_core::segpref::noise::NoiseRecipe;
@@ -54,11 +53,12 @@ use crate::config::{Decay, LoraConfig, Precision, Trainable};
 use crate::data::{self, Order};
 use crate::dpo_loss::{self, SegDpoInput, SeqNorm};
 use crate::loss;
-use crate::metrics::{plot_losses, MetricsLog, MetricsRow};
+use crate::metrics::MetricsRow;
 use crate::params;
-use crate::sft::SftModel;
 use crate::stage;
-use crate::{io_err, schedule, Result, TrainError};
+use crate::stage::SftModel;
+use crate::train_loop::Timing;
+use crate::{io_err, Result, TrainError};
 
 /// Which score of the policy's median mask the phase-1 indicator compares with the
 /// reference's best (SPEC 10.10: the phase's score).
@@ -677,6 +677,27 @@ fn prepare_seg(
     Ok((out, n_recs))
 }
 
+/// Mean cosine similarities over the targets of `items` between the recorded reference
+/// embeddings (each the concatenation of its scales, `dim` values): (f_w, f_l) and (f_m, f_w).
+fn reference_spread(items: &[SegItem], dim: usize) -> (f64, f64) {
+    let cos = |a: &[f32], b: &[f32]| {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+        let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        dot / (na * nb).max(1e-12)
+    };
+    let (mut wl, mut mw, mut n) = (0.0, 0.0, 0usize);
+    for it in items {
+        for ((w, m), l) in it.f_w.chunks(dim.max(1)).zip(it.f_m.chunks(dim.max(1))).zip(it.f_l.chunks(dim.max(1))) {
+            wl += cos(w, l);
+            mw += cos(m, w);
+            n += 1;
+        }
+    }
+    let n = n.max(1) as f64;
+    (wl / n, mw / n)
+}
+
 // ---- batches and the loss ----
 
 /// Preprocessed images of one micro-batch and their SAM embeddings.
@@ -1283,6 +1304,7 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
     } else {
         (Vec::new(), 0, Vec::new(), 0)
     };
+    let ctx_f_dim = ctx.f_dim;
     let prepared = Prepared { text, seg: [seg1, seg2], skipped, images, counts: [n_pt, n_ps1, n_ps2] };
     let Prepared { text, seg, skipped, mut images, counts } = prepared;
     if cfg.uses_text() && text.is_empty() {
@@ -1338,6 +1360,15 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
         total_steps = cfg.max_steps;
     }
     let half = total_steps.div_ceil(2);
+    // Eq. 4 starts at margin 0 and moves f_theta toward f_w and away from f_l: how far apart
+    // the recorded reference embeddings are bounds what L_s can learn (logged per phase).
+    for (k, items) in seg.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+        let (wl, mw) = reference_spread(items, ctx_f_dim);
+        tracing::info!(
+            "dpo: P_s phase {}: reference embeddings cos(f_w, f_l) {wl:.4}, cos(f_m, f_w) {mw:.4} (mean over targets)",
+            k + 1
+        );
+    }
     let plan = if !cfg.uses_seg() {
         SegPlan { pools: Vec::new(), switch: 0 }
     } else if cfg.ablation.one_phase || seg[0].is_empty() || seg[1].is_empty() {
@@ -1360,9 +1391,8 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
 
     // Optimizer, and the checkpoint to resume from.
     let optim = crate::stage::adamw::<B>(cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay);
-    let crate::stage::Start { model, mut optim, step: start, resumed_from, last_checkpoint: mut last_ckpt } =
+    let crate::stage::Start { model, optim, step: start, resumed_from, last_checkpoint: last_ckpt } =
         crate::stage::start(out, job.resume, &cfg_json, model, optim, dtype, device)?;
-    let mut model = model;
     let (trainable, total_params) = params::count(&model);
     tracing::info!(
         "dpo: {} P_t pairs, {} + {} P_s records ({} skipped), {} steps, {} / {} parameters train",
@@ -1375,112 +1405,38 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
         total_params
     );
 
-    let mut log: MetricsLog<DpoStepMetrics> = MetricsLog::open(out, start)?;
-    // Without a terminal the step lines below (loss, ETA) are the progress.
-    let bar = (job.progress && popen_core::progress::interactive()).then(|| {
-        let b = popen_core::progress::bar(total_steps as u64, "dpo");
-        b.set_position(start as u64);
-        b
-    });
-    let mut last_loss = log.rows.last().map(|r| r.loss);
-    let mut step_t = Instant::now();
-    let run_t = Instant::now();
-    for step in start..total_steps {
-        B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
-        let lr = schedule::lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay);
-        let mut acc = GradientsAccumulator::<SftModel<B>>::new();
-        let mut stats: Vec<MicroStats> = Vec::with_capacity(cfg.grad_accum);
-        let mut phase = 0;
-        for micro in 0..cfg.grad_accum {
-            let mb = step * cfg.grad_accum + micro;
-            let t_items: Vec<&TextItem> =
-                if text.is_empty() { Vec::new() } else { text_order.batch(mb).into_iter().map(|i| &text[i]).collect() };
-            let (s_idx, ph) = plan.batch(mb);
-            phase = ph;
-            let s_items: Vec<&SegItem> = s_idx.iter().map(|&(k, i)| &seg[k][i]).collect();
-            let ids = || {
-                t_items
-                    .iter()
-                    .map(|t| format!("P_t '{}'", t.id))
-                    .chain(s_items.iter().map(|s| format!("P_s '{}'", s.id)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let (grads, st) = micro_step(&model, &t_items, &s_items, &images, &pre, cfg)
-                .map_err(|e| TrainError::Data(format!("step {step}: batch of {}: {e}", ids())))?;
-            let Some(grads) = grads else {
-                let parts = format!(
-                    "text {}, seg {}, bce {}, dice {}; records {}",
-                    st.text.as_ref().map(|m| m.loss.to_string()).unwrap_or_else(|| "off".into()),
-                    st.seg.as_ref().map(|m| m.loss.to_string()).unwrap_or_else(|| "off".into()),
-                    st.bce,
-                    st.dice,
-                    ids()
-                );
-                return Err(TrainError::NonFiniteLoss { step, value: st.loss, parts, last_checkpoint: last_ckpt });
-            };
-            acc.accumulate(&model, grads);
-            stats.push(st);
-        }
-        let mut grads = acc.grads();
-        let norm = params::clip_global_norm::<B, _>(&model, &mut grads, cfg.grad_clip);
-        if !norm.is_finite() {
-            return Err(TrainError::NonFiniteLoss {
-                step,
-                value: norm,
-                parts: "the gradient norm is not finite".into(),
-                last_checkpoint: last_ckpt,
-            });
-        }
-        model = model.optimize(&mut optim, lr, grads);
-        let row =
-            step_metrics(step, lr, norm, phase, &stats, per_epoch, cfg.grad_accum, step_t.elapsed().as_secs_f64());
-        last_loss = Some(row.loss);
-        let done = step + 1;
-        if done % cfg.log_every == 0 || done == total_steps || step == start {
-            if bar.is_none() {
-                let per_step = run_t.elapsed().as_secs_f64() / (done - start) as f64;
-                tracing::info!(
-                    "step {done}/{total_steps} loss {:.4} (text {} seg {} bce {:.4} dice {:.4}) margin {} indicator-off {} lr {lr:.2e} eta {:.0} s",
-                    row.loss,
-                    opt(row.loss_text),
-                    opt(row.loss_seg),
-                    row.bce,
-                    row.dice,
-                    opt(row.rewards_margins),
-                    opt(row.seg_indicator_off),
-                    per_step * (total_steps - done) as f64
-                );
-            }
-            log.push(row.clone())?;
-            step_t = Instant::now();
-        }
-        if let Some(b) = &bar {
-            b.set_position(done as u64);
-            b.set_prefix(format!("loss {:.4} lr {:.2e}", row.loss, lr));
-        }
-        if done % cfg.checkpoint_every == 0 || done == total_steps {
-            let p = crate::stage::write_checkpoint(
-                out,
-                &model,
-                &optim,
-                done,
-                cfg.grad_accum,
-                &cfg_json,
-                cfg.keep_checkpoints,
-                last_loss,
-            )?;
-            last_ckpt = p.display().to_string();
-            plot_losses(&log.rows, &out.join("loss.png"))?;
-        }
-    }
-    if let Some(b) = bar {
-        b.finish();
-    }
+    let spec = crate::train_loop::LoopSpec {
+        stage: "dpo",
+        out,
+        config: &cfg_json,
+        total_steps,
+        seed: cfg.seed,
+        warmup_steps: cfg.warmup_steps,
+        lr: cfg.lr,
+        min_lr: cfg.min_lr,
+        decay: cfg.decay,
+        grad_clip: cfg.grad_clip,
+        grad_accum: cfg.grad_accum,
+        log_every: cfg.log_every,
+        checkpoint_every: cfg.checkpoint_every,
+        keep_checkpoints: cfg.keep_checkpoints,
+        progress: job.progress,
+    };
+    let mut step_plan = DpoPlan {
+        cfg,
+        text: &text,
+        seg: &seg,
+        text_order: &text_order,
+        seg_plan: &plan,
+        images: &images,
+        pre: &pre,
+        per_epoch,
+    };
+    let crate::train_loop::Trained { model, last_loss, .. } =
+        crate::train_loop::run(&spec, &mut step_plan, model, optim, start, last_ckpt, device)?;
 
     let model_dir = out.join("model");
     crate::stage::save_model(&model_dir, model.pixellm, &tokenizer)?;
-    plot_losses(&log.rows, &out.join("loss.png"))?;
     let mut manifest = Manifest::new("dpo", cfg)?;
     manifest.add_input(job.init.join(bundle::WEIGHTS_FILE))?;
     if cfg.uses_text() {
@@ -1584,5 +1540,119 @@ fn step_metrics(
         pairs: stats.iter().map(|s| s.pairs).sum(),
         records: stats.iter().map(|s| s.records).sum(),
         seconds,
+    }
+}
+
+/// DPO's part of the training loop: `grad_accum` micro-batches of P_t pairs and P_s records
+/// (the curriculum's pool of the step), their summed gradients and statistics.
+struct DpoPlan<'a> {
+    cfg: &'a DpoConfig,
+    text: &'a [TextItem],
+    seg: &'a [Vec<SegItem>; 2],
+    text_order: &'a Order,
+    seg_plan: &'a SegPlan,
+    images: &'a Images,
+    pre: &'a Preprocessor,
+    per_epoch: usize,
+}
+
+impl<B: AutodiffBackend> crate::train_loop::StagePlan<B> for DpoPlan<'_> {
+    /// The micro-batches' statistics and the step's P_s phase.
+    type Stats = (Vec<MicroStats>, u32);
+    type Row = DpoStepMetrics;
+
+    fn gradients(
+        &mut self,
+        step: usize,
+        model: &SftModel<B>,
+        last_checkpoint: &str,
+    ) -> Result<(GradientsParams, (Vec<MicroStats>, u32))> {
+        let cfg = self.cfg;
+        let mut acc = GradientsAccumulator::<SftModel<B>>::new();
+        let mut stats: Vec<MicroStats> = Vec::with_capacity(cfg.grad_accum);
+        let mut phase = 0;
+        for micro in 0..cfg.grad_accum {
+            let mb = step * cfg.grad_accum + micro;
+            let t_items: Vec<&TextItem> = if self.text.is_empty() {
+                Vec::new()
+            } else {
+                self.text_order.batch(mb).into_iter().map(|i| &self.text[i]).collect()
+            };
+            let (s_idx, ph) = self.seg_plan.batch(mb);
+            phase = ph;
+            let s_items: Vec<&SegItem> = s_idx.iter().map(|&(k, i)| &self.seg[k][i]).collect();
+            let ids = || {
+                t_items
+                    .iter()
+                    .map(|t| format!("P_t '{}'", t.id))
+                    .chain(s_items.iter().map(|s| format!("P_s '{}'", s.id)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let (grads, st) = micro_step(model, &t_items, &s_items, self.images, self.pre, cfg)
+                .map_err(|e| TrainError::Data(format!("step {step}: batch of {}: {e}", ids())))?;
+            let Some(grads) = grads else {
+                let parts = format!(
+                    "text {}, seg {}, bce {}, dice {}; records {}",
+                    st.text.as_ref().map(|m| m.loss.to_string()).unwrap_or_else(|| "off".into()),
+                    st.seg.as_ref().map(|m| m.loss.to_string()).unwrap_or_else(|| "off".into()),
+                    st.bce,
+                    st.dice,
+                    ids()
+                );
+                return Err(TrainError::NonFiniteLoss {
+                    step,
+                    value: st.loss,
+                    parts,
+                    last_checkpoint: last_checkpoint.to_string(),
+                });
+            };
+            acc.accumulate(model, grads);
+            stats.push(st);
+        }
+        Ok((acc.grads(), (stats, phase)))
+    }
+
+    fn norm_not_finite(
+        &self,
+        step: usize,
+        norm: f32,
+        _: &(Vec<MicroStats>, u32),
+        last_checkpoint: String,
+    ) -> TrainError {
+        TrainError::NonFiniteLoss {
+            step,
+            value: norm,
+            parts: "the gradient norm is not finite".into(),
+            last_checkpoint,
+        }
+    }
+
+    fn row(
+        &self,
+        step: usize,
+        lr: f64,
+        grad_norm: f32,
+        stats: (Vec<MicroStats>, u32),
+        timing: Timing,
+    ) -> DpoStepMetrics {
+        let (stats, phase) = stats;
+        step_metrics(step, lr, grad_norm, phase, &stats, self.per_epoch, self.cfg.grad_accum, timing.since_last_row)
+    }
+
+    fn loss(row: &DpoStepMetrics) -> f32 {
+        row.loss
+    }
+
+    fn detail(row: &DpoStepMetrics) -> String {
+        format!(
+            "(text {} seg {} bce {:.4} dice {:.4}) margin {} indicator-off {}",
+            opt(row.loss_text),
+            opt(row.loss_seg),
+            row.bce,
+            row.dice,
+            opt(row.rewards_margins),
+            opt(row.seg_indicator_off)
+        )
     }
 }

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::stage::{self, SamMemo};
+use crate::train_loop::Timing;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -45,9 +46,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::Decay;
 use crate::ensemble::{self, Candidate, EnsembleSettings, Scores};
 use crate::ensemble_loss;
-use crate::metrics::{plot_losses, MetricsLog, MetricsRow};
-use crate::sft::SftModel;
-use crate::{io_err, params, schedule, Result, TrainError};
+use crate::metrics::MetricsRow;
+use crate::stage::SftModel;
+use crate::{io_err, params, Result, TrainError};
 
 /// Every knob of the ensemble stage; TOML in `pipelines/ensemble-*.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -764,7 +765,7 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         None => vec![],
     };
     let optim = crate::stage::adamw::<B>(cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay);
-    let crate::stage::Start { model, mut optim, step: start, resumed_from, last_checkpoint: mut last_ckpt } =
+    let crate::stage::Start { model, optim, step: start, resumed_from, last_checkpoint: last_ckpt } =
         crate::stage::start(out, job.resume, &cfg_json, model, optim, DType::F32, device)?;
     let mut model = model;
     let adapt_steps = cfg.adapt_steps.min(total_steps);
@@ -783,115 +784,40 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
             samples.len()
         );
     }
-    let mut log: MetricsLog<EnsembleStepMetrics> = MetricsLog::open(out, start)?;
-    let bar = job.progress.then(|| {
-        let b = popen_core::progress::bar(total_steps as u64, "ensemble-train");
-        b.set_position(start as u64);
-        b
-    });
-    let mut last_loss = log.rows.last().map(|r| r.loss);
-    for step in start..total_steps {
-        let st_t = Instant::now();
-        if adapt_steps > 0 && step == adapt_steps {
-            model = SftModel { pixellm: only_prompt_trains(model.pixellm, cfg.train_seg_feedback)? };
-            let (t, _) = params::count(&model);
-            tracing::info!(
-                "ensemble-train: warm-up done at step {step}; L_ti + L_si train {t} parameters (p_hat{})",
-                if cfg.train_seg_feedback { " + seg feedback" } else { "" }
-            );
-        }
-        let adapting = step < adapt_steps;
-        B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
-        let mut lr = schedule::lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay);
-        if adapting && cfg.adapt_lr > 0.0 {
-            lr *= cfg.adapt_lr / cfg.lr;
-        }
-        let idx = order.batch(step);
-        let batch: Vec<&Sample> = idx.iter().map(|&i| &samples[i]).collect();
-        // The K samples' seed moves with the step so each step draws fresh candidates.
-        let mut scfg = cfg.clone();
-        scfg.ensemble.seed = cfg.ensemble.seed.wrapping_add(step as u64);
-        let ids = || batch.iter().map(|s| format!("'{}'", s.id)).collect::<Vec<_>>().join(", ");
-        let (loss, st) = batch_loss(
-            &model,
-            &tokenizer,
-            &tokens,
-            &pre,
-            &minilm,
-            &batch,
-            sam_memo.as_ref().map(|m| (m, idx.iter().map(|&i| sam_keys[i].as_str()).collect())),
-            &scfg,
-            None,
-            adapting,
-        )
-        .map_err(|e| TrainError::Data(format!("step {step}: batch of {}: {e}", ids())))?;
-        if !st.loss.is_finite() {
-            return Err(TrainError::NonFiniteLoss {
-                step,
-                value: st.loss,
-                parts: format!("L_ti {}, L_si {}; samples {}", st.ti, opt(st.si), ids()),
-                last_checkpoint: last_ckpt,
-            });
-        }
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-        let norm = params::clip_global_norm::<B, _>(&model, &mut grads, cfg.grad_clip);
-        if !norm.is_finite() {
-            return Err(TrainError::NonFiniteLoss {
-                step,
-                value: norm,
-                parts: "the gradient norm is not finite".into(),
-                last_checkpoint: last_ckpt,
-            });
-        }
-        model = burn::optim::Optimizer::step(&mut optim, lr, model, grads);
-        let row = EnsembleStepMetrics {
-            step,
-            epoch: (step + 1) as f64 / per_epoch as f64,
-            lr,
-            loss: st.loss,
-            loss_ti: st.ti,
-            loss_si: st.si,
-            p_tilde: st.p_tilde,
-            text_gain: st.gain,
-            iou_refined: st.iou_r,
-            iou_candidates: st.iou_c,
-            si_samples: st.si_n,
-            adapt_ce: st.adapt.map(|a| a.0),
-            adapt_mask: st.adapt.map(|a| a.1),
-            adapt_plain: st.plain,
-            grad_norm: norm,
-            seconds: st_t.elapsed().as_secs_f64(),
-        };
-        last_loss = Some(row.loss);
-        let done = step + 1;
-        if done % cfg.log_every == 0 || done == total_steps || step == start {
-            log.push(row.clone())?;
-        }
-        if let Some(b) = &bar {
-            b.set_position(done as u64);
-            b.set_prefix(format!("loss {:.4} lr {:.2e}", row.loss, lr));
-        }
-        if done % cfg.checkpoint_every == 0 || done == total_steps {
-            let p = crate::stage::write_checkpoint(
-                out,
-                &model,
-                &optim,
-                done,
-                1,
-                &cfg_json,
-                cfg.keep_checkpoints,
-                last_loss,
-            )?;
-            last_ckpt = p.display().to_string();
-            plot_losses(&log.rows, &out.join("loss.png"))?;
-        }
-    }
-    if let Some(b) = bar {
-        b.finish();
-    }
+    let spec = crate::train_loop::LoopSpec {
+        stage: "ensemble-train",
+        out,
+        config: &cfg_json,
+        total_steps,
+        seed: cfg.seed,
+        warmup_steps: cfg.warmup_steps,
+        lr: cfg.lr,
+        min_lr: cfg.min_lr,
+        decay: cfg.decay,
+        grad_clip: cfg.grad_clip,
+        grad_accum: 1,
+        log_every: cfg.log_every,
+        checkpoint_every: cfg.checkpoint_every,
+        keep_checkpoints: cfg.keep_checkpoints,
+        progress: job.progress,
+    };
+    let mut plan = EnsemblePlan {
+        cfg,
+        tokenizer: &tokenizer,
+        tokens: &tokens,
+        pre: &pre,
+        minilm: &minilm,
+        samples: &samples,
+        sam_memo: sam_memo.as_ref(),
+        sam_keys: &sam_keys,
+        order: &order,
+        adapt_steps,
+        per_epoch,
+    };
+    let crate::train_loop::Trained { model, last_loss, .. } =
+        crate::train_loop::run(&spec, &mut plan, model, optim, start, last_ckpt, device)?;
     let model_dir = out.join("model");
     crate::stage::save_model(&model_dir, model.pixellm, &tokenizer)?;
-    plot_losses(&log.rows, &out.join("loss.png"))?;
     let mut manifest = Manifest::new("ensemble-train", cfg)?;
     manifest.add_input(job.init.join(bundle::WEIGHTS_FILE))?;
     manifest.add_input(job.samples)?;
@@ -911,4 +837,122 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         total_params,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Ensemble-train's part of the training loop: the warm-up's switch of the trainable
+/// parameters, its own rate, and one batch's L_ti + L_si (or warm-up loss) per step.
+struct EnsemblePlan<'a, B: AutodiffBackend> {
+    cfg: &'a EnsembleConfig,
+    tokenizer: &'a Tokenizer,
+    tokens: &'a PixelLmTokens,
+    pre: &'a Preprocessor,
+    minilm: &'a SentenceEncoder<B::InnerBackend>,
+    samples: &'a [Sample],
+    sam_memo: Option<&'a SamMemo>,
+    sam_keys: &'a [String],
+    order: &'a crate::data::Order,
+    adapt_steps: usize,
+    per_epoch: usize,
+}
+
+impl<B: AutodiffBackend> crate::train_loop::StagePlan<B> for EnsemblePlan<'_, B> {
+    type Stats = Stats;
+    type Row = EnsembleStepMetrics;
+
+    fn begin_step(&mut self, step: usize, model: SftModel<B>) -> Result<SftModel<B>> {
+        if self.adapt_steps == 0 || step != self.adapt_steps {
+            return Ok(model);
+        }
+        let cfg = self.cfg;
+        let model = SftModel { pixellm: only_prompt_trains(model.pixellm, cfg.train_seg_feedback)? };
+        let (t, _) = params::count(&model);
+        tracing::info!(
+            "ensemble-train: warm-up done at step {step}; L_ti + L_si train {t} parameters (p_hat{})",
+            if cfg.train_seg_feedback { " + seg feedback" } else { "" }
+        );
+        Ok(model)
+    }
+
+    fn lr(&self, step: usize, scheduled: f64) -> f64 {
+        if step < self.adapt_steps && self.cfg.adapt_lr > 0.0 {
+            scheduled * (self.cfg.adapt_lr / self.cfg.lr)
+        } else {
+            scheduled
+        }
+    }
+
+    fn gradients(
+        &mut self,
+        step: usize,
+        model: &SftModel<B>,
+        last_checkpoint: &str,
+    ) -> Result<(GradientsParams, Stats)> {
+        let cfg = self.cfg;
+        let idx = self.order.batch(step);
+        let batch: Vec<&Sample> = idx.iter().map(|&i| &self.samples[i]).collect();
+        // The K samples' seed moves with the step so each step draws fresh candidates.
+        let mut scfg = cfg.clone();
+        scfg.ensemble.seed = cfg.ensemble.seed.wrapping_add(step as u64);
+        let ids = || batch.iter().map(|s| format!("'{}'", s.id)).collect::<Vec<_>>().join(", ");
+        let (loss, st) = batch_loss(
+            model,
+            self.tokenizer,
+            self.tokens,
+            self.pre,
+            self.minilm,
+            &batch,
+            self.sam_memo.map(|m| (m, idx.iter().map(|&i| self.sam_keys[i].as_str()).collect())),
+            &scfg,
+            None,
+            step < self.adapt_steps,
+        )
+        .map_err(|e| TrainError::Data(format!("step {step}: batch of {}: {e}", ids())))?;
+        if !st.loss.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                step,
+                value: st.loss,
+                parts: format!("L_ti {}, L_si {}; samples {}", st.ti, opt(st.si), ids()),
+                last_checkpoint: last_checkpoint.to_string(),
+            });
+        }
+        Ok((GradientsParams::from_grads(loss.backward(), model), st))
+    }
+
+    fn norm_not_finite(&self, step: usize, norm: f32, _: &Stats, last_checkpoint: String) -> TrainError {
+        TrainError::NonFiniteLoss {
+            step,
+            value: norm,
+            parts: "the gradient norm is not finite".into(),
+            last_checkpoint,
+        }
+    }
+
+    fn row(&self, step: usize, lr: f64, grad_norm: f32, st: Stats, timing: Timing) -> EnsembleStepMetrics {
+        EnsembleStepMetrics {
+            step,
+            epoch: (step + 1) as f64 / self.per_epoch as f64,
+            lr,
+            loss: st.loss,
+            loss_ti: st.ti,
+            loss_si: st.si,
+            p_tilde: st.p_tilde,
+            text_gain: st.gain,
+            iou_refined: st.iou_r,
+            iou_candidates: st.iou_c,
+            si_samples: st.si_n,
+            adapt_ce: st.adapt.map(|a| a.0),
+            adapt_mask: st.adapt.map(|a| a.1),
+            adapt_plain: st.plain,
+            grad_norm,
+            seconds: timing.step,
+        }
+    }
+
+    fn loss(row: &EnsembleStepMetrics) -> f32 {
+        row.loss
+    }
+
+    fn detail(row: &EnsembleStepMetrics) -> String {
+        format!("(L_ti {:.4} L_si {})", row.loss_ti, opt(row.loss_si))
+    }
 }

@@ -10,9 +10,10 @@
 //! `ensemble_loss::{token_scores, ..}` and `stage::{SamMemo, ..}` re-export them.
 //!
 //! Built on burn-train's step abstraction ([`burn::train::TrainStep`] / `TrainOutput`) and
-//! burn-optim's AdamW; the loop itself is ours, because a stage must resume bit for bit
-//! (same data order, optimizer state, RNG) from an atomically written checkpoint, which
-//! burn-train's `Learner` does not promise.
+//! burn-optim's AdamW; the loop itself is ours ([`train_loop`], one for all three stages,
+//! each plugging in its step), because a stage must resume bit for bit (same data order,
+//! optimizer state, RNG) from an atomically written checkpoint, which burn-train's `Learner`
+//! does not promise.
 
 pub mod checkpoint;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod params;
 pub mod schedule;
 pub mod sft;
 pub mod stage;
+pub mod train_loop;
 
 pub use config::{SftConfig, Trainable};
 // Inference lives in popen-infer; these paths are kept for the stages' callers and tests.

@@ -25,17 +25,14 @@ use serde::Serialize;
 use crate::config::SftConfig;
 use crate::data::{self, Example, Order};
 use crate::loss::{pixellm_loss, LossParts};
-use crate::metrics::{plot_losses, MetricsLog, StepMetrics};
+use crate::metrics::StepMetrics;
 use crate::params;
-use crate::stage::{self, Optim};
-use crate::{io_err, schedule, Result, TrainError};
+use crate::stage;
+use crate::train_loop::Timing;
+use crate::{io_err, Result, TrainError};
 
-/// The trained module: PixelLM, wrapped so that burn-train's [`TrainStep`] can be
-/// implemented for it.
-#[derive(Module, Debug)]
-pub struct SftModel<B: Backend> {
-    pub pixellm: PixelLm<B>,
-}
+// The trained module lives in `stage` (every stage trains it); SFT's loss and step are here.
+pub use crate::stage::SftModel;
 
 /// A micro-batch, decoded and preprocessed on the host.
 #[derive(Debug, Clone)]
@@ -468,9 +465,8 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
 
     // Optimizer, and the checkpoint to resume from.
     let optim = crate::stage::adamw::<B>(cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay);
-    let crate::stage::Start { model, mut optim, step: start, resumed_from, last_checkpoint: mut last_ckpt } =
+    let crate::stage::Start { model, optim, step: start, resumed_from, last_checkpoint: last_ckpt } =
         crate::stage::start(out, job.resume, &cfg_json, model, optim, dtype, device)?;
-    let mut model = model;
 
     let (trainable, total_params) = params::count(&model);
     tracing::info!(
@@ -484,147 +480,30 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
         total_params
     );
 
-    let mut log: MetricsLog<StepMetrics> = MetricsLog::open(out, start)?;
-    // Without a terminal the step lines below (loss, ETA) are the progress.
-    let bar = (job.progress && popen_core::progress::interactive()).then(|| {
-        let b = popen_core::progress::bar(total_steps as u64, "sft");
-        b.set_position(start as u64);
-        b
-    });
-    let mut last_loss = log.rows.last().map(|r| r.loss);
-    let write_ckpt = |model: &SftModel<B>, optim: &Optim<B>, step: usize, last_loss: Option<f32>| -> Result<PathBuf> {
-        crate::stage::write_checkpoint(
-            out,
-            model,
-            optim,
-            step,
-            cfg.grad_accum,
-            &cfg_json,
-            cfg.keep_checkpoints,
-            last_loss,
-        )
+    let spec = crate::train_loop::LoopSpec {
+        stage: "sft",
+        out,
+        config: &cfg_json,
+        total_steps,
+        seed: cfg.seed,
+        warmup_steps: cfg.warmup_steps,
+        lr: cfg.lr,
+        min_lr: cfg.min_lr,
+        decay: cfg.decay,
+        grad_clip: cfg.grad_clip,
+        grad_accum: cfg.grad_accum,
+        log_every: cfg.log_every,
+        checkpoint_every: cfg.checkpoint_every,
+        keep_checkpoints: cfg.keep_checkpoints,
+        progress: job.progress,
     };
-
-    let mut step_t = Instant::now();
-    let run_t = Instant::now();
-    for step in start..total_steps {
-        B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
-        let lr = schedule::lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.decay);
-        let mut acc = GradientsAccumulator::<SftModel<B>>::new();
-        let mut sum = StepStats::default();
-        let mut samples = 0usize;
-        for micro in 0..cfg.grad_accum {
-            let m = step * cfg.grad_accum + micro;
-            let idx = order.batch(m);
-            let shown = crate::data::with_candidates(
-                &examples,
-                &siblings,
-                &idx,
-                m,
-                cfg.seed,
-                cfg.ensemble_share,
-                cfg.ensemble_k,
-                cfg.ensemble_truth,
-                p_hat,
-                cfg.max_len,
-            );
-            let exs: Vec<&Example> = idx.iter().zip(&shown).map(|(&i, e)| e.as_ref().unwrap_or(&examples[i])).collect();
-            let out = if devices.len() > 1 {
-                parallel_step(&model, &exs, &pre, cfg, devices)
-            } else {
-                let batch = make_batch(&exs, &pre, cfg)?;
-                let out = model.step(batch);
-                let grads = out.grads;
-                out.item.0.map(|s| (grads, s))
-            };
-            let (grads, stats) = match out {
-                Ok(v) => v,
-                Err(e) => {
-                    return Err(TrainError::Data(format!(
-                        "step {step}: batch of samples {}: {e}",
-                        exs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(", ")
-                    )))
-                }
-            };
-            if !stats.loss.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step,
-                    value: stats.loss,
-                    ce: stats.ce,
-                    bce: stats.bce,
-                    dice: stats.dice,
-                    last_checkpoint: last_ckpt,
-                });
-            }
-            acc.accumulate(&model, grads);
-            let k = 1.0 / cfg.grad_accum as f32;
-            sum.loss += stats.loss * k;
-            sum.ce += stats.ce * k;
-            sum.bce += stats.bce * k;
-            sum.dice += stats.dice * k;
-            samples += exs.len();
-        }
-        let mut grads = acc.grads();
-        let norm = params::clip_global_norm::<B, _>(&model, &mut grads, cfg.grad_clip);
-        if !norm.is_finite() {
-            return Err(TrainError::NonFinite {
-                step,
-                value: norm,
-                ce: sum.ce,
-                bce: sum.bce,
-                dice: sum.dice,
-                last_checkpoint: last_ckpt,
-            });
-        }
-        model = model.optimize(&mut optim, lr, grads);
-        last_loss = Some(sum.loss);
-        let done = step + 1;
-        if done % cfg.log_every == 0 || done == total_steps || step == start {
-            let per = order.batches_per_epoch() as f64;
-            log.push(StepMetrics {
-                step,
-                epoch: (done * cfg.grad_accum) as f64 / per,
-                lr,
-                loss: sum.loss,
-                ce: sum.ce,
-                bce: sum.bce,
-                dice: sum.dice,
-                grad_norm: norm,
-                samples,
-                seconds: step_t.elapsed().as_secs_f64(),
-            })?;
-            step_t = Instant::now();
-            // Batch jobs have no terminal for the bar: a log line with the ETA instead.
-            if bar.is_none() {
-                let per_step = run_t.elapsed().as_secs_f64() / (done - start) as f64;
-                tracing::info!(
-                    "step {done}/{total_steps} loss {:.4} (ce {:.4} bce {:.4} dice {:.4}) lr {lr:.2e} grad-norm {norm:.3} eta {:.0} s",
-                    sum.loss,
-                    sum.ce,
-                    sum.bce,
-                    sum.dice,
-                    per_step * (total_steps - done) as f64
-                );
-            }
-        }
-        if let Some(b) = &bar {
-            b.set_position(done as u64);
-            b.set_prefix(format!("loss {:.4} lr {:.2e}", sum.loss, lr));
-        }
-        if done % cfg.checkpoint_every == 0 || done == total_steps {
-            let p = write_ckpt(&model, &optim, done, last_loss)?;
-            last_ckpt = p.display().to_string();
-            plot_losses(&log.rows, &out.join("loss.png"))?;
-        }
-    }
-    if let Some(b) = bar {
-        b.finish();
-    }
+    let mut plan = SftPlan { cfg, examples: &examples, siblings: &siblings, order: &order, p_hat, pre: &pre, devices };
+    let crate::train_loop::Trained { model, last_loss, .. } =
+        crate::train_loop::run(&spec, &mut plan, model, optim, start, last_ckpt, device)?;
 
     // The trained model folder (LoRA folded in), the curve and the manifest.
     let model_dir = out.join("model");
     crate::stage::save_model(&model_dir, model.pixellm, &tokenizer)?;
-    plot_losses(&log.rows, &out.join("loss.png"))?;
     let mut manifest = Manifest::new("sft", cfg)?;
     manifest.add_input(job.train)?;
     manifest.add_input(job.init.join(bundle::WEIGHTS_FILE))?;
@@ -648,4 +527,118 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
         total_params,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// SFT's part of the training loop: `grad_accum` micro-batches (data-parallel over the
+/// devices), their summed gradients and mean losses.
+struct SftPlan<'a, B: AutodiffBackend> {
+    cfg: &'a SftConfig,
+    examples: &'a [Example],
+    siblings: &'a [Vec<usize>],
+    order: &'a Order,
+    p_hat: usize,
+    pre: &'a Preprocessor,
+    devices: &'a [B::Device],
+}
+
+impl<B: AutodiffBackend> crate::train_loop::StagePlan<B> for SftPlan<'_, B> {
+    type Stats = (StepStats, usize);
+    type Row = StepMetrics;
+
+    fn gradients(
+        &mut self,
+        step: usize,
+        model: &SftModel<B>,
+        last_checkpoint: &str,
+    ) -> Result<(GradientsParams, (StepStats, usize))> {
+        let cfg = self.cfg;
+        let mut acc = GradientsAccumulator::<SftModel<B>>::new();
+        let mut sum = StepStats::default();
+        let mut samples = 0usize;
+        for micro in 0..cfg.grad_accum {
+            let m = step * cfg.grad_accum + micro;
+            let idx = self.order.batch(m);
+            let shown = crate::data::with_candidates(
+                self.examples,
+                self.siblings,
+                &idx,
+                m,
+                cfg.seed,
+                cfg.ensemble_share,
+                cfg.ensemble_k,
+                cfg.ensemble_truth,
+                self.p_hat,
+                cfg.max_len,
+            );
+            let exs: Vec<&Example> =
+                idx.iter().zip(&shown).map(|(&i, e)| e.as_ref().unwrap_or(&self.examples[i])).collect();
+            let out = if self.devices.len() > 1 {
+                parallel_step(model, &exs, self.pre, cfg, self.devices)
+            } else {
+                let batch = make_batch(&exs, self.pre, cfg)?;
+                let out = model.step(batch);
+                let grads = out.grads;
+                out.item.0.map(|s| (grads, s))
+            };
+            let (grads, stats) = out.map_err(|e| {
+                TrainError::Data(format!(
+                    "step {step}: batch of samples {}: {e}",
+                    exs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            if !stats.loss.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step,
+                    value: stats.loss,
+                    ce: stats.ce,
+                    bce: stats.bce,
+                    dice: stats.dice,
+                    last_checkpoint: last_checkpoint.to_string(),
+                });
+            }
+            acc.accumulate(model, grads);
+            let k = 1.0 / cfg.grad_accum as f32;
+            sum.loss += stats.loss * k;
+            sum.ce += stats.ce * k;
+            sum.bce += stats.bce * k;
+            sum.dice += stats.dice * k;
+            samples += exs.len();
+        }
+        Ok((acc.grads(), (sum, samples)))
+    }
+
+    fn norm_not_finite(
+        &self,
+        step: usize,
+        norm: f32,
+        stats: &(StepStats, usize),
+        last_checkpoint: String,
+    ) -> TrainError {
+        let s = &stats.0;
+        TrainError::NonFinite { step, value: norm, ce: s.ce, bce: s.bce, dice: s.dice, last_checkpoint }
+    }
+
+    fn row(&self, step: usize, lr: f64, grad_norm: f32, stats: (StepStats, usize), timing: Timing) -> StepMetrics {
+        let (s, samples) = stats;
+        StepMetrics {
+            step,
+            epoch: ((step + 1) * self.cfg.grad_accum) as f64 / self.order.batches_per_epoch() as f64,
+            lr,
+            loss: s.loss,
+            ce: s.ce,
+            bce: s.bce,
+            dice: s.dice,
+            grad_norm,
+            samples,
+            seconds: timing.since_last_row,
+        }
+    }
+
+    fn loss(row: &StepMetrics) -> f32 {
+        row.loss
+    }
+
+    fn detail(row: &StepMetrics) -> String {
+        format!("(ce {:.4} bce {:.4} dice {:.4})", row.ce, row.bce, row.dice)
+    }
 }

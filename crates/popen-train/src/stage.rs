@@ -1,7 +1,8 @@
-//! The parts of a training stage's loop that SFT and DPO share: the AdamW optimizer,
-//! `--resume` from the newest checkpoint (parameters, their ids, optimizer state), writing a
-//! checkpoint, the final model folder (LoRA folded in, written atomically). The frozen SAM
-//! encoder's embedding cache ([`sam_embeddings_cached`], [`SamMemo`]) lives in
+//! What the training stages (SFT, DPO, ensemble-train) share around their loop: the trained
+//! module [`SftModel`], the AdamW optimizer, `--resume` from the newest checkpoint
+//! (parameters, their ids, optimizer state), writing a checkpoint, the final model folder
+//! (LoRA folded in, written atomically). The loop itself is [`crate::train_loop`]. The frozen
+//! SAM encoder's embedding cache ([`sam_embeddings_cached`], [`SamMemo`]) lives in
 //! `popen_infer::sam_cache` and is re-exported here.
 
 use std::path::{Path, PathBuf};
@@ -19,11 +20,17 @@ use popen_model::weights::Checkpoint;
 
 use crate::checkpoint::{self, TrainState};
 use crate::params;
-use crate::sft::SftModel;
 use crate::{io_err, Result, TrainError};
 
 // The SAM embedding cache lives in popen-infer (`popen predict` reads it too); old paths kept.
 pub use popen_infer::sam_cache::{sam_embedding_of, sam_embeddings_cached, sam_encoder_key, sam_image_key, SamMemo};
+
+/// The trained module of every stage: PixelLM, wrapped so that burn-train's
+/// [`burn::train::TrainStep`] can be implemented for it (SFT's step is in `sft`).
+#[derive(burn::module::Module, Debug)]
+pub struct SftModel<B: Backend> {
+    pub pixellm: PixelLm<B>,
+}
 
 /// A stage's starting model folder, opened: the model, its tokenizer with PixelLM's tokens
 /// added, those tokens, and the model's config.
