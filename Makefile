@@ -330,11 +330,17 @@ config-fixtures:
 # (docs/bench-model.md); ratios in the printed table.
 # Issue 21: popen against the PyTorch / transformers references on this CPU, in rounds, one
 # ratio table (tools/bench_cpu.py; results for docs/bench-cpu.md in target/bench-cpu).
-# BENCH_TINY= skips the tiny-model step (its cargo bench builds burn with other features).
+# BENCH_TINY= skips the tiny-model step (its cargo bench builds burn with other features);
+# BENCH_DECODE= skips decode/prefill; BENCH_SFT= skips the tiny-sam SFT step of `make demo`
+# (tools/reference/bench_sft_step.py against `popen sft`; its inputs are made once under
+# BENCH_SFT_WORK, the first time with the SAM embeddings of the train images: minutes).
 BENCH_ROUNDS ?= 3
 BENCH_TINY ?= $(CARGO) bench -p popen-model --bench tiny_model --features bench-flex
+BENCH_DECODE ?= 1
+BENCH_SFT ?= 1
+BENCH_SFT_WORK ?= out/bench-sft
 bench-cpu: build refenv assets
-	$(PYTHON) tools/bench_cpu.py --python $(REFENV)/bin/python --popen $(POPEN) --rounds $(BENCH_ROUNDS) --tiny-bench "$(BENCH_TINY)"
+	$(PYTHON) tools/bench_cpu.py --python $(REFENV)/bin/python --popen $(POPEN) --rounds $(BENCH_ROUNDS) --tiny-bench "$(BENCH_TINY)" $(if $(strip $(BENCH_DECODE)),,--no-decode) $(if $(strip $(BENCH_SFT)),--sft-step --sft-work $(BENCH_SFT_WORK))
 
 bench-model: refenv
 	$(REFENV)/bin/python tools/reference/bench_tiny_model.py
