@@ -90,7 +90,6 @@ Rerun:
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import tomllib
@@ -109,6 +108,7 @@ from pixellm_decoder_ref import (  # noqa: E402
     PromptEncoder,
     TwoWayTransformer,
 )
+from bench_tiny_model import loadavg, stats  # noqa: E402  (the timing summary both benches print)
 from sft_loss_fixture import dice_loss, sigmoid_ce_loss  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -323,19 +323,6 @@ def lr_at(step, total, warmup, lr, min_lr):
     """`schedule::lr_at` with decay = "linear" (DeepSpeed WarmupDecayLR)."""
     gamma = step / warmup if step < warmup else max(0.0, (total - step) / max(1.0, total - warmup))
     return min_lr + (lr - min_lr) * gamma
-
-
-def stats(v):
-    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
-    return {"median_ms": statistics.median(v), "p25_ms": q[0], "p75_ms": q[2],
-            "min_ms": min(v), "max_ms": max(v), "n": len(v)}
-
-
-def loadavg():
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def main():

@@ -1365,8 +1365,10 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
     for (k, items) in seg.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
         let (wl, mw) = reference_spread(items, ctx_f_dim);
         tracing::info!(
-            "dpo: P_s phase {}: reference embeddings cos(f_w, f_l) {wl:.4}, cos(f_m, f_w) {mw:.4} (mean over targets)",
-            k + 1
+            "dpo: P_s phase {}: reference embeddings 1 - cos(f_w, f_l) {:.2e}, 1 - cos(f_m, f_w) {:.2e} (mean over targets; near 0: L_s has little to learn from)",
+            k + 1,
+            1.0 - wl,
+            1.0 - mw
         );
     }
     let plan = if !cfg.uses_seg() {
@@ -1405,23 +1407,7 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
         total_params
     );
 
-    let spec = crate::train_loop::LoopSpec {
-        stage: "dpo",
-        out,
-        config: &cfg_json,
-        total_steps,
-        seed: cfg.seed,
-        warmup_steps: cfg.warmup_steps,
-        lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        decay: cfg.decay,
-        grad_clip: cfg.grad_clip,
-        grad_accum: cfg.grad_accum,
-        log_every: cfg.log_every,
-        checkpoint_every: cfg.checkpoint_every,
-        keep_checkpoints: cfg.keep_checkpoints,
-        progress: job.progress,
-    };
+    let spec = crate::train_loop::loop_spec!("dpo", cfg, out, &cfg_json, total_steps, cfg.grad_accum, job.progress);
     let mut step_plan = DpoPlan {
         cfg,
         text: &text,

@@ -784,23 +784,7 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
             samples.len()
         );
     }
-    let spec = crate::train_loop::LoopSpec {
-        stage: "ensemble-train",
-        out,
-        config: &cfg_json,
-        total_steps,
-        seed: cfg.seed,
-        warmup_steps: cfg.warmup_steps,
-        lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        decay: cfg.decay,
-        grad_clip: cfg.grad_clip,
-        grad_accum: 1,
-        log_every: cfg.log_every,
-        checkpoint_every: cfg.checkpoint_every,
-        keep_checkpoints: cfg.keep_checkpoints,
-        progress: job.progress,
-    };
+    let spec = crate::train_loop::loop_spec!("ensemble-train", cfg, out, &cfg_json, total_steps, 1, job.progress);
     let mut plan = EnsemblePlan {
         cfg,
         tokenizer: &tokenizer,
@@ -953,6 +937,11 @@ impl<B: AutodiffBackend> crate::train_loop::StagePlan<B> for EnsemblePlan<'_, B>
     }
 
     fn detail(row: &EnsembleStepMetrics) -> String {
-        format!("(L_ti {:.4} L_si {})", row.loss_ti, opt(row.loss_si))
+        match (row.adapt_ce, row.adapt_mask) {
+            (Some(ce), Some(mask)) => {
+                format!("(warm-up: ce {ce:.4} mask {mask:.4} plain {})", opt(row.adapt_plain))
+            }
+            _ => format!("(L_ti {:.4} L_si {})", row.loss_ti, opt(row.loss_si)),
+        }
     }
 }

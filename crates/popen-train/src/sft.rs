@@ -480,23 +480,7 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
         total_params
     );
 
-    let spec = crate::train_loop::LoopSpec {
-        stage: "sft",
-        out,
-        config: &cfg_json,
-        total_steps,
-        seed: cfg.seed,
-        warmup_steps: cfg.warmup_steps,
-        lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        decay: cfg.decay,
-        grad_clip: cfg.grad_clip,
-        grad_accum: cfg.grad_accum,
-        log_every: cfg.log_every,
-        checkpoint_every: cfg.checkpoint_every,
-        keep_checkpoints: cfg.keep_checkpoints,
-        progress: job.progress,
-    };
+    let spec = crate::train_loop::loop_spec!("sft", cfg, out, &cfg_json, total_steps, cfg.grad_accum, job.progress);
     let mut plan = SftPlan { cfg, examples: &examples, siblings: &siblings, order: &order, p_hat, pre: &pre, devices };
     let crate::train_loop::Trained { model, last_loss, .. } =
         crate::train_loop::run(&spec, &mut plan, model, optim, start, last_ckpt, device)?;

@@ -43,6 +43,31 @@ pub struct LoopSpec<'a> {
     pub progress: bool,
 }
 
+/// The [`LoopSpec`] of a stage config: its `seed`, schedule (`warmup_steps`, `lr`, `min_lr`,
+/// `decay`), `grad_clip` and logging/checkpoint fields, which every stage config names alike.
+macro_rules! loop_spec {
+    ($stage:expr, $cfg:expr, $out:expr, $config:expr, $total_steps:expr, $grad_accum:expr, $progress:expr) => {
+        $crate::train_loop::LoopSpec {
+            stage: $stage,
+            out: $out,
+            config: $config,
+            total_steps: $total_steps,
+            seed: $cfg.seed,
+            warmup_steps: $cfg.warmup_steps,
+            lr: $cfg.lr,
+            min_lr: $cfg.min_lr,
+            decay: $cfg.decay,
+            grad_clip: $cfg.grad_clip,
+            grad_accum: $grad_accum,
+            log_every: $cfg.log_every,
+            checkpoint_every: $cfg.checkpoint_every,
+            keep_checkpoints: $cfg.keep_checkpoints,
+            progress: $progress,
+        }
+    };
+}
+pub(crate) use loop_spec;
+
 /// The time a metrics row reports.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
