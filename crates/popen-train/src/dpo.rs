@@ -1044,7 +1044,7 @@ fn micro_step<B: AutodiffBackend>(
 /// One line of `metrics.jsonl` / `metrics.csv`: TRL DPOTrainer's names for the text DPO
 /// terms, `seg/*` for Eq. 4, the mask loss, and the share of targets the indicator switched
 /// off. Text and seg fields are empty (null) when their loss is off (ablations).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DpoStepMetrics {
     pub step: usize,
     pub epoch: f64,
@@ -1097,8 +1097,6 @@ pub struct DpoStepMetrics {
     pub seconds: f64,
 }
 
-const DPO_CSV_HEADER: &str = "step,epoch,lr,loss,loss/text,rewards/chosen,rewards/rejected,rewards/accuracies,rewards/margins,logps/chosen,logps/rejected,nll/chosen,loss/seg,seg/rewards_w,seg/rewards_l,seg/margins,seg/accuracies,seg/indicator_off,seg/targets,bce,dice,ps_phase,grad_norm,pairs,records,seconds";
-
 fn opt(v: Option<f32>) -> String {
     v.map(|x| format!("{x:.6}")).unwrap_or_default()
 }
@@ -1106,40 +1104,6 @@ fn opt(v: Option<f32>) -> String {
 impl MetricsRow for DpoStepMetrics {
     fn step(&self) -> usize {
         self.step
-    }
-    fn csv_header() -> &'static str {
-        DPO_CSV_HEADER
-    }
-    fn csv_line(&self) -> String {
-        format!(
-            "{},{:.4},{:.6e},{:.6},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{:.6},{},{},{:.3}\n",
-            self.step,
-            self.epoch,
-            self.lr,
-            self.loss,
-            opt(self.loss_text),
-            opt(self.rewards_chosen),
-            opt(self.rewards_rejected),
-            opt(self.rewards_accuracies),
-            opt(self.rewards_margins),
-            opt(self.logps_chosen),
-            opt(self.logps_rejected),
-            opt(self.nll_chosen),
-            opt(self.loss_seg),
-            opt(self.seg_reward_w),
-            opt(self.seg_reward_l),
-            opt(self.seg_margin),
-            opt(self.seg_accuracy),
-            opt(self.seg_indicator_off),
-            self.seg_targets,
-            self.bce,
-            self.dice,
-            self.ps_phase,
-            self.grad_norm,
-            self.pairs,
-            self.records,
-            self.seconds
-        )
     }
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)> {
         let s = |f: fn(&Self) -> Option<f32>| -> Vec<(f64, f64)> {

@@ -183,7 +183,7 @@ impl EnsembleConfig {
 }
 
 /// One row of metrics.jsonl / metrics.csv.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EnsembleStepMetrics {
     pub step: usize,
     pub epoch: f64,
@@ -222,30 +222,6 @@ fn opt(v: Option<f32>) -> String {
 impl MetricsRow for EnsembleStepMetrics {
     fn step(&self) -> usize {
         self.step
-    }
-    fn csv_header() -> &'static str {
-        "step,epoch,lr,loss,loss/ti,loss/si,p_tilde,text_gain,iou_refined,iou_candidates,si_samples,adapt/ce,adapt/mask,adapt/plain,grad_norm,seconds"
-    }
-    fn csv_line(&self) -> String {
-        format!(
-            "{},{:.4},{:.6e},{:.6},{:.6},{},{:.6},{:.6},{},{},{},{},{},{},{:.6},{:.3}\n",
-            self.step,
-            self.epoch,
-            self.lr,
-            self.loss,
-            self.loss_ti,
-            opt(self.loss_si),
-            self.p_tilde,
-            self.text_gain,
-            opt(self.iou_refined),
-            opt(self.iou_candidates),
-            self.si_samples,
-            opt(self.adapt_ce),
-            opt(self.adapt_mask),
-            opt(self.adapt_plain),
-            self.grad_norm,
-            self.seconds
-        )
     }
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)> {
         let pts = |f: &dyn Fn(&Self) -> Option<f32>| {

@@ -11,27 +11,73 @@ use serde::{Deserialize, Serialize};
 
 use crate::{io_err, Result};
 
-/// One line of a stage's metrics files.
-pub trait MetricsRow: Serialize + DeserializeOwned + Clone {
+/// One line of a stage's metrics files. The CSV columns come from the row's serialization
+/// ([`csv_columns`]): a new field is a new column in both files.
+pub trait MetricsRow: Serialize + DeserializeOwned + Clone + Default {
     /// The 0-based optimizer step of the row.
     fn step(&self) -> usize;
-    /// The CSV header (no newline).
-    fn csv_header() -> &'static str;
+    /// The CSV header (no newline): the serialized field names in declaration order.
+    fn csv_header() -> String {
+        csv_columns(&Self::default()).into_iter().map(|(name, _)| name).collect::<Vec<_>>().join(",")
+    }
     /// One CSV line, newline included.
-    fn csv_line(&self) -> String;
+    fn csv_line(&self) -> String {
+        let cells: Vec<String> = csv_columns(self).iter().map(|(name, v)| csv_cell(name, v)).collect();
+        format!("{}\n", cells.join(","))
+    }
     /// The curves of the loss plot: (name, colour, (step, value) points).
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)>;
+}
+
+/// A row's fields as (serialized name, JSON value), in declaration order (`#[serde(rename)]`
+/// names included: `loss/text`, `seg/margins`, ...).
+pub fn csv_columns<R: Serialize>(row: &R) -> Vec<(String, serde_json::Value)> {
+    struct Ordered(Vec<(String, serde_json::Value)>);
+    impl<'de> Deserialize<'de> for Ordered {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct Fields;
+            impl<'de> serde::de::Visitor<'de> for Fields {
+                type Value = Ordered;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a metrics row (a struct)")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<Ordered, A::Error> {
+                    let mut v = Vec::new();
+                    while let Some(e) = m.next_entry()? {
+                        v.push(e);
+                    }
+                    Ok(Ordered(v))
+                }
+            }
+            d.deserialize_map(Fields)
+        }
+    }
+    let text = serde_json::to_string(row).expect("metrics serialize");
+    serde_json::from_str::<Ordered>(&text).expect("a metrics row serializes to a JSON object").0
+}
+
+/// One CSV cell: integers as they are, empty for `None`, other numbers with 6 decimals except
+/// `epoch` (4), `lr` (exponent notation, 6) and `seconds` (3).
+pub fn csv_cell(name: &str, v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::Number(n) if n.is_u64() || n.is_i64() => n.to_string(),
+        serde_json::Value::Number(n) => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            match name {
+                "epoch" => format!("{x:.4}"),
+                "lr" => format!("{x:.6e}"),
+                "seconds" => format!("{x:.3}"),
+                _ => format!("{x:.6}"),
+            }
+        }
+        other => other.to_string(),
+    }
 }
 
 impl MetricsRow for StepMetrics {
     fn step(&self) -> usize {
         self.step
-    }
-    fn csv_header() -> &'static str {
-        CSV_HEADER
-    }
-    fn csv_line(&self) -> String {
-        csv_line(self)
     }
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)> {
         vec![
@@ -43,7 +89,7 @@ impl MetricsRow for StepMetrics {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StepMetrics {
     pub step: usize,
     pub epoch: f64,
@@ -56,8 +102,6 @@ pub struct StepMetrics {
     pub samples: usize,
     pub seconds: f64,
 }
-
-const CSV_HEADER: &str = "step,epoch,lr,loss,ce,bce,dice,grad_norm,samples,seconds";
 
 pub struct MetricsLog<R: MetricsRow = StepMetrics> {
     jsonl: PathBuf,
@@ -112,13 +156,6 @@ impl<R: MetricsRow> MetricsLog<R> {
         self.rows.push(r);
         Ok(())
     }
-}
-
-fn csv_line(r: &StepMetrics) -> String {
-    format!(
-        "{},{:.4},{:.6e},{:.6},{:.6},{:.6},{:.6},{:.6},{},{:.3}\n",
-        r.step, r.epoch, r.lr, r.loss, r.ce, r.bce, r.dice, r.grad_norm, r.samples, r.seconds
-    )
 }
 
 /// Draws the row type's loss curves ([`MetricsRow::series`]; SFT: total, CE, BCE, DICE)
@@ -202,5 +239,47 @@ fn text(img: &mut image::RgbImage, x: i64, y: i64, s: &str, c: [u8; 3]) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The columns derived from the rows' serialization equal the hand-written CSV the stages
+    /// wrote before (header strings and `format!` patterns of commit 36da690).
+    #[test]
+    fn csv_columns_match_the_hand_written_format() {
+        assert_eq!(StepMetrics::csv_header(), "step,epoch,lr,loss,ce,bce,dice,grad_norm,samples,seconds");
+        let r = StepMetrics {
+            step: 7,
+            epoch: 0.123456,
+            lr: 1.5e-4,
+            loss: 1.25,
+            ce: 0.9508,
+            bce: 0.2228,
+            dice: 2.0,
+            grad_norm: 1.185,
+            samples: 4,
+            seconds: 1.7614,
+        };
+        let old = format!(
+            "{},{:.4},{:.6e},{:.6},{:.6},{:.6},{:.6},{:.6},{},{:.3}\n",
+            r.step, r.epoch, r.lr, r.loss, r.ce, r.bce, r.dice, r.grad_norm, r.samples, r.seconds
+        );
+        assert_eq!(r.csv_line(), old);
+        assert_eq!(
+            crate::dpo::DpoStepMetrics::csv_header(),
+            "step,epoch,lr,loss,loss/text,rewards/chosen,rewards/rejected,rewards/accuracies,rewards/margins,logps/chosen,logps/rejected,nll/chosen,loss/seg,seg/rewards_w,seg/rewards_l,seg/margins,seg/accuracies,seg/indicator_off,seg/targets,bce,dice,ps_phase,grad_norm,pairs,records,seconds"
+        );
+        let d = crate::dpo::DpoStepMetrics { step: 3, loss_text: Some(0.693147), ps_phase: 2, ..Default::default() };
+        assert_eq!(
+            d.csv_line(),
+            "3,0.0000,0.000000e0,0.000000,0.693147,,,,,,,,,,,,,,0,0.000000,0.000000,2,0.000000,0,0,0.000\n"
+        );
+        assert_eq!(
+            crate::ensemble_train::EnsembleStepMetrics::csv_header(),
+            "step,epoch,lr,loss,loss/ti,loss/si,p_tilde,text_gain,iou_refined,iou_candidates,si_samples,adapt/ce,adapt/mask,adapt/plain,grad_norm,seconds"
+        );
     }
 }
