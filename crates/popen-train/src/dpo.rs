@@ -53,7 +53,7 @@ use crate::config::{Decay, LoraConfig, Precision, Trainable};
 use crate::data::{self, Order};
 use crate::dpo_loss::{self, SegDpoInput, SeqNorm};
 use crate::loss;
-use crate::metrics::MetricsRow;
+use crate::metrics::{curve, opt, MetricsRow};
 use crate::params;
 use crate::stage;
 use crate::stage::SftModel;
@@ -1097,18 +1097,12 @@ pub struct DpoStepMetrics {
     pub seconds: f64,
 }
 
-fn opt(v: Option<f32>) -> String {
-    v.map(|x| format!("{x:.6}")).unwrap_or_default()
-}
-
 impl MetricsRow for DpoStepMetrics {
     fn step(&self) -> usize {
         self.step
     }
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)> {
-        let s = |f: fn(&Self) -> Option<f32>| -> Vec<(f64, f64)> {
-            rows.iter().filter_map(|r| f(r).map(|v| (r.step as f64, v as f64))).collect()
-        };
+        let s = |f: fn(&Self) -> Option<f32>| curve(rows, f);
         vec![
             ("loss", [20, 20, 20], s(|r| Some(r.loss))),
             ("loss/text", [31, 119, 180], s(|r| r.loss_text)),

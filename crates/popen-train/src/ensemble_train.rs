@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Decay;
 use crate::ensemble::{self, Candidate, EnsembleSettings, Scores};
 use crate::ensemble_loss;
-use crate::metrics::MetricsRow;
+use crate::metrics::{curve, opt, MetricsRow};
 use crate::stage::SftModel;
 use crate::{io_err, params, Result, TrainError};
 
@@ -215,18 +215,12 @@ pub struct EnsembleStepMetrics {
     pub seconds: f64,
 }
 
-fn opt(v: Option<f32>) -> String {
-    v.map(|x| format!("{x:.6}")).unwrap_or_default()
-}
-
 impl MetricsRow for EnsembleStepMetrics {
     fn step(&self) -> usize {
         self.step
     }
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)> {
-        let pts = |f: &dyn Fn(&Self) -> Option<f32>| {
-            rows.iter().filter_map(|r| f(r).map(|v| (r.step as f64, v as f64))).collect()
-        };
+        let pts = |f: &dyn Fn(&Self) -> Option<f32>| curve(rows, f);
         vec![
             ("loss", [0, 0, 0], pts(&|r| Some(r.loss))),
             ("L_ti", [200, 40, 40], pts(&|r| Some(r.loss_ti))),

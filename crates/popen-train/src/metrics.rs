@@ -29,6 +29,16 @@ pub trait MetricsRow: Serialize + DeserializeOwned + Clone + Default {
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)>;
 }
 
+/// An optional value as the log lines print it: 6 decimals, empty for `None`.
+pub fn opt(v: Option<f32>) -> String {
+    v.map(|x| format!("{x:.6}")).unwrap_or_default()
+}
+
+/// One curve of a loss plot: (step, value) of the rows where `f` has a value.
+pub fn curve<R: MetricsRow>(rows: &[R], f: impl Fn(&R) -> Option<f32>) -> Vec<(f64, f64)> {
+    rows.iter().filter_map(|r| f(r).map(|v| (r.step() as f64, v as f64))).collect()
+}
+
 /// A row's fields as (serialized name, JSON value), in declaration order (`#[serde(rename)]`
 /// names included: `loss/text`, `seg/margins`, ...).
 pub fn csv_columns<R: Serialize>(row: &R) -> Vec<(String, serde_json::Value)> {
@@ -272,10 +282,10 @@ mod tests {
             crate::dpo::DpoStepMetrics::csv_header(),
             "step,epoch,lr,loss,loss/text,rewards/chosen,rewards/rejected,rewards/accuracies,rewards/margins,logps/chosen,logps/rejected,nll/chosen,loss/seg,seg/rewards_w,seg/rewards_l,seg/margins,seg/accuracies,seg/indicator_off,seg/targets,bce,dice,ps_phase,grad_norm,pairs,records,seconds"
         );
-        let d = crate::dpo::DpoStepMetrics { step: 3, loss_text: Some(0.693147), ps_phase: 2, ..Default::default() };
+        let d = crate::dpo::DpoStepMetrics { step: 3, loss_text: Some(0.5), ps_phase: 2, ..Default::default() };
         assert_eq!(
             d.csv_line(),
-            "3,0.0000,0.000000e0,0.000000,0.693147,,,,,,,,,,,,,,0,0.000000,0.000000,2,0.000000,0,0,0.000\n"
+            "3,0.0000,0.000000e0,0.000000,0.500000,,,,,,,,,,,,,,0,0.000000,0.000000,2,0.000000,0,0,0.000\n"
         );
         assert_eq!(
             crate::ensemble_train::EnsembleStepMetrics::csv_header(),
