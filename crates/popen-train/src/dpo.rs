@@ -680,12 +680,7 @@ fn prepare_seg(
 /// Mean cosine similarities over the targets of `items` between the recorded reference
 /// embeddings (each the concatenation of its scales, `dim` values): (f_w, f_l) and (f_m, f_w).
 fn reference_spread(items: &[SegItem], dim: usize) -> (f64, f64) {
-    let cos = |a: &[f32], b: &[f32]| {
-        let dot: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
-        let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        dot / (na * nb).max(1e-12)
-    };
+    use crate::ensemble_loss::cos;
     let (mut wl, mut mw, mut n) = (0.0, 0.0, 0usize);
     for it in items {
         for ((w, m), l) in it.f_w.chunks(dim.max(1)).zip(it.f_m.chunks(dim.max(1))).zip(it.f_l.chunks(dim.max(1))) {
@@ -1101,6 +1096,9 @@ impl MetricsRow for DpoStepMetrics {
     fn step(&self) -> usize {
         self.step
     }
+    fn loss(&self) -> f32 {
+        self.loss
+    }
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)> {
         let s = |f: fn(&Self) -> Option<f32>| curve(rows, f);
         vec![
@@ -1376,7 +1374,7 @@ pub fn run<B: AutodiffBackend>(job: &DpoJob, device: &B::Device) -> Result<DpoRe
         pre: &pre,
         per_epoch,
     };
-    let crate::train_loop::Trained { model, last_loss, .. } =
+    let crate::train_loop::Trained { model, last_loss } =
         crate::train_loop::run(&spec, &mut step_plan, model, optim, start, last_ckpt, device)?;
 
     let model_dir = out.join("model");
@@ -1557,21 +1555,6 @@ impl<B: AutodiffBackend> crate::train_loop::StagePlan<B> for DpoPlan<'_> {
         Ok((acc.grads(), (stats, phase)))
     }
 
-    fn norm_not_finite(
-        &self,
-        step: usize,
-        norm: f32,
-        _: &(Vec<MicroStats>, u32),
-        last_checkpoint: String,
-    ) -> TrainError {
-        TrainError::NonFiniteLoss {
-            step,
-            value: norm,
-            parts: "the gradient norm is not finite".into(),
-            last_checkpoint,
-        }
-    }
-
     fn row(
         &self,
         step: usize,
@@ -1582,10 +1565,6 @@ impl<B: AutodiffBackend> crate::train_loop::StagePlan<B> for DpoPlan<'_> {
     ) -> DpoStepMetrics {
         let (stats, phase) = stats;
         step_metrics(step, lr, grad_norm, phase, &stats, self.per_epoch, self.cfg.grad_accum, timing.since_last_row)
-    }
-
-    fn loss(row: &DpoStepMetrics) -> f32 {
-        row.loss
     }
 
     fn detail(row: &DpoStepMetrics) -> String {

@@ -36,7 +36,8 @@ fn data_err<T>(msg: String) -> Result<T> {
     Err(TrainError::Data(msg))
 }
 
-fn cos(a: &[f32], b: &[f32]) -> f64 {
+/// Cosine similarity of two host vectors (in f64; norms clamped at `COS_EPS`).
+pub(crate) fn cos(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
     let na = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(crate::dpo_loss::COS_EPS);
     let nb = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(crate::dpo_loss::COS_EPS);

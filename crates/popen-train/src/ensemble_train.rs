@@ -219,6 +219,9 @@ impl MetricsRow for EnsembleStepMetrics {
     fn step(&self) -> usize {
         self.step
     }
+    fn loss(&self) -> f32 {
+        self.loss
+    }
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)> {
         let pts = |f: &dyn Fn(&Self) -> Option<f32>| curve(rows, f);
         vec![
@@ -768,7 +771,7 @@ pub fn run<B: AutodiffBackend>(job: &EnsembleJob, device: &B::Device) -> Result<
         adapt_steps,
         per_epoch,
     };
-    let crate::train_loop::Trained { model, last_loss, .. } =
+    let crate::train_loop::Trained { model, last_loss } =
         crate::train_loop::run(&spec, &mut plan, model, optim, start, last_ckpt, device)?;
     let model_dir = out.join("model");
     crate::stage::save_model(&model_dir, model.pixellm, &tokenizer)?;
@@ -872,15 +875,6 @@ impl<B: AutodiffBackend> crate::train_loop::StagePlan<B> for EnsemblePlan<'_, B>
         Ok((GradientsParams::from_grads(loss.backward(), model), st))
     }
 
-    fn norm_not_finite(&self, step: usize, norm: f32, _: &Stats, last_checkpoint: String) -> TrainError {
-        TrainError::NonFiniteLoss {
-            step,
-            value: norm,
-            parts: "the gradient norm is not finite".into(),
-            last_checkpoint,
-        }
-    }
-
     fn row(&self, step: usize, lr: f64, grad_norm: f32, st: Stats, timing: Timing) -> EnsembleStepMetrics {
         EnsembleStepMetrics {
             step,
@@ -900,10 +894,6 @@ impl<B: AutodiffBackend> crate::train_loop::StagePlan<B> for EnsemblePlan<'_, B>
             grad_norm,
             seconds: timing.step,
         }
-    }
-
-    fn loss(row: &EnsembleStepMetrics) -> f32 {
-        row.loss
     }
 
     fn detail(row: &EnsembleStepMetrics) -> String {

@@ -16,14 +16,15 @@ use crate::{io_err, Result};
 pub trait MetricsRow: Serialize + DeserializeOwned + Clone + Default {
     /// The 0-based optimizer step of the row.
     fn step(&self) -> usize;
+    /// The step's total loss (the checkpoint's `last_loss`).
+    fn loss(&self) -> f32;
     /// The CSV header (no newline): the serialized field names in declaration order.
     fn csv_header() -> String {
         csv_columns(&Self::default()).into_iter().map(|(name, _)| name).collect::<Vec<_>>().join(",")
     }
     /// One CSV line, newline included.
     fn csv_line(&self) -> String {
-        let cells: Vec<String> = csv_columns(self).iter().map(|(name, v)| csv_cell(name, v)).collect();
-        format!("{}\n", cells.join(","))
+        csv_line_of_json(&serde_json::to_string(self).expect("metrics serialize"))
     }
     /// The curves of the loss plot: (name, colour, (step, value) points).
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)>;
@@ -42,6 +43,17 @@ pub fn curve<R: MetricsRow>(rows: &[R], f: impl Fn(&R) -> Option<f32>) -> Vec<(f
 /// A row's fields as (serialized name, JSON value), in declaration order (`#[serde(rename)]`
 /// names included: `loss/text`, `seg/margins`, ...).
 pub fn csv_columns<R: Serialize>(row: &R) -> Vec<(String, serde_json::Value)> {
+    json_columns(&serde_json::to_string(row).expect("metrics serialize"))
+}
+
+/// The CSV line (newline included) of a row given as its JSON text (the `metrics.jsonl` line).
+fn csv_line_of_json(text: &str) -> String {
+    let cells: Vec<String> = json_columns(text).iter().map(|(name, v)| csv_cell(name, v)).collect();
+    format!("{}\n", cells.join(","))
+}
+
+/// The fields of a JSON object text, in their order.
+fn json_columns(text: &str) -> Vec<(String, serde_json::Value)> {
     struct Ordered(Vec<(String, serde_json::Value)>);
     impl<'de> Deserialize<'de> for Ordered {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
@@ -62,8 +74,7 @@ pub fn csv_columns<R: Serialize>(row: &R) -> Vec<(String, serde_json::Value)> {
             d.deserialize_map(Fields)
         }
     }
-    let text = serde_json::to_string(row).expect("metrics serialize");
-    serde_json::from_str::<Ordered>(&text).expect("a metrics row serializes to a JSON object").0
+    serde_json::from_str::<Ordered>(text).expect("a metrics row serializes to a JSON object").0
 }
 
 /// One CSV cell: integers as they are, empty for `None`, other numbers with 6 decimals except
@@ -88,6 +99,9 @@ pub fn csv_cell(name: &str, v: &serde_json::Value) -> String {
 impl MetricsRow for StepMetrics {
     fn step(&self) -> usize {
         self.step
+    }
+    fn loss(&self) -> f32 {
+        self.loss
     }
     fn series(rows: &[Self]) -> Vec<(&'static str, [u8; 3], Vec<(f64, f64)>)> {
         vec![
@@ -146,9 +160,10 @@ impl<R: MetricsRow> MetricsLog<R> {
         let mut j = String::new();
         let mut c = format!("{}\n", R::csv_header());
         for r in &self.rows {
-            j.push_str(&serde_json::to_string(r).expect("metrics serialize"));
+            let json = serde_json::to_string(r).expect("metrics serialize");
+            c.push_str(&csv_line_of_json(&json));
+            j.push_str(&json);
             j.push('\n');
-            c.push_str(&r.csv_line());
         }
         popen_core::shard::atomic_write(&self.jsonl, j.as_bytes())?;
         popen_core::shard::atomic_write(&self.csv, c.as_bytes())?;
@@ -156,10 +171,8 @@ impl<R: MetricsRow> MetricsLog<R> {
     }
 
     pub fn push(&mut self, r: R) -> Result<()> {
-        for (path, line) in [
-            (&self.jsonl, format!("{}\n", serde_json::to_string(&r).expect("metrics serialize"))),
-            (&self.csv, r.csv_line()),
-        ] {
+        let json = serde_json::to_string(&r).expect("metrics serialize");
+        for (path, line) in [(&self.jsonl, format!("{json}\n")), (&self.csv, csv_line_of_json(&json))] {
             let mut f = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| io_err(path, e))?;
             f.write_all(line.as_bytes()).map_err(|e| io_err(path, e))?;
         }

@@ -482,7 +482,7 @@ pub fn run_on<B: AutodiffBackend>(job: &SftJob, devices: &[B::Device]) -> Result
 
     let spec = crate::train_loop::loop_spec!("sft", cfg, out, &cfg_json, total_steps, cfg.grad_accum, job.progress);
     let mut plan = SftPlan { cfg, examples: &examples, siblings: &siblings, order: &order, p_hat, pre: &pre, devices };
-    let crate::train_loop::Trained { model, last_loss, .. } =
+    let crate::train_loop::Trained { model, last_loss } =
         crate::train_loop::run(&spec, &mut plan, model, optim, start, last_ckpt, device)?;
 
     // The trained model folder (LoRA folded in), the curve and the manifest.
@@ -616,10 +616,6 @@ impl<B: AutodiffBackend> crate::train_loop::StagePlan<B> for SftPlan<'_, B> {
             samples,
             seconds: timing.since_last_row,
         }
-    }
-
-    fn loss(row: &StepMetrics) -> f32 {
-        row.loss
     }
 
     fn detail(row: &StepMetrics) -> String {

@@ -103,25 +103,27 @@ pub trait StagePlan<B: AutodiffBackend> {
         last_checkpoint: &str,
     ) -> Result<(GradientsParams, Self::Stats)>;
 
-    /// The error of a non-finite gradient norm.
-    fn norm_not_finite(&self, step: usize, norm: f32, stats: &Self::Stats, last_checkpoint: String) -> TrainError;
+    /// The error of a non-finite gradient norm (by default `NonFiniteLoss` saying so).
+    fn norm_not_finite(&self, step: usize, norm: f32, _stats: &Self::Stats, last_checkpoint: String) -> TrainError {
+        TrainError::NonFiniteLoss {
+            step,
+            value: norm,
+            parts: "the gradient norm is not finite".into(),
+            last_checkpoint,
+        }
+    }
 
     /// The metrics row of step `step`.
     fn row(&self, step: usize, lr: f64, grad_norm: f32, stats: Self::Stats, timing: Timing) -> Self::Row;
-
-    /// The loss of a row (the checkpoint's `last_loss`).
-    fn loss(row: &Self::Row) -> f32;
 
     /// The row's loss parts for the log line, e.g. `(ce 1.2 bce 0.3 dice 0.4)`.
     fn detail(row: &Self::Row) -> String;
 }
 
 /// What the loop hands back: the trained model and the last step's loss.
-pub struct Trained<B: AutodiffBackend, R> {
+pub struct Trained<B: AutodiffBackend> {
     pub model: SftModel<B>,
     pub last_loss: Option<f32>,
-    /// The metrics rows of the whole run (those of a resumed run's earlier part included).
-    pub rows: Vec<R>,
 }
 
 /// Runs steps `start..spec.total_steps` of `plan` on `model` (the stage's starting point, or
@@ -134,7 +136,7 @@ pub fn run<B: AutodiffBackend, P: StagePlan<B>>(
     start: usize,
     mut last_checkpoint: String,
     device: &B::Device,
-) -> Result<Trained<B, P::Row>> {
+) -> Result<Trained<B>> {
     let total = spec.total_steps;
     let mut log: MetricsLog<P::Row> = MetricsLog::open(spec.out, start)?;
     // Without a terminal the step lines below (loss, ETA) are the progress.
@@ -143,7 +145,7 @@ pub fn run<B: AutodiffBackend, P: StagePlan<B>>(
         b.set_position(start as u64);
         b
     });
-    let mut last_loss = log.rows.last().map(P::loss);
+    let mut last_loss = log.rows.last().map(MetricsRow::loss);
     let mut model = model;
     let mut row_t = Instant::now();
     let run_t = Instant::now();
@@ -160,7 +162,7 @@ pub fn run<B: AutodiffBackend, P: StagePlan<B>>(
         model = optim.step(lr, model, grads);
         let timing = Timing { step: step_t.elapsed().as_secs_f64(), since_last_row: row_t.elapsed().as_secs_f64() };
         let row = plan.row(step, lr, norm, stats, timing);
-        let loss = P::loss(&row);
+        let loss = row.loss();
         last_loss = Some(loss);
         let done = step + 1;
         if done % spec.log_every.max(1) == 0 || done == total || step == start {
@@ -199,6 +201,9 @@ pub fn run<B: AutodiffBackend, P: StagePlan<B>>(
     if let Some(b) = bar {
         b.finish();
     }
-    plot_losses(&log.rows, &spec.out.join("loss.png"))?;
-    Ok(Trained { model, last_loss, rows: log.rows })
+    // The last step wrote a checkpoint and the curve; a resumed run with no step left redraws it.
+    if start >= total {
+        plot_losses(&log.rows, &spec.out.join("loss.png"))?;
+    }
+    Ok(Trained { model, last_loss })
 }
